@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is an optional extra; on this project's machines 2.13.0 (CPU) is the one installed.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test demo bench stress lint clean install
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h)
+	$(VPY) -m pip install -q numpy
+	$(VPY) -m pip install -q "$(TORCH_PIN)"
+	$(VPY) -m pip install -q -e ".[test,dev,torch]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(VENV)/bin/pccl demo
+
+bench: $(STAMP)
+	$(VENV)/bin/pccl bench kernels
+	$(VENV)/bin/pccl bench allreduce --world 2 --compare gloo
+
+stress: $(STAMP)
+	$(VPY) stress/churn.py --minutes 3
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pccl_py tests stress
+
+clean:
+	rm -rf build dist *.egg-info pccl_py/*.so .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV)

@@ -1,0 +1,39 @@
+"""pccl_py: fault-tolerant peer-to-peer collectives for training over the internet."""
+
+from .errors import (
+    Aborted,
+    CoordinatorUnavailable,
+    DeadlineExceeded,
+    InternalError,
+    InvalidUsage,
+    PcclError,
+    PeerLost,
+    ProtocolError,
+    RemoteError,
+    RevisionError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aborted",
+    "CoordinatorUnavailable",
+    "DeadlineExceeded",
+    "InternalError",
+    "InvalidUsage",
+    "PcclError",
+    "PeerLost",
+    "ProtocolError",
+    "RemoteError",
+    "RevisionError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Client pulls in zmq/msgpack; import it lazily so kernel-only users stay light.
+    if name == "Client":
+        from .client import Client
+
+        return Client
+    raise AttributeError(name)

@@ -1,0 +1,87 @@
+"""One exception hierarchy for the whole runtime.
+
+Families:
+  * remote failure: something outside this process failed (``PeerLost``, ``Aborted``,
+    ``CoordinatorUnavailable``, ``DeadlineExceeded``). Retrying on the new membership
+    is the usual answer.
+  * caller misuse: ``InvalidUsage`` (and ``RevisionError``). Retrying the same call fails
+    the same way.
+  * bad input from the wire: ``ProtocolError``.
+  * internal bug: ``InternalError``.
+
+Errors cross process boundaries (daemon -> client, coordinator -> daemon) as
+``{"error": <class name>, "message": <text>}``; :func:`to_wire` and :func:`from_wire`
+are the one place that mapping lives.
+"""
+
+from __future__ import annotations
+
+
+class PcclError(Exception):
+    """Base of every error raised by pccl_py."""
+
+
+class RemoteError(PcclError):
+    """Something outside this process failed; the call may succeed when retried."""
+
+
+class PeerLost(RemoteError):
+    """A peer taking part in the operation died or was removed from the run."""
+
+
+class Aborted(RemoteError):
+    """The operation was aborted (membership changed, a peer failed, or the run stopped)."""
+
+
+class CoordinatorUnavailable(RemoteError):
+    """The coordinator could not be reached within the operation's deadline."""
+
+
+class DeadlineExceeded(RemoteError):
+    """The operation did not finish within its deadline."""
+
+
+class InvalidUsage(PcclError):
+    """The caller used the API wrongly (wrong order, mismatched peers, bad arguments)."""
+
+
+class RevisionError(InvalidUsage):
+    """A shared-state revision broke the rule 'exactly one more than the last sync'."""
+
+
+class ProtocolError(PcclError):
+    """Malformed or unexpected input arrived from the wire."""
+
+
+class InternalError(PcclError):
+    """A bug in pccl_py; please report it with the log."""
+
+
+_BY_NAME: dict[str, type[PcclError]] = {
+    cls.__name__: cls
+    for cls in (
+        PcclError,
+        RemoteError,
+        PeerLost,
+        Aborted,
+        CoordinatorUnavailable,
+        DeadlineExceeded,
+        InvalidUsage,
+        RevisionError,
+        ProtocolError,
+        InternalError,
+    )
+}
+
+
+def to_wire(exc: BaseException) -> dict[str, str]:
+    """Describe ``exc`` as a msgpack-able map; non-pccl errors travel as ``InternalError``."""
+    name = type(exc).__name__ if isinstance(exc, PcclError) else "InternalError"
+    text = str(exc) if isinstance(exc, PcclError) else f"{type(exc).__name__}: {exc}"
+    return {"error": name, "message": text}
+
+
+def from_wire(obj: dict) -> PcclError:
+    """Rebuild an exception from :func:`to_wire`'s map (unknown names become ``PcclError``)."""
+    cls = _BY_NAME.get(str(obj.get("error")), PcclError)
+    return cls(str(obj.get("message", "")))
