@@ -1,0 +1,314 @@
+/* pccl_py._native: the Python boundary of the C kernels.
+ *
+ * Every argument is checked here (buffer protocol, C-contiguity, writability, lengths,
+ * dtype and op names, overlap); the kernels themselves trust their inputs. Errors are
+ * TypeError (wrong kind of object) or ValueError (right kind, wrong value). The GIL is
+ * released around every loop over more than GIL_THRESHOLD bytes (for small buffers the
+ * release/re-acquire costs more than the loop, and re-acquiring can wait a whole switch
+ * interval behind another thread).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "kernels.h"
+
+#define GIL_THRESHOLD 65536
+
+static const char *const DTYPE_NAMES[PCCL_NDTYPES] = {
+    [PCCL_F32] = "float32", [PCCL_F64] = "float64", [PCCL_F16] = "float16",
+    [PCCL_BF16] = "bfloat16", [PCCL_I8] = "int8", [PCCL_I16] = "int16",
+    [PCCL_I32] = "int32", [PCCL_I64] = "int64", [PCCL_U8] = "uint8",
+};
+static const char *const OP_NAMES[PCCL_NOPS] = {"sum", "prod", "min", "max"};
+
+static int parse_dtype(const char *s, pccl_dtype *out) {
+    for (int i = 0; i < PCCL_NDTYPES; i++) {
+        if (strcmp(s, DTYPE_NAMES[i]) == 0) { *out = (pccl_dtype)i; return 0; }
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "unknown dtype '%s'; expected one of float32, float64, float16, bfloat16, "
+                 "int8, int16, int32, int64, uint8", s);
+    return -1;
+}
+
+static int parse_op(const char *s, pccl_op *out) {
+    for (int i = 0; i < PCCL_NOPS; i++) {
+        if (strcmp(s, OP_NAMES[i]) == 0) { *out = (pccl_op)i; return 0; }
+    }
+    PyErr_Format(PyExc_ValueError, "unknown op '%s'; expected one of sum, prod, min, max "
+                 "(avg is sum followed by finish_avg)", s);
+    return -1;
+}
+
+/* Get a C-contiguous byte view of obj; writable if asked. Returns 0 or -1 with an error. */
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES | (writable ? PyBUF_WRITABLE : 0)) == 0) {
+        if (!PyBuffer_IsContiguous(view, 'C')) {
+            PyBuffer_Release(view);
+            PyErr_Format(PyExc_ValueError,
+                         "%s must be C-contiguous (use a contiguous array or a copy)", name);
+            return -1;
+        }
+        return 0;
+    }
+    PyErr_Clear();
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) == 0) {
+        PyBuffer_Release(view);
+        if (writable) {
+            PyErr_Format(PyExc_ValueError, "%s is read-only; it must be a writable buffer", name);
+        } else {
+            PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+        }
+        return -1;
+    }
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "%s must support the buffer protocol (numpy array, memoryview, bytearray), "
+                 "not %.200s", name, Py_TYPE(obj)->tp_name);
+    return -1;
+}
+
+static int overlaps(const Py_buffer *a, const Py_buffer *b) {
+    const char *pa = (const char *)a->buf, *pb = (const char *)b->buf;
+    if (a->len == 0 || b->len == 0) return 0;
+    return pa < pb + b->len && pb < pa + a->len;
+}
+
+static int check_multiple(const Py_buffer *v, size_t itemsize, const char *name, const char *dtype) {
+    if ((size_t)v->len % itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, not a multiple of the %s itemsize %zu",
+                     name, v->len, dtype, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_reduce(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *kwlist[] = {"dst", "src", "op", "dtype", NULL};
+    PyObject *dst_obj, *src_obj;
+    const char *op_s, *dtype_s;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOss:reduce", kwlist, &dst_obj, &src_obj,
+                                     &op_s, &dtype_s))
+        return NULL;
+    pccl_op op;
+    pccl_dtype dt;
+    if (parse_op(op_s, &op) < 0 || parse_dtype(dtype_s, &dt) < 0) return NULL;
+    Py_buffer d, s;
+    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
+    if (get_buffer(src_obj, &s, 0, "src") < 0) { PyBuffer_Release(&d); return NULL; }
+    size_t isz = pccl_itemsize(dt);
+    if (d.len != s.len) {
+        PyErr_Format(PyExc_ValueError, "dst and src differ in length (%zd vs %zd bytes)", d.len, s.len);
+        goto fail;
+    }
+    if (check_multiple(&d, isz, "dst", dtype_s) < 0) goto fail;
+    if (overlaps(&d, &s) && d.buf != s.buf) {
+        PyErr_SetString(PyExc_ValueError, "dst and src overlap partially; pass disjoint buffers");
+        goto fail;
+    }
+    size_t n = (size_t)d.len / isz;
+    if (d.len >= GIL_THRESHOLD) {
+        Py_BEGIN_ALLOW_THREADS
+        pccl_reduce(d.buf, s.buf, n, op, dt);
+        Py_END_ALLOW_THREADS
+    } else {
+        pccl_reduce(d.buf, s.buf, n, op, dt);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return NULL;
+}
+
+static PyObject *py_finish_avg(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *kwlist[] = {"dst", "n", "dtype", NULL};
+    PyObject *dst_obj, *n_obj;
+    const char *dtype_s;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOs:finish_avg", kwlist, &dst_obj, &n_obj, &dtype_s))
+        return NULL;
+    if (!PyLong_Check(n_obj) || PyBool_Check(n_obj)) {
+        PyErr_Format(PyExc_TypeError, "n must be an int, not %.200s", Py_TYPE(n_obj)->tp_name);
+        return NULL;
+    }
+    int overflow = 0;
+    long long k = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || k < 1 || k > 2147483647LL) {
+        PyErr_SetString(PyExc_ValueError, "n must be in 1 .. 2**31-1 (the number of contributions)");
+        return NULL;
+    }
+    pccl_dtype dt;
+    if (parse_dtype(dtype_s, &dt) < 0) return NULL;
+    Py_buffer d;
+    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
+    size_t isz = pccl_itemsize(dt);
+    if (check_multiple(&d, isz, "dst", dtype_s) < 0) { PyBuffer_Release(&d); return NULL; }
+    size_t n = (size_t)d.len / isz;
+    if (d.len >= GIL_THRESHOLD) {
+        Py_BEGIN_ALLOW_THREADS
+        pccl_finish_avg(d.buf, n, (int64_t)k, dt);
+        Py_END_ALLOW_THREADS
+    } else {
+        pccl_finish_avg(d.buf, n, (int64_t)k, dt);
+    }
+    PyBuffer_Release(&d);
+    Py_RETURN_NONE;
+}
+
+typedef void (*quant_fn)(const void *, size_t, uint8_t *, float *, float *);
+
+static PyObject *do_quantize(PyObject *args, PyObject *kwargs, int bits, const char *fname) {
+    static char *kwlist[] = {"src", "codes", NULL};
+    PyObject *src_obj, *codes_obj;
+    char fmt[64];
+    snprintf(fmt, sizeof fmt, "OO:%s", fname);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, fmt, kwlist, &src_obj, &codes_obj)) return NULL;
+    Py_buffer s, c;
+    if (get_buffer(src_obj, &s, 0, "src") < 0) return NULL;
+    if (get_buffer(codes_obj, &c, 1, "codes") < 0) { PyBuffer_Release(&s); return NULL; }
+    float lo = 0.0f, scale = 0.0f;
+    if (check_multiple(&s, 4, "src", "float32") < 0) goto fail;
+    size_t n = (size_t)s.len / 4;
+    size_t need = bits == 8 ? n : (n + 1) / 2;
+    if ((size_t)c.len != need) {
+        PyErr_Format(PyExc_ValueError, "codes has %zd bytes; %s of %zu float32 values needs %zu",
+                     c.len, fname, n, need);
+        goto fail;
+    }
+    if (overlaps(&s, &c)) {
+        PyErr_SetString(PyExc_ValueError, "src and codes overlap; pass disjoint buffers");
+        goto fail;
+    }
+    quant_fn fn = bits == 8 ? pccl_quantize_u8 : pccl_quantize_u4;
+    if (s.len >= GIL_THRESHOLD) {
+        Py_BEGIN_ALLOW_THREADS
+        fn(s.buf, n, (uint8_t *)c.buf, &lo, &scale);
+        Py_END_ALLOW_THREADS
+    } else {
+        fn(s.buf, n, (uint8_t *)c.buf, &lo, &scale);
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    return Py_BuildValue("(dd)", (double)lo, (double)scale);
+fail:
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&c);
+    return NULL;
+}
+
+static PyObject *py_quantize_u8(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_quantize(args, kwargs, 8, "quantize_u8");
+}
+
+static PyObject *py_quantize_u4(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_quantize(args, kwargs, 4, "quantize_u4");
+}
+
+typedef void (*dequant_fn)(const uint8_t *, float, float, void *, size_t);
+
+static PyObject *do_dequant(PyObject *args, PyObject *kwargs, int bits, dequant_fn fn, const char *fname) {
+    static char *kwlist[] = {"codes", "lo", "scale", "dst", NULL};
+    PyObject *codes_obj, *dst_obj;
+    double lo, scale;
+    char fmt[64];
+    snprintf(fmt, sizeof fmt, "OddO:%s", fname);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, fmt, kwlist, &codes_obj, &lo, &scale, &dst_obj))
+        return NULL;
+    Py_buffer c, d;
+    if (get_buffer(codes_obj, &c, 0, "codes") < 0) return NULL;
+    if (get_buffer(dst_obj, &d, 1, "dst") < 0) { PyBuffer_Release(&c); return NULL; }
+    if (check_multiple(&d, 4, "dst", "float32") < 0) goto fail;
+    size_t n = (size_t)d.len / 4;
+    size_t need = bits == 8 ? n : (n + 1) / 2;
+    if ((size_t)c.len != need) {
+        PyErr_Format(PyExc_ValueError, "codes has %zd bytes; %s into %zu float32 values needs %zu",
+                     c.len, fname, n, need);
+        goto fail;
+    }
+    if (overlaps(&c, &d)) {
+        PyErr_SetString(PyExc_ValueError, "codes and dst overlap; pass disjoint buffers");
+        goto fail;
+    }
+    /* lo and scale are float32 values (as quantize returned them); doubles are rounded. */
+    float lo_f = (float)lo, scale_f = (float)scale;
+    if (d.len >= GIL_THRESHOLD) {
+        Py_BEGIN_ALLOW_THREADS
+        fn((const uint8_t *)c.buf, lo_f, scale_f, d.buf, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        fn((const uint8_t *)c.buf, lo_f, scale_f, d.buf, n);
+    }
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&d);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&d);
+    return NULL;
+}
+
+static PyObject *py_dequantize_u8(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_dequant(args, kwargs, 8, pccl_dequantize_u8, "dequantize_u8");
+}
+static PyObject *py_dequantize_u4(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_dequant(args, kwargs, 4, pccl_dequantize_u4, "dequantize_u4");
+}
+static PyObject *py_dequant_add_u8(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_dequant(args, kwargs, 8, pccl_dequant_add_u8, "dequant_add_u8");
+}
+static PyObject *py_dequant_add_u4(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return do_dequant(args, kwargs, 4, pccl_dequant_add_u4, "dequant_add_u4");
+}
+
+#define KW (PyCFunction)(void (*)(void))
+
+static PyMethodDef methods[] = {
+    {"reduce", KW py_reduce, METH_VARARGS | METH_KEYWORDS,
+     "reduce(dst, src, op, dtype) -> None\n\ndst = dst (op) src elementwise; op in sum|prod|min|max."},
+    {"finish_avg", KW py_finish_avg, METH_VARARGS | METH_KEYWORDS,
+     "finish_avg(dst, n, dtype) -> None\n\ndst = dst / n (integers truncate toward zero)."},
+    {"quantize_u8", KW py_quantize_u8, METH_VARARGS | METH_KEYWORDS,
+     "quantize_u8(src_f32, codes_u8) -> (lo, scale)\n\nMin-max affine quantization, one code per byte."},
+    {"quantize_u4", KW py_quantize_u4, METH_VARARGS | METH_KEYWORDS,
+     "quantize_u4(src_f32, codes_u8) -> (lo, scale)\n\nTwo 4-bit codes per byte, low nibble first."},
+    {"dequantize_u8", KW py_dequantize_u8, METH_VARARGS | METH_KEYWORDS,
+     "dequantize_u8(codes, lo, scale, dst_f32) -> None\n\ndst = codes * scale + lo."},
+    {"dequantize_u4", KW py_dequantize_u4, METH_VARARGS | METH_KEYWORDS,
+     "dequantize_u4(codes, lo, scale, dst_f32) -> None\n\ndst = codes * scale + lo."},
+    {"dequant_add_u8", KW py_dequant_add_u8, METH_VARARGS | METH_KEYWORDS,
+     "dequant_add_u8(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
+    {"dequant_add_u4", KW py_dequant_add_u4, METH_VARARGS | METH_KEYWORDS,
+     "dequant_add_u4(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "pccl_py._native",
+    "C kernels of pccl_py: reductions, avg finish, min-max quantization (GIL released).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) return NULL;
+    PyObject *names = PyTuple_New(PCCL_NDTYPES);
+    if (names == NULL) { Py_DECREF(m); return NULL; }
+    for (int i = 0; i < PCCL_NDTYPES; i++) {
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(DTYPE_NAMES[i]));
+    }
+    if (PyModule_AddObject(m, "DTYPES", names) < 0) { Py_DECREF(names); Py_DECREF(m); return NULL; }
+    PyObject *ops = Py_BuildValue("(ssss)", "sum", "prod", "min", "max");
+    if (ops == NULL || PyModule_AddObject(m, "OPS", ops) < 0) { Py_XDECREF(ops); Py_DECREF(m); return NULL; }
+    return m;
+}

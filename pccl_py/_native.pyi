@@ -1,0 +1,45 @@
+"""Typed surface of the C extension pccl_py._native (see docs/kernels.md).
+
+Buffers: any object with the buffer protocol (numpy array, memoryview, bytearray,
+shared-memory view), C-contiguous, at any byte alignment, byte length a multiple of
+the dtype's itemsize, writable where written. bfloat16 data is raw 2-byte words.
+Errors: TypeError for a non-buffer or a non-str name, ValueError for a bad value
+(unknown dtype/op, non-contiguous, read-only dst, lengths that do not match, partial
+overlap). The GIL is released while a kernel runs over 64 KiB or more.
+"""
+
+from collections.abc import Buffer
+from typing import Final, Literal
+
+DType = Literal[
+    "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8"
+]
+Op = Literal["sum", "prod", "min", "max"]
+
+DTYPES: Final[tuple[str, ...]]
+OPS: Final[tuple[str, ...]]
+
+def reduce(dst: Buffer, src: Buffer, op: Op, dtype: DType) -> None:
+    """dst = dst (op) src elementwise. dst and src: same byte length; dst may be src itself."""
+
+def finish_avg(dst: Buffer, n: int, dtype: DType) -> None:
+    """dst = dst / n, 1 <= n < 2**31. Floats: IEEE division (f16/bf16 via float32);
+    integers: truncation toward zero."""
+
+def quantize_u8(src_f32: Buffer, codes_u8: Buffer) -> tuple[float, float]:
+    """Min-max affine quantization; len(codes) == n. Returns (lo, scale), float32 values."""
+
+def quantize_u4(src_f32: Buffer, codes_u8: Buffer) -> tuple[float, float]:
+    """As quantize_u8 with 4-bit codes; len(codes) == ceil(n/2), low nibble first."""
+
+def dequantize_u8(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> None:
+    """dst = code * scale + lo (float32); len(codes) == n."""
+
+def dequantize_u4(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> None:
+    """dst = code * scale + lo (float32); len(codes) == ceil(n/2)."""
+
+def dequant_add_u8(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> None:
+    """dst += code * scale + lo, fused (no temporary)."""
+
+def dequant_add_u4(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> None:
+    """dst += code * scale + lo, fused (no temporary)."""
