@@ -1,0 +1,535 @@
+"""The membership core, driven without sockets: scenarios plus generated sequences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from pccl_py import protocol
+from pccl_py.membership import Membership, MembershipConfig, PeerState
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"s3cret"
+CFG = MembershipConfig(recovery_grace=0.0)
+
+
+class Sim:
+    """A coordinator core plus fake peers; every message crosses the real codec."""
+
+    def __init__(self, cfg: MembershipConfig = CFG, now: float = 1000.0, secret: bytes = SECRET):
+        self.now = now
+        self.secret = secret
+        self.core = Membership(now, secret=secret, config=cfg, seed=1)
+        self.inbox: dict[object, list[dict]] = {}
+        self.topos: dict[str, list[dict]] = {}  # peer_id -> topology messages received
+        self.conn_of: dict[str, object] = {}
+        self.reasons: list[str] = []
+        self._n = 0
+
+    def _deliver(self, decision) -> None:
+        self.reasons.append(decision.reason)
+        for conn, msg in decision.out:
+            msg = protocol.decode(protocol.encode_msg(msg))  # the core speaks the schema
+            self.inbox.setdefault(conn, []).append(msg)
+            if msg["type"] == "topology":
+                pid = self.core.by_conn.get(conn)
+                if pid is not None:
+                    self.topos.setdefault(pid, []).append(msg)
+
+    def send(self, pid: str, mtype: str, conn: object = None, **fields) -> list[dict]:
+        conn = conn if conn is not None else self.conn_of.setdefault(pid, f"conn-{pid}")
+        msg = protocol.decode(protocol.encode(mtype, **fields))
+        start = len(self.inbox.get(conn, []))
+        self._deliver(self.core.on_message(self.now, conn, msg))
+        return self.inbox.get(conn, [])[start:]
+
+    def hello(self, pid: str, group: int = 0, claim: str = "new", epoch: int = 0, ring_pos: int = -1,
+              revision: int = -1, timeout: float = 0.0, secret: bytes | None = None, conn=None,
+              ts: float | None = None) -> list[dict]:
+        ts = self.now if ts is None else ts
+        proof = protocol.hello_proof(self.secret if secret is None else secret, pid, ts)
+        self._n += 1
+        return self.send(pid, "hello", conn=conn, peer_id=pid, group=group, host="127.0.0.1",
+                         port=20000 + self._n, ts=ts, proof=proof, claim=claim, epoch=epoch,
+                         ring_pos=ring_pos, revision=revision, instance="", timeout=timeout)
+
+    def vote(self, pid: str, req: int = 1, timeout: float = 0.0) -> list[dict]:
+        return self.send(pid, "vote", req=req, timeout=timeout)
+
+    def hb(self, pid: str, activity: str | None = None) -> list[dict]:
+        return self.send(pid, "heartbeat", activity=activity, epoch=self.core.epoch, revision=0)
+
+    def tick(self, dt: float = 0.0, beat: tuple[str, ...] | None = None) -> None:
+        """Advance time in small steps; peers in ``beat`` (default: all live) heartbeat."""
+        end = self.now + dt
+        while True:
+            step = min(0.1, end - self.now)
+            self.now += step
+            live = list(self.core.peers) if beat is None else [p for p in beat if p in self.core.peers]
+            for pid in live:
+                self.send(pid, "heartbeat", activity=self.core.peers[pid].activity,
+                          epoch=self.core.epoch, revision=0)
+            self._deliver(self.core.tick(self.now))
+            if self.now >= end - 1e-9:
+                return
+
+    def last_topo(self, pid: str) -> dict:
+        return self.topos[pid][-1]
+
+    def members(self, pid: str) -> list[str]:
+        return [row[0] for row in self.last_topo(pid)["peers"]]
+
+    def types(self, pid: str) -> list[str]:
+        return [m["type"] for m in self.inbox.get(self.conn_of.get(pid, f"conn-{pid}"), [])]
+
+
+def grow(sim: Sim, *pids: str) -> None:
+    """First peer joins an empty run; the rest are admitted by unanimous votes."""
+    sim.hello(pids[0])
+    for pid in pids[1:]:
+        sim.hello(pid)
+        for voter in sim.core.accepted():
+            sim.vote(voter, req=sim._n)
+
+
+def test_first_peer_accepted_at_once_then_others_wait_for_a_vote():
+    sim = Sim()
+    out = sim.hello("a")
+    assert [m["type"] for m in out] == ["welcome", "topology"]
+    assert out[1]["epoch"] == 1 and out[1]["world_size"] == 1
+    out = sim.hello("b")
+    assert [m["type"] for m in out] == ["welcome"] and out[0]["state"] == "pending"
+    assert sim.core.pending() == ["b"]
+    assert sim.send("a", "pending_q", req=7) == [{"type": "pending_a", "req": 7, "pending": True}]
+    out = sim.vote("a")
+    assert out[-1]["type"] == "topology" and out[-1]["round_done"] and out[-1]["epoch"] == 2
+    assert sim.members("a") == ["a", "b"] == sim.members("b")
+    assert sim.last_topo("b")["world_size"] == 2
+
+
+def test_all_pending_admitted_together_ring_order_kept():
+    sim = Sim()
+    grow(sim, "a", "b")
+    for pid in ("c", "d", "e"):
+        sim.hello(pid)
+    sim.vote("a")
+    assert not sim.topos["a"][-1]["round_done"] or sim.core.pending()  # one vote is not enough
+    assert sim.core.pending() == ["c", "d", "e"]
+    sim.vote("b")
+    assert sim.core.pending() == []
+    assert sim.members("e") == ["a", "b", "c", "d", "e"]
+    assert sim.core.epoch == 3
+
+
+def test_vote_with_nobody_pending_completes_round_epoch_unchanged():
+    sim = Sim()
+    grow(sim, "a", "b")
+    epoch = sim.core.epoch
+    assert sim.vote("a", req=5) == []
+    out = sim.vote("b", req=6)
+    assert out[-1]["type"] == "topology" and out[-1]["round_done"] and out[-1]["epoch"] == epoch
+    assert sim.last_topo("a")["round_done"]
+
+
+def test_vote_is_run_wide_across_groups():
+    sim = Sim()
+    sim.hello("a", group=0)
+    sim.hello("x", group=1)
+    assert sim.core.pending() == ["x"]
+    sim.vote("a")
+    assert sim.core.accepted() == ["a", "x"] and sim.last_topo("x")["group"] == 1
+    assert sim.last_topo("x")["world_size"] == 2 and sim.last_topo("x")["num_groups"] == 2
+    assert sim.members("x") == ["x"] and sim.members("a") == ["a"]
+    sim.hello("y", group=1)
+    sim.vote("a", req=4)
+    sim.vote("a", req=4)  # a resend does not count twice
+    assert sim.core.pending() == ["y"]  # x (another group) has not voted
+    sim.vote("x", req=5)
+    assert sim.members("x") == ["x", "y"] and sim.last_topo("a")["world_size"] == 3
+
+
+def test_pending_peer_cannot_vote():
+    sim = Sim()
+    grow(sim, "a")
+    sim.hello("b")
+    out = sim.vote("b", req=9)
+    assert out[0]["type"] == "error" and out[0]["error"] == "InvalidUsage" and out[0]["req"] == 9
+
+
+def test_graceful_leave_pushes_new_epoch_at_once():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    epoch = sim.core.epoch
+    out = sim.send("b", "leave", reason="done")
+    assert out[-1]["type"] == "removed"
+    assert sim.core.epoch == epoch + 1 and sim.members("a") == ["a", "c"] == sim.members("c")
+    assert sim.send("b", "heartbeat", activity=None, epoch=0, revision=0)[0]["type"] == "removed"
+    assert sim.hello("b")[0]["type"] == "removed"  # same peer_id stays gone
+    assert sim.hello("b2", conn="conn-b")[0]["type"] == "welcome"  # new id, same connection: fine
+
+
+def test_heartbeat_deadline_removes_silent_peer_only():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim.tick(2.9, beat=("a", "c"))
+    assert "b" in sim.core.peers
+    sim.tick(0.3, beat=("a", "c"))
+    assert "b" not in sim.core.peers and sim.members("a") == ["a", "c"]
+    assert "removed" in sim.types("b")
+    assert sim.last_topo("c")["world_size"] == 2
+
+
+def test_failure_report_probe_removes_silent_peer_fast():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    out = sim.send("a", "report_failure", peer_id="b", reason="connection reset")
+    assert out == []
+    ping = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"]
+    assert len(ping) == 1
+    sim.tick(0.5, beat=("a", "c"))  # b does not answer
+    assert "b" not in sim.core.peers and sim.members("c") == ["a", "c"]
+
+
+def test_failure_report_against_live_peer_is_ignored():
+    sim = Sim()
+    grow(sim, "a", "b")
+    epoch = sim.core.epoch
+    sim.send("a", "report_failure", peer_id="b", reason="I just do not like b")
+    nonce = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"][-1]["nonce"]
+    sim.send("b", "pong", nonce=nonce)
+    sim.tick(1.0)
+    assert sim.core.accepted() == ["a", "b"] and sim.core.epoch == epoch
+    sim.send("a", "report_failure", peer_id="a", reason="self")  # about itself: ignored
+    assert sim.core.accepted() == ["a", "b"]
+
+
+def test_disconnect_probes():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim._deliver(sim.core.on_disconnect(sim.now, "conn-b"))
+    sim.tick(0.5, beat=("a",))
+    assert sim.core.accepted() == ["a"]
+
+
+def test_death_of_last_non_voter_completes_the_round():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim.hello("d")
+    sim.vote("a")
+    sim.vote("b")
+    sim.tick(3.2, beat=("a", "b", "d"))  # c dies while the vote is open
+    assert "c" not in sim.core.peers
+    assert sim.members("a") == ["a", "b", "d"]
+    assert sim.last_topo("a")["round_done"] and sim.last_topo("b")["round_done"]
+
+
+def test_first_peers_of_empty_run_accepted_after_all_died():
+    sim = Sim()
+    grow(sim, "a")
+    sim.hello("b")
+    sim.hello("c")
+    sim.tick(3.2, beat=("b", "c"))
+    assert sorted(sim.core.accepted()) == ["b", "c"] and sim.members("c") == ["b", "c"]
+
+
+def test_lockstep_mismatch_errors_voters_and_aborts_the_other():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim.hb("c", "all_reduce tag=5")
+    sim.vote("a", req=11)
+    sim.vote("b", req=12)
+    sim.tick(1.5)
+    assert not [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    sim.tick(0.7)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err and err[0]["error"] == "InvalidUsage" and err[0]["req"] == 11
+    assert "c" in err[0]["message"] and "all_reduce tag=5" in err[0]["message"]
+    abort = [m for m in sim.inbox["conn-c"] if m["type"] == "abort"]
+    assert abort and abort[0]["message"] == err[0]["message"]
+    assert not sim.core.votes
+
+
+def test_idle_peer_is_no_mismatch_and_vote_deadline_resolves():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.vote("a", req=3, timeout=4.0)
+    sim.tick(3.9)
+    assert "error" not in sim.types("a")
+    sim.tick(0.2)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err[0]["error"] == "DeadlineExceeded" and "b" in err[0]["message"]
+
+
+def test_pending_connect_deadline():
+    sim = Sim()
+    grow(sim, "a")
+    sim.hello("b", timeout=2.0)
+    sim.tick(2.1)
+    assert "b" not in sim.core.peers
+    err = [m for m in sim.inbox["conn-b"] if m["type"] == "error"]
+    assert err and err[0]["error"] == "DeadlineExceeded"
+    assert sim.hello("b")[0]["state"] == "pending"  # may try again with the same id
+
+
+def test_auth_refusals():
+    sim = Sim()
+    out = sim.hello("a", secret=b"wrong")
+    assert out[0]["type"] == "refused" and "secret" in out[0]["reason"]
+    out = sim.hello("a", ts=sim.now - 500)
+    assert out[0]["type"] == "refused" and "timestamp" in out[0]["reason"]
+    assert not sim.core.peers
+    # a stranger's non-hello is asked to introduce itself
+    out = sim.send("zz", "vote", req=1, timeout=0.0)
+    assert out[0]["type"] == "reset"
+
+
+def test_status_is_schema_valid():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.hello("c")
+    sim.hb("a", "all_reduce tag=1")
+    st_ = sim.send("anyone", "status_q", req=4)[0]
+    assert st_["epoch"] == 2 and st_["world_size"] == 2
+    states = {m["peer_id"]: m["state"] for m in st_["members"]}
+    assert states == {"a": "accepted", "b": "accepted", "c": "pending"}
+    assert [m["activity"] for m in st_["members"] if m["peer_id"] == "a"] == ["all_reduce tag=1"]
+
+
+def test_heartbeats_go_out():
+    sim = Sim()
+    grow(sim, "a")
+    sim.tick(1.05)
+    assert sim.types("a").count("hb") >= 2
+
+
+def test_coordinator_restart_rebuilds_from_claims():
+    cfg = MembershipConfig(recovery_grace=1.5)
+    sim = Sim(cfg)
+    # a, b, c were accepted at epoch 7 under the old coordinator (ring c, a, b)
+    sim.hello("a", claim="accepted", epoch=7, ring_pos=1, revision=3)
+    sim.hello("c", claim="accepted", epoch=7, ring_pos=0, revision=3)
+    sim.hello("n")  # a brand-new peer during the window stays pending
+    assert sim.types("a") == ["welcome"] and sim.inbox["conn-a"][0]["state"] == "recovering"
+    sim.vote("a")  # a vote in the window is kept
+    sim.tick(1.0)
+    sim.hello("b", claim="accepted", epoch=6, ring_pos=2, revision=3)
+    sim.tick(0.6)
+    assert not sim.core.recovering
+    assert sim.core.epoch == 8
+    assert sim.members("a") == ["c", "a", "b"] == sim.members("b")
+    assert sim.core.pending() == ["n"]
+    sim.hello("late", claim="accepted", epoch=7, ring_pos=3)
+    assert sim.core.pending() == ["n", "late"]
+    sim.vote("b")
+    sim.vote("c")
+    assert sim.members("late") == ["c", "a", "b", "n", "late"] and sim.core.epoch == 9
+
+
+def test_restart_with_no_claims_accepts_first_peers_and_epoch_never_goes_back():
+    cfg = MembershipConfig(recovery_grace=1.5)
+    sim = Sim(cfg)
+    sim.hello("fresh")
+    sim.tick(1.6)
+    assert sim.core.accepted() == ["fresh"] and sim.core.epoch == 1
+    sim.hello("old", claim="accepted", epoch=41, ring_pos=0)  # arrived after the window
+    assert sim.core.pending() == ["old"]
+    sim.vote("fresh")
+    assert sim.core.epoch == 42 and sim.last_topo("old")["epoch"] == 42
+
+
+def test_malformed_input_from_member_removes_it():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim._deliver(sim.core.on_bad_input(sim.now, "conn-b", "garbage"))
+    assert sim.core.accepted() == ["a"] and "removed" in sim.types("b")
+    sim._deliver(sim.core.on_bad_input(sim.now, "conn-unknown", "garbage"))
+    assert sim.core.accepted() == ["a"]
+
+
+# ---------------------------------------------------------------------- generated sequences
+
+PIDS = [f"p{i}" for i in range(7)]
+
+
+class MembershipMachine(RuleBasedStateMachine):
+    """Random joins, leaves, deaths, votes, reports, misuse and coordinator restarts."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = MembershipConfig(recovery_grace=1.5)
+        self.sim = Sim(self.cfg)
+        self.alive: set[str] = set()  # processes that run (a frozen/killed one is not)
+        self.gen = 0
+        self.ids: dict[str, str] = {}  # process slot -> current peer_id
+        self.view: dict[str, tuple[str, int]] = {}  # peer_id -> (instance, epoch) last seen
+        self.seen_sets: dict[tuple[str, int], frozenset] = {}
+        self.votes_open: dict[str, float] = {}  # peer_id -> vote deadline
+        self.connects: dict[str, float] = {}  # peer_id -> connect deadline
+        self.req = 0
+        self.last: dict[str, dict] = {}  # peer_id -> last topology it received
+        self.sim.tick(1.6)  # past the first recovery window
+
+    # -- helpers
+    def pid(self, slot: str) -> str:
+        return self.ids.setdefault(slot, f"{slot}.{self.gen}")
+
+    def _check_topos(self):
+        core = self.sim.core
+        for pid, msgs in self.sim.topos.items():
+            for m in msgs:
+                key = (m["instance"], m["epoch"], m["group"])
+                members = frozenset(r[0] for r in m["peers"])
+                assert self.seen_sets.setdefault(key, members) == members, "disagreement at one epoch"
+                inst, ep = self.view.get(pid, (m["instance"], 0))
+                assert m["epoch"] >= ep, "epoch went back"
+                assert m["epoch"] > ep or inst == m["instance"], "new instance reused an epoch"
+                self.view[pid] = (m["instance"], m["epoch"])
+                self.last[pid] = m
+                if m["round_done"]:
+                    self.votes_open.pop(pid, None)
+                self.connects.pop(pid, None)
+            msgs.clear()
+        for conn, msgs in self.sim.inbox.items():
+            pid = conn[5:] if isinstance(conn, str) else None
+            for m in msgs:
+                if m["type"] == "removed" and pid is not None:
+                    self.last.pop(pid, None)
+                if m["type"] in ("error", "removed") and pid is not None:
+                    self.votes_open.pop(pid, None)
+                    self.connects.pop(pid, None)
+            msgs.clear()
+        del core  # noqa
+
+    def _send(self, slot, fn, *a, **kw):
+        pid = self.pid(slot)
+        before_acc = set(self.sim.core.accepted())
+        pend = set(self.sim.core.pending())
+        voters = set(self.sim.core.votes)
+        fn(pid, *a, **kw)
+        after = set(self.sim.core.accepted())
+        new = after - before_acc
+        if new and before_acc:
+            # nobody is accepted without a unanimous vote of the survivors (or an empty run)
+            survivors = before_acc & after
+            assert new <= pend | set(), "accepted someone who was not pending"
+            assert not survivors or survivors <= voters | ({pid} if fn == self.sim.vote else set())
+        self._check_topos()
+
+    # -- rules
+    @rule(slot=st.sampled_from(PIDS), group=st.integers(0, 1))
+    def join(self, slot, group):
+        pid = self.pid(slot)
+        if pid in self.sim.core.peers:
+            return
+        if pid in self.sim.core.removed:
+            self.gen += 1
+            self.ids[slot] = f"{slot}.{self.gen}"
+            pid = self.ids[slot]
+        self.alive.add(slot)
+        self.connects[pid] = self.sim.now + 5.0
+        self._send(slot, self.sim.hello, group=group, timeout=5.0)
+
+    @rule(slot=st.sampled_from(PIDS))
+    def vote(self, slot):
+        pid = self.pid(slot)
+        if slot not in self.alive or pid not in self.sim.core.peers:
+            return
+        self.req += 1
+        if self.sim.core.peers[pid].state is not PeerState.PENDING:
+            self.votes_open[pid] = self.sim.now + 4.0
+        self._send(slot, self.sim.vote, req=self.req, timeout=4.0)
+
+    @rule(slot=st.sampled_from(PIDS))
+    def leave(self, slot):
+        pid = self.pid(slot)
+        if slot in self.alive and pid in self.sim.core.peers:
+            self._send(slot, self.sim.send, "leave", reason="bye")
+            self.alive.discard(slot)
+
+    @rule(slot=st.sampled_from(PIDS))
+    def die(self, slot):
+        self.alive.discard(slot)
+        self.votes_open.pop(self.pid(slot), None)  # a dead process waits for nothing
+        self.connects.pop(self.pid(slot), None)
+
+    @rule(slot=st.sampled_from(PIDS), other=st.sampled_from(PIDS))
+    def report(self, slot, other):
+        if slot in self.alive and self.pid(slot) in self.sim.core.peers:
+            self._send(slot, self.sim.send, "report_failure", peer_id=self.pid(other), reason="link")
+
+    @rule(slot=st.sampled_from(PIDS), act=st.sampled_from([None, "all_reduce tag=1", "update_topology"]))
+    def activity(self, slot, act):
+        if slot in self.alive and self.pid(slot) in self.sim.core.peers:
+            self.sim.core.peers[self.pid(slot)].activity = act
+            self._send(slot, self.sim.hb, act)
+
+    @rule(dt=st.sampled_from([0.05, 0.3, 1.0, 2.5]))
+    def wait(self, dt):
+        beat = tuple(self.pid(s) for s in self.alive)
+        # live peers answer probes
+        end = self.sim.now + dt
+        while self.sim.now < end - 1e-9:
+            self.sim.tick(min(0.1, end - self.sim.now), beat=beat)
+            for s in self.alive:
+                pid = self.pid(s)
+                for m in self.sim.inbox.get(f"conn-{pid}", []):
+                    if m["type"] == "ping" and pid in self.sim.core.peers:
+                        self.sim.send(pid, "pong", nonce=m["nonce"])
+            self._check_topos()
+
+    @rule()
+    def restart_coordinator(self):
+        """A new core; every live peer re-introduces itself with what it knows."""
+        old = self.sim.core
+        self.sim.core = Membership(self.sim.now, secret=SECRET, config=self.cfg, seed=2)
+        self.sim.inbox.clear()
+        self.votes_open.clear()  # their vote requests are resent by the link; here: dropped
+        for s in sorted(self.alive):
+            pid = self.pid(s)
+            peer = old.peers.get(pid)
+            if peer is None:
+                continue
+            last = self.last.get(pid)
+            if last is not None:  # what the peer itself knows: its last topology
+                ring_pos = [r[0] for r in last["peers"]].index(pid)
+                self.sim.hello(pid, group=peer.group, claim="accepted", epoch=last["epoch"],
+                               ring_pos=ring_pos, timeout=0.0)
+            else:
+                self.connects[pid] = self.sim.now + 5.0
+                self.sim.hello(pid, group=peer.group, timeout=5.0)
+        self._check_topos()
+
+    # -- invariants
+    @invariant()
+    def nobody_waits_forever(self):
+        now = self.sim.now
+        for pid, deadline in self.votes_open.items():
+            assert now <= deadline + 0.2, f"vote of {pid} never resolved"
+        for pid, deadline in self.connects.items():
+            assert now <= deadline + 0.2, f"connect of {pid} never resolved"
+
+    @invariant()
+    def table_consistent(self):
+        core = self.sim.core
+        ring_members = [pid for ring in core.rings.values() for pid in ring]
+        assert sorted(ring_members) == sorted(core.accepted())
+        assert len(set(ring_members)) == len(ring_members)
+        assert set(core.votes) <= set(core.peers)
+        assert set(core.probes) <= set(core.peers)
+        if not core.recovering:
+            assert not [p for p in core.peers.values() if p.state is PeerState.CLAIMED]
+            if core.pending():
+                assert core.accepted(), "pending peers in an empty run"
+        assert not math.isnan(core.epoch)
+
+
+MembershipMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestMembershipMachine = MembershipMachine.TestCase

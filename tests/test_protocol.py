@@ -1,0 +1,165 @@
+"""Control-plane codec: the schema table, and fuzzing (nothing but ProtocolError ever escapes)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pccl_py import protocol
+from pccl_py.errors import ProtocolError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def good_hello(**over):
+    fields = dict(peer_id="a", group=0, host="127.0.0.1", port=5, ts=1.5, proof=b"x" * 32, claim="new",
+                  epoch=0, ring_pos=-1, revision=-1, instance="", timeout=0.0)
+    fields.update(over)
+    return fields
+
+
+def raw(mtype, v=protocol.VERSION, **fields):
+    return msgpack.packb({"type": mtype, "v": v, **fields}, use_bin_type=True)
+
+
+def test_roundtrip_every_type_from_schema():
+    samples = {
+        "hello": good_hello(),
+        "heartbeat": dict(activity=None, epoch=3, revision=-1),
+        "vote": dict(req=1, timeout=2),
+        "unvote": dict(req=1),
+        "pending_q": dict(req=1),
+        "report_failure": dict(peer_id="b", reason="eof"),
+        "leave": dict(reason="bye"),
+        "pong": dict(nonce=9),
+        "status_q": dict(req=2),
+        "welcome": dict(instance="i", peer_id="a", state="pending", heartbeat_interval=0.5,
+                        heartbeat_deadline=3, reason="r"),
+        "topology": dict(instance="i", epoch=2, group=0, peers=[["a", "h", 1], ["b", "h", 2]],
+                         world_size=2, num_groups=1, round_done=True, reason=""),
+        "hb": dict(instance="i", epoch=1),
+        "ping": dict(nonce=1),
+        "pending_a": dict(req=1, pending=False),
+        "error": dict(req=1, error="InvalidUsage", message="m"),
+        "abort": dict(error="Aborted", message="m"),
+        "removed": dict(reason="r"),
+        "reset": dict(instance="i", reason="r"),
+        "refused": dict(reason="r"),
+        "status_a": dict(req=1, instance="i", epoch=1, recovering=False, uptime=1.0, world_size=1,
+                         num_groups=1, vote_open=False, voters=[],
+                         members=[dict(peer_id="a", group=0, state="accepted", host="h", port=1,
+                                       ring_pos=0, epoch=1, revision=-1, hb_age=0.1, activity=None)]),
+    }
+    assert set(samples) == set(protocol.SCHEMA)
+    for mtype, fields in samples.items():
+        out = protocol.decode(protocol.encode(mtype, **fields))
+        assert out["type"] == mtype
+        for key, value in fields.items():
+            assert out[key] == (float(value) if protocol.SCHEMA[mtype][key].kind is float else value)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "undecodable"),
+        (b"\xc1", "undecodable"),
+        (raw("hello", **good_hello())[:-3], "undecodable"),  # truncated
+        (raw("hello", **good_hello()) + b"\x00", "undecodable"),  # trailing bytes
+        (msgpack.packb([1, 2, 3]), "must be a map"),
+        (raw("nope"), "unknown message type"),
+        (raw("hello", v=2, **good_hello()), "version"),
+        (raw("hello", v=True, **good_hello()), "version"),
+        (raw("hello", **good_hello(port="5")), "must be an int"),
+        (raw("hello", **good_hello(port=70000)), "above"),
+        (raw("hello", **good_hello(group=True)), "must be an int"),
+        (raw("hello", **good_hello(claim="boss")), "not one of"),
+        (raw("hello", **good_hello(peer_id="x" * 129)), "longer"),
+        (raw("hello", **good_hello(ts=float("nan"))), "finite"),
+        (raw("hello", **good_hello(proof=b"x" * 65)), "longer"),
+        (raw("hello", **good_hello(extra=1)), "unknown fields"),
+        (raw("heartbeat", activity=None, epoch=1), "missing field"),
+        (raw("heartbeat", activity=None, epoch=-1, revision=0), "below"),
+        (raw("vote", req=2**64 - 1, timeout=1), "above"),
+        (raw("vote", req=1, timeout=None), "missing a value"),
+        (raw("topology", instance="i", epoch=1, group=0, peers=[["a", "h"]], world_size=1, num_groups=1,
+             round_done=True, reason=""), "must have 3 items"),
+        (msgpack.packb({"type": "leave", "v": 1, "reason": "x" * 5000}), "undecodable"),  # over MAX_STR
+        (msgpack.packb({"type": "leave", "v": 1, "reason": ["x"] * 9000}), "undecodable"),  # over MAX_ARRAY
+        (msgpack.packb({"type": "pong", "v": 1, "nonce": 1, **{f"k{i}": i for i in range(40)}}), "undecodable"),
+        (msgpack.packb({"type": "pong", "v": 1, "nonce": msgpack.ExtType(1, b"x")}), "undecodable"),
+        (b"\xdb\xff\xff\xff\xff", "undecodable"),  # str32 claiming 4 GiB
+        (b"\xdd\xff\xff\xff\xff", "undecodable"),  # array32 claiming 4 G items
+        (b"\xdf\xff\xff\xff\xff", "undecodable"),  # map32 claiming 4 G pairs
+        (b"\x00" * (protocol.MAX_MESSAGE + 1), "exceeds"),
+        (msgpack.packb({1: 2}), "undecodable"),  # non-string map key
+    ],
+)
+def test_bad_input_is_protocol_error(data, words):
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(data)
+    assert words in str(info.value)
+
+
+def test_encode_refuses_what_decode_would_refuse():
+    with pytest.raises(ProtocolError):
+        protocol.encode("vote", req=-1, timeout=0)
+    with pytest.raises(ProtocolError):
+        protocol.encode("bogus")
+
+
+def test_hello_proof():
+    p = protocol.hello_proof(b"k", "a", 100.0)
+    assert protocol.check_proof(b"k", "a", 100.0, p, 101.0, 30.0) is None
+    assert "secret" in protocol.check_proof(b"other", "a", 100.0, p, 101.0, 30.0)
+    assert "secret" in protocol.check_proof(b"k", "b", 100.0, p, 101.0, 30.0)
+    assert "timestamp" in protocol.check_proof(b"k", "a", 100.0, p, 200.0, 30.0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes(data):
+    try:
+        protocol.decode(data)
+    except ProtocolError:
+        pass
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    st.sampled_from(sorted(protocol.SCHEMA)),
+    st.dictionaries(st.sampled_from(["peer_id", "epoch", "req", "reason", "peers", "activity", "ts", "x"]),
+                    msgpack_values, max_size=6),
+)
+def test_fuzz_structured(mtype, fields):
+    """Well-formed msgpack with the right type but random fields: validated or refused."""
+    try:
+        data = msgpack.packb({"type": mtype, "v": 1, **fields}, use_bin_type=True)
+    except (OverflowError, ValueError):
+        return
+    try:
+        out = protocol.decode(data)
+    except ProtocolError:
+        return
+    protocol.encode_msg(out)  # whatever passes must also re-encode
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(min_size=1, max_size=400), st.integers(0, 399), st.integers(0, 255))
+def test_fuzz_mutated_valid_messages(_seed, pos, byte):
+    data = bytearray(protocol.encode("hello", **good_hello()))
+    data[pos % len(data)] = byte
+    for blob in (bytes(data), bytes(data[: pos % len(data)])):
+        try:
+            protocol.decode(blob)
+        except ProtocolError:
+            pass
