@@ -1,0 +1,158 @@
+"""What every collective shares: the link it is written against, frames, FIN agreement, errors.
+
+A collective is a plain object driven by the data plane: ``start()`` issues the first
+sends, ``on_data(src, header, conn)`` says where an incoming payload goes (an ``Rx``),
+and the collective calls ``data_complete()`` once its local result is final. It then
+sends FIN to every peer and succeeds only when every peer's FIN has arrived, so a call
+never succeeds on one peer while another is still missing data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from .. import frames as F
+from ..errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
+
+_CODE_OF = {InvalidUsage: F.ERR_INVALID_USAGE, PeerLost: F.ERR_PEER_LOST,
+            DeadlineExceeded: F.ERR_DEADLINE}
+
+
+def error_code(exc: PcclError) -> int:
+    for cls, code in _CODE_OF.items():
+        if isinstance(exc, cls):
+            return code
+    return F.ERR_ABORTED
+
+
+def split(n: int, parts: int) -> list[int]:
+    """Boundaries of ``parts`` near-equal pieces of ``n``: piece i is [b[i], b[i+1])."""
+    return [i * n // parts for i in range(parts + 1)]
+
+
+def pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into consecutive pieces of at most ``size`` (size >= 1)."""
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
+class Link(Protocol):
+    """What a collective needs from the data plane (one group, one epoch)."""
+
+    rank: int
+    world: int
+    group: int
+    epoch: int
+
+    def send(self, rank: int, stream: int, header: bytes, payload) -> None: ...
+
+    def nstreams(self, rank: int) -> int: ...
+
+
+class Rx:
+    """Where one incoming payload goes: fill ``view``; ``progress(got)`` after each read
+    (may be None), ``finish()`` once the whole payload is in."""
+
+    __slots__ = ("view", "progress", "finish")
+
+    def __init__(self, view, progress, finish):
+        self.view = view
+        self.progress = progress
+        self.finish = finish
+
+
+class Collective:
+    """Base of every collective: bookkeeping, FIN agreement, failure, byte accounting."""
+
+    name = "collective"
+
+    def __init__(self, link: Link, *, tag: int, seq: int, desc: int, loop: asyncio.AbstractEventLoop):
+        self.link = link
+        self.tag = tag
+        self.seq = seq
+        self.desc = desc
+        self.future: asyncio.Future = loop.create_future()
+        self.started = False
+        self.data_done = False
+        self._fins: set[int] = set()
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+        self.tx_logical = 0
+        self.rx_logical = 0
+
+    # -- to implement ---------------------------------------------------------------------
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def on_data(self, src: int, h: F.Header, conn) -> Rx:
+        raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def header(self, kind: int, step: int, offset: int, length: int, elems: int = 0,
+               quant: int = F.QUANT_NONE, lo: float = 0.0, scale: float = 0.0) -> bytes:
+        lk = self.link
+        return F.pack_header(kind, lk.group, lk.epoch, self.tag, self.seq, step, offset, length,
+                             elems, quant, lo, scale, self.desc)
+
+    def send_data(self, rank: int, stream: int, step: int, offset: int, payload, logical: int,
+                  elems: int = 0, quant: int = F.QUANT_NONE, lo: float = 0.0, scale: float = 0.0) -> None:
+        n = len(payload)
+        self.link.send(rank, stream, self.header(F.DATA, step, offset, n, elems, quant, lo, scale), payload)
+        self.tx_bytes += F.HEADER_SIZE + n
+        self.tx_logical += logical
+
+    def count_rx(self, h: F.Header, logical: int) -> None:
+        self.rx_bytes += F.HEADER_SIZE + h.length
+        self.rx_logical += logical
+
+    def check_desc(self, src: int, h: F.Header) -> None:
+        if h.desc != self.desc:
+            raise InvalidUsage(
+                f"peer rank {src} called tag {self.tag} with different arguments "
+                f"(dtype/op/count/algorithm/quant differ); every peer must call it identically")
+
+    # -- agreement ----------------------------------------------------------------------------
+    def data_complete(self) -> None:
+        if self.data_done or self.done:
+            return
+        self.data_done = True
+        lk = self.link
+        for r in range(lk.world):
+            if r != lk.rank:
+                lk.send(r, 0, self.header(F.FIN, 0, 0, 0), b"")
+                self.tx_bytes += F.HEADER_SIZE
+        self._maybe_succeed()
+
+    def on_fin(self, src: int) -> None:
+        self._fins.add(src)
+        self.rx_bytes += F.HEADER_SIZE
+        self._maybe_succeed()
+
+    def _maybe_succeed(self) -> None:
+        if self.data_done and len(self._fins) == self.link.world - 1 and not self.done:
+            self.future.set_result(self.result())
+
+    def result(self):
+        return None
+
+    def on_error(self, src: int, code: int, message: str) -> None:
+        text = f"peer rank {src} failed tag {self.tag}: {message}"
+        self.fail(InvalidUsage(text) if code == F.ERR_INVALID_USAGE else Aborted(text))
+
+    def fail(self, exc: PcclError) -> None:
+        if not self.done:
+            self.future.set_exception(exc)
+            self.future.exception()  # mark retrieved: the caller may already be gone
+
+    def info(self) -> dict:
+        return {"tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes,
+                "tx_logical": self.tx_logical, "rx_logical": self.rx_logical}
+
+
+def expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(what)

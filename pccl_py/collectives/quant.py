@@ -1,0 +1,127 @@
+"""Quantized all-reduce (float32 only): every value is quantized exactly twice, whatever N.
+
+1. Reduce-scatter by direct send: chunk c of every peer's input is quantized once (per
+   block, min-max affine, ``lo``/``scale`` in the frame header) and sent straight to
+   chunk c's owner (rank c). No peer ever re-quantizes a partial sum, so the error does
+   not grow with the world size.
+2. The owner accumulates in float32 with the fused dequant-add kernel, its own
+   contribution exact; ``avg`` divides once.
+3. The owner quantizes each finished block once, keeps dequantize(codes) in its own
+   ``dst`` -- exactly what it sends -- and sends the codes to every peer (all-gather by
+   direct send). Every peer dequantizes the same codes with the same parameters, so
+   all hold identical bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import frames as F
+from . import _kernels as K
+from .base import Collective, Rx, expect, pieces, split
+
+
+def code_bytes(n: int, quant: int) -> int:
+    return n if quant == F.QUANT_U8 else (n + 1) // 2
+
+
+class QuantAllReduce(Collective):
+    name = "quant"
+
+    def __init__(self, link, *, src, dst, op: str, count: int, quant: str, block_bytes: int, **kw):
+        super().__init__(link, **kw)
+        self.op = op
+        self.q = F.QUANT_BY_NAME[quant]
+        self.quantize = K.quantize_u8 if self.q == F.QUANT_U8 else K.quantize_u4
+        self.dequantize = K.dequantize_u8 if self.q == F.QUANT_U8 else K.dequantize_u4
+        self.dequant_add = K.dequant_add_u8 if self.q == F.QUANT_U8 else K.dequant_add_u4
+        self.src = src
+        self.dst = dst
+        w, me = link.world, link.rank
+        belems = max(2, (block_bytes // 4) & ~1)  # even, so 4-bit blocks pack whole bytes
+        bounds = split(count, w)
+        # per chunk: list of (elem start, elem stop, code offset)
+        self.blocks: list[list[tuple[int, int, int]]] = []
+        self.block_at: dict[tuple[int, int], int] = {}
+        off = 0
+        for c in range(w):
+            lst = []
+            for a, b in pieces(bounds[c], bounds[c + 1], belems):
+                self.block_at[(c, a * 4)] = len(lst)
+                lst.append((a, b, off))
+                off += code_bytes(b - a, self.q)
+            self.blocks.append(lst)
+        self.codes = np.empty(off, np.uint8)
+        self.cview = memoryview(self.codes)
+        self.own_pending = [w - 1] * len(self.blocks[me])
+        self._seen: set[tuple[int, int]] = set()
+        self._units = sum(len(b) for b in self.blocks)
+        a, b = bounds[me], bounds[me + 1]
+        dst[a * 4:b * 4] = src[a * 4:b * 4]
+
+    def start(self) -> None:
+        self.started = True
+        lk = self.link
+        for c in range(lk.world):
+            if c == lk.rank:
+                continue
+            k = lk.nstreams(c)
+            for i, (a, b, off) in enumerate(self.blocks[c]):
+                cb = self.cview[off:off + code_bytes(b - a, self.q)]
+                lo, scale = self.quantize(self.src[a * 4:b * 4], cb)
+                self.send_data(c, i % k, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
+                               lo=lo, scale=scale)
+        self._maybe_done()
+
+    def on_data(self, src: int, h: F.Header, conn) -> Rx:
+        self.check_desc(src, h)
+        me = self.link.rank
+        expect(h.quant == self.q, f"quantization kind {h.quant} differs from {self.q}")
+        expect(h.step in (0, 1), f"quantized all-reduce step {h.step} out of range")
+        owner = me if h.step == 0 else src
+        idx = self.block_at.get((owner, h.offset))
+        expect(idx is not None, f"quantized frame at offset {h.offset} is not a block start")
+        a, b, off = self.blocks[owner][idx]
+        expect(h.elems == b - a, f"quantized block of {h.elems} elements, expected {b - a}")
+        key = (src, idx) if h.step == 0 else (-1 - src, idx)
+        expect(key not in self._seen, f"duplicate quantized block {idx} from rank {src}")
+        self._seen.add(key)
+        self.count_rx(h, h.elems * 4)
+        stg = conn.staging(h.length)
+        dst = self.dst[a * 4:b * 4]
+        lo, scale = h.lo, h.scale
+        if h.step == 0:
+            def finish():
+                self.dequant_add(stg, lo, scale, dst)
+                self.own_pending[idx] -= 1
+                if self.own_pending[idx] == 0:
+                    self._finish_block(idx)
+        else:
+            def finish():
+                self.dequantize(stg, lo, scale, dst)
+                self._unit()
+        return Rx(stg, None, finish)
+
+    def _finish_block(self, idx: int) -> None:
+        lk = self.link
+        a, b, off = self.blocks[lk.rank][idx]
+        dst = self.dst[a * 4:b * 4]
+        if self.op == "avg":
+            K.finish_avg(dst, lk.world, "float32")
+        cb = self.cview[off:off + code_bytes(b - a, self.q)]
+        lo, scale = self.quantize(dst, cb)
+        lo, scale = float(np.float32(lo)), float(np.float32(scale))  # exactly what the header carries
+        self.dequantize(cb, lo, scale, dst)
+        for r in range(lk.world):
+            if r != lk.rank:
+                self.send_data(r, idx % lk.nstreams(r), 1, a * 4, cb, (b - a) * 4, elems=b - a,
+                               quant=self.q, lo=lo, scale=scale)
+        self._unit()
+
+    def _unit(self) -> None:
+        self._units -= 1
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.started and self._units == 0:
+            self.data_complete()

@@ -1,0 +1,161 @@
+"""Ring all-reduce: reduce-scatter then all-gather, pipelined in sub-chunks, striped.
+
+The buffer is cut into N chunks; chunk c is cut into sub-chunks of ``sub_bytes``; a
+sub-chunk travels as up to K stripes, one per stream. At step t (0 <= t < 2(N-1)) rank r
+sends chunk (r - t) mod N to its right neighbour and receives chunk (r - t - 1) mod N
+from its left one. Steps t < N-1 reduce the received stripes into ``dst``
+(reduce-scatter); steps t >= N-1 write them straight into ``dst`` (all-gather).
+
+There is no barrier between steps: the moment sub-chunk j of step t is complete it is
+forwarded as sub-chunk j of step t+1 (the chunk received at step t is the one sent at
+step t+1). After the last reduce-scatter step rank r owns chunk (r + 1) mod N fully
+reduced; for ``avg`` it divides it there, once, before forwarding, so every peer ends
+with the owner's bytes (bit parity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import frames as F
+from . import _kernels as K
+from .base import Collective, Rx, expect, pieces, split
+
+
+class RingPlan:
+    """Sans-I/O schedule: chunk bounds, sub-chunks and stripes, in elements."""
+
+    def __init__(self, count: int, world: int, rank: int, item: int, sub_bytes: int,
+                 min_stripe: int):
+        self.count = count
+        self.world = world
+        self.rank = rank
+        self.item = item
+        self.sub_elems = max(1, sub_bytes // item)
+        self.min_stripe_elems = max(1, min_stripe // item)
+        self.bounds = split(count, world)
+
+    def chunk(self, c: int) -> tuple[int, int]:
+        return self.bounds[c], self.bounds[c + 1]
+
+    def send_chunk(self, t: int) -> int:
+        return (self.rank - t) % self.world
+
+    def recv_chunk(self, t: int) -> int:
+        return (self.rank - t - 1) % self.world
+
+    def subs(self, c: int) -> list[tuple[int, int]]:
+        a, b = self.chunk(c)
+        return pieces(a, b, self.sub_elems)
+
+    def stripes(self, a: int, b: int, k: int) -> list[tuple[int, int]]:
+        n = b - a
+        parts = max(1, min(k, n // self.min_stripe_elems))
+        bd = split(n, parts)
+        return [(a + bd[i], a + bd[i + 1]) for i in range(parts) if bd[i + 1] > bd[i]]
+
+    @property
+    def steps(self) -> int:
+        return 2 * (self.world - 1)
+
+
+class RingAllReduce(Collective):
+    name = "ring"
+
+    def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, sub_bytes: int,
+                 min_stripe: int, **kw):
+        super().__init__(link, **kw)
+        self.dtype = dtype
+        self.op = op
+        self.kop = "sum" if op == "avg" else op
+        self.item = K.itemsize(dtype)
+        self.dst = dst
+        self.plan = RingPlan(count, link.world, link.rank, self.item, sub_bytes, min_stripe)
+        self.left = (link.rank - 1) % link.world
+        self.right = (link.rank + 1) % link.world
+        # remaining bytes per (step, sub index) still to arrive
+        self._remaining: dict[tuple[int, int], int] = {}
+        self._units = 0
+        for t in range(self.plan.steps):
+            for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
+                self._remaining[(t, j)] = (b - a) * self.item
+                self._units += 1
+        # our own contribution, in place (src is never written)
+        np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+
+    def start(self) -> None:
+        self.started = True
+        for a, b in self.plan.subs(self.plan.send_chunk(0)):
+            self._send_range(0, a, b)
+        if self._units == 0:
+            self.data_complete()
+
+    def _send_range(self, t: int, a: int, b: int) -> None:
+        it = self.item
+        k = self.link.nstreams(self.right)
+        for s, (x, y) in enumerate(self.plan.stripes(a, b, k)):
+            self.send_data(self.right, s, t, x * it, self.dst[x * it:y * it], (y - x) * it)
+
+    def on_data(self, src: int, h: F.Header, conn) -> Rx:
+        self.check_desc(src, h)
+        plan, it = self.plan, self.item
+        expect(src == self.left, f"ring data from rank {src}, expected the left neighbour {self.left}")
+        expect(h.step < plan.steps, f"ring step {h.step} out of range")
+        expect(h.quant == F.QUANT_NONE, "quantized frame in an unquantized ring")
+        a, b = plan.chunk(plan.recv_chunk(h.step))
+        F.check_range(h, a * it, b * it, it)
+        expect(h.length > 0, "empty ring frame")
+        j = (h.offset // it - a) // plan.sub_elems
+        key = (h.step, j)
+        left = self._remaining.get(key, 0)
+        sa = a + j * plan.sub_elems
+        expect(left >= h.length and h.offset + h.length <= min(b, sa + plan.sub_elems) * it,
+               f"ring frame [{h.offset}, +{h.length}) overruns sub-chunk {j} of step {h.step}")
+        self.count_rx(h, h.length)
+        dst = self.dst[h.offset:h.offset + h.length]
+        if h.step >= plan.world - 1:  # all-gather: straight into dst
+            return Rx(dst, None, lambda: self._got(key, h.length))
+        stg = conn.staging(h.length)
+        return _ReduceRx(self, dst, stg, key, h.length).rx()
+
+    def _got(self, key: tuple[int, int], n: int) -> None:
+        left = self._remaining[key] - n
+        self._remaining[key] = left
+        if left:
+            return
+        t, j = key
+        plan = self.plan
+        a, b = plan.subs(plan.recv_chunk(t))[j]
+        if t == plan.world - 2 and self.op == "avg":
+            K.finish_avg(self.dst[a * self.item:b * self.item], plan.world, self.dtype)
+        if t + 1 < plan.steps:
+            self._send_range(t + 1, a, b)
+        self._units -= 1
+        if self._units == 0:
+            self.data_complete()
+
+
+class _ReduceRx:
+    """Receives one stripe into staging and reduces it into dst as bytes arrive."""
+
+    __slots__ = ("ring", "dst", "stg", "key", "n", "done")
+
+    def __init__(self, ring: RingAllReduce, dst, stg, key, n: int):
+        self.ring, self.dst, self.stg, self.key, self.n, self.done = ring, dst, stg, key, n, 0
+
+    def rx(self) -> Rx:
+        return Rx(self.stg, self.progress, self.finish)
+
+    def progress(self, got: int) -> None:
+        r = self.ring
+        k = got - got % r.item
+        if k - self.done >= 65536 or k == self.n:
+            K.reduce(self.dst[self.done:k], self.stg[self.done:k], r.kop, r.dtype)
+            self.done = k
+
+    def finish(self) -> None:
+        if self.done < self.n:
+            r = self.ring
+            K.reduce(self.dst[self.done:self.n], self.stg[self.done:self.n], r.kop, r.dtype)
+            self.done = self.n
+        self.ring._got(self.key, self.n)

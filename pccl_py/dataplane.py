@@ -1,0 +1,848 @@
+"""Data plane: K authenticated TCP streams per peer link, frames read straight into place.
+
+Layout of this module:
+
+* :class:`_Conn` -- one TCP stream, an ``asyncio.BufferedProtocol``. ``get_buffer`` hands
+  the event loop a view of exactly what is wanted next (handshake bytes, a frame header,
+  or the payload's destination: a slice of the caller's ``dst`` or a per-stream staging
+  buffer that the collective reduces from as bytes arrive). No payload byte is copied by
+  Python on the way in; outgoing payloads are memoryviews handed to ``transport.write``.
+* :class:`_Link` -- the K streams to one peer (``session`` groups them), with a queue for
+  frames sent before the link is up.
+* :class:`DataPlane` -- listens, keeps links to the current topology's peers, routes
+  frames to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
+  operation not posted yet, and fails operations on link loss, abort, epoch change and
+  deadline.
+
+The collectives themselves live in :mod:`pccl_py.collectives` and are written against
+the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import frames as F
+from .collectives import _kernels as K
+from .collectives.base import Collective, error_code
+from .collectives.gather import BlobAllGather
+from .collectives.quant import QuantAllReduce
+from .collectives.ring import RingAllReduce
+from .collectives.tree import DirectAllReduce
+from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
+from .topology import Topology
+
+log = logging.getLogger("pccl_py.dataplane")
+
+__all__ = ["DataPlane", "DataPlaneConfig"]
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Tuning knobs and bounds (defaults chosen by stress/bench_dataplane.py, docs/dataplane.md)."""
+
+    sub_bytes: int = 1 << 20  # ring sub-chunk: unit of pipelining between steps
+    min_stripe: int = 128 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
+    tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
+    quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
+    max_payload: int = 64 << 20  # bound on any frame's payload
+    max_blob: int = 64 << 20  # bound on an all_gather blob
+    handshake_timeout: float = 5.0
+    connect_timeout: float = 5.0  # set_topology waits at most this long for links
+    stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
+    memo: int = 65536  # remembered (tag -> attempt) entries per epoch
+
+
+_SCRATCH = 1 << 16
+_CTRL_PENDING_MAX = 4096
+
+# connection states
+_HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
+_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED = range(5, 11)
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One data stream. Reads exactly what the current state wants, into where it goes."""
+
+    def __init__(self, dp: DataPlane, link: _Link | None = None, stream: int = 0):
+        self.dp = dp
+        self.link = link  # known up front for the connector; after HELLO for the acceptor
+        self.stream = stream
+        self.connector = link is not None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._small = bytearray(512)
+        self._view = memoryview(self._small)[:0]
+        self._pos = 0
+        self._state = _CLOSED
+        self._hdr: F.Header | None = None
+        self._rx = None
+        self._progress = None
+        self._stg = bytearray(0)
+        self._scratch: memoryview | None = None
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._nonce = b""
+        self._partial: F.Hello | None = None
+        self._mac = b""
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        pn = transport.get_extra_info("peername")
+        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        self.dp._conns.add(self)
+        self._hs_timer = self.dp._loop.call_later(self.dp.config.handshake_timeout, self._hs_timeout)
+        if self.connector:
+            self._want(_HS_CHALLENGE, F.CHALLENGE_S.size)
+        else:
+            self._nonce = os.urandom(F.NONCE_LEN)
+            transport.write(F.encode_challenge(self._nonce))
+            self._want(_HS_HELLO, F.HELLO_FIXED.size)
+
+    def get_buffer(self, sizehint: int):
+        v = self._view[self._pos:]
+        if not len(v):  # nothing armed (must not happen): swallow into scratch, then fail
+            return self._scratch_view()
+        return v
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not len(self._view) - self._pos:
+            self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
+            return
+        self._pos += nbytes
+        if self._state == _PAYLOAD:
+            if self._progress is not None:
+                try:
+                    self._progress(self._pos)
+                except Exception as e:  # pragma: no cover - kernel failure is a bug
+                    self._internal_error(e)
+                    return
+            if self._pos < len(self._view):
+                return
+            rx, self._rx, self._progress = self._rx, None, None
+            self._want(_HEADER, F.HEADER_SIZE)
+            try:
+                rx.finish()
+            except Exception as e:  # pragma: no cover
+                self._internal_error(e)
+            return
+        if self._pos < len(self._view):
+            return
+        try:
+            self._complete()
+        except ProtocolError as e:
+            self._protocol_error(e)
+
+    def eof_received(self):
+        return False  # close
+
+    def connection_lost(self, exc) -> None:
+        self._state = _CLOSED
+        self._cancel_timers()
+        self.dp._conns.discard(self)
+        self.dp._unstall(self)
+        if self.link is not None:
+            self.dp._link_lost(self.link, f"connection closed ({exc or 'EOF'})")
+
+    # -- state machine ------------------------------------------------------------------
+    def _want(self, state: int, n: int) -> None:
+        self._state = state
+        self._view = memoryview(self._small)[:n]
+        self._pos = 0
+
+    def _scratch_view(self) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        return self._scratch
+
+    def staging(self, n: int) -> memoryview:
+        if len(self._stg) < n:
+            self._stg = bytearray(n)
+        return memoryview(self._stg)[:n]
+
+    def _complete(self) -> None:
+        st = self._state
+        if st == _HEADER:
+            self._on_header(F.decode_header(self._view, self.dp._limits))
+        elif st == _DISCARD:
+            self._discard(self._discard_left)
+        elif st == _CTRL_PAYLOAD:
+            self._on_error_payload(bytes(self._view))
+        elif st == _HS_HELLO:
+            n, self._partial = F.decode_hello_fixed(self._view, self.dp._limits)
+            self._want(_HS_HELLO_ID, n)
+        elif st == _HS_HELLO_ID:
+            self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
+        elif st == _HS_CHALLENGE:
+            challenge = F.decode_challenge(self._view)
+            lk = self.link
+            self._nonce = os.urandom(F.NONCE_LEN)
+            self.transport.write(F.encode_hello(self.dp.secret, challenge, self.dp.peer_id, self.dp.epoch,
+                                                self.stream, lk.nstreams, lk.session, self._nonce))
+            self._want(_HS_WELCOME, F.WELCOME_FIXED.size)
+        elif st == _HS_WELCOME:
+            n, self._mac = F.decode_welcome_fixed(self._view)
+            self._want(_HS_WELCOME_ID, n)
+        elif st == _HS_WELCOME_ID:
+            F.finish_welcome(self._mac, self._view, self.dp.secret, self._nonce, self.stream,
+                             self.link.session, self.link.peer_id)
+            self._established()
+        else:  # pragma: no cover
+            raise ProtocolError(f"bytes in state {st}")
+
+    def _on_hello(self, hello: F.Hello) -> None:
+        dp = self.dp
+        if hello.peer_id == dp.peer_id:
+            raise ProtocolError(f"peer announced our own id {hello.peer_id!r}")
+        link = dp._accept_link(hello)
+        if link is None:
+            raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
+        self.link = link
+        self.stream = hello.stream
+        self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session))
+        self._established()
+
+    def _established(self) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self._want(_HEADER, F.HEADER_SIZE)
+        self.link.attach(self, self.stream)
+
+    def _hs_timeout(self) -> None:
+        self._hs_timer = None
+        if self._state < _HEADER:
+            self._close(f"handshake not finished within {self.dp.config.handshake_timeout}s")
+
+    # -- frames ---------------------------------------------------------------------------
+    def _on_header(self, h: F.Header) -> None:
+        verdict, op, src = self.dp._route(h, self.link)
+        if verdict == "stall":
+            self._stall(h)
+            return
+        if verdict == "drop":
+            self._discard(h.length)
+            return
+        if verdict == "pend":  # FIN/ERROR for an operation not posted yet: remembered
+            op = None
+        if h.kind == F.DATA:
+            try:
+                rx = op.on_data(src, h, self)
+            except InvalidUsage as e:
+                self.dp._fail_op(op, e, local=True)
+                self._discard(h.length)
+                return
+            self._rx = rx
+            self._progress = rx.progress
+            if h.length == 0:
+                self._rx = self._progress = None
+                self._want(_HEADER, F.HEADER_SIZE)
+                rx.finish()
+                return
+            self._state = _PAYLOAD
+            self._view = rx.view
+            self._pos = 0
+            if len(self._view) != h.length:  # pragma: no cover - collective bug
+                raise ProtocolError("internal: receive view size mismatch")
+        elif h.kind == F.FIN:
+            self._want(_HEADER, F.HEADER_SIZE)
+            if op is None:
+                self.dp._remember_ctrl(h, self.link.peer_id, "")
+            else:
+                op.on_fin(src)
+        else:  # ERROR: read the message first
+            self._hdr = h
+            self._ctrl = (op, src)
+            if h.length == 0:
+                self._on_error_payload(b"")
+            else:
+                self._want(_CTRL_PAYLOAD, h.length)
+
+    def _on_error_payload(self, payload: bytes) -> None:
+        h = self._hdr
+        op, src = self._ctrl
+        self._hdr = None
+        self._want(_HEADER, F.HEADER_SIZE)
+        msg = F.decode_error_message(payload)
+        if op is None:
+            self.dp._remember_ctrl(h, self.link.peer_id, msg)
+        else:
+            self.dp._remote_error(op, src, h.step, msg)
+
+    def _discard(self, n: int) -> None:
+        if n <= 0:
+            self._want(_HEADER, F.HEADER_SIZE)
+            return
+        self._discard_left = n - min(n, _SCRATCH)
+        self._state = _DISCARD
+        self._view = self._scratch_view()[:min(n, _SCRATCH)]
+        self._pos = 0
+
+    def _stall(self, h: F.Header) -> None:
+        self._hdr = h
+        self._state = _STALLED
+        self._view = memoryview(self._small)[:0]
+        self._pos = 0
+        self.transport.pause_reading()
+        self._stall_timer = self.dp._loop.call_later(self.dp.config.stall_timeout, self._stall_expired)
+        self.dp._stalled.add(self)
+
+    def _stall_expired(self) -> None:
+        self._stall_timer = None
+        if self._state != _STALLED:
+            return
+        h = self._hdr
+        log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
+                    h.tag, h.epoch, self.link.peer_id if self.link else self.peer, self.dp.config.stall_timeout)
+        self.dp._stalled.discard(self)
+        self._hdr = None
+        self._discard(h.length)
+        self.transport.resume_reading()
+
+    def retry_stalled(self) -> None:
+        """Called by the data plane when operations or the epoch changed."""
+        if self._state != _STALLED:
+            return
+        h = self._hdr
+        verdict, _, _ = self.dp._route(h, self.link)
+        if verdict == "stall":
+            return
+        self.dp._stalled.discard(self)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._hdr = None
+        try:
+            self._on_header(h)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        if self._state != _STALLED and self._state != _CLOSED:
+            self.transport.resume_reading()
+
+    # -- errors and closing ---------------------------------------------------------------
+    def _protocol_error(self, e: ProtocolError) -> None:
+        who = self.link.peer_id if self.link is not None and self._state >= _HEADER else self.peer
+        self._close(f"protocol error from {who}: {e}")
+
+    def _internal_error(self, e: BaseException) -> None:
+        log.exception("internal error on a data stream")
+        self._close(f"internal error: {type(e).__name__}: {e}")
+
+    def _close(self, reason: str) -> None:
+        if self._state == _CLOSED:
+            return
+        log.warning("closing data connection %s: %s", self.peer, reason)
+        self._state = _CLOSED
+        self._cancel_timers()
+        self.dp._unstall(self)
+        if self.link is not None:
+            self.dp._link_lost(self.link, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for t in (self._hs_timer, self._stall_timer):
+            if t is not None:
+                t.cancel()
+        self._hs_timer = self._stall_timer = None
+
+    def write(self, header: bytes, payload) -> None:
+        tr = self.transport
+        tr.write(header)
+        if len(payload):
+            tr.write(payload)
+
+
+class _Link:
+    """The streams to one peer; frames sent before it is up wait in a queue."""
+
+    def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
+                 nstreams: int):
+        self.dp = dp
+        self.peer_id = peer_id
+        self.connector = connector
+        self.session = session
+        self.nstreams = nstreams
+        self.conns: list[_Conn | None] = [None] * nstreams
+        self.ready = dp._loop.create_future()
+        self.lost: str | None = None
+        self._queue: list[tuple[int, bytes, object]] = []
+        self._up = 0
+
+    def attach(self, conn: _Conn, stream: int) -> None:
+        if self.lost is not None:
+            conn._close(f"link to {self.peer_id} already lost")
+            return
+        self.conns[stream] = conn
+        self._up += 1
+        if self._up == self.nstreams:
+            q, self._queue = self._queue, []
+            for s, h, p in q:
+                self.conns[s % self.nstreams].write(h, p)
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    @property
+    def is_up(self) -> bool:
+        return self._up == self.nstreams and self.lost is None
+
+    def send(self, stream: int, header: bytes, payload) -> None:
+        if self.lost is not None:
+            return
+        if self._up == self.nstreams:
+            self.conns[stream % self.nstreams].write(header, payload)
+        else:
+            self._queue.append((stream, header, payload))
+
+    def close(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        self._queue = []
+        if not self.ready.done():
+            self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
+            self.ready.exception()
+        for c in self.conns:
+            if c is not None and c._state != _CLOSED:
+                c._state = _CLOSED
+                c._cancel_timers()
+                self.dp._unstall(c)
+                if c.transport is not None:
+                    c.transport.abort()
+
+
+class _GroupView:
+    """The ``Link`` a collective sees: ranks of one topology mapped to peer links."""
+
+    def __init__(self, dp: DataPlane, topo: Topology):
+        self.dp = dp
+        self.rank = topo.rank
+        self.world = len(topo.peers)
+        self.group = topo.group
+        self.epoch = topo.epoch
+        self.ids = [p.peer_id for p in topo.peers]
+
+    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
+        link = self.dp._links.get(self.ids[rank])
+        if link is not None:
+            link.send(stream, header, payload)
+
+    def nstreams(self, rank: int) -> int:
+        link = self.dp._links.get(self.ids[rank])
+        return link.nstreams if link is not None else 1
+
+
+class DataPlane:
+    """Peer-to-peer collectives over K TCP streams per link (see module docstring)."""
+
+    def __init__(self, peer_id: str, *, secret: bytes = b"", streams: int = 4, host: str = "127.0.0.1",
+                 port: int = 0, on_peer_failure: Callable[[str, str], None] | None = None,
+                 config: DataPlaneConfig | None = None):
+        if not 0 < len(peer_id.encode()) <= F.MAX_PEER_ID:
+            raise InvalidUsage("peer_id must be 1..255 bytes of utf-8")
+        if not 1 <= streams <= 64:
+            raise InvalidUsage("streams must be between 1 and 64")
+        self.peer_id = peer_id
+        self.secret = bytes(secret)
+        self.streams = streams
+        self.host = host
+        self.port = port
+        self.on_peer_failure = on_peer_failure
+        self.config = config or DataPlaneConfig()
+        self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound in start()
+        self._server: asyncio.AbstractServer | None = None
+        self.topology: Topology | None = None
+        self.epoch = 0
+        self._view: _GroupView | None = None
+        self._rank_of: dict[str, int] = {}
+        self._links: dict[str, _Link] = {}
+        self._lost: dict[str, str] = {}
+        self._conns: set[_Conn] = set()
+        self._stalled: set[_Conn] = set()
+        self._ops: dict[int, Collective] = {}
+        self._seq: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(lambda: _Conn(self), self.host, self.port)
+        addr = self._server.sockets[0].getsockname()
+        self.port = addr[1]
+        return addr[0], addr[1]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.abort(Aborted("the data plane was closed"))
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links.values()):
+            link.close("data plane closed")
+        self._links.clear()
+        for c in list(self._conns):
+            if c.transport is not None:
+                c.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0)
+
+    def abort(self, exc: PcclError) -> None:
+        for op in list(self._ops.values()):
+            self._fail_op(op, exc, local=True)
+
+    # -- topology and links -----------------------------------------------------------------
+    async def set_topology(self, topo: Topology) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._closed:
+            raise Aborted("the data plane is closed")
+        if self.topology is not None and topo.epoch < self.epoch:
+            raise InvalidUsage(f"topology epoch {topo.epoch} is older than the current {self.epoch}")
+        if topo.peers[topo.rank].peer_id != self.peer_id:
+            raise InvalidUsage(f"topology rank {topo.rank} is {topo.peers[topo.rank].peer_id!r}, not us")
+        if topo.epoch > self.epoch or self.topology is None:
+            for op in list(self._ops.values()):
+                self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), local=False)
+            self._seq.clear()
+            self._finished.clear()
+            self._ctrl = collections.OrderedDict((k, v) for k, v in self._ctrl.items() if k[0] > topo.epoch)
+            self._lost.clear()
+        self.topology = topo
+        self.epoch = topo.epoch
+        self._view = _GroupView(self, topo)
+        self._rank_of = {p.peer_id: i for i, p in enumerate(topo.peers)}
+        members = set(self._rank_of)
+        for pid in list(self._links):
+            if pid not in members:
+                link = self._links.pop(pid)
+                link.close("peer left the topology")
+        waits = []
+        for p in topo.peers:
+            if p.peer_id == self.peer_id:
+                continue
+            link = self._links.get(p.peer_id)
+            if link is None:
+                if self.peer_id < p.peer_id:
+                    link = self._dial(p)
+                else:
+                    link = _Link(self, p.peer_id, connector=False, session=None, nstreams=1)
+                self._links[p.peer_id] = link
+            if not link.ready.done():
+                waits.append(link.ready)
+        self._retry_stalled()
+        if waits:
+            done, _ = await asyncio.wait(waits, timeout=self.config.connect_timeout)
+            for f in done:
+                f.exception()
+            if len(done) < len(waits):
+                log.warning("epoch %d: %d of %d links not up after %.1fs", topo.epoch,
+                            len(waits) - len(done), len(waits), self.config.connect_timeout)
+
+    def _dial(self, p) -> _Link:
+        link = _Link(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
+                     nstreams=self.streams)
+
+        async def go(i: int) -> None:
+            try:
+                await self._loop.create_connection(lambda: _Conn(self, link, i), p.host, p.port)
+            except OSError as e:
+                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: {e}")
+
+        for i in range(self.streams):
+            self._loop.create_task(go(i))
+        return link
+
+    def _accept_link(self, hello: F.Hello) -> _Link | None:
+        link = self._links.get(hello.peer_id)
+        if link is not None and link.connector:
+            return None  # we dial this peer; it must not dial us
+        if link is not None and link.session is None:  # placeholder from set_topology
+            link.session = hello.session
+            link.nstreams = hello.nstreams
+            link.conns = [None] * hello.nstreams
+        elif link is None or link.session != hello.session:
+            if link is not None:
+                self._link_lost(link, "peer reconnected with a new session")
+            link = _Link(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
+            self._links[hello.peer_id] = link
+            self._lost.pop(hello.peer_id, None)
+        if link.nstreams != hello.nstreams or link.conns[hello.stream] is not None:
+            return None
+        log.debug("peer %s stream %d/%d up (its epoch %d)", hello.peer_id, hello.stream, hello.nstreams,
+                  hello.epoch)
+        return link
+
+    def _link_lost(self, link: _Link, reason: str) -> None:
+        if link.lost is not None:
+            return
+        link.close(reason)
+        pid = link.peer_id
+        if self._links.get(pid) is link:
+            del self._links[pid]
+        if self._closed:
+            return
+        member = pid in self._rank_of
+        log.warning("link to peer %s lost: %s", pid, reason)
+        if not member:
+            return
+        self._lost[pid] = reason
+        for op in list(self._ops.values()):
+            self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
+        if self.on_peer_failure is not None:
+            try:
+                self.on_peer_failure(pid, reason)
+            except Exception:
+                log.exception("on_peer_failure callback failed")
+
+    # -- routing ----------------------------------------------------------------------------
+    def _route(self, h: F.Header, link: _Link):
+        """Decide what to do with a frame: ("op", op, src) | ("drop", ..) | ("stall", ..)."""
+        if h.epoch < self.epoch or (self.topology is not None and h.epoch == self.epoch
+                                     and h.group != self.topology.group):
+            return "drop", None, -1
+        if h.epoch > self.epoch or self.topology is None:
+            return self._stall_or_pend(h)
+        src = self._rank_of.get(link.peer_id)
+        if src is None or src == self.topology.rank:
+            log.warning("dropping a frame from %s: not a member of epoch %d", link.peer_id, self.epoch)
+            return "drop", None, -1
+        op = self._ops.get(h.tag)
+        if op is not None:
+            if op.seq == h.seq:
+                return "op", op, src
+            if h.seq < op.seq:
+                return "drop", None, -1
+            return self._stall_or_pend(h, src)
+        if self._finished.get(h.tag, -1) >= h.seq:
+            return "drop", None, -1
+        return self._stall_or_pend(h, src)
+
+    def _stall_or_pend(self, h: F.Header, src: int = -1):
+        if h.kind == F.DATA:
+            return "stall", None, -1
+        return "pend", None, src  # FIN/ERROR for an op not posted yet: remembered, never stalls
+
+    def _retry_stalled(self) -> None:
+        for c in list(self._stalled):
+            c.retry_stalled()
+
+    def _unstall(self, c: _Conn) -> None:
+        self._stalled.discard(c)
+
+    def _remote_error(self, op: Collective, src: int, code: int, msg: str) -> None:
+        if op.done:
+            return
+        op.on_error(src, code, msg)
+        self._finish_failed(op, local=False)
+
+    def _fail_op(self, op: Collective, exc: PcclError, *, local: bool) -> None:
+        if op.done:
+            return
+        op.fail(exc)
+        self._finish_failed(op, local=local, exc=exc)
+
+    def _finish_failed(self, op: Collective, *, local: bool, exc: PcclError | None = None) -> None:
+        if self._ops.get(op.tag) is op:
+            del self._ops[op.tag]
+            self._memo(self._finished, op.tag, op.seq)
+        if local and exc is not None and op.link.epoch == self.epoch:
+            frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.seq, error_code(exc), str(exc),
+                                   op.desc)
+            for r in range(op.link.world):
+                if r != op.link.rank:
+                    op.link.send(r, 0, frame, b"")
+
+    def _memo(self, d: collections.OrderedDict, k, v) -> None:
+        d[k] = v
+        d.move_to_end(k)
+        while len(d) > self.config.memo:
+            d.popitem(last=False)
+
+    # -- collectives ------------------------------------------------------------------------
+    def _group(self) -> _GroupView:
+        if self._closed:
+            raise Aborted("the data plane is closed")
+        if self._view is None:
+            raise InvalidUsage("no topology yet: call set_topology() first")
+        return self._view
+
+    async def all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None = None,
+                         algorithm: str = "auto", tag: int, timeout: float) -> dict:
+        t0 = time.perf_counter()
+        if dtype not in K.DTYPES:
+            raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
+        if op not in K.OPS:
+            raise InvalidUsage(f"unknown op {op!r}; one of {', '.join(K.OPS)}")
+        if quant not in (None, "uint8", "uint4"):
+            raise InvalidUsage(f"unknown quant {quant!r}; None, 'uint8' or 'uint4'")
+        if quant is not None and (dtype != "float32" or op not in ("sum", "avg")):
+            raise InvalidUsage("quantization needs dtype float32 and op sum or avg")
+        if algorithm not in ("auto", "ring", "tree"):
+            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring or tree")
+        s = _byte_view(src, "src")
+        d = _byte_view(dst, "dst", writable=True)
+        item = K.itemsize(dtype)
+        if len(s) != len(d):
+            raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
+        if len(s) % item:
+            raise InvalidUsage(f"buffer of {len(s)} bytes is not a whole number of {dtype} elements")
+        _check_tag(tag)
+        _check_timeout(timeout)
+        view = self._group()
+        count = len(s) // item
+        world = view.world
+        if world == 1:
+            np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
+            return _info(1, "local", t0, None)
+        cfg = self.config
+        if quant is not None:
+            algo = "quant"
+        elif algorithm == "auto":
+            algo = "tree" if len(s) <= cfg.tree_max_bytes else "ring"
+        else:
+            algo = algorithm
+        common = dict(loop=self._loop, tag=tag)
+        if algo == "ring":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes)
+            make = lambda seq: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                             sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe, seq=seq,
+                                             desc=desc, **common)
+        elif algo == "tree":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
+            make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               min_stripe=cfg.min_stripe, seq=seq, desc=desc, **common)
+        else:
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, quant, cfg.quant_block_bytes)
+            make = lambda seq: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
+                                              block_bytes=cfg.quant_block_bytes, seq=seq, desc=desc,
+                                              **common)
+        coll = await self._run(make, tag, timeout, f"all_reduce tag={tag}")
+        return _info(world, algo, t0, coll)
+
+    async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:
+        if len(blob) > self.config.max_blob:
+            raise InvalidUsage(f"blob of {len(blob)} bytes exceeds max_blob={self.config.max_blob}")
+        _check_tag(tag)
+        _check_timeout(timeout)
+        view = self._group()
+        if view.world == 1:
+            return [bytes(blob)]
+        desc = F.descriptor("all_gather")
+        coll = await self._run(lambda seq: BlobAllGather(view, blob=blob, max_blob=self.config.max_blob,
+                                                         loop=self._loop, tag=tag, seq=seq, desc=desc),
+                               tag, timeout, f"all_gather tag={tag}")
+        return coll.future.result()
+
+    async def _run(self, make, tag: int, timeout: float, what: str) -> Collective:
+        if tag in self._ops:
+            raise InvalidUsage(f"tag {tag} is already in flight; tags must be unique among concurrent calls")
+        view = self._view
+        seq = self._seq.get(tag, 0)
+        self._memo(self._seq, tag, seq + 1)
+        coll = make(seq)
+        self._ops[tag] = coll
+        lost = [pid for pid in view.ids if pid in self._lost]
+        if lost:
+            self._fail_op(coll, PeerLost(f"{what}: peer {lost[0]} was lost in epoch {view.epoch}: "
+                                         f"{self._lost[lost[0]]}"), local=False)
+        else:
+            try:
+                coll.start()
+            except PcclError as e:
+                self._fail_op(coll, e, local=True)
+            except Exception as e:  # pragma: no cover - bug
+                log.exception("collective start failed")
+                self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
+            self._apply_ctrl(coll)
+            self._retry_stalled()
+        timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
+        try:
+            await asyncio.shield(coll.future)
+        except asyncio.CancelledError:
+            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), local=True)
+            raise
+        finally:
+            timer.cancel()
+            if self._ops.get(tag) is coll:
+                del self._ops[tag]
+                self._memo(self._finished, tag, seq)
+        return coll
+
+    def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
+        missing = [coll.link.ids[r] for r in range(coll.link.world)
+                   if r != coll.link.rank and r not in coll._fins]
+        state = "waiting for FIN from " + ", ".join(missing) if coll.data_done else "data incomplete"
+        self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), local=True)
+
+    # -- control frames for ops not posted yet ------------------------------------------------
+    def _apply_ctrl(self, coll: Collective) -> None:
+        key = (coll.link.epoch, coll.tag, coll.seq)
+        for pid, kind, code, msg in self._ctrl.pop(key, ()):
+            if coll.done or pid not in coll.link.ids:
+                continue
+            src = coll.link.ids.index(pid)
+            if kind == F.FIN:
+                coll.on_fin(src)
+            else:
+                self._remote_error(coll, src, code, msg)
+
+    def _remember_ctrl(self, h: F.Header, peer_id: str, msg: str) -> None:
+        key = (h.epoch, h.tag, h.seq)
+        self._ctrl.setdefault(key, []).append((peer_id, h.kind, h.step, msg))
+        while len(self._ctrl) > _CTRL_PENDING_MAX:
+            self._ctrl.popitem(last=False)
+
+
+def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:
+    info = {"world_size": world, "algorithm": algo, "seconds": time.perf_counter() - t0,
+            "tx_bytes": 0, "rx_bytes": 0, "tx_logical": 0, "rx_logical": 0}
+    if coll is not None:
+        info.update(coll.info())
+    return info
+
+
+def _byte_view(buf, name: str, writable: bool = False) -> memoryview:
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise InvalidUsage(f"{name} does not support the buffer protocol") from None
+    if not mv.c_contiguous:
+        raise InvalidUsage(f"{name} must be C-contiguous")
+    if writable and mv.readonly:
+        raise InvalidUsage(f"{name} must be writable")
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    try:
+        return mv.cast("B")
+    except TypeError as e:
+        raise InvalidUsage(f"{name}: {e}") from None
+
+
+def _check_tag(tag: int) -> None:
+    if not isinstance(tag, int) or not 0 <= tag <= F.MAX_TAG:
+        raise InvalidUsage(f"tag must be an int in [0, 2**63), got {tag!r}")
+
+
+def _check_timeout(timeout: float) -> None:
+    if not timeout > 0:
+        raise InvalidUsage(f"timeout must be > 0, got {timeout!r}")

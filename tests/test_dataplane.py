@@ -1,0 +1,477 @@
+"""DataPlane: N instances in one uvloop event loop, real TCP on 127.0.0.1.
+
+Correctness over world size x size x op x dtype x algorithm (exact: inputs are small
+integers, so every order of summation gives the same value), bit parity across peers,
+quantization error by world size, concurrent tags, bad input on the data port, peers
+lost mid-operation, deadlines and epoch changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import uvloop
+
+from pccl_py import frames as F
+from pccl_py.collectives import _kernels as K
+from pccl_py.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.errors import Aborted, DeadlineExceeded, InvalidUsage, PeerLost
+from pccl_py.topology import PeerInfo, Topology
+
+SECRET = b"test-secret"
+# small segments so sub-chunking, striping and partial reads are exercised by small sizes
+SMALL = DataPlaneConfig(sub_bytes=96, min_stripe=24, quant_block_bytes=64, tree_max_bytes=64)
+NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int8": np.int8,
+      "int16": np.int16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8}
+
+
+def run(coro, timeout: float = 60.0):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+    return uvloop.run(guarded())
+
+
+def topo(dps, epoch: int, members=None):
+    members = list(range(len(dps))) if members is None else members
+    peers = tuple(PeerInfo(dps[i].peer_id, "127.0.0.1", dps[i].port) for i in members)
+    return {i: Topology(epoch, 0, r, peers, len(peers)) for r, i in enumerate(members)}
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int, streams: int = 2, config: DataPlaneConfig | None = None, failures=None):
+    dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams, config=config,
+                     on_peer_failure=(lambda pid, why, i=i: failures.append((i, pid, why)))
+                     if failures is not None else None)
+           for i in range(n)]
+    try:
+        for d in dps:
+            await d.start()
+        t = topo(dps, 1)
+        await asyncio.gather(*(dps[i].set_topology(t[i]) for i in range(n)))
+        yield dps
+    finally:
+        for d in dps:
+            await d.close()
+
+
+def make_inputs(n: int, count: int, dtype: str, op: str, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if op == "prod":
+        vals = [1, 2] if dtype == "uint8" else [-1, 1, 2]
+        base = [rng.choice(vals, count) for _ in range(n)]
+    elif dtype == "uint8":
+        base = [rng.integers(0, 4, count) for _ in range(n)]
+    else:
+        base = [rng.integers(-3, 4, count) for _ in range(n)]
+    if dtype == "bfloat16":  # exact small integers: the high half of their float32 bits
+        return [(b.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for b in base]
+    return [b.astype(NP[dtype]) for b in base]
+
+
+def reference(srcs: list[np.ndarray], dtype: str, op: str) -> np.ndarray:
+    acc = srcs[0].copy()
+    for s in srcs[1:]:
+        K.reduce(acc, s, "sum" if op == "avg" else op, dtype)
+    if op == "avg":
+        K.finish_avg(acc, len(srcs), dtype)
+    return acc
+
+
+async def all_reduce_all(dps, srcs, *, dtype, op, algorithm="auto", quant=None, tag=1, timeout=20.0):
+    dsts = [np.full_like(s, 0x55 if s.dtype.kind in "iu" else np.nan) if s.size else np.empty_like(s)
+            for s in srcs]
+    infos = await asyncio.gather(*(d.all_reduce(srcs[i], dsts[i], dtype=dtype, op=op, algorithm=algorithm,
+                                                quant=quant, tag=tag, timeout=timeout)
+                                   for i, d in enumerate(dps)))
+    return dsts, infos
+
+
+SIZES = [0, 1, 2, 7, 13, 31, 97, 1031]
+DTYPES = list(K.DTYPES)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "auto"])
+def test_all_reduce_matrix(world, algorithm):
+    failures = []
+
+    async def body():
+        async with cluster(world, streams=3, config=SMALL) as dps:
+            tag = 0
+            for count in SIZES:
+                for dtype in DTYPES:
+                    for op in K.OPS:
+                        tag += 1
+                        srcs = make_inputs(world, count, dtype, op, seed=tag)
+                        before = [s.copy() for s in srcs]
+                        dsts, infos = await all_reduce_all(dps, srcs, dtype=dtype, op=op,
+                                                           algorithm=algorithm, tag=tag)
+                        want = reference(srcs, dtype, op)
+                        where = f"N={world} count={count} {dtype} {op} {algorithm}"
+                        for r in range(world):
+                            if dsts[r].tobytes() != want.tobytes():
+                                failures.append(f"{where}: rank {r} got {dsts[r][:8]} want {want[:8]}")
+                            if before[r].tobytes() != srcs[r].tobytes():
+                                failures.append(f"{where}: src of rank {r} modified")
+                        if world > 1 and count:
+                            assert infos[0]["tx_bytes"] > 0 and infos[0]["rx_logical"] > 0
+
+    run(body(), timeout=110)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_default_config_sizes(world):
+    """Default segment sizes: sizes not divisible by N or K, ring and tree, bit parity."""
+    async def body():
+        async with cluster(world, streams=4) as dps:
+            for tag, count in enumerate([3, 1 << 12, 1 << 16, (1 << 18) + 13, 300007]):
+                for op in ("sum", "avg", "max"):
+                    srcs = make_inputs(world, count, "float32", op, seed=count)
+                    dsts, infos = await all_reduce_all(dps, srcs, dtype="float32", op=op, tag=tag * 10 + len(op))
+                    want = reference(srcs, "float32", op)
+                    for r in range(world):
+                        assert dsts[r].tobytes() == want.tobytes(), (count, op, r)
+    run(body(), timeout=55)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("quant", ["uint8", "uint4"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 33, 4099])
+def test_quantized_all_reduce(world, quant, count):
+    async def body():
+        async with cluster(world, streams=2, config=SMALL) as dps:
+            rng = np.random.default_rng(count)
+            srcs = [rng.standard_normal(count).astype(np.float32) for _ in range(world)]
+            before = [s.copy() for s in srcs]
+            for op in ("sum", "avg"):
+                dsts, infos = await all_reduce_all(dps, srcs, dtype="float32", op=op, quant=quant,
+                                                   tag=hash(op) & 0xFFFF)
+                exact = np.sum(np.stack(srcs).astype(np.float64), axis=0) if count else np.zeros(0)
+                if op == "avg":
+                    exact = exact / world
+                levels = 255 if quant == "uint8" else 15
+                spread = max((float(s.max() - s.min()) for s in srcs), default=0.0) if count else 0.0
+                factor = (world if op == "sum" else 1)
+                bound = factor * spread / levels * 0.5 + (np.ptp(exact) if count else 0) / levels * 0.5 + 1e-5
+                for r in range(world):
+                    assert dsts[r].tobytes() == dsts[0].tobytes(), "peers disagree on quantized bytes"
+                    assert before[r].tobytes() == srcs[r].tobytes()
+                if count:
+                    err = float(np.max(np.abs(dsts[0] - exact)))
+                    assert err <= bound, (err, bound)
+    run(body(), timeout=55)
+
+
+@pytest.mark.timeout(90)
+def test_quantization_error_does_not_grow_with_world_size(capsys):
+    """avg of N inputs: max abs error stays within the single-quantization bound for every N."""
+    rows = []
+
+    async def one(world: int, quant: str):
+        async with cluster(world, streams=2) as dps:
+            rng = np.random.default_rng(world)
+            count = 200_003
+            srcs = [rng.standard_normal(count).astype(np.float32) for _ in range(world)]
+            dsts, infos = await all_reduce_all(dps, srcs, dtype="float32", op="avg", quant=quant, tag=9)
+            assert infos[0]["tx_bytes"] < infos[0]["tx_logical"] / (3 if quant == "uint8" else 6)
+            exact = np.mean(np.stack(srcs).astype(np.float64), axis=0)
+            levels = 255 if quant == "uint8" else 15
+            # one quantization of a typical input block: half a step of its range
+            single = max(float(np.ptp(s)) for s in srcs) / levels / 2
+            err = float(np.max(np.abs(dsts[0].astype(np.float64) - exact)))
+            rows.append((quant, world, err, single, err / single))
+
+    for quant in ("uint8", "uint4"):
+        for world in (2, 3, 4, 6):
+            run(one(world, quant), timeout=40)
+    with capsys.disabled():
+        print("\nquantized avg all-reduce, 200003 float32 ~N(0,1) per peer: max abs error vs exact mean")
+        print(f"{'quant':>6} {'N':>2} {'max_abs_err':>12} {'single_q_bound':>15} {'ratio':>6}")
+        for q, w, e, s, ratio in rows:
+            print(f"{q:>6} {w:>2} {e:12.6f} {s:15.6f} {ratio:6.3f}")
+    for q, w, e, s, ratio in rows:
+        # RS error of the mean <= mean of the (N-1) input errors; plus the result's own
+        # quantization, whose range is smaller than an input's: <= 2 single bounds.
+        assert ratio <= 2.0, (q, w, e, s)
+    for q in ("uint8", "uint4"):
+        by_n = [r[4] for r in rows if r[0] == q]
+        assert max(by_n) <= 1.5 * min(by_n) + 0.1, f"{q} error grows with N: {by_n}"
+
+
+@pytest.mark.timeout(60)
+def test_four_tags_in_flight_posted_in_different_orders():
+    async def body():
+        async with cluster(3, streams=2, config=DataPlaneConfig(sub_bytes=4096, min_stripe=1024)) as dps:
+            counts = {11: 50_000, 12: 7, 13: 20_001, 14: 65_536}
+            srcs = {t: make_inputs(3, c, "float32", "sum", seed=t) for t, c in counts.items()}
+            dsts = {t: [np.zeros(c, np.float32) for _ in range(3)] for t, c in counts.items()}
+
+            async def peer(r: int):
+                order = list(counts)
+                order = order[r:] + order[:r]  # every peer posts in a different order
+                calls = []
+                for t in order:
+                    calls.append(asyncio.ensure_future(dps[r].all_reduce(
+                        srcs[t][r], dsts[t][r], dtype="float32", op="sum", tag=t, timeout=20)))
+                    await asyncio.sleep(0.01 * r)
+                return await asyncio.gather(*calls)
+
+            await asyncio.gather(*(peer(r) for r in range(3)))
+            for t in counts:
+                want = reference(srcs[t], "float32", "sum")
+                for r in range(3):
+                    assert dsts[t][r].tobytes() == want.tobytes(), (t, r)
+    run(body(), timeout=55)
+
+
+@pytest.mark.timeout(60)
+def test_late_poster_is_waited_for():
+    """A frame for a tag not posted yet stalls its stream until the op is posted."""
+    async def body():
+        async with cluster(2, config=SMALL) as dps:
+            srcs = make_inputs(2, 1000, "int32", "sum", seed=1)
+            dsts = [np.zeros(1000, np.int32) for _ in range(2)]
+            first = asyncio.ensure_future(dps[0].all_reduce(srcs[0], dsts[0], dtype="int32", op="sum",
+                                                            algorithm="ring", tag=3, timeout=20))
+            await asyncio.sleep(0.3)
+            await dps[1].all_reduce(srcs[1], dsts[1], dtype="int32", op="sum", algorithm="ring", tag=3,
+                                    timeout=20)
+            await first
+            want = reference(srcs, "int32", "sum")
+            assert dsts[0].tobytes() == want.tobytes() == dsts[1].tobytes()
+    run(body())
+
+
+@pytest.mark.timeout(60)
+def test_all_gather_variable_sizes():
+    async def body():
+        async with cluster(3) as dps:
+            blobs = [b"", b"x" * 100_000, os.urandom(17)]
+            got = await asyncio.gather(*(d.all_gather(blobs[i], tag=5, timeout=10) for i, d in enumerate(dps)))
+            assert all(g == blobs for g in got)
+            with pytest.raises(InvalidUsage):
+                await dps[0].all_gather(b"x" * (dps[0].config.max_blob + 1), tag=6, timeout=5)
+        async with cluster(1) as dps:
+            assert await dps[0].all_gather(b"solo", tag=1, timeout=1) == [b"solo"]
+    run(body())
+
+
+@pytest.mark.timeout(60)
+def test_invalid_usage():
+    async def body():
+        async with cluster(2) as dps:
+            a = np.zeros(4, np.float32)
+            bad = [
+                dict(src=a, dst=np.zeros(5, np.float32), dtype="float32", op="sum"),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float33", op="sum"),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float32", op="mean"),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float32", op="max", quant="uint8"),
+                dict(src=np.zeros(4, np.int32), dst=np.zeros(4, np.int32), dtype="int32", op="sum", quant="uint8"),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float32", op="sum", algorithm="star"),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float32", op="sum", tag=-1),
+                dict(src=a, dst=np.zeros(4, np.float32), dtype="float32", op="sum", timeout=0),
+                dict(src=a, dst=np.zeros(3, np.float32)[:3], dtype="float64", op="sum"),
+                dict(src=a, dst=np.zeros(8, np.float32)[::2], dtype="float32", op="sum"),
+            ]
+            for kw in bad:
+                kw.setdefault("tag", 1)
+                kw.setdefault("timeout", 5)
+                with pytest.raises(InvalidUsage):
+                    await dps[0].all_reduce(**kw)
+            # the same tag twice in flight
+            first = asyncio.ensure_future(dps[0].all_reduce(a, np.zeros(4, np.float32), dtype="float32",
+                                                            op="sum", tag=7, timeout=5))
+            await asyncio.sleep(0)
+            with pytest.raises(InvalidUsage, match="in flight"):
+                await dps[0].all_reduce(a, np.zeros(4, np.float32), dtype="float32", op="sum", tag=7, timeout=5)
+            await dps[1].all_reduce(a, np.zeros(4, np.float32), dtype="float32", op="sum", tag=7, timeout=5)
+            await first
+    run(body())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+def test_mismatched_arguments_fail_everywhere(algorithm):
+    async def body():
+        async with cluster(3, config=SMALL) as dps:
+            srcs = make_inputs(3, 500, "float32", "sum", seed=2)
+            ops = ["sum", "sum", "max"]
+            t0 = time.monotonic()
+            res = await asyncio.gather(*(d.all_reduce(srcs[i], np.zeros(500, np.float32), dtype="float32",
+                                                      op=ops[i], algorithm=algorithm, tag=4, timeout=10)
+                                         for i, d in enumerate(dps)), return_exceptions=True)
+            assert all(isinstance(r, InvalidUsage) for r in res), res
+            assert time.monotonic() - t0 < 5
+            # the group stays usable
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm=algorithm, tag=5)
+            assert dsts[2].tobytes() == reference(srcs, "float32", "sum").tobytes()
+    run(body())
+
+
+@pytest.mark.timeout(60)
+def test_deadline_when_a_peer_never_calls():
+    async def body():
+        async with cluster(2) as dps:
+            a = np.ones(10, np.float32)
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await dps[0].all_reduce(a, np.zeros(10, np.float32), dtype="float32", op="sum", tag=1, timeout=0.3)
+            assert time.monotonic() - t0 < 3
+    run(body())
+
+
+@pytest.mark.timeout(60)
+def test_new_epoch_aborts_in_flight_ops():
+    async def body():
+        async with cluster(2) as dps:
+            a = np.ones(10, np.float32)
+            fut = asyncio.ensure_future(dps[0].all_reduce(a, np.zeros(10, np.float32), dtype="float32",
+                                                          op="sum", tag=1, timeout=10))
+            await asyncio.sleep(0.05)
+            t = topo(dps, 2)
+            await asyncio.gather(*(dps[i].set_topology(t[i]) for i in range(2)))
+            with pytest.raises(Aborted):
+                await fut
+            srcs = make_inputs(2, 10, "float32", "sum", 1)
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=1)
+            assert dsts[0].tobytes() == reference(srcs, "float32", "sum").tobytes()
+    run(body())
+
+
+# ---------------------------------------------------------------- bad input on the data port
+
+
+async def _raw(port: int):
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _auth(port: int, secret: bytes, peer_id: str = "intruder"):
+    r, w = await _raw(port)
+    ch = F.decode_challenge(await r.readexactly(F.CHALLENGE_S.size))
+    w.write(F.encode_hello(secret, ch, peer_id, 1, 0, 1, 42, b"n" * 32))
+    return r, w
+
+
+async def _closed(r: asyncio.StreamReader, within: float = 5.0) -> bool:
+    try:
+        while True:
+            data = await asyncio.wait_for(r.read(65536), within)
+            if not data:
+                return True
+    except (ConnectionError, asyncio.TimeoutError):
+        return isinstance(r.exception(), ConnectionError) if r.exception() else False
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_on_data_port(caplog):
+    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+
+    async def attack(port: int):
+        # 1. garbage instead of a hello
+        r, w = await _raw(port)
+        await r.readexactly(F.CHALLENGE_S.size)
+        w.write(os.urandom(200))
+        assert await _closed(r)
+        # 2. wrong magic in an otherwise well-formed hello
+        r, w = await _raw(port)
+        ch = F.decode_challenge(await r.readexactly(F.CHALLENGE_S.size))
+        w.write(b"XXXX" + F.encode_hello(SECRET, ch, "x", 1, 0, 1, 1, b"n" * 32)[4:])
+        assert await _closed(r)
+        # 3. wrong secret
+        r, w = await _auth(port, b"not-the-secret")
+        assert await _closed(r)
+        # 4. authenticated, then a stale-epoch frame (dropped, connection stays), then an oversized one
+        r, w = await _auth(port, SECRET)
+        await r.readexactly(F.WELCOME_FIXED.size + len("peer0"))
+        w.write(F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16)
+        await asyncio.sleep(0.05)
+        assert not r.at_eof()
+        w.write(F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 0xFFFFFFFF))
+        assert await _closed(r)
+        # 5. nothing at all: handshake timeout is long; just close it ourselves
+        r, w = await _raw(port)
+        w.close()
+
+    async def body():
+        async with cluster(3, config=SMALL) as dps:
+            srcs = make_inputs(3, 5000, "int64", "sum", seed=3)
+            work = asyncio.ensure_future(asyncio.gather(*(
+                all_reduce_all(dps, srcs, dtype="int64", op="sum", tag=t, algorithm="ring") for t in range(1, 6))))
+            await attack(dps[0].port)
+            results = await work
+            want = reference(srcs, "int64", "sum")
+            for dsts, _ in results:
+                for d in dsts:
+                    assert d.tobytes() == want.tobytes()
+            # still healthy afterwards
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="int64", op="sum", tag=99)
+            assert dsts[0].tobytes() == want.tobytes()
+
+    run(body())
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "pccl_py.dataplane")
+    assert "bad magic" in text
+    assert "authentication failed" in text
+    assert "exceeds the maximum" in text
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world,algorithm", [(2, "ring"), (3, "ring"), (4, "ring"), (3, "tree")])
+def test_peer_closed_mid_operation(world, algorithm, capsys):
+    failures: list = []
+    latencies = []
+
+    async def body():
+        async with cluster(world, streams=2, failures=failures) as dps:
+            count = 4_000_000 if algorithm == "ring" else 1_000_000
+            srcs = make_inputs(world, count, "float32", "sum", seed=5)
+            before = [s.copy() for s in srcs]
+            dsts = [np.zeros(count, np.float32) for _ in range(world)]
+            victim = world - 1
+            survivors = [i for i in range(world) if i != victim]
+            futs = [asyncio.ensure_future(dps[i].all_reduce(srcs[i], dsts[i], dtype="float32", op="sum",
+                                                            algorithm=algorithm, tag=1, timeout=30))
+                    for i in range(world)]
+            await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            await dps[victim].close()
+            done_at = {}
+            for i in survivors:
+                try:
+                    await futs[i]
+                    raise AssertionError(f"rank {i} succeeded although a peer was closed mid-operation")
+                except (PeerLost, Aborted):
+                    done_at[i] = time.monotonic() - t0
+            with contextlib.suppress(Exception):
+                await futs[victim]
+            latencies.append(max(done_at.values()))
+            for i in survivors:
+                assert srcs[i].tobytes() == before[i].tobytes(), "src modified by a failed call"
+            assert {f[1] for f in failures} == {dps[victim].peer_id}
+            # retry on the new topology without the victim
+            t = topo(dps, 2, survivors)
+            await asyncio.gather(*(dps[i].set_topology(t[i]) for i in survivors))
+            res = await asyncio.gather(*(dps[i].all_reduce(srcs[i], dsts[i], dtype="float32", op="sum",
+                                                           algorithm=algorithm, tag=1, timeout=30)
+                                         for i in survivors))
+            assert len(res) == len(survivors)
+            want = reference([srcs[i] for i in survivors], "float32", "sum")
+            for i in survivors:
+                assert dsts[i].tobytes() == want.tobytes()
+
+    run(body())
+    with capsys.disabled():
+        print(f"\nN={world} {algorithm}: survivors failed {latencies[0] * 1e3:.1f} ms after the peer closed")
+    assert latencies[0] < 1.0  # target 200 ms; generous under load
