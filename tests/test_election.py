@@ -270,9 +270,9 @@ offer_st = st.tuples(
 @given(st.lists(offer_st, min_size=1, max_size=7), st.randoms(use_true_random=False))
 def test_invariants(specs, rnd):
     peers = [f"p{i}" for i in range(len(specs))]
-    known = {p: 4 for p, s in zip(peers, specs) if s[3]}
+    known = {p: 4 for p, s in zip(peers, specs, strict=True) if s[3]}
     r = SyncRound(peers, 0.0, 10.0, known=known)
-    order = list(zip(peers, specs))
+    order = list(zip(peers, specs, strict=True))
     rnd.shuffle(order)
     out = []
     for p, (roff, h, strat, _) in order:

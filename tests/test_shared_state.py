@@ -1,0 +1,192 @@
+"""SharedState (shm-backed tensors) and daemon_sync end to end against an in-process coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+from multiprocessing import shared_memory
+
+import msgpack
+import numpy as np
+import pytest
+
+from pccl_py.errors import InvalidUsage, RevisionError
+from pccl_py.shared_state import ALIGN, SharedState, layout_views
+from pccl_py.statehash import hash_buffer
+from pccl_py.statesync import LocalCoordinator, daemon_sync
+from pccl_py.statexfer import StateServer
+
+pytestmark = pytest.mark.timeout(60)
+SECRET = b"s"
+
+
+def test_numpy_views_live_in_the_segment_and_describe_is_msgpackable():
+    w = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    b = np.ones(3, dtype=np.int64)
+    with SharedState({"w": w, "b": b}, revision=4, allow_content_inequality={"b"}) as st:
+        assert isinstance(st["w"], np.ndarray) and st["w"].shape == (10, 100)
+        assert np.array_equal(st["w"], w) and st.revision == 4
+        st["w"][0, 0] = 42.0  # write through the view, read through the daemon's mapping
+        d = st.describe()
+        assert msgpack.unpackb(msgpack.packb(d), raw=False) == d
+        views = dict((n, v) for n, v, _ in layout_views(d, st.buffer()))
+        assert np.frombuffer(views["w"], np.float32)[0] == 42.0
+        assert all(row[1] % ALIGN == 0 for row in d["tensors"])
+        assert d["tensors"][1][5] is True and d["tensors"][0][5] is False
+        assert w[0, 0] == 0.0  # the original is untouched: the state holds a copy
+        name = st.segment_name
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+
+
+def test_torch_tensors_stay_torch():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    h = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    with SharedState({"t": t, "h": h}) as st:
+        assert isinstance(st["t"], torch.Tensor) and torch.equal(st["t"], t)
+        assert st["h"].dtype == torch.bfloat16 and torch.equal(st["h"], h)
+        st["t"].add_(1)
+        views = {n: v for n, v, _ in layout_views(st.describe(), st.buffer())}
+        assert np.frombuffer(views["t"], np.float32)[0] == 1.0
+        assert st.describe()["tensors"][1][3] == "bfloat16"
+        del views
+
+
+def test_bad_arguments():
+    with pytest.raises(InvalidUsage):
+        SharedState({})
+    with pytest.raises(InvalidUsage):
+        SharedState({"a": np.zeros(2)}, allow_content_inequality={"b"})
+    with pytest.raises(InvalidUsage):
+        SharedState({"a": [1, 2]})
+    with SharedState({"a": np.zeros(4)}) as st:
+        d = st.describe()
+        d["tensors"][0][2] = 1 << 40
+        with pytest.raises(InvalidUsage):
+            layout_views(d, st.buffer())
+
+
+class Peer:
+    def __init__(self, pid: str, tensors: dict, coord: LocalCoordinator, unequal=()):
+        self.pid = pid
+        self.state = SharedState(tensors, allow_content_inequality=unequal)
+        self.server = StateServer(pid, secret=SECRET)
+        self.chan = coord.channel(pid)
+
+    async def sync(self, strategy="enforce_popular", revision=None, timeout=30.0):
+        rev = self.state.revision + 1 if revision is None else revision
+        out = await daemon_sync(layout_views(self.state.describe(), self.state.buffer()), revision=rev,
+                                channel=self.chan, server=self.server, peer_id=self.pid, secret=SECRET,
+                                strategy=strategy, timeout=timeout, fetch_options={"chunk": 1 << 18})
+        self.state.revision = out["revision"]
+        return out
+
+    async def close(self):
+        await self.server.close()
+        self.state.close()
+
+
+async def sync_all(peers, **per_peer):
+    res = await asyncio.gather(*(p.sync(**per_peer.get(p.pid, {})) for p in peers), return_exceptions=True)
+    return dict(zip([p.pid for p in peers], res, strict=True))
+
+
+def model(seed):
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((256, 300)).astype(np.float32), "b": rng.standard_normal(7),
+            "step": np.array([seed], np.int64), "rng": rng.integers(0, 9, 16, dtype=np.uint8)}
+
+
+async def test_sync_end_to_end():
+    coord = LocalCoordinator(["p0", "p1", "p2"], timeout=30)
+    base = model(1)
+    peers = [Peer("p0", base, coord, {"rng"}), Peer("p1", base, coord, {"rng"}),
+             Peer("p2", {k: np.zeros_like(v) for k, v in base.items()}, coord, {"rng"})]
+    for p in peers:
+        await p.server.start()
+    peers[1].state["rng"][:] = 5  # excluded from the comparison: stays different
+    try:
+        # 1. newcomer (p2) gets the full popular state; the others receive nothing
+        res = await sync_all(peers)
+        total = sum(v.nbytes for k, v in base.items() if k != "rng")
+        assert res["p2"]["status"] == "fetched" and res["p2"]["rx_bytes"] == total
+        assert res["p0"]["rx_bytes"] == res["p1"]["rx_bytes"] == 0
+        assert res["p0"]["tx_bytes"] + res["p1"]["tx_bytes"] == total
+        assert all(r["revision"] == 1 for r in res.values())
+        for k in ("w", "b", "step"):
+            assert hash_buffer(peers[2].state[k]) == hash_buffer(base[k])
+        assert (peers[1].state["rng"] == 5).all() and (peers[2].state["rng"] == 0).all()
+
+        # 2. everyone in step: zero bytes anywhere
+        res = await sync_all(peers)
+        assert all(r["status"] == "in_sync" and r["rx_bytes"] == 0 and r["tx_bytes"] == 0 for r in res.values())
+        assert all(p.state.revision == 2 for p in peers)
+
+        # 3. a corrupted tensor on p0 is repaired (only that tensor moves)
+        peers[0].state["b"][3] += 1.0
+        res = await sync_all(peers)
+        assert res["p0"]["rx_bytes"] == base["b"].nbytes
+        assert np.array_equal(peers[0].state["b"], base["b"])
+
+        # 4. p1 breaks the revision rule: it alone fails, naming expected and offered revisions
+        peers[0].state["w"][0, 0] = 7.0  # p0 and p2 train on; p2 equals p0 after this sync
+        peers[2].state["w"][0, 0] = 7.0
+        res = await sync_all(peers, p1={"revision": 9})
+        assert isinstance(res["p1"], RevisionError)
+        assert "expected revision 4" in str(res["p1"]) and "offered 9" in str(res["p1"])
+        assert res["p0"]["revision"] == res["p2"]["revision"] == 4
+        # ... and recovers on its next sync by offering last synced + 1 = 4; it fetches revision 5
+        res = await sync_all(peers)
+        assert res["p1"]["revision"] == 5 and res["p1"]["status"] == "fetched"
+        assert peers[1].state["w"][0, 0] == 7.0
+
+        # 5. send_only peer whose state lost the vote is told so; receive_only never wins
+        peers[0].state["w"][1, 1] = -1.0
+        peers[1].state["w"][1, 1] = -2.0
+        peers[2].state["w"][1, 1] = -2.0
+        res = await sync_all(peers, p0={"strategy": "send_only"})
+        assert isinstance(res["p0"], InvalidUsage) and "send_only" in str(res["p0"])
+        assert res["p1"]["status"] == "in_sync" and res["p2"]["status"] == "in_sync"
+        assert "elected revision 6" in " ".join(coord.log)
+        assert peers[0].state.revision == 5  # its failed sync left it at 5
+        # p0 now alone with its own content but receive_only: it takes the others' state
+        peers[1].state["w"][2, 2] = 3.0
+        peers[2].state["w"][2, 2] = 3.0
+        res = await sync_all(peers, p0={"strategy": "receive_only"})
+        assert res["p0"]["status"] == "fetched" and res["p0"]["revision"] == 7
+        assert peers[0].state["w"][1, 1] == -2.0 and peers[0].state["w"][2, 2] == 3.0
+    finally:
+        for p in peers:
+            await p.close()
+
+
+async def test_newcomer_with_source_dying_mid_sync_retries():
+    coord = LocalCoordinator(["a", "b", "new"], timeout=30)
+    base = {"w": np.random.default_rng(3).integers(0, 255, 6 << 20, dtype=np.uint8)}
+    a, b = Peer("a", base, coord), Peer("b", base, coord)
+    new = Peer("new", {"w": np.zeros_like(base["w"])}, coord)
+    for p in (a, b, new):
+        await p.server.start()
+    try:
+        killed = []
+
+        def progress(done, total):
+            if not killed and done > total // 8:
+                killed.append(1)
+                a.server.unpublish()
+                a.server._server.close()  # a dies: nothing listens, open streams dropped
+
+        async def new_sync():
+            out = await daemon_sync(layout_views(new.state.describe(), new.state.buffer()), revision=1,
+                                    channel=new.chan, server=new.server, peer_id="new", secret=SECRET,
+                                    timeout=30, progress=progress, fetch_options={"chunk": 1 << 18})
+            new.state.revision = out["revision"]
+            return out
+
+        res = await asyncio.gather(a.sync(), b.sync(), new_sync(), return_exceptions=True)
+        assert killed
+        assert res[2]["status"] == "fetched" and np.array_equal(new.state["w"], base["w"]), res
+        assert res[2]["fetch"]["sources_failed"]
+    finally:
+        for p in (a, b, new):
+            await p.close()
