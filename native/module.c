@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "dispatch.h"
 #include "kernels.h"
 
 #define GIL_THRESHOLD 65536
@@ -271,6 +272,33 @@ static PyObject *py_dequant_add_u4(PyObject *self, PyObject *args, PyObject *kwa
     return do_dequant(args, kwargs, 4, pccl_dequant_add_u4, "dequant_add_u4");
 }
 
+static const char *const ISA_NAMES[] = {"generic", "sse2", "avx2"};
+
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return Py_BuildValue("(ss)", ISA_NAMES[pccl_isa], ISA_NAMES[pccl_isa_max()]);
+}
+
+static int isa_from_name(const char *s) {
+    for (int i = 0; i < 3; i++) {
+        if (strcmp(s, ISA_NAMES[i]) == 0) return i;
+    }
+    PyErr_Format(PyExc_ValueError, "unknown ISA level '%s'; expected generic, sse2 or avx2", s);
+    return -1;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *s;
+    if (!PyArg_ParseTuple(args, "s:_set_isa", &s)) return NULL;
+    int level = isa_from_name(s);
+    if (level < 0) return NULL;
+    int prev = pccl_isa;
+    pccl_isa_set(level);
+    return PyUnicode_FromString(ISA_NAMES[prev]);
+}
+
 #define KW (PyCFunction)(void (*)(void))
 
 static PyMethodDef methods[] = {
@@ -290,6 +318,11 @@ static PyMethodDef methods[] = {
      "dequant_add_u8(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
     {"dequant_add_u4", KW py_dequant_add_u4, METH_VARARGS | METH_KEYWORDS,
      "dequant_add_u4(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
+    {"_isa", py_isa, METH_NOARGS,
+     "_isa() -> (in_use, best): instruction-set level of the kernels (same bits at every level)."},
+    {"_set_isa", py_set_isa, METH_VARARGS,
+     "_set_isa(level) -> previous: 'generic', 'sse2' or 'avx2' (clamped to what the CPU has). "
+     "For tests and benchmarks; not thread-safe against running kernels."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -302,6 +335,14 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL) return NULL;
+    /* PCCL_NATIVE_ISA=generic|sse2|avx2 caps the level (debugging); default: the best. */
+    const char *env = getenv("PCCL_NATIVE_ISA");
+    int level = PCCL_ISA_AVX2;
+    if (env != NULL && *env != '\0') {
+        level = isa_from_name(env);
+        if (level < 0) { Py_DECREF(m); return NULL; }
+    }
+    pccl_isa_set(level);
     PyObject *names = PyTuple_New(PCCL_NDTYPES);
     if (names == NULL) { Py_DECREF(m); return NULL; }
     for (int i = 0; i < PCCL_NDTYPES; i++) {

@@ -12,16 +12,26 @@
  *   wide rule (tiny ranges whose inv overflows float32), in float64:
  *       code = trunc(clamp(((double)x - (double)lo) * (M / ((double)hi - (double)lo)) + 0.5, 0, M))
  *   decode: y = code * scale + lo (float32, two roundings, no FMA)
+ *
+ * The two passes over x (min/max, then codes) have plain C, SSE2 and AVX2 versions that
+ * compute the same bits (see dispatch.h).
  */
 #include <math.h>
 
+#include "dispatch.h"
 #include "kernels.h"
 #include "numeric.h"
 
+#if PCCL_X86
+#include <immintrin.h>
+#endif
+
+/* ---- pass 1: min, max, and "is everything finite" ----------------------------------- */
+
 #define LANES 16
 
-/* min and max of x (n >= 1); returns 0 if some value is NaN or infinite. */
-static int minmax_f32(const f32_u *restrict x, size_t n, float *plo, float *phi) {
+/* min and max of x; returns 0 if some value is NaN or infinite. n may be 0. */
+static int minmax_generic(const f32_u *restrict x, size_t n, float *plo, float *phi) {
     float mn[LANES], mx[LANES], ck[LANES];
     for (int j = 0; j < LANES; j++) { mn[j] = INFINITY; mx[j] = -INFINITY; ck[j] = 0.0f; }
     size_t i = 0;
@@ -45,14 +55,94 @@ static int minmax_f32(const f32_u *restrict x, size_t n, float *plo, float *phi)
         hi = mx[j] > hi ? mx[j] : hi;
         c = c + ck[j];
     }
-    *plo = lo + 0.0f; /* -0.0 -> +0.0: the result must not depend on lane order */
-    *phi = hi + 0.0f;
+    *plo = lo;
+    *phi = hi;
     return c == 0.0f;
 }
 
-/* one code per byte, fast rule */
-static void codes_fast(const f32_u *restrict x, size_t n, float lo, float inv, float maxc,
-                       uint8_t *restrict out) {
+#if PCCL_X86
+static int minmax_sse2(const f32_u *x, size_t n, float *plo, float *phi) {
+    const float *p = (const float *)x;
+    __m128 mn0 = _mm_set1_ps(INFINITY), mn1 = mn0, mn2 = mn0, mn3 = mn0;
+    __m128 mx0 = _mm_set1_ps(-INFINITY), mx1 = mx0, mx2 = mx0, mx3 = mx0;
+    __m128 nan = _mm_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
+        __m128 c = _mm_loadu_ps(p + i + 8), d = _mm_loadu_ps(p + i + 12);
+        mn0 = _mm_min_ps(mn0, a); mn1 = _mm_min_ps(mn1, b);
+        mn2 = _mm_min_ps(mn2, c); mn3 = _mm_min_ps(mn3, d);
+        mx0 = _mm_max_ps(mx0, a); mx1 = _mm_max_ps(mx1, b);
+        mx2 = _mm_max_ps(mx2, c); mx3 = _mm_max_ps(mx3, d);
+        nan = _mm_or_ps(nan, _mm_or_ps(_mm_cmpunord_ps(a, b), _mm_cmpunord_ps(c, d)));
+    }
+    float lo, hi;
+    int finite = minmax_generic(x + i, n - i, &lo, &hi);
+    float m[16];
+    _mm_storeu_ps(m, _mm_min_ps(_mm_min_ps(mn0, mn1), _mm_min_ps(mn2, mn3)));
+    _mm_storeu_ps(m + 4, _mm_max_ps(_mm_max_ps(mx0, mx1), _mm_max_ps(mx2, mx3)));
+    for (int j = 0; j < 4; j++) {
+        lo = m[j] < lo ? m[j] : lo;
+        hi = m[4 + j] > hi ? m[4 + j] : hi;
+    }
+    *plo = lo;
+    *phi = hi;
+    /* infinities are caught by the caller's finite check of lo and hi */
+    return finite && _mm_movemask_ps(nan) == 0 && isfinite(lo) && isfinite(hi);
+}
+
+__attribute__((target("avx2"))) static int minmax_avx2(const f32_u *x, size_t n, float *plo,
+                                                       float *phi) {
+    const float *p = (const float *)x;
+    __m256 mn0 = _mm256_set1_ps(INFINITY), mn1 = mn0, mn2 = mn0, mn3 = mn0;
+    __m256 mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0, mx2 = mx0, mx3 = mx0;
+    __m256 nan = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 a = _mm256_loadu_ps(p + i), b = _mm256_loadu_ps(p + i + 8);
+        __m256 c = _mm256_loadu_ps(p + i + 16), d = _mm256_loadu_ps(p + i + 24);
+        mn0 = _mm256_min_ps(mn0, a); mn1 = _mm256_min_ps(mn1, b);
+        mn2 = _mm256_min_ps(mn2, c); mn3 = _mm256_min_ps(mn3, d);
+        mx0 = _mm256_max_ps(mx0, a); mx1 = _mm256_max_ps(mx1, b);
+        mx2 = _mm256_max_ps(mx2, c); mx3 = _mm256_max_ps(mx3, d);
+        nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
+                                             _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+    }
+    float lo, hi;
+    int finite = minmax_generic(x + i, n - i, &lo, &hi);
+    float m[16];
+    _mm256_storeu_ps(m, _mm256_min_ps(_mm256_min_ps(mn0, mn1), _mm256_min_ps(mn2, mn3)));
+    _mm256_storeu_ps(m + 8, _mm256_max_ps(_mm256_max_ps(mx0, mx1), _mm256_max_ps(mx2, mx3)));
+    for (int j = 0; j < 8; j++) {
+        lo = m[j] < lo ? m[j] : lo;
+        hi = m[8 + j] > hi ? m[8 + j] : hi;
+    }
+    *plo = lo;
+    *phi = hi;
+    return finite && _mm256_movemask_ps(nan) == 0 && isfinite(lo) && isfinite(hi);
+}
+#endif
+
+static int minmax(const f32_u *x, size_t n, float *plo, float *phi) {
+    int ok;
+#if PCCL_X86
+    if (pccl_isa >= PCCL_ISA_AVX2)
+        ok = minmax_avx2(x, n, plo, phi);
+    else if (pccl_isa >= PCCL_ISA_SSE2)
+        ok = minmax_sse2(x, n, plo, phi);
+    else
+#endif
+        ok = minmax_generic(x, n, plo, phi);
+    /* -0.0 -> +0.0: the result must not depend on which lane saw which zero */
+    *plo = *plo + 0.0f;
+    *phi = *phi + 0.0f;
+    return ok;
+}
+
+/* ---- pass 2: codes, one per byte ---------------------------------------------------- */
+
+static void codes_generic(const f32_u *restrict x, size_t n, float lo, float inv, float maxc,
+                          uint8_t *restrict out) {
     for (size_t i = 0; i < n; i++) {
         float v = (x[i] - lo) * inv + 0.5f;
         v = v > 0.0f ? v : 0.0f; /* also maps NaN to 0 */
@@ -61,7 +151,65 @@ static void codes_fast(const f32_u *restrict x, size_t n, float lo, float inv, f
     }
 }
 
-/* one code per byte, wide rule (rare: ranges so small that M / r overflows float32) */
+#if PCCL_X86
+/* _mm_max_ps(v, 0) is exactly v > 0 ? v : 0 and _mm_min_ps(v, M) is v < M ? v : M. */
+static void codes_sse2(const f32_u *x, size_t n, float lo, float inv, float maxc, uint8_t *out) {
+    const float *p = (const float *)x;
+    const __m128 vlo = _mm_set1_ps(lo), vinv = _mm_set1_ps(inv), vh = _mm_set1_ps(0.5f);
+    const __m128 z = _mm_setzero_ps(), vm = _mm_set1_ps(maxc);
+    size_t i = 0;
+#define Q4(k)                                                                            \
+    _mm_cvttps_epi32(_mm_min_ps(                                                         \
+        _mm_max_ps(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p + i + (k)), vlo), vinv), vh), z), \
+        vm))
+    for (; i + 16 <= n; i += 16) {
+        __m128i q0 = Q4(0), q1 = Q4(4), q2 = Q4(8), q3 = Q4(12);
+        __m128i w = _mm_packus_epi16(_mm_packs_epi32(q0, q1), _mm_packs_epi32(q2, q3));
+        _mm_storeu_si128((__m128i *)(void *)(out + i), w);
+    }
+#undef Q4
+    codes_generic(x + i, n - i, lo, inv, maxc, out + i);
+}
+
+__attribute__((target("avx2"))) static void codes_avx2(const f32_u *x, size_t n, float lo,
+                                                       float inv, float maxc, uint8_t *out) {
+    const float *p = (const float *)x;
+    const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vh = _mm256_set1_ps(0.5f);
+    const __m256 z = _mm256_setzero_ps(), vm = _mm256_set1_ps(maxc);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    size_t i = 0;
+#define Q8(k)                                                                            \
+    _mm256_cvttps_epi32(_mm256_min_ps(                                                   \
+        _mm256_max_ps(                                                                   \
+            _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i + (k)), vlo), vinv), vh), \
+            z),                                                                          \
+        vm))
+    for (; i + 32 <= n; i += 32) {
+        __m256i q0 = Q8(0), q1 = Q8(8), q2 = Q8(16), q3 = Q8(24);
+        __m256i w = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+        w = _mm256_permutevar8x32_epi32(w, order); /* undo the per-128-bit-lane packing */
+        _mm256_storeu_si256((__m256i *)(void *)(out + i), w);
+    }
+#undef Q8
+    codes_generic(x + i, n - i, lo, inv, maxc, out + i);
+}
+#endif
+
+static void codes_fast(const f32_u *x, size_t n, float lo, float inv, float maxc, uint8_t *out) {
+#if PCCL_X86
+    if (pccl_isa >= PCCL_ISA_AVX2) {
+        codes_avx2(x, n, lo, inv, maxc, out);
+        return;
+    }
+    if (pccl_isa >= PCCL_ISA_SSE2) {
+        codes_sse2(x, n, lo, inv, maxc, out);
+        return;
+    }
+#endif
+    codes_generic(x, n, lo, inv, maxc, out);
+}
+
+/* wide rule (rare: ranges so small that M / r overflows float32) */
 static void codes_wide(const f32_u *restrict x, size_t n, double lo, double inv, double maxc,
                        uint8_t *restrict out) {
     for (size_t i = 0; i < n; i++) {
@@ -72,8 +220,10 @@ static void codes_wide(const f32_u *restrict x, size_t n, double lo, double inv,
     }
 }
 
+/* ---- the plan: lo, scale and which rule ---------------------------------------------- */
+
 typedef struct {
-    int mode; /* 0: all codes zero, 1: fast, 2: wide */
+    int mode; /* 0: all codes zero, 1: fast rule, 2: wide rule */
     float lo, scale, inv;
     double lo_d, inv_d;
 } qparams;
@@ -82,13 +232,9 @@ static qparams plan(const f32_u *x, size_t n, float maxc) {
     qparams p = {0, 0.0f, 0.0f, 0.0f, 0.0, 0.0};
     if (n == 0) return p;
     float lo, hi;
-    if (!minmax_f32(x, n, &lo, &hi)) {
-        p.lo = NAN;
-        p.scale = NAN;
-        return p;
-    }
+    int finite = minmax(x, n, &lo, &hi);
     float r = hi - lo;
-    if (!isfinite(r)) {
+    if (!finite || !isfinite(r)) {
         p.lo = NAN;
         p.scale = NAN;
         return p;
@@ -125,7 +271,11 @@ void pccl_quantize_u8(const void *src, size_t n, uint8_t *codes, float *lo, floa
     *scale = p.scale;
 }
 
-#define U4_BLOCK 512
+#define U4_BLOCK 2048
+
+static void pack_nibbles(const uint8_t *restrict tmp, size_t pairs, uint8_t *restrict out) {
+    for (size_t j = 0; j < pairs; j++) out[j] = (uint8_t)(tmp[2 * j] | (tmp[2 * j + 1] << 4));
+}
 
 void pccl_quantize_u4(const void *src, size_t n, uint8_t *codes, float *lo, float *scale) {
     const f32_u *x = (const f32_u *)src;
@@ -140,45 +290,74 @@ void pccl_quantize_u4(const void *src, size_t n, uint8_t *codes, float *lo, floa
     for (size_t i = 0; i < n; i += U4_BLOCK) {
         size_t m = n - i < U4_BLOCK ? n - i : U4_BLOCK;
         codes_any(&p, x + i, m, 15.0f, tmp);
-        if (m & 1) tmp[m] = 0; /* only on the last block */
-        uint8_t *restrict out = codes + i / 2;
-        size_t pairs = (m + 1) / 2;
-        for (size_t j = 0; j < pairs; j++) out[j] = (uint8_t)(tmp[2 * j] | (tmp[2 * j + 1] << 4));
+        if (m & 1) tmp[m] = 0; /* only on the last block: U4_BLOCK is even */
+        pack_nibbles(tmp, (m + 1) / 2, codes + i / 2);
     }
 }
 
+/* ---- decode (plain C loops, compiled twice: baseline and AVX2) ----------------------- */
+
+#define DEF_DECODE(SUFFIX)                                                                     \
+    static void PCCL_CAT(deq_u8, SUFFIX)(const uint8_t *restrict c, float lo, float scale,     \
+                                         f32_u *restrict d, size_t n) {                        \
+        for (size_t i = 0; i < n; i++) d[i] = (float)c[i] * scale + lo;                        \
+    }                                                                                          \
+    static void PCCL_CAT(deq_add_u8, SUFFIX)(const uint8_t *restrict c, float lo, float scale,  \
+                                             f32_u *restrict d, size_t n) {                    \
+        _Pragma("GCC unroll 2")                                                                \
+        for (size_t i = 0; i < n; i++) d[i] = d[i] + ((float)c[i] * scale + lo);               \
+    }                                                                                          \
+    static void PCCL_CAT(deq_u4, SUFFIX)(const uint8_t *restrict c, float lo, float scale,     \
+                                         f32_u *restrict d, size_t n) {                        \
+        size_t pairs = n / 2;                                                                  \
+        for (size_t j = 0; j < pairs; j++) {                                                   \
+            uint8_t b = c[j];                                                                  \
+            d[2 * j] = (float)(b & 15) * scale + lo;                                           \
+            d[2 * j + 1] = (float)(b >> 4) * scale + lo;                                       \
+        }                                                                                      \
+        if (n & 1) d[n - 1] = (float)(c[pairs] & 15) * scale + lo;                             \
+    }                                                                                          \
+    static void PCCL_CAT(deq_add_u4, SUFFIX)(const uint8_t *restrict c, float lo, float scale,  \
+                                             f32_u *restrict d, size_t n) {                    \
+        size_t pairs = n / 2;                                                                  \
+        for (size_t j = 0; j < pairs; j++) {                                                   \
+            uint8_t b = c[j];                                                                  \
+            d[2 * j] = d[2 * j] + ((float)(b & 15) * scale + lo);                              \
+            d[2 * j + 1] = d[2 * j + 1] + ((float)(b >> 4) * scale + lo);                      \
+        }                                                                                      \
+        if (n & 1) d[n - 1] = d[n - 1] + ((float)(c[pairs] & 15) * scale + lo);                \
+    }
+
+DEF_DECODE(_generic)
+
+#if PCCL_X86
+#pragma GCC push_options
+#pragma GCC target("avx2")
+DEF_DECODE(_avx2)
+#pragma GCC pop_options
+#define DECODE(name, ...)                                                                     \
+    do {                                                                                       \
+        if (pccl_isa >= PCCL_ISA_AVX2)                                                         \
+            PCCL_CAT(name, _avx2)(__VA_ARGS__);                                                \
+        else                                                                                   \
+            PCCL_CAT(name, _generic)(__VA_ARGS__);                                             \
+    } while (0)
+#else
+#define DECODE(name, ...) PCCL_CAT(name, _generic)(__VA_ARGS__)
+#endif
+
 void pccl_dequantize_u8(const uint8_t *codes, float lo, float scale, void *dst, size_t n) {
-    const uint8_t *restrict c = codes;
-    f32_u *restrict d = (f32_u *)dst;
-    for (size_t i = 0; i < n; i++) d[i] = (float)c[i] * scale + lo;
+    DECODE(deq_u8, codes, lo, scale, (f32_u *)dst, n);
 }
 
 void pccl_dequant_add_u8(const uint8_t *codes, float lo, float scale, void *dst, size_t n) {
-    const uint8_t *restrict c = codes;
-    f32_u *restrict d = (f32_u *)dst;
-    for (size_t i = 0; i < n; i++) d[i] = d[i] + ((float)c[i] * scale + lo);
+    DECODE(deq_add_u8, codes, lo, scale, (f32_u *)dst, n);
 }
 
 void pccl_dequantize_u4(const uint8_t *codes, float lo, float scale, void *dst, size_t n) {
-    const uint8_t *restrict c = codes;
-    f32_u *restrict d = (f32_u *)dst;
-    size_t pairs = n / 2;
-    for (size_t j = 0; j < pairs; j++) {
-        uint8_t b = c[j];
-        d[2 * j] = (float)(b & 15) * scale + lo;
-        d[2 * j + 1] = (float)(b >> 4) * scale + lo;
-    }
-    if (n & 1) d[n - 1] = (float)(c[pairs] & 15) * scale + lo;
+    DECODE(deq_u4, codes, lo, scale, (f32_u *)dst, n);
 }
 
 void pccl_dequant_add_u4(const uint8_t *codes, float lo, float scale, void *dst, size_t n) {
-    const uint8_t *restrict c = codes;
-    f32_u *restrict d = (f32_u *)dst;
-    size_t pairs = n / 2;
-    for (size_t j = 0; j < pairs; j++) {
-        uint8_t b = c[j];
-        d[2 * j] = d[2 * j] + ((float)(b & 15) * scale + lo);
-        d[2 * j + 1] = d[2 * j + 1] + ((float)(b >> 4) * scale + lo);
-    }
-    if (n & 1) d[n - 1] = d[n - 1] + ((float)(c[pairs] & 15) * scale + lo);
+    DECODE(deq_add_u4, codes, lo, scale, (f32_u *)dst, n);
 }

@@ -38,6 +38,33 @@ SPECIALS = {
 }
 
 
+# every instruction-set level this CPU runs (the kernels promise the same bits at each)
+_ALL_ISA = ["generic", "sse2", "avx2"]
+ISA_LEVELS = _ALL_ISA[: _ALL_ISA.index(N._isa()[1]) + 1]
+
+
+@pytest.fixture(params=ISA_LEVELS)
+def isa(request):
+    prev = N._set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        N._set_isa(prev)
+
+
+def on_every_isa(fn):
+    """fn() under every ISA level; returns the results (restores the level)."""
+    prev = N._isa()[0]
+    try:
+        out = []
+        for level in ISA_LEVELS:
+            N._set_isa(level)
+            out.append(fn())
+        return out
+    finally:
+        N._set_isa(prev)
+
+
 def make(dtype: str, n: int, rng: np.random.Generator, special: bool = True) -> np.ndarray:
     """Random data of a dtype, with the type's special values sprinkled in."""
     st_ = STORAGE[dtype]
@@ -76,7 +103,7 @@ def unaligned(arr: np.ndarray, offset: int) -> tuple[bytearray, memoryview]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", OPS)
-def test_reduce_matches_reference(dtype: str, op: str) -> None:
+def test_reduce_matches_reference(isa: str, dtype: str, op: str) -> None:
     rng = np.random.default_rng(hash((dtype, op)) & 0xFFFF)
     for n in LENGTHS:
         a, b = make(dtype, n, rng), make(dtype, n, rng)
@@ -90,7 +117,7 @@ def test_reduce_matches_reference(dtype: str, op: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("offsets", [(1, 3), (3, 0), (2, 5)])
-def test_reduce_unaligned(dtype: str, op: str, offsets: tuple[int, int]) -> None:
+def test_reduce_unaligned(isa: str, dtype: str, op: str, offsets: tuple[int, int]) -> None:
     rng = np.random.default_rng(7)
     n = 1027
     a, b = make(dtype, n, rng), make(dtype, n, rng)
@@ -103,7 +130,7 @@ def test_reduce_unaligned(dtype: str, op: str, offsets: tuple[int, int]) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reduce_dst_is_src(dtype: str) -> None:
+def test_reduce_dst_is_src(isa: str, dtype: str) -> None:
     rng = np.random.default_rng(3)
     a = make(dtype, 1001, rng)
     want = a.copy()
@@ -113,7 +140,7 @@ def test_reduce_dst_is_src(dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_finish_avg_matches_reference(dtype: str) -> None:
+def test_finish_avg_matches_reference(isa: str, dtype: str) -> None:
     rng = np.random.default_rng(11)
     for n in LENGTHS:
         a = make(dtype, n, rng)
@@ -152,7 +179,7 @@ def test_finish_avg_floats_are_ieee_division() -> None:
 # ---- semantics checked without the reference ----------------------------------------------
 
 
-def test_float_min_max_nan_and_signed_zero() -> None:
+def test_float_min_max_nan_and_signed_zero(isa: str) -> None:
     nan = np.float32(np.nan)
     d = np.array([nan, 1.0, nan, 0.0, -0.0, 2.0], dtype=np.float32)
     s = np.array([1.0, nan, nan, -0.0, 0.0, -np.inf], dtype=np.float32)
@@ -235,7 +262,7 @@ def test_bfloat16_matches_torch() -> None:
         assert not (diff & ~zero_tie).any(), f"{op}: {np.count_nonzero(diff & ~zero_tie)} differ"
 
 
-def test_half_conversions_exhaustive() -> None:
+def test_half_conversions_exhaustive(isa: str) -> None:
     words = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     f = R.f16_to_f32(words)
     # widening then narrowing is the identity on every non-NaN float16 (through the C kernel:
@@ -284,7 +311,12 @@ def quant_roundtrip(x: np.ndarray, bits: int):
 
 
 def check_quant(x: np.ndarray, bits: int) -> None:
-    codes, lo, scale, y = quant_roundtrip(x, bits)
+    runs = on_every_isa(lambda: quant_roundtrip(x, bits))
+    codes, lo, scale, y = runs[0]
+    for c2, lo2, sc2, y2 in runs[1:]:  # every ISA level: the same bits
+        assert c2.tobytes() == codes.tobytes() and y2.tobytes() == y.tobytes()
+        assert np.float32(lo2).tobytes() == np.float32(lo).tobytes()
+        assert np.float32(sc2).tobytes() == np.float32(scale).tobytes()
     rcodes = np.empty_like(codes)
     rlo, rscale = (R.quantize_u8 if bits == 8 else R.quantize_u4)(x, rcodes)
     assert (lo, scale) == (rlo, rscale) or (math.isnan(lo) and math.isnan(rlo))
@@ -305,7 +337,7 @@ def check_quant(x: np.ndarray, bits: int) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_matches_reference_and_bound(bits: int) -> None:
+def test_quantize_matches_reference_and_bound(isa: str, bits: int) -> None:
     rng = np.random.default_rng(17 + bits)
     for n in LENGTHS:
         for scale_ in (1e-30, 1e-3, 1.0, 1e6, 1e30):
@@ -359,7 +391,7 @@ def test_quantize_round_half_up_rule() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_constant_chunk(bits: int) -> None:
+def test_quantize_constant_chunk(isa: str, bits: int) -> None:
     for v in (0.0, -0.0, 1.5, -3e38, 1e-45):
         x = np.full(33, v, dtype=np.float32)
         codes, lo, scale, y = quant_roundtrip(x, bits)
@@ -370,7 +402,7 @@ def test_quantize_constant_chunk(bits: int) -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_quantize_nonfinite_poisons_chunk(bits: int, bad: float) -> None:
+def test_quantize_nonfinite_poisons_chunk(isa: str, bits: int, bad: float) -> None:
     x = np.linspace(-1, 1, 101, dtype=np.float32)
     x[37] = bad
     codes, lo, scale, y = quant_roundtrip(x, bits)
@@ -381,7 +413,7 @@ def test_quantize_nonfinite_poisons_chunk(bits: int, bad: float) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_extreme_ranges(bits: int) -> None:
+def test_quantize_extreme_ranges(isa: str, bits: int) -> None:
     # a range that still fits float32
     x = np.array([-1e38, 0.0, 5e37, 1e38], dtype=np.float32)
     check_quant(x, bits)
@@ -424,7 +456,7 @@ def test_quantize_u4_packing_low_nibble_first() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_unaligned(bits: int) -> None:
+def test_quant_unaligned(isa: str, bits: int) -> None:
     rng = np.random.default_rng(29)
     x = rng.standard_normal(4097).astype(np.float32)
     ncodes = x.size if bits == 8 else (x.size + 1) // 2
@@ -563,6 +595,19 @@ def test_empty_buffers() -> None:
     assert N.quantize_u8(e, np.zeros(0, np.uint8)) == (0.0, 0.0)
     assert N.quantize_u4(e, np.zeros(0, np.uint8)) == (0.0, 0.0)
     N.dequant_add_u4(np.zeros(0, np.uint8), 1.0, 1.0, e)
+
+
+def test_isa_levels() -> None:
+    in_use, best = N._isa()
+    assert best in _ALL_ISA and in_use == best  # the default is the best level
+    prev = N._set_isa("avx2")
+    try:
+        assert N._isa()[0] == best  # clamped to what the CPU has
+        assert N._set_isa("generic") == best and N._isa()[0] == "generic"
+        with pytest.raises(ValueError, match="ISA"):
+            N._set_isa("avx512")
+    finally:
+        N._set_isa(prev)
 
 
 def test_keyword_arguments_and_surface() -> None:
