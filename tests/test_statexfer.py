@@ -285,3 +285,14 @@ async def test_server_answers_in_range_request_exactly():
         assert struct.calcsize("<4sBQ") == RESP.size
     finally:
         await close_all(servers)
+
+
+def test_bench_sync_smoke(capsys):
+    import json
+
+    from pccl_py.bench.sync import main
+
+    assert main(["--size", "2M", "--sources", "1", "2", "--repeat", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["bench"] for r in rows] == ["sync_fetch", "sync_fetch", "sync_no_transfer"]
+    assert rows[1]["sources"] == 2 and rows[1]["gbytes_per_s"] > 0 and rows[2]["rx_bytes"] == 0
