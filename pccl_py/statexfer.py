@@ -113,6 +113,7 @@ class StateServer:
         self.refused = 0  # connections closed for bad input (for tests and status)
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._die_at: int | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -127,6 +128,18 @@ class StateServer:
         self.views = {n: _as_bytes_view(v) for n, v in views.items()}
         self.revision = revision
         self.tx_bytes = 0
+
+    def inject_death_after(self, nbytes: int) -> None:
+        """Fault injection: after serving ``nbytes`` more payload bytes (mid-chunk), stop
+        listening and drop every connection, as a crashed daemon would."""
+        self._die_at = self.tx_bytes + nbytes
+
+    def _crash(self) -> None:
+        log.info("state server %s: injected crash after %d bytes", self.peer_id, self.tx_bytes)
+        self._die_at = None
+        if self._server is not None:
+            self._server.close()
+        self.unpublish()
 
     def unpublish(self) -> None:
         self.views = {}
@@ -169,6 +182,8 @@ class StateServer:
                 if magic != M_REQ or n > MAX_NAME or n == 0:
                     raise _Bad(f"bad request header (magic {magic!r}, name length {n})")
                 name = (await asyncio.wait_for(reader.readexactly(n), self.auth_timeout)).decode(errors="replace")
+                if writer.transport.is_closing():
+                    return  # dropped by unpublish() while the request was read
                 view = self.views.get(name)
                 if self.revision is None or revision != self.revision or view is None:
                     text = (f"{self.peer_id} does not serve {name!r} at revision {revision} "
@@ -180,6 +195,12 @@ class StateServer:
                     return
                 if length > MAX_REQUEST or offset > len(view) or length > len(view) - offset:
                     raise _Bad(f"request {name!r} [{offset}, +{length}) outside its {len(view)} bytes")
+                if self._die_at is not None and self.tx_bytes + length > self._die_at:
+                    part = max(0, self._die_at - self.tx_bytes)
+                    writer.write(RESP.pack(M_RESP, 0, length) + bytes(view[offset:offset + part]))
+                    self.tx_bytes += part
+                    self._crash()
+                    return
                 writer.write(RESP.pack(M_RESP, 0, length))
                 if length:
                     writer.write(view[offset:offset + length])
@@ -190,6 +211,9 @@ class StateServer:
             log.warning("state server %s: closing connection from %s: %s", self.peer_id, who, exc)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError):
             pass
+        except RuntimeError:
+            if not writer.transport.is_closing():  # uvloop raises on writes after close
+                raise
         finally:
             self._writers.discard(writer)
             if graceful:
@@ -309,6 +333,8 @@ class _Link(asyncio.BufferedProtocol):
     # calls
     def _send(self, data: bytes, dest: memoryview | None) -> asyncio.Future:
         fut = self.loop.create_future()
+        if self.error is None and (self.transport is None or self.transport.is_closing()):
+            self.error = PeerLost(f"stream to state source {self.label} is closed")
         if self.error is not None:
             fut.set_exception(self.error)
             fut.exception()

@@ -73,11 +73,12 @@ class Peer:
         self.server = StateServer(pid, secret=SECRET)
         self.chan = coord.channel(pid)
 
-    async def sync(self, strategy="enforce_popular", revision=None, timeout=30.0):
+    async def sync(self, strategy="enforce_popular", revision=None, timeout=30.0, progress=None):
         rev = self.state.revision + 1 if revision is None else revision
         out = await daemon_sync(layout_views(self.state.describe(), self.state.buffer()), revision=rev,
                                 channel=self.chan, server=self.server, peer_id=self.pid, secret=SECRET,
-                                strategy=strategy, timeout=timeout, fetch_options={"chunk": 1 << 18})
+                                strategy=strategy, timeout=timeout, progress=progress,
+                                fetch_options={"chunk": 1 << 18})
         self.state.revision = out["revision"]
         return out
 
@@ -168,25 +169,17 @@ async def test_newcomer_with_source_dying_mid_sync_retries():
     for p in (a, b, new):
         await p.server.start()
     try:
-        killed = []
-
-        def progress(done, total):
-            if not killed and done > total // 8:
-                killed.append(1)
-                a.server.unpublish()
-                a.server._server.close()  # a dies: nothing listens, open streams dropped
-
-        async def new_sync():
-            out = await daemon_sync(layout_views(new.state.describe(), new.state.buffer()), revision=1,
-                                    channel=new.chan, server=new.server, peer_id="new", secret=SECRET,
-                                    timeout=30, progress=progress, fetch_options={"chunk": 1 << 18})
-            new.state.revision = out["revision"]
-            return out
-
-        res = await asyncio.gather(a.sync(), b.sync(), new_sync(), return_exceptions=True)
-        assert killed
+        a.server.inject_death_after(300_000)  # a crashes while serving the newcomer
+        seen = []
+        res = await asyncio.gather(a.sync(), b.sync(), new.sync(progress=lambda d, t: seen.append((d, t))),
+                                   return_exceptions=True)
         assert res[2]["status"] == "fetched" and np.array_equal(new.state["w"], base["w"]), res
-        assert res[2]["fetch"]["sources_failed"]
+        assert list(res[2]["fetch"]["sources_failed"]) == [f"127.0.0.1:{a.server.port}"]
+        assert seen[-1] == (base["w"].nbytes, base["w"].nbytes)
+        coord.gone("a")  # the coordinator notices the death; the next sync goes on without a
+        res = await asyncio.gather(b.sync(), new.sync())
+        assert [r["status"] for r in res] == ["in_sync", "in_sync"]
+        assert [r["revision"] for r in res] == [2, 2]
     finally:
         for p in (a, b, new):
             await p.close()
