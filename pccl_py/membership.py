@@ -87,6 +87,7 @@ class Probe:
     nonce: int
     deadline: float
     why: str
+    repinged: bool = False
 
 
 @dataclass
@@ -224,6 +225,9 @@ class Membership:
                 self._on_stranger(conn, mtype)
             else:
                 peer.last_seen = now
+                if pid in self.probes and mtype != "pong":  # it talks: it is alive and connected
+                    probe = self.probes.pop(pid)
+                    self._why(f"{pid}: alive (sent {mtype}) after {probe.why}; kept")
                 handler = getattr(self, f"_on_{mtype}", None)
                 if handler is None:
                     self._why(f"{pid}: {mtype} is not a message a peer sends; dropped")
@@ -277,6 +281,9 @@ class Membership:
                     ),
                 )
         for pid, probe in list(self.probes.items()):
+            if not probe.repinged and now >= probe.deadline - self.cfg.probe_timeout / 2 and pid in self.peers:
+                probe.repinged = True  # once more, in case the first met a reconnecting socket
+                self._send(self.peers[pid].conn, {"type": "ping", "nonce": probe.nonce})
             if now >= probe.deadline and pid in self.peers:
                 self._remove(
                     now,
@@ -585,4 +592,4 @@ def _error(req: int, name: str, message: str) -> Msg:
 
 def _removed(pid: str, why: str) -> Msg:
     text = f"peer {pid} was removed from the run ({why}); connect again as a new member (new peer_id)"
-    return {"type": "removed", "reason": text[:1024]}
+    return {"type": "removed", "peer_id": pid, "reason": text[:1024]}

@@ -139,7 +139,7 @@ SCHEMA: dict[str, dict[str, F]] = {
     "pending_a": {"req": REQ, "pending": F(bool)},
     "error": {"req": REQ, "error": ERROR_NAME, "message": REASON},  # fails request `req`
     "abort": {"error": ERROR_NAME, "message": REASON},  # fails what the daemon is doing
-    "removed": {"reason": REASON},
+    "removed": {"peer_id": PEER_ID, "reason": REASON},  # about peer_id (not some later id)
     "reset": {"instance": INSTANCE, "reason": REASON},  # "introduce yourself again"
     "refused": {"reason": REASON},  # hello refused (bad proof, stale timestamp, full)
     "status_a": {

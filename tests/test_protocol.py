@@ -44,7 +44,7 @@ def test_roundtrip_every_type_from_schema():
         "pending_a": dict(req=1, pending=False),
         "error": dict(req=1, error="InvalidUsage", message="m"),
         "abort": dict(error="Aborted", message="m"),
-        "removed": dict(reason="r"),
+        "removed": dict(peer_id="a", reason="r"),
         "reset": dict(instance="i", reason="r"),
         "refused": dict(reason="r"),
         "status_a": dict(req=1, instance="i", epoch=1, recovering=False, uptime=1.0, world_size=1,

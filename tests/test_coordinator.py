@@ -1,0 +1,493 @@
+"""Coordinator + ControlLink integration on 127.0.0.1: joins, kills, freezes, restarts, bad input.
+
+A real coordinator runs as a subprocess; peers are ControlLinks in this process, or
+tests/_peer_proc.py subprocesses where a signal must hit them. Only PIDs started here
+are signalled. Measured latencies are logged (pytest -s or the log on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import uvloop
+import zmq
+
+from pccl_py import protocol
+from pccl_py.control import ControlLink
+from pccl_py.errors import CoordinatorUnavailable, InvalidUsage, PeerLost
+from pccl_py.status import query_status
+
+pytestmark = pytest.mark.timeout(60)
+log = logging.getLogger("test.coordinator")
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def on_uvloop(fn):
+    """Run an async test on uvloop (as the daemon and coordinator do); close its links after."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        async def body():
+            try:
+                await fn(*args, **kwargs)
+            finally:
+                factory = kwargs.get("links")
+                if factory is not None:
+                    await factory.aclose()
+
+        uvloop.run(body())
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def until(pred, timeout: float, what: str, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(step)
+
+
+class CoordProc:
+    def __init__(self, tmp: Path, port: int, opts: list[str]):
+        self.port, self.opts, self.tmp = port, opts, tmp
+        self.addr = f"127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self.runs += 1
+        self.log_path = self.tmp / f"coordinator-{self.port}-{self.runs}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pccl_py.coordinator", "--listen", self.addr, "--secret", SECRET,
+             *self.opts],
+            stdout=subprocess.PIPE, stderr=open(self.log_path, "w"), env=ENV, cwd=ROOT, text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, f"coordinator did not start: {line!r} {self.log_text()}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class PeerProc:
+    def __init__(self, tmp: Path, addr: str, peer_id: str, flags: list[str]):
+        self.file = tmp / f"peer-{peer_id}.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "_peer_proc.py"), addr, peer_id, str(self.file),
+             "--secret", SECRET, *flags],
+            env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"peer-{peer_id}.log", "w"),
+        )
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    started: list[CoordProc] = []
+
+    def make(*opts: str, start: bool = True) -> CoordProc:
+        c = CoordProc(tmp_path, free_port(), list(opts))
+        started.append(c)
+        if start:
+            c.start()
+        return c
+
+    yield make
+    for c in started:
+        c.kill()
+
+
+@pytest.fixture
+def peer_proc(tmp_path):
+    started: list[PeerProc] = []
+
+    def make(addr: str, peer_id: str, *flags: str) -> PeerProc:
+        p = PeerProc(tmp_path, addr, peer_id, list(flags))
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+class Links:
+    """Factory of started in-process ControlLinks; :func:`on_uvloop` closes them."""
+
+    def __init__(self):
+        self.made: list[ControlLink] = []
+
+    async def __call__(self, addr: str, peer_id: str, secret: str = SECRET, **kw) -> ControlLink:
+        link = ControlLink(addr, group=kw.pop("group", 0), data_addr=("127.0.0.1", 10000 + len(self.made)),
+                           secret=secret.encode(), peer_id=peer_id, **kw)
+        link.seen = []  # every topology on_topology received
+        link.aborts = []
+
+        async def on_topology(topo, link=link):
+            link.seen.append(topo)
+
+        link.on_topology = on_topology
+        link.on_abort = link.aborts.append
+        await link.start()
+        self.made.append(link)
+        return link
+
+    async def aclose(self) -> None:
+        for link in self.made:
+            await link.close()
+        self.made.clear()
+
+
+@pytest.fixture
+def links():
+    return Links()
+
+
+async def wait_registered(addr: str, peer_ids: list[str], timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await query_status(addr, 5)
+        if set(peer_ids) <= {m["peer_id"] for m in st["members"]}:
+            return st
+        assert time.monotonic() < deadline, f"{peer_ids} never registered: {st}"
+        await asyncio.sleep(0.05)
+
+
+def world(link: ControlLink) -> int:
+    return link.topology.world_size if link.topology is not None else 0
+
+
+async def form(make, addr: str, n: int, prefix: str = "p") -> list[ControlLink]:
+    """n in-process peers: the first joins an empty run, the others are admitted by a vote."""
+    ls = [await make(addr, f"{prefix}{i}") for i in range(n)]
+    await ls[0].connect(10)
+    joins = [asyncio.create_task(link.connect(10)) for link in ls[1:]]
+    await wait_registered(addr, [link.peer_id for link in ls])
+    await ls[0].update_topology(10)
+    for j in joins:
+        await j
+    assert all(world(link) == n for link in ls)
+    return ls
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@on_uvloop
+async def test_four_join_then_sigkill_is_detected_fast(coordinator, peer_proc, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    t0 = time.monotonic()
+    ls = await form(links, coord.addr, 3)
+    victim = peer_proc(coord.addr, "victim", "--vote")
+    await wait_registered(coord.addr, ["victim"], timeout=20)
+    t_join = time.monotonic()
+    assert await ls[0].are_peers_pending(5)
+    votes = [asyncio.create_task(link.update_topology(15)) for link in ls]
+    for v in votes:
+        await v
+    await until(lambda: all(world(link) == 4 for link in ls) and victim.state().get("world_size") == 4,
+                10, "4 members everywhere")
+    log.info("4 peers formed in %.3f s (victim admitted %.3f s after it registered)",
+             time.monotonic() - t0, time.monotonic() - t_join)
+    members = [p.peer_id for p in ls[0].topology.peers]
+    assert members == ["p0", "p1", "p2", "victim"]
+    epoch = ls[0].topology.epoch
+
+    t_kill = time.monotonic()
+    victim.proc.kill()  # SIGKILL; the survivors' data links would see the reset: report it
+    await ls[0].report_peer_failure("victim", "data link: connection reset by peer")
+    await until(lambda: all(world(link) == 3 for link in ls), 3.0, "survivors at world size 3")
+    took = time.monotonic() - t_kill
+    log.info("SIGKILL with a failure report: survivors at world size 3 after %.3f s", took)
+    print(f"\nSIGKILL+report -> world size 3 in {took:.3f} s")
+    assert all(link.topology.epoch > epoch for link in ls)
+    assert len({link.topology.epoch for link in ls}) == 1
+
+
+@on_uvloop
+async def test_sigkill_without_report_is_noticed_by_the_coordinator(coordinator, peer_proc, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    victim = peer_proc(coord.addr, "victim", "--vote")
+    await until(lambda: victim.state().get("world_size") == 1, 15, "victim accepted alone")
+    a = await links(coord.addr, "a")
+    await a.connect(10)
+    assert world(a) == 2
+    t_kill = time.monotonic()
+    victim.proc.kill()
+    await until(lambda: world(a) == 1, 3.5, "survivor at world size 1")
+    took = time.monotonic() - t_kill
+    print(f"\nSIGKILL, no report -> world size 1 in {took:.3f} s")
+    log.info("SIGKILL without report: removed after %.3f s", took)
+
+
+@on_uvloop
+async def test_sigstop_removed_by_deadline_then_told_and_rejoins(coordinator, peer_proc, links):
+    coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "2.0")
+    a = await links(coord.addr, "a")
+    await a.connect(10)
+    victim = peer_proc(coord.addr, "frozen", "--rejoin", "--vote")
+    await wait_registered(coord.addr, ["frozen"], timeout=20)
+    await a.update_topology(10)
+    await until(lambda: victim.state().get("world_size") == 2, 10, "victim accepted")
+    t_stop = time.monotonic()
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    await until(lambda: world(a) == 1, 2.0 + 2.0, "frozen peer removed")
+    took = time.monotonic() - t_stop
+    print(f"\nSIGSTOP -> removed in {took:.3f} s (deadline 2.0 s)")
+    log.info("SIGSTOP: removed after %.3f s", took)
+    assert took > 1.0, "removed long before its heartbeat deadline"
+    os.kill(victim.proc.pid, signal.SIGCONT)
+    await until(lambda: victim.state().get("state") == "removed" or any(
+        e[0] == "removed" for e in victim.state().get("events", [])), 10, "victim told it was removed")
+    assert "connect again" in victim.state()["reason"]
+    # it registers again under a new peer_id and is admitted at the next vote
+    for _ in range(50):
+        if await a.are_peers_pending(5):
+            break
+        await asyncio.sleep(0.1)
+    await a.update_topology(10)
+    assert world(a) == 2
+    new_id = a.topology.peers[1].peer_id
+    assert new_id.startswith("frozen~") and new_id != "frozen"
+    await until(lambda: victim.state().get("world_size") == 2 and victim.state().get("state") == "accepted",
+                10, "victim back as a new member")
+
+
+@on_uvloop
+async def test_new_peer_waits_for_every_vote(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    ls = await form(links, coord.addr, 3)
+    epoch = ls[0].topology.epoch
+    newcomer = await links(coord.addr, "new")
+    t0 = time.monotonic()
+    join = asyncio.create_task(newcomer.connect(10))
+    await until(lambda: newcomer.state == "pending", 5, "newcomer registered")
+    assert await ls[2].are_peers_pending(5)
+    v0 = asyncio.create_task(ls[0].update_topology(10))
+    v1 = asyncio.create_task(ls[1].update_topology(10))
+    await asyncio.sleep(0.3)
+    assert not join.done() and not v0.done() and not v1.done(), "admitted without a unanimous vote"
+    assert await ls[2].are_peers_pending(5)
+    topo = await ls[2].update_topology(10)
+    await v0, await v1
+    got = await join
+    print(f"\njoin latency (connect -> admitted, incl. 0.3 s held back): {time.monotonic() - t0:.3f} s")
+    assert topo.epoch == epoch + 1 == got.epoch and got.world_size == 4 and got.rank == 3
+    assert [p.peer_id for p in got.peers] == ["p0", "p1", "p2", "new"]
+    assert all(link.seen[-1] == link.topology for link in ls + [newcomer])
+    assert not await ls[0].are_peers_pending(5)
+    # a vote with nobody pending completes too, epoch unchanged
+    votes = [asyncio.create_task(link.update_topology(10)) for link in ls + [newcomer]]
+    for v in votes:
+        assert (await v).epoch == epoch + 1
+    # graceful leave: survivors get a new epoch at once
+    t0 = time.monotonic()
+    await newcomer.leave()
+    await until(lambda: all(world(link) == 3 for link in ls), 2, "leave seen")
+    print(f"graceful leave seen in {time.monotonic() - t0:.3f} s")
+    with pytest.raises(InvalidUsage):
+        await newcomer.update_topology(1)
+
+
+@on_uvloop
+async def test_coordinator_restart_keeps_members_and_epoch_moves_on(coordinator, links):
+    coord = coordinator("--recovery-grace", "1.0", "--heartbeat-deadline", "3")
+    ls = await form(links, coord.addr, 3)
+    ring = [p.peer_id for p in ls[0].topology.peers]
+    epoch = ls[0].topology.epoch
+    coord.kill()
+    await asyncio.sleep(0.3)
+    # a call made while the coordinator is away succeeds once it is back
+    pending = asyncio.create_task(ls[1].are_peers_pending(10))
+    t0 = time.monotonic()
+    coord.start()
+    await until(lambda: all(link.topology.epoch > epoch for link in ls), 8, "rebuilt topology")
+    print(f"\ncoordinator restart: members back at a new epoch {time.monotonic() - t0:.3f} s after start")
+    assert await pending is False
+    for link in ls:
+        assert [p.peer_id for p in link.topology.peers] == ring
+        assert link.topology.world_size == 3
+        assert link.seen[-1].epoch == link.topology.epoch  # on_topology ran for the rebuild
+    # the run goes on: a newcomer is admitted by the next vote
+    newcomer = await links(coord.addr, "late")
+    join = asyncio.create_task(newcomer.connect(10))
+    await until(lambda: newcomer.state == "pending", 5, "late registered")
+    votes = [asyncio.create_task(link.update_topology(10)) for link in ls]
+    for v in votes:
+        await v
+    assert (await join).world_size == 4
+    st = await query_status(coord.addr, 5)
+    assert st["epoch"] == ls[0].topology.epoch and not st["recovering"]
+
+
+@on_uvloop
+async def test_calls_fail_with_coordinator_unavailable_not_hang(links):
+    addr = f"127.0.0.1:{free_port()}"  # nobody listens
+    link = await links(addr, "lonely", coordinator_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CoordinatorUnavailable):
+        await link.connect(1.0)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(CoordinatorUnavailable):
+        await query_status(addr, 0.5)
+
+
+@on_uvloop
+async def test_wrong_secret_is_refused(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    intruder = await links(coord.addr, "intruder", secret="wrong")
+    with pytest.raises(InvalidUsage, match="secret"):
+        await intruder.connect(5)
+    await asyncio.sleep(0.2)
+    assert "refused" in coord.log_text()
+    st = await query_status(coord.addr, 5)
+    assert st["members"] == []
+
+
+@on_uvloop
+async def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2", "--mismatch-grace", "1.0")
+    a, b = await form(links, coord.addr, 2)
+    b.set_activity("all_reduce tag=5")
+    await asyncio.sleep(0.6)  # a heartbeat carries it
+    t0 = time.monotonic()
+    with pytest.raises(InvalidUsage) as info:
+        await a.update_topology(10)
+    took = time.monotonic() - t0
+    print(f"\nlockstep mismatch reported after {took:.3f} s")
+    assert "p1" in str(info.value) and "all_reduce tag=5" in str(info.value)
+    await until(lambda: b.aborts, 2, "abort on the busy peer")
+    assert str(b.aborts[0]) == str(info.value)
+    assert took < 5
+
+
+@on_uvloop
+async def test_bad_input_leaves_others_unaffected(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    a, b = await form(links, coord.addr, 2)
+    epoch = a.topology.epoch
+    ctx = zmq.Context.instance()
+    pid_before = coord.proc.pid
+
+    def raw(mtype, **fields):
+        return msgpack.packb({"type": mtype, "v": 1, **fields}, use_bin_type=True)
+
+    good = protocol.encode("status_q", req=1)
+    hello_as_p1 = dict(peer_id="p1", group=0, host="1.2.3.4", port=1, ts=time.time(), proof=b"\0" * 32,
+                       claim="accepted", epoch=99, ring_pos=0, revision=0, instance="", timeout=0.0)
+    junk = [
+        b"", b"\x00\xff garbage", good[:-2], good + b"tail", raw("status_q", req="one"),
+        raw("hello", peer_id=["x"], group=0), raw("launch_missiles", req=1), raw("status_q", v=99, req=1),
+        b"\xdb\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", msgpack.packb({"type": "leave", "v": 1, "reason": "x" * 100000}),
+        msgpack.packb([[[[[[[[[[[[]]]]]]]]]]]] * 1000), raw("heartbeat", activity=None, epoch=-5, revision=0),
+        raw("report_failure", peer_id="p0", reason="x"),  # well-formed but from a stranger
+        protocol.encode("hello", **hello_as_p1),  # a stolen id without the secret
+    ]
+    socks = []
+    for i, blob in enumerate(junk):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://{coord.addr}")
+        s.send(blob)
+        socks.append(s)
+        if i % 3 == 0:
+            s.send_multipart([b"a", b"b", b"c"])
+    big = ctx.socket(zmq.DEALER)  # over MAXMSGSIZE: zmq closes that connection
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(f"tcp://{coord.addr}")
+    big.send(b"\x00" * (protocol.MAX_MESSAGE + 10))
+    socks.append(big)
+    raw_tcp = socket.create_connection(("127.0.0.1", coord.port))  # not even zmq
+    raw_tcp.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(4096))
+    await asyncio.sleep(1.0)
+    raw_tcp.close()
+    for s in socks:
+        s.close(linger=0)
+    assert coord.proc.poll() is None and coord.proc.pid == pid_before, coord.log_text()
+    st = await query_status(coord.addr, 5)
+    assert st["epoch"] == epoch and sorted(m["peer_id"] for m in st["members"]) == ["p0", "p1"]
+    assert a.topology.epoch == epoch and b.topology.epoch == epoch
+    v = asyncio.create_task(a.update_topology(10))
+    assert (await b.update_topology(10)).epoch == epoch
+    await v
+    assert "bad input" in coord.log_text()
+
+
+def test_status_cli(coordinator):
+    coord = coordinator("--recovery-grace", "0.2")
+    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", coord.addr, "--json"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["members"] == [] and "instance" in st
+    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", coord.addr],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert out.returncode == 0 and "epoch" in out.stdout and "(no peers)" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", f"127.0.0.1:{free_port()}",
+                          "--timeout", "0.3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert out.returncode == 1 and "no status" in out.stderr
+
+
+@on_uvloop
+async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "1.0")
+    a, b = await form(links, coord.addr, 2)
+    removed = []
+    b.on_removed = removed.append
+    # b stops heartbeating (its loop is alive, but we silence its sends) -> removed by deadline
+    b._send_msg = lambda msg: None
+    await until(lambda: world(a) == 1, 4, "b removed")
+    b._send_msg = ControlLink._send_msg.__get__(b)
+    b._send("heartbeat", activity=None, epoch=0, revision=-1)
+    await until(lambda: removed, 3, "b told it was removed")
+    with pytest.raises(PeerLost, match="connect again"):
+        await b.update_topology(1)
+    # it may connect again, as a new member with a new peer_id
+    join = asyncio.create_task(b.connect(10))
+    await until(lambda: b.peer_id != "p1", 2, "a new peer_id")
+    await wait_registered(coord.addr, [b.peer_id])
+    assert b.peer_id.startswith("p1~")
+    await a.update_topology(10)
+    topo = await join
+    assert topo.world_size == 2 and [p.peer_id for p in topo.peers] == ["p0", b.peer_id]
