@@ -1,0 +1,227 @@
+"""``pccl bench allreduce``: all-reduce throughput through the public client API.
+
+Starts a coordinator and N trainer processes on 127.0.0.1, each with its own daemon, and
+times ``Client.all_reduce`` (client -> shared memory -> daemon -> wire -> daemon -> client)
+over the given sizes. ``--compare gloo`` runs torch.distributed's gloo backend on the same
+sizes and world size in the same invocation, one after the other.
+
+Reported per size: median seconds over the repeats (as seen by rank 0), bus bandwidth
+2(N-1)/N * bytes / seconds, and gloo's median and our speed-up over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from ..demo import free_port
+
+UNITS = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'1M' -> 1048576 elements; plain numbers are element counts."""
+    if text[-1] in UNITS:
+        return int(float(text[:-1]) * UNITS[text[-1]])
+    return int(text)
+
+
+def repeats_for(nbytes: int, base: int) -> int:
+    if nbytes >= 128 << 20:
+        return max(3, base // 3)
+    if nbytes >= 32 << 20:
+        return max(5, base // 2)
+    return base * 4 if nbytes <= 1 << 16 else base
+
+
+def ours_worker(args) -> int:
+    import numpy as np
+
+    from ..client import Client
+
+    with Client(coordinator=args.coordinator, timeout=120.0, streams=args.streams) as c:
+        topo = c.connect()
+        deadline = time.monotonic() + 60
+        while topo["world_size"] < args.world:
+            if time.monotonic() > deadline:
+                raise SystemExit("not all peers joined within 60 s")
+            time.sleep(0.05)
+            topo = c.update_topology()
+        rows = []
+        for n in args.sizes:
+            x = np.full(n, 1.0 + topo["rank"], dtype=np.float32)
+            reps = repeats_for(4 * n, args.repeat)
+            for _ in range(2):
+                c.all_reduce(x, op="sum", quant=args.quant, algorithm=args.algorithm)
+            times = []
+            info = {}
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                info = c.all_reduce(x, op="sum", quant=args.quant, algorithm=args.algorithm)
+                times.append(time.perf_counter() - t0)
+            rows.append({"size": n, "times": times, "algorithm": info.get("algorithm"),
+                         "tx_bytes": info.get("tx_bytes")})
+        if topo["rank"] == 0:
+            print(json.dumps(rows), flush=True)
+        c.all_reduce(np.zeros(1, np.float32))  # nobody leaves while others still measure
+    return 0
+
+
+def gloo_worker(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                            world_size=args.world)
+    rows = []
+    for n in args.sizes:
+        x = torch.full((n,), 1.0 + args.rank, dtype=torch.float32)
+        reps = repeats_for(4 * n, args.repeat)
+        for _ in range(2):
+            dist.all_reduce(x)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        rows.append({"size": n, "times": times})
+    if args.rank == 0:
+        print(json.dumps(rows), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _collect(procs: list[subprocess.Popen], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    out = None
+    try:
+        for i, p in enumerate(procs):
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if p.returncode != 0:
+                raise RuntimeError(f"benchmark process {i} exited with {p.returncode}")
+            if i == 0:
+                out = stdout
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def _common(args) -> list[str]:
+    return ["--world", str(args.world), "--sizes", ",".join(map(str, args.sizes)),
+            "--repeat", str(args.repeat)]
+
+
+def run_ours(args) -> list[dict]:
+    addr = f"127.0.0.1:{free_port()}"
+    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr],
+                             stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        procs = []
+        for _ in range(args.world):
+            cmd = [sys.executable, "-m", "pccl_py.bench.allreduce", "--role", "ours",
+                   "--coordinator", addr, "--algorithm", args.algorithm, *_common(args)]
+            if args.quant:
+                cmd += ["--quant", args.quant]
+            if args.streams:
+                cmd += ["--streams", str(args.streams)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+            time.sleep(0.05)
+        return _collect(procs, args.timeout)
+    finally:
+        coord.terminate()
+        try:
+            coord.wait(5)
+        except subprocess.TimeoutExpired:
+            coord.kill()
+            coord.wait()
+
+
+def run_gloo(args) -> list[dict]:
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "pccl_py.bench.allreduce", "--role", "gloo",
+                          "--port", str(port), "--rank", str(r), *_common(args)],
+                         stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for r in range(args.world)
+    ]
+    return _collect(procs, args.timeout)
+
+
+def human(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pccl bench allreduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--sizes", default="1,256K,1M,16M,64M",
+                   help="comma-separated element counts (float32), suffixes K/M/G")
+    p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
+    p.add_argument("--streams", type=int, default=None)
+    p.add_argument("--algorithm", choices=["auto", "ring", "tree"], default="auto")
+    p.add_argument("--compare", choices=["gloo"], default=None)
+    p.add_argument("--repeat", type=int, default=7, help="timed repeats (more for small sizes)")
+    p.add_argument("--timeout", type=float, default=540.0)
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--role", choices=["ours", "gloo"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in str(args.sizes).split(",") if s]
+    if args.role == "ours":
+        return ours_worker(args)
+    if args.role == "gloo":
+        return gloo_worker(args)
+    if args.world < 2:
+        p.error("--world must be at least 2")
+
+    if not args.json:
+        print(f"all-reduce float32 sum, world {args.world}, {os.cpu_count()} cores, 127.0.0.1; "
+              f"median of repeats as seen by rank 0", flush=True)
+    ours = run_ours(args)
+    gloo = run_gloo(args) if args.compare == "gloo" else None
+    n = args.world
+    header = f"{'elements':>9} {'bytes':>9} {'algo':>5} {'median ms':>10} {'busbw GB/s':>10}"
+    if gloo:
+        header += f" {'gloo ms':>9} {'gloo GB/s':>9} {'ratio':>6}"
+    if not args.json:
+        print(header)
+    for i, row in enumerate(ours):
+        nbytes = 4 * row["size"]
+        med = statistics.median(row["times"])
+        busbw = 2 * (n - 1) / n * nbytes / med / 1e9
+        rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams,
+               "quant": args.quant, "algorithm": row["algorithm"], "seconds": med, "busbw": busbw,
+               "gloo_seconds": None, "ratio": None}
+        if gloo:
+            gmed = statistics.median(gloo[i]["times"])
+            rec.update(gloo_seconds=gmed, ratio=gmed / med)
+        if args.json:
+            print(json.dumps(rec))
+        else:
+            line = (f"{human(row['size']):>9} {human(nbytes):>9} {str(row['algorithm']):>5} "
+                    f"{med * 1e3:>10.3f} {busbw:>10.3f}")
+            if gloo:
+                gbw = 2 * (n - 1) / n * nbytes / rec["gloo_seconds"] / 1e9
+                line += f" {rec['gloo_seconds'] * 1e3:>9.3f} {gbw:>9.3f} {rec['ratio']:>5.2f}x"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""The trainer-side API: a thin client of its peer daemon.
+
+    with Client(coordinator="10.0.0.1:48148") as c:   # spawns a private daemon
+        c.connect()
+        info = c.all_reduce(grad, op="avg")
+
+Everything networked happens in the daemon; this class only sends small requests over a
+unix socket and copies tensors into and out of shared memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from . import local
+from .errors import (
+    Aborted,
+    CoordinatorUnavailable,
+    DeadlineExceeded,
+    InvalidUsage,
+    PcclError,
+    PeerLost,
+    from_wire,
+)
+from .retry import Backoff
+from .tensors import Flat, flat
+
+OPS = ("sum", "avg", "min", "max", "prod")
+QUANTS = (None, "uint8", "uint4")
+ALGORITHMS = ("auto", "ring", "tree")
+SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
+MIN_SEGMENT = 1 << 16
+
+
+class _Pool:
+    """Shared-memory segments reused across calls (a fresh segment costs page faults)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.free: dict[int, list[shared_memory.SharedMemory]] = {}
+        self.all: list[shared_memory.SharedMemory] = []
+
+    def take(self, nbytes: int) -> shared_memory.SharedMemory:
+        size = MIN_SEGMENT
+        while size < nbytes:
+            size *= 2
+        bucket = self.free.setdefault(size, [])
+        if bucket:
+            return bucket.pop()
+        seg = shared_memory.SharedMemory(create=True, size=size, name=f"pccl_{uuid.uuid4().hex[:16]}")
+        self.all.append(seg)
+        self.client._call({"op": "map", "name": seg.name, "size": size}, timeout=10.0)
+        return seg
+
+    def give(self, seg: shared_memory.SharedMemory) -> None:
+        self.free.setdefault(seg.size, []).append(seg)
+
+    def close(self) -> None:
+        for seg in self.all:
+            try:
+                seg.close()
+            except BufferError:
+                pass
+            try:
+                seg.unlink()
+            except FileNotFoundError:
+                pass
+        self.all.clear()
+        self.free.clear()
+
+
+class Handle:
+    """An all-reduce in flight. ``wait()`` returns its info dict or raises its error."""
+
+    def __init__(self, client: Client, parts: list, timeout: float) -> None:
+        self._client = client
+        self._parts = parts  # [(request id, segment, [(Flat, offset)], nbytes)]
+        self._timeout = timeout
+        self._result: dict | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> dict:
+        if not self._done:
+            self._finish(self._timeout + SLACK if timeout is None else timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        infos, error = [], None
+        for rid, seg, members, _nbytes in self._parts:
+            try:
+                infos.append(self._client._wait_reply(rid, deadline))
+            except DeadlineExceeded:
+                # the daemon may still write into this segment: never reuse it
+                self._client._poisoned.add(seg.name)
+                error = error or DeadlineExceeded(f"all_reduce gave no answer within {timeout:.1f}s")
+                continue
+            except PcclError as exc:
+                error = error or exc
+                self._client._pool.give(seg)
+                continue
+            if error is None:
+                out = seg.buf
+                base = seg.size // 2
+                for f, off in members:
+                    n = f.nbytes
+                    f.data[:] = np.frombuffer(out, np.uint8, n, base + off)
+                    f.finish()
+            self._client._pool.give(seg)
+        self._done = True
+        if error is not None:
+            self._error = error
+            return
+        total = dict(infos[0]) if infos else {"world_size": self._client.world_size}
+        for extra in infos[1:]:
+            for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
+                if k in extra:
+                    total[k] = total.get(k, 0) + extra[k]
+        self._result = total
+
+
+class Client:
+    """Connection of one trainer to the run, through its peer daemon.
+
+    ``daemon``: path of a running daemon's unix socket (``pccl daemon --local PATH``), or
+    None to spawn a private daemon that exits with this client.
+    """
+
+    def __init__(
+        self,
+        coordinator: str = "127.0.0.1:48148",
+        group: int = 0,
+        daemon: str | None = None,
+        *,
+        timeout: float = 60.0,
+        secret: str | None = None,
+        streams: int | None = None,
+        listen: str = "127.0.0.1:0",
+        daemon_log_level: str | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.group = group
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._replies: dict[int, dict] = {}
+        self._lock = threading.RLock()
+        self._buf = local.FrameBuffer()
+        self._proc: subprocess.Popen | None = None
+        self._info: dict = {"connected": False}
+        self._poisoned: set[str] = set()
+        self._sock: socket.socket | None = None
+        if daemon is None:
+            daemon = self._spawn(secret, streams, listen, daemon_log_level)
+        self.daemon_path = daemon
+        self._sock = self._dial(daemon)
+        hello = self._call({"op": "hello"}, timeout=10.0)
+        self.peer_id: str = hello["peer_id"]
+        self._pool = _Pool(self)
+
+    # -- plumbing --------------------------------------------------------------------
+    def _spawn(self, secret, streams, listen, log_level) -> str:
+        path = os.path.join(tempfile.gettempdir(), f"pccl-c{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
+        cmd = [
+            sys.executable, "-m", "pccl_py.daemon",
+            "--coordinator", self.coordinator,
+            "--group", str(self.group),
+            "--listen", listen,
+            "--local", path,
+            "--exit-with-client",
+        ]
+        if streams is not None:
+            cmd += ["--streams", str(streams)]
+        if log_level:
+            cmd += ["--log-level", log_level]
+        env = dict(os.environ)
+        if secret is not None:
+            env["PCCL_SECRET"] = secret
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 30.0
+        line = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self._proc.stdout], [], [], 0.1)
+            if r:
+                line = self._proc.stdout.readline()
+                if line.startswith(b"READY"):
+                    return path
+            if self._proc.poll() is not None:
+                raise PcclError(f"the daemon exited with code {self._proc.returncode} while starting")
+        self._proc.kill()
+        raise PcclError("the daemon did not start within 30 s")
+
+    @staticmethod
+    def _dial(path: str) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+        except OSError as exc:
+            s.close()
+            raise PcclError(f"cannot reach the daemon at {path}: {exc}") from exc
+        return s
+
+    def _send(self, msg: dict) -> int:
+        if self._sock is None:
+            raise InvalidUsage("client is closed")
+        rid = next(self._ids)
+        msg["id"] = rid
+        with self._lock:
+            self._sock.sendall(local.pack(msg))
+        return rid
+
+    def _wait_reply(self, rid: int, deadline: float) -> dict:
+        with self._lock:
+            while rid not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded("the daemon did not answer in time")
+                self._sock.settimeout(left)
+                try:
+                    data = self._sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if not data:
+                    raise PeerLost("the daemon closed the connection (did it crash? see its log)")
+                for m in self._buf.feed(data):
+                    self._replies[m.get("id")] = m
+            reply = self._replies.pop(rid)
+        if not reply.get("ok"):
+            raise from_wire(reply)
+        return reply
+
+    def _call(self, msg: dict, timeout: float | None = None) -> dict:
+        timeout = self.timeout if timeout is None else timeout
+        msg.setdefault("timeout", timeout)
+        rid = self._send(msg)
+        return self._wait_reply(rid, time.monotonic() + timeout + SLACK)
+
+    def _remember(self, info: dict) -> dict:
+        self._info = info
+        return info
+
+    # -- membership ------------------------------------------------------------------
+    def connect(self, timeout: float | None = None) -> dict:
+        """Register with the run and wait until accepted (until the peers vote us in)."""
+        return self._remember(self._call({"op": "connect"}, timeout))
+
+    def update_topology(self, timeout: float | None = None) -> dict:
+        """Vote to admit pending peers; every accepted peer of the run must call it."""
+        return self._remember(self._call({"op": "update_topology"}, timeout))
+
+    def are_peers_pending(self, timeout: float | None = None) -> bool:
+        return bool(self._call({"op": "are_peers_pending"}, timeout)["pending"])
+
+    def refresh(self) -> dict:
+        return self._remember(self._call({"op": "info"}, 10.0))
+
+    @property
+    def world_size(self) -> int:
+        return int(self.refresh().get("world_size", 0))
+
+    @property
+    def group_world_size(self) -> int:
+        return int(self.refresh().get("group_world_size", 0))
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.refresh().get("num_groups", 0))
+
+    @property
+    def rank(self) -> int:
+        return int(self.refresh().get("rank", -1))
+
+    @property
+    def epoch(self) -> int:
+        return int(self.refresh().get("epoch", -1))
+
+    # -- collectives -----------------------------------------------------------------
+    def all_reduce_async(
+        self,
+        tensors: Any,
+        op: str = "sum",
+        *,
+        quant: str | None = None,
+        algorithm: str = "auto",
+        tag: int | None = None,
+        timeout: float | None = None,
+    ) -> Handle:
+        """Start an all-reduce of one tensor or a list of tensors; returns a :class:`Handle`.
+
+        Tensors of one dtype travel as one flat bucket; each dtype is a separate collective.
+        Calls in flight at once need distinct ``tag`` values (or none: tags are then assigned
+        in call order, which every peer must share).
+        """
+        if op not in OPS:
+            raise InvalidUsage(f"op must be one of {OPS}, got {op!r}")
+        if quant not in QUANTS:
+            raise InvalidUsage(f"quant must be one of {QUANTS}, got {quant!r}")
+        if algorithm not in ALGORITHMS:
+            raise InvalidUsage(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        timeout = self.timeout if timeout is None else float(timeout)
+        items = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+        flats = [flat(t) for t in items]
+        buckets: dict[str, list[Flat]] = {}
+        for f in flats:
+            buckets.setdefault(f.dtype, []).append(f)
+        if tag is not None and len(buckets) > 1:
+            raise InvalidUsage("a tagged call takes tensors of one dtype")
+        parts = []
+        for dtype, group in buckets.items():
+            nbytes = sum(f.nbytes for f in group)
+            seg = self._pool.take(2 * max(nbytes, 1))
+            base = seg.size // 2
+            members, off = [], 0
+            for f in group:
+                seg.buf[off : off + f.nbytes] = f.data
+                members.append((f, off))
+                off += f.nbytes
+            rid = self._send(
+                {
+                    "op": "all_reduce",
+                    "shm": seg.name,
+                    "in_off": 0,
+                    "out_off": base,
+                    "nbytes": nbytes,
+                    "dtype": dtype,
+                    "reduce": op,
+                    "quant": quant,
+                    "algorithm": algorithm,
+                    "tag": tag,
+                    "timeout": timeout,
+                }
+            )
+            parts.append((rid, seg, members, nbytes))
+        return Handle(self, parts, timeout)
+
+    def all_reduce(
+        self,
+        tensors: Any,
+        op: str = "sum",
+        *,
+        quant: str | None = None,
+        algorithm: str = "auto",
+        tag: int | None = None,
+        timeout: float | None = None,
+        retry: bool | Backoff = False,
+    ) -> dict:
+        """All-reduce in place; returns per-call info (world size, algorithm, seconds, bytes).
+
+        On failure the tensors are untouched. With ``retry`` the call is repeated on the new
+        membership after ``PeerLost``/``Aborted`` until it succeeds; when this peer is left
+        alone, the result is its own input (the reduction over a world of one).
+        """
+        backoff = retry if isinstance(retry, Backoff) else Backoff(deadline=self.timeout)
+        delays = backoff.delays()
+        while True:
+            try:
+                return self.all_reduce_async(
+                    tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout
+                ).wait()
+            except (PeerLost, Aborted, CoordinatorUnavailable) as exc:
+                if not retry:
+                    raise
+                failed_epoch = self._info.get("epoch", -1)
+                pause = next(delays, None)
+                if pause is None:
+                    raise DeadlineExceeded(f"all_reduce kept failing until the retry deadline: {exc}") from exc
+                time.sleep(pause)
+                self._wait_new_epoch(failed_epoch, backoff)
+
+    def _wait_new_epoch(self, epoch: int, backoff: Backoff) -> dict:
+        deadline = time.monotonic() + min(backoff.deadline, 10.0)
+        info = self.refresh()
+        while info.get("epoch", -1) <= epoch and time.monotonic() < deadline:
+            time.sleep(0.02)
+            info = self.refresh()
+        return info
+
+    def all_gather(self, blob: bytes, *, tag: int | None = None, timeout: float | None = None) -> list[bytes]:
+        """Every peer's ``blob`` in rank order (for sparse exchanges of indices and values)."""
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise InvalidUsage("all_gather takes bytes")
+        return list(self._call({"op": "all_gather", "data": bytes(blob), "tag": tag}, timeout)["blobs"])
+
+    # -- teardown --------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the run (announced, so nobody waits for a timeout) and release resources."""
+        if self._sock is None:
+            return
+        if self._proc is not None:
+            try:
+                self._call({"op": "leave"}, timeout=3.0)
+            except PcclError:
+                pass
+        try:
+            self._pool.close()
+        finally:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5.0)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort for forgotten clients
+        try:
+            if self._sock is not None:
+                self.close()
+        except Exception:
+            pass

@@ -1,0 +1,453 @@
+"""The peer daemon: one per trainer, owning every network connection of that peer.
+
+It joins three things together and adds no protocol of its own:
+  * :class:`~pccl_py.control.ControlLink` to the coordinator (membership, votes),
+  * :class:`~pccl_py.dataplane.DataPlane` to the other daemons (collectives),
+  * the local plane (:mod:`pccl_py.local`) its trainer's Client talks to.
+
+Run it as ``pccl daemon --coordinator HOST:PORT --group G`` or let ``Client(daemon=None)``
+spawn a private one that exits with its client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+from . import local
+from .control import ControlLink
+from .dataplane import DataPlane
+from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
+from .topology import Topology
+
+log = logging.getLogger("pccl.daemon")
+
+AUTO_TAG = 1 << 62
+DTYPE_SIZES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+}
+MAX_TIMEOUT = 24 * 3600.0
+
+
+def topology_summary(topo: Topology | None, peer_id: str) -> dict:
+    if topo is None:
+        return {"peer_id": peer_id, "connected": False}
+    return {
+        "peer_id": peer_id,
+        "connected": True,
+        "epoch": topo.epoch,
+        "group": topo.group,
+        "rank": topo.rank,
+        "world_size": topo.world_size,
+        "group_world_size": topo.group_world_size,
+        "num_groups": topo.num_groups,
+        "peers": [p.peer_id for p in topo.peers],
+    }
+
+
+class Daemon:
+    def __init__(
+        self,
+        *,
+        coordinator: str,
+        group: int = 0,
+        data_host: str = "127.0.0.1",
+        data_port: int = 0,
+        local_path: str | None = None,
+        secret: bytes = b"",
+        streams: int | None = None,
+        heartbeat_interval: float = 0.5,
+        coordinator_timeout: float = 3.0,
+        exit_with_client: bool = False,
+    ) -> None:
+        self.coordinator = coordinator
+        self.group = group
+        self.peer_id = uuid.uuid4().hex
+        self.local_path = local_path or os.path.join(
+            tempfile.gettempdir(), f"pccl-{os.getpid()}-{self.peer_id[:8]}.sock"
+        )
+        self.exit_with_client = exit_with_client
+        dp_kwargs = {"secret": secret, "host": data_host, "port": data_port}
+        if streams is not None:
+            dp_kwargs["streams"] = streams
+        self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
+        self._control_kwargs = {
+            "group": group,
+            "secret": secret,
+            "peer_id": self.peer_id,
+            "heartbeat_interval": heartbeat_interval,
+            "coordinator_timeout": coordinator_timeout,
+        }
+        self.control: ControlLink | None = None
+        self.topology: Topology | None = None
+        self._seq = 0
+        self._seq_epoch = -1
+        self._in_flight: dict[int, str] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped = asyncio.Event()
+        self._sessions: set[LocalSession] = set()
+        self._removed: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        addr = await self.data.start()
+        self.control = ControlLink(
+            self.coordinator,
+            data_addr=addr,
+            on_topology=self._on_topology,
+            on_abort=self._on_abort,
+            on_removed=self._on_removed,
+            **self._control_kwargs,
+        )
+        await self.control.start()
+        if os.path.exists(self.local_path):
+            os.unlink(self.local_path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: LocalSession(self), path=self.local_path)
+        log.info("daemon %s ready: local %s, data %s:%d", self.peer_id[:8], self.local_path, *addr)
+
+    async def stop(self, graceful: bool = True) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._server is not None:
+            self._server.close()
+        for s in list(self._sessions):
+            s.close()
+        if self.control is not None:
+            if graceful:
+                try:
+                    await asyncio.wait_for(self.control.leave(), 2.0)
+                except Exception as exc:  # leaving is best effort: the coordinator may be gone
+                    log.info("leave not acknowledged: %s", exc)
+            await self.control.close()
+        await self.data.close()
+        try:
+            os.unlink(self.local_path)
+        except FileNotFoundError:
+            pass
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # -- callbacks from the control link and data plane ------------------------------
+    async def _on_topology(self, topo: Topology) -> None:
+        log.info(
+            "epoch %d: rank %d of %d in group %d (world %d)",
+            topo.epoch, topo.rank, topo.group_world_size, topo.group, topo.world_size,
+        )
+        await self.data.set_topology(topo)
+        self.topology = topo
+
+    def _on_abort(self, exc: PcclError) -> None:
+        log.warning("abort from coordinator: %s", exc)
+        self.data.abort(exc)
+
+    def _on_removed(self, reason: str) -> None:
+        log.warning("removed from the run: %s", reason)
+        self._removed = reason
+        self.topology = None
+
+    def _on_peer_failure(self, peer_id: str, reason: str) -> None:
+        log.warning("data link to %s broke: %s", peer_id[:8], reason)
+        if self.control is not None:
+            asyncio.ensure_future(self._report(peer_id, reason))
+
+    async def _report(self, peer_id: str, reason: str) -> None:
+        try:
+            await self.control.report_peer_failure(peer_id, reason)
+        except Exception as exc:
+            log.info("could not report failure of %s: %s", peer_id[:8], exc)
+
+    # -- requests from the client ----------------------------------------------------
+    def _require_connected(self) -> Topology:
+        if self.topology is None:
+            if self._removed:
+                raise InvalidUsage(
+                    f"this peer was removed from the run ({self._removed}); call connect() to rejoin"
+                )
+            raise InvalidUsage("not connected: call connect() before collectives")
+        return self.topology
+
+    def _activity(self) -> None:
+        if self.control is not None:
+            acts = sorted(set(self._in_flight.values()))
+            self.control.set_activity(",".join(acts) if acts else None)
+
+    def next_tag(self, user_tag) -> int:
+        topo = self._require_connected()
+        if user_tag is not None:
+            tag = int(user_tag)
+            if not 0 <= tag < AUTO_TAG:
+                raise InvalidUsage(f"tag must be in [0, 2**62), got {tag}")
+            return tag
+        if topo.epoch != self._seq_epoch:
+            self._seq_epoch, self._seq = topo.epoch, 0
+        self._seq += 1
+        return AUTO_TAG | self._seq
+
+    async def handle(self, session: LocalSession, req: dict) -> dict:
+        op = req.get("op")
+        timeout = float(req.get("timeout") or 60.0)
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds")
+        if op == "hello":
+            return {"peer_id": self.peer_id, "pid": os.getpid()}
+        if op == "connect":
+            self._removed = None
+            topo = await self.control.connect(timeout)
+            await self._wait_topology(topo.epoch, timeout)
+            return topology_summary(self.topology, self.peer_id)
+        if op == "update_topology":
+            self._require_connected()
+            self._in_flight[-1] = "update_topology"
+            try:
+                topo = await self.control.update_topology(timeout)
+            finally:
+                self._in_flight.pop(-1, None)
+            await self._wait_topology(topo.epoch, timeout)
+            return topology_summary(self.topology, self.peer_id)
+        if op == "are_peers_pending":
+            self._require_connected()
+            return {"pending": bool(await self.control.are_peers_pending(timeout))}
+        if op == "info":
+            return topology_summary(self.topology, self.peer_id)
+        if op == "map":
+            session.map(str(req["name"]), int(req["size"]))
+            return {}
+        if op == "unmap":
+            session.unmap(str(req["name"]))
+            return {}
+        if op == "all_reduce":
+            return await self._all_reduce(session, req, timeout)
+        if op == "all_gather":
+            topo = self._require_connected()
+            tag = self.next_tag(req.get("tag"))
+            blob = req.get("data")
+            if not isinstance(blob, bytes):
+                raise InvalidUsage("all_gather needs bytes")
+            self._in_flight[tag] = f"all_gather tag={tag & ~AUTO_TAG}"
+            self._activity()
+            try:
+                blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
+            finally:
+                self._in_flight.pop(tag, None)
+                self._activity()
+            return {"blobs": blobs, "epoch": topo.epoch}
+        if op == "leave":
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+            return {}
+        raise InvalidUsage(f"unknown request {op!r}")
+
+    async def _wait_topology(self, epoch: int, timeout: float) -> None:
+        # on_topology is awaited by the control link before connect/update return, so this is
+        # normally immediate; it guards against a callback still running.
+        deadline = time.monotonic() + timeout
+        while self.topology is None or self.topology.epoch < epoch:
+            if time.monotonic() > deadline:
+                raise InvalidUsage("topology did not arrive")
+            await asyncio.sleep(0.001)
+
+    async def _all_reduce(self, session: LocalSession, req: dict, timeout: float) -> dict:
+        topo = self._require_connected()
+        dtype = str(req.get("dtype"))
+        if dtype not in DTYPE_SIZES:
+            raise InvalidUsage(f"unsupported dtype {dtype!r}; supported: {sorted(DTYPE_SIZES)}")
+        nbytes = int(req["nbytes"])
+        if nbytes % DTYPE_SIZES[dtype]:
+            raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
+        seg = session.segment(str(req["shm"]))
+        in_off, out_off = int(req["in_off"]), int(req["out_off"])
+        for off in (in_off, out_off):
+            if off < 0 or off + nbytes > seg.size:
+                raise InvalidUsage("buffer range outside the shared-memory segment")
+        if abs(in_off - out_off) < nbytes:
+            raise InvalidUsage("input and output ranges overlap")
+        src = np.frombuffer(seg.buf, dtype=np.uint8, count=nbytes, offset=in_off)
+        dst = np.frombuffer(seg.buf, dtype=np.uint8, count=nbytes, offset=out_off)
+        tag = self.next_tag(req.get("tag"))
+        self._in_flight[tag] = f"all_reduce tag={tag & ~AUTO_TAG if tag & AUTO_TAG else tag}"
+        self._activity()
+        try:
+            info = await self.data.all_reduce(
+                src,
+                dst,
+                dtype=dtype,
+                op=str(req.get("reduce", "sum")),
+                quant=req.get("quant"),
+                algorithm=str(req.get("algorithm", "auto")),
+                tag=tag,
+                timeout=timeout,
+            )
+        finally:
+            self._in_flight.pop(tag, None)
+            self._activity()
+        info = dict(info)
+        info["epoch"] = topo.epoch
+        return info
+
+
+class LocalSession(asyncio.Protocol):
+    """One client connection on the local socket."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.frames = local.FrameBuffer()
+        self.transport: asyncio.Transport | None = None
+        self.segments: dict = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.daemon._sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self.frames.feed(data)
+        except ProtocolError as exc:
+            log.warning("closing local client: %s", exc)
+            self.transport.close()
+            return
+        for msg in msgs:
+            t = asyncio.ensure_future(self._serve(msg))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, req: dict) -> None:
+        rid = req.get("id")
+        try:
+            if req.get("op") not in local.OPS:
+                raise InvalidUsage(f"unknown request {req.get('op')!r}")
+            reply = await self.daemon.handle(self, req)
+            reply.update(ok=True)
+        except PcclError as exc:
+            reply = {"ok": False, **to_wire(exc)}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"ok": False, **to_wire(InvalidUsage(f"bad request: {exc!r}"))}
+        except Exception as exc:  # never let one request kill the daemon
+            log.exception("request %s failed", req.get("op"))
+            reply = {"ok": False, **to_wire(exc)}
+        reply["id"] = rid
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(local.pack(reply))
+
+    def map(self, name: str, size: int) -> None:
+        if name in self.segments:
+            return
+        seg = local.attach_segment(name)
+        if seg.size < size:
+            seg.close()
+            raise InvalidUsage(f"segment {name} is {seg.size} bytes, expected {size}")
+        self.segments[name] = seg
+
+    def unmap(self, name: str) -> None:
+        seg = self.segments.pop(name, None)
+        if seg is not None:
+            try:
+                seg.close()
+            except BufferError:  # a view is still alive in an op; the mapping goes with the process
+                pass
+
+    def segment(self, name: str):
+        seg = self.segments.get(name)
+        if seg is None:
+            raise InvalidUsage(f"unknown shared-memory segment {name!r}; map it first")
+        return seg
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.daemon._sessions.discard(self)
+        for t in self.tasks:
+            t.cancel()
+        for name in list(self.segments):
+            self.unmap(name)
+        self.transport = None
+        if self.daemon.exit_with_client:
+            asyncio.ensure_future(self.daemon.stop())
+
+
+def _hostport(text: str, default_port: int) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, default_port
+    return host, int(port)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="pccl daemon", description="Run a pccl peer daemon.")
+    p.add_argument("--coordinator", default="127.0.0.1:48148", help="coordinator HOST:PORT")
+    p.add_argument("--group", type=int, default=0, help="peer group of this daemon")
+    p.add_argument("--listen", default="127.0.0.1:0", help="data-plane HOST:PORT (port 0: any)")
+    p.add_argument("--local", default=None, help="unix socket path for the client")
+    p.add_argument("--streams", type=int, default=None, help="TCP streams per neighbour link")
+    p.add_argument("--heartbeat-interval", type=float, default=0.5)
+    p.add_argument("--coordinator-timeout", type=float, default=3.0)
+    p.add_argument("--exit-with-client", action="store_true", help="stop when the client disconnects")
+    p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
+    return p
+
+
+async def _amain(args) -> int:
+    host, port = _hostport(args.listen, 0)
+    secret = os.environ.get("PCCL_SECRET", "").encode()
+    d = Daemon(
+        coordinator=args.coordinator,
+        group=args.group,
+        data_host=host,
+        data_port=port,
+        local_path=args.local,
+        secret=secret,
+        streams=args.streams,
+        heartbeat_interval=args.heartbeat_interval,
+        coordinator_timeout=args.coordinator_timeout,
+        exit_with_client=args.exit_with_client,
+    )
+    await d.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(d.stop()))
+    print(f"READY {d.local_path} {d.peer_id}", flush=True)
+    await d.wait_stopped()
+    return 0
+
+
+def run_loop(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run_loop(_amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""DiLoCo outer optimisation on top of :class:`~pccl_py.client.Client`.
+
+Each peer runs ``inner_steps`` steps of its own optimiser, then the peers average their
+pseudo-gradients (outer params minus local params) with one all-reduce and apply an
+outer SGD step with Nesterov momentum. The outer params are the shared state: every peer
+holds identical bits after every outer step.
+
+``DiLoCo`` waits for each outer all-reduce; ``async_outer=True`` applies the previous
+step's averaged pseudo-gradient while the current one is in flight (one-step delayed
+DiLoCo), which hides the all-reduce behind the next inner steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .client import Client
+
+
+class DiLoCo:
+    def __init__(
+        self,
+        client: Client,
+        params: Sequence[torch.Tensor],
+        *,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        quant: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.params = [p for p in params]
+        self.outer = [p.detach().clone() for p in self.params]
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.outer_lr = outer_lr
+        self.outer_momentum = outer_momentum
+        self.quant = quant
+        self.timeout = timeout
+        self.last_info: dict = {}
+
+    @torch.no_grad()
+    def outer_step(self) -> dict:
+        """Average pseudo-gradients across peers and take one outer step (retrying on churn)."""
+        deltas = [o - p.detach() for o, p in zip(self.outer, self.params)]
+        info = self.client.all_reduce(deltas, op="avg", quant=self.quant, timeout=self.timeout, retry=True)
+        for o, m, d in zip(self.outer, self.momentum, deltas):
+            m.mul_(self.outer_momentum).add_(d)
+            # Nesterov: step along the gradient plus the updated momentum
+            o.sub_(self.outer_lr * (d + self.outer_momentum * m))
+        self.load_outer()
+        self.last_info = info
+        return info
+
+    @torch.no_grad()
+    def load_outer(self) -> None:
+        for p, o in zip(self.params, self.outer):
+            p.copy_(o)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Everything a newcomer must receive to be in step: outer params and momentum."""
+        return self.outer + self.momentum

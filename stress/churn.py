@@ -1,0 +1,177 @@
+"""Churn stress run: peers SIGKILLed, frozen and started at random while all-reduces run.
+
+    python stress/churn.py --minutes 3 --peers 4 [--seed 1]
+
+Every peer loops: update_topology(), all_reduce(sum) of a vector whose expected result it
+can check (it contributes ones; the sum must equal the world size of that call), then an
+all-gather of the hash of a second, random all-reduce result to check bit parity. The
+orchestrator kills (SIGKILL), freezes (SIGSTOP, then SIGCONT after a while) and starts
+peers at random times. It reports completed steps, errors by type, parity breaks, wrong
+results, and the time from each kill to the survivors' next completed step. It stops by
+itself after --minutes and exits non-zero on any parity break, wrong result, or stall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pccl_py.demo import free_port  # noqa: E402
+
+
+def peer(args) -> int:
+    import numpy as np
+    import xxhash
+
+    from pccl_py import Client, PcclError
+
+    rng = np.random.default_rng(args.peer_seed)
+    with Client(coordinator=args.coordinator, timeout=20.0) as c:
+        c.connect()
+        deadline = time.monotonic() + args.minutes * 60 + 30
+        while time.monotonic() < deadline:
+            try:
+                topo = c.update_topology()
+                ones = np.ones(args.size, dtype=np.float32)
+                info = c.all_reduce(ones, op="sum")
+                ok = bool(np.all(ones == info["world_size"]))
+                x = rng.standard_normal(args.size).astype(np.float32)
+                c.all_reduce(x, op="avg", quant=args.quant)
+                hashes = c.all_gather(xxhash.xxh64(x.tobytes()).digest())
+                print(json.dumps({"event": "step", "epoch": topo["epoch"], "world": info["world_size"],
+                                  "correct": ok, "parity": len(set(hashes)) == 1,
+                                  "t": time.time()}), flush=True)
+            except PcclError as exc:
+                print(json.dumps({"event": "error", "type": type(exc).__name__, "message": str(exc)[:200],
+                                  "t": time.time()}), flush=True)
+                if "removed" in str(exc) or "not connected" in str(exc):
+                    c.connect()
+    return 0
+
+
+def orchestrate(args) -> int:
+    rnd = random.Random(args.seed)
+    addr = f"127.0.0.1:{free_port()}"
+    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr],
+                             stdout=subprocess.DEVNULL)
+    procs: dict[int, subprocess.Popen] = {}
+    bufs: dict[int, bytes] = {}
+    frozen: dict[int, float] = {}
+    stats = {"steps": 0, "errors": {}, "parity_breaks": 0, "wrong": 0, "kills": 0, "freezes": 0,
+             "starts": 0}
+    recoveries: list[float] = []
+    pending_kill: float | None = None
+    next_id = 0
+
+    def start() -> None:
+        nonlocal next_id
+        cmd = [sys.executable, os.path.abspath(__file__), "--role", "peer", "--coordinator", addr,
+               "--peer-seed", str(next_id), "--size", str(args.size), "--minutes", str(args.minutes)]
+        if args.quant:
+            cmd += ["--quant", args.quant]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        os.set_blocking(p.stdout.fileno(), False)
+        procs[next_id], bufs[next_id] = p, b""
+        next_id += 1
+        stats["starts"] += 1
+
+    time.sleep(0.3)
+    for _ in range(args.peers):
+        start()
+    end = time.monotonic() + args.minutes * 60
+    last_step = time.monotonic()
+    next_event = time.monotonic() + rnd.uniform(3, 8)
+    try:
+        while time.monotonic() < end:
+            fds = {p.stdout.fileno(): i for i, p in procs.items() if p.poll() is None}
+            r, _, _ = select.select(list(fds), [], [], 0.2) if fds else ([], [], [])
+            for fd in r:
+                i = fds[fd]
+                bufs[i] += procs[i].stdout.read() or b""
+                *lines, bufs[i] = bufs[i].split(b"\n")
+                for line in lines:
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if ev["event"] == "step":
+                        stats["steps"] += 1
+                        last_step = time.monotonic()
+                        stats["parity_breaks"] += not ev["parity"]
+                        stats["wrong"] += not ev["correct"]
+                        if pending_kill is not None:
+                            recoveries.append(time.monotonic() - pending_kill)
+                            pending_kill = None
+                    else:
+                        stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
+            now = time.monotonic()
+            for i, t in list(frozen.items()):
+                if now >= t and procs[i].poll() is None:
+                    os.kill(procs[i].pid, signal.SIGCONT)
+                    del frozen[i]
+            if now >= next_event:
+                alive = [i for i, p in procs.items() if p.poll() is None and i not in frozen]
+                action = rnd.choice(["kill", "freeze", "start"]) if len(alive) > 2 else "start"
+                if action == "kill" and alive:
+                    victim = rnd.choice(alive)
+                    procs[victim].kill()
+                    stats["kills"] += 1
+                    pending_kill = now
+                    print(f"[churn] SIGKILL peer {victim}", flush=True)
+                elif action == "freeze" and alive:
+                    victim = rnd.choice(alive)
+                    os.kill(procs[victim].pid, signal.SIGSTOP)
+                    frozen[victim] = now + rnd.uniform(2, 6)
+                    stats["freezes"] += 1
+                    print(f"[churn] SIGSTOP peer {victim}", flush=True)
+                elif len([p for p in procs.values() if p.poll() is None]) < args.peers + 1:
+                    start()
+                    print("[churn] started a peer", flush=True)
+                next_event = now + rnd.uniform(4, 10)
+            if now - last_step > args.stall:
+                print(f"[churn] STALL: no step for {args.stall:.0f}s", flush=True)
+                stats["stalled"] = True
+                break
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait()
+        coord.kill()
+        coord.wait()
+    if recoveries:
+        stats["recovery_median_s"] = round(statistics.median(recoveries), 3)
+        stats["recovery_max_s"] = round(max(recoveries), 3)
+    print(json.dumps(stats, indent=1))
+    bad = stats["parity_breaks"] or stats["wrong"] or stats.get("stalled") or not stats["steps"]
+    return 1 if bad else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--size", type=int, default=1 << 16)
+    p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--role", default="orchestrator", help=argparse.SUPPRESS)
+    p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    return peer(args) if args.role == "peer" else orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
