@@ -186,8 +186,13 @@ class StateServer:
                     return  # dropped by unpublish() while the request was read
                 view = self.views.get(name)
                 if self.revision is None or revision != self.revision or view is None:
-                    text = (f"{self.peer_id} does not serve {name!r} at revision {revision} "
-                            f"(serving revision {self.revision})").encode()[:MAX_TEXT]
+                    if self.revision is None:
+                        why = "it serves no shared state right now"
+                    elif revision != self.revision:
+                        why = f"it serves revision {self.revision}"
+                    else:
+                        why = f"it has no tensor of that name (it serves {len(self.views)} tensors)"
+                    text = f"{self.peer_id} cannot serve {name!r} at revision {revision}: {why}".encode()[:MAX_TEXT]
                     writer.write(RESP.pack(M_RESP, 1, len(text)) + text)
                     await asyncio.wait_for(writer.drain(), self.auth_timeout)
                     log.info("state server %s: refused %s: %s", self.peer_id, who, text.decode())
