@@ -38,9 +38,17 @@ coordinator -> daemon
                         ``message``; the round goes on for the others.
       revision: the elected revision (the peer's revision after a successful sync).
   ``sync_complete`` {round, status, revision, error, message}
-      the sync call of this peer returns: status "ok" (error/message empty) or "error".
-      A fetching peer gets it right after its ``sync_done``; every other peer gets it
-      when all fetching peers have reported (or died), so sources serve until then.
+      the sync call of this peer returns: status "ok" (error/message empty) or "error"
+      (a failed or timed-out fetch). Every peer whose plan was not an error gets it once,
+      all in the same Decision, when every fetching peer has reported (or died or timed
+      out); so sources serve until no one needs them, and any offer that arrives after a
+      ``sync_complete`` belongs to the next round.
+
+Coordinator duties around the round: open a round at the first ``sync_offer`` of a
+group that has none; while a round is past ``collecting`` (its ``phase``), hold new
+offers and replay them into the next round once ``done``; after ``done`` merge
+:attr:`SyncRound.synced` into the revision book. A peer whose offer got an error plan
+during ``collecting`` may offer again in the same round (the new offer replaces it).
 
 Round life: ``collecting`` -> (every live member offered) election, plans out ->
 ``transferring`` -> (every fetcher reported or died) ``sync_complete`` to everyone ->
@@ -201,6 +209,7 @@ class SyncRound:
         self.failed: dict[str, tuple[str, str]] = {}  # peer -> (error, message) decided so far
         self.waiting: set[str] = set()  # fetchers that have not reported
         self.finishers: list[str] = []  # peers that get sync_complete at the end
+        self.results: dict[str, tuple[str, str]] = {}  # fetcher -> (error, message) of a failed fetch
         self.winner: Key | None = None
         self.revision = -1
         self.elected_at: float | None = None
@@ -229,13 +238,18 @@ class SyncRound:
                 f"offer from non-member {peer_id} refused",
             )
         if self.phase != "collecting":
+            # the coordinator holds offers for the next round while one is transferring
+            # (see the module docstring); reaching here is a wiring bug, not the peer's fault
             return Decision(
-                [(peer_id, _plan(self.round_id, "error", -1, error="InvalidUsage",
-                                 message="the sync round already elected; call sync_shared_state again"))],
+                [(peer_id, _plan(self.round_id, "error", -1, error="InternalError",
+                                 message="sync offer delivered to a round that already elected"))],
                 f"late offer from {peer_id} refused ({self.phase})",
             )
-        if peer_id in self.offers or peer_id in self.failed:
+        if peer_id in self.offers:
             return Decision([], f"duplicate offer from {peer_id} ignored")
+        if peer_id in self.failed:  # its earlier offer was refused: this one replaces it
+            del self.failed[peer_id]
+            self.plans.pop(peer_id, None)
         out: list[tuple[str, dict]] = []
         try:
             if strategy not in STRATEGIES:
@@ -270,16 +284,14 @@ class SyncRound:
         if peer_id not in self.waiting:
             return Decision([], f"unexpected sync_done from {peer_id} ignored")
         self.waiting.discard(peer_id)
-        out: list[tuple[str, dict]] = []
         if ok:
             self.synced[peer_id] = self.revision
-            out.append((peer_id, _complete(self.round_id, self.revision)))
             reason = f"{peer_id} fetched revision {self.revision}"
         else:
             err = error or "PeerLost"
-            out.append((peer_id, _complete(self.round_id, self.revision, err, message or "fetch failed")))
+            self.results[peer_id] = (err, message or "fetch failed")
             reason = f"{peer_id} failed to fetch: {err}: {message}"
-        return self._maybe_finish(out, reason)
+        return self._maybe_finish([], reason)
 
     def member_gone(self, now: float, peer_id: str) -> Decision:
         if peer_id not in self.members:
@@ -314,8 +326,7 @@ class SyncRound:
             if now >= self.elected_at + limit and self.waiting:
                 late = sorted(self.waiting)
                 for p in late:
-                    out.append((p, _complete(self.round_id, self.revision, "DeadlineExceeded",
-                                             f"state transfer did not finish within {limit:g} s")))
+                    self.results[p] = ("DeadlineExceeded", f"state transfer did not finish within {limit:g} s")
                 self.waiting.clear()
                 return self._maybe_finish(out, f"fetchers {late} timed out")
         return Decision(out, "")
@@ -390,6 +401,7 @@ class SyncRound:
                 plan = _plan(self.round_id, "fetch", self.revision,
                              sources=[s for s in sources if s[0] != p], tensors=fetch)
                 self.waiting.add(p)
+                self.finishers.append(p)
                 n_fetch += 1
             self.plans[p] = plan
             out.append((p, plan))
@@ -403,7 +415,7 @@ class SyncRound:
     def _maybe_finish(self, out: list, reason: str) -> Decision:
         if self.phase == "transferring" and not self.waiting:
             for p in self.finishers:
-                out.append((p, _complete(self.round_id, self.revision)))
+                out.append((p, _complete(self.round_id, self.revision, *self.results.get(p, ("", "")))))
             self.finishers = []
             self.phase = "done"
             reason += "; round complete"

@@ -19,7 +19,9 @@ Steps of one sync:
 2. plan "error": unpublish, raise the named error (RevisionError, InvalidUsage, ...).
    plan "in_sync": keep serving until ``sync_complete``; 0 bytes received.
    plan "fetch": unpublish (this content lost), fetch the listed tensors striped over the
-   sources into the tensors' own memory, verify, send ``sync_done``, await ``sync_complete``.
+   sources into the tensors' own memory, verify, send ``sync_done`` (ok or not), await
+   ``sync_complete`` (it comes when every fetcher of the round has reported), then
+   return or raise.
 3. return {"revision", "status", "tx_bytes", "rx_bytes", "seconds", "hash_seconds",
    "sources_used", "fetch"}; the client sets ``SharedState.revision`` to ``revision``.
 """
@@ -95,7 +97,12 @@ async def daemon_sync(
                              timeout=max(0.001, deadline - loop.time()), progress=progress,
                              **(fetch_options or {}))
         except PcclError as exc:
+            # report, then end with the round like everyone else (so a retry is the next round)
             await channel.send({"type": "sync_done", "round": rid, "ok": False, "rx_bytes": 0, **to_wire(exc)})
+            try:
+                await _recv(channel, "sync_complete", rid, deadline + 1.0)
+            except DeadlineExceeded:
+                pass
             raise
         await channel.send({"type": "sync_done", "round": rid, "ok": True, "rx_bytes": st["rx_bytes"],
                             "error": "", "message": ""})
@@ -132,8 +139,6 @@ async def _recv(channel: SyncChannel, mtype: str, round_id: int | None, deadline
             raise DeadlineExceeded(f"no {mtype} from the coordinator before the sync deadline") from None
         if msg.get("type") == mtype and (round_id is None or msg.get("round") == round_id):
             return msg
-        if mtype == "sync_complete" and msg.get("type") == "sync_complete" and msg.get("status") == "error":
-            return msg  # an error ending this call whatever its round
         # anything else (a stale message of an earlier round) is dropped
 
 
@@ -151,6 +156,7 @@ class LocalCoordinator:
         self.round: SyncRound | None = None
         self.rounds = 0
         self.queues: dict[str, asyncio.Queue] = {p: asyncio.Queue() for p in self.members}
+        self.held: list[tuple[str, dict]] = []  # offers for the next round
         self.log: list[str] = []
 
     def channel(self, peer_id: str) -> _LocalChannel:
@@ -161,6 +167,9 @@ class LocalCoordinator:
 
     def _route(self, peer_id: str, msg: dict) -> None:
         now = self._now()
+        if msg["type"] == "sync_offer" and self.round is not None and self.round.phase == "transferring":
+            self.held.append((peer_id, msg))  # belongs to the next round
+            return
         if msg["type"] == "sync_offer" and (self.round is None or self.round.done):
             self.round = SyncRound(self.members, now, self.timeout, known=dict(self.known), round_id=self.rounds)
             self.rounds += 1
@@ -183,6 +192,9 @@ class LocalCoordinator:
                 self.queues[peer].put_nowait(out)
         if self.round is not None and self.round.done:
             self.known.update(self.round.synced)
+            held, self.held = self.held, []
+            for peer, msg in held:
+                self._route(peer, msg)
 
     def tick(self) -> None:
         if self.round is not None and not self.round.done:

@@ -313,3 +313,39 @@ def test_invariants(specs, rnd):
     done = by_peer(fin)
     assert set(done) == set(in_sync) | set(fetchers)
     assert all(len(v) == 1 for v in done.values())
+
+
+def test_completes_come_together_with_each_fetchers_result():
+    r = SyncRound(["p1", "p2", "p3"], 0.0, 10.0)
+    run_offers(r, [("p1", 1, rows(A), "enforce_popular"), ("p2", 1, rows(B), "receive_only"),
+                   ("p3", 1, rows(C), "receive_only")])
+    assert r.transfer_done(1.0, "p2", False, "PeerLost", "sources gone").out == []
+    got = by_peer(r.transfer_done(1.0, "p3", True).out)
+    assert set(got) == {"p1", "p2", "p3"} and r.done
+    assert got["p2"][0]["status"] == "error" and got["p2"][0]["error"] == "PeerLost"
+    assert got["p1"][0]["status"] == got["p3"][0]["status"] == "ok"
+    assert r.synced == {"p1": 1, "p3": 1}
+
+
+def test_refused_offer_may_be_replaced_while_collecting():
+    r = SyncRound(["p1", "p2"], 0.0, 10.0, known={"p1": 1, "p2": 1})
+    got = run_offers(r, [("p1", 5, rows(A), "enforce_popular")])
+    assert got["p1"][0]["error"] == "RevisionError"
+    got = run_offers(r, [("p1", 2, rows(A), "enforce_popular"), ("p2", 2, rows(A), "enforce_popular")])
+    assert got["p1"][0]["status"] == "in_sync" and r.done
+
+
+def test_local_coordinator_holds_offers_for_the_next_round():
+    from pccl_py.statesync import LocalCoordinator
+
+    coord = LocalCoordinator(["p1", "p2"])
+    offer = {"type": "sync_offer", "round_hint": 0, "strategy": "enforce_popular", "host": "h", "port": 1,
+             "timeout": 5.0}
+    coord._route("p1", {**offer, "revision": 1, "tensors": rows(A)})
+    coord._route("p2", {**offer, "revision": 1, "tensors": rows(B), "strategy": "receive_only"})
+    assert coord.round.phase == "transferring"
+    coord._route("p1", {**offer, "revision": 2, "tensors": rows(A)})  # too early: held
+    assert coord.held and coord.round.round_id == 0
+    coord._route("p2", {"type": "sync_done", "round": 0, "ok": True, "rx_bytes": 1, "error": "", "message": ""})
+    assert coord.known == {"p1": 1, "p2": 1}
+    assert coord.round.round_id == 1 and "p1" in coord.round.offers and not coord.held
