@@ -39,14 +39,15 @@ def worker(args) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)  # every peer starts from the same initial model
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(),
+        torch.nn.Linear(256, 1)
     )
     gen = torch.Generator().manual_seed(1000 + args.worker_id)  # each peer its own data
     w_true = torch.randn(16, 1, generator=torch.Generator().manual_seed(7))
 
     def batch():
-        x = torch.randn(64, 16, generator=gen)
-        return x, torch.sin(x @ w_true) + 0.05 * torch.randn(64, 1, generator=gen)
+        x = torch.randn(256, 16, generator=gen)
+        return x, torch.sin(x @ w_true) + 0.05 * torch.randn(256, 1, generator=gen)
 
     def emit(**kw):
         print(json.dumps({"worker": args.worker_id, **kw}), flush=True)
@@ -60,12 +61,17 @@ def worker(args) -> int:
         if topo["world_size"] > 1:
             handoff(client, diloco, step, have_state=False)  # a newcomer takes the run's state
         emit(event="joined", epoch=topo["epoch"], world=topo["world_size"], step=int(step.item()))
+        first = True
         while step.item() < args.outer_steps:
-            topo = client.update_topology()  # admit anyone waiting
-            new_peers = set(topo.get("peers", []))
-            if new_peers - peers:
-                handoff(client, diloco, step, have_state=True)
-            peers = new_peers
+            if not first:
+                # every peer votes here; a newcomer's connect() returned at this same point,
+                # so its first iteration starts after the handoff below
+                topo = client.update_topology()
+                new_peers = set(topo.get("peers", []))
+                if new_peers - peers:
+                    handoff(client, diloco, step, have_state=True)
+                peers = new_peers
+            first = False
             for _ in range(args.inner_steps):
                 x, y = batch()
                 loss = torch.nn.functional.mse_loss(model(x), y)
@@ -80,7 +86,7 @@ def worker(args) -> int:
             hashes = client.all_gather(digest.digest(), timeout=30.0)
             parity = len(set(hashes)) == 1
             emit(
-                event="step", step=int(step.item()), loss=round(float(loss), 5), world=info["world_size"],
+                event="step", step=int(step.item()), loss=round(loss.item(), 5), world=info["world_size"],
                 epoch=info.get("epoch"), parity=parity, ms=round(info["seconds"] * 1e3, 2),
             )
             if not parity:
@@ -130,7 +136,8 @@ class Run:
 
     def start_coordinator(self, addr: str) -> None:
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "pccl_py.coordinator", "--listen", addr], stdout=subprocess.DEVNULL
+            [sys.executable, "-m", "pccl_py.coordinator", "--listen", addr, "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL
         )
 
     def start_worker(self, wid: int, addr: str) -> None:
@@ -161,7 +168,10 @@ class Run:
                     print(f"[trainer {wid}] {line.decode(errors='replace')}")
         return events
 
-    def stop_all(self) -> None:
+    def stop_all(self, grace: float = 0.0) -> None:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.05)
         for p in list(self.procs.values()) + ([self.coordinator] if self.coordinator else []):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -185,6 +195,7 @@ def orchestrate(args) -> int:
         run.start_worker(next_id, addr)
         next_id += 1
     killed = joined = False
+    newcomer = -1
     kill_time = None
     done: set[int] = set()
     deadline = time.monotonic() + args.deadline
@@ -207,6 +218,8 @@ def orchestrate(args) -> int:
                     if not ev["parity"]:
                         run.failed.append(f"parity broken at step {ev['step']}")
                 elif ev["event"] == "joined":
+                    if wid == newcomer and ev["world"] < 2:
+                        run.failed.append("the newcomer was not admitted while the others trained")
                     print(f"[demo] trainer {wid} accepted at epoch {ev['epoch']} (world {ev['world']}), "
                           f"starting from step {ev['step']}", flush=True)
                 elif ev["event"] == "done":
@@ -222,6 +235,7 @@ def orchestrate(args) -> int:
                 run.procs.pop(victim)
                 killed, kill_time = True, time.monotonic()
             if killed and not joined and lead >= args.join_at:
+                newcomer = next_id
                 run.start_worker(next_id, addr)
                 next_id += 1
                 joined = True
@@ -239,7 +253,8 @@ def orchestrate(args) -> int:
         else:
             run.failed.append(f"did not finish within {args.deadline:.0f}s")
     finally:
-        run.stop_all()
+        # trainers that finished are leaving gracefully; give them time before SIGTERM
+        run.stop_all(grace=10.0 if not run.failed else 0.0)
     if run.failed:
         print("[demo] FAILED: " + "; ".join(run.failed))
         return 1
@@ -251,10 +266,10 @@ def orchestrate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pccl demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=3)
-    p.add_argument("--outer-steps", type=int, default=30)
+    p.add_argument("--outer-steps", type=int, default=40)
     p.add_argument("--inner-steps", type=int, default=20)
     p.add_argument("--kill-at", type=int, default=8)
-    p.add_argument("--join-at", type=int, default=14)
+    p.add_argument("--join-at", type=int, default=12)
     p.add_argument("--deadline", type=float, default=300.0, help="give up after this many seconds")
     p.add_argument("--stall", type=float, default=60.0, help="fail when no step completes for this long")
     p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
