@@ -215,7 +215,7 @@ class ControlLink:
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)  # a restarted coordinator is found within 0.5 s
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.coordinator_timeout * 1000))
         sock.connect(self.endpoint)

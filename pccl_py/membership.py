@@ -494,6 +494,8 @@ class Membership:
         self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
 
     def _missing_voters(self) -> str:
+        if self.recovering:
+            return "the recovery window to close"
         missing = sorted(set(self.accepted()) - set(self.votes))
         return ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") if missing else "nobody"
 

@@ -338,13 +338,17 @@ async def test_coordinator_restart_keeps_members_and_epoch_moves_on(coordinator,
     epoch = ls[0].topology.epoch
     coord.kill()
     await asyncio.sleep(0.3)
-    # a call made while the coordinator is away succeeds once it is back
+    # calls made while the coordinator is away succeed once it is back (a whole vote round too)
     pending = asyncio.create_task(ls[1].are_peers_pending(10))
+    votes = [asyncio.create_task(link.update_topology(10)) for link in ls]
+    await asyncio.sleep(0.2)
     t0 = time.monotonic()
     coord.start()
     await until(lambda: all(link.topology.epoch > epoch for link in ls), 8, "rebuilt topology")
     print(f"\ncoordinator restart: members back at a new epoch {time.monotonic() - t0:.3f} s after start")
     assert await pending is False
+    for v in votes:
+        assert (await v).epoch == ls[0].topology.epoch
     for link in ls:
         assert [p.peer_id for p in link.topology.peers] == ring
         assert link.topology.world_size == 3

@@ -430,9 +430,13 @@ class MembershipMachine(RuleBasedStateMachine):
             self.gen += 1
             self.ids[slot] = f"{slot}.{self.gen}"
             pid = self.ids[slot]
+        if slot not in self.alive:  # a fresh process: it remembers nothing
+            self.view.pop(pid, None)
+            self.last.pop(pid, None)
         self.alive.add(slot)
         self.connects[pid] = self.sim.now + 5.0
-        self._send(slot, self.sim.hello, group=group, timeout=5.0)
+        epoch = self.view.get(pid, ("", 0))[1]  # a live link reports the last epoch it saw
+        self._send(slot, self.sim.hello, group=group, timeout=5.0, epoch=epoch)
 
     @rule(slot=st.sampled_from(PIDS))
     def vote(self, slot):
@@ -501,7 +505,7 @@ class MembershipMachine(RuleBasedStateMachine):
                                ring_pos=ring_pos, timeout=0.0)
             else:
                 self.connects[pid] = self.sim.now + 5.0
-                self.sim.hello(pid, group=peer.group, timeout=5.0)
+                self.sim.hello(pid, group=peer.group, timeout=5.0, epoch=self.view.get(pid, ("", 0))[1])
         self._check_topos()
 
     # -- invariants
