@@ -34,18 +34,14 @@ typedef void (*avg_fn)(void *, size_t, int64_t);
 #define I_MIN(a, b) ((b) < (a) ? (b) : (a))
 #define I_MAX(a, b) ((b) > (a) ? (b) : (a))
 
-/* Float min/max: NaN wins (a's first); ties keep a. A chain of selects so it vectorises. */
-#define DEF_FSEL(NAME, T, CMP)                                                         \
-    static inline T NAME(T a, T b) {                                                   \
-        T r = (b CMP a) ? b : a;                                                       \
-        r = (b != b) ? b : r;                                                          \
-        r = (a != a) ? a : r;                                                          \
-        return r;                                                                      \
-    }
-DEF_FSEL(fmin32, float, <)
-DEF_FSEL(fmax32, float, >)
-DEF_FSEL(fmin64, double, <)
-DEF_FSEL(fmax64, double, >)
+/* Float min/max: NaN wins (a's first); ties keep a. "take b" is: a is not NaN and b does not
+ * lose to a (!(b >= a) is true for b < a and for a NaN b): two compares and a select. */
+#define DEF_FSEL(NAME, T, NOT_B)                                                       \
+    static inline T NAME(T a, T b) { return ((a == a) & !(b NOT_B a)) ? b : a; }
+DEF_FSEL(fmin32, float, >=)
+DEF_FSEL(fmax32, float, <=)
+DEF_FSEL(fmin64, double, >=)
+DEF_FSEL(fmax64, double, <=)
 
 /* plain types: T is the (unaligned) storage type */
 #define DEF_PLAIN(NAME, T, OP)                                                         \

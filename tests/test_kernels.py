@@ -191,6 +191,16 @@ def test_float_min_max_nan_and_signed_zero(isa: str) -> None:
     assert np.signbit(lo[3:5]).tolist() == [False, True]
     assert np.signbit(hi[3:5]).tolist() == [False, True]
     assert lo[5] == -np.inf and hi[5] == 2.0
+    # both NaN: dst's NaN (its payload) wins
+    for dtype, itype in (("float32", np.uint32), ("float64", np.uint64)):
+        nbits = np.finfo(dtype).bits
+        qnan = (1 << (nbits - 1)) - (1 << (np.finfo(dtype).nmant - 1))  # 0x7FC00000-ish
+        d = np.array([qnan + 1, qnan + 2], dtype=itype)
+        s = np.array([qnan + 3, qnan + 4], dtype=itype)
+        for op in ("min", "max"):
+            got = d.copy()
+            N.reduce(got, s, op, dtype)
+            assert got.tolist() == d.tolist(), (dtype, op)
 
 
 def test_integer_wraparound_like_numpy() -> None:
@@ -298,7 +308,8 @@ def qbound(x: np.ndarray, lo: float, scale: float) -> float:
     """max |decode(encode(x)) - x| allowed: half a step plus float32 rounding."""
     hi = float(np.max(x))
     mag = max(abs(lo), abs(hi))
-    return scale / 2 * (1 + 1e-3) + 4 * float(np.spacing(np.float32(mag))) + 1e-44
+    ulp = max(2.0 ** (math.frexp(mag)[1] - 24), 2.0**-149)  # float32 ulp at mag
+    return scale / 2 * (1 + 1e-3) + 4 * ulp + 1e-44
 
 
 def quant_roundtrip(x: np.ndarray, bits: int):
