@@ -378,6 +378,7 @@ class _Work:
     inflight: int = 0
     done_bytes: int = 0
     retried: int = 0
+    chunks: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     per_source: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
@@ -402,16 +403,21 @@ async def fetch(
     connect_timeout: float = 5.0,
     progress: Callable[[int, int], None] | None = None,
     verify: bool = True,
+    repair: bool = True,
 ) -> dict[str, Any]:
     """Pull ``tensors`` ({name: (writable dest buffer, expected xxh3-128)}) at ``revision``.
 
     Bytes are striped over ``sources`` ((host, port) of StateServers). A source that fails
-    or stalls for ``stall_timeout`` s is dropped and its chunks go to the others. Raises
-    PeerLost (every source failed; the reasons are in the message), DeadlineExceeded
-    (``timeout`` s end to end), HashMismatch (content arrived but is not the elected
-    content), InvalidUsage (bad arguments). On any failure the destinations hold partial
-    data and the call may be retried. Returns {"rx_bytes", "seconds", "sources_used",
-    "sources_failed", "per_source", "chunks", "retried_chunks", "hash_seconds"}.
+    or stalls for ``stall_timeout`` s is dropped and its chunks go to the others. If the
+    striped content does not hash right and ``repair`` is set, the bad tensors are
+    fetched again from one source at a time until one delivers the elected bytes
+    (sources that deliver other bytes are listed in ``rejected_sources``).
+    Raises PeerLost (every source failed; the reasons are in the message),
+    DeadlineExceeded (``timeout`` s end to end), HashMismatch (no source delivered the
+    elected content), InvalidUsage (bad arguments). On any failure the destinations hold
+    partial data and the call may be retried. Returns {"rx_bytes", "seconds",
+    "sources_used", "sources_failed", "rejected_sources", "per_source", "chunks",
+    "retried_chunks", "hash_seconds"}.
     """
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -419,61 +425,102 @@ async def fetch(
     if chunk <= 0 or streams_per_source <= 0 or pipeline <= 0:
         raise InvalidUsage("chunk, streams_per_source and pipeline must be positive")
     dests = {n: (_as_bytes_view(buf, writable=True), bytes(h)) for n, (buf, h) in tensors.items()}
+    srcs = list(dict.fromkeys((str(h), int(p)) for h, p in sources))
+    opts = (revision, secret, peer_id, streams_per_source, chunk, pipeline, deadline, stall_timeout,
+            connect_timeout, timeout)
+    work = await _transfer(srcs, dests, opts, progress)
+    rx, chunks, retried = work.done_bytes, work.chunks, work.retried
+    per_source, failures = dict(work.per_source), dict(work.failures)
+    rejected: dict[str, str] = {}
+    t_hash = loop.time()
+    bad = await _mismatches(dests) if verify else []
+    if bad and repair and len(srcs) > 1:
+        # striped bytes are wrong somewhere: find a source whose own bytes are right
+        for src in srcs:
+            label = f"{src[0]}:{src[1]}"
+            if label in failures:
+                continue
+            sub = {n: dests[n] for n, _, _ in bad}
+            try:
+                w = await _transfer([src], sub, opts, None)
+            except (PeerLost, ProtocolError) as exc:
+                failures[label] = str(exc)
+                continue
+            rx += w.done_bytes
+            chunks += w.chunks
+            per_source[label] = per_source.get(label, 0) + w.done_bytes
+            still = await _mismatches(sub)
+            if not still:
+                bad = []
+                break
+            rejected[label] = "delivered " + ", ".join(f"{n!r} hashing to {short(g)}" for n, _, g in still[:4])
+            log.warning("fetch: source %s delivered content that is not the elected state", label)
+    if bad:
+        used = [s for s, b in per_source.items() if b]
+        raise HashMismatch(
+            "fetched shared state does not match the elected hashes: "
+            + ", ".join(f"{n!r} expected {short(e)} got {short(g)}" for n, e, g in bad[:4])
+            + f" (sources {used}); the state was not accepted, retry sync_shared_state")
+    t1 = loop.time()
+    return {
+        "rx_bytes": rx,
+        "seconds": t1 - t0,
+        "hash_seconds": t1 - t_hash,
+        "sources_used": sum(1 for b in per_source.values() if b),
+        "sources_failed": failures,
+        "rejected_sources": rejected,
+        "per_source": per_source,
+        "chunks": chunks,
+        "retried_chunks": retried,
+    }
+
+
+async def _mismatches(dests: Mapping[str, tuple[memoryview, bytes]]) -> list[tuple[str, bytes, bytes]]:
+    got = await hash_buffers_async({n: v for n, (v, _) in dests.items()})
+    return [(n, h, got[n]) for n, (_, h) in sorted(dests.items()) if got[n] != h]
+
+
+async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memoryview, bytes]], opts: tuple,
+                    progress: Callable[[int, int], None] | None) -> _Work:
+    """Move every byte of ``dests`` from ``srcs``; raise PeerLost / DeadlineExceeded if that fails."""
+    revision, secret, peer_id, streams, chunk, pipeline, deadline, stall_timeout, connect_timeout, timeout = opts
+    loop = asyncio.get_running_loop()
     queue: collections.deque[_Chunk] = collections.deque()
     for name, (view, _) in sorted(dests.items()):
         for off in range(0, len(view), chunk):
             queue.append(_Chunk(name, off, view[off:off + chunk]))
     work = _Work(queue, sum(len(v) for v, _ in dests.values()))
-    n_chunks = len(queue)
-    if queue:
-        if not sources:
-            raise PeerLost("no up-to-date peer to fetch the shared state from")
-        workers = [
-            asyncio.ensure_future(_worker(work, (str(h), int(p)), revision, secret, peer_id, chunk_pipeline,
-                                          deadline, stall_timeout, connect_timeout, progress))
-            for h, p in dict.fromkeys((str(h), int(p)) for h, p in sources)
-            for chunk_pipeline in [pipeline] * streams_per_source
-        ]
-        try:
-            done, not_done = await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
-        finally:
-            for w in workers:
-                if not w.done():
-                    w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-        for w in done:
-            if not w.cancelled() and w.exception() is not None:
-                raise w.exception()  # a bug in _worker; it catches remote failures itself
-        if work.queue or work.inflight:
-            left = work.total - work.done_bytes
-            why = "; ".join(f"{s}: {r}" for s, r in work.failures.items()) or "no reason recorded"
-            if not_done:
-                raise DeadlineExceeded(
-                    f"shared-state fetch of {work.total} bytes did not finish within {timeout:g} s "
-                    f"({left} bytes left; failures: {why})")
-            raise PeerLost(f"every state source failed with {left} of {work.total} bytes left: {why}; "
-                           "retry sync_shared_state")
-    t_hash = loop.time()
-    if verify:
-        got = await hash_buffers_async({n: v for n, (v, _) in dests.items()})
-        bad = [(n, h, got[n]) for n, (_, h) in sorted(dests.items()) if got[n] != h]
-        if bad:
-            used = [s for s, b in work.per_source.items() if b]
-            raise HashMismatch(
-                "fetched shared state does not match the elected hashes: "
-                + ", ".join(f"{n!r} expected {short(e)} got {short(g)}" for n, e, g in bad[:4])
-                + f" (sources {used}); the state was not accepted, retry sync_shared_state")
-    t1 = loop.time()
-    return {
-        "rx_bytes": work.done_bytes,
-        "seconds": t1 - t0,
-        "hash_seconds": t1 - t_hash,
-        "sources_used": sum(1 for b in work.per_source.values() if b),
-        "sources_failed": dict(work.failures),
-        "per_source": dict(work.per_source),
-        "chunks": n_chunks,
-        "retried_chunks": work.retried,
-    }
+    work.chunks = len(queue)
+    if not queue:
+        return work
+    if not srcs:
+        raise PeerLost("no up-to-date peer to fetch the shared state from")
+    workers = [
+        asyncio.ensure_future(_worker(work, src, revision, secret, peer_id, pipeline, deadline, stall_timeout,
+                                      connect_timeout, progress))
+        for src in srcs
+        for _ in range(streams)
+    ]
+    try:
+        done, not_done = await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
+    finally:
+        for w in workers:
+            if not w.done():
+                w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for w in done:
+        if not w.cancelled() and w.exception() is not None:
+            raise w.exception()  # a bug in _worker; it catches remote failures itself
+    if work.queue or work.inflight:
+        left = work.total - work.done_bytes
+        why = "; ".join(f"{s}: {r}" for s, r in work.failures.items()) or "no reason recorded"
+        if not_done:
+            raise DeadlineExceeded(
+                f"shared-state fetch of {work.total} bytes did not finish within {timeout:g} s "
+                f"({left} bytes left; failures: {why})")
+        raise PeerLost(f"every state source failed with {left} of {work.total} bytes left: {why}; "
+                       "retry sync_shared_state")
+    return work
 
 
 async def _worker(work: _Work, src: tuple[str, int], revision: int, secret: bytes, peer_id: str, depth: int,

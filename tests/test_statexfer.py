@@ -183,6 +183,32 @@ async def test_lying_source_is_rejected():
         await close_all(servers)
 
 
+async def test_lying_source_among_honest_ones_is_found_and_bypassed():
+    state = make_state(11, {"w": 2 << 20, "v": 1000})
+    lie = {"w": state["w"].copy(), "v": state["v"]}
+    lie["w"][:: 1 << 16] ^= 1  # every chunk the liar serves is wrong
+    liar = (await start_servers(lie, 1))[0]
+    honest = await start_servers(state, 2)
+    try:
+        out = {n: np.zeros_like(v) for n, v in state.items()}
+        stats = await fetch([liar.address] + [s.address for s in honest], dests_for(state, out), secret=SECRET,
+                            peer_id="p", revision=REV, chunk=1 << 16, timeout=30)
+        assert all(np.array_equal(out[n], state[n]) for n in state)
+        # work stealing decides who serves what; whenever the liar served a chunk it is found out
+        label = f"127.0.0.1:{liar.port}"
+        assert list(stats["rejected_sources"]) in ([label], [])
+        if liar.tx_bytes > state["v"].nbytes:  # it served some of "w"
+            assert list(stats["rejected_sources"]) == [label]
+        assert bool(stats["rejected_sources"]) == (stats["rx_bytes"] > sum(v.nbytes for v in state.values()))
+        # without repair the lie is only rejected
+        out = {n: np.zeros_like(v) for n, v in state.items()}
+        with pytest.raises(HashMismatch):
+            await fetch([liar.address, honest[0].address], dests_for(state, out), secret=SECRET, peer_id="p",
+                        revision=REV, chunk=1 << 18, timeout=30, repair=False)
+    finally:
+        await close_all([liar, *honest])
+
+
 async def test_wrong_revision_and_wrong_secret_are_refused():
     state = make_state(8, {"w": 1 << 16})
     servers = await start_servers(state, 1)
