@@ -2,8 +2,9 @@
 
 GB/s is the size of the array the kernel works on (the float32 or bfloat16 array; for
 dequantize, the float32 array written), in bytes (1 GB = 1e9 bytes), divided by the
-median wall time of one call. Every row reports the median of --repeat calls after one
-warm-up call; the ratio is kernel GB/s over baseline GB/s (> 1: the kernel is faster).
+median wall time of one call. Every row reports the median of --repeat calls (kernel and
+baseline alternating) after two warm-up calls of each; the ratio is kernel GB/s over
+baseline GB/s (> 1: the kernel is faster).
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ from .. import _native as N
 from .. import reference as R
 
 
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up: page faults, caches
-    times = []
+def _median_pair(fn: Callable[[], object], base_fn: Callable[[], object], repeat: int):
+    """Median seconds of fn and of base_fn, timed alternately (load on a shared machine
+    then hits both alike), after warm-up calls (page faults, caches, clock ramp-up)."""
+    for _ in range(2):
+        fn()
+        base_fn()
+    times: list[float] = []
+    base_times: list[float] = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t1 = time.perf_counter()
+        base_fn()
+        t2 = time.perf_counter()
+        times.append(t1 - t0)
+        base_times.append(t2 - t1)
+    return statistics.median(times), statistics.median(base_times)
 
 
 def _torch():
@@ -49,8 +59,7 @@ def _rows(size_mib: int, repeat: int) -> list[dict]:
     rows: list[dict] = []
 
     def row(kernel: str, fn, baseline: str, base_fn, array_bytes: int = nbytes) -> None:
-        t = _median_seconds(fn, repeat)
-        tb = _median_seconds(base_fn, repeat)
+        t, tb = _median_pair(fn, base_fn, repeat)
         gbps, bgbps = array_bytes / t / 1e9, array_bytes / tb / 1e9
         rows.append(
             {
