@@ -57,8 +57,14 @@ async def daemon_sync(
     timeout: float = 60.0,
     progress: Callable[[int, int], None] | None = None,
     fetch_options: dict[str, Any] | None = None,
+    advertise: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One peer's ``sync_shared_state()``; ``tensors`` is ``shared_state.layout_views(...)``."""
+    """One peer's ``sync_shared_state()``; ``tensors`` is ``shared_state.layout_views(...)``.
+
+    ``advertise``: the (host, port) other peers reach ``server`` at, when it differs from
+    the bound address (a server bound to 0.0.0.0: give the data-plane host the daemon
+    registered with). Other keyword arguments: see the module docstring and ``fetch``.
+    """
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     deadline = t0 + timeout
@@ -71,7 +77,8 @@ async def daemon_sync(
         await channel.send({
             "type": "sync_offer", "round_hint": 0, "revision": revision, "strategy": strategy,
             "tensors": [[n, len(v), hashes[n]] for n, v in compared.items()],
-            "host": server.host, "port": server.port, "timeout": float(timeout),
+            "host": (advertise or server.address)[0], "port": (advertise or server.address)[1],
+            "timeout": float(timeout),
         })
         plan = await _recv(channel, "sync_plan", None, deadline)
         rid = plan["round"]
