@@ -63,6 +63,7 @@ class DataPlaneConfig:
 
 
 _SCRATCH = 1 << 16
+_EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
 _CTRL_PENDING_MAX = 4096
 
 # connection states
@@ -157,7 +158,11 @@ class _Conn(asyncio.BufferedProtocol):
         self._cancel_timers()
         self.dp._conns.discard(self)
         self.dp._unstall(self)
-        if self.link is not None:
+        if self.link is None:
+            return
+        if exc is None and self.link.is_up:
+            self.link.stream_eof()  # the peer's other streams may still hold its last frames
+        else:
             self.dp._link_lost(self.link, f"connection closed ({exc or 'EOF'})")
 
     # -- state machine ------------------------------------------------------------------
@@ -364,10 +369,10 @@ class _Conn(asyncio.BufferedProtocol):
         self._hs_timer = self._stall_timer = None
 
     def write(self, header: bytes, payload) -> None:
-        tr = self.transport
-        tr.write(header)
         if len(payload):
-            tr.write(payload)
+            self.transport.writelines((header, payload))  # one writev on uvloop
+        else:
+            self.transport.write(header)
 
 
 class _Link:
@@ -385,6 +390,8 @@ class _Link:
         self.lost: str | None = None
         self._queue: list[tuple[int, bytes, object]] = []
         self._up = 0
+        self._eofs = 0
+        self._eof_timer: asyncio.TimerHandle | None = None
 
     def attach(self, conn: _Conn, stream: int) -> None:
         if self.lost is not None:
@@ -399,6 +406,15 @@ class _Link:
             if not self.ready.done():
                 self.ready.set_result(None)
 
+    def stream_eof(self) -> None:
+        """One stream ended cleanly: lost once all have (their data read), or after a grace."""
+        self._eofs += 1
+        reason = "connection closed by the peer"
+        if self._eofs >= self.nstreams:
+            self.dp._link_lost(self, reason)
+        elif self._eof_timer is None:
+            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
+
     @property
     def is_up(self) -> bool:
         return self._up == self.nstreams and self.lost is None
@@ -411,9 +427,12 @@ class _Link:
         else:
             self._queue.append((stream, header, payload))
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, graceful: bool = False) -> None:
         if self.lost is None:
             self.lost = reason
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
+            self._eof_timer = None
         self._queue = []
         if not self.ready.done():
             self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
@@ -423,7 +442,11 @@ class _Link:
                 c._state = _CLOSED
                 c._cancel_timers()
                 self.dp._unstall(c)
-                if c.transport is not None:
+                if c.transport is None:
+                    continue
+                if graceful and not c.transport.get_write_buffer_size():
+                    c.transport.close()  # FIN after what was sent: the peer reads our last frames
+                else:
                     c.transport.abort()
 
 
@@ -498,10 +521,10 @@ class DataPlane:
         if self._server is not None:
             self._server.close()
         for link in list(self._links.values()):
-            link.close("data plane closed")
+            link.close("data plane closed", graceful=True)
         self._links.clear()
         for c in list(self._conns):
-            if c.transport is not None:
+            if c.transport is not None and not c.transport.is_closing():
                 c.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
@@ -606,7 +629,10 @@ class DataPlane:
         if not member:
             return
         self._lost[pid] = reason
+        rank = self._rank_of[pid]
         for op in list(self._ops.values()):
+            if op.data_done and rank in op._fins:
+                continue  # it finished and we hold all our data: nothing more is needed from it
             self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
         if self.on_peer_failure is not None:
             try:

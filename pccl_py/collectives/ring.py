@@ -11,6 +11,12 @@ forwarded as sub-chunk j of step t+1 (the chunk received at step t is the one se
 step t+1). After the last reduce-scatter step rank r owns chunk (r + 1) mod N fully
 reduced; for ``avg`` it divides it there, once, before forwarding, so every peer ends
 with the owner's bytes (bit parity).
+
+Reduce-scatter stripes are received straight into ``dst`` and combined there with the
+local input (``dst = received (op) src``; every op is commutative elementwise), so
+there is no staging copy and no up-front copy of ``src``. Step 0 sends from ``src``.
+Only when ``src`` and ``dst`` overlap (an in-place call) does the ring copy ``src`` to
+``dst`` first and receive reduce-scatter stripes into a per-stream staging buffer.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class RingPlan:
         self.sub_elems = max(1, sub_bytes // item)
         self.min_stripe_elems = max(1, min_stripe // item)
         self.bounds = split(count, world)
+        self._subs: dict[int, list[tuple[int, int]]] = {}
 
     def chunk(self, c: int) -> tuple[int, int]:
         return self.bounds[c], self.bounds[c + 1]
@@ -45,8 +52,11 @@ class RingPlan:
         return (self.rank - t - 1) % self.world
 
     def subs(self, c: int) -> list[tuple[int, int]]:
-        a, b = self.chunk(c)
-        return pieces(a, b, self.sub_elems)
+        got = self._subs.get(c)
+        if got is None:
+            a, b = self.chunk(c)
+            got = self._subs[c] = pieces(a, b, self.sub_elems)
+        return got
 
     def stripes(self, a: int, b: int, k: int) -> list[tuple[int, int]]:
         n = b - a
@@ -69,7 +79,9 @@ class RingAllReduce(Collective):
         self.op = op
         self.kop = "sum" if op == "avg" else op
         self.item = K.itemsize(dtype)
+        self.src = src
         self.dst = dst
+        self.inplace = np.shares_memory(np.frombuffer(src, np.uint8), np.frombuffer(dst, np.uint8))
         self.plan = RingPlan(count, link.world, link.rank, self.item, sub_bytes, min_stripe)
         self.left = (link.rank - 1) % link.world
         self.right = (link.rank + 1) % link.world
@@ -80,21 +92,24 @@ class RingAllReduce(Collective):
             for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
                 self._remaining[(t, j)] = (b - a) * self.item
                 self._units += 1
-        # our own contribution, in place (src is never written)
-        np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+        if self.inplace:
+            s8, d8 = np.frombuffer(src, np.uint8), np.frombuffer(dst, np.uint8)
+            if s8.ctypes.data != d8.ctypes.data:
+                np.copyto(d8, s8.copy())
 
     def start(self) -> None:
         self.started = True
         for a, b in self.plan.subs(self.plan.send_chunk(0)):
-            self._send_range(0, a, b)
+            self._send_range(0, a, b, self.src)
         if self._units == 0:
             self.data_complete()
 
-    def _send_range(self, t: int, a: int, b: int) -> None:
+    def _send_range(self, t: int, a: int, b: int, buf=None) -> None:
         it = self.item
+        buf = self.dst if buf is None or self.inplace else buf
         k = self.link.nstreams(self.right)
         for s, (x, y) in enumerate(self.plan.stripes(a, b, k)):
-            self.send_data(self.right, s, t, x * it, self.dst[x * it:y * it], (y - x) * it)
+            self.send_data(self.right, s, t, x * it, buf[x * it:y * it], (y - x) * it)
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
         self.check_desc(src, h)
@@ -115,8 +130,9 @@ class RingAllReduce(Collective):
         dst = self.dst[h.offset:h.offset + h.length]
         if h.step >= plan.world - 1:  # all-gather: straight into dst
             return Rx(dst, None, lambda: self._got(key, h.length))
-        stg = conn.staging(h.length)
-        return _ReduceRx(self, dst, stg, key, h.length).rx()
+        if self.inplace:
+            return _ReduceRx(self, dst, conn.staging(h.length), key, h.length).rx()
+        return _ReduceRx(self, dst, self.src[h.offset:h.offset + h.length], key, h.length).rx_in_place()
 
     def _got(self, key: tuple[int, int], n: int) -> None:
         left = self._remaining[key] - n
@@ -136,15 +152,20 @@ class RingAllReduce(Collective):
 
 
 class _ReduceRx:
-    """Receives one stripe into staging and reduces it into dst as bytes arrive."""
+    """Receives one stripe and reduces it as bytes arrive: either into dst, then
+    ``dst (op)= src`` (``other`` is the local input), or into staging, then
+    ``dst (op)= staging`` (``other`` is the staging buffer; in-place calls)."""
 
     __slots__ = ("ring", "dst", "stg", "key", "n", "done")
 
-    def __init__(self, ring: RingAllReduce, dst, stg, key, n: int):
-        self.ring, self.dst, self.stg, self.key, self.n, self.done = ring, dst, stg, key, n, 0
+    def __init__(self, ring: RingAllReduce, dst, other, key, n: int):
+        self.ring, self.dst, self.stg, self.key, self.n, self.done = ring, dst, other, key, n, 0
 
     def rx(self) -> Rx:
         return Rx(self.stg, self.progress, self.finish)
+
+    def rx_in_place(self) -> Rx:
+        return Rx(self.dst, self.progress, self.finish)
 
     def progress(self, got: int) -> None:
         r = self.ring
