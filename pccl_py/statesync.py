@@ -72,7 +72,8 @@ async def daemon_sync(
     compared = {n: v for n, v, unequal in tensors if not unequal}
     hashes = await hash_buffers_async(compared)
     hash_seconds = loop.time() - t0
-    server.publish(revision, compared)
+    if strategy != "receive_only":  # a receive_only peer is never a source
+        server.publish(revision, compared)
     try:
         await channel.send({
             "type": "sync_offer", "round_hint": 0, "revision": revision, "strategy": strategy,

@@ -337,3 +337,27 @@ def test_on_uvloop(body, caplog):
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(body(caplog))
+
+
+async def test_fuzzed_connections_never_hurt_the_server():
+    state = make_state(12, {"w": 1 << 16})
+    srv = (await start_servers(state, 1))[0]
+    rng = np.random.default_rng(0)
+    try:
+        for i in range(40):
+            reader, writer, nonce = await _raw(srv)
+            blob = rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+            if i % 2:  # authenticated, then a random request-shaped header or garbage
+                blob = AUTH.pack(M_AUTH, 1) + b"x" + proof(SECRET, nonce, "x") + (
+                    REQ.pack(M_REQ, int(rng.integers(0, 2000)), int(rng.integers(-5, 10)),
+                             int(rng.integers(0, 1 << 40)), int(rng.integers(0, 1 << 40))) if i % 4 == 1 else b""
+                ) + blob
+            writer.write(blob)
+            writer.write_eof()
+            assert await _closed(reader)
+            writer.close()
+        out = {"w": np.zeros_like(state["w"])}
+        await fetch([srv.address], dests_for(state, out), secret=SECRET, peer_id="p", revision=REV, timeout=10)
+        assert np.array_equal(out["w"], state["w"])
+    finally:
+        await close_all([srv])
