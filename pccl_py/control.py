@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import zmq
 
@@ -37,27 +35,14 @@ from .errors import (
     ProtocolError,
     from_wire,
 )
+from .retry import Backoff
 from .topology import PeerInfo, Topology
 
 log = logging.getLogger("pccl.control")
 
 DEFAULT_COORDINATOR_PORT = 48148
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """One retry pace: delays initial, initial*factor, ... capped at ``max``, each with
-    +-``jitter`` (a fraction), until ``deadline`` seconds in total (None: forever)."""
-
-    initial: float = 0.1
-    max: float = 2.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    deadline: float | None = None
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.max, self.initial * self.factor ** max(0, attempt))
-        return base * (1.0 + self.jitter * (2.0 * random.random() - 1.0))
+# pace of re-introductions while the coordinator is silent: until one answers
+REINTRODUCE_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
 
 
 def parse_addr(addr: str, default_port: int = DEFAULT_COORDINATOR_PORT) -> tuple[str, int]:
@@ -156,7 +141,7 @@ class ControlLink:
         on_topology: Callable[[Topology], Awaitable[None]] | None = None,
         on_abort: Callable[[PcclError], None] | None = None,
         on_removed: Callable[[str], None] | None = None,
-        backoff: Backoff = Backoff(initial=0.1, max=1.0, factor=2.0, jitter=0.2),
+        backoff: Backoff = REINTRODUCE_BACKOFF,
     ) -> None:
         self.coordinator = coordinator
         self.endpoint = zmq_endpoint(coordinator)
@@ -187,7 +172,8 @@ class ControlLink:
         self._req = 0
         self._last_rx = 0.0  # loop time of the last message from the coordinator (0: never)
         self._lost = False
-        self._hello_attempt = 0
+        self._coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
+        self._hello_delays = self.backoff.delays()
         self._hello_due = 0.0
         self._last_hello = -1e9
         self._left: asyncio.Future | None = None
@@ -257,7 +243,6 @@ class ControlLink:
             self._join = loop.create_future()
         self.state = "pending"
         self._join_timeout = timeout
-        self._hello_attempt = 0
         self._send_hello(force=True)
         try:
             return await self._wait(self._join, deadline, "connect")
@@ -355,7 +340,8 @@ class ControlLink:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             fut.cancel()
-            if self._last_rx == 0.0 or self._lost:
+            silent = loop.time() - self._last_rx
+            if self._last_rx == 0.0 or self._lost or silent > 2.5 * self._coord_hb:
                 raise CoordinatorUnavailable(
                     f"{what}: no answer from the coordinator at {self.coordinator} before the "
                     f"deadline; is it running, and is the address right?"
@@ -423,7 +409,7 @@ class ControlLink:
             if now - silent_since > self.coordinator_timeout:
                 if not self._lost:
                     self._lost = True
-                    self._hello_attempt = 0
+                    self._hello_delays = self.backoff.delays()
                     self._hello_due = now
                     log.warning(
                         "%s: no message from the coordinator for %.1f s; re-introducing until it answers",
@@ -431,8 +417,7 @@ class ControlLink:
                     )
                 if now >= self._hello_due:
                     self._send_hello(force=True)
-                    self._hello_due = now + self.backoff.delay(self._hello_attempt)
-                    self._hello_attempt += 1
+                    self._hello_due = now + next(self._hello_delays, self.backoff.maximum)
 
     async def _apply_loop(self) -> None:
         while True:
@@ -507,6 +492,7 @@ class ControlLink:
             log.info("%s: new coordinator instance %s (was %s), state %s",
                      self.peer_id, msg["instance"], self.instance, msg["state"])
         self.instance = msg["instance"]
+        self._coord_hb = msg["heartbeat_interval"]
         if msg["state"] == "recovering":
             self.state = "recovering"
         elif msg["state"] == "pending":

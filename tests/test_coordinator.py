@@ -378,6 +378,21 @@ async def test_calls_fail_with_coordinator_unavailable_not_hang(links):
 
 
 @on_uvloop
+async def test_calls_while_coordinator_is_gone_fail_at_their_deadline(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2")
+    a, b = await form(links, coord.addr, 2)
+    coord.kill()
+    t0 = time.monotonic()
+    with pytest.raises(CoordinatorUnavailable):
+        await a.update_topology(1.5)
+    with pytest.raises(CoordinatorUnavailable):
+        await b.are_peers_pending(1.0)
+    took = time.monotonic() - t0
+    assert 2.4 < took < 6, took
+    assert a.topology.world_size == 2  # the last membership stays in force
+
+
+@on_uvloop
 async def test_wrong_secret_is_refused(coordinator, links):
     coord = coordinator("--recovery-grace", "0.2")
     intruder = await links(coord.addr, "intruder", secret="wrong")
