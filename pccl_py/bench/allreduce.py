@@ -99,21 +99,23 @@ def gloo_worker(args) -> int:
 
 
 def _collect(procs: list[subprocess.Popen], timeout: float) -> list[dict]:
+    """Wait for every process; rank 0 (whichever process it turned out to be) prints the rows."""
     deadline = time.monotonic() + timeout
-    out = None
+    outs = []
     try:
         for i, p in enumerate(procs):
             stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if p.returncode != 0:
                 raise RuntimeError(f"benchmark process {i} exited with {p.returncode}")
-            if i == 0:
-                out = stdout
+            outs += [ln for ln in stdout.decode().splitlines() if ln.startswith("[")]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return json.loads(out.decode().strip().splitlines()[-1])
+    if len(outs) != 1:
+        raise RuntimeError(f"expected one result line from rank 0, got {len(outs)}")
+    return json.loads(outs[0])
 
 
 def _common(args) -> list[str]:

@@ -1,0 +1,202 @@
+"""End to end through the public API: Client -> private daemon -> wire -> daemons -> Client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from pccl_py import Aborted, Client, InvalidUsage, PeerLost
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_peers(n, fn, coordinator, timeout=90):
+    """Start n clients (each with its own daemon), join them all, run fn(client, rank) in threads."""
+    clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(n)]
+    try:
+        with cf.ThreadPoolExecutor(n) as ex:
+            def join(c):
+                topo = c.connect()
+                deadline = time.monotonic() + 30
+                while topo["world_size"] < n:
+                    assert time.monotonic() < deadline, "peers did not all join"
+                    topo = c.update_topology()
+                return topo
+            topos = list(ex.map(join, clients))
+            futs = [ex.submit(fn, c, t["rank"]) for c, t in zip(clients, topos)]
+            return [f.result(timeout=timeout) for f in futs], clients
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduce_ops_dtypes_and_parity(coordinator, world):
+    sizes = [0, 1, 7, 1000, 65537, 300_001]
+
+    def body(c, rank):
+        out = []
+        for n in sizes:
+            rng = np.random.default_rng(1000 * rank + n)
+            x = rng.standard_normal(n).astype(np.float32)
+            c.all_reduce(x, op="sum")
+            y = (rng.integers(-50, 50, n)).astype(np.int32)
+            c.all_reduce(y, op="max")
+            z = rng.standard_normal(n)
+            info = c.all_reduce(z, op="avg")
+            out.append((x.tobytes(), y.tobytes(), z.tobytes(), info["world_size"]))
+        return out
+
+    results, _ = run_peers(world, body, coordinator)
+    # expected values from the same generators
+    for i, n in enumerate(sizes):
+        xs, ys, zs = [], [], []
+        for r in range(world):
+            rng = np.random.default_rng(1000 * r + n)
+            xs.append(rng.standard_normal(n).astype(np.float32))
+            ys.append(rng.integers(-50, 50, n).astype(np.int32))
+            zs.append(rng.standard_normal(n))
+        got = [np.frombuffer(res[i][0], np.float32) for res in results]
+        np.testing.assert_allclose(got[0], np.sum(xs, axis=0), rtol=1e-5, atol=1e-5)
+        assert np.array_equal(np.frombuffer(results[0][i][1], np.int32), np.max(ys, axis=0))
+        np.testing.assert_allclose(np.frombuffer(results[0][i][2], np.float64), np.mean(zs, axis=0),
+                                   rtol=1e-12, atol=1e-12)
+        for res in results[1:]:  # bit parity across peers
+            assert res[i][:3] == results[0][i][:3]
+        assert all(res[i][3] == world for res in results)
+
+
+def test_torch_bf16_bucket_and_quantized(coordinator):
+    torch = pytest.importorskip("torch")
+
+    def body(c, rank):
+        a = torch.full((1000,), float(rank + 1), dtype=torch.bfloat16)
+        b = torch.arange(10, dtype=torch.float32) * (rank + 1)
+        s = (torch.arange(20, dtype=torch.float32) * (rank + 1)).reshape(4, 5)[:, 1]  # strided view
+        c.all_reduce([a, b, s], op="sum")
+        q = torch.linspace(-1, 1, 50_000) * (rank + 1)
+        info = c.all_reduce(q, op="avg", quant="uint8")
+        return a.float().tolist()[:3], b.tolist(), s.tolist(), q.numpy().tobytes(), info
+
+    results, _ = run_peers(2, body, coordinator)
+    for a, b, s, _, info in results:
+        assert a == [3.0, 3.0, 3.0]
+        assert b == [3.0 * i for i in range(10)]
+        assert s == [3.0 * v for v in (1, 6, 11, 16)]
+        assert info["tx_bytes"] < info["tx_logical"]  # the wire carried codes, not floats
+    q = np.frombuffer(results[0][3], np.float32)
+    ref = np.linspace(-1, 1, 50_000, dtype=np.float32) * 1.5
+    assert np.max(np.abs(q - ref)) < 2 * 4.0 / 255  # within a couple of quantization steps
+    assert results[0][3] == results[1][3]
+
+
+def test_tagged_calls_in_flight(coordinator):
+    def body(c, rank):
+        xs = [np.full(100_000 + k, float(rank + k), np.float32) for k in range(4)]
+        handles = [c.all_reduce_async(x, tag=10 + k) for k, x in enumerate(xs)]
+        for h in reversed(handles):
+            h.wait()
+        return [float(x[0]) for x in xs]
+
+    results, _ = run_peers(2, body, coordinator)
+    for vals in results:
+        assert vals == [1.0 + 2 * k for k in range(4)]
+
+
+def test_calls_before_connect_fail_fast(coordinator):
+    with Client(coordinator=coordinator.addr, timeout=5.0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(InvalidUsage, match="connect"):
+            c.all_reduce(np.ones(4, np.float32))
+        with pytest.raises(InvalidUsage):
+            c.all_reduce(np.ones(4, np.float32), op="median")
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_peer_killed_survivors_fail_then_retry(coordinator):
+    clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
+    try:
+        with cf.ThreadPoolExecutor(3) as ex:
+            def join(c):
+                topo = c.connect()
+                while topo["world_size"] < 3:
+                    topo = c.update_topology()
+            list(ex.map(join, clients))
+            victim, survivors = clients[2], clients[:2]
+            x = [np.ones(2_000_000, np.float32) for _ in survivors]
+            # the victim never calls: kill its daemon while the survivors wait on it
+            futs = [ex.submit(c.all_reduce, xi) for c, xi in zip(survivors, x)]
+            time.sleep(0.3)
+            t_kill = time.monotonic()
+            os.kill(victim._proc.pid, signal.SIGKILL)
+            for f in futs:
+                with pytest.raises((PeerLost, Aborted)):
+                    f.result(timeout=30)
+            detect = time.monotonic() - t_kill
+            assert detect < 5.0, f"survivors noticed the death after {detect:.2f}s"
+            assert all(np.all(xi == 1.0) for xi in x), "a failed call must leave the input untouched"
+            infos = list(ex.map(lambda p: p[0].all_reduce(p[1], retry=True), zip(survivors, x)))
+            assert all(i["world_size"] == 2 for i in infos)
+            assert all(np.all(xi == 2.0) for xi in x)
+    finally:
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
+def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator):
+    a = Client(coordinator=coordinator.addr, timeout=15.0)
+    b = Client(coordinator=coordinator.addr, timeout=15.0)
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            a.connect()
+            fb = ex.submit(b.connect)
+            a.update_topology()
+            fb.result(timeout=20)
+            fa = ex.submit(a.update_topology)
+            fx = ex.submit(b.all_reduce, np.ones(8, np.float32))
+            t0 = time.monotonic()
+            with pytest.raises(InvalidUsage, match="update_topology"):
+                fa.result(timeout=30)
+            with pytest.raises((InvalidUsage, Aborted, PeerLost)):
+                fx.result(timeout=30)
+            assert time.monotonic() - t0 < 12.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_coordinator_restart_run_continues(coordinator):
+    clients = [Client(coordinator=coordinator.addr, timeout=30.0) for _ in range(2)]
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            def join(c):
+                topo = c.connect()
+                while topo["world_size"] < 2:
+                    topo = c.update_topology()
+                return topo
+            before = list(ex.map(join, clients))
+            coordinator.kill()
+            time.sleep(0.5)
+            coordinator.start()
+            deadline = time.monotonic() + 20
+            while True:
+                infos = [c.refresh() for c in clients]
+                if all(i.get("epoch", 0) > before[0]["epoch"] for i in infos):
+                    break
+                assert time.monotonic() < deadline, f"no new epoch after restart: {infos}"
+                time.sleep(0.1)
+            assert {tuple(i["peers"]) for i in infos} == {tuple(before[0]["peers"])}
+            xs = [np.full(1000, 1.0, np.float32), np.full(1000, 2.0, np.float32)]
+            list(ex.map(lambda p: p[0].all_reduce(p[1], retry=True), zip(clients, xs)))
+            assert all(np.all(x == 3.0) for x in xs)
+    finally:
+        for c in clients:
+            c.close()
