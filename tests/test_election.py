@@ -304,15 +304,23 @@ def test_invariants(specs, rnd):
             for s in srcs:
                 assert offers[s][2] != "receive_only" and (4 + offers[s][0], offers[s][1]) == winner
             assert plans[p][0]["revision"] == r.revision
-    # finish the round: every non-error peer gets exactly one sync_complete
-    fin = []
-    for p in fetchers:
-        fin += r.transfer_done(1.0, p, rnd.random() < 0.7).out
-    fin += [m for m in out if m[1]["type"] == "sync_complete"]
+    # finish the round (fetchers report, fail or die; sources may die): every surviving
+    # non-error peer gets exactly one sync_complete, and nothing goes to the dead
+    fin = [m for m in out if m[1]["type"] == "sync_complete"]
+    dead = set()
+    for p in fetchers + in_sync:
+        x = rnd.random()
+        if p in fetchers and x < 0.6:
+            fin += r.transfer_done(1.0, p, x < 0.4).out
+        elif x < 0.8 and not r.done:
+            dead.add(p)
+            fin += r.member_gone(1.0, p).out
+    fin += r.tick(100.0).out  # fetchers that never reported time out
     assert r.done
     done = by_peer(fin)
-    assert set(done) == set(in_sync) | set(fetchers)
+    assert set(done) == (set(in_sync) | set(fetchers)) - dead
     assert all(len(v) == 1 for v in done.values())
+    assert set(r.synced) <= set(done)
 
 
 def test_completes_come_together_with_each_fetchers_result():
