@@ -153,60 +153,115 @@ static void codes_generic(const f32_u *restrict x, size_t n, float lo, float inv
 
 #if PCCL_X86
 /* _mm_max_ps(v, 0) is exactly v > 0 ? v : 0 and _mm_min_ps(v, M) is v < M ? v : M. */
-static void codes_sse2(const f32_u *x, size_t n, float lo, float inv, float maxc, uint8_t *out) {
-    const float *p = (const float *)x;
-    const __m128 vlo = _mm_set1_ps(lo), vinv = _mm_set1_ps(inv), vh = _mm_set1_ps(0.5f);
-    const __m128 z = _mm_setzero_ps(), vm = _mm_set1_ps(maxc);
-    size_t i = 0;
-#define Q4(k)                                                                            \
-    _mm_cvttps_epi32(_mm_min_ps(                                                         \
-        _mm_max_ps(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p + i + (k)), vlo), vinv), vh), z), \
-        vm))
-    for (; i + 16 <= n; i += 16) {
-        __m128i q0 = Q4(0), q1 = Q4(4), q2 = Q4(8), q3 = Q4(12);
-        __m128i w = _mm_packus_epi16(_mm_packs_epi32(q0, q1), _mm_packs_epi32(q2, q3));
-        _mm_storeu_si128((__m128i *)(void *)(out + i), w);
-    }
-#undef Q4
-    codes_generic(x + i, n - i, lo, inv, maxc, out + i);
+typedef struct {
+    __m128 lo, inv, half, zero, maxc;
+} qk_sse2;
+
+static inline __m128i q4_sse2(const qk_sse2 *k, const float *p) {
+    __m128 v = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p), k->lo), k->inv), k->half);
+    return _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(v, k->zero), k->maxc));
 }
 
-__attribute__((target("avx2"))) static void codes_avx2(const f32_u *x, size_t n, float lo,
-                                                       float inv, float maxc, uint8_t *out) {
+/* 16 codes, in order, one per byte */
+static inline __m128i q16_sse2(const qk_sse2 *k, const float *p) {
+    __m128i q0 = q4_sse2(k, p), q1 = q4_sse2(k, p + 4), q2 = q4_sse2(k, p + 8), q3 = q4_sse2(k, p + 12);
+    return _mm_packus_epi16(_mm_packs_epi32(q0, q1), _mm_packs_epi32(q2, q3));
+}
+
+/* byte pairs (even, odd) of 4-bit codes -> even | odd << 4 in the low byte of each 16-bit lane */
+static inline __m128i nib16_sse2(__m128i c) {
+    return _mm_or_si128(_mm_and_si128(c, _mm_set1_epi16(0x00FF)),
+                        _mm_and_si128(_mm_srli_epi16(c, 4), _mm_set1_epi16(0x00F0)));
+}
+
+static qk_sse2 qk_sse2_make(float lo, float inv, float maxc) {
+    qk_sse2 k = {_mm_set1_ps(lo), _mm_set1_ps(inv), _mm_set1_ps(0.5f), _mm_setzero_ps(),
+                 _mm_set1_ps(maxc)};
+    return k;
+}
+
+static size_t codes_sse2(const f32_u *x, size_t n, float lo, float inv, float maxc, uint8_t *out) {
     const float *p = (const float *)x;
-    const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vh = _mm256_set1_ps(0.5f);
-    const __m256 z = _mm256_setzero_ps(), vm = _mm256_set1_ps(maxc);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const qk_sse2 k = qk_sse2_make(lo, inv, maxc);
     size_t i = 0;
-#define Q8(k)                                                                            \
-    _mm256_cvttps_epi32(_mm256_min_ps(                                                   \
-        _mm256_max_ps(                                                                   \
-            _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i + (k)), vlo), vinv), vh), \
-            z),                                                                          \
-        vm))
+    for (; i + 16 <= n; i += 16) _mm_storeu_si128((__m128i *)(void *)(out + i), q16_sse2(&k, p + i));
+    return i;
+}
+
+/* 4-bit codes packed two per byte; returns how many values it did (a multiple of 32) */
+static size_t codes4_sse2(const f32_u *x, size_t n, float lo, float inv, uint8_t *out) {
+    const float *p = (const float *)x;
+    const qk_sse2 k = qk_sse2_make(lo, inv, 15.0f);
+    size_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        __m256i q0 = Q8(0), q1 = Q8(8), q2 = Q8(16), q3 = Q8(24);
-        __m256i w = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-        w = _mm256_permutevar8x32_epi32(w, order); /* undo the per-128-bit-lane packing */
-        _mm256_storeu_si256((__m256i *)(void *)(out + i), w);
+        __m128i a = nib16_sse2(q16_sse2(&k, p + i)), b = nib16_sse2(q16_sse2(&k, p + i + 16));
+        _mm_storeu_si128((__m128i *)(void *)(out + i / 2), _mm_packus_epi16(a, b));
     }
-#undef Q8
-    codes_generic(x + i, n - i, lo, inv, maxc, out + i);
+    return i;
+}
+
+#define AVX2 __attribute__((target("avx2")))
+
+typedef struct {
+    __m256 lo, inv, half, zero, maxc;
+} qk_avx2;
+
+AVX2 static inline __m256i q8_avx2(const qk_avx2 *k, const float *p) {
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), k->lo), k->inv), k->half);
+    return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, k->zero), k->maxc));
+}
+
+/* 32 codes, in order, one per byte */
+AVX2 static inline __m256i q32_avx2(const qk_avx2 *k, const float *p) {
+    __m256i q0 = q8_avx2(k, p), q1 = q8_avx2(k, p + 8), q2 = q8_avx2(k, p + 16), q3 = q8_avx2(k, p + 24);
+    __m256i w = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    /* the packs work per 128-bit lane: dwords come out as q0a q1a q2a q3a q0b q1b q2b q3b */
+    return _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+AVX2 static inline __m256i nib32_avx2(__m256i c) {
+    return _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi16(0x00FF)),
+                           _mm256_and_si256(_mm256_srli_epi16(c, 4), _mm256_set1_epi16(0x00F0)));
+}
+
+AVX2 static qk_avx2 qk_avx2_make(float lo, float inv, float maxc) {
+    qk_avx2 k = {_mm256_set1_ps(lo), _mm256_set1_ps(inv), _mm256_set1_ps(0.5f),
+                 _mm256_setzero_ps(), _mm256_set1_ps(maxc)};
+    return k;
+}
+
+AVX2 static size_t codes_avx2(const f32_u *x, size_t n, float lo, float inv, float maxc,
+                              uint8_t *out) {
+    const float *p = (const float *)x;
+    const qk_avx2 k = qk_avx2_make(lo, inv, maxc);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm256_storeu_si256((__m256i *)(void *)(out + i), q32_avx2(&k, p + i));
+    return i;
+}
+
+AVX2 static size_t codes4_avx2(const f32_u *x, size_t n, float lo, float inv, uint8_t *out) {
+    const float *p = (const float *)x;
+    const qk_avx2 k = qk_avx2_make(lo, inv, 15.0f);
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m256i a = nib32_avx2(q32_avx2(&k, p + i)), b = nib32_avx2(q32_avx2(&k, p + i + 32));
+        __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);
+        _mm256_storeu_si256((__m256i *)(void *)(out + i / 2), w);
+    }
+    return i;
 }
 #endif
 
 static void codes_fast(const f32_u *x, size_t n, float lo, float inv, float maxc, uint8_t *out) {
+    size_t done = 0;
 #if PCCL_X86
-    if (pccl_isa >= PCCL_ISA_AVX2) {
-        codes_avx2(x, n, lo, inv, maxc, out);
-        return;
-    }
-    if (pccl_isa >= PCCL_ISA_SSE2) {
-        codes_sse2(x, n, lo, inv, maxc, out);
-        return;
-    }
+    if (pccl_isa >= PCCL_ISA_AVX2)
+        done = codes_avx2(x, n, lo, inv, maxc, out);
+    else if (pccl_isa >= PCCL_ISA_SSE2)
+        done = codes_sse2(x, n, lo, inv, maxc, out);
 #endif
-    codes_generic(x, n, lo, inv, maxc, out);
+    codes_generic(x + done, n - done, lo, inv, maxc, out + done);
 }
 
 /* wide rule (rare: ranges so small that M / r overflows float32) */
@@ -286,8 +341,17 @@ void pccl_quantize_u4(const void *src, size_t n, uint8_t *codes, float *lo, floa
         memset(codes, 0, (n + 1) / 2);
         return;
     }
+    size_t i = 0;
+#if PCCL_X86
+    if (p.mode == 1 && pccl_isa >= PCCL_ISA_AVX2)
+        i = codes4_avx2(x, n, p.lo, p.inv, codes);
+    else if (p.mode == 1 && pccl_isa >= PCCL_ISA_SSE2)
+        i = codes4_sse2(x, n, p.lo, p.inv, codes);
+#endif
+    /* the rest (everything at the generic level), in blocks through a small buffer;
+     * i is even here, so the output byte offset is i / 2 */
     uint8_t tmp[U4_BLOCK];
-    for (size_t i = 0; i < n; i += U4_BLOCK) {
+    for (; i < n; i += U4_BLOCK) {
         size_t m = n - i < U4_BLOCK ? n - i : U4_BLOCK;
         codes_any(&p, x + i, m, 15.0f, tmp);
         if (m & 1) tmp[m] = 0; /* only on the last block: U4_BLOCK is even */
@@ -334,11 +398,47 @@ DEF_DECODE(_generic)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 DEF_DECODE(_avx2)
+
+/* 4-bit decode, 32 values per 16 code bytes; (add ? dst + v : v) with v = code*scale + lo.
+ * Returns how many values it did (a multiple of 32). */
+static inline size_t deq4_avx2_body(const uint8_t *c, float lo, float scale, float *d, size_t n,
+                                    int add) {
+    const __m256 vs = _mm256_set1_ps(scale), vl = _mm256_set1_ps(lo);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(c + i / 2));
+        __m128i l4 = _mm_and_si128(b, m), h4 = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        __m128i e0 = _mm_unpacklo_epi8(l4, h4), e1 = _mm_unpackhi_epi8(l4, h4);
+        __m128i g[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
+        for (int k = 0; k < 4; k++) {
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(g[k]));
+            v = _mm256_add_ps(_mm256_mul_ps(v, vs), vl);
+            if (add) v = _mm256_add_ps(_mm256_loadu_ps(d + i + 8 * k), v);
+            _mm256_storeu_ps(d + i + 8 * k, v);
+        }
+    }
+    return i;
+}
 #pragma GCC pop_options
+
+AVX2 static void deq_u4_fast(const uint8_t *c, float lo, float scale, f32_u *d, size_t n) {
+    size_t i = deq4_avx2_body(c, lo, scale, (float *)d, n, 0);
+    deq_u4_avx2(c + i / 2, lo, scale, d + i, n - i);
+}
+
+AVX2 static void deq_add_u4_fast(const uint8_t *c, float lo, float scale, f32_u *d, size_t n) {
+    size_t i = deq4_avx2_body(c, lo, scale, (float *)d, n, 1);
+    deq_add_u4_avx2(c + i / 2, lo, scale, d + i, n - i);
+}
+
+#define deq_u8_fast deq_u8_avx2
+#define deq_add_u8_fast deq_add_u8_avx2
+
 #define DECODE(name, ...)                                                                     \
     do {                                                                                       \
         if (pccl_isa >= PCCL_ISA_AVX2)                                                         \
-            PCCL_CAT(name, _avx2)(__VA_ARGS__);                                                \
+            PCCL_CAT(name, _fast)(__VA_ARGS__);                                                \
         else                                                                                   \
             PCCL_CAT(name, _generic)(__VA_ARGS__);                                             \
     } while (0)
