@@ -92,21 +92,23 @@ class _Bad(Exception):
 class StateServer:
     """Serves the published shared state to authenticated peers.
 
-    ``StateServer(peer_id, secret=b"", host="127.0.0.1", port=0, idle_timeout=300.0)``;
+    ``StateServer(peer_id, secret=b"", host="127.0.0.1", port=0, idle_timeout=300.0,
+    auth_timeout=10.0, max_connections=1024)``;
     ``await start()`` returns the bound ``(host, port)``; ``publish(revision, {name: view})``
     makes the views servable (they must stay valid and unchanged until ``unpublish()``,
-    which also drops every open connection); ``tx_bytes`` counts payload bytes served
-    since the last ``publish``; ``await close()``.
+    which also drops every open connection); ``tx_bytes`` counts payload bytes handed
+    to the transport since the last ``publish``; ``await close()``.
     """
 
     def __init__(self, peer_id: str = "", *, secret: bytes = b"", host: str = "127.0.0.1", port: int = 0,
-                 idle_timeout: float = 300.0, auth_timeout: float = 10.0) -> None:
+                 idle_timeout: float = 300.0, auth_timeout: float = 10.0, max_connections: int = 1024) -> None:
         self.peer_id = peer_id
         self.secret = secret
         self.host = host
         self.port = port
         self.idle_timeout = idle_timeout
         self.auth_timeout = auth_timeout
+        self.max_connections = max_connections
         self.revision: int | None = None
         self.views: dict[str, memoryview] = {}
         self.tx_bytes = 0
@@ -158,6 +160,11 @@ class StateServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self._writers) >= self.max_connections:
+            self.refused += 1
+            log.warning("state server %s: refusing %s: %d connections open", self.peer_id, who, len(self._writers))
+            writer.transport.abort()
+            return
         self._writers.add(writer)
         graceful = False  # close after a refusal (lets the text arrive); abort otherwise
         try:
@@ -209,8 +216,8 @@ class StateServer:
                 writer.write(RESP.pack(M_RESP, 0, length))
                 if length:
                     writer.write(view[offset:offset + length])
-                await writer.drain()
-                self.tx_bytes += length
+                self.tx_bytes += length  # handed to the transport
+                await asyncio.wait_for(writer.drain(), self.idle_timeout)  # a frozen reader ends here
         except _Bad as exc:
             self.refused += 1
             log.warning("state server %s: closing connection from %s: %s", self.peer_id, who, exc)
