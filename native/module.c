@@ -132,12 +132,15 @@ static PyObject *py_finish_avg(PyObject *self, PyObject *args, PyObject *kwargs)
     const char *dtype_s;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOs:finish_avg", kwlist, &dst_obj, &n_obj, &dtype_s))
         return NULL;
-    if (!PyLong_Check(n_obj) || PyBool_Check(n_obj)) {
+    if (!PyIndex_Check(n_obj) || PyBool_Check(n_obj)) { /* int, numpy integer; not bool/float */
         PyErr_Format(PyExc_TypeError, "n must be an int, not %.200s", Py_TYPE(n_obj)->tp_name);
         return NULL;
     }
+    PyObject *n_int = PyNumber_Index(n_obj);
+    if (n_int == NULL) return NULL;
     int overflow = 0;
-    long long k = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
+    long long k = PyLong_AsLongLongAndOverflow(n_int, &overflow);
+    Py_DECREF(n_int);
     if (k == -1 && PyErr_Occurred()) return NULL;
     if (overflow || k < 1 || k > 2147483647LL) {
         PyErr_SetString(PyExc_ValueError, "n must be in 1 .. 2**31-1 (the number of contributions)");

@@ -8,8 +8,9 @@ Errors: TypeError for a non-buffer or a non-str name, ValueError for a bad value
 overlap). The GIL is released while a kernel runs over 64 KiB or more.
 """
 
-from collections.abc import Buffer
-from typing import Final, Literal
+from typing import Final, Literal, SupportsIndex
+
+from typing_extensions import Buffer
 
 DType = Literal[
     "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8"
@@ -22,7 +23,7 @@ OPS: Final[tuple[str, ...]]
 def reduce(dst: Buffer, src: Buffer, op: Op, dtype: DType) -> None:
     """dst = dst (op) src elementwise. dst and src: same byte length; dst may be src itself."""
 
-def finish_avg(dst: Buffer, n: int, dtype: DType) -> None:
+def finish_avg(dst: Buffer, n: SupportsIndex, dtype: DType) -> None:
     """dst = dst / n, 1 <= n < 2**31. Floats: IEEE division (f16/bf16 via float32);
     integers: truncation toward zero."""
 

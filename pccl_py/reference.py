@@ -13,6 +13,7 @@ bfloat16 data is raw 2-byte words (numpy has no bfloat16): widened to float32 by
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -181,8 +182,9 @@ def reduce(dst, src, op: str, dtype: str) -> None:
 def finish_avg(dst, n: int, dtype: str) -> None:
     """dst = dst / n: floats divide in their working precision (float16/bfloat16 via
     float32, rounded to nearest even); integers truncate toward zero (C division)."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+    if isinstance(n, (bool, np.bool_)) or not hasattr(type(n), "__index__"):
         raise TypeError(f"n must be an int, not {type(n).__name__}")
+    n = operator.index(n)
     if not 1 <= int(n) <= 2**31 - 1:
         raise ValueError("n must be in 1 .. 2**31-1 (the number of contributions)")
     _check_dtype(dtype)

@@ -166,6 +166,13 @@ def test_finish_avg_integers_truncate_toward_zero() -> None:
     assert u.tolist() == [127, 2, 0]
 
 
+def test_finish_avg_accepts_numpy_integers() -> None:
+    for impl in (N, R):
+        a = np.array([6, -9], dtype=np.int16)
+        impl.finish_avg(a, np.int64(3), "int16")
+        assert a.tolist() == [2, -3]
+
+
 def test_finish_avg_floats_are_ieee_division() -> None:
     x = np.array([1.0, 2.0, 10.0, np.inf, -np.inf, np.nan, -0.0, 1e-45], dtype=np.float32)
     got = x.copy()
@@ -557,6 +564,7 @@ BAD_CALLS = [
     (lambda m: m.finish_avg(F32.copy(), -2, "float32"), ValueError, "n must"),
     (lambda m: m.finish_avg(F32.copy(), 2**40, "float32"), ValueError, "n must"),
     (lambda m: m.finish_avg(F32.copy(), 2.0, "float32"), TypeError, "int"),
+    (lambda m: m.finish_avg(F32.copy(), True, "float32"), TypeError, "int"),
     (lambda m: m.finish_avg(F32.copy(), 2, "complex64"), ValueError, "dtype"),
     (lambda m: m.finish_avg(ro(F32), 2, "float32"), ValueError, "read-only"),
     (lambda m: m.finish_avg(bytearray(5), 2, "int32"), ValueError, "multiple"),
