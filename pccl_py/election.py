@@ -7,8 +7,10 @@ method returns a :class:`Decision`: ``out`` (a list of ``(peer_id, message)`` to
 and ``reason`` (one line for the log).
 
 Messages (all fields always present, values are only str/int/bool/bytes/list, so they
-fit msgpack and a strict schema; :data:`SYNC_SCHEMA` has them in ``protocol.SCHEMA``
-form, ready to merge):
+fit msgpack and a strict schema; ``SYNC_SCHEMA`` has them in ``protocol.SCHEMA`` form,
+ready to merge: ``SCHEMA.update(election.SYNC_SCHEMA)`` from anywhere after protocol.py
+has defined ``F``; it is built on first access, so election.py imports protocol.py
+lazily):
 
 daemon -> coordinator
   ``sync_offer``  {round_hint, revision, strategy, tensors, host, port, timeout}
@@ -55,7 +57,7 @@ Round life: ``collecting`` -> (every live member offered) election, plans out ->
 ``done``. ``tick(now)`` enforces the deadlines: if a member has not offered by
 ``started + timeout`` every offerer gets ``sync_plan`` error DeadlineExceeded naming
 the missing peers; if a fetcher has not reported by ``elected_at + transfer_timeout``
-it gets DeadlineExceeded and the others complete. ``member_gone`` drops a dead peer:
+(default: ``timeout``) its ``sync_complete`` says DeadlineExceeded and the round ends. ``member_gone`` drops a dead peer:
 before the election it no longer counts; a dead fetcher counts as reported; a dead
 source is the fetchers' business (they re-stripe over the remaining sources).
 
@@ -79,6 +81,7 @@ revision, then the smallest key bytes (concatenated name, size and hash of each 
 a deterministic order whatever the arrival order of the offers.
 Then for each valid offer:
 - same key as the winner -> "in_sync";
+- same tensor contents as the winner but an older revision -> "in_sync" (nothing moves);
 - send_only with another key -> error InvalidUsage (a send_only peer never receives);
 - tensor names or sizes not those of the winner -> error InvalidUsage (layout differs);
 - otherwise -> "fetch" of the tensors whose hash differs, from every winner-key holder
