@@ -66,12 +66,35 @@ def test_bad_arguments():
             layout_views(d, st.buffer())
 
 
+class CheckedChannel:
+    """Every message both ways goes through msgpack and the control-plane schema checks."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @staticmethod
+    def check(msg):
+        from pccl_py import protocol
+        from pccl_py.election import SYNC_SCHEMA
+
+        back = msgpack.unpackb(msgpack.packb(msg, use_bin_type=True), raw=False)
+        body = {k: v for k, v in back.items() if k != "type"}
+        protocol._check_map(back["type"], SYNC_SCHEMA[back["type"]], body)
+        return back
+
+    async def send(self, msg):
+        await self.inner.send(self.check(msg))
+
+    async def recv(self):
+        return self.check(await self.inner.recv())
+
+
 class Peer:
     def __init__(self, pid: str, tensors: dict, coord: LocalCoordinator, unequal=()):
         self.pid = pid
         self.state = SharedState(tensors, allow_content_inequality=unequal)
         self.server = StateServer(pid, secret=SECRET)
-        self.chan = coord.channel(pid)
+        self.chan = CheckedChannel(coord.channel(pid))
 
     async def sync(self, strategy="enforce_popular", revision=None, timeout=30.0, progress=None):
         rev = self.state.revision + 1 if revision is None else revision
