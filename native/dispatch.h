@@ -10,7 +10,8 @@
 #ifndef PCCL_DISPATCH_H
 #define PCCL_DISPATCH_H
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* PCCL_NO_DISPATCH: build the plain C loops only (what non-x86 machines get) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(PCCL_NO_DISPATCH)
 #define PCCL_X86 1
 #else
 #define PCCL_X86 0
