@@ -361,3 +361,34 @@ async def test_fuzzed_connections_never_hurt_the_server():
         assert np.array_equal(out["w"], state["w"])
     finally:
         await close_all([srv])
+
+
+async def test_source_process_sigkilled_mid_transfer():
+    """Real processes: one of two sources is killed by SIGKILL while the fetch runs."""
+    import os
+    import signal
+
+    from pccl_py.bench.sync import REVISION, _start_sources, _stop_sources
+    from pccl_py.bench.sync import SECRET as BSECRET
+    from pccl_py.bench.sync import make_state as bstate
+
+    n = 48 << 20
+    state = bstate(n)
+    procs, addrs = _start_sources(2, n)
+    try:
+        out = np.zeros(n, np.uint8)
+        killed = []
+
+        def progress(done, total):
+            if not killed and done >= total // 4:
+                os.kill(procs[0].pid, signal.SIGKILL)
+                killed.append(done)
+
+        stats = await fetch(addrs, {"state": (memoryview(out), hash_buffer(state))}, secret=BSECRET, peer_id="p",
+                            revision=REVISION, chunk=1 << 20, timeout=50, progress=progress)
+        assert killed and np.array_equal(out, state)
+        assert stats["per_source"][f"127.0.0.1:{addrs[1][1]}"] > 0
+        procs[0].wait(10)
+        assert procs[0].returncode == -signal.SIGKILL
+    finally:
+        _stop_sources(procs)
