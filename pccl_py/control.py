@@ -141,6 +141,7 @@ class ControlLink:
         on_topology: Callable[[Topology], Awaitable[None]] | None = None,
         on_abort: Callable[[PcclError], None] | None = None,
         on_removed: Callable[[str], None] | None = None,
+        on_peer_id: Callable[[str], None] | None = None,
         backoff: Backoff = REINTRODUCE_BACKOFF,
     ) -> None:
         self.coordinator = coordinator
@@ -155,6 +156,7 @@ class ControlLink:
         self.on_topology = on_topology
         self.on_abort = on_abort
         self.on_removed = on_removed
+        self.on_peer_id = on_peer_id  # called when connect() after a removal takes a new peer_id
         self.backoff = backoff
         self.topology: Topology | None = None
         self.state = "idle"  # idle | pending | recovering | accepted | removed | left | closed
@@ -233,12 +235,20 @@ class ControlLink:
         self._require_started()
         if self.state == "accepted" and self.topology is not None:
             return self.topology
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.state == "recovering":  # a member while the coordinator rebuilds: wait for it
+            if self._join is None or self._join.done():
+                self._join = loop.create_future()
+            return await self._wait(self._join, deadline, "connect")
         if self.state in ("removed", "left"):  # a removed peer_id never comes back: take a new one
+            old = self.peer_id
             self.peer_id = f"{self._base_id}~{secrets.token_hex(3)}"
             self.topology = None
             self.instance = ""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+            log.info("%s: connecting again as a new member %s", old, self.peer_id)
+            if self.on_peer_id is not None:
+                self.on_peer_id(self.peer_id)
         if self._join is None or self._join.done():
             self._join = loop.create_future()
         self.state = "pending"

@@ -503,6 +503,8 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     with pytest.raises(PeerLost, match="connect again"):
         await b.update_topology(1)
     # it may connect again, as a new member with a new peer_id
+    new_ids = []
+    b.on_peer_id = new_ids.append
     join = asyncio.create_task(b.connect(10))
     await until(lambda: b.peer_id != "p1", 2, "a new peer_id")
     await wait_registered(coord.addr, [b.peer_id])
@@ -510,3 +512,4 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     await a.update_topology(10)
     topo = await join
     assert topo.world_size == 2 and [p.peer_id for p in topo.peers] == ["p0", b.peer_id]
+    assert new_ids == [b.peer_id]
