@@ -6,7 +6,8 @@ int pccl_isa = PCCL_ISA_GENERIC;
 int pccl_isa_max(void) {
 #if PCCL_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return PCCL_ISA_AVX2;
+    /* the AVX2 level also uses F16C (every AVX2 CPU has it; checked anyway) */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return PCCL_ISA_AVX2;
     return PCCL_ISA_SSE2;
 #else
     return PCCL_ISA_GENERIC;

@@ -2,8 +2,9 @@
  *
  * Every kernel exists as plain C (auto-vectorised for the baseline ISA: SSE2 on x86_64,
  * NEON on aarch64). On x86_64 with GCC, a second copy of the same loops is compiled for
- * AVX2 (without FMA: -ffp-contract=off and no "fma" target) and hand-written SSE2/AVX2
- * loops exist for the quantizer's min/max and code passes. All of them perform the same
+ * AVX2 (without FMA: -ffp-contract=off and no "fma" target), float16 uses the F16C
+ * conversions at that level, and hand-written SSE2/AVX2 loops exist for the quantizer's
+ * min/max and code passes and the 4-bit decode. All of them perform the same
  * IEEE operations in the same order per element, so the choice changes speed, never bits;
  * tests run every level against the numpy reference.
  */

@@ -86,30 +86,92 @@ DEF_FSEL(fmax64, double, <=)
 #undef SUFFIX
 
 #if PCCL_X86
+#include <immintrin.h>
+
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #define SUFFIX _avx2
 #include "reduce_impl.h"
 #undef SUFFIX
+
+/* float16 with the F16C conversions (exact widening; IEEE round-to-nearest-even
+ * narrowing), the same float32 operations as the plain loops, and every NaN result
+ * replaced by the canonical 0x7E00 (as pccl_f32_to_f16 does). */
+static inline __m128i f16c_narrow(__m256 r) {
+    __m128i h = _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i m = _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_UNORD_Q));
+    __m128i m16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    return _mm_blendv_epi8(h, _mm_set1_epi16(0x7E00), m16);
+}
+
+static inline __m256 f16c_load(const void *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* min/max: min_ps(b, a) is b < a ? b : a (ties keep a); a NaN in either input sets all
+ * bits (a NaN), which the narrowing canonicalises. */
+#define V_SUM(a, b) _mm256_add_ps(a, b)
+#define V_PROD(a, b) _mm256_mul_ps(a, b)
+#define V_MIN(a, b) _mm256_or_ps(_mm256_min_ps(b, a), _mm256_cmp_ps(a, b, _CMP_UNORD_Q))
+#define V_MAX(a, b) _mm256_or_ps(_mm256_max_ps(b, a), _mm256_cmp_ps(a, b, _CMP_UNORD_Q))
+
+#define DEF_F16C(NAME, VOP, TAIL)                                                      \
+    static void NAME(void *dv, const void *sv, size_t n) {                            \
+        char *d = (char *)dv;                                                          \
+        const char *s = (const char *)sv;                                              \
+        size_t i = 0;                                                                  \
+        for (; i + 8 <= n; i += 8) {                                                   \
+            __m256 r = VOP(f16c_load(d + 2 * i), f16c_load(s + 2 * i));                \
+            _mm_storeu_si128((__m128i *)(void *)(d + 2 * i), f16c_narrow(r));          \
+        }                                                                              \
+        TAIL(d + 2 * i, s + 2 * i, n - i);                                             \
+    }
+
+DEF_F16C(f16_sum_f16c, V_SUM, f16_sum_avx2)
+DEF_F16C(f16_prod_f16c, V_PROD, f16_prod_avx2)
+DEF_F16C(f16_min_f16c, V_MIN, f16_min_avx2)
+DEF_F16C(f16_max_f16c, V_MAX, f16_max_avx2)
+
+static void f16_avg_f16c(void *dv, size_t n, int64_t k) {
+    char *d = (char *)dv;
+    const __m256 kf = _mm256_set1_ps((float)k);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 r = _mm256_div_ps(f16c_load(d + 2 * i), kf);
+        _mm_storeu_si128((__m128i *)(void *)(d + 2 * i), f16c_narrow(r));
+    }
+    f16_avg_avx2(d + 2 * i, n - i, k);
+}
 #pragma GCC pop_options
 #endif
 
-void pccl_reduce(void *dst, const void *src, size_t n, pccl_op op, pccl_dtype dt) {
-    if ((unsigned)dt >= PCCL_NDTYPES || (unsigned)op >= PCCL_NOPS) return;
+static binop_fn reduce_fn(pccl_dtype dt, pccl_op op) {
 #if PCCL_X86
     if (pccl_isa >= PCCL_ISA_AVX2) {
-        REDUCE_TABLE_avx2[dt][op](dst, src, n);
-        return;
+        if (dt == PCCL_F16) {
+            static const binop_fn F16C[PCCL_NOPS] = {f16_sum_f16c, f16_prod_f16c, f16_min_f16c,
+                                                     f16_max_f16c};
+            return F16C[op];
+        }
+        return REDUCE_TABLE_avx2[dt][op];
     }
 #endif
-    REDUCE_TABLE_generic[dt][op](dst, src, n);
+    return REDUCE_TABLE_generic[dt][op];
+}
+
+void pccl_reduce(void *dst, const void *src, size_t n, pccl_op op, pccl_dtype dt) {
+    if ((unsigned)dt >= PCCL_NDTYPES || (unsigned)op >= PCCL_NOPS) return;
+    reduce_fn(dt, op)(dst, src, n);
 }
 
 void pccl_finish_avg(void *dst, size_t n, int64_t n_div, pccl_dtype dt) {
     if ((unsigned)dt >= PCCL_NDTYPES || n_div < 1) return;
 #if PCCL_X86
     if (pccl_isa >= PCCL_ISA_AVX2) {
-        AVG_TABLE_avx2[dt](dst, n, n_div);
+        if (dt == PCCL_F16)
+            f16_avg_f16c(dst, n, n_div);
+        else
+            AVG_TABLE_avx2[dt](dst, n, n_div);
         return;
     }
 #endif

@@ -211,6 +211,22 @@ def test_float_min_max_nan_and_signed_zero(isa: str) -> None:
             assert got.tolist() == d.tolist(), (dtype, op)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_min_max_zero_ties_keep_dst(isa: str, dtype: str) -> None:
+    n = 37  # through the vector loops and their tails
+    if dtype in ("float16", "bfloat16"):
+        pz, nz = np.uint16(0), np.uint16(0x8000)
+        d = np.array([pz, nz] * n, dtype=np.uint16)
+        s = np.array([nz, pz] * n, dtype=np.uint16)
+    else:
+        d = np.array([0.0, -0.0] * n, dtype=dtype)
+        s = np.array([-0.0, 0.0] * n, dtype=dtype)
+    for op in ("min", "max"):
+        got = d.copy()
+        N.reduce(got, s, op, dtype)
+        assert got.tobytes() == d.tobytes(), (dtype, op)
+
+
 def test_integer_wraparound_like_numpy() -> None:
     for dtype in ("int8", "int16", "int32", "int64", "uint8"):
         ii = np.iinfo(dtype)
