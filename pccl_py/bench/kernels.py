@@ -117,6 +117,16 @@ def _rows(size_mib: int, repeat: int) -> list[dict]:
         base_fn,
     )
 
+    # --- float16 sum (nbytes of float16): numpy computes it in float32 too
+    fa = x[: nbytes // 2].astype(np.float16)
+    fb = y[: nbytes // 2].astype(np.float16)
+    row(
+        "reduce sum float16",
+        lambda: N.reduce(fa, fb, "sum", "float16"),
+        "np.add(a, b, out=a) on float16",
+        lambda: np.add(fa, fb, out=fa),
+    )
+
     # --- quantize
     codes8 = np.empty(n, np.uint8)
     codes4 = np.empty((n + 1) // 2, np.uint8)
