@@ -10,7 +10,7 @@ commands:
   coordinator   run the coordinator of a run          (pccl coordinator --listen HOST:PORT)
   daemon        run a peer daemon                     (pccl daemon --coordinator HOST:PORT --group G)
   status        show who is in a run                  (pccl status --coordinator HOST:PORT [--json])
-  bench         benchmarks: kernels | allreduce       (pccl bench allreduce --world 2 --compare gloo)
+  bench         benchmarks: kernels|allreduce|sync  (pccl bench allreduce --world 2 --compare gloo)
   demo          local DiLoCo run with peers killed and rejoining
 
 'pccl <command> --help' describes each command's options.
@@ -33,15 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as run
     elif cmd == "bench":
         if not rest or rest[0] in ("-h", "--help"):
-            print("usage: pccl bench {kernels,allreduce} [options]")
+            print("usage: pccl bench {kernels,allreduce,sync} [options]")
             return 0 if rest else 2
         kind, rest = rest[0], rest[1:]
         if kind == "kernels":
             from .bench.kernels import main as run
         elif kind == "allreduce":
             from .bench.allreduce import main as run
+        elif kind == "sync":
+            from .bench.sync import main as run
         else:
-            print(f"pccl bench: unknown benchmark {kind!r} (kernels, allreduce)", file=sys.stderr)
+            print(f"pccl bench: unknown benchmark {kind!r} (kernels, allreduce, sync)", file=sys.stderr)
             return 2
     else:
         print(f"pccl: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

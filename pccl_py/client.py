@@ -36,6 +36,7 @@ from .errors import (
     from_wire,
 )
 from .retry import Backoff
+from .shared_state import SharedState
 from .tensors import Flat, flat
 
 OPS = ("sum", "avg", "min", "max", "prod")
@@ -175,6 +176,7 @@ class Client:
         hello = self._call({"op": "hello"}, timeout=10.0)
         self.peer_id: str = hello["peer_id"]
         self._pool = _Pool(self)
+        self._states: list[SharedState] = []
 
     # -- plumbing --------------------------------------------------------------------
     def _spawn(self, secret, streams, listen, log_level) -> str:
@@ -399,6 +401,44 @@ class Client:
             raise InvalidUsage("all_gather takes bytes")
         return list(self._call({"op": "all_gather", "data": bytes(blob), "tag": tag}, timeout)["blobs"])
 
+    # -- shared state ----------------------------------------------------------------
+    def shared_state(self, tensors: dict, *, revision: int = 0, allow_content_inequality=()) -> SharedState:
+        """Register named tensors as shared state; returns a :class:`SharedState`.
+
+        The tensors' contents are copied into one shared-memory segment that the daemon
+        hashes and serves without further copies; use ``state[name]`` (same type as given)
+        from then on. ``allow_content_inequality`` names tensors that may differ between
+        peers (never compared, never transferred).
+        """
+        st = SharedState(tensors, revision=revision, allow_content_inequality=allow_content_inequality)
+        try:
+            self._call({"op": "map", "name": st.segment_name, "size": st.buffer().nbytes}, timeout=10.0)
+        except BaseException:
+            st.close()
+            raise
+        self._states.append(st)
+        return st
+
+    def sync_shared_state(self, state: SharedState, *, strategy: str = "enforce_popular",
+                          timeout: float | None = None) -> dict:
+        """Bring every peer's shared state to the most popular (revision, content).
+
+        Offer ``state.revision``: it must be exactly one more than this peer's last synced
+        revision (``RevisionError`` otherwise, for this peer alone); a newcomer may offer
+        any. Outdated peers fetch from several up-to-date peers at once and verify the hash.
+        ``strategy``: ``enforce_popular``, ``receive_only`` (never sends, never wins) or
+        ``send_only`` (never receives; an error if this peer's state is not the winner).
+        Returns ``status`` (``in_sync``/``fetched``), ``revision``, ``tx_bytes``,
+        ``rx_bytes``, ``seconds``.
+        """
+        if not isinstance(state, SharedState):
+            raise InvalidUsage("sync_shared_state takes the object returned by shared_state()")
+        res = self._call(
+            {"op": "sync_shared_state", "state": state.describe(), "strategy": strategy}, timeout
+        )
+        state.revision = int(res["revision"])
+        return res
+
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
         """Leave the run (announced, so nobody waits for a timeout) and release resources."""
@@ -411,6 +451,8 @@ class Client:
                 pass
         try:
             self._pool.close()
+            for st in self._states:
+                st.close()
         finally:
             self._sock.close()
             self._sock = None

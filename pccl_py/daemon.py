@@ -27,6 +27,9 @@ from . import local
 from .control import ControlLink
 from .dataplane import DataPlane
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
+from .shared_state import layout_views
+from .statesync import daemon_sync
+from .statexfer import StateServer
 from .topology import Topology
 
 log = logging.getLogger("pccl.daemon")
@@ -88,6 +91,10 @@ class Daemon:
         if streams is not None:
             dp_kwargs["streams"] = streams
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
+        self.secret = secret
+        self.data_host = data_host
+        self.state_server = StateServer(self.peer_id, secret=secret, host=data_host, port=0)
+        self._sync_lock = asyncio.Lock()
         self._control_kwargs = {
             "group": group,
             "secret": secret,
@@ -108,6 +115,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         addr = await self.data.start()
+        await self.state_server.start()
         self.control = ControlLink(
             self.coordinator,
             data_addr=addr,
@@ -139,6 +147,7 @@ class Daemon:
                     log.info("leave not acknowledged: %s", exc)
             await self.control.close()
         await self.data.close()
+        await self.state_server.close()
         try:
             os.unlink(self.local_path)
         except FileNotFoundError:
@@ -251,10 +260,41 @@ class Daemon:
                 self._in_flight.pop(tag, None)
                 self._activity()
             return {"blobs": blobs, "epoch": topo.epoch}
+        if op == "sync_shared_state":
+            return await self._sync(session, req, timeout)
         if op == "leave":
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
             return {}
         raise InvalidUsage(f"unknown request {op!r}")
+
+    async def _sync(self, session: LocalSession, req: dict, timeout: float) -> dict:
+        self._require_connected()
+        desc = req.get("state")
+        if not isinstance(desc, dict):
+            raise InvalidUsage("sync_shared_state needs a state description")
+        strategy = str(req.get("strategy", "enforce_popular"))
+        if strategy not in ("enforce_popular", "receive_only", "send_only"):
+            raise InvalidUsage(f"unknown strategy {strategy!r}")
+        seg = session.segment(str(desc.get("segment")))
+        views = layout_views(desc, seg.buf)
+        async with self._sync_lock:
+            self._in_flight[-2] = "sync_shared_state"
+            self._activity()
+            try:
+                return await daemon_sync(
+                    views,
+                    revision=int(desc["revision"]),
+                    channel=self.control.sync_channel(),
+                    server=self.state_server,
+                    peer_id=self.peer_id,
+                    secret=self.secret,
+                    strategy=strategy,
+                    timeout=timeout,
+                    advertise=(self.data_host, self.state_server.address[1]),
+                )
+            finally:
+                self._in_flight.pop(-2, None)
+                self._activity()
 
     async def _wait_topology(self, epoch: int, timeout: float) -> None:
         # on_topology is awaited by the control link before connect/update return, so this is

@@ -34,6 +34,7 @@ OPS = frozenset(
         "unmap",
         "all_reduce",
         "all_gather",
+        "sync_shared_state",
         "leave",
     }
 )
