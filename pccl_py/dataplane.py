@@ -50,8 +50,12 @@ __all__ = ["DataPlane", "DataPlaneConfig"]
 class DataPlaneConfig:
     """Tuning knobs and bounds (defaults chosen by stress/bench_dataplane.py, docs/dataplane.md)."""
 
-    sub_bytes: int = 1 << 20  # ring sub-chunk: unit of pipelining between steps
-    min_stripe: int = 128 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
+    # ring sub-chunk (the unit of pipelining between steps): chunk / pipeline_depth,
+    # clamped to [min_sub_bytes, sub_bytes]
+    sub_bytes: int = 4 << 20
+    min_sub_bytes: int = 256 << 10
+    pipeline_depth: int = 8
+    min_stripe: int = 256 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
     tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
@@ -749,10 +753,12 @@ class DataPlane:
             algo = algorithm
         common = dict(loop=self._loop, tag=tag)
         if algo == "ring":
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes)
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
+                                cfg.pipeline_depth)
             make = lambda seq: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                             sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe, seq=seq,
-                                             desc=desc, **common)
+                                             sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe,
+                                             min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
+                                             seq=seq, desc=desc, **common)
         elif algo == "tree":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
             make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731

@@ -62,7 +62,9 @@ async def child_main(args) -> None:
     from pccl_py.topology import PeerInfo, Topology
 
     rank, world = args.rank, len(args.ports)
+    d = DataPlaneConfig()
     cfg = DataPlaneConfig(sub_bytes=args.sub_bytes_one, min_stripe=args.min_stripe,
+                          min_sub_bytes=min(d.min_sub_bytes, args.sub_bytes_one), pipeline_depth=args.depth,
                           tree_max_bytes=args.tree_max)
     dp = DataPlane(f"bench{rank:03d}", secret=b"bench", streams=args.streams_one, port=args.ports[rank],
                    config=cfg)
@@ -138,7 +140,7 @@ def run_world(args, world: int, streams: int, sub_bytes: int) -> list[dict]:
     cmd_base = [sys.executable, os.path.abspath(__file__), "--child", "--ports", *map(str, ports),
                 "--sizes", *map(str, args.sizes), "--algorithms", *args.algorithms, "--reps", str(args.reps),
                 "--streams", str(streams), "--sub-bytes", str(sub_bytes), "--min-stripe", str(args.min_stripe),
-                "--tree-max", str(args.tree_max), "--backend", args.backend]
+                "--tree-max", str(args.tree_max), "--backend", args.backend, "--depth", str(args.depth)]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen(cmd_base + ["--rank", str(r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=env, cwd=REPO) for r in range(world)]
@@ -174,6 +176,7 @@ def main() -> None:
     ap.add_argument("--min-stripe", default=None)
     ap.add_argument("--tree-max", default=None)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=None, help="ring sub-chunks per chunk (pipeline depth)")
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per world before giving up")
     ap.add_argument("--backend", choices=["pccl", "gloo"], default="pccl")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -186,6 +189,7 @@ def main() -> None:
     args.sizes = [parse_size(s) for s in args.sizes]
     args.min_stripe = parse_size(args.min_stripe) if args.min_stripe else d.min_stripe
     args.tree_max = parse_size(args.tree_max) if args.tree_max else d.tree_max_bytes
+    args.depth = args.depth or d.pipeline_depth
     if args.child and args.backend == "gloo":
         gloo_main(args)
         return

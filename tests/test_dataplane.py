@@ -26,7 +26,8 @@ from pccl_py.topology import PeerInfo, Topology
 
 SECRET = b"test-secret"
 # small segments so sub-chunking, striping and partial reads are exercised by small sizes
-SMALL = DataPlaneConfig(sub_bytes=96, min_stripe=24, quant_block_bytes=64, tree_max_bytes=64)
+SMALL = DataPlaneConfig(sub_bytes=96, min_sub_bytes=16, pipeline_depth=3, min_stripe=24, quant_block_bytes=64,
+                        tree_max_bytes=64)
 NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int8": np.int8,
       "int16": np.int16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8}
 
@@ -211,7 +212,7 @@ def test_quantization_error_does_not_grow_with_world_size(capsys):
 @pytest.mark.timeout(60)
 def test_four_tags_in_flight_posted_in_different_orders():
     async def body():
-        async with cluster(3, streams=2, config=DataPlaneConfig(sub_bytes=4096, min_stripe=1024)) as dps:
+        async with cluster(3, streams=2, config=DataPlaneConfig(sub_bytes=4096, min_sub_bytes=1024, min_stripe=1024)) as dps:
             counts = {11: 50_000, 12: 7, 13: 20_001, 14: 65_536}
             srcs = {t: make_inputs(3, c, "float32", "sum", seed=t) for t, c in counts.items()}
             dsts = {t: [np.zeros(c, np.float32) for _ in range(3)] for t, c in counts.items()}

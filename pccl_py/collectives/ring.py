@@ -1,7 +1,8 @@
 """Ring all-reduce: reduce-scatter then all-gather, pipelined in sub-chunks, striped.
 
-The buffer is cut into N chunks; chunk c is cut into sub-chunks of ``sub_bytes``; a
-sub-chunk travels as up to K stripes, one per stream. At step t (0 <= t < 2(N-1)) rank r
+The buffer is cut into N chunks; each chunk is cut into sub-chunks (about 1/``depth`` of
+a chunk, clamped to [``min_sub_bytes``, ``sub_bytes``]); a sub-chunk travels as up to K
+stripes of at least ``min_stripe`` bytes, one per stream. At step t (0 <= t < 2(N-1)) rank r
 sends chunk (r - t) mod N to its right neighbour and receives chunk (r - t - 1) mod N
 from its left one. Steps t < N-1 reduce the received stripes into ``dst``
 (reduce-scatter); steps t >= N-1 write them straight into ``dst`` (all-gather).
@@ -24,20 +25,23 @@ from __future__ import annotations
 import numpy as np
 
 from .. import frames as F
+from ..errors import ProtocolError
 from . import _kernels as K
-from .base import Collective, Rx, expect, pieces, split
+from .base import Collective, Rx, pieces, split
 
 
 class RingPlan:
     """Sans-I/O schedule: chunk bounds, sub-chunks and stripes, in elements."""
 
     def __init__(self, count: int, world: int, rank: int, item: int, sub_bytes: int,
-                 min_stripe: int):
+                 min_stripe: int, min_sub_bytes: int = 0, depth: int = 1):
         self.count = count
         self.world = world
         self.rank = rank
         self.item = item
-        self.sub_elems = max(1, sub_bytes // item)
+        chunk_bytes = -(-count // world) * item
+        sub = min(sub_bytes, max(min_sub_bytes, chunk_bytes // max(1, depth)))
+        self.sub_elems = max(1, sub // item)
         self.min_stripe_elems = max(1, min_stripe // item)
         self.bounds = split(count, world)
         self._subs: dict[int, list[tuple[int, int]]] = {}
@@ -73,7 +77,7 @@ class RingAllReduce(Collective):
     name = "ring"
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, sub_bytes: int,
-                 min_stripe: int, **kw):
+                 min_stripe: int, min_sub_bytes: int = 0, depth: int = 1, **kw):
         super().__init__(link, **kw)
         self.dtype = dtype
         self.op = op
@@ -82,7 +86,8 @@ class RingAllReduce(Collective):
         self.src = src
         self.dst = dst
         self.inplace = np.shares_memory(np.frombuffer(src, np.uint8), np.frombuffer(dst, np.uint8))
-        self.plan = RingPlan(count, link.world, link.rank, self.item, sub_bytes, min_stripe)
+        self.plan = RingPlan(count, link.world, link.rank, self.item, sub_bytes, min_stripe,
+                             min_sub_bytes, depth)
         self.left = (link.rank - 1) % link.world
         self.right = (link.rank + 1) % link.world
         # remaining bytes per (step, sub index) still to arrive
@@ -114,18 +119,17 @@ class RingAllReduce(Collective):
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
         self.check_desc(src, h)
         plan, it = self.plan, self.item
-        expect(src == self.left, f"ring data from rank {src}, expected the left neighbour {self.left}")
-        expect(h.step < plan.steps, f"ring step {h.step} out of range")
-        expect(h.quant == F.QUANT_NONE, "quantized frame in an unquantized ring")
+        if src != self.left or h.step >= plan.steps or h.quant != F.QUANT_NONE or not h.length:
+            raise ProtocolError(f"unexpected ring frame from rank {src} (left is {self.left}): step {h.step}, "
+                                f"quant {h.quant}, length {h.length}")
         a, b = plan.chunk(plan.recv_chunk(h.step))
         F.check_range(h, a * it, b * it, it)
-        expect(h.length > 0, "empty ring frame")
         j = (h.offset // it - a) // plan.sub_elems
         key = (h.step, j)
         left = self._remaining.get(key, 0)
         sa = a + j * plan.sub_elems
-        expect(left >= h.length and h.offset + h.length <= min(b, sa + plan.sub_elems) * it,
-               f"ring frame [{h.offset}, +{h.length}) overruns sub-chunk {j} of step {h.step}")
+        if left < h.length or h.offset + h.length > min(b, sa + plan.sub_elems) * it:
+            raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) overruns sub-chunk {j} of step {h.step}")
         self.count_rx(h, h.length)
         dst = self.dst[h.offset:h.offset + h.length]
         if h.step >= plan.world - 1:  # all-gather: straight into dst
