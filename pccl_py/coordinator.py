@@ -158,6 +158,8 @@ class Coordinator:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK)
+            if self._pump is not None:
+                self._pump.drain()  # what arrived counts before any deadline is judged
             try:
                 self._apply(self.core.tick(self.loop.time()))
             except Exception:

@@ -136,6 +136,7 @@ class Membership:
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
+        self._last_tick = now
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
 
@@ -258,6 +259,7 @@ class Membership:
     def tick(self, now: float) -> Decision:
         """Timers: recovery window, heartbeat deadlines, probes, vote deadlines, misuse."""
         self._step = _Step()
+        self._compensate_stall(now)
         if self.recovering and now >= self.recover_until:
             self._rebuild(now)
         for peer in list(self.peers.values()):
@@ -311,6 +313,20 @@ class Membership:
                 self._send(peer.conn, hb)
         self._forget_removed(now)
         return self._finish(now)
+
+    def _compensate_stall(self, now: float) -> None:
+        """If the coordinator itself did not run for a while (paused, swapped, suspended VM),
+        the peers' silence is its own: shift their clocks instead of removing everyone."""
+        gap = now - self._last_tick
+        self._last_tick = now
+        stall = gap - self.cfg.heartbeat_interval
+        if stall <= self.cfg.heartbeat_interval:
+            return
+        for peer in self.peers.values():
+            peer.last_seen = min(now, peer.last_seen + stall)
+        for probe in self.probes.values():
+            probe.deadline += stall
+        self._why(f"coordinator did not run for {gap:.2f} s; peers' heartbeat clocks shifted by {stall:.2f} s")
 
     # ------------------------------------------------------------------ handlers
 

@@ -366,6 +366,26 @@ async def test_coordinator_restart_keeps_members_and_epoch_moves_on(coordinator,
 
 
 @on_uvloop
+async def test_frozen_coordinator_resumes_without_removing_anyone(coordinator, links):
+    coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "2")
+    ls = await form(links, coord.addr, 3)
+    epoch = ls[0].topology.epoch
+    os.kill(coord.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(4.0)  # longer than every deadline on both sides
+    finally:
+        os.kill(coord.proc.pid, signal.SIGCONT)
+    await asyncio.sleep(1.5)
+    st = await query_status(coord.addr, 5)
+    assert st["epoch"] == epoch, coord.log_text()
+    assert sorted(m["peer_id"] for m in st["members"] if m["state"] == "accepted") == ["p0", "p1", "p2"]
+    assert all(link.state == "accepted" and link.topology.epoch == epoch for link in ls)
+    votes = [asyncio.create_task(link.update_topology(10)) for link in ls]
+    for v in votes:
+        assert (await v).epoch == epoch
+
+
+@on_uvloop
 async def test_calls_fail_with_coordinator_unavailable_not_hang(links):
     addr = f"127.0.0.1:{free_port()}"  # nobody listens
     link = await links(addr, "lonely", coordinator_timeout=1.0)

@@ -184,6 +184,19 @@ def test_heartbeat_deadline_removes_silent_peer_only():
     assert sim.last_topo("c")["world_size"] == 2
 
 
+def test_coordinator_stall_does_not_remove_everyone():
+    sim = Sim()
+    grow(sim, "a", "b")
+    epoch = sim.core.epoch
+    sim.tick(0.5)
+    sim.now += 10.0  # the coordinator process was stopped; the peers kept running
+    sim._deliver(sim.core.tick(sim.now))
+    assert sim.core.accepted() == ["a", "b"] and sim.core.epoch == epoch
+    assert "did not run" in sim.reasons[-1]
+    sim.tick(3.5, beat=("a",))  # afterwards, real silence still counts
+    assert sim.core.accepted() == ["a"]
+
+
 def test_failure_report_probe_removes_silent_peer_fast():
     sim = Sim()
     grow(sim, "a", "b", "c")
