@@ -270,21 +270,17 @@ class ControlLink:
         self._require_member("update_topology")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        previous = self._activity
-        self._activity = "update_topology"
+        if self.state == "pending":  # rejoined as pending after a coordinator restart
+            if self._join is None or self._join.done():
+                self._join = loop.create_future()
+            return await self._wait(self._join, deadline, "update_topology")
+        # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
+        fut = self._request("vote", timeout=max(0.0, timeout))
         try:
-            if self.state != "accepted":  # rejoined as pending after a coordinator restart
-                if self._join is None or self._join.done():
-                    self._join = loop.create_future()
-                return await self._wait(self._join, deadline, "update_topology")
-            fut = self._request("vote", timeout=max(0.0, timeout))
-            try:
-                return await self._wait(fut, deadline + 0.25, "update_topology")
-            except (DeadlineExceeded, CoordinatorUnavailable):
-                self._send("unvote", req=fut.req)  # type: ignore[attr-defined]
-                raise
-        finally:
-            self._activity = previous
+            return await self._wait(fut, deadline + 0.25, "update_topology")
+        except (DeadlineExceeded, CoordinatorUnavailable):
+            self._send("unvote", req=fut.req)  # type: ignore[attr-defined]
+            raise
 
     async def are_peers_pending(self, timeout: float) -> bool:
         self._require_member("are_peers_pending")

@@ -366,6 +366,25 @@ async def test_coordinator_restart_keeps_members_and_epoch_moves_on(coordinator,
 
 
 @on_uvloop
+async def test_claims_after_the_recovery_window_rejoin_as_pending(coordinator, links):
+    coord = coordinator("--recovery-grace", "0")  # restarts with no window: every claim is late
+    ls = await form(links, coord.addr, 3)
+    epoch = ls[0].topology.epoch
+    coord.kill()
+    coord.start()
+    # the first re-introduction finds an empty run and is accepted; the others wait as pending
+    await until(lambda: sum(link.state == "accepted" and link.topology.epoch > epoch for link in ls) == 1
+                and sum(link.state == "pending" for link in ls) == 2, 10, "one accepted, two pending")
+    waiting = [link for link in ls if link.state == "pending"]
+    assert all(any("rejoins as pending" in str(e) for e in link.aborts) for link in waiting)
+    votes = [asyncio.create_task(link.update_topology(10)) for link in ls]
+    for v in votes:
+        await v
+    assert all(link.state == "accepted" and link.topology.world_size == 3 for link in ls)
+    assert len({link.topology.epoch for link in ls}) == 1 and ls[0].topology.epoch > epoch
+
+
+@on_uvloop
 async def test_frozen_coordinator_resumes_without_removing_anyone(coordinator, links):
     coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "2")
     ls = await form(links, coord.addr, 3)
