@@ -36,6 +36,7 @@ connection with a logged reason. Everything read off the wire goes through the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import struct
@@ -194,6 +195,7 @@ def encode_error(group: int, epoch: int, tag: int, seq: int, code: int, message:
     return pack_header(ERROR, group, epoch, tag, seq, code, 0, len(msg), desc=desc) + msg
 
 
+@functools.lru_cache(maxsize=1024)
 def descriptor(*parts: object) -> int:
     """64-bit hash of an operation's arguments; peers calling with different ones disagree."""
     text = "|".join(str(p) for p in parts).encode()

@@ -75,6 +75,11 @@ async def child_main(args) -> None:
     await dp.set_topology(Topology(1, 0, rank, peers, world))
     results = []
     tag = 0
+    prof = None
+    if os.environ.get("PCCL_BENCH_PROFILE") and rank == 0:  # dev aid: where rank 0's CPU goes
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     for count in args.sizes:
         src = np.full(count, rank + 1, np.float32)
         dst = np.empty_like(src)
@@ -95,6 +100,10 @@ async def child_main(args) -> None:
             results.append({"count": count, "algorithm": info["algorithm"] + (f"/{quant}" if quant else ""),
                             "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
                             "reps": reps})
+    if prof is not None:
+        import pstats
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(18)
     # one last collective so no peer closes while another still measures
     await dp.all_gather(b"done", tag=tag + 1, timeout=60)
     if rank == 0:
@@ -201,8 +210,10 @@ def main() -> None:
         return
     streams = [s or 4 for s in args.streams]
     subs = [parse_size(s) if s else d.sub_bytes for s in args.sub_bytes]
+    from pccl_py.collectives import _kernels
     print(f"# float32 sum all-reduce, medians over {args.reps} reps (x4 below 1M elements), "
-          f"{len(os.sched_getaffinity(0))} cores, loopback, one process per peer on uvloop")
+          f"{len(os.sched_getaffinity(0))} cores, loopback, one process per peer on uvloop, "
+          f"kernels: {_kernels.SOURCE}")
     print(f"{'N':>2} {'K':>2} {'sub':>5} {'size':>6} {'algorithm':>12} {'median_ms':>10} {'min_ms':>9} {'GB/s':>6}")
     for world in args.world:
         for k in streams:

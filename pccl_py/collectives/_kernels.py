@@ -7,6 +7,8 @@ nor ``pccl_py.reference`` is present yet.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -143,6 +145,10 @@ def _load():
 
 
 _IMPLS, SOURCE = _load()
+if SOURCE != "pccl_py._native":
+    logging.getLogger("pccl_py.kernels").warning(
+        "pccl_py._native is not built; using %s (much slower): run `pip install -e .` or "
+        "`python setup.py build_ext --inplace`", SOURCE)
 reduce = _IMPLS["reduce"]
 finish_avg = _IMPLS["finish_avg"]
 quantize_u8 = _IMPLS["quantize_u8"]
