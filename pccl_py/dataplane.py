@@ -507,6 +507,7 @@ class DataPlane:
         self._seq: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
+        self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -647,25 +648,43 @@ class DataPlane:
     # -- routing ----------------------------------------------------------------------------
     def _route(self, h: F.Header, link: _Link):
         """Decide what to do with a frame: ("op", op, src) | ("drop", ..) | ("stall", ..)."""
-        if h.epoch < self.epoch or (self.topology is not None and h.epoch == self.epoch
-                                     and h.group != self.topology.group):
+        pid = link.peer_id
+        if h.epoch < self.epoch:
+            self._note(logging.INFO, ("epoch", pid, h.epoch), "dropping frames of stale epoch %d from %s "
+                       "(current epoch %d)", h.epoch, pid, self.epoch)
             return "drop", None, -1
         if h.epoch > self.epoch or self.topology is None:
             return self._stall_or_pend(h)
-        src = self._rank_of.get(link.peer_id)
+        if h.group != self.topology.group:
+            self._note(logging.WARNING, ("group", pid, h.group), "dropping frames of group %d from %s "
+                       "(we are group %d)", h.group, pid, self.topology.group)
+            return "drop", None, -1
+        src = self._rank_of.get(pid)
         if src is None or src == self.topology.rank:
-            log.warning("dropping a frame from %s: not a member of epoch %d", link.peer_id, self.epoch)
+            self._note(logging.WARNING, ("member", pid, h.epoch), "dropping frames from %s: not a member "
+                       "of epoch %d", pid, self.epoch)
             return "drop", None, -1
         op = self._ops.get(h.tag)
         if op is not None:
             if op.seq == h.seq:
                 return "op", op, src
             if h.seq < op.seq:
+                self._note(logging.INFO, ("attempt", pid, h.tag, h.seq), "dropping frames of attempt %d of "
+                           "tag %d from %s (attempt %d runs)", h.seq, h.tag, pid, op.seq)
                 return "drop", None, -1
             return self._stall_or_pend(h, src)
         if self._finished.get(h.tag, -1) >= h.seq:
+            self._note(logging.DEBUG, ("late", pid, h.tag, h.seq), "dropping late frames of finished tag %d "
+                       "from %s", h.tag, pid)
             return "drop", None, -1
         return self._stall_or_pend(h, src)
+
+    def _note(self, level: int, key: tuple, msg: str, *args) -> None:
+        """Log a dropped frame's reason once per key (a burst of frames makes one line)."""
+        if key in self._noted:
+            return
+        self._memo(self._noted, key, True)
+        log.log(level, msg, *args)
 
     def _stall_or_pend(self, h: F.Header, src: int = -1):
         if h.kind == F.DATA:

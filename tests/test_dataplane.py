@@ -375,7 +375,7 @@ async def _closed(r: asyncio.StreamReader, within: float = 5.0) -> bool:
 
 @pytest.mark.timeout(60)
 def test_bad_input_on_data_port(caplog):
-    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    caplog.set_level(logging.INFO, logger="pccl_py.dataplane")
 
     async def attack(port: int):
         # 1. garbage instead of a hello
@@ -394,7 +394,8 @@ def test_bad_input_on_data_port(caplog):
         # 4. authenticated, then a stale-epoch frame (dropped, connection stays), then an oversized one
         r, w = await _auth(port, SECRET)
         await r.readexactly(F.WELCOME_FIXED.size + len("peer0"))
-        w.write(F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16)
+        w.write(F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16)  # epoch 0 < 1: stale
+        w.write(F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 16) + b"\0" * 16)  # current epoch, not a member
         await asyncio.sleep(0.05)
         assert not r.at_eof()
         w.write(F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 0xFFFFFFFF))
@@ -423,6 +424,8 @@ def test_bad_input_on_data_port(caplog):
     assert "bad magic" in text
     assert "authentication failed" in text
     assert "exceeds the maximum" in text
+    assert "stale epoch" in text
+    assert "not a member" in text  # the intruder authenticated, but its frames go nowhere
 
 
 # ---------------------------------------------------------------- failures
@@ -476,3 +479,64 @@ def test_peer_closed_mid_operation(world, algorithm, capsys):
     with capsys.disabled():
         print(f"\nN={world} {algorithm}: survivors failed {latencies[0] * 1e3:.1f} ms after the peer closed")
     assert latencies[0] < 1.0  # target 200 ms; generous under load
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+def test_bit_parity_with_rounding(world, algorithm):
+    """Inputs whose sums round differently in different orders: every peer still holds the
+    same bytes (each element is computed once, or in one fixed order), close to float64."""
+    async def body():
+        async with cluster(world, config=SMALL) as dps:
+            rng = np.random.default_rng(world)
+            tag = 0
+            for dtype in ("float32", "float16", "float64"):
+                for op in ("sum", "avg", "prod"):
+                    tag += 1
+                    scale = 1.5 if op == "prod" else 100.0
+                    srcs = [(rng.standard_normal(1001) * scale).astype(NP[dtype]) for _ in range(world)]
+                    dsts, _ = await all_reduce_all(dps, srcs, dtype=dtype, op=op, algorithm=algorithm, tag=tag)
+                    for r in range(1, world):
+                        assert dsts[r].tobytes() == dsts[0].tobytes(), (dtype, op, r)
+                    exact = np.stack([s.astype(np.float64) for s in srcs])
+                    exact = {"sum": exact.sum(0), "avg": exact.mean(0), "prod": exact.prod(0)}[op]
+                    rel = 1e-2 if dtype == "float16" else 1e-5
+                    np.testing.assert_allclose(dsts[0].astype(np.float64), exact, rtol=rel, atol=rel * 100)
+    run(body())
+
+
+@pytest.mark.timeout(60)
+def test_frame_for_a_call_never_posted_is_dropped_after_the_stall_timeout(caplog):
+    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    cfg = DataPlaneConfig(stall_timeout=0.3)
+
+    async def body():
+        async with cluster(2, streams=1, config=cfg) as dps:
+            a = np.ones(1000, np.float32)
+            with pytest.raises(DeadlineExceeded):  # peer 1 never posts tag 5
+                await dps[0].all_reduce(a, np.zeros(1000, np.float32), dtype="float32", op="sum", tag=5,
+                                        timeout=0.2)
+            # peer 1's only stream is stalled on tag 5's frame until the stall timeout
+            srcs = make_inputs(2, 1000, "float32", "sum", 6)
+            t0 = time.monotonic()
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=6, timeout=10)
+            assert dsts[1].tobytes() == reference(srcs, "float32", "sum").tobytes()
+            assert time.monotonic() - t0 < 5
+
+    run(body())
+    assert any("no such operation posted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_silent_connection_closed_after_handshake_timeout(caplog):
+    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+
+    async def body():
+        async with cluster(1, config=DataPlaneConfig(handshake_timeout=0.2)) as dps:
+            r, _w = await _raw(dps[0].port)
+            await r.readexactly(F.CHALLENGE_S.size)
+            assert await _closed(r, within=5)
+
+    run(body())
+    assert any("handshake not finished" in r.getMessage() for r in caplog.records)
