@@ -373,10 +373,13 @@ class _Conn(asyncio.BufferedProtocol):
         self._hs_timer = self._stall_timer = None
 
     def write(self, header: bytes, payload) -> None:
+        tr = self.transport
+        if tr.is_closing():  # ending (clean-EOF grace): the link is about to be declared lost
+            return
         if len(payload):
-            self.transport.writelines((header, payload))  # one writev on uvloop
+            tr.writelines((header, payload))  # one writev on uvloop
         else:
-            self.transport.write(header)
+            tr.write(header)
 
 
 class _Link:
@@ -665,7 +668,9 @@ class DataPlane:
                        "of epoch %d", pid, self.epoch)
             return "drop", None, -1
         op = self._ops.get(h.tag)
-        if op is not None:
+        if op is not None and op.done and op.seq >= h.seq:
+            return "drop", None, -1  # finished here a moment ago; its task has not resumed yet
+        if op is not None and not op.done:
             if op.seq == h.seq:
                 return "op", op, src
             if h.seq < op.seq:
