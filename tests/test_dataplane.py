@@ -540,3 +540,18 @@ def test_silent_connection_closed_after_handshake_timeout(caplog):
 
     run(body())
     assert any("handshake not finished" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_all_gather_fails_fast_when_a_peer_closes():
+    async def body():
+        async with cluster(3) as dps:
+            futs = [asyncio.ensure_future(d.all_gather(b"x" * 10, tag=3, timeout=20)) for d in dps[:2]]
+            await asyncio.sleep(0.05)  # peer 2 never calls; it leaves instead
+            t0 = time.monotonic()
+            await dps[2].close()
+            for f in futs:
+                with pytest.raises((PeerLost, Aborted)):
+                    await f
+            assert time.monotonic() - t0 < 2
+    run(body())
