@@ -103,6 +103,7 @@ class _Conn(asyncio.BufferedProtocol):
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._vectored = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -376,10 +377,13 @@ class _Conn(asyncio.BufferedProtocol):
         tr = self.transport
         if tr.is_closing():  # ending (clean-EOF grace): the link is about to be declared lost
             return
-        if len(payload):
-            tr.writelines((header, payload))  # one writev on uvloop
-        else:
+        if not len(payload):
             tr.write(header)
+        elif self._vectored:
+            tr.writelines((header, payload))  # uvloop: one writev, payload referenced, not copied
+        else:  # stock asyncio's writelines joins (copies) its arguments
+            tr.write(header)
+            tr.write(payload)
 
 
 class _Link:
