@@ -555,3 +555,14 @@ def test_all_gather_fails_fast_when_a_peer_closes():
                     await f
             assert time.monotonic() - t0 < 2
     run(body())
+
+
+@pytest.mark.timeout(60)
+def test_stock_asyncio_loop_works_too():
+    async def body():
+        async with cluster(3) as dps:
+            for tag, count in enumerate([1, 5000, 300_001]):
+                srcs = make_inputs(3, count, "float32", "sum", seed=tag)
+                dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=tag)
+                assert all(d.tobytes() == reference(srcs, "float32", "sum").tobytes() for d in dsts)
+    asyncio.run(asyncio.wait_for(body(), 50))
