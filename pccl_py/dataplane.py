@@ -1,18 +1,10 @@
 """Data plane: K authenticated TCP streams per peer link, frames read straight into place.
 
-Layout of this module:
-
-* :class:`_Conn` -- one TCP stream, an ``asyncio.BufferedProtocol``. ``get_buffer`` hands
-  the event loop a view of exactly what is wanted next (handshake bytes, a frame header,
-  or the payload's destination: a slice of the caller's ``dst`` or a per-stream staging
-  buffer that the collective reduces from as bytes arrive). No payload byte is copied by
-  Python on the way in; outgoing payloads are memoryviews handed to ``transport.write``.
-* :class:`_Link` -- the K streams to one peer (``session`` groups them), with a queue for
-  frames sent before the link is up.
-* :class:`DataPlane` -- listens, keeps links to the current topology's peers, routes
-  frames to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
-  operation not posted yet, and fails operations on link loss, abort, epoch change and
-  deadline.
+:class:`DataPlane` listens, keeps links to the current topology's peers, routes frames
+to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
+operation not posted yet, and fails operations on link loss, abort, epoch change and
+deadline. The streams themselves (``asyncio.BufferedProtocol`` reading straight into
+place) are in :mod:`pccl_py.collectives.link`.
 
 The collectives themselves live in :mod:`pccl_py.collectives` and are written against
 the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
@@ -24,7 +16,6 @@ import asyncio
 import collections
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +26,11 @@ from . import frames as F
 from .collectives import _kernels as K
 from .collectives.base import Collective, error_code
 from .collectives.gather import BlobAllGather
+from .collectives.link import GroupView, PeerLink, Stream
 from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
 from .collectives.tree import DirectAllReduce
-from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
+from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
 from .topology import Topology
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -66,420 +58,7 @@ class DataPlaneConfig:
     memo: int = 65536  # remembered (tag -> attempt) entries per epoch
 
 
-_SCRATCH = 1 << 16
-_EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
 _CTRL_PENDING_MAX = 4096
-
-# connection states
-_HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
-_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED = range(5, 11)
-
-
-class _Conn(asyncio.BufferedProtocol):
-    """One data stream. Reads exactly what the current state wants, into where it goes."""
-
-    def __init__(self, dp: DataPlane, link: _Link | None = None, stream: int = 0):
-        self.dp = dp
-        self.link = link  # known up front for the connector; after HELLO for the acceptor
-        self.stream = stream
-        self.connector = link is not None
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self._small = bytearray(512)
-        self._view = memoryview(self._small)[:0]
-        self._pos = 0
-        self._state = _CLOSED
-        self._hdr: F.Header | None = None
-        self._rx = None
-        self._progress = None
-        self._stg = bytearray(0)
-        self._scratch: memoryview | None = None
-        self._hs_timer: asyncio.TimerHandle | None = None
-        self._stall_timer: asyncio.TimerHandle | None = None
-        self._nonce = b""
-        self._partial: F.Hello | None = None
-        self._mac = b""
-
-    # -- asyncio callbacks ------------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self._vectored = type(transport).__module__.startswith("uvloop")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        pn = transport.get_extra_info("peername")
-        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
-        self.dp._conns.add(self)
-        self._hs_timer = self.dp._loop.call_later(self.dp.config.handshake_timeout, self._hs_timeout)
-        if self.connector:
-            self._want(_HS_CHALLENGE, F.CHALLENGE_S.size)
-        else:
-            self._nonce = os.urandom(F.NONCE_LEN)
-            transport.write(F.encode_challenge(self._nonce))
-            self._want(_HS_HELLO, F.HELLO_FIXED.size)
-
-    def get_buffer(self, sizehint: int):
-        v = self._view[self._pos:]
-        if not len(v):  # nothing armed (must not happen): swallow into scratch, then fail
-            return self._scratch_view()
-        return v
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if not len(self._view) - self._pos:
-            self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
-            return
-        self._pos += nbytes
-        if self._state == _PAYLOAD:
-            if self._progress is not None:
-                try:
-                    self._progress(self._pos)
-                except Exception as e:  # pragma: no cover - kernel failure is a bug
-                    self._internal_error(e)
-                    return
-            if self._pos < len(self._view):
-                return
-            rx, self._rx, self._progress = self._rx, None, None
-            self._want(_HEADER, F.HEADER_SIZE)
-            try:
-                rx.finish()
-            except Exception as e:  # pragma: no cover
-                self._internal_error(e)
-            return
-        if self._pos < len(self._view):
-            return
-        try:
-            self._complete()
-        except ProtocolError as e:
-            self._protocol_error(e)
-
-    def eof_received(self):
-        return False  # close
-
-    def connection_lost(self, exc) -> None:
-        self._state = _CLOSED
-        self._cancel_timers()
-        self.dp._conns.discard(self)
-        self.dp._unstall(self)
-        if self.link is None:
-            return
-        if exc is None and self.link.is_up:
-            self.link.stream_eof()  # the peer's other streams may still hold its last frames
-        else:
-            self.dp._link_lost(self.link, f"connection closed ({exc or 'EOF'})")
-
-    # -- state machine ------------------------------------------------------------------
-    def _want(self, state: int, n: int) -> None:
-        self._state = state
-        self._view = memoryview(self._small)[:n]
-        self._pos = 0
-
-    def _scratch_view(self) -> memoryview:
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(_SCRATCH))
-        return self._scratch
-
-    def staging(self, n: int) -> memoryview:
-        if len(self._stg) < n:
-            self._stg = bytearray(n)
-        return memoryview(self._stg)[:n]
-
-    def _complete(self) -> None:
-        st = self._state
-        if st == _HEADER:
-            self._on_header(F.decode_header(self._view, self.dp._limits))
-        elif st == _DISCARD:
-            self._discard(self._discard_left)
-        elif st == _CTRL_PAYLOAD:
-            self._on_error_payload(bytes(self._view))
-        elif st == _HS_HELLO:
-            n, self._partial = F.decode_hello_fixed(self._view, self.dp._limits)
-            self._want(_HS_HELLO_ID, n)
-        elif st == _HS_HELLO_ID:
-            self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
-        elif st == _HS_CHALLENGE:
-            challenge = F.decode_challenge(self._view)
-            lk = self.link
-            self._nonce = os.urandom(F.NONCE_LEN)
-            self.transport.write(F.encode_hello(self.dp.secret, challenge, self.dp.peer_id, self.dp.epoch,
-                                                self.stream, lk.nstreams, lk.session, self._nonce))
-            self._want(_HS_WELCOME, F.WELCOME_FIXED.size)
-        elif st == _HS_WELCOME:
-            n, self._mac = F.decode_welcome_fixed(self._view)
-            self._want(_HS_WELCOME_ID, n)
-        elif st == _HS_WELCOME_ID:
-            F.finish_welcome(self._mac, self._view, self.dp.secret, self._nonce, self.stream,
-                             self.link.session, self.link.peer_id)
-            self._established()
-        else:  # pragma: no cover
-            raise ProtocolError(f"bytes in state {st}")
-
-    def _on_hello(self, hello: F.Hello) -> None:
-        dp = self.dp
-        if hello.peer_id == dp.peer_id:
-            raise ProtocolError(f"peer announced our own id {hello.peer_id!r}")
-        link = dp._accept_link(hello)
-        if link is None:
-            raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
-        self.link = link
-        self.stream = hello.stream
-        self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session))
-        self._established()
-
-    def _established(self) -> None:
-        if self._hs_timer is not None:
-            self._hs_timer.cancel()
-            self._hs_timer = None
-        self._want(_HEADER, F.HEADER_SIZE)
-        self.link.attach(self, self.stream)
-
-    def _hs_timeout(self) -> None:
-        self._hs_timer = None
-        if self._state < _HEADER:
-            self._close(f"handshake not finished within {self.dp.config.handshake_timeout}s")
-
-    # -- frames ---------------------------------------------------------------------------
-    def _on_header(self, h: F.Header) -> None:
-        verdict, op, src = self.dp._route(h, self.link)
-        if verdict == "stall":
-            self._stall(h)
-            return
-        if verdict == "drop":
-            self._discard(h.length)
-            return
-        if verdict == "pend":  # FIN/ERROR for an operation not posted yet: remembered
-            op = None
-        if h.kind == F.DATA:
-            try:
-                rx = op.on_data(src, h, self)
-            except InvalidUsage as e:
-                self.dp._fail_op(op, e, local=True)
-                self._discard(h.length)
-                return
-            self._rx = rx
-            self._progress = rx.progress
-            if h.length == 0:
-                self._rx = self._progress = None
-                self._want(_HEADER, F.HEADER_SIZE)
-                rx.finish()
-                return
-            self._state = _PAYLOAD
-            self._view = rx.view
-            self._pos = 0
-            if len(self._view) != h.length:  # pragma: no cover - collective bug
-                raise ProtocolError("internal: receive view size mismatch")
-        elif h.kind == F.FIN:
-            self._want(_HEADER, F.HEADER_SIZE)
-            if op is None:
-                self.dp._remember_ctrl(h, self.link.peer_id, "")
-            else:
-                op.on_fin(src)
-        else:  # ERROR: read the message first
-            self._hdr = h
-            self._ctrl = (op, src)
-            if h.length == 0:
-                self._on_error_payload(b"")
-            else:
-                self._want(_CTRL_PAYLOAD, h.length)
-
-    def _on_error_payload(self, payload: bytes) -> None:
-        h = self._hdr
-        op, src = self._ctrl
-        self._hdr = None
-        self._want(_HEADER, F.HEADER_SIZE)
-        msg = F.decode_error_message(payload)
-        if op is None:
-            self.dp._remember_ctrl(h, self.link.peer_id, msg)
-        else:
-            self.dp._remote_error(op, src, h.step, msg)
-
-    def _discard(self, n: int) -> None:
-        if n <= 0:
-            self._want(_HEADER, F.HEADER_SIZE)
-            return
-        self._discard_left = n - min(n, _SCRATCH)
-        self._state = _DISCARD
-        self._view = self._scratch_view()[:min(n, _SCRATCH)]
-        self._pos = 0
-
-    def _stall(self, h: F.Header) -> None:
-        self._hdr = h
-        self._state = _STALLED
-        self._view = memoryview(self._small)[:0]
-        self._pos = 0
-        self.transport.pause_reading()
-        self._stall_timer = self.dp._loop.call_later(self.dp.config.stall_timeout, self._stall_expired)
-        self.dp._stalled.add(self)
-
-    def _stall_expired(self) -> None:
-        self._stall_timer = None
-        if self._state != _STALLED:
-            return
-        h = self._hdr
-        log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
-                    h.tag, h.epoch, self.link.peer_id if self.link else self.peer, self.dp.config.stall_timeout)
-        self.dp._stalled.discard(self)
-        self._hdr = None
-        self._discard(h.length)
-        self.transport.resume_reading()
-
-    def retry_stalled(self) -> None:
-        """Called by the data plane when operations or the epoch changed."""
-        if self._state != _STALLED:
-            return
-        h = self._hdr
-        verdict, _, _ = self.dp._route(h, self.link)
-        if verdict == "stall":
-            return
-        self.dp._stalled.discard(self)
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-        self._hdr = None
-        try:
-            self._on_header(h)
-        except ProtocolError as e:
-            self._protocol_error(e)
-            return
-        if self._state != _STALLED and self._state != _CLOSED:
-            self.transport.resume_reading()
-
-    # -- errors and closing ---------------------------------------------------------------
-    def _protocol_error(self, e: ProtocolError) -> None:
-        who = self.link.peer_id if self.link is not None and self._state >= _HEADER else self.peer
-        self._close(f"protocol error from {who}: {e}")
-
-    def _internal_error(self, e: BaseException) -> None:
-        log.exception("internal error on a data stream")
-        self._close(f"internal error: {type(e).__name__}: {e}")
-
-    def _close(self, reason: str) -> None:
-        if self._state == _CLOSED:
-            return
-        log.warning("closing data connection %s: %s", self.peer, reason)
-        self._state = _CLOSED
-        self._cancel_timers()
-        self.dp._unstall(self)
-        if self.link is not None:
-            self.dp._link_lost(self.link, reason)
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _cancel_timers(self) -> None:
-        for t in (self._hs_timer, self._stall_timer):
-            if t is not None:
-                t.cancel()
-        self._hs_timer = self._stall_timer = None
-
-    def write(self, header: bytes, payload) -> None:
-        tr = self.transport
-        if tr.is_closing():  # ending (clean-EOF grace): the link is about to be declared lost
-            return
-        if not len(payload):
-            tr.write(header)
-        elif self._vectored:
-            tr.writelines((header, payload))  # uvloop: one writev, payload referenced, not copied
-        else:  # stock asyncio's writelines joins (copies) its arguments
-            tr.write(header)
-            tr.write(payload)
-
-
-class _Link:
-    """The streams to one peer; frames sent before it is up wait in a queue."""
-
-    def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
-                 nstreams: int):
-        self.dp = dp
-        self.peer_id = peer_id
-        self.connector = connector
-        self.session = session
-        self.nstreams = nstreams
-        self.conns: list[_Conn | None] = [None] * nstreams
-        self.ready = dp._loop.create_future()
-        self.lost: str | None = None
-        self._queue: list[tuple[int, bytes, object]] = []
-        self._up = 0
-        self._eofs = 0
-        self._eof_timer: asyncio.TimerHandle | None = None
-
-    def attach(self, conn: _Conn, stream: int) -> None:
-        if self.lost is not None:
-            conn._close(f"link to {self.peer_id} already lost")
-            return
-        self.conns[stream] = conn
-        self._up += 1
-        if self._up == self.nstreams:
-            q, self._queue = self._queue, []
-            for s, h, p in q:
-                self.conns[s % self.nstreams].write(h, p)
-            if not self.ready.done():
-                self.ready.set_result(None)
-
-    def stream_eof(self) -> None:
-        """One stream ended cleanly: lost once all have (their data read), or after a grace."""
-        self._eofs += 1
-        reason = "connection closed by the peer"
-        if self._eofs >= self.nstreams:
-            self.dp._link_lost(self, reason)
-        elif self._eof_timer is None:
-            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
-
-    @property
-    def is_up(self) -> bool:
-        return self._up == self.nstreams and self.lost is None
-
-    def send(self, stream: int, header: bytes, payload) -> None:
-        if self.lost is not None:
-            return
-        if self._up == self.nstreams:
-            self.conns[stream % self.nstreams].write(header, payload)
-        else:
-            self._queue.append((stream, header, payload))
-
-    def close(self, reason: str, graceful: bool = False) -> None:
-        if self.lost is None:
-            self.lost = reason
-        if self._eof_timer is not None:
-            self._eof_timer.cancel()
-            self._eof_timer = None
-        self._queue = []
-        if not self.ready.done():
-            self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
-            self.ready.exception()
-        for c in self.conns:
-            if c is not None and c._state != _CLOSED:
-                c._state = _CLOSED
-                c._cancel_timers()
-                self.dp._unstall(c)
-                if c.transport is None:
-                    continue
-                if graceful and not c.transport.get_write_buffer_size():
-                    c.transport.close()  # FIN after what was sent: the peer reads our last frames
-                else:
-                    c.transport.abort()
-
-
-class _GroupView:
-    """The ``Link`` a collective sees: ranks of one topology mapped to peer links."""
-
-    def __init__(self, dp: DataPlane, topo: Topology):
-        self.dp = dp
-        self.rank = topo.rank
-        self.world = len(topo.peers)
-        self.group = topo.group
-        self.epoch = topo.epoch
-        self.ids = [p.peer_id for p in topo.peers]
-
-    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
-        link = self.dp._links.get(self.ids[rank])
-        if link is not None:
-            link.send(stream, header, payload)
-
-    def nstreams(self, rank: int) -> int:
-        link = self.dp._links.get(self.ids[rank])
-        return link.nstreams if link is not None else 1
 
 
 class DataPlane:
@@ -504,12 +83,12 @@ class DataPlane:
         self._server: asyncio.AbstractServer | None = None
         self.topology: Topology | None = None
         self.epoch = 0
-        self._view: _GroupView | None = None
+        self._view: GroupView | None = None
         self._rank_of: dict[str, int] = {}
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, PeerLink] = {}
         self._lost: dict[str, str] = {}
-        self._conns: set[_Conn] = set()
-        self._stalled: set[_Conn] = set()
+        self._conns: set[Stream] = set()
+        self._stalled: set[Stream] = set()
         self._ops: dict[int, Collective] = {}
         self._seq: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -520,7 +99,7 @@ class DataPlane:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(lambda: _Conn(self), self.host, self.port)
+        self._server = await self._loop.create_server(lambda: Stream(self), self.host, self.port)
         addr = self._server.sockets[0].getsockname()
         self.port = addr[1]
         return addr[0], addr[1]
@@ -564,7 +143,7 @@ class DataPlane:
             self._lost.clear()
         self.topology = topo
         self.epoch = topo.epoch
-        self._view = _GroupView(self, topo)
+        self._view = GroupView(self, topo)
         self._rank_of = {p.peer_id: i for i, p in enumerate(topo.peers)}
         members = set(self._rank_of)
         for pid in list(self._links):
@@ -580,7 +159,7 @@ class DataPlane:
                 if self.peer_id < p.peer_id:
                     link = self._dial(p)
                 else:
-                    link = _Link(self, p.peer_id, connector=False, session=None, nstreams=1)
+                    link = PeerLink(self, p.peer_id, connector=False, session=None, nstreams=1)
                 self._links[p.peer_id] = link
             if not link.ready.done():
                 waits.append(link.ready)
@@ -593,13 +172,13 @@ class DataPlane:
                 log.warning("epoch %d: %d of %d links not up after %.1fs", topo.epoch,
                             len(waits) - len(done), len(waits), self.config.connect_timeout)
 
-    def _dial(self, p) -> _Link:
-        link = _Link(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
+    def _dial(self, p) -> PeerLink:
+        link = PeerLink(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
                      nstreams=self.streams)
 
         async def go(i: int) -> None:
             try:
-                await self._loop.create_connection(lambda: _Conn(self, link, i), p.host, p.port)
+                await self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port)
             except OSError as e:
                 self._link_lost(link, f"cannot connect to {p.host}:{p.port}: {e}")
 
@@ -607,7 +186,7 @@ class DataPlane:
             self._loop.create_task(go(i))
         return link
 
-    def _accept_link(self, hello: F.Hello) -> _Link | None:
+    def _accept_link(self, hello: F.Hello) -> PeerLink | None:
         link = self._links.get(hello.peer_id)
         if link is not None and link.connector:
             return None  # we dial this peer; it must not dial us
@@ -618,7 +197,7 @@ class DataPlane:
         elif link is None or link.session != hello.session:
             if link is not None:
                 self._link_lost(link, "peer reconnected with a new session")
-            link = _Link(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
+            link = PeerLink(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
             self._links[hello.peer_id] = link
             self._lost.pop(hello.peer_id, None)
         if link.nstreams != hello.nstreams or link.conns[hello.stream] is not None:
@@ -627,7 +206,7 @@ class DataPlane:
                   hello.epoch)
         return link
 
-    def _link_lost(self, link: _Link, reason: str) -> None:
+    def _link_lost(self, link: PeerLink, reason: str) -> None:
         if link.lost is not None:
             return
         link.close(reason)
@@ -653,7 +232,7 @@ class DataPlane:
                 log.exception("on_peer_failure callback failed")
 
     # -- routing ----------------------------------------------------------------------------
-    def _route(self, h: F.Header, link: _Link):
+    def _route(self, h: F.Header, link: PeerLink):
         """Decide what to do with a frame: ("op", op, src) | ("drop", ..) | ("stall", ..)."""
         pid = link.peer_id
         if h.epoch < self.epoch:
@@ -704,7 +283,7 @@ class DataPlane:
         for c in list(self._stalled):
             c.retry_stalled()
 
-    def _unstall(self, c: _Conn) -> None:
+    def _unstall(self, c: Stream) -> None:
         self._stalled.discard(c)
 
     def _remote_error(self, op: Collective, src: int, code: int, msg: str) -> None:
@@ -737,7 +316,7 @@ class DataPlane:
             d.popitem(last=False)
 
     # -- collectives ------------------------------------------------------------------------
-    def _group(self) -> _GroupView:
+    def _group(self) -> GroupView:
         if self._closed:
             raise Aborted("the data plane is closed")
         if self._view is None:
