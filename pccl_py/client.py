@@ -46,6 +46,22 @@ SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer 
 MIN_SEGMENT = 1 << 16
 
 
+PAGE = 4096
+
+
+def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tuple[int, int]:
+    """Offsets of the input and output regions of a call in its segment.
+
+    Both regions start half a page away (mod 4096) from the user's buffer: copies between
+    addresses a few bytes apart modulo the page size run at a third of the speed on some
+    CPUs (4K aliasing in memmove), and the copy in and out are on every call's path.
+    """
+    seg_addr = np.frombuffer(seg.buf, np.uint8, 1).ctypes.data
+    user_addr = user.ctypes.data
+    in_off = (user_addr + PAGE // 2 - seg_addr) % PAGE
+    return in_off, in_off + span
+
+
 class _Pool:
     """Shared-memory segments reused across calls (a fresh segment costs page faults)."""
 
@@ -88,7 +104,7 @@ class Handle:
 
     def __init__(self, client: Client, parts: list, timeout: float) -> None:
         self._client = client
-        self._parts = parts  # [(request id, segment, [(Flat, offset)], nbytes)]
+        self._parts = parts  # [(request id, segment, [(Flat, offset)], (in_off, out_off))]
         self._timeout = timeout
         self._result: dict | None = None
         self._error: BaseException | None = None
@@ -107,7 +123,7 @@ class Handle:
     def _finish(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         infos, error = [], None
-        for rid, seg, members, _nbytes in self._parts:
+        for rid, seg, members, layout in self._parts:
             try:
                 infos.append(self._client._wait_reply(rid, deadline))
             except DeadlineExceeded:
@@ -120,11 +136,10 @@ class Handle:
                 self._client._pool.give(seg)
                 continue
             if error is None:
-                out = seg.buf
-                base = seg.size // 2
+                in_off, out_off = layout
                 for f, off in members:
                     n = f.nbytes
-                    f.data[:] = np.frombuffer(out, np.uint8, n, base + off)
+                    f.data[:] = np.frombuffer(seg.buf, np.uint8, n, out_off + off)
                     f.finish()
             self._client._pool.give(seg)
         self._done = True
@@ -328,19 +343,20 @@ class Client:
         parts = []
         for dtype, group in buckets.items():
             nbytes = sum(f.nbytes for f in group)
-            seg = self._pool.take(2 * max(nbytes, 1))
-            base = seg.size // 2
+            span = -(-max(nbytes, 1) // PAGE) * PAGE
+            seg = self._pool.take(2 * span + PAGE)
+            in_off, out_off = _layout(group[0].data, seg, span)
             members, off = [], 0
             for f in group:
-                seg.buf[off : off + f.nbytes] = f.data
+                seg.buf[in_off + off : in_off + off + f.nbytes] = f.data
                 members.append((f, off))
                 off += f.nbytes
             rid = self._send(
                 {
                     "op": "all_reduce",
                     "shm": seg.name,
-                    "in_off": 0,
-                    "out_off": base,
+                    "in_off": in_off,
+                    "out_off": out_off,
                     "nbytes": nbytes,
                     "dtype": dtype,
                     "reduce": op,
@@ -350,7 +366,7 @@ class Client:
                     "timeout": timeout,
                 }
             )
-            parts.append((rid, seg, members, nbytes))
+            parts.append((rid, seg, members, (in_off, out_off)))
         return Handle(self, parts, timeout)
 
     def all_reduce(
