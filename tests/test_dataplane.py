@@ -566,3 +566,26 @@ def test_stock_asyncio_loop_works_too():
                 dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=tag)
                 assert all(d.tobytes() == reference(srcs, "float32", "sum").tobytes() for d in dsts)
     asyncio.run(asyncio.wait_for(body(), 50))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["inf_input", "overflowing_sum"])
+def test_quantized_non_finite_is_invalid_usage_everywhere(bad):
+    async def body():
+        async with cluster(3) as dps:
+            srcs = [np.ones(1000, np.float32) for _ in range(3)]
+            if bad == "inf_input":
+                srcs[1][5] = np.inf
+            else:
+                for s in srcs:
+                    s[:] = 3e38
+            t0 = time.monotonic()
+            res = await asyncio.gather(*(d.all_reduce(srcs[i], np.zeros(1000, np.float32), dtype="float32",
+                                                      op="sum", quant="uint8", tag=1, timeout=10)
+                                         for i, d in enumerate(dps)), return_exceptions=True)
+            assert all(isinstance(r, InvalidUsage) for r in res), res
+            assert time.monotonic() - t0 < 5
+            good = [np.ones(1000, np.float32) for _ in range(3)]
+            dsts, _ = await all_reduce_all(dps, good, dtype="float32", op="sum", quant="uint8", tag=2)
+            assert all(np.allclose(d, 3.0) for d in dsts)
+    run(body())

@@ -23,7 +23,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .. import frames as F
-from ..errors import InvalidUsage, PeerLost, ProtocolError
+from ..errors import InvalidUsage, PcclError, PeerLost, ProtocolError
 from ..topology import Topology
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class Stream(asyncio.BufferedProtocol):
         self._state = _CLOSED
         self._hdr: F.Header | None = None
         self._rx = None
+        self._rx_op = None
         self._progress = None
         self._stg = bytearray(0)
         self._scratch: memoryview | None = None
@@ -107,10 +108,7 @@ class Stream(asyncio.BufferedProtocol):
                 return
             rx, self._rx, self._progress = self._rx, None, None
             self._want(_HEADER, F.HEADER_SIZE)
-            try:
-                rx.finish()
-            except Exception as e:  # pragma: no cover
-                self._internal_error(e)
+            self._finish(rx)
             return
         if self._pos < len(self._view):
             return
@@ -224,10 +222,11 @@ class Stream(asyncio.BufferedProtocol):
                 return
             self._rx = rx
             self._progress = rx.progress
+            self._rx_op = op
             if h.length == 0:
                 self._rx = self._progress = None
                 self._want(_HEADER, F.HEADER_SIZE)
-                rx.finish()
+                self._finish(rx)
                 return
             self._state = _PAYLOAD
             self._view = rx.view
@@ -247,6 +246,15 @@ class Stream(asyncio.BufferedProtocol):
                 self._on_error_payload(b"")
             else:
                 self._want(_CTRL_PAYLOAD, h.length)
+
+    def _finish(self, rx) -> None:
+        """A payload is complete: let its collective act on it (reduce, forward, finish)."""
+        try:
+            rx.finish()
+        except PcclError as e:  # the collective refuses (e.g. a non-finite quantized result)
+            self.dp._fail_op(self._rx_op, e, local=True)
+        except Exception as e:  # pragma: no cover - a bug
+            self._internal_error(e)
 
     def _on_error_payload(self, payload: bytes) -> None:
         h = self._hdr

@@ -14,11 +14,22 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import frames as F
+from ..errors import InvalidUsage
 from . import _kernels as K
 from .base import Collective, Rx, expect, pieces, split
+
+
+def _finite(params: tuple[float, float], what: str) -> tuple[float, float]:
+    lo, scale = params
+    if not (math.isfinite(lo) and math.isfinite(scale)):
+        raise InvalidUsage(f"quantized all-reduce: the {what} holds NaN or infinity (or overflows float32); "
+                           "quantization needs finite values")
+    return lo, scale
 
 
 def code_bytes(n: int, quant: int) -> int:
@@ -68,7 +79,7 @@ class QuantAllReduce(Collective):
             k = lk.nstreams(c)
             for i, (a, b, off) in enumerate(self.blocks[c]):
                 cb = self.cview[off:off + code_bytes(b - a, self.q)]
-                lo, scale = self.quantize(self.src[a * 4:b * 4], cb)
+                lo, scale = _finite(self.quantize(self.src[a * 4:b * 4], cb), "input")
                 self.send_data(c, i % k, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
                                lo=lo, scale=scale)
         self._maybe_done()
@@ -109,7 +120,7 @@ class QuantAllReduce(Collective):
         if self.op == "avg":
             K.finish_avg(dst, lk.world, "float32")
         cb = self.cview[off:off + code_bytes(b - a, self.q)]
-        lo, scale = self.quantize(dst, cb)
+        lo, scale = _finite(self.quantize(dst, cb), "result")
         lo, scale = float(np.float32(lo)), float(np.float32(scale))  # exactly what the header carries
         self.dequantize(cb, lo, scale, dst)
         for r in range(lk.world):
