@@ -49,7 +49,8 @@ class MembershipConfig:
 
     heartbeat_interval: float = 0.5  # coordinator -> peers "hb"; peers send theirs as often
     heartbeat_deadline: float = 3.0  # a peer silent this long is removed
-    probe_timeout: float = 0.4  # a probed peer (failure report, closed connection) must answer
+    probe_timeout: float = 0.4  # a peer another peer reported dead must answer this fast
+    reconnect_allowance: float = 1.0  # extra time after its connection closed (zmq reconnects)
     mismatch_grace: float = 2.0  # voters vs. a peer busy elsewhere, before InvalidUsage
     recovery_grace: float = 1.5  # after a (re)start: accepted peers re-introduce themselves
     auth_window: float = 300.0  # allowed |clock skew| of a hello timestamp
@@ -87,7 +88,8 @@ class Probe:
     nonce: int
     deadline: float
     why: str
-    repinged: bool = False
+    started: float
+    next_ping: float
 
 
 @dataclass
@@ -242,7 +244,8 @@ class Membership:
         pid = self.by_conn.get(conn)
         peer = self.peers.get(pid) if pid is not None else None
         if peer is not None and peer.conn == conn:
-            self._probe(now, peer, "its control connection closed")
+            timeout = self.cfg.probe_timeout + self.cfg.reconnect_allowance
+            self._probe(now, peer, "its control connection closed", timeout)
         return self._finish(now)
 
     def on_bad_input(self, now: float, conn: Conn, why: str) -> Decision:
@@ -283,16 +286,16 @@ class Membership:
                     ),
                 )
         for pid, probe in list(self.probes.items()):
-            if not probe.repinged and now >= probe.deadline - self.cfg.probe_timeout / 2 and pid in self.peers:
-                probe.repinged = True  # once more, in case the first met a reconnecting socket
-                self._send(self.peers[pid].conn, {"type": "ping", "nonce": probe.nonce})
             if now >= probe.deadline and pid in self.peers:
                 self._remove(
                     now,
                     self.peers[pid],
-                    f"no answer to a probe within {self.cfg.probe_timeout:g} s after {probe.why}",
+                    f"no answer to a probe within {now - probe.started:.2f} s after {probe.why}",
                     tell=True,
                 )
+            elif now >= probe.next_ping and pid in self.peers:  # again: the last may have met a
+                probe.next_ping = now + self.cfg.probe_timeout / 4  # reconnecting socket
+                self._send(self.peers[pid].conn, {"type": "ping", "nonce": probe.nonce})
         for pid, vote in list(self.votes.items()):
             if now >= vote.deadline:
                 del self.votes[pid]
@@ -326,6 +329,7 @@ class Membership:
             peer.last_seen = min(now, peer.last_seen + stall)
         for probe in self.probes.values():
             probe.deadline += stall
+            probe.started += stall
         self._why(f"coordinator did not run for {gap:.2f} s; peers' heartbeat clocks shifted by {stall:.2f} s")
 
     # ------------------------------------------------------------------ handlers
@@ -348,6 +352,8 @@ class Membership:
                 self.by_conn.pop(peer.conn, None)
             peer.conn, peer.last_seen = conn, now
             self.by_conn[conn] = pid
+            if self.probes.pop(pid, None) is not None:
+                self._why(f"{pid}: alive (re-introduced) while probed; kept")
             peer.epoch, peer.revision = msg["epoch"], msg["revision"]
             if (peer.host, peer.port) != (msg["host"], msg["port"]) and peer.state is not PeerState.ACCEPTED:
                 peer.host, peer.port = msg["host"], msg["port"]
@@ -430,7 +436,7 @@ class Membership:
         if target is None or target is peer:
             self._why(f"{peer.peer_id}: failure report about {msg['peer_id']} ignored (not a member)")
             return
-        self._probe(now, target, f"{peer.peer_id} reported: {msg['reason']}")
+        self._probe(now, target, f"{peer.peer_id} reported: {msg['reason']}", self.cfg.probe_timeout)
 
     def _on_leave(self, now: float, peer: Peer, msg: Msg) -> None:
         self._remove(now, peer, f"left: {msg['reason']}", tell=True)
@@ -453,11 +459,17 @@ class Membership:
 
     # ------------------------------------------------------------------ decisions
 
-    def _probe(self, now: float, peer: Peer, why: str) -> None:
-        if peer.peer_id in self.probes:
+    def _probe(self, now: float, peer: Peer, why: str, timeout: float) -> None:
+        """Ping ``peer`` (again every probe_timeout/4); remove it unless it answers in ``timeout``."""
+        probe = self.probes.get(peer.peer_id)
+        if probe is not None:  # already probed: a stronger reason may shorten the deadline
+            if now + timeout < probe.deadline:
+                probe.deadline, probe.why = now + timeout, why
             return
         self._nonce += 1
-        self.probes[peer.peer_id] = Probe(self._nonce, now + self.cfg.probe_timeout, why)
+        self.probes[peer.peer_id] = Probe(
+            self._nonce, now + timeout, why, started=now, next_ping=now + self.cfg.probe_timeout / 4
+        )
         self._send(peer.conn, {"type": "ping", "nonce": self._nonce})
         self._why(f"probing {peer.peer_id} ({why})")
 

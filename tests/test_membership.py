@@ -221,11 +221,27 @@ def test_failure_report_against_live_peer_is_ignored():
     assert sim.core.accepted() == ["a", "b"]
 
 
-def test_disconnect_probes():
+def test_disconnect_probes_allowing_a_reconnect():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim._deliver(sim.core.on_disconnect(sim.now, "conn-b"))
+    sim._deliver(sim.core.on_disconnect(sim.now, "conn-c"))
+    sim.tick(1.3, beat=("a",))
+    assert sim.core.accepted() == ["a", "b", "c"]  # probe_timeout + reconnect_allowance = 1.4 s
+    pings = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"]
+    assert len(pings) >= 5 and len({m["nonce"] for m in pings}) == 1  # re-pinged every 0.1 s
+    sim.hello("c")  # c's new socket re-introduces itself: alive
+    sim.tick(0.2, beat=("a", "c"))
+    assert sim.core.accepted() == ["a", "c"]
+
+
+def test_failure_report_shortens_a_disconnect_probe():
     sim = Sim()
     grow(sim, "a", "b")
     sim._deliver(sim.core.on_disconnect(sim.now, "conn-b"))
-    sim.tick(0.5, beat=("a",))
+    sim.tick(0.2, beat=("a",))
+    sim.send("a", "report_failure", peer_id="b", reason="EOF on data link")
+    sim.tick(0.45, beat=("a",))
     assert sim.core.accepted() == ["a"]
 
 
@@ -572,7 +588,7 @@ class MembershipMachine(RuleBasedStateMachine):
 
 
 MembershipMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=30, deadline=None,
+    max_examples=150, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMembershipMachine = MembershipMachine.TestCase
