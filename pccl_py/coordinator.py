@@ -227,6 +227,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a peer silent this long is removed (seconds)")
     p.add_argument("--probe-timeout", type=float, default=d.probe_timeout,
                    help="a reported/disconnected peer must answer a probe this fast (seconds)")
+    p.add_argument("--reconnect-allowance", type=float, default=d.reconnect_allowance,
+                   help="extra probe time when only a peer's control connection closed (seconds)")
     p.add_argument("--mismatch-grace", type=float, default=d.mismatch_grace)
     p.add_argument("--recovery-grace", type=float, default=d.recovery_grace,
                    help="after a start, time for accepted peers to re-introduce themselves")
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_deadline=args.heartbeat_deadline,
         probe_timeout=args.probe_timeout,
+        reconnect_allowance=args.reconnect_allowance,
         mismatch_grace=args.mismatch_grace,
         recovery_grace=args.recovery_grace,
     )
