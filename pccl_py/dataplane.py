@@ -16,6 +16,7 @@ import asyncio
 import collections
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,6 +303,11 @@ class DataPlane:
         if self._ops.get(op.tag) is op:
             del self._ops[op.tag]
             self._memo(self._finished, op.tag, op.seq)
+        key = struct.pack("<QQI", op.link.epoch, op.tag, op.seq)  # header bytes 12..32
+        for pid in op.link.ids:
+            link = self._links.get(pid)
+            if link is not None:
+                link.purge(key)  # its frames still waiting to be sent are withdrawn
         if local and exc is not None and op.link.epoch == self.epoch:
             frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.seq, error_code(exc), str(exc),
                                    op.desc)

@@ -588,3 +588,21 @@ def test_quantized_non_finite_is_invalid_usage_everywhere(bad):
             dsts, _ = await all_reduce_all(dps, good, dtype="float32", op="sum", quant="uint8", tag=2)
             assert all(np.allclose(d, 3.0) for d in dsts)
     run(body())
+
+
+@pytest.mark.timeout(60)
+def test_failed_call_withdraws_its_queued_frames():
+    async def body():
+        async with cluster(2, streams=2) as dps:
+            for c in list(dps[1]._conns):  # peer 1 stops reading: peer 0's frames back up
+                c.transport.pause_reading()
+            src = np.ones(8_000_000, np.float32)
+            fut = asyncio.ensure_future(dps[0].all_reduce(src, np.zeros_like(src), dtype="float32", op="sum",
+                                                          algorithm="ring", tag=1, timeout=0.5))
+            await asyncio.sleep(0.2)
+            streams = [c for c in dps[0]._links["peer1"].conns]
+            assert sum(len(c._backlog) for c in streams) > 0, "expected frames waiting in the backlog"
+            with pytest.raises(DeadlineExceeded):
+                await fut
+            assert sum(len(c._backlog) for c in streams) <= 1  # only the ERROR frame may wait
+    run(body())

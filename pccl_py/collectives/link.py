@@ -17,6 +17,7 @@ these classes call back into it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pccl_py.dataplane")
 
 _SCRATCH = 1 << 16
+WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
 _EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
 
 # connection states
@@ -54,6 +56,8 @@ class Stream(asyncio.BufferedProtocol):
         self._pos = 0
         self._state = _CLOSED
         self._hdr: F.Header | None = None
+        self._backlog: collections.deque = collections.deque()
+        self._blocked = False
         self._rx = None
         self._rx_op = None
         self._progress = None
@@ -69,6 +73,7 @@ class Stream(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self._vectored = type(transport).__module__.startswith("uvloop")
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -345,9 +350,36 @@ class Stream(asyncio.BufferedProtocol):
                 t.cancel()
         self._hs_timer = self._stall_timer = None
 
+    # -- sending ------------------------------------------------------------------------
+    # The transport holds at most ~WRITE_HIGH bytes (by reference); beyond that, frames wait
+    # in our backlog, where a failed call's frames can still be withdrawn (purge).
+
+    def pause_writing(self) -> None:
+        self._blocked = True
+
+    def resume_writing(self) -> None:
+        self._blocked = False
+        backlog = self._backlog
+        while backlog and not self._blocked:
+            h, p = backlog.popleft()
+            self._emit(h, p)
+
     def write(self, header: bytes, payload) -> None:
+        if self.transport.is_closing():  # ending (clean-EOF grace): the link is about to be lost
+            return
+        if self._blocked or self._backlog:
+            self._backlog.append((header, payload))
+        else:
+            self._emit(header, payload)
+
+    def purge(self, key: bytes) -> None:
+        """Withdraw queued frames whose (epoch, tag, attempt) header bytes equal ``key``."""
+        if self._backlog:
+            self._backlog = collections.deque(x for x in self._backlog if x[0][12:32] != key)
+
+    def _emit(self, header: bytes, payload) -> None:
         tr = self.transport
-        if tr.is_closing():  # ending (clean-EOF grace): the link is about to be declared lost
+        if tr.is_closing():
             return
         if not len(payload):
             tr.write(header)
@@ -401,6 +433,12 @@ class PeerLink:
     @property
     def is_up(self) -> bool:
         return self._up == self.nstreams and self.lost is None
+
+    def purge(self, key: bytes) -> None:
+        self._queue = [x for x in self._queue if x[1][12:32] != key]
+        for c in self.conns:
+            if c is not None:
+                c.purge(key)
 
     def send(self, stream: int, header: bytes, payload) -> None:
         if self.lost is not None:
