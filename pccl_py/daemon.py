@@ -122,6 +122,7 @@ class Daemon:
             on_topology=self._on_topology,
             on_abort=self._on_abort,
             on_removed=self._on_removed,
+            on_peer_id=self._on_peer_id,
             **self._control_kwargs,
         )
         await self.control.start()
@@ -173,6 +174,13 @@ class Daemon:
         log.warning("removed from the run: %s", reason)
         self._removed = reason
         self.topology = None
+
+    def _on_peer_id(self, peer_id: str) -> None:
+        # a removed peer rejoins under a new identity: every plane must present it
+        log.info("rejoining as %s", peer_id[:8])
+        self.peer_id = peer_id
+        self.data.peer_id = peer_id
+        self.state_server.peer_id = peer_id
 
     def _on_peer_failure(self, peer_id: str, reason: str) -> None:
         log.warning("data link to %s broke: %s", peer_id[:8], reason)

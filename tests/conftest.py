@@ -71,7 +71,7 @@ class Coordinator:
 
 @pytest.fixture
 def coordinator():
-    c = Coordinator(free_port(), ["--heartbeat-deadline", "2.0"])
+    c = Coordinator(free_port(), ["--heartbeat-deadline", "2.0", "--recovery-grace", "0.2"])
     c.start()
     try:
         yield c

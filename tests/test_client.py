@@ -202,3 +202,45 @@ def test_coordinator_restart_run_continues(coordinator):
     finally:
         for c in clients:
             c.close()
+
+
+def test_frozen_peer_removed_then_rejoins_as_new_member(coordinator):
+    a = Client(coordinator=coordinator.addr, timeout=20.0)
+    b = Client(coordinator=coordinator.addr, timeout=20.0)
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            a.connect()
+            fb = ex.submit(b.connect)
+            deadline = time.monotonic() + 20
+            while a.update_topology()["world_size"] < 2:
+                assert time.monotonic() < deadline
+            fb.result(timeout=20)
+            old_id = b.refresh()["peer_id"]
+            os.kill(b._proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                while a.refresh()["world_size"] != 1:
+                    assert time.monotonic() - t0 < 10, "frozen peer not removed"
+                    time.sleep(0.05)
+                removed_after = time.monotonic() - t0
+            finally:
+                os.kill(b._proc.pid, signal.SIGCONT)
+            assert removed_after < 6.0  # heartbeat deadline is 2 s in this fixture
+            deadline = time.monotonic() + 10
+            while b.refresh().get("connected"):
+                assert time.monotonic() < deadline, "resumed peer was not told it was removed"
+                time.sleep(0.05)
+            with pytest.raises(InvalidUsage, match="removed"):
+                b.all_reduce(np.ones(3, np.float32))
+            fb = ex.submit(b.connect)
+            deadline = time.monotonic() + 20
+            while a.update_topology()["world_size"] < 2:
+                assert time.monotonic() < deadline
+            info_b = fb.result(timeout=20)
+            assert info_b["peer_id"] != old_id and info_b["world_size"] == 2
+            xs = [np.full(10, 1.0, np.float32), np.full(10, 2.0, np.float32)]
+            list(ex.map(lambda p: p[0].all_reduce(p[1]), zip((a, b), xs)))
+            assert all(np.all(x == 3.0) for x in xs)
+    finally:
+        a.close()
+        b.close()
