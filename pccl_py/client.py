@@ -56,8 +56,8 @@ def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tup
     addresses a few bytes apart modulo the page size run at a third of the speed on some
     CPUs (4K aliasing in memmove), and the copy in and out are on every call's path.
     """
-    seg_addr = np.frombuffer(seg.buf, np.uint8, 1).ctypes.data
-    user_addr = user.ctypes.data
+    seg_addr = np.frombuffer(seg.buf, np.uint8, 1).__array_interface__["data"][0]
+    user_addr = user.__array_interface__["data"][0]
     in_off = (user_addr + PAGE // 2 - seg_addr) % PAGE
     return in_off, in_off + span
 
