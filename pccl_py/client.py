@@ -463,7 +463,7 @@ class Client:
         if self._proc is not None:
             try:
                 self._call({"op": "leave"}, timeout=3.0)
-            except PcclError:
+            except (PcclError, OSError):  # the daemon may be gone (killed): release the rest anyway
                 pass
         try:
             self._pool.close()

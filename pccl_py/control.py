@@ -180,6 +180,9 @@ class ControlLink:
         self._last_hello = -1e9
         self._left: asyncio.Future | None = None
         self._removed_reason = ""
+        # shared-state sync: plans and completions for daemon_sync (or an error to raise)
+        self._sync_q: asyncio.Queue[dict | PcclError] = asyncio.Queue()
+        self._sync_offer: tuple[dict, float] | None = None  # offer in flight (until its plan), deadline
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +218,7 @@ class ControlLink:
         if self.state == "closed":
             return
         self._fail_all(Aborted("the control link was closed"))
+        self._sync_q.put_nowait(Aborted("the control link was closed"))
         self.state = "closed"
         for task in self._tasks:
             task.cancel()
@@ -296,6 +300,10 @@ class ControlLink:
     def set_activity(self, activity: str | None) -> None:
         self._activity = None if activity is None else activity[:256]
 
+    def sync_channel(self) -> SyncChannel:
+        """The :class:`~pccl_py.statesync.SyncChannel` ``daemon_sync`` talks through."""
+        return SyncChannel(self)
+
     def set_revision(self, revision: int) -> None:
         """Shared-state revision reported with heartbeats and re-introductions."""
         self.revision = revision
@@ -309,6 +317,7 @@ class ControlLink:
         self._send("leave", reason="graceful leave")
         self.state = "left"
         self._fail_all(Aborted("this peer left the run"))
+        self._sync_q.put_nowait(Aborted("this peer left the run"))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._left), 1.0)
 
@@ -519,6 +528,9 @@ class ControlLink:
             for _req, (req_msg, fut) in list(self._requests.items()):
                 if not fut.done():
                     self._send_msg(req_msg)
+            offer = self._sync_offer  # nor the sync offer waiting for its plan (if still wanted)
+            if offer is not None and asyncio.get_running_loop().time() < offer[1]:
+                self._send_msg(offer[0])
 
     def _on_topology(self, msg: dict) -> None:
         if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
@@ -571,8 +583,16 @@ class ControlLink:
         self._removed_reason = msg["reason"]
         log.warning("%s: %s", self.peer_id, msg["reason"])
         self._fail_all(PeerLost(msg["reason"]))
+        self._sync_q.put_nowait(PeerLost(msg["reason"]))
         if self.on_removed is not None:
             self.on_removed(msg["reason"])
+
+    def _on_sync_plan(self, msg: dict) -> None:
+        self._sync_offer = None
+        self._sync_q.put_nowait(msg)
+
+    def _on_sync_complete(self, msg: dict) -> None:
+        self._sync_q.put_nowait(msg)
 
     def _on_refused(self, msg: dict) -> None:
         text = f"the coordinator refused this peer: {msg['reason']}"
@@ -581,3 +601,44 @@ class ControlLink:
             self._join.set_exception(InvalidUsage(text))
         if self.state == "pending":
             self.state = "idle"
+
+
+class SyncChannel:
+    """``send``/``recv`` of one daemon's shared-state sync over its :class:`ControlLink`.
+
+    ``send`` transmits ``sync_offer`` / ``sync_done``; a ``sync_offer`` starts a sync, so it
+    first drops whatever an earlier, abandoned sync left queued. ``recv`` returns the next
+    ``sync_plan`` / ``sync_complete`` the coordinator sent this peer, and raises
+    ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the link closes.
+    """
+
+    def __init__(self, link: ControlLink) -> None:
+        self.link = link
+
+    async def send(self, msg: dict) -> None:
+        link = self.link
+        if link.state == "removed":
+            raise PeerLost(link._removed_text())
+        if link._sock is None or not link._registered():
+            raise CoordinatorUnavailable(
+                f"not connected to the coordinator at {link.coordinator} (state {link.state}): "
+                "call connect() first"
+            )
+        size = len(protocol.encode_msg(msg))
+        if size > protocol.MAX_MESSAGE:
+            raise InvalidUsage(
+                f"{msg['type']} of {size} bytes exceeds the control frame limit of {protocol.MAX_MESSAGE} "
+                "bytes: use fewer or shorter-named shared-state tensors"
+            )
+        if msg["type"] == "sync_offer":
+            while not link._sync_q.empty():
+                link._sync_q.get_nowait()
+            timeout = msg["timeout"] if msg["timeout"] > 0 else 600.0
+            link._sync_offer = (msg, asyncio.get_running_loop().time() + timeout)
+        link._send_msg(msg)
+
+    async def recv(self) -> dict:
+        item = await self.link._sync_q.get()
+        if isinstance(item, PcclError):
+            raise item
+        return item

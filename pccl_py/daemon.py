@@ -289,7 +289,7 @@ class Daemon:
             self._in_flight[-2] = "sync_shared_state"
             self._activity()
             try:
-                return await daemon_sync(
+                result = await daemon_sync(
                     views,
                     revision=int(desc["revision"]),
                     channel=self.control.sync_channel(),
@@ -300,6 +300,9 @@ class Daemon:
                     timeout=timeout,
                     advertise=(self.data_host, self.state_server.address[1]),
                 )
+                # re-introductions carry it, so a restarted coordinator rebuilds its revision book
+                self.control.set_revision(result["revision"])
+                return result
             finally:
                 self._in_flight.pop(-2, None)
                 self._activity()

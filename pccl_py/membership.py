@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .protocol import check_proof
+from .syncing import SyncHost, refusal
 
 Conn = Hashable
 Msg = dict[str, Any]
@@ -141,6 +142,7 @@ class Membership:
         self._last_tick = now
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
+        self.sync = SyncHost(self.accepted)  # shared-state rounds (pccl_py/syncing.py)
 
     # ------------------------------------------------------------------ queries
 
@@ -309,6 +311,7 @@ class Membership:
                 )
                 self._why(f"{pid}: vote timed out")
         self._check_mismatch(now)
+        self._sync_out(self.sync.tick(now))
         if now >= self._next_hb:
             self._next_hb = now + self.cfg.heartbeat_interval
             hb = {"type": "hb", "instance": self.instance, "epoch": self.epoch}
@@ -355,6 +358,8 @@ class Membership:
             if self.probes.pop(pid, None) is not None:
                 self._why(f"{pid}: alive (re-introduced) while probed; kept")
             peer.epoch, peer.revision = msg["epoch"], msg["revision"]
+            if msg["claim"] == "accepted":
+                self.sync.recall(pid, msg["revision"])
             if (peer.host, peer.port) != (msg["host"], msg["port"]) and peer.state is not PeerState.ACCEPTED:
                 peer.host, peer.port = msg["host"], msg["port"]
             self._welcome(peer, "re-introduced")
@@ -389,6 +394,8 @@ class Membership:
         self.peers[pid] = peer
         self.by_conn[conn] = pid
         self.removed_conns.pop(conn, None)
+        if msg["claim"] == "accepted":  # a member re-introducing itself: its last synced revision
+            self.sync.recall(pid, msg["revision"])
         if claimed:
             self._welcome(peer, "coordinator is recovering; accepted peers are being collected")
         elif msg["claim"] == "accepted":
@@ -447,6 +454,30 @@ class Membership:
             del self.probes[peer.peer_id]
             self._why(f"{peer.peer_id}: answered the probe after {probe.why}; kept")
 
+    def _on_sync_offer(self, now: float, peer: Peer, msg: Msg) -> None:
+        if peer.state is PeerState.ACCEPTED:
+            self._sync_out(self.sync.offer(now, peer.group, peer.peer_id, msg))
+        elif peer.state is PeerState.CLAIMED:  # replayed when the accepted set is rebuilt
+            self.sync.hold_recovering(peer.group, peer.peer_id, msg)
+            self._why(f"{peer.peer_id}: sync offer held until the recovery window closes")
+        else:
+            self._send(peer.conn, refusal(
+                "sync_shared_state by a peer that is not accepted yet: connect first "
+                "(wait for connect() to return)"))
+            self._why(f"{peer.peer_id}: sync offer while pending refused")
+
+    def _on_sync_done(self, now: float, peer: Peer, msg: Msg) -> None:
+        if peer.state is PeerState.ACCEPTED:
+            self._sync_out(self.sync.done(now, peer.group, peer.peer_id, msg))
+
+    def _sync_out(self, d) -> None:
+        for pid, msg in d.out:
+            peer = self.peers.get(pid)
+            if peer is not None:
+                self._send(peer.conn, msg)
+        if d.reason:
+            self._why(d.reason)
+
     def _on_stranger(self, conn: Conn, mtype: str) -> None:
         gone = self.removed_conns.get(conn)
         if gone is not None:
@@ -490,6 +521,7 @@ class Membership:
                 del self.rings[peer.group]
         if peer.state is PeerState.ACCEPTED:
             self._step.changed = True
+        self._sync_out(self.sync.gone(now, peer.group, pid))
         if tell:
             self._send(peer.conn, _removed(pid, why))
         self._why(f"removed {pid} ({peer.state.value}): {why}")
@@ -520,6 +552,7 @@ class Membership:
         self.votes = {pid: v for pid, v in self.votes.items() if pid in self.accepted()}
         self._step.changed = self._step.changed or bool(claimed)
         self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
+        self._sync_out(self.sync.recovered(now))
 
     def _missing_voters(self) -> str:
         if self.recovering:

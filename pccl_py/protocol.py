@@ -274,3 +274,15 @@ def check_proof(secret: bytes, peer_id: str, ts: float, proof: bytes, now_wall: 
     if not hmac.compare_digest(hello_proof(secret, peer_id, ts), proof):
         return "hello proof does not match the run secret"
     return None
+
+
+# Shared-state sync messages (sync_offer, sync_done: daemon -> coordinator; sync_plan,
+# sync_complete: coordinator -> daemon). election.py defines them against F above and
+# imports this module lazily, so merging them here creates no import cycle.
+def _merge_sync_schema() -> None:
+    from . import election
+
+    SCHEMA.update(election.SYNC_SCHEMA)
+
+
+_merge_sync_schema()

@@ -51,6 +51,12 @@ def test_roundtrip_every_type_from_schema():
                          num_groups=1, vote_open=False, voters=[],
                          members=[dict(peer_id="a", group=0, state="accepted", host="h", port=1,
                                        ring_pos=0, epoch=1, revision=-1, hb_age=0.1, activity=None)]),
+        "sync_offer": dict(round_hint=0, revision=3, strategy="send_only", tensors=[["w", 8, b"h" * 16]],
+                           host="h", port=5, timeout=10.0),
+        "sync_done": dict(round=2, ok=False, rx_bytes=0, error="PeerLost", message="m"),
+        "sync_plan": dict(round=2, status="fetch", revision=3, sources=[["a", "h", 5]],
+                          tensors=[["w", 8, b"h" * 16]], error="", message=""),
+        "sync_complete": dict(round=2, status="ok", revision=3, error="", message=""),
     }
     assert set(samples) == set(protocol.SCHEMA)
     for mtype, fields in samples.items():
