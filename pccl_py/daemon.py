@@ -27,7 +27,7 @@ from . import local
 from .control import ControlLink
 from .dataplane import DataPlane
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
-from .shared_state import layout_views
+from .shared_state import _close_segment, layout_views
 from .statesync import daemon_sync
 from .statexfer import StateServer
 from .topology import Topology
@@ -411,10 +411,9 @@ class LocalSession(asyncio.Protocol):
     def unmap(self, name: str) -> None:
         seg = self.segments.pop(name, None)
         if seg is not None:
-            try:
-                seg.close()
-            except BufferError:  # a view is still alive in an op; the mapping goes with the process
-                pass
+            # a view may still be alive (an op, a transfer's buffers): the mapping then goes
+            # with the last view, and the segment object is left quiet at exit
+            _close_segment(seg)
 
     def segment(self, name: str):
         seg = self.segments.get(name)

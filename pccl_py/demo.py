@@ -3,7 +3,9 @@
 Starts a coordinator and ``--peers`` trainer processes on 127.0.0.1 (each with its own
 private daemon), trains a small MLP with DiLoCo, SIGKILLs one trainer part-way, starts a
 fresh one later, and checks after every outer step that all peers hold bit-identical
-outer parameters. Exits non-zero if parity breaks, a trainer fails, or the run stalls.
+outer parameters. The outer parameters, their momentum and the step counter live in a
+shared state (``Client.shared_state``); each outer step ends with ``update_topology()``
+and ``sync_shared_state()``, which is also how a newcomer receives them. Exits non-zero if parity breaks, a trainer fails, or the run stalls.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ def free_port() -> int:
 def worker(args) -> int:
     import numpy as np
     import torch
-    import xxhash
 
     from .client import Client
     from .diloco import DiLoCo
@@ -56,22 +57,21 @@ def worker(args) -> int:
         topo = client.connect()
         diloco = DiLoCo(client, list(model.parameters()), outer_lr=0.7, outer_momentum=0.9)
         inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        step = torch.zeros(1, dtype=torch.float64)
-        peers = set(topo.get("peers", []))
-        if topo["world_size"] > 1:
-            handoff(client, diloco, step, have_state=False)  # a newcomer takes the run's state
-        emit(event="joined", epoch=topo["epoch"], world=topo["world_size"], step=int(step.item()))
-        first = True
+        # the outer parameters, their momentum and the step counter are the shared state:
+        # DiLoCo updates them in place in shared memory, the daemon hashes and serves them
+        state = client.shared_state({**diloco.named_state(), "step": torch.zeros(1, dtype=torch.float64)})
+        diloco.use_state(state)
+        step = state["step"]
+        # Every peer syncs right after connect(): the first peer of the run alone, a newcomer
+        # together with the members whose update_topology() admitted it (they sync right
+        # after it). A newcomer offers its fresh state and takes the elected one.
+        res = client.sync_shared_state(state, timeout=30.0)
+        if res["status"] == "fetched":
+            diloco.load_outer()
+        parity = same_everywhere(client, diloco)
+        emit(event="joined", epoch=topo["epoch"], world=topo["world_size"], step=int(step.item()),
+             rx=res["rx_bytes"], revision=state.revision, parity=parity)
         while step.item() < args.outer_steps:
-            if not first:
-                # every peer votes here; a newcomer's connect() returned at this same point,
-                # so its first iteration starts after the handoff below
-                topo = client.update_topology()
-                new_peers = set(topo.get("peers", []))
-                if new_peers - peers:
-                    handoff(client, diloco, step, have_state=True)
-                peers = new_peers
-            first = False
             for _ in range(args.inner_steps):
                 x, y = batch()
                 loss = torch.nn.functional.mse_loss(model(x), y)
@@ -80,14 +80,18 @@ def worker(args) -> int:
                 inner.step()
             info = diloco.outer_step()
             step += 1
-            digest = xxhash.xxh64()
-            for t in diloco.state_tensors():
-                digest.update(t.numpy().tobytes())
-            hashes = client.all_gather(digest.digest(), timeout=30.0)
-            parity = len(set(hashes)) == 1
+            # every peer votes here; a newcomer's connect() returns at this same point and
+            # its first sync joins the one below
+            client.update_topology()
+            state.revision += 1
+            res = client.sync_shared_state(state, timeout=30.0)
+            if res["status"] == "fetched":  # only if this peer had diverged
+                diloco.load_outer()
+            parity = same_everywhere(client, diloco)
             emit(
                 event="step", step=int(step.item()), loss=round(loss.item(), 5), world=info["world_size"],
                 epoch=info.get("epoch"), parity=parity, ms=round(info["seconds"] * 1e3, 2),
+                sync_ms=round(res["seconds"] * 1e3, 2),
             )
             if not parity:
                 emit(event="error", message="outer parameters differ between peers")
@@ -97,31 +101,24 @@ def worker(args) -> int:
     return 0
 
 
-def handoff(client, diloco, step, *, have_state: bool) -> None:
-    """Bring newcomers in step: an all-reduce(max) where only holders contribute real values.
+def same_everywhere(client, diloco) -> bool:
+    """Parity check: every peer's hash of its outer state, gathered (retried across a death)."""
+    import xxhash
 
-    Holders all have identical bits, so max() returns those bits exactly; newcomers
-    contribute -inf (and step -1).
-    """
-    import torch
+    from .errors import Aborted, PeerLost
 
-    tensors = diloco.state_tensors()
-    initial = [t.clone() for t in tensors]
-    if not have_state:
-        for t in tensors:
-            t.fill_(float("-inf"))
-        step.fill_(-1)
-    client.all_reduce(tensors, op="max", timeout=30.0, retry=True)
-    client.all_reduce(step, op="max", timeout=30.0, retry=True)
-    if step.item() < 0:
-        # nobody held state yet (peers accepted together into an empty run): all start from
-        # the same seeded initial model
-        with torch.no_grad():
-            for t, i in zip(tensors, initial):
-                t.copy_(i)
-        step.zero_()
-    if not have_state:
-        diloco.load_outer()
+    digest = xxhash.xxh64()
+    for t in diloco.state_tensors():
+        digest.update(t.numpy().tobytes())
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            hashes = client.all_gather(digest.digest(), timeout=30.0)
+            return len(set(hashes)) == 1
+        except (PeerLost, Aborted):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------- orchestrator
@@ -221,7 +218,10 @@ def orchestrate(args) -> int:
                     if wid == newcomer and ev["world"] < 2:
                         run.failed.append("the newcomer was not admitted while the others trained")
                     print(f"[demo] trainer {wid} accepted at epoch {ev['epoch']} (world {ev['world']}), "
-                          f"starting from step {ev['step']}", flush=True)
+                          f"starting from step {ev['step']} (shared state revision {ev['revision']}, "
+                          f"{ev['rx']} bytes received)", flush=True)
+                    if not ev["parity"]:
+                        run.failed.append(f"trainer {wid} joined with state that differs from the others")
                 elif ev["event"] == "done":
                     done.add(wid)
                 elif ev["event"] == "error":

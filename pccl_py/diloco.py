@@ -8,6 +8,15 @@ holds identical bits after every outer step.
 ``DiLoCo`` waits for each outer all-reduce; ``async_outer=True`` applies the previous
 step's averaged pseudo-gradient while the current one is in flight (one-step delayed
 DiLoCo), which hides the all-reduce behind the next inner steps.
+
+To keep peers in step across churn, put the outer state in a shared state::
+
+    state = client.shared_state(diloco.named_state())
+    diloco.use_state(state)          # outer params and momentum now live in the state
+    ...
+    diloco.outer_step()
+    state.revision += 1
+    client.sync_shared_state(state)  # newcomers fetch it; peers in step move no bytes
 """
 
 from __future__ import annotations
@@ -61,3 +70,21 @@ class DiLoCo:
     def state_tensors(self) -> list[torch.Tensor]:
         """Everything a newcomer must receive to be in step: outer params and momentum."""
         return self.outer + self.momentum
+
+    def named_state(self) -> dict[str, torch.Tensor]:
+        """The same tensors by name (``outer.<i>``, ``momentum.<i>``), for ``Client.shared_state``."""
+        named = {f"outer.{i}": t for i, t in enumerate(self.outer)}
+        named.update({f"momentum.{i}": t for i, t in enumerate(self.momentum)})
+        return named
+
+    def use_state(self, state) -> None:
+        """Keep the outer params and momentum in ``state`` (a ``SharedState`` made from
+        :meth:`named_state`): its shm-backed tensors replace this object's own, so outer steps
+        write straight into the shared state and a sync needs no copy."""
+        outer = [state[f"outer.{i}"] for i in range(len(self.outer))]
+        momentum = [state[f"momentum.{i}"] for i in range(len(self.momentum))]
+        for mine, theirs in zip(self.outer + self.momentum, outer + momentum):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise ValueError(f"shared state tensor {tuple(theirs.shape)} {theirs.dtype} does not match "
+                                 f"{tuple(mine.shape)} {mine.dtype}")
+        self.outer, self.momentum = outer, momentum
