@@ -10,8 +10,9 @@ The constructor copies each tensor's content into the segment once; from then on
 trainer works on ``state[name]`` (or ``state.tensors``) and the daemon reads and writes
 the same bytes through its own mapping, so a sync moves no tensor through a socket on
 this host. Offsets are 64-byte aligned. ``revision`` is the revision of the last
-successful sync (or the one given); ``sync_shared_state()`` offers ``revision + 1`` and
-sets ``revision`` to the elected revision when it returns.
+successful sync (or the one given); the user advances it by one before each
+``sync_shared_state()``, which offers ``revision`` and sets it to the elected revision
+when it returns.
 
 ``describe()`` returns::
 
