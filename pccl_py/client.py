@@ -52,14 +52,16 @@ PAGE = 4096
 def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tuple[int, int]:
     """Offsets of the input and output regions of a call in its segment.
 
-    Both regions start half a page away (mod 4096) from the user's buffer: copies between
-    addresses a few bytes apart modulo the page size run at a third of the speed on some
-    CPUs (4K aliasing in memmove), and the copy in and out are on every call's path.
+    Copies between addresses a few bytes apart modulo the page size run at a third of the
+    speed on some CPUs (4K aliasing), and three copies are on every call's path: user ->
+    input (client), input -> output (daemon, the owned chunk), output -> user (client).
+    The input starts a quarter page after the user's buffer (mod 4096) and the output
+    half a page after the input, so no pair of them is aliased.
     """
     seg_addr = np.frombuffer(seg.buf, np.uint8, 1).__array_interface__["data"][0]
     user_addr = user.__array_interface__["data"][0]
-    in_off = (user_addr + PAGE // 2 - seg_addr) % PAGE
-    return in_off, in_off + span
+    in_off = (user_addr + PAGE // 4 - seg_addr) % PAGE
+    return in_off, in_off + span + PAGE // 2
 
 
 class _Pool:
@@ -260,8 +262,9 @@ class Client:
                 for m in self._buf.feed(data):
                     self._replies[m.get("id")] = m
             reply = self._replies.pop(rid)
-        if not reply.get("ok"):
+        if not reply.pop("ok", False):
             raise from_wire(reply)
+        reply.pop("id", None)
         return reply
 
     def _call(self, msg: dict, timeout: float | None = None) -> dict:
@@ -344,7 +347,7 @@ class Client:
         for dtype, group in buckets.items():
             nbytes = sum(f.nbytes for f in group)
             span = -(-max(nbytes, 1) // PAGE) * PAGE
-            seg = self._pool.take(2 * span + PAGE)
+            seg = self._pool.take(2 * span + 2 * PAGE)
             in_off, out_off = _layout(group[0].data, seg, span)
             members, off = [], 0
             for f in group:

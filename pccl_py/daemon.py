@@ -140,6 +140,10 @@ class Daemon:
             self._server.close()
         for s in list(self._sessions):
             s.close()
+        # Close the data plane first (its last frames, FINs included, are flushed before the
+        # streams end), then announce the leave: peers finish a call this peer completed
+        # before the new epoch reaches them through the coordinator.
+        await self.data.close()
         if self.control is not None:
             if graceful:
                 try:
@@ -147,7 +151,6 @@ class Daemon:
                 except Exception as exc:  # leaving is best effort: the coordinator may be gone
                     log.info("leave not acknowledged: %s", exc)
             await self.control.close()
-        await self.data.close()
         await self.state_server.close()
         try:
             os.unlink(self.local_path)
@@ -159,6 +162,8 @@ class Daemon:
 
     # -- callbacks from the control link and data plane ------------------------------
     async def _on_topology(self, topo: Topology) -> None:
+        if self._stopped.is_set():
+            return  # leaving: the data plane is already closed
         log.info(
             "epoch %d: rank %d of %d in group %d (world %d)",
             topo.epoch, topo.rank, topo.group_world_size, topo.group, topo.world_size,

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import Coordinator, free_port
 from pccl_py import Aborted, Client, InvalidUsage, PeerLost
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,7 +176,17 @@ def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator):
         b.close()
 
 
-def test_coordinator_restart_run_continues(coordinator):
+def test_coordinator_restart_run_continues():
+    # the default recovery window (1.5 s): the daemons must re-introduce themselves inside it
+    coordinator = Coordinator(free_port(), ["--heartbeat-deadline", "2.0"])
+    coordinator.start()
+    try:
+        _restart_body(coordinator)
+    finally:
+        coordinator.stop()
+
+
+def _restart_body(coordinator):
     clients = [Client(coordinator=coordinator.addr, timeout=30.0) for _ in range(2)]
     try:
         with cf.ThreadPoolExecutor(2) as ex:
