@@ -188,7 +188,7 @@ class Daemon:
         self.state_server.peer_id = peer_id
 
     def _on_peer_failure(self, peer_id: str, reason: str) -> None:
-        log.warning("data link to %s broke: %s", peer_id[:8], reason)
+        log.info("data link to %s broke: %s; reporting it", peer_id[:8], reason)
         if self.control is not None:
             asyncio.ensure_future(self._report(peer_id, reason))
 

@@ -217,7 +217,8 @@ class DataPlane:
         if self._closed:
             return
         member = pid in self._rank_of
-        log.warning("link to peer %s lost: %s", pid, reason)
+        # a link that ends while idle is usually a peer leaving; one that ends mid-call is news
+        (log.warning if self._ops else log.info)("link to peer %s lost: %s", pid, reason)
         if not member:
             return
         self._lost[pid] = reason
