@@ -16,19 +16,27 @@ from pccl_py import Aborted, Client, InvalidUsage, PeerLost
 pytestmark = pytest.mark.timeout(120)
 
 
+def join_all(ex, clients, timeout=30.0):
+    """Connect every client and vote until all are members; returns their views."""
+    n = len(clients)
+
+    def join(c):
+        topo = c.connect()
+        deadline = time.monotonic() + timeout
+        while topo["world_size"] < n:
+            assert time.monotonic() < deadline, "peers did not all join"
+            topo = c.update_topology()
+        return topo
+
+    return list(ex.map(join, clients))
+
+
 def run_peers(n, fn, coordinator, timeout=90):
     """Start n clients (each with its own daemon), join them all, run fn(client, rank) in threads."""
     clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(n)]
     try:
         with cf.ThreadPoolExecutor(n) as ex:
-            def join(c):
-                topo = c.connect()
-                deadline = time.monotonic() + 30
-                while topo["world_size"] < n:
-                    assert time.monotonic() < deadline, "peers did not all join"
-                    topo = c.update_topology()
-                return topo
-            topos = list(ex.map(join, clients))
+            topos = join_all(ex, clients)
             futs = [ex.submit(fn, c, t["rank"]) for c, t in zip(clients, topos)]
             return [f.result(timeout=timeout) for f in futs], clients
     finally:
@@ -123,11 +131,7 @@ def test_peer_killed_survivors_fail_then_retry(coordinator):
     clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
     try:
         with cf.ThreadPoolExecutor(3) as ex:
-            def join(c):
-                topo = c.connect()
-                while topo["world_size"] < 3:
-                    topo = c.update_topology()
-            list(ex.map(join, clients))
+            join_all(ex, clients)
             victim, survivors = clients[2], clients[:2]
             x = [np.ones(2_000_000, np.float32) for _ in survivors]
             # the victim never calls: kill its daemon while the survivors wait on it
@@ -157,12 +161,7 @@ def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator):
     b = Client(coordinator=coordinator.addr, timeout=15.0)
     try:
         with cf.ThreadPoolExecutor(2) as ex:
-            a.connect()
-            fb = ex.submit(b.connect)
-            deadline = time.monotonic() + 20
-            while a.update_topology()["world_size"] < 2:
-                assert time.monotonic() < deadline
-            fb.result(timeout=20)
+            join_all(ex, [a, b])
             fa = ex.submit(a.update_topology)
             fx = ex.submit(b.all_reduce, np.ones(8, np.float32))
             t0 = time.monotonic()
@@ -190,12 +189,7 @@ def _restart_body(coordinator):
     clients = [Client(coordinator=coordinator.addr, timeout=30.0) for _ in range(2)]
     try:
         with cf.ThreadPoolExecutor(2) as ex:
-            def join(c):
-                topo = c.connect()
-                while topo["world_size"] < 2:
-                    topo = c.update_topology()
-                return topo
-            before = list(ex.map(join, clients))
+            before = join_all(ex, clients)
             coordinator.kill()
             time.sleep(0.5)
             coordinator.start()
@@ -220,12 +214,7 @@ def test_frozen_peer_removed_then_rejoins_as_new_member(coordinator):
     b = Client(coordinator=coordinator.addr, timeout=20.0)
     try:
         with cf.ThreadPoolExecutor(2) as ex:
-            a.connect()
-            fb = ex.submit(b.connect)
-            deadline = time.monotonic() + 20
-            while a.update_topology()["world_size"] < 2:
-                assert time.monotonic() < deadline
-            fb.result(timeout=20)
+            join_all(ex, [a, b])
             old_id = b.refresh()["peer_id"]
             os.kill(b._proc.pid, signal.SIGSTOP)
             t0 = time.monotonic()
