@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from multiprocessing import shared_memory
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,7 @@ class Client:
         self.peer_id: str = hello["peer_id"]
         self._pool = _Pool(self)
         self._states: list[SharedState] = []
+        self._progress: dict[int, Any] = {}  # request id -> progress callback
 
     # -- plumbing --------------------------------------------------------------------
     def _spawn(self, secret, streams, listen, log_level) -> str:
@@ -260,12 +262,21 @@ class Client:
                 if not data:
                     raise PeerLost("the daemon closed the connection (did it crash? see its log)")
                 for m in self._buf.feed(data):
-                    self._replies[m.get("id")] = m
+                    if "progress" in m and "ok" not in m:
+                        self._on_progress(m)
+                    else:
+                        self._replies[m.get("id")] = m
             reply = self._replies.pop(rid)
         if not reply.pop("ok", False):
             raise from_wire(reply)
         reply.pop("id", None)
         return reply
+
+    def _on_progress(self, msg: dict) -> None:
+        callback = self._progress.get(msg.get("id"))
+        done_total = msg.get("progress")
+        if callback is not None and isinstance(done_total, list) and len(done_total) == 2:
+            callback(int(done_total[0]), int(done_total[1]))
 
     def _call(self, msg: dict, timeout: float | None = None) -> dict:
         timeout = self.timeout if timeout is None else timeout
@@ -439,7 +450,8 @@ class Client:
         return st
 
     def sync_shared_state(self, state: SharedState, *, strategy: str = "enforce_popular",
-                          timeout: float | None = None) -> dict:
+                          timeout: float | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> dict:
         """Bring every peer's shared state to the most popular (revision, content).
 
         Offer ``state.revision``: it must be exactly one more than this peer's last synced
@@ -447,14 +459,24 @@ class Client:
         any. Outdated peers fetch from several up-to-date peers at once and verify the hash.
         ``strategy``: ``enforce_popular``, ``receive_only`` (never sends, never wins) or
         ``send_only`` (never receives; an error if this peer's state is not the winner).
+        ``progress(done, total)`` is called with the bytes received so far while this peer
+        fetches (a :class:`pccl_py.progress.ProgressBar` draws a bar on stderr).
         Returns ``status`` (``in_sync``/``fetched``), ``revision``, ``tx_bytes``,
         ``rx_bytes``, ``seconds``.
         """
         if not isinstance(state, SharedState):
             raise InvalidUsage("sync_shared_state takes the object returned by shared_state()")
-        res = self._call(
-            {"op": "sync_shared_state", "state": state.describe(), "strategy": strategy}, timeout
-        )
+        msg = {"op": "sync_shared_state", "state": state.describe(), "strategy": strategy,
+               "progress": progress is not None}
+        timeout = self.timeout if timeout is None else timeout
+        msg["timeout"] = timeout
+        rid = self._send(msg)
+        if progress is not None:
+            self._progress[rid] = progress
+        try:
+            res = self._wait_reply(rid, time.monotonic() + timeout + SLACK)
+        finally:
+            self._progress.pop(rid, None)
         state.revision = int(res["revision"])
         return res
 

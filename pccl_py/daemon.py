@@ -304,6 +304,7 @@ class Daemon:
                     strategy=strategy,
                     timeout=timeout,
                     advertise=(self.data_host, self.state_server.address[1]),
+                    progress=session.progress_reporter(req.get("id")) if req.get("progress") else None,
                 )
                 # re-introductions carry it, so a restarted coordinator rebuilds its revision book
                 self.control.set_revision(result["revision"])
@@ -403,6 +404,18 @@ class LocalSession(asyncio.Protocol):
         reply["id"] = rid
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(local.pack(reply))
+
+    def progress_reporter(self, rid, interval: float = 0.1):
+        """A callback sending ``{"id": rid, "progress": [done, total]}`` to the client, throttled."""
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if (now - last[0] >= interval or done >= total) and self.transport is not None:
+                last[0] = now
+                self.transport.write(local.pack({"id": rid, "progress": [int(done), int(total)]}))
+
+        return report
 
     def map(self, name: str, size: int) -> None:
         if name in self.segments:

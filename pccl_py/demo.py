@@ -36,6 +36,7 @@ def worker(args) -> int:
 
     from .client import Client
     from .diloco import DiLoCo
+    from .progress import ProgressBar
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # every peer starts from the same initial model
@@ -65,7 +66,8 @@ def worker(args) -> int:
         # Every peer syncs right after connect(): the first peer of the run alone, a newcomer
         # together with the members whose update_topology() admitted it (they sync right
         # after it). A newcomer offers its fresh state and takes the elected one.
-        res = client.sync_shared_state(state, timeout=30.0)
+        bar = ProgressBar(f"[trainer {args.worker_id}] receiving the run's state")
+        res = client.sync_shared_state(state, timeout=30.0, progress=bar)
         if res["status"] == "fetched":
             diloco.load_outer()
         parity = same_everywhere(client, diloco)

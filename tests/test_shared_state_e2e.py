@@ -212,3 +212,35 @@ def test_parity_under_churn(run):
         assert res[-1]["status"] == "fetched" and res[-1]["rx_bytes"] == states[0].nbytes
         assert len({digest(s) for s in states}) == 1, f"step {step}: newcomer not in parity"
         assert len({s.revision for s in states}) == 1
+
+
+def test_newcomer_sees_progress_of_a_large_fetch(run):
+    import io
+
+    from pccl_py.progress import ProgressBar
+
+    a, b = run.add(2)
+    big = {"w": np.arange(6 << 20, dtype=np.float32)}  # 24 MiB: several fetch chunks
+    sa, sb = a.shared_state(big), b.shared_state(big)
+    ok(run.sync([sa, sb]))
+    (c,) = run.add(1)
+    sc = c.shared_state({"w": np.zeros(6 << 20, dtype=np.float32)})
+    seen: list[tuple[int, int]] = []
+    out = io.StringIO()
+    bar = ProgressBar("sync", stream=out)
+
+    def progress(done, total):
+        seen.append((done, total))
+        bar(done, total)
+
+    for s in (sa, sb):
+        s.revision += 1
+    futs = [run.ex.submit(x.sync_shared_state, s, timeout=30.0) for x, s in ((a, sa), (b, sb))]
+    rc = c.sync_shared_state(sc, timeout=30.0, progress=progress)
+    for f in futs:
+        f.result(timeout=30)
+    assert rc["status"] == "fetched" and rc["rx_bytes"] == 24 << 20
+    assert seen and seen[-1] == (24 << 20, 24 << 20)
+    assert all(d1 <= d2 for (d1, _), (d2, _) in zip(seen, seen[1:]))
+    assert "100.0%" in out.getvalue()
+    assert digest(sc) == digest(sa)
