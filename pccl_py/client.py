@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 import uuid
-from multiprocessing import shared_memory
 from collections.abc import Callable
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import Coordinator, free_port
+
 from pccl_py import Aborted, Client, InvalidUsage, PeerLost
 
 pytestmark = pytest.mark.timeout(120)
