@@ -37,11 +37,15 @@ def peer(args) -> int:
 
     rng = np.random.default_rng(args.peer_seed)
     with Client(coordinator=args.coordinator, timeout=20.0) as c:
-        c.connect()
+        topo = c.connect()
+        # connect() returned at the members' update_topology(): this peer's first step skips it
+        voted = True
         deadline = time.monotonic() + args.minutes * 60 + 30
         while time.monotonic() < deadline:
             try:
-                topo = c.update_topology()
+                if not voted:
+                    topo = c.update_topology()
+                voted = False
                 ones = np.ones(args.size, dtype=np.float32)
                 info = c.all_reduce(ones, op="sum")
                 ok = bool(np.all(ones == info["world_size"]))
@@ -55,7 +59,8 @@ def peer(args) -> int:
                 print(json.dumps({"event": "error", "type": type(exc).__name__, "message": str(exc)[:200],
                                   "t": time.time()}), flush=True)
                 if "removed" in str(exc) or "not connected" in str(exc):
-                    c.connect()
+                    topo = c.connect()
+                    voted = True
     return 0
 
 
@@ -114,6 +119,9 @@ def orchestrate(args) -> int:
                             pending_kill = None
                     else:
                         stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
+                        samples = stats.setdefault("error_samples", {}).setdefault(ev["type"], [])
+                        if len(samples) < 3 and ev["message"][:60] not in [m[:60] for m in samples]:
+                            samples.append(ev["message"])
             now = time.monotonic()
             for i, t in list(frozen.items()):
                 if now >= t and procs[i].poll() is None:

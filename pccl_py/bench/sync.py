@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from ..progress import ProgressBar
 from ..statehash import hash_buffer, hash_buffers
 from ..statesync import LocalCoordinator, daemon_sync
 from ..statexfer import StateServer, fetch
@@ -114,11 +115,12 @@ async def _fetch_rows(args, nbytes: int, expected: bytes, dest: np.ndarray) -> l
         procs, addrs = _start_sources(n, nbytes)
         try:
             secs, hsecs = [], []
-            for _ in range(args.repeat):
+            for i in range(args.repeat):
                 dest[:: 4096] = 0  # stale content, pages stay touched
+                bar = None if args.json else ProgressBar(f"fetch {i + 1}/{args.repeat} from {n} source(s)")
                 st = await fetch(addrs, {"state": (memoryview(dest), expected)}, secret=SECRET, peer_id="bench",
                                  revision=REVISION, streams_per_source=args.streams, chunk=args.chunk,
-                                 timeout=300)
+                                 timeout=300, progress=bar)
                 secs.append(st["seconds"])
                 hsecs.append(st["hash_seconds"])
             med = statistics.median(secs)
