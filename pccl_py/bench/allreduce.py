@@ -36,7 +36,9 @@ def repeats_for(nbytes: int, base: int) -> int:
         return max(3, base // 3)
     if nbytes >= 32 << 20:
         return max(5, base // 2)
-    return base * 4 if nbytes <= 1 << 16 else base
+    if nbytes <= 1 << 16:
+        return base * 4
+    return base * 3 if nbytes <= 8 << 20 else base  # small calls are cheap: more samples
 
 
 def ours_worker(args) -> int:
