@@ -130,8 +130,7 @@ class Handle:
             try:
                 infos.append(self._client._wait_reply(rid, deadline))
             except DeadlineExceeded:
-                # the daemon may still write into this segment: never reuse it
-                self._client._poisoned.add(seg.name)
+                # the daemon may still write into this segment: it is not given back to the pool
                 error = error or DeadlineExceeded(f"all_reduce gave no answer within {timeout:.1f}s")
                 continue
             except PcclError as exc:
@@ -185,7 +184,6 @@ class Client:
         self._buf = local.FrameBuffer()
         self._proc: subprocess.Popen | None = None
         self._info: dict = {"connected": False}
-        self._poisoned: set[str] = set()
         self._sock: socket.socket | None = None
         if daemon is None:
             daemon = self._spawn(secret, streams, listen, daemon_log_level)
