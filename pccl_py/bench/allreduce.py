@@ -32,13 +32,10 @@ def parse_size(text: str) -> int:
 
 
 def repeats_for(nbytes: int, base: int) -> int:
-    if nbytes >= 128 << 20:
-        return max(3, base // 3)
-    if nbytes >= 32 << 20:
-        return max(5, base // 2)
+    """Timed repeats per size: ``base`` for large calls, more for small (cheap, noisy) ones."""
     if nbytes <= 1 << 16:
         return base * 4
-    return base * 3 if nbytes <= 8 << 20 else base  # small calls are cheap: more samples
+    return base * 3 if nbytes <= 8 << 20 else base
 
 
 def ours_worker(args) -> int:
