@@ -59,10 +59,29 @@ def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tup
     The input starts a quarter page after the user's buffer (mod 4096) and the output
     half a page after the input, so no pair of them is aliased.
     """
-    seg_addr = np.frombuffer(seg.buf, np.uint8, 1).__array_interface__["data"][0]
-    user_addr = user.__array_interface__["data"][0]
-    in_off = (user_addr + PAGE // 4 - seg_addr) % PAGE
+    in_off = _offset_near(user, seg, PAGE // 4)
     return in_off, in_off + span + PAGE // 2
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf, np.uint8, 1).__array_interface__["data"][0]
+
+
+def _offset_near(user: np.ndarray, seg: shared_memory.SharedMemory, shift: int) -> int:
+    """The offset in ``seg`` whose address is ``shift`` bytes past ``user``'s, modulo a page."""
+    return (user.__array_interface__["data"][0] + shift - _address(seg.buf)) % PAGE
+
+
+def _release(seg: shared_memory.SharedMemory) -> None:
+    """Unlink a segment of ours; the mapping goes when the last view of it does."""
+    try:
+        seg.close()
+    except BufferError:
+        pass
+    try:
+        seg.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class _Pool:
@@ -90,14 +109,7 @@ class _Pool:
 
     def close(self) -> None:
         for seg in self.all:
-            try:
-                seg.close()
-            except BufferError:
-                pass
-            try:
-                seg.unlink()
-            except FileNotFoundError:
-                pass
+            _release(seg)
         self.all.clear()
         self.free.clear()
 
@@ -107,7 +119,7 @@ class Handle:
 
     def __init__(self, client: Client, parts: list, timeout: float) -> None:
         self._client = client
-        self._parts = parts  # [(request id, segment, [(Flat, offset)], (in_off, out_off))]
+        self._parts = parts  # [(request id, segment, [(Flat, offset)], (in_off, out_off, copied in))]
         self._timeout = timeout
         self._result: dict | None = None
         self._error: BaseException | None = None
@@ -138,7 +150,7 @@ class Handle:
                 self._client._pool.give(seg)
                 continue
             if error is None:
-                in_off, out_off = layout
+                _, out_off, _ = layout
                 for f, off in members:
                     n = f.nbytes
                     f.data[:] = np.frombuffer(seg.buf, np.uint8, n, out_off + off)
@@ -149,6 +161,7 @@ class Handle:
             self._error = error
             return
         total = dict(infos[0]) if infos else {"world_size": self._client.world_size}
+        total["input_copied"] = any(layout[2] for *_, layout in self._parts)
         for extra in infos[1:]:
             for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
                 if k in extra:
@@ -194,6 +207,7 @@ class Client:
         self._pool = _Pool(self)
         self._states: list[SharedState] = []
         self._progress: dict[int, Any] = {}  # request id -> progress callback
+        self._allocs: list[tuple[int, int, shared_memory.SharedMemory]] = []  # alloc() segments
 
     # -- plumbing --------------------------------------------------------------------
     def _spawn(self, secret, streams, listen, log_level) -> str:
@@ -356,17 +370,27 @@ class Client:
         for dtype, group in buckets.items():
             nbytes = sum(f.nbytes for f in group)
             span = -(-max(nbytes, 1) // PAGE) * PAGE
-            seg = self._pool.take(2 * span + 2 * PAGE)
-            in_off, out_off = _layout(group[0].data, seg, span)
+            resident = self._resident(group)
             members, off = [], 0
             for f in group:
-                seg.buf[in_off + off : in_off + off + f.nbytes] = f.data
                 members.append((f, off))
                 off += f.nbytes
+            if resident is not None:
+                # the input already lives in a segment the daemon maps: no copy in
+                in_seg, in_off = resident
+                seg = self._pool.take(span + 2 * PAGE)
+                out_off = _offset_near(group[0].data, seg, 3 * PAGE // 4)
+            else:
+                seg = self._pool.take(2 * span + 2 * PAGE)
+                in_seg = seg
+                in_off, out_off = _layout(group[0].data, seg, span)
+                for f, moff in members:
+                    seg.buf[in_off + moff : in_off + moff + f.nbytes] = f.data
             rid = self._send(
                 {
                     "op": "all_reduce",
                     "shm": seg.name,
+                    "in_shm": in_seg.name,
                     "in_off": in_off,
                     "out_off": out_off,
                     "nbytes": nbytes,
@@ -378,7 +402,7 @@ class Client:
                     "timeout": timeout,
                 }
             )
-            parts.append((rid, seg, members, (in_off, out_off)))
+            parts.append((rid, seg, members, (in_off, out_off, resident is None)))
         return Handle(self, parts, timeout)
 
     def all_reduce(
@@ -428,6 +452,53 @@ class Client:
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise InvalidUsage("all_gather takes bytes")
         return list(self._call({"op": "all_gather", "data": bytes(blob), "tag": tag}, timeout)["blobs"])
+
+    def alloc(self, shape, dtype="float32", *, as_torch: bool = False):
+        """A zeroed array (or torch tensor) in shared memory that the daemon maps.
+
+        All-reducing it (alone, or with other views that follow each other in the same
+        allocation) skips the copy into shared memory; the result is still written back in
+        place, and the input is untouched on failure. ``dtype`` is a numpy dtype or name;
+        ``as_torch`` returns a torch tensor (``dtype="bfloat16"`` only with ``as_torch``).
+        """
+        bf16 = str(dtype) == "bfloat16"
+        if bf16 and not as_torch:
+            raise InvalidUsage("bfloat16 allocations need as_torch=True")
+        np_dtype = np.dtype(np.int16 if bf16 else dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        seg = shared_memory.SharedMemory(create=True, size=max(nbytes, 1),
+                                         name=f"pccl_{uuid.uuid4().hex[:16]}")
+        try:
+            self._call({"op": "map", "name": seg.name, "size": seg.size}, timeout=10.0)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+        base = _address(seg.buf)
+        self._allocs.append((base, base + seg.size, seg))
+        arr = np.ndarray(shape, np_dtype, buffer=seg.buf)
+        if not as_torch:
+            return arr
+        import torch
+
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if bf16 else t
+
+    def _resident(self, group: list[Flat]):
+        """(segment, offset) when the group's bytes are one run inside an :meth:`alloc` segment."""
+        if not self._allocs or any(f.staged is not None for f in group):
+            return None
+        start = group[0].data.__array_interface__["data"][0]
+        end = start
+        for f in group:
+            if f.data.__array_interface__["data"][0] != end:
+                return None
+            end += f.nbytes
+        for lo, hi, seg in self._allocs:
+            if lo <= start and end <= hi:
+                return seg, start - lo
+        return None
 
     # -- shared state ----------------------------------------------------------------
     def shared_state(self, tensors: dict, *, revision: int = 0, allow_content_inequality=()) -> SharedState:
@@ -492,6 +563,9 @@ class Client:
             self._pool.close()
             for st in self._states:
                 st.close()
+            for _, _, seg in self._allocs:
+                _release(seg)
+            self._allocs.clear()
         finally:
             self._sock.close()
             self._sock = None

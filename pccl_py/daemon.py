@@ -331,13 +331,14 @@ class Daemon:
         if nbytes % DTYPE_SIZES[dtype]:
             raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
         seg = session.segment(str(req["shm"]))
+        in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
         in_off, out_off = int(req["in_off"]), int(req["out_off"])
-        for off in (in_off, out_off):
-            if off < 0 or off + nbytes > seg.size:
+        for s, off in ((in_seg, in_off), (seg, out_off)):
+            if off < 0 or off + nbytes > s.size:
                 raise InvalidUsage("buffer range outside the shared-memory segment")
-        if abs(in_off - out_off) < nbytes:
+        if in_seg is seg and abs(in_off - out_off) < nbytes:
             raise InvalidUsage("input and output ranges overlap")
-        src = np.frombuffer(seg.buf, dtype=np.uint8, count=nbytes, offset=in_off)
+        src = np.frombuffer(in_seg.buf, dtype=np.uint8, count=nbytes, offset=in_off)
         dst = np.frombuffer(seg.buf, dtype=np.uint8, count=nbytes, offset=out_off)
         tag = self.next_tag(req.get("tag"))
         self._in_flight[tag] = f"all_reduce tag={tag & ~AUTO_TAG if tag & AUTO_TAG else tag}"

@@ -48,11 +48,34 @@ class DiLoCo:
         self.quant = quant
         self.timeout = timeout
         self.last_info: dict = {}
+        self._deltas: list[torch.Tensor] | None = None
+
+    def _delta_buffers(self) -> list[torch.Tensor]:
+        """Pseudo-gradient buffers: views of one allocation in shared memory per dtype, so
+        the all-reduce reads them where they are (no copy in)."""
+        if self._deltas is None:
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, p in enumerate(self.params):
+                by_dtype.setdefault(p.dtype, []).append(i)
+            deltas: list[torch.Tensor | None] = [None] * len(self.params)
+            for dtype, idx in by_dtype.items():
+                name = str(dtype).removeprefix("torch.")
+                total = sum(self.params[i].numel() for i in idx)
+                buf = self.client.alloc(total, name, as_torch=True)
+                off = 0
+                for i in idx:
+                    n = self.params[i].numel()
+                    deltas[i] = buf[off : off + n].view(self.params[i].shape)
+                    off += n
+            self._deltas = deltas
+        return self._deltas
 
     @torch.no_grad()
     def outer_step(self) -> dict:
         """Average pseudo-gradients across peers and take one outer step (retrying on churn)."""
-        deltas = [o - p.detach() for o, p in zip(self.outer, self.params)]
+        deltas = self._delta_buffers()
+        for d, o, p in zip(deltas, self.outer, self.params):
+            torch.sub(o, p.detach(), out=d)
         info = self.client.all_reduce(deltas, op="avg", quant=self.quant, timeout=self.timeout, retry=True)
         for o, m, d in zip(self.outer, self.momentum, deltas):
             m.mul_(self.outer_momentum).add_(d)

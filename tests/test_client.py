@@ -244,3 +244,31 @@ def test_frozen_peer_removed_then_rejoins_as_new_member(coordinator):
     finally:
         a.close()
         b.close()
+
+
+def test_client_allocated_tensors_skip_the_copy_in(coordinator):
+    torch = pytest.importorskip("torch")
+
+    def body(c, rank):
+        a = c.alloc(300_001)  # numpy float32
+        a[:] = rank + 1
+        info = c.all_reduce(a, op="sum")
+        flat_t = c.alloc(3000, as_torch=True)
+        parts = [flat_t[:1000].view(10, 100), flat_t[1000:]]  # consecutive views: one run
+        for p in parts:
+            p.fill_(float(rank + 1))
+        info2 = c.all_reduce(parts, op="avg")
+        b = c.alloc(17, "bfloat16", as_torch=True)
+        b.fill_(rank + 1)
+        c.all_reduce(b)
+        gaps = [flat_t[:10], flat_t[20:30]]  # not one run: copied as usual
+        info3 = c.all_reduce(gaps, op="max")
+        plain = np.full(5, rank + 1.0, np.float32)
+        info4 = c.all_reduce(plain)
+        return (float(a[0]), float(a[-1]), info["input_copied"], float(flat_t.mean()), info2["input_copied"],
+                float(b[0]), info3["input_copied"], float(plain[0]), info4["input_copied"])
+
+    results, _ = run_peers(2, body, coordinator)
+    for r in results:
+        assert r == (3.0, 3.0, False, 1.5, False, 3.0, True, 3.0, True)
+    del torch

@@ -53,7 +53,11 @@ def ours_worker(args) -> int:
             topo = c.update_topology()
         rows = []
         for n in args.sizes:
-            x = np.full(n, 1.0 + topo["rank"], dtype=np.float32)
+            if args.alloc:  # in shared memory the daemon maps: no copy in
+                x = c.alloc(n)
+                x[:] = 1.0 + topo["rank"]
+            else:
+                x = np.full(n, 1.0 + topo["rank"], dtype=np.float32)
             reps = repeats_for(4 * n, args.repeat)
             for _ in range(2):
                 c.all_reduce(x, op="sum", quant=args.quant, algorithm=args.algorithm)
@@ -136,6 +140,8 @@ def run_ours(args) -> list[dict]:
                 cmd += ["--quant", args.quant]
             if args.streams:
                 cmd += ["--streams", str(args.streams)]
+            if args.alloc:
+                cmd += ["--alloc"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
             time.sleep(0.05)
         return _collect(procs, args.timeout)
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=None)
     p.add_argument("--algorithm", choices=["auto", "ring", "tree"], default="auto")
     p.add_argument("--compare", choices=["gloo"], default=None)
+    p.add_argument("--alloc", action="store_true",
+                   help="all-reduce tensors from Client.alloc (shared memory: no copy in)")
     p.add_argument("--repeat", type=int, default=7, help="timed repeats (more for small sizes)")
     p.add_argument("--timeout", type=float, default=540.0)
     p.add_argument("--json", action="store_true", help="one JSON object per row")
@@ -193,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.json:
         print(f"all-reduce float32 sum, world {args.world}, {os.cpu_count()} cores, 127.0.0.1; "
-              f"median of repeats as seen by rank 0", flush=True)
+              f"median of repeats as seen by rank 0"
+              f"{'; tensors from Client.alloc' if args.alloc else ''}", flush=True)
     ours = run_ours(args)
     gloo = run_gloo(args) if args.compare == "gloo" else None
     n = args.world
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = 4 * row["size"]
         med = statistics.median(row["times"])
         busbw = 2 * (n - 1) / n * nbytes / med / 1e9
-        rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams,
+        rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams, "alloc": args.alloc,
                "quant": args.quant, "algorithm": row["algorithm"], "seconds": med, "busbw": busbw,
                "gloo_seconds": None, "ratio": None}
         if gloo:
