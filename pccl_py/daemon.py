@@ -47,6 +47,7 @@ DTYPE_SIZES = {
     "uint8": 1,
 }
 MAX_TIMEOUT = 24 * 3600.0
+DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
 
 
 def topology_summary(topo: Topology | None, peer_id: str) -> dict:
@@ -164,6 +165,15 @@ class Daemon:
     async def _on_topology(self, topo: Topology) -> None:
         if self._stopped.is_set():
             return  # leaving: the data plane is already closed
+        old = self.topology
+        if old is not None and {p.peer_id for p in topo.peers} < {p.peer_id for p in old.peers}:
+            # Only departures. A peer that completed a call and left is removed while others
+            # may still be finishing that call with the remaining peers: let calls in flight
+            # settle briefly before the new epoch aborts them. Calls that need a departed
+            # peer fail on their own when its connections close.
+            deadline = time.monotonic() + DEPARTURE_GRACE
+            while any(k >= 0 for k in self._in_flight) and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
         log.info(
             "epoch %d: rank %d of %d in group %d (world %d)",
             topo.epoch, topo.rank, topo.group_world_size, topo.group, topo.world_size,
