@@ -24,6 +24,7 @@ import uuid
 import numpy as np
 
 from . import local
+from .collectives import _kernels as K
 from .control import ControlLink
 from .dataplane import DataPlane
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
@@ -35,17 +36,6 @@ from .topology import Topology
 log = logging.getLogger("pccl.daemon")
 
 AUTO_TAG = 1 << 62
-DTYPE_SIZES = {
-    "float32": 4,
-    "float64": 8,
-    "float16": 2,
-    "bfloat16": 2,
-    "int8": 1,
-    "int16": 2,
-    "int32": 4,
-    "int64": 8,
-    "uint8": 1,
-}
 MAX_TIMEOUT = 24 * 3600.0
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
 
@@ -335,10 +325,10 @@ class Daemon:
     async def _all_reduce(self, session: LocalSession, req: dict, timeout: float) -> dict:
         topo = self._require_connected()
         dtype = str(req.get("dtype"))
-        if dtype not in DTYPE_SIZES:
-            raise InvalidUsage(f"unsupported dtype {dtype!r}; supported: {sorted(DTYPE_SIZES)}")
+        if dtype not in K.DTYPES:
+            raise InvalidUsage(f"unsupported dtype {dtype!r}; supported: {sorted(K.DTYPES)}")
         nbytes = int(req["nbytes"])
-        if nbytes % DTYPE_SIZES[dtype]:
+        if nbytes % K.itemsize(dtype):
             raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
         seg = session.segment(str(req["shm"]))
         in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
