@@ -304,6 +304,81 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 #define KW (PyCFunction)(void (*)(void))
 
+/* copy(dst, src): memcpy with the GIL released for large buffers (numpy's copy may hold it). */
+static PyObject *py_copy(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *dst_obj, *src_obj;
+    if (!PyArg_ParseTuple(args, "OO:copy", &dst_obj, &src_obj)) return NULL;
+    Py_buffer d, s;
+    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
+    if (get_buffer(src_obj, &s, 0, "src") < 0) { PyBuffer_Release(&d); return NULL; }
+    if (d.len != s.len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd", d.len, s.len);
+        goto fail;
+    }
+    if (overlaps(&d, &s) && d.buf != s.buf) {
+        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
+        goto fail;
+    }
+    if (d.buf != s.buf) {
+        if (d.len >= GIL_THRESHOLD) {
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(d.buf, s.buf, (size_t)d.len);
+            Py_END_ALLOW_THREADS
+        } else {
+            memcpy(d.buf, s.buf, (size_t)d.len);
+        }
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return NULL;
+}
+
+/* load_u64(buf, offset): an 8-byte little-endian load ordered after every earlier load and
+ * store of this thread (a full fence first). Used to check, after reading another process's
+ * shared memory, that its owner still guaranteed that memory while we read it. */
+static PyObject *py_load_u64(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "On:load_u64", &obj, &off)) return NULL;
+    Py_buffer b;
+    if (get_buffer(obj, &b, 0, "buf") < 0) return NULL;
+    if (off < 0 || off % 8 != 0 || off + 8 > b.len) {
+        PyBuffer_Release(&b);
+        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer", off, b.len);
+        return NULL;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t v = __atomic_load_n((const uint64_t *)((const char *)b.buf + off), __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong((unsigned long long)v);
+}
+
+/* store_u64(buf, offset, value): an 8-byte store ordered after every earlier load and store. */
+static PyObject *py_store_u64(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    Py_ssize_t off;
+    unsigned long long v;
+    if (!PyArg_ParseTuple(args, "OnK:store_u64", &obj, &off, &v)) return NULL;
+    Py_buffer b;
+    if (get_buffer(obj, &b, 1, "buf") < 0) return NULL;
+    if (off < 0 || off % 8 != 0 || off + 8 > b.len) {
+        PyBuffer_Release(&b);
+        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer", off, b.len);
+        return NULL;
+    }
+    __atomic_store_n((uint64_t *)((char *)b.buf + off), (uint64_t)v, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"reduce", KW py_reduce, METH_VARARGS | METH_KEYWORDS,
      "reduce(dst, src, op, dtype) -> None\n\ndst = dst (op) src elementwise; op in sum|prod|min|max."},
@@ -321,6 +396,12 @@ static PyMethodDef methods[] = {
      "dequant_add_u8(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
     {"dequant_add_u4", KW py_dequant_add_u4, METH_VARARGS | METH_KEYWORDS,
      "dequant_add_u4(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
+    {"copy", py_copy, METH_VARARGS,
+     "copy(dst, src) -> None\n\nmemcpy of equal-sized buffers, GIL released for large ones."},
+    {"load_u64", py_load_u64, METH_VARARGS,
+     "load_u64(buf, offset) -> int\n\nFenced 8-byte load (ordered after all earlier memory accesses)."},
+    {"store_u64", py_store_u64, METH_VARARGS,
+     "store_u64(buf, offset, value) -> None\n\nFenced 8-byte store (ordered after all earlier accesses)."},
     {"_isa", py_isa, METH_NOARGS,
      "_isa() -> (in_use, best): instruction-set level of the kernels (same bits at every level)."},
     {"_set_isa", py_set_isa, METH_VARARGS,

@@ -42,7 +42,7 @@ from .tensors import Flat, flat
 
 OPS = ("sum", "avg", "min", "max", "prod")
 QUANTS = (None, "uint8", "uint4")
-ALGORITHMS = ("auto", "ring", "tree")
+ALGORITHMS = ("auto", "ring", "tree", "shm")
 SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
 MIN_SEGMENT = 1 << 16
 
@@ -187,6 +187,7 @@ class Client:
         streams: int | None = None,
         listen: str = "127.0.0.1:0",
         daemon_log_level: str | None = None,
+        shm: bool = True,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -199,7 +200,7 @@ class Client:
         self._info: dict = {"connected": False}
         self._sock: socket.socket | None = None
         if daemon is None:
-            daemon = self._spawn(secret, streams, listen, daemon_log_level)
+            daemon = self._spawn(secret, streams, listen, daemon_log_level, shm)
         self.daemon_path = daemon
         self._sock = self._dial(daemon)
         hello = self._call({"op": "hello"}, timeout=10.0)
@@ -210,7 +211,7 @@ class Client:
         self._allocs: list[tuple[int, int, shared_memory.SharedMemory]] = []  # alloc() segments
 
     # -- plumbing --------------------------------------------------------------------
-    def _spawn(self, secret, streams, listen, log_level) -> str:
+    def _spawn(self, secret, streams, listen, log_level, shm) -> str:
         path = os.path.join(tempfile.gettempdir(), f"pccl-c{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
         cmd = [
             sys.executable, "-m", "pccl_py.daemon",
@@ -222,6 +223,8 @@ class Client:
         ]
         if streams is not None:
             cmd += ["--streams", str(streams)]
+        if not shm:
+            cmd += ["--no-shm"]
         if log_level:
             cmd += ["--log-level", log_level]
         env = dict(os.environ)

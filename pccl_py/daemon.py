@@ -26,7 +26,7 @@ import numpy as np
 from . import local
 from .collectives import _kernels as K
 from .control import ControlLink
-from .dataplane import DataPlane
+from .dataplane import DataPlane, DataPlaneConfig
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
 from .shared_state import _close_segment, layout_views
 from .statesync import daemon_sync
@@ -70,6 +70,7 @@ class Daemon:
         heartbeat_interval: float = 0.5,
         coordinator_timeout: float = 3.0,
         exit_with_client: bool = False,
+        shm: bool = True,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -81,6 +82,8 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port}
         if streams is not None:
             dp_kwargs["streams"] = streams
+        if not shm:
+            dp_kwargs["config"] = DataPlaneConfig(shm=False)
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
         self.secret = secret
         self.data_host = data_host
@@ -353,6 +356,7 @@ class Daemon:
                 algorithm=str(req.get("algorithm", "auto")),
                 tag=tag,
                 timeout=timeout,
+                shm_refs=(in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off),
             )
         finally:
             self._in_flight.pop(tag, None)
@@ -472,6 +476,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--coordinator-timeout", type=float, default=3.0)
     p.add_argument("--exit-with-client", action="store_true", help="stop when the client disconnects")
+    p.add_argument("--no-shm", action="store_true",
+                   help="never all-reduce through shared memory, even when every peer shares this host")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
     return p
 
@@ -490,6 +496,7 @@ async def _amain(args) -> int:
         heartbeat_interval=args.heartbeat_interval,
         coordinator_timeout=args.coordinator_timeout,
         exit_with_client=args.exit_with_client,
+        shm=not args.no_shm,
     )
     await d.start()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ from .collectives.gather import BlobAllGather
 from .collectives.link import GroupView, PeerLink, Stream
 from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
+from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce
 from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
 from .topology import Topology
@@ -50,6 +51,7 @@ class DataPlaneConfig:
     pipeline_depth: int = 8
     min_stripe: int = 256 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
     tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
+    shm: bool = True  # algorithm="auto": shared memory instead of the ring when the group shares a host
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
     max_blob: int = 64 << 20  # bound on an all_gather blob
@@ -95,6 +97,7 @@ class DataPlane:
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
         self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
+        self._shm = ShmContext()
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -120,6 +123,7 @@ class DataPlane:
                 c.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        self._shm.close()
         await asyncio.sleep(0)
 
     def abort(self, exc: PcclError) -> None:
@@ -151,6 +155,7 @@ class DataPlane:
             if pid not in members:
                 link = self._links.pop(pid)
                 link.close("peer left the topology")
+        self._shm.forget(members)
         waits = []
         for p in topo.peers:
             if p.peer_id == self.peer_id:
@@ -331,7 +336,8 @@ class DataPlane:
         return self._view
 
     async def all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None = None,
-                         algorithm: str = "auto", tag: int, timeout: float) -> dict:
+                         algorithm: str = "auto", tag: int, timeout: float,
+                         shm_refs: tuple[str, int, str, int] | None = None) -> dict:
         t0 = time.perf_counter()
         if dtype not in K.DTYPES:
             raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
@@ -341,8 +347,8 @@ class DataPlane:
             raise InvalidUsage(f"unknown quant {quant!r}; None, 'uint8' or 'uint4'")
         if quant is not None and (dtype != "float32" or op not in ("sum", "avg")):
             raise InvalidUsage("quantization needs dtype float32 and op sum or avg")
-        if algorithm not in ("auto", "ring", "tree"):
-            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring or tree")
+        if algorithm not in ("auto", "ring", "tree", "shm"):
+            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring, tree or shm")
         s = _byte_view(src, "src")
         d = _byte_view(dst, "dst", writable=True)
         item = K.itemsize(dtype)
@@ -359,12 +365,16 @@ class DataPlane:
             np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
             return _info(1, "local", t0, None)
         cfg = self.config
+        shm_ok = shm_refs is not None and view.colocated and len(s) > 0
         if quant is not None:
             algo = "quant"
         elif algorithm == "auto":
-            algo = "tree" if len(s) <= cfg.tree_max_bytes else "ring"
+            algo = "tree" if len(s) <= cfg.tree_max_bytes else "shm" if shm_ok and cfg.shm else "ring"
         else:
             algo = algorithm
+        if algo == "shm" and not shm_ok:
+            raise InvalidUsage("algorithm 'shm' needs every peer of the group on this host (the same data "
+                               "address) and the tensors in shared memory (a daemon's client call)")
         common = dict(loop=self._loop, tag=tag)
         if algo == "ring":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
@@ -373,6 +383,10 @@ class DataPlane:
                                              sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe,
                                              min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
                                              seq=seq, desc=desc, **common)
+        elif algo == "shm":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
+            make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                            refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
         elif algo == "tree":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
             make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
@@ -429,6 +443,7 @@ class DataPlane:
             raise
         finally:
             timer.cancel()
+            coll.finished()
             if self._ops.get(tag) is coll:
                 del self._ops[tag]
                 self._memo(self._finished, tag, seq)

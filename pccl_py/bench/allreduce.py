@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated element counts (float32), suffixes K/M/G")
     p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
     p.add_argument("--streams", type=int, default=None)
-    p.add_argument("--algorithm", choices=["auto", "ring", "tree"], default="auto")
+    p.add_argument("--algorithm", choices=["auto", "ring", "tree", "shm"], default="auto",
+                   help="auto: tree for small calls, then shared memory when every peer shares this host, else ring")
     p.add_argument("--compare", choices=["gloo"], default=None)
     p.add_argument("--alloc", action="store_true",
                    help="all-reduce tensors from Client.alloc (shared memory: no copy in)")

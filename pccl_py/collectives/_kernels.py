@@ -157,3 +157,21 @@ dequantize_u8 = _IMPLS["dequantize_u8"]
 dequantize_u4 = _IMPLS["dequantize_u4"]
 dequant_add_u8 = _IMPLS["dequant_add_u8"]
 dequant_add_u4 = _IMPLS["dequant_add_u4"]
+
+
+def _np_copy(dst, src) -> None:
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+
+
+def _py_load_u64(buf, offset: int) -> int:
+    return int.from_bytes(bytes(memoryview(buf)[offset:offset + 8]), "little")
+
+
+def _py_store_u64(buf, offset: int, value: int) -> None:
+    memoryview(buf)[offset:offset + 8] = int(value).to_bytes(8, "little")
+
+
+try:  # plain memory helpers: the native ones release the GIL and fence
+    from .._native import copy, load_u64, store_u64
+except ImportError:  # pragma: no cover - only without the extension
+    copy, load_u64, store_u64 = _np_copy, _py_load_u64, _py_store_u64

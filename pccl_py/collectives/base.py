@@ -48,6 +48,8 @@ class Link(Protocol):
 
     def nstreams(self, rank: int) -> int: ...
 
+    def fail_local(self, op: Collective, exc: PcclError) -> None: ...
+
 
 class Rx:
     """Where one incoming payload goes: fill ``view``; ``progress(got)`` after each read
@@ -147,6 +149,9 @@ class Collective:
         if not self.done:
             self.future.set_exception(exc)
             self.future.exception()  # mark retrieved: the caller may already be gone
+
+    def finished(self) -> None:
+        """Called once the call has ended, successfully or not, before its caller resumes."""
 
     def info(self) -> dict:
         return {"tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes,

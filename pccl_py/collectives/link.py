@@ -481,6 +481,8 @@ class GroupView:
         self.group = topo.group
         self.epoch = topo.epoch
         self.ids = [p.peer_id for p in topo.peers]
+        # every daemon of the group advertises the same host: they share a machine
+        self.colocated = self.world > 1 and len({p.host for p in topo.peers}) == 1
 
     def send(self, rank: int, stream: int, header: bytes, payload) -> None:
         link = self.dp._links.get(self.ids[rank])
@@ -490,3 +492,6 @@ class GroupView:
     def nstreams(self, rank: int) -> int:
         link = self.dp._links.get(self.ids[rank])
         return link.nstreams if link is not None else 1
+
+    def fail_local(self, op, exc) -> None:
+        self.dp._fail_op(op, exc, local=True)

@@ -1,0 +1,329 @@
+"""All-reduce through shared memory, for a group whose daemons all run on one host.
+
+Every tensor a daemon reduces already lives in a shared-memory segment (the trainer put
+it there), so co-located daemons need not send payload bytes at all: each maps its
+peers' segments read-only and reads them directly. Small control frames over the
+existing TCP links order the three phases:
+
+1. READY: each peer tells the others where its input and output are (segment names and
+   offsets) and which lease guards them (below).
+2. Reduce: once every READY is in, peer i owns chunk i of the N near-equal chunks. It
+   folds the N inputs' chunk i in rank order 0, 1, ..., N-1 into its own output and
+   sends REDUCED to every peer. Each chunk is computed once, by its owner, so every
+   peer ends with the same bits.
+3. Gather: on REDUCED from peer j, copy chunk j from j's output into ours. When every
+   chunk is in and every lease still holds, the call is done locally and the usual FIN
+   agreement (``Collective.data_complete``) finishes it. A peer's FIN also says that it
+   has stopped reading our memory.
+
+Leases. A daemon's input and output stay untouched while its call runs, and it hands
+them back to the trainer only when the call ends, successfully or not. A peer that read
+them cannot tell by itself whether that happened before its read finished (the owner
+may have failed the call, its trainer may already have written the next input). So each
+call holds a lease: a random nonce in a slot of the owner's lease segment, written when
+the call starts and cleared (with a fence) before the call ends. A reader checks, with a
+fence after its reads, that every peer's nonce is still in place before it sends FIN;
+a cleared lease fails the call here too, so nobody succeeds with torn data.
+
+Heavy loops (the fold and the copies, which release the GIL) run on one worker thread so
+the event loop keeps serving heartbeats and other calls; small ones run inline.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import mmap
+import os
+import re
+import uuid
+from multiprocessing import shared_memory
+
+import msgpack
+
+from .. import frames as F
+from ..errors import Aborted, InvalidUsage, PcclError
+from . import _kernels as K
+from .base import Collective, Rx, expect, split
+
+try:  # POSIX shared memory without Python's resource tracker adopting the segment
+    import _posixshmem
+except ImportError:  # pragma: no cover - not POSIX
+    _posixshmem = None
+
+log = logging.getLogger("pccl_py.dataplane")
+
+READY, REDUCED = 0, 1
+LEASE_SLOTS = 1024
+_NAME = re.compile(r"pccl_[A-Za-z0-9_]{1,80}")
+_MAX_READY = 1024  # bytes of one READY payload
+_BLOCK = 512 << 10  # fold this many bytes of all inputs at a time (stays in cache)
+_INLINE = 1 << 20  # loops over fewer bytes than this run on the event loop
+_MAPS_PER_PEER = 8
+
+
+def attach_readonly(name: str) -> mmap.mmap:
+    """Map another process's shared-memory segment read-only, without owning it."""
+    if not _NAME.fullmatch(name):
+        raise InvalidUsage(f"refusing to map segment {name!r}: not a pccl segment name")
+    if _posixshmem is None:  # pragma: no cover
+        raise InvalidUsage("shared-memory all-reduce needs POSIX shared memory")
+    fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= 0:
+            raise InvalidUsage(f"segment {name} is empty")
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+class ShmContext:
+    """Per-data-plane state of the shared-memory path: leases, peers' mappings, worker thread."""
+
+    def __init__(self) -> None:
+        self._lease_seg: shared_memory.SharedMemory | None = None
+        self._free: list[int] = []
+        self._maps: dict[str, collections.OrderedDict[str, mmap.mmap]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- leases --------------------------------------------------------------------------
+    @property
+    def lease_name(self) -> str:
+        if self._lease_seg is None:
+            self._lease_seg = shared_memory.SharedMemory(create=True, size=LEASE_SLOTS * 8,
+                                                         name=f"pccl_lease_{uuid.uuid4().hex[:16]}")
+            self._lease_seg.buf[:] = bytes(LEASE_SLOTS * 8)
+            self._free = list(range(LEASE_SLOTS - 1, -1, -1))
+        return self._lease_seg.name.lstrip("/")
+
+    def acquire(self) -> tuple[str, int, int]:
+        name = self.lease_name
+        if not self._free:
+            raise InvalidUsage(f"more than {LEASE_SLOTS} shared-memory all-reduces in flight")
+        slot = self._free.pop()
+        nonce = int.from_bytes(os.urandom(8), "little") | 1
+        K.store_u64(self._lease_seg.buf, slot * 8, nonce)
+        return name, slot, nonce
+
+    def release(self, slot: int) -> None:
+        if self._lease_seg is not None and not self._closed:
+            K.store_u64(self._lease_seg.buf, slot * 8, 0)
+            self._free.append(slot)
+
+    # -- peers' segments -----------------------------------------------------------------
+    def view(self, peer_id: str, name: str, offset: int, nbytes: int) -> memoryview:
+        """Read-only view of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached)."""
+        maps = self._maps.setdefault(peer_id, collections.OrderedDict())
+        mm = maps.get(name)
+        if mm is None:
+            try:
+                mm = attach_readonly(name)
+            except (OSError, ValueError) as e:
+                raise InvalidUsage(
+                    f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
+                    f"address but not /dev/shm need the TCP path: start them with --no-shm") from None
+            maps[name] = mm
+            while len(maps) > _MAPS_PER_PEER:
+                _drop(maps.popitem(last=False)[1])
+        else:
+            maps.move_to_end(name)
+        if offset < 0 or nbytes < 0 or offset + nbytes > len(mm):
+            raise InvalidUsage(f"peer {peer_id} named bytes {offset}..{offset + nbytes} of a "
+                               f"{len(mm)}-byte segment")
+        return memoryview(mm)[offset:offset + nbytes]
+
+    def forget(self, keep: set[str]) -> None:
+        """Unmap the segments of peers not in ``keep``."""
+        for pid in [p for p in self._maps if p not in keep]:
+            for mm in self._maps.pop(pid).values():
+                _drop(mm)
+
+    # -- work ----------------------------------------------------------------------------
+    def run(self, loop, nbytes: int, fn, done) -> None:
+        """Call ``fn()`` then ``done(exc_or_None)``: inline when small, else on the worker thread."""
+        if nbytes < _INLINE:
+            try:
+                fn()
+            except Exception as e:  # pragma: no cover - a bug
+                done(e)
+                return
+            done(None)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pccl-shm")
+        fut = loop.run_in_executor(self._pool, fn)
+        fut.add_done_callback(lambda f: done(f.exception()))
+
+    def close(self) -> None:
+        self._closed = True
+        self.forget(set())
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        if self._lease_seg is not None:
+            seg, self._lease_seg = self._lease_seg, None
+            try:
+                seg.close()
+                seg.unlink()
+            except (OSError, BufferError):
+                pass
+
+
+def _drop(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view is still alive (a call that failed): unmapped with the last view
+        pass
+
+
+class ShmAllReduce(Collective):
+    name = "shm"
+
+    def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, refs: tuple, ctx: ShmContext,
+                 loop, **kw):
+        super().__init__(link, loop=loop, **kw)
+        self.loop = loop
+        self.ctx = ctx
+        self.dtype, self.op = dtype, op
+        self.item = K.itemsize(dtype)
+        self.nbytes = count * self.item
+        self.src, self.dst = src, dst
+        self.refs = refs
+        w = link.world
+        self.bounds = [b * self.item for b in split(count, w)]
+        self.peers: dict[int, tuple] = {}  # rank -> (src view, dst view, lease view, slot, nonce)
+        self.lease: tuple[str, int, int] | None = None
+        self._reduced_at: set[int] = set()  # REDUCED arrived, copy not yet started
+        self._copied: set[int] = set()
+        self._folding = False
+        self._folded = False
+
+    def chunk(self, r: int) -> tuple[int, int]:
+        return self.bounds[r], self.bounds[r + 1]
+
+    # -- phases ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.started = True
+        self.lease = self.ctx.acquire()
+        sname, soff, dname, doff = self.refs
+        payload = msgpack.packb([sname, soff, dname, doff, *self.lease])
+        lk = self.link
+        for r in range(lk.world):
+            if r != lk.rank:
+                self.send_data(r, 0, READY, 0, payload, 0)
+        self._maybe_fold()
+
+    def on_data(self, src: int, h: F.Header, conn) -> Rx:
+        self.check_desc(src, h)
+        expect(h.quant == F.QUANT_NONE and h.offset == 0, "unexpected shared-memory all-reduce frame")
+        self.count_rx(h, 0)
+        if h.step == READY:
+            expect(0 < h.length <= _MAX_READY and src not in self.peers, "bad READY frame")
+            buf = bytearray(h.length)
+            return Rx(memoryview(buf), None, lambda: self._on_ready(src, bytes(buf)))
+        expect(h.step == REDUCED and h.length == 0 and src in self.peers
+               and src not in self._reduced_at and src not in self._copied, "bad REDUCED frame")
+        return Rx(memoryview(b""), None, lambda: self._on_reduced(src))
+
+    def _on_ready(self, src: int, payload: bytes) -> None:
+        try:
+            sname, soff, dname, doff, lname, slot, nonce = msgpack.unpackb(payload)
+            ok = all(isinstance(x, str) for x in (sname, dname, lname)) and all(
+                isinstance(x, int) for x in (soff, doff, slot, nonce))
+        except (ValueError, TypeError, msgpack.UnpackException):
+            ok = False
+        if not ok or not 0 <= slot < LEASE_SLOTS:
+            raise InvalidUsage(f"peer rank {src} sent a malformed READY")
+        pid = self.link.ids[src]
+        self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
+                           self.ctx.view(pid, dname, doff, self.nbytes),
+                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8), slot * 8, nonce)
+        self._maybe_fold()
+
+    def _maybe_fold(self) -> None:
+        if self._folding or not self.started or len(self.peers) < self.link.world - 1 or self.done:
+            return
+        self._folding = True
+        me = self.link.rank
+        a, b = self.chunk(me)
+        srcs = [(self.src if r == me else self.peers[r][0])[a:b] for r in range(self.link.world)]
+        self.ctx.run(self.loop, (b - a) * self.link.world, lambda: self._fold(srcs, self.dst[a:b]),
+                     self._folded_cb)
+
+    def _fold(self, srcs: list, out) -> None:
+        kop = "sum" if self.op == "avg" else self.op
+        n = len(out)
+        step = max(self.item, _BLOCK - _BLOCK % self.item)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            o = out[a:b]
+            K.copy(o, srcs[0][a:b])
+            for s in srcs[1:]:
+                K.reduce(o, s[a:b], kop, self.dtype)
+            if self.op == "avg":
+                K.finish_avg(o, len(srcs), self.dtype)
+
+    def _folded_cb(self, exc) -> None:
+        if self.done:
+            return
+        if exc is not None:
+            self._internal(exc)
+            return
+        self._folded = True
+        lk = self.link
+        for r in range(lk.world):
+            if r != lk.rank:
+                self.send_data(r, 0, REDUCED, 0, b"", 0)
+        for r in sorted(self._reduced_at):
+            self._copy(r)
+        self._reduced_at.clear()
+        self._maybe_complete()
+
+    def _on_reduced(self, src: int) -> None:
+        if self._folded:
+            self._copy(src)
+        else:  # our own fold still runs on the worker; copy after it (same thread order anyway)
+            self._reduced_at.add(src)
+
+    def _copy(self, r: int) -> None:
+        a, b = self.chunk(r)
+        peer_dst = self.peers[r][1]
+
+        def done(exc, r=r) -> None:
+            if self.done:
+                return
+            if exc is not None:
+                self._internal(exc)
+                return
+            self._copied.add(r)
+            self._maybe_complete()
+
+        self.ctx.run(self.loop, b - a, lambda: K.copy(self.dst[a:b], peer_dst[a:b]), done)
+
+    def _maybe_complete(self) -> None:
+        if self.done or not self._folded or len(self._copied) < self.link.world - 1:
+            return
+        for r, (_, _, lease, off, nonce) in self.peers.items():
+            if K.load_u64(lease, off) != nonce:
+                self._fail_local(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
+                                         f"being read; its result here would be torn"))
+                return
+        self.data_complete()
+
+    def _internal(self, exc: BaseException) -> None:
+        if not isinstance(exc, PcclError):  # pragma: no cover - a bug
+            log.error("shared-memory all-reduce failed: %r", exc)
+            exc = Aborted(f"internal error in the shared-memory all-reduce: {exc!r}")
+        self._fail_local(exc)
+
+    def _fail_local(self, exc: PcclError) -> None:
+        """Fail here and tell the peers (they would otherwise wait for our FIN)."""
+        self.link.fail_local(self, exc)
+
+    def finished(self) -> None:
+        """The call ended (either way): give the lease back, so readers stop trusting our memory."""
+        if self.lease is not None:
+            self.ctx.release(self.lease[1])
+            self.lease = None

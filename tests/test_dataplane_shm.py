@@ -1,0 +1,237 @@
+"""The shared-memory all-reduce (co-located group): N DataPlanes in one event loop whose
+tensors live in real POSIX shared-memory segments, as a daemon's client calls do.
+
+Correctness over world x size x dtype x op (exact inputs), bit parity with rounding,
+the lease check (a peer whose call ended while being read fails the call everywhere),
+peers lost mid-call, and the refusal of bad READY frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import time
+import uuid
+from multiprocessing import shared_memory
+
+import _posixshmem
+
+import numpy as np
+import pytest
+from test_dataplane import NP, cluster, make_inputs, reference, run, topo
+
+from pccl_py.collectives import _kernels as K
+from pccl_py.collectives import shm as S
+from pccl_py.dataplane import DataPlaneConfig
+from pccl_py.errors import Aborted, InvalidUsage, PeerLost
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Seg:
+    """One peer's input and output in a shared-memory segment, as a client lays them out."""
+
+    def __init__(self, count: int, dtype: str, src: np.ndarray):
+        self.nbytes = count * K.itemsize(dtype)
+        self.in_off, self.out_off = 64, 64 + self.nbytes + 1024
+        self.name = f"pccl_t{uuid.uuid4().hex[:12]}"
+        size = self.out_off + self.nbytes + 64
+        fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.src = np.frombuffer(self.mm, np.uint8, self.nbytes, self.in_off)
+        self.dst = np.frombuffer(self.mm, np.uint8, self.nbytes, self.out_off)
+        self.src[:] = src.view(np.uint8).reshape(-1)
+        self.dst[:] = 0x55
+        self.refs = (self.name, self.in_off, self.name, self.out_off)
+
+    def out(self, dtype: str) -> np.ndarray:
+        return self.dst.view(np.uint16 if dtype == "bfloat16" else NP[dtype]).copy()
+
+    def close(self) -> None:  # the mapping itself goes with the last view
+        _posixshmem.shm_unlink("/" + self.name)
+
+
+def post(dp, seg: Seg, *, dtype, op, tag, algorithm="shm", timeout=20.0):
+    return dp.all_reduce(seg.src, seg.dst, dtype=dtype, op=op, algorithm=algorithm, tag=tag, timeout=timeout,
+                         shm_refs=seg.refs)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shm_matrix_exact_and_parity(world):
+    failures = []
+
+    async def body():
+        async with cluster(world) as dps:
+            tag = 0
+            for count in (1, 2, 7, 1031, 300_007):
+                for dtype in ("float32", "bfloat16", "int32", "float64", "uint8"):
+                    for op in K.OPS:
+                        if count > 2000 and op in ("prod", "min"):
+                            continue
+                        tag += 1
+                        srcs = make_inputs(world, count, dtype, op, seed=tag)
+                        segs = [Seg(count, dtype, s) for s in srcs]
+                        try:
+                            infos = await asyncio.gather(*(post(dps[i], segs[i], dtype=dtype, op=op, tag=tag)
+                                                           for i in range(world)))
+                            want = reference(srcs, dtype, op).tobytes()
+                            for r in range(world):
+                                if segs[r].dst.tobytes() != want:
+                                    failures.append(f"N={world} {count} {dtype} {op}: rank {r} wrong")
+                                if segs[r].src.tobytes() != srcs[r].view(np.uint8).tobytes():
+                                    failures.append(f"N={world} {count} {dtype} {op}: src {r} modified")
+                            assert all(i["algorithm"] == "shm" for i in infos)
+                        finally:
+                            for s in segs:
+                                s.close()
+
+    run(body(), timeout=80)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_shm_bit_parity_with_rounding_and_auto_choice(world):
+    async def body():
+        async with cluster(world) as dps:
+            rng = np.random.default_rng(world)
+            for tag, (dtype, op) in enumerate([("float32", "sum"), ("float32", "avg"), ("float16", "sum"),
+                                                ("float64", "prod")], 1):
+                scale = 1.5 if op == "prod" else 100.0
+                srcs = [(rng.standard_normal(50_001) * scale).astype(NP[dtype]) for _ in range(world)]
+                segs = [Seg(50_001, dtype, s) for s in srcs]
+                try:
+                    infos = await asyncio.gather(*(post(dps[i], segs[i], dtype=dtype, op=op, tag=tag,
+                                                        algorithm="auto") for i in range(world)))
+                    assert {i["algorithm"] for i in infos} == {"shm"}  # 50k elements: above the tree
+                    outs = [s.out(dtype) for s in segs]
+                    for r in range(1, world):
+                        assert outs[r].tobytes() == outs[0].tobytes(), (dtype, op, r)
+                    exact = np.stack([s.astype(np.float64) for s in srcs])
+                    exact = {"sum": exact.sum(0), "avg": exact.mean(0), "prod": exact.prod(0)}[op]
+                    rel = 1e-2 if dtype == "float16" else 1e-5
+                    np.testing.assert_allclose(outs[0].astype(np.float64), exact, rtol=rel, atol=rel * 100)
+                    # the TCP ring on the same inputs: same values within rounding
+                    ring = await asyncio.gather(*(dps[i].all_reduce(srcs[i], np.empty_like(srcs[i]), dtype=dtype,
+                                                                    op=op, algorithm="ring", tag=100 + tag,
+                                                                    timeout=20)
+                                                  for i in range(world)))
+                    assert {i["algorithm"] for i in ring} == {"ring"}
+                finally:
+                    for s in segs:
+                        s.close()
+
+    run(body())
+
+
+def test_shm_needs_refs_and_a_shared_host():
+    async def body():
+        async with cluster(2) as dps:
+            x = np.ones(100_000, np.float32)
+            # no refs: auto takes the ring, an explicit shm is refused
+            infos = await asyncio.gather(*(d.all_reduce(x, np.empty_like(x), dtype="float32", op="sum", tag=1,
+                                                        timeout=20) for d in dps))
+            assert {i["algorithm"] for i in infos} == {"ring"}
+            with pytest.raises(InvalidUsage, match="shm"):
+                await dps[0].all_reduce(x, np.empty_like(x), dtype="float32", op="sum", tag=2, timeout=5,
+                                        algorithm="shm")
+        async with cluster(2, config=DataPlaneConfig(shm=False)) as dps:
+            segs = [Seg(100_000, "float32", np.ones(100_000, np.float32)) for _ in dps]
+            try:
+                infos = await asyncio.gather(*(post(d, s, dtype="float32", op="sum", tag=1, algorithm="auto")
+                                               for d, s in zip(dps, segs)))
+                assert {i["algorithm"] for i in infos} == {"ring"}  # shm disabled by configuration
+                assert np.all(segs[0].out("float32") == 2.0)
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def test_a_released_lease_fails_the_call_everywhere():
+    """Peer 1's memory is declared no longer guaranteed while peer 0 reads it: nobody may
+    succeed with what was read."""
+    async def body():
+        async with cluster(2) as dps:
+            count = 1000
+            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(2)]
+            try:
+                f1 = asyncio.ensure_future(post(dps[1], segs[1], dtype="float32", op="sum", tag=7))
+                deadline = time.monotonic() + 10
+                while 7 not in dps[1]._ops or dps[1]._ops[7].lease is None:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.001)
+                slot = dps[1]._ops[7].lease[1]
+                K.store_u64(dps[1]._shm._lease_seg.buf, slot * 8, 0)  # as if peer 1's call had ended
+                res = await asyncio.gather(post(dps[0], segs[0], dtype="float32", op="sum", tag=7), f1,
+                                           return_exceptions=True)
+                assert all(isinstance(r, Aborted) for r in res), res
+                assert "being read" in str(res[0])
+                # leases were given back: the next call succeeds
+                segs[0].src[:] = np.full(count, 5.0, np.float32).view(np.uint8)
+                await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
+                assert np.all(segs[0].out("float32") == 7.0) and np.all(segs[1].out("float32") == 7.0)
+                assert len(dps[0]._shm._free) == S.LEASE_SLOTS
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def test_peer_lost_mid_call_then_retry():
+    async def body():
+        async with cluster(3) as dps:
+            count = 2_000_000
+            srcs = [np.full(count, i + 1.0, np.float32) for i in range(3)]
+            segs = [Seg(count, "float32", s) for s in srcs]
+            try:
+                # the victim never posts: survivors wait for its READY, then it goes away
+                futs = [asyncio.ensure_future(post(dps[i], segs[i], dtype="float32", op="sum", tag=1))
+                        for i in (0, 1)]
+                await asyncio.sleep(0.05)
+                t0 = time.monotonic()
+                await dps[2].close()
+                res = await asyncio.gather(*futs, return_exceptions=True)
+                assert all(isinstance(r, (PeerLost, Aborted)) for r in res), res
+                assert time.monotonic() - t0 < 2.0
+                for i in (0, 1):
+                    assert segs[i].src.tobytes() == srcs[i].view(np.uint8).tobytes()
+                t = topo(dps, 2, [0, 1])
+                await asyncio.gather(*(dps[i].set_topology(t[i]) for i in (0, 1)))
+                assert "peer2" not in dps[0]._shm._maps
+                await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=1) for i in (0, 1)))
+                assert np.all(segs[0].out("float32") == 3.0) and np.all(segs[1].out("float32") == 3.0)
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def test_bad_segment_names_are_refused():
+    ctx = S.ShmContext()
+    try:
+        for bad in ("../etc/passwd", "psm_1234", "pccl_" + "x" * 200, "pccl_a/b"):
+            with pytest.raises(InvalidUsage):
+                ctx.view("p", bad, 0, 8)
+        with pytest.raises(InvalidUsage, match="cannot map"):
+            ctx.view("p", "pccl_doesnotexist0", 0, 8)
+        seg = shared_memory.SharedMemory(create=True, size=4096, name=f"pccl_t{uuid.uuid4().hex[:12]}")
+        try:
+            with pytest.raises(InvalidUsage, match="bytes"):
+                ctx.view("p", seg.name.lstrip("/"), 4000, 200)
+            v = ctx.view("p", seg.name.lstrip("/"), 0, 16)
+            assert v.readonly
+            del v
+        finally:
+            seg.close()
+            seg.unlink()
+    finally:
+        ctx.close()
+
