@@ -8,14 +8,13 @@ peers lost mid-call, and the refusal of bad READY frames.
 
 from __future__ import annotations
 
+import _posixshmem
 import asyncio
 import mmap
 import os
 import time
 import uuid
 from multiprocessing import shared_memory
-
-import _posixshmem
 
 import numpy as np
 import pytest
