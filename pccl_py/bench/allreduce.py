@@ -31,6 +31,11 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
+def warmups_for(nbytes: int) -> int:
+    """Untimed calls first (page faults, connection and scheduler warm-up); gloo gets the same."""
+    return 10 if nbytes <= 8 << 20 else 3
+
+
 def repeats_for(nbytes: int, base: int) -> int:
     """Timed repeats per size: ``base`` for large calls, more for small (cheap, noisy) ones."""
     if nbytes <= 1 << 16:
@@ -59,7 +64,7 @@ def ours_worker(args) -> int:
             else:
                 x = np.full(n, 1.0 + topo["rank"], dtype=np.float32)
             reps = repeats_for(4 * n, args.repeat)
-            for _ in range(2):
+            for _ in range(warmups_for(4 * n)):
                 c.all_reduce(x, op="sum", quant=args.quant, algorithm=args.algorithm)
             times = []
             info = {}
@@ -86,7 +91,7 @@ def gloo_worker(args) -> int:
     for n in args.sizes:
         x = torch.full((n,), 1.0 + args.rank, dtype=torch.float32)
         reps = repeats_for(4 * n, args.repeat)
-        for _ in range(2):
+        for _ in range(warmups_for(4 * n)):
             dist.all_reduce(x)
         times = []
         for _ in range(reps):
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--world must be at least 2")
 
     if not args.json:
-        print(f"all-reduce float32 sum, world {args.world}, {os.cpu_count()} cores, 127.0.0.1; "
+        print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1; "
               f"median of repeats as seen by rank 0"
               f"{'; tensors from Client.alloc' if args.alloc else ''}", flush=True)
     ours = run_ours(args)
