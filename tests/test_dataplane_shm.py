@@ -234,3 +234,41 @@ def test_bad_segment_names_are_refused():
     finally:
         ctx.close()
 
+
+def test_leases_are_checked_once_before_fin(monkeypatch):
+    """Once FIN is out, a peer may finish and clear its lease at any moment: a second check
+    after that would fail a call that succeeded (seen at N=3 as spurious 'torn' errors when
+    REDUCED frames arrived while the fold still ran)."""
+    loads = []
+    real = K.load_u64
+
+    def counting(buf, off):
+        loads.append(off)
+        return real(buf, off)
+
+    monkeypatch.setattr(S.K, "load_u64", counting)
+
+    async def body():
+        async with cluster(3) as dps:
+            loop = asyncio.get_running_loop()
+            inline = dps[0]._shm.run
+
+            def slow_fold(lp, nbytes, fn, done):  # rank 0 folds late: the peers' REDUCED wait for it
+                if nbytes > 100_000:
+                    loop.call_later(0.05, inline, lp, nbytes, fn, done)
+                else:
+                    inline(lp, nbytes, fn, done)
+
+            dps[0]._shm.run = slow_fold
+            segs = [Seg(30_000, "float32", np.full(30_000, i + 1.0, np.float32)) for i in range(3)]
+            try:
+                for tag in (1, 2, 3):
+                    await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=tag)
+                                           for i in range(3)))
+                assert all(np.all(s.out("float32") == 6.0) for s in segs)
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+    assert len(loads) == 3 * 3 * 2  # calls x peers x (the other two peers' leases)

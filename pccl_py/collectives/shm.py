@@ -303,12 +303,14 @@ class ShmAllReduce(Collective):
         self.ctx.run(self.loop, b - a, lambda: K.copy(self.dst[a:b], peer_dst[a:b]), done)
 
     def _maybe_complete(self) -> None:
-        if self.done or not self._folded or len(self._copied) < self.link.world - 1:
-            return
+        if self.done or self.data_done or not self._folded or len(self._copied) < self.link.world - 1:
+            return  # (once FIN is out, peers may end and clear their leases: never check twice)
         for r, (_, _, lease, off, nonce) in self.peers.items():
-            if K.load_u64(lease, off) != nonce:
+            seen = K.load_u64(lease, off)
+            if seen != nonce:
                 self._fail_local(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
-                                         f"being read; its result here would be torn"))
+                                         f"being read; its result here would be torn (lease {off // 8}: "
+                                         f"{seen:#x}, expected {nonce:#x})"))
                 return
         self.data_complete()
 
