@@ -27,7 +27,7 @@ from . import frames as F
 from .collectives import _kernels as K
 from .collectives.base import Collective, error_code
 from .collectives.gather import BlobAllGather
-from .collectives.link import GroupView, PeerLink, Stream
+from .collectives.link import LINGER, GroupView, PeerLink, Stream
 from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
 from .collectives.shm import ShmAllReduce, ShmContext
@@ -118,6 +118,9 @@ class DataPlane:
         for link in list(self._links.values()):
             link.close("data plane closed", graceful=True)
         self._links.clear()
+        drains = [c.drained for c in self._conns if c.drained is not None and not c.drained.done()]
+        if drains:  # the peers' EOFs: our last frames (FINs) were read, nothing was reset
+            await asyncio.wait(drains, timeout=LINGER)
         for c in list(self._conns):
             if c.transport is not None and not c.transport.is_closing():
                 c.transport.abort()

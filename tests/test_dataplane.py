@@ -557,6 +557,27 @@ def test_all_gather_fails_fast_when_a_peer_closes():
 
 
 @pytest.mark.timeout(60)
+def test_graceful_close_is_an_eof_even_with_unread_frames():
+    """A leaving peer with frames it never read (calls it will not post) must end its streams
+    with FIN, not RST: an RST makes the others' kernels drop its last frames (the FIN of a
+    call it completed), so they would fail a call it counted done."""
+    failures = []
+
+    async def body():
+        async with cluster(2, failures=failures) as dps:
+            x = np.ones(300_000, np.float32)
+            fut = asyncio.ensure_future(dps[0].all_reduce(x, np.empty_like(x), dtype="float32", op="sum",
+                                                          tag=9, timeout=20))
+            await asyncio.sleep(0.2)  # its frames now wait, unread, in peer 1's streams
+            await dps[1].close()
+            with pytest.raises((PeerLost, Aborted)):
+                await fut
+
+    run(body())
+    assert failures and all("reset" not in why.lower() for _, _, why in failures), failures
+
+
+@pytest.mark.timeout(60)
 def test_stock_asyncio_loop_works_too():
     async def body():
         async with cluster(3) as dps:

@@ -34,11 +34,12 @@ log = logging.getLogger("pccl_py.dataplane")
 
 _SCRATCH = 1 << 16
 WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
+LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
 _EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
 
 # connection states
 _HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
-_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED = range(5, 11)
+_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN = range(5, 12)
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -65,6 +66,8 @@ class Stream(asyncio.BufferedProtocol):
         self._scratch: memoryview | None = None
         self._hs_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.drained: asyncio.Future | None = None
         self._nonce = b""
         self._partial: F.Hello | None = None
         self._mac = b""
@@ -98,6 +101,8 @@ class Stream(asyncio.BufferedProtocol):
         return v
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._state == _DRAIN:  # leaving: whatever the peer still sends is dropped
+            return
         if not len(self._view) - self._pos:
             self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
             return
@@ -128,6 +133,10 @@ class Stream(asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self._state = _CLOSED
         self._cancel_timers()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
         self.dp._conns.discard(self)
         self.dp._unstall(self)
         if self.link is None:
@@ -344,6 +353,26 @@ class Stream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def drain(self, timeout: float) -> None:
+        """Leave gracefully: half-close (our FIN follows the frames already written), then read
+        and drop whatever the peer still sends until its EOF or ``timeout``. Closing with
+        unread bytes would send RST instead, and an RST makes the peer's kernel drop our last
+        frames (a FIN of a call the peer then fails, while we counted it done)."""
+        tr = self.transport
+        self._state = _DRAIN
+        self._cancel_timers()
+        self.dp._unstall(self)
+        self._view = self._scratch_view()
+        self._pos = 0
+        self.drained = self.dp._loop.create_future()
+        try:
+            tr.write_eof()
+            tr.resume_reading()
+        except (OSError, RuntimeError):
+            tr.abort()
+            return
+        self._drain_timer = self.dp._loop.call_later(timeout, tr.abort)
+
     def _cancel_timers(self) -> None:
         for t in (self._hs_timer, self._stall_timer):
             if t is not None:
@@ -466,7 +495,7 @@ class PeerLink:
                 if c.transport is None:
                     continue
                 if graceful and not c.transport.get_write_buffer_size():
-                    c.transport.close()  # FIN after what was sent: the peer reads our last frames
+                    c.drain(LINGER)  # FIN after what was sent: the peer reads our last frames
                 else:
                     c.transport.abort()
 
