@@ -165,9 +165,12 @@ class ShmContext:
         if self._lease_seg is not None:
             seg, self._lease_seg = self._lease_seg, None
             try:
-                seg.close()
                 seg.unlink()
-            except (OSError, BufferError):
+            except OSError:
+                pass
+            try:
+                seg.close()
+            except BufferError:  # a view is still alive: unmapped with it
                 pass
 
 
