@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,9 @@ class Client:
         self._proc: subprocess.Popen | None = None
         self._info: dict = {"connected": False}
         self._sock: socket.socket | None = None
+        # the tracker that unlinks our segments if this process dies starts with the first
+        # segment; start it now, not in the middle of the first timed calls
+        resource_tracker.ensure_running()
         if daemon is None:
             daemon = self._spawn(secret, streams, listen, daemon_log_level, shm)
         self.daemon_path = daemon

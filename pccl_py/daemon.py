@@ -28,7 +28,7 @@ from .collectives import _kernels as K
 from .control import ControlLink
 from .dataplane import DataPlane, DataPlaneConfig
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
-from .shared_state import _close_segment, layout_views
+from .shared_state import layout_views
 from .statesync import daemon_sync
 from .statexfer import StateServer
 from .topology import Topology
@@ -425,7 +425,10 @@ class LocalSession(asyncio.Protocol):
     def map(self, name: str, size: int) -> None:
         if name in self.segments:
             return
-        seg = local.attach_segment(name)
+        try:
+            seg = local.attach_segment(name)
+        except OSError as exc:
+            raise InvalidUsage(f"cannot map shared-memory segment {name!r}: {exc}") from None
         if seg.size < size:
             seg.close()
             raise InvalidUsage(f"segment {name} is {seg.size} bytes, expected {size}")
@@ -435,8 +438,8 @@ class LocalSession(asyncio.Protocol):
         seg = self.segments.pop(name, None)
         if seg is not None:
             # a view may still be alive (an op, a transfer's buffers): the mapping then goes
-            # with the last view, and the segment object is left quiet at exit
-            _close_segment(seg)
+            # with the last view
+            seg.close()
 
     def segment(self, name: str):
         seg = self.segments.get(name)

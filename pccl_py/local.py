@@ -13,8 +13,14 @@ fields. Several requests may be in flight; replies can come in any order.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
-from multiprocessing import resource_tracker, shared_memory
+
+try:
+    import _posixshmem
+except ImportError:  # pragma: no cover - not POSIX
+    _posixshmem = None
 
 import msgpack
 
@@ -76,15 +82,41 @@ class FrameBuffer:
         return out
 
 
-def attach_segment(name: str) -> shared_memory.SharedMemory:
-    """Map a segment created by the client without adopting its lifetime.
+class Mapping:
+    """A shared-memory segment created by someone else, mapped here without owning it.
 
-    Python's resource tracker would unlink a segment it saw attached when this process
-    exits; the client owns it, so the daemon unregisters it right away.
+    Unlike ``SharedMemory(name=...)``, attaching does not involve Python's resource tracker
+    (which would start a tracker process in the daemon, and unlink the segment when this
+    process exits). ``close()`` unmaps once no view is left, else when the last view dies.
     """
-    seg = shared_memory.SharedMemory(name=name, create=False)
-    try:
-        resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:
-        pass
-    return seg
+
+    def __init__(self, name: str, *, writable: bool = True) -> None:
+        if _posixshmem is None:  # pragma: no cover - not POSIX
+            raise ProtocolError("shared memory needs a POSIX system")
+        self.name = name.lstrip("/")
+        fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR if writable else os.O_RDONLY, mode=0)
+        try:
+            self.size = os.fstat(fd).st_size
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, self.size, prot=prot) if self.size else None
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+
+    def close(self) -> None:
+        try:
+            self.buf.release()
+        except BufferError:  # arrays made from it are alive: the mapping goes with them
+            self._mmap = None
+            return
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still alive: unmapped with the last one
+                pass
+            self._mmap = None
+
+
+def attach_segment(name: str) -> Mapping:
+    """Map a segment created by the client (the client owns its lifetime)."""
+    return Mapping(name)
