@@ -1,6 +1,7 @@
-"""A peer SIGKILLed at a random point of a ring all-reduce: survivors (separate processes,
-uvloop) fail with PeerLost/Aborted promptly, keep src intact, and a retry on the new
-topology gives the right answer. Run as a script, this file is one such peer."""
+"""A peer SIGKILLed at a random point of a ring (TCP) or shared-memory all-reduce: survivors
+(separate processes, uvloop) fail with PeerLost/Aborted promptly, keep src intact, and a
+retry on the new topology gives the right answer. Run as a script, this file is one such
+peer."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ COUNT = 2_000_000
 # ------------------------------------------------------------------ child (one peer)
 
 
-async def _child(index: int) -> None:
+async def _child(index: int, algorithm: str) -> None:
     import asyncio
+    import uuid
+    from multiprocessing import shared_memory
 
     import numpy as np
 
@@ -42,23 +45,36 @@ async def _child(index: int) -> None:
         rank = [i for i, _ in msg["members"]].index(index)
         return Topology(msg["epoch"], 0, rank, peers, len(peers))
 
-    src = np.full(COUNT, index + 1, np.float32)
-    dst = np.empty_like(src)
+    refs = None
+    if algorithm == "shm":  # the tensors in a segment the peers map, as a client's are
+        seg = shared_memory.SharedMemory(create=True, size=8 * COUNT + 4096, name=f"pccl_k{uuid.uuid4().hex[:12]}")
+        src = np.ndarray(COUNT, np.float32, buffer=seg.buf)
+        dst = np.ndarray(COUNT, np.float32, buffer=seg.buf, offset=4 * COUNT + 4096)
+        src[:] = index + 1
+        refs = (seg.name.lstrip("/"), 0, seg.name.lstrip("/"), 4 * COUNT + 4096)
+    else:
+        src = np.full(COUNT, index + 1, np.float32)
+        dst = np.empty_like(src)
     await dp.set_topology(await topology())
     tag = 0
     while True:
         tag += 1
         try:
-            await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm="ring", tag=tag, timeout=20)
+            await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm=algorithm, tag=tag, timeout=20,
+                                shm_refs=refs)
             out(ok=tag)
         except PcclError as e:
             out(error=type(e).__name__, at=time.time(), msg=str(e)[:200],
                 src_ok=bool(np.all(src == index + 1)))
             break
     await dp.set_topology(await topology())
-    await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm="ring", tag=1, timeout=20)
+    await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm=algorithm, tag=1, timeout=20,
+                        shm_refs=refs)
     out(result=float(dst[0]), uniform=bool(np.all(dst == dst[0])))
     await dp.close()
+    if refs is not None:
+        del src, dst
+        seg.unlink()
 
 
 # ------------------------------------------------------------------ test (parent)
@@ -76,11 +92,11 @@ def _read(p: subprocess.Popen, timeout: float = 30.0) -> dict:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("world", [3, 4])
-def test_sigkill_mid_ring(world, capsys):
+@pytest.mark.parametrize("world,algorithm", [(3, "ring"), (4, "ring"), (3, "shm"), (4, "shm")])
+def test_sigkill_mid_call(world, algorithm, capsys):
     env = dict(os.environ, PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, __file__, str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=REPO, env=env) for i in range(world)]
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), algorithm], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO, env=env) for i in range(world)]
     try:
         ports = [_read(p)["port"] for p in procs]
         members = [[i, ports[i]] for i in range(world)]
@@ -113,7 +129,7 @@ def test_sigkill_mid_ring(world, capsys):
             msg = _read(procs[i])
             assert msg["uniform"] and msg["result"] == want, (msg, want)
         with capsys.disabled():
-            print(f"\nN={world}: SIGKILL of rank {victim} -> survivors failed after "
+            print(f"\nN={world} {algorithm}: SIGKILL of rank {victim} -> survivors failed after "
                   f"{', '.join(f'{x * 1e3:.1f}' for x in lat)} ms")
         assert max(lat) < 2.0  # target 200 ms; generous for a loaded 2-core machine
     finally:
@@ -127,4 +143,4 @@ if __name__ == "__main__":
     import uvloop
 
     sys.path.insert(0, REPO)
-    uvloop.run(_child(int(sys.argv[1])))
+    uvloop.run(_child(int(sys.argv[1]), sys.argv[2]))
