@@ -44,3 +44,12 @@ def dequant_add_u8(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> N
 
 def dequant_add_u4(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> None:
     """dst += code * scale + lo, fused (no temporary)."""
+
+def copy(dst: Buffer, src: Buffer) -> None:
+    """memcpy of equal-sized, non-overlapping buffers; the GIL is released for large ones."""
+
+def load_u64(buf: Buffer, offset: int) -> int:
+    """8-byte load at an aligned offset, after a full memory fence (reads before it are done)."""
+
+def store_u64(buf: Buffer, offset: int, value: int) -> None:
+    """8-byte store at an aligned offset, followed by a full memory fence."""

@@ -663,3 +663,22 @@ def test_keyword_arguments_and_surface() -> None:
         "dequant_add_u4",
     ):
         assert callable(getattr(N, name)) and callable(getattr(R, name))
+
+
+def test_copy_and_fenced_slots():
+    src = np.arange(100_000, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    N.copy(dst, src)
+    assert np.array_equal(dst, src)
+    with pytest.raises(ValueError):
+        N.copy(dst[:10], src)
+    with pytest.raises(ValueError):
+        N.copy(src[1:], src[:-1])  # overlapping
+    slots = bytearray(64)
+    N.store_u64(slots, 8, 2**64 - 1)
+    assert N.load_u64(slots, 8) == 2**64 - 1 and N.load_u64(slots, 0) == 0
+    for bad in (-8, 3, 64):
+        with pytest.raises(ValueError):
+            N.load_u64(slots, bad)
+    with pytest.raises(ValueError):
+        N.store_u64(bytes(16), 0, 1)  # read-only
