@@ -338,6 +338,17 @@ fail:
     return NULL;
 }
 
+/* The 8-byte slot at ``off`` of obj's buffer: 0, or -1 with an error (the view released). */
+static int get_slot(PyObject *obj, Py_ssize_t off, Py_buffer *b, int writable) {
+    if (get_buffer(obj, b, writable, "buf") < 0) return -1;
+    if (off < 0 || off % 8 != 0 || off + 8 > b->len) {
+        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer", off, b->len);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
 /* load_u64(buf, offset): an 8-byte little-endian load ordered after every earlier load and
  * store of this thread (a full fence first). Used to check, after reading another process's
  * shared memory, that its owner still guaranteed that memory while we read it. */
@@ -347,12 +358,7 @@ static PyObject *py_load_u64(PyObject *self, PyObject *args) {
     Py_ssize_t off;
     if (!PyArg_ParseTuple(args, "On:load_u64", &obj, &off)) return NULL;
     Py_buffer b;
-    if (get_buffer(obj, &b, 0, "buf") < 0) return NULL;
-    if (off < 0 || off % 8 != 0 || off + 8 > b.len) {
-        PyBuffer_Release(&b);
-        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer", off, b.len);
-        return NULL;
-    }
+    if (get_slot(obj, off, &b, 0) < 0) return NULL;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint64_t v = __atomic_load_n((const uint64_t *)((const char *)b.buf + off), __ATOMIC_ACQUIRE);
     PyBuffer_Release(&b);
@@ -367,12 +373,7 @@ static PyObject *py_store_u64(PyObject *self, PyObject *args) {
     unsigned long long v;
     if (!PyArg_ParseTuple(args, "OnK:store_u64", &obj, &off, &v)) return NULL;
     Py_buffer b;
-    if (get_buffer(obj, &b, 1, "buf") < 0) return NULL;
-    if (off < 0 || off % 8 != 0 || off + 8 > b.len) {
-        PyBuffer_Release(&b);
-        PyErr_Format(PyExc_ValueError, "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer", off, b.len);
-        return NULL;
-    }
+    if (get_slot(obj, off, &b, 1) < 0) return NULL;
     __atomic_store_n((uint64_t *)((char *)b.buf + off), (uint64_t)v, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     PyBuffer_Release(&b);
