@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import mmap
 import os
 import re
 import uuid
@@ -43,14 +42,10 @@ from multiprocessing import shared_memory
 import msgpack
 
 from .. import frames as F
-from ..errors import Aborted, InvalidUsage, PcclError
+from ..errors import Aborted, InvalidUsage, PcclError, ProtocolError
+from ..local import Mapping
 from . import _kernels as K
 from .base import Collective, Rx, expect, split
-
-try:  # POSIX shared memory without Python's resource tracker adopting the segment
-    import _posixshmem
-except ImportError:  # pragma: no cover - not POSIX
-    _posixshmem = None
 
 log = logging.getLogger("pccl_py.dataplane")
 
@@ -63,20 +58,11 @@ _INLINE = 32 << 20  # loops over fewer bytes run on the event loop (a thread hop
 _MAPS_PER_PEER = 8
 
 
-def attach_readonly(name: str) -> mmap.mmap:
+def attach_readonly(name: str) -> Mapping:
     """Map another process's shared-memory segment read-only, without owning it."""
     if not _NAME.fullmatch(name):
         raise InvalidUsage(f"refusing to map segment {name!r}: not a pccl segment name")
-    if _posixshmem is None:  # pragma: no cover
-        raise InvalidUsage("shared-memory all-reduce needs POSIX shared memory")
-    fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0)
-    try:
-        size = os.fstat(fd).st_size
-        if size <= 0:
-            raise InvalidUsage(f"segment {name} is empty")
-        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
+    return Mapping(name, writable=False)
 
 
 class ShmContext:
@@ -85,7 +71,7 @@ class ShmContext:
     def __init__(self) -> None:
         self._lease_seg: shared_memory.SharedMemory | None = None
         self._free: list[int] = []
-        self._maps: dict[str, collections.OrderedDict[str, mmap.mmap]] = {}
+        self._maps: dict[str, collections.OrderedDict[str, Mapping]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -121,25 +107,25 @@ class ShmContext:
         if mm is None:
             try:
                 mm = attach_readonly(name)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, ProtocolError) as e:
                 raise InvalidUsage(
                     f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
                     f"address but not /dev/shm need the TCP path: start them with --no-shm") from None
             maps[name] = mm
             while len(maps) > _MAPS_PER_PEER:
-                _drop(maps.popitem(last=False)[1])
+                maps.popitem(last=False)[1].close()
         else:
             maps.move_to_end(name)
-        if offset < 0 or nbytes < 0 or offset + nbytes > len(mm):
+        if offset < 0 or nbytes < 0 or offset + nbytes > mm.size:
             raise InvalidUsage(f"peer {peer_id} named bytes {offset}..{offset + nbytes} of a "
-                               f"{len(mm)}-byte segment")
-        return memoryview(mm)[offset:offset + nbytes]
+                               f"{mm.size}-byte segment")
+        return mm.buf[offset:offset + nbytes]
 
     def forget(self, keep: set[str]) -> None:
         """Unmap the segments of peers not in ``keep``."""
         for pid in [p for p in self._maps if p not in keep]:
             for mm in self._maps.pop(pid).values():
-                _drop(mm)
+                mm.close()
 
     # -- work ----------------------------------------------------------------------------
     def run(self, loop, nbytes: int, fn, done) -> None:
@@ -172,13 +158,6 @@ class ShmContext:
                 seg.close()
             except BufferError:  # a view is still alive: unmapped with it
                 pass
-
-
-def _drop(mm: mmap.mmap) -> None:
-    try:
-        mm.close()
-    except BufferError:  # a view is still alive (a call that failed): unmapped with the last view
-        pass
 
 
 class ShmAllReduce(Collective):
