@@ -50,6 +50,10 @@ MIN_SEGMENT = 1 << 16
 PAGE = 4096
 
 
+class _NoAnswer(DeadlineExceeded):
+    """The daemon sent no reply before the client's own deadline (timeout + SLACK)."""
+
+
 def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tuple[int, int]:
     """Offsets of the input and output regions of a call in its segment.
 
@@ -141,9 +145,9 @@ class Handle:
         for rid, seg, members, layout in self._parts:
             try:
                 infos.append(self._client._wait_reply(rid, deadline))
-            except DeadlineExceeded:
+            except _NoAnswer:
                 # the daemon may still write into this segment: it is not given back to the pool
-                error = error or DeadlineExceeded(f"all_reduce gave no answer within {timeout:.1f}s")
+                error = error or DeadlineExceeded(f"all_reduce: the daemon gave no answer within {timeout:.1f}s")
                 continue
             except PcclError as exc:
                 error = error or exc
@@ -271,7 +275,7 @@ class Client:
             while rid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DeadlineExceeded("the daemon did not answer in time")
+                    raise _NoAnswer("the daemon did not answer in time")
                 self._sock.settimeout(left)
                 try:
                     data = self._sock.recv(1 << 16)
