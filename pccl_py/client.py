@@ -192,6 +192,7 @@ class Client:
         listen: str = "127.0.0.1:0",
         daemon_log_level: str | None = None,
         shm: bool = True,
+        advertise: str | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -207,7 +208,7 @@ class Client:
         # segment; start it now, not in the middle of the first timed calls
         resource_tracker.ensure_running()
         if daemon is None:
-            daemon = self._spawn(secret, streams, listen, daemon_log_level, shm)
+            daemon = self._spawn(secret, streams, listen, daemon_log_level, shm, advertise)
         self.daemon_path = daemon
         self._sock = self._dial(daemon)
         hello = self._call({"op": "hello"}, timeout=10.0)
@@ -218,7 +219,7 @@ class Client:
         self._allocs: list[tuple[int, int, shared_memory.SharedMemory]] = []  # alloc() segments
 
     # -- plumbing --------------------------------------------------------------------
-    def _spawn(self, secret, streams, listen, log_level, shm) -> str:
+    def _spawn(self, secret, streams, listen, log_level, shm, advertise) -> str:
         path = os.path.join(tempfile.gettempdir(), f"pccl-c{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
         cmd = [
             sys.executable, "-m", "pccl_py.daemon",
@@ -232,6 +233,8 @@ class Client:
             cmd += ["--streams", str(streams)]
         if not shm:
             cmd += ["--no-shm"]
+        if advertise:
+            cmd += ["--advertise", advertise]
         if log_level:
             cmd += ["--log-level", log_level]
         env = dict(os.environ)

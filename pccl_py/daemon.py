@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import local
 from .collectives import _kernels as K
-from .control import ControlLink
+from .control import ControlLink, parse_addr
 from .dataplane import DataPlane, DataPlaneConfig
 from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
 from .shared_state import layout_views
@@ -38,6 +39,31 @@ log = logging.getLogger("pccl.daemon")
 AUTO_TAG = 1 << 62
 MAX_TIMEOUT = 24 * 3600.0
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def advertised_host(listen_host: str, coordinator: str, advertise: str | None = None) -> str:
+    """The data-plane host the coordinator hands to the other peers.
+
+    ``advertise`` wins; a specific listen address is its own answer; a daemon bound to every
+    interface (0.0.0.0, ::) advertises the local address its traffic to the coordinator
+    leaves from: the address of the interface that faces the other machines of the run.
+    """
+    if advertise:
+        return advertise
+    if listen_host not in WILDCARD_HOSTS:
+        return listen_host
+    host, port = parse_addr(coordinator)
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)  # a UDP connect only picks the route: nothing is sent
+            return s.getsockname()[0]
+    except OSError as exc:
+        raise InvalidUsage(
+            f"listening on {listen_host or 'every interface'!r}, the daemon cannot tell which address "
+            f"the other peers reach it at (no route to the coordinator {coordinator}: {exc}); "
+            f"pass --advertise HOST") from None
 
 
 def topology_summary(topo: Topology | None, peer_id: str) -> dict:
@@ -71,6 +97,7 @@ class Daemon:
         coordinator_timeout: float = 3.0,
         exit_with_client: bool = False,
         shm: bool = True,
+        advertise: str | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -86,7 +113,7 @@ class Daemon:
             dp_kwargs["config"] = DataPlaneConfig(shm=False)
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
         self.secret = secret
-        self.data_host = data_host
+        self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
         self.state_server = StateServer(self.peer_id, secret=secret, host=data_host, port=0)
         self._sync_lock = asyncio.Lock()
         self._control_kwargs = {
@@ -112,7 +139,7 @@ class Daemon:
         await self.state_server.start()
         self.control = ControlLink(
             self.coordinator,
-            data_addr=addr,
+            data_addr=(self.data_host, addr[1]),
             on_topology=self._on_topology,
             on_abort=self._on_abort,
             on_removed=self._on_removed,
@@ -124,7 +151,8 @@ class Daemon:
             os.unlink(self.local_path)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: LocalSession(self), path=self.local_path)
-        log.info("daemon %s ready: local %s, data %s:%d", self.peer_id[:8], self.local_path, *addr)
+        log.info("daemon %s ready: local %s, data %s:%d (advertised as %s)", self.peer_id[:8],
+                 self.local_path, *addr, self.data_host)
 
     async def stop(self, graceful: bool = True) -> None:
         if self._stopped.is_set():
@@ -466,7 +494,7 @@ def _hostport(text: str, default_port: int) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host:
         return text, default_port
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -474,6 +502,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--coordinator", default="127.0.0.1:48148", help="coordinator HOST:PORT")
     p.add_argument("--group", type=int, default=0, help="peer group of this daemon")
     p.add_argument("--listen", default="127.0.0.1:0", help="data-plane HOST:PORT (port 0: any)")
+    p.add_argument("--advertise", default=None, metavar="HOST",
+                   help="data-plane host the other peers dial (default: the --listen host, or, when "
+                        "listening on 0.0.0.0 or ::, this machine's address on the route to the "
+                        "coordinator)")
     p.add_argument("--local", default=None, help="unix socket path for the client")
     p.add_argument("--streams", type=int, default=None, help="TCP streams per neighbour link")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
@@ -500,6 +532,7 @@ async def _amain(args) -> int:
         coordinator_timeout=args.coordinator_timeout,
         exit_with_client=args.exit_with_client,
         shm=not args.no_shm,
+        advertise=args.advertise,
     )
     await d.start()
     loop = asyncio.get_running_loop()

@@ -85,7 +85,7 @@ def gloo_worker(args) -> int:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank,
                             world_size=args.world)
     rows = []
     for n in args.sizes:
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--master", default="127.0.0.1", help=argparse.SUPPRESS)  # gloo rank 0's host
     args = p.parse_args(argv)
     args.sizes = [parse_size(s) for s in str(args.sizes).split(",") if s]
     if args.role == "ours":
