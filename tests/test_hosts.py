@@ -72,6 +72,14 @@ def test_peers_on_separate_hosts_advertise_their_own_address_and_use_tcp():
                             clients[i].all_reduce(q, quant="uint8"), q)
 
                 res = list(ex.map(body, range(n)))
+
+                # shared state: the odd one out fetches the popular state over the TCP
+                # transfer server its peers advertise (the same address as their data plane)
+                rng = np.random.default_rng(7)
+                good = rng.standard_normal(200_000).astype(np.float32)
+                states = [c.shared_state({"w": good if i < 2 else np.zeros_like(good)})
+                          for i, c in enumerate(clients)]
+                syncs = list(ex.map(lambda i: clients[i].sync_shared_state(states[i], timeout=30.0), range(n)))
             total = n * (n + 1) / 2
             for info_big, big, info_small, small, info_q, q in res:
                 # separate hosts: never the shared-memory path, whatever /dev/shm says
@@ -81,6 +89,9 @@ def test_peers_on_separate_hosts_advertise_their_own_address_and_use_tcp():
                 ref = np.linspace(-1, 1, 50_000, dtype=np.float32) * total
                 assert np.max(np.abs(q - ref)) < 2 * total * 2.0 / 255
             assert res[0][5].tobytes() == res[1][5].tobytes() == res[2][5].tobytes()
+            assert [r["status"] for r in syncs] == ["in_sync", "in_sync", "fetched"], syncs
+            assert syncs[2]["rx_bytes"] == good.nbytes
+            assert np.array_equal(states[2]["w"], good)
         finally:
             for c in clients:
                 c.close()
