@@ -213,6 +213,7 @@ class Client:
         self._sock = self._dial(daemon)
         hello = self._call({"op": "hello"}, timeout=10.0)
         self.peer_id: str = hello["peer_id"]
+        self.daemon_pid: int = int(hello["pid"])  # for operators and stress tools
         self._pool = _Pool(self)
         self._states: list[SharedState] = []
         self._progress: dict[int, Any] = {}  # request id -> progress callback

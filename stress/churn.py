@@ -1,14 +1,26 @@
-"""Churn stress run: peers SIGKILLed, frozen and started at random while all-reduces run.
+"""Churn stress run: peers killed, frozen and started at random while all-reduces run.
 
-    python stress/churn.py --minutes 3 --peers 4 [--seed 1]
+    python stress/churn.py --minutes 3 --peers 4 [--seed 1] [--hosts [--rate 500mbit]]
 
-Every peer loops: update_topology(), all_reduce(sum) of a vector whose expected result it
-can check (it contributes ones; the sum must equal the world size of that call), then an
-all-gather of the hash of a second, random all-reduce result to check bit parity. The
-orchestrator kills (SIGKILL), freezes (SIGSTOP, then SIGCONT after a while) and starts
-peers at random times. It reports completed steps, errors by type, parity breaks, wrong
-results, and the time from each kill to the survivors' next completed step. It stops by
-itself after --minutes and exits non-zero on any parity break, wrong result, or stall.
+Every peer (a trainer with its own daemon) loops: update_topology(), all_reduce(sum) of a
+vector whose expected result it can check (it contributes ones; the sum must equal the
+world size of that call), then an all-gather of the hash of a second, random all-reduce
+result to check bit parity. At random times the orchestrator
+
+  * kills a peer's machine: SIGKILL to its daemon and its trainer (links die abruptly),
+  * crashes a trainer: SIGKILL to the trainer alone (its daemon leaves the run),
+  * freezes a machine: SIGSTOP to daemon and trainer, SIGCONT 2-6 s later (it is removed
+    when its heartbeats stop, and rejoins as a new member when it wakes),
+  * starts a new peer.
+
+It reports completed steps, errors by type, parity breaks, wrong results, and the time
+from each kill to the survivors' next completed step. It stops by itself after --minutes
+and exits non-zero on any parity break, wrong result, or stall.
+
+With ``--hosts`` every peer runs in its own network namespace (stress/hosts.py) with its
+own address, so the group is not co-located and every all-reduce crosses TCP links
+(needs root); ``--rate`` shapes each uplink. Without it all peers share this host and
+large all-reduces go through shared memory.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pccl_py.demo import free_port  # noqa: E402
 
@@ -36,7 +49,8 @@ def peer(args) -> int:
     from pccl_py import Client, PcclError
 
     rng = np.random.default_rng(args.peer_seed)
-    with Client(coordinator=args.coordinator, timeout=20.0) as c:
+    with Client(coordinator=args.coordinator, timeout=20.0, listen=args.listen) as c:
+        print(json.dumps({"event": "hello", "daemon_pid": c.daemon_pid}), flush=True)
         topo = c.connect()
         # connect() returned at the members' update_topology(): this peer's first step skips it
         voted = True
@@ -64,16 +78,54 @@ def peer(args) -> int:
     return 0
 
 
+def _is_daemon(pid: int) -> bool:
+    """The PID still belongs to a pccl daemon (it was not reused since we learned it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pccl_py.daemon" in f.read()
+    except OSError:
+        return False
+
+
+class Peer:
+    def __init__(self, proc: subprocess.Popen, slot: int | None) -> None:
+        self.proc = proc
+        self.slot = slot
+        self.buf = b""
+        self.daemon_pid: int | None = None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int, daemon: bool = True) -> None:
+        """``sig`` to the daemon (if asked and known) and then the trainer."""
+        if daemon and self.daemon_pid is not None and _is_daemon(self.daemon_pid):
+            os.kill(self.daemon_pid, sig)
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+
 def orchestrate(args) -> int:
     rnd = random.Random(args.seed)
-    addr = f"127.0.0.1:{free_port()}"
-    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr],
-                             stdout=subprocess.DEVNULL)
-    procs: dict[int, subprocess.Popen] = {}
-    bufs: dict[int, bytes] = {}
+    hosts = None
+    if args.hosts:
+        import hosts as H
+
+        why = H.available()
+        if why:
+            print(f"--hosts: {why}", file=sys.stderr)
+            return 2
+        hosts = H.Hosts(args.peers + 2, rate=args.rate)
+        hosts.start_coordinator()
+        addr, coord = hosts.coordinator, None
+    else:
+        addr = f"127.0.0.1:{free_port()}"
+        coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr],
+                                 stdout=subprocess.DEVNULL)
+    peers: dict[int, Peer] = {}
     frozen: dict[int, float] = {}
-    stats = {"steps": 0, "errors": {}, "parity_breaks": 0, "wrong": 0, "kills": 0, "freezes": 0,
-             "starts": 0}
+    stats = {"steps": 0, "errors": {}, "parity_breaks": 0, "wrong": 0, "kills": 0, "crashes": 0,
+             "freezes": 0, "starts": 0}
     recoveries: list[float] = []
     pending_kill: float | None = None
     next_id = 0
@@ -84,11 +136,34 @@ def orchestrate(args) -> int:
                "--peer-seed", str(next_id), "--size", str(args.size), "--minutes", str(args.minutes)]
         if args.quant:
             cmd += ["--quant", args.quant]
+        slot = None
+        if hosts is not None:
+            busy = {pr.slot for pr in peers.values() if pr.alive()}
+            slot = min(set(range(len(hosts.names))) - busy)
+            cmd = ["ip", "netns", "exec", hosts.names[slot], *cmd, "--listen", "0.0.0.0:0"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         os.set_blocking(p.stdout.fileno(), False)
-        procs[next_id], bufs[next_id] = p, b""
+        peers[next_id] = Peer(p, slot)
         next_id += 1
         stats["starts"] += 1
+
+    def on_event(i: int, ev: dict) -> None:
+        nonlocal last_step, pending_kill
+        if ev["event"] == "hello":
+            peers[i].daemon_pid = int(ev["daemon_pid"])
+        elif ev["event"] == "step":
+            stats["steps"] += 1
+            last_step = time.monotonic()
+            stats["parity_breaks"] += not ev["parity"]
+            stats["wrong"] += not ev["correct"]
+            if pending_kill is not None:
+                recoveries.append(time.monotonic() - pending_kill)
+                pending_kill = None
+        else:
+            stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
+            samples = stats.setdefault("error_samples", {}).setdefault(ev["type"], [])
+            if len(samples) < 3 and ev["message"][:60] not in [m[:60] for m in samples]:
+                samples.append(ev["message"])
 
     time.sleep(0.3)
     for _ in range(args.peers):
@@ -98,51 +173,42 @@ def orchestrate(args) -> int:
     next_event = time.monotonic() + rnd.uniform(3, 8)
     try:
         while time.monotonic() < end:
-            fds = {p.stdout.fileno(): i for i, p in procs.items() if p.poll() is None}
+            fds = {pr.proc.stdout.fileno(): i for i, pr in peers.items() if pr.alive()}
             r, _, _ = select.select(list(fds), [], [], 0.2) if fds else ([], [], [])
             for fd in r:
-                i = fds[fd]
-                bufs[i] += procs[i].stdout.read() or b""
-                *lines, bufs[i] = bufs[i].split(b"\n")
+                pr = peers[fds[fd]]
+                pr.buf += pr.proc.stdout.read() or b""
+                *lines, pr.buf = pr.buf.split(b"\n")
                 for line in lines:
                     try:
                         ev = json.loads(line)
                     except ValueError:
                         continue
-                    if ev["event"] == "step":
-                        stats["steps"] += 1
-                        last_step = time.monotonic()
-                        stats["parity_breaks"] += not ev["parity"]
-                        stats["wrong"] += not ev["correct"]
-                        if pending_kill is not None:
-                            recoveries.append(time.monotonic() - pending_kill)
-                            pending_kill = None
-                    else:
-                        stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
-                        samples = stats.setdefault("error_samples", {}).setdefault(ev["type"], [])
-                        if len(samples) < 3 and ev["message"][:60] not in [m[:60] for m in samples]:
-                            samples.append(ev["message"])
+                    on_event(fds[fd], ev)
             now = time.monotonic()
             for i, t in list(frozen.items()):
-                if now >= t and procs[i].poll() is None:
-                    os.kill(procs[i].pid, signal.SIGCONT)
+                if now >= t:
+                    peers[i].signal(signal.SIGCONT)
                     del frozen[i]
             if now >= next_event:
-                alive = [i for i, p in procs.items() if p.poll() is None and i not in frozen]
-                action = rnd.choice(["kill", "freeze", "start"]) if len(alive) > 2 else "start"
-                if action == "kill" and alive:
-                    victim = rnd.choice(alive)
-                    procs[victim].kill()
+                alive = [i for i, pr in peers.items() if pr.alive() and i not in frozen]
+                action = rnd.choice(["kill", "crash", "freeze", "start"]) if len(alive) > 2 else "start"
+                victim = rnd.choice(alive) if alive else None
+                if action == "kill" and victim is not None:
+                    peers[victim].signal(signal.SIGKILL)
                     stats["kills"] += 1
                     pending_kill = now
-                    print(f"[churn] SIGKILL peer {victim}", flush=True)
-                elif action == "freeze" and alive:
-                    victim = rnd.choice(alive)
-                    os.kill(procs[victim].pid, signal.SIGSTOP)
+                    print(f"[churn] SIGKILL peer {victim}: daemon and trainer", flush=True)
+                elif action == "crash" and victim is not None:
+                    peers[victim].signal(signal.SIGKILL, daemon=False)
+                    stats["crashes"] += 1
+                    print(f"[churn] SIGKILL trainer {victim}: its daemon leaves", flush=True)
+                elif action == "freeze" and victim is not None:
+                    peers[victim].signal(signal.SIGSTOP)
                     frozen[victim] = now + rnd.uniform(2, 6)
                     stats["freezes"] += 1
-                    print(f"[churn] SIGSTOP peer {victim}", flush=True)
-                elif len([p for p in procs.values() if p.poll() is None]) < args.peers + 1:
+                    print(f"[churn] SIGSTOP peer {victim}: daemon and trainer", flush=True)
+                elif len([pr for pr in peers.values() if pr.alive()]) < args.peers + 1:
                     start()
                     print("[churn] started a peer", flush=True)
                 next_event = now + rnd.uniform(4, 10)
@@ -151,13 +217,15 @@ def orchestrate(args) -> int:
                 stats["stalled"] = True
                 break
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.kill()
-                p.wait()
-        coord.kill()
-        coord.wait()
+        for pr in peers.values():
+            pr.signal(signal.SIGCONT)
+            pr.signal(signal.SIGKILL)
+            pr.proc.wait()
+        if coord is not None:
+            coord.kill()
+            coord.wait()
+        if hosts is not None:
+            hosts.close()
     if recoveries:
         stats["recovery_median_s"] = round(statistics.median(recoveries), 3)
         stats["recovery_max_s"] = round(max(recoveries), 3)
@@ -174,6 +242,9 @@ def main() -> int:
     p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--hosts", action="store_true", help="each peer in its own network namespace (root)")
+    p.add_argument("--rate", default=None, help="with --hosts: tbf rate of each uplink, e.g. 500mbit")
+    p.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     p.add_argument("--role", default="orchestrator", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peer-seed", type=int, default=0, help=argparse.SUPPRESS)

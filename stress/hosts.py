@@ -3,11 +3,11 @@
     python stress/hosts.py --peers 3 --rate 200mbit --sizes 1M,16M [--streams 4] [--repeat 5]
 
 Each peer gets its own network namespace with one address on a shared bridge (10.X.Y.i),
-as if it were a separate machine: its daemon listens on 0.0.0.0 and advertises the
-address that routes to the coordinator, exactly as in a multi-machine run, so the group
-is not co-located and every link is TCP. ``--rate`` puts a token-bucket (tc tbf) on each
+as if it were a separate machine; the coordinator has the bridge's address. Each daemon
+listens on 0.0.0.0 and advertises the address that routes to the coordinator, exactly as
+in a multi-machine run, so the group is not co-located and every link is TCP. ``--rate`` puts a token-bucket (tc tbf) on each
 peer's uplink. The trainers (clients) stay in this namespace and reach their daemons
-through unix sockets; the coordinator runs in the first peer's namespace.
+through unix sockets.
 
 Prints, per size, the median time of an all-reduce and the bus bandwidth
 2(N-1)/N * bytes / time next to the shaped rate: the fraction of the uplinks the ring
@@ -70,7 +70,8 @@ class Hosts:
         self.names = [f"pccl{tag}p{i}" for i in range(n)]
         net = (random.randrange(64, 250), random.randrange(1, 250))
         self.addr = [f"10.{net[0]}.{net[1]}.{i + 1}" for i in range(n)]
-        self.coordinator = f"{self.addr[0]}:{COORD_PORT}"
+        self.hub_addr = f"10.{net[0]}.{net[1]}.254"  # the bridge's own address: the coordinator's host
+        self.coordinator = f"{self.hub_addr}:{COORD_PORT}"
         self.rate = rate
         self.procs: list[subprocess.Popen] = []
         self.dir = tempfile.mkdtemp(prefix="pccl-hosts-")
@@ -86,6 +87,8 @@ class Hosts:
         self._made.append(self.hub)
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
+        _ip("-n", self.hub, "addr", "add", f"{self.hub_addr}/24", "dev", "br0")
+        _ip("-n", self.hub, "link", "set", "lo", "up")
         for i, ns in enumerate(self.names):
             _ip("netns", "add", ns)
             self._made.append(ns)
@@ -102,19 +105,22 @@ class Hosts:
                                 "rate", self.rate, "burst", "256kb", "latency", "100ms"],
                                check=True, capture_output=True, timeout=10)
 
-    def spawn(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
-        """Run ``argv`` inside peer i's namespace (``ip netns exec`` execs it: same PID)."""
-        p = subprocess.Popen(["ip", "netns", "exec", self.names[i], *argv], cwd=REPO, **kw)
+    def spawn(self, i: int | None, argv: list[str], **kw) -> subprocess.Popen:
+        """Run ``argv`` inside peer i's namespace, or the hub's for None (``ip netns exec``
+        execs it: the PID is the program's)."""
+        ns = self.hub if i is None else self.names[i]
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO, **kw)
         self.procs.append(p)
         return p
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen:
-        p = self.spawn(0, [sys.executable, "-m", "pccl_py.coordinator", "--listen", self.coordinator, *extra],
+        """The coordinator, on the bridge's address in the hub namespace."""
+        p = self.spawn(None, [sys.executable, "-m", "pccl_py.coordinator", "--listen", self.coordinator, *extra],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # the port is inside the namespace: probe from there
-            r = subprocess.run(["ip", "netns", "exec", self.names[0], sys.executable, "-c",
-                                f"import socket; socket.create_connection(('{self.addr[0]}', {COORD_PORT}), 0.5)"],
+            r = subprocess.run(["ip", "netns", "exec", self.hub, sys.executable, "-c",
+                                f"import socket; socket.create_connection(('{self.hub_addr}', {COORD_PORT}), 0.5)"],
                                capture_output=True, timeout=10)
             if r.returncode == 0:
                 return p

@@ -42,7 +42,7 @@ def test_advertised_host_rules(monkeypatch):
 
 
 def _status(hosts: H.Hosts) -> dict:
-    out = subprocess.run(["ip", "netns", "exec", hosts.names[0], sys.executable, "-m", "pccl_py.cli", "status",
+    out = subprocess.run(["ip", "netns", "exec", hosts.hub, sys.executable, "-m", "pccl_py.cli", "status",
                           "--coordinator", hosts.coordinator, "--json"],
                          cwd=REPO, capture_output=True, timeout=30, check=True)
     return json.loads(out.stdout)
