@@ -292,10 +292,11 @@ class ControlLink:
         fut = self._request("pending_q")
         return await self._wait(fut, deadline, "are_peers_pending")
 
-    async def report_peer_failure(self, peer_id: str, reason: str) -> None:
-        """Tell the coordinator our data link to ``peer_id`` broke; it probes that peer."""
+    async def report_peer_failure(self, peer_id: str, reason: str, epoch: int) -> None:
+        """Tell the coordinator our data link to ``peer_id`` (of ``epoch``) broke. It probes
+        that peer: a silent one is removed, a live one gets fresh links in a new epoch."""
         if self.state in ("accepted", "recovering", "pending"):
-            self._send("report_failure", peer_id=peer_id[:128], reason=reason[:1024])
+            self._send("report_failure", peer_id=peer_id[:128], reason=reason[:1024], epoch=epoch)
 
     def set_activity(self, activity: str | None) -> None:
         self._activity = None if activity is None else activity[:256]

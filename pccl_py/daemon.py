@@ -199,8 +199,11 @@ class Daemon:
             "epoch %d: rank %d of %d in group %d (world %d)",
             topo.epoch, topo.rank, topo.group_world_size, topo.group, topo.world_size,
         )
-        await self.data.set_topology(topo)
+        # Both switch in this loop iteration (set_topology swaps its view before its first
+        # await, which waits for new links): a request that arrives while links come up must
+        # take its tag from the new epoch's sequence, as the data plane runs it in that epoch.
         self.topology = topo
+        await self.data.set_topology(topo)
 
     def _on_abort(self, exc: PcclError) -> None:
         log.warning("abort from coordinator: %s", exc)
@@ -221,11 +224,11 @@ class Daemon:
     def _on_peer_failure(self, peer_id: str, reason: str) -> None:
         log.info("data link to %s broke: %s; reporting it", peer_id[:8], reason)
         if self.control is not None:
-            asyncio.ensure_future(self._report(peer_id, reason))
+            asyncio.ensure_future(self._report(peer_id, reason, self.data.epoch))
 
-    async def _report(self, peer_id: str, reason: str) -> None:
+    async def _report(self, peer_id: str, reason: str, epoch: int) -> None:
         try:
-            await self.control.report_peer_failure(peer_id, reason)
+            await self.control.report_peer_failure(peer_id, reason, epoch)
         except Exception as exc:
             log.info("could not report failure of %s: %s", peer_id[:8], exc)
 

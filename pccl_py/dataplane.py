@@ -58,6 +58,7 @@ class DataPlaneConfig:
     handshake_timeout: float = 5.0
     connect_timeout: float = 5.0  # set_topology waits at most this long for links
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
+    user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
     memo: int = 65536  # remembered (tag -> attempt) entries per epoch
 
 
@@ -187,7 +188,11 @@ class DataPlane:
 
         async def go(i: int) -> None:
             try:
-                await self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port)
+                await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port),
+                                       self.config.connect_timeout)
+            except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
+                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: no answer within "
+                                      f"{self.config.connect_timeout:.0f} s")
             except OSError as e:
                 self._link_lost(link, f"cannot connect to {p.host}:{p.port}: {e}")
 
@@ -204,8 +209,8 @@ class DataPlane:
             link.nstreams = hello.nstreams
             link.conns = [None] * hello.nstreams
         elif link is None or link.session != hello.session:
-            if link is not None:
-                self._link_lost(link, "peer reconnected with a new session")
+            if link is not None:  # it is alive and dialling us: nothing to report
+                self._link_lost(link, "peer reconnected with a new session", report=False)
             link = PeerLink(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
             self._links[hello.peer_id] = link
             self._lost.pop(hello.peer_id, None)
@@ -215,7 +220,7 @@ class DataPlane:
                   hello.epoch)
         return link
 
-    def _link_lost(self, link: PeerLink, reason: str) -> None:
+    def _link_lost(self, link: PeerLink, reason: str, *, report: bool = True) -> None:
         if link.lost is not None:
             return
         link.close(reason)
@@ -235,7 +240,7 @@ class DataPlane:
             if op.data_done and rank in op._fins:
                 continue  # it finished and we hold all our data: nothing more is needed from it
             self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
-        if self.on_peer_failure is not None:
+        if self.on_peer_failure is not None and report:
             try:
                 self.on_peer_failure(pid, reason)
             except Exception:

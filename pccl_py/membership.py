@@ -58,6 +58,8 @@ class MembershipConfig:
     removed_memory: float = 3600.0  # how long a removed peer_id is remembered
     max_peers: int = 4096
     max_removed: int = 65536
+    link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
+    link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
 
 
 class Decision(NamedTuple):
@@ -91,6 +93,7 @@ class Probe:
     why: str
     started: float
     next_ping: float
+    reports: list[tuple[str, int]] = field(default_factory=list)  # (reporter, epoch of the broken link)
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Membership:
         self.votes: dict[str, Vote] = {}
         self.vote_opened: float | None = None
         self.probes: dict[str, Probe] = {}
+        self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
@@ -231,8 +235,7 @@ class Membership:
             else:
                 peer.last_seen = now
                 if pid in self.probes and mtype != "pong":  # it talks: it is alive and connected
-                    probe = self.probes.pop(pid)
-                    self._why(f"{pid}: alive (sent {mtype}) after {probe.why}; kept")
+                    self._probe_answered(now, peer, f"alive (sent {mtype})")
                 handler = getattr(self, f"_on_{mtype}", None)
                 if handler is None:
                     self._why(f"{pid}: {mtype} is not a message a peer sends; dropped")
@@ -443,7 +446,12 @@ class Membership:
         if target is None or target is peer:
             self._why(f"{peer.peer_id}: failure report about {msg['peer_id']} ignored (not a member)")
             return
+        if msg["epoch"] < self.epoch:
+            self._why(f"{peer.peer_id}: report about {target.peer_id} from epoch {msg['epoch']} ignored "
+                      f"(epoch {self.epoch} has fresh links)")
+            return
         self._probe(now, target, f"{peer.peer_id} reported: {msg['reason']}", self.cfg.probe_timeout)
+        self.probes[target.peer_id].reports.append((peer.peer_id, msg["epoch"]))
 
     def _on_leave(self, now: float, peer: Peer, msg: Msg) -> None:
         self._remove(now, peer, f"left: {msg['reason']}", tell=True)
@@ -451,8 +459,42 @@ class Membership:
     def _on_pong(self, now: float, peer: Peer, msg: Msg) -> None:
         probe = self.probes.get(peer.peer_id)
         if probe is not None and probe.nonce == msg["nonce"]:
-            del self.probes[peer.peer_id]
-            self._why(f"{peer.peer_id}: answered the probe after {probe.why}; kept")
+            self._probe_answered(now, peer, "answered the probe")
+
+    def _probe_answered(self, now: float, peer: Peer, how: str) -> None:
+        """``peer`` is alive. If a member reported its data link to it broken, both are alive
+        and the link is not: start a new epoch with the same members, so every daemon dials
+        the links it lacks (and calls in flight restart in lockstep). A pair whose link keeps
+        breaking costs a member instead (see :meth:`_link_broke`)."""
+        probe = self.probes.pop(peer.peer_id)
+        self._why(f"{peer.peer_id}: {how} after {probe.why}; kept")
+        reporters = [r for r, epoch in probe.reports if epoch >= self.epoch and r in self.peers]
+        if reporters and peer.state is PeerState.ACCEPTED:
+            self._link_broke(now, reporters[0], peer)
+
+    def _link_broke(self, now: float, reporter: str, target: Peer) -> None:
+        if self._step.changed:
+            self._why(f"data link {reporter} - {target.peer_id}: a new epoch is coming anyway")
+            return
+        self.link_breaks = [b for b in self.link_breaks if now - b[0] < self.cfg.link_break_window]
+        pair = {reporter, target.peer_id}
+        again = [b for b in self.link_breaks if {b[1], b[2]} == pair]
+        if len(again) + 1 >= self.cfg.link_break_limit:
+            # the link between these two keeps breaking: drop the one with more broken links
+            # (the reported one on a tie), so the rest of the run can go on
+            def partners(pid: str) -> int:
+                return len({b[1] if b[2] == pid else b[2] for b in self.link_breaks if pid in b[1:]})
+
+            victim = max((target.peer_id, reporter), key=partners)
+            self.link_breaks = [b for b in self.link_breaks if victim not in b[1:]]
+            self._remove(now, self.peers[victim],
+                         f"its data link with {(pair - {victim}).pop()} broke {len(again) + 1} times in "
+                         f"{self.cfg.link_break_window:.0f} s while both were alive", tell=True)
+            return
+        self.link_breaks.append((now, reporter, target.peer_id))
+        self._step.changed = True
+        self._why(f"data link {reporter} - {target.peer_id} broke while both are alive: new epoch, "
+                  f"same members, fresh links")
 
     def _on_sync_offer(self, now: float, peer: Peer, msg: Msg) -> None:
         if peer.state is PeerState.ACCEPTED:

@@ -111,7 +111,7 @@ SCHEMA: dict[str, dict[str, F]] = {
     "vote": {"req": REQ, "timeout": TIMEOUT},  # update_topology
     "unvote": {"req": REQ},  # the caller gave up waiting
     "pending_q": {"req": REQ},  # are_peers_pending
-    "report_failure": {"peer_id": PEER_ID, "reason": REASON},
+    "report_failure": {"peer_id": PEER_ID, "reason": REASON, "epoch": EPOCH},
     "leave": {"reason": REASON},
     "pong": {"nonce": _i(U63)},
     "status_q": {"req": REQ},  # no auth needed, read-only

@@ -236,7 +236,7 @@ async def test_four_join_then_sigkill_is_detected_fast(coordinator, peer_proc, l
 
     t_kill = time.monotonic()
     victim.proc.kill()  # SIGKILL; the survivors' data links would see the reset: report it
-    await ls[0].report_peer_failure("victim", "data link: connection reset by peer")
+    await ls[0].report_peer_failure("victim", "data link: connection reset by peer", epoch)
     await until(lambda: all(world(link) == 3 for link in ls), 3.0, "survivors at world size 3")
     took = time.monotonic() - t_kill
     log.info("SIGKILL with a failure report: survivors at world size 3 after %.3f s", took)
@@ -479,7 +479,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
         raw("hello", peer_id=["x"], group=0), raw("launch_missiles", req=1), raw("status_q", v=99, req=1),
         b"\xdb\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", msgpack.packb({"type": "leave", "v": 1, "reason": "x" * 100000}),
         msgpack.packb([[[[[[[[[[[[]]]]]]]]]]]] * 1000), raw("heartbeat", activity=None, epoch=-5, revision=0),
-        raw("report_failure", peer_id="p0", reason="x"),  # well-formed but from a stranger
+        raw("report_failure", peer_id="p0", reason="x", epoch=1),  # well-formed but from a stranger
         protocol.encode("hello", **hello_as_p1),  # a stolen id without the secret
     ]
     socks = []

@@ -200,7 +200,7 @@ def test_coordinator_stall_does_not_remove_everyone():
 def test_failure_report_probe_removes_silent_peer_fast():
     sim = Sim()
     grow(sim, "a", "b", "c")
-    out = sim.send("a", "report_failure", peer_id="b", reason="connection reset")
+    out = sim.send("a", "report_failure", peer_id="b", reason="connection reset", epoch=sim.core.epoch)
     assert out == []
     ping = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"]
     assert len(ping) == 1
@@ -208,17 +208,52 @@ def test_failure_report_probe_removes_silent_peer_fast():
     assert "b" not in sim.core.peers and sim.members("c") == ["a", "c"]
 
 
-def test_failure_report_against_live_peer_is_ignored():
+def test_failure_report_against_live_peer_rekeys_the_same_members():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    epoch = sim.core.epoch
+    sim.send("a", "report_failure", peer_id="b", reason="connection reset", epoch=epoch)
+    nonce = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"][-1]["nonce"]
+    sim.send("b", "pong", nonce=nonce)
+    # both alive, their link is not: same members, next epoch, so every daemon re-dials
+    assert sim.core.accepted() == ["a", "b", "c"] and sim.core.epoch == epoch + 1
+    assert sim.members("c") == ["a", "b", "c"]
+    assert "broke while both are alive" in sim.reasons[-1]
+    # b's own report of the same break (epoch before the re-key) changes nothing more
+    sim.send("b", "report_failure", peer_id="a", reason="connection reset", epoch=epoch)
+    sim.tick(1.0)
+    assert sim.core.accepted() == ["a", "b", "c"] and sim.core.epoch == epoch + 1
+    sim.send("a", "report_failure", peer_id="a", reason="self", epoch=epoch + 1)  # about itself: ignored
+    sim.tick(1.0)
+    assert sim.core.epoch == epoch + 1
+
+
+def test_failure_report_answered_by_any_message_rekeys_once():
     sim = Sim()
     grow(sim, "a", "b")
     epoch = sim.core.epoch
-    sim.send("a", "report_failure", peer_id="b", reason="I just do not like b")
-    nonce = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"][-1]["nonce"]
-    sim.send("b", "pong", nonce=nonce)
-    sim.tick(1.0)
-    assert sim.core.accepted() == ["a", "b"] and sim.core.epoch == epoch
-    sim.send("a", "report_failure", peer_id="a", reason="self")  # about itself: ignored
-    assert sim.core.accepted() == ["a", "b"]
+    # both ends report the break in the same epoch; b's report also proves b alive
+    sim.send("a", "report_failure", peer_id="b", reason="reset", epoch=epoch)
+    sim.send("b", "report_failure", peer_id="a", reason="reset", epoch=epoch)
+    sim.tick(0.05, beat=("a", "b"))
+    sim.tick(1.0, beat=("a", "b"))
+    assert sim.core.accepted() == ["a", "b"] and sim.core.epoch == epoch + 1
+
+
+def test_a_link_that_keeps_breaking_costs_a_member():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    for k in range(3):
+        epoch = sim.core.epoch
+        sim.send("a", "report_failure", peer_id="b", reason="reset", epoch=epoch)
+        nonce = [m for m in sim.inbox["conn-b"] if m["type"] == "ping"][-1]["nonce"]
+        sim.send("b", "pong", nonce=nonce)
+        sim.tick(1.0, beat=("a", "b", "c"))
+        if k < 2:
+            assert sim.core.accepted() == ["a", "b", "c"] and sim.core.epoch == epoch + 1
+    # the third break within the window: the reported peer goes, the rest continue
+    assert sim.core.accepted() == ["a", "c"]
+    assert "broke 3 times" in " ".join(sim.reasons)
 
 
 def test_disconnect_probes_allowing_a_reconnect():
@@ -240,7 +275,7 @@ def test_failure_report_shortens_a_disconnect_probe():
     grow(sim, "a", "b")
     sim._deliver(sim.core.on_disconnect(sim.now, "conn-b"))
     sim.tick(0.2, beat=("a",))
-    sim.send("a", "report_failure", peer_id="b", reason="EOF on data link")
+    sim.send("a", "report_failure", peer_id="b", reason="EOF on data link", epoch=sim.core.epoch)
     sim.tick(0.45, beat=("a",))
     assert sim.core.accepted() == ["a"]
 
@@ -502,7 +537,8 @@ class MembershipMachine(RuleBasedStateMachine):
     @rule(slot=st.sampled_from(PIDS), other=st.sampled_from(PIDS))
     def report(self, slot, other):
         if slot in self.alive and self.pid(slot) in self.sim.core.peers:
-            self._send(slot, self.sim.send, "report_failure", peer_id=self.pid(other), reason="link")
+            self._send(slot, self.sim.send, "report_failure", peer_id=self.pid(other), reason="link",
+                       epoch=self.sim.core.epoch)
 
     @rule(slot=st.sampled_from(PIDS), act=st.sampled_from([None, "all_reduce tag=1", "update_topology"]))
     def activity(self, slot, act):

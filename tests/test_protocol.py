@@ -31,7 +31,7 @@ def test_roundtrip_every_type_from_schema():
         "vote": dict(req=1, timeout=2),
         "unvote": dict(req=1),
         "pending_q": dict(req=1),
-        "report_failure": dict(peer_id="b", reason="eof"),
+        "report_failure": dict(peer_id="b", reason="eof", epoch=3),
         "leave": dict(reason="bye"),
         "pong": dict(nonce=9),
         "status_q": dict(req=2),

@@ -79,10 +79,7 @@ class Stream(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+            _tune(sock, self.dp.config.user_timeout)
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
         self.dp._conns.add(self)
@@ -524,3 +521,24 @@ class GroupView:
 
     def fail_local(self, op, exc) -> None:
         self.dp._fail_op(op, exc, local=True)
+
+
+def _tune(sock, user_timeout: float) -> None:
+    """TCP_NODELAY, and dead-link detection: a link whose sent data stays unacknowledged
+    for ``user_timeout`` seconds (a path that silently drops everything) is closed by the
+    kernel, and so is an idle one that stops answering keepalives, so it is reported and
+    replaced instead of stalling every call until its deadline."""
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    if user_timeout > 0:
+        idle = max(1, int(user_timeout / 2))
+        opts += [(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(user_timeout * 1000)),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, idle // 2)),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 2)]
+    for level, name, value in opts:
+        if name is None:  # not on this platform
+            continue
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass
