@@ -130,6 +130,7 @@ class Daemon:
         self._in_flight: dict[int, str] = {}
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
+        self._stopping = False
         self._sessions: set[LocalSession] = set()
         self._removed: str | None = None
 
@@ -155,9 +156,18 @@ class Daemon:
                  self.local_path, *addr, self.data_host)
 
     async def stop(self, graceful: bool = True) -> None:
-        if self._stopped.is_set():
+        if self._stopping:
+            await self._stopped.wait()
             return
-        self._stopped.set()
+        self._stopping = True
+        try:
+            await self._stop(graceful)
+        finally:
+            # only now may the process exit: wait_stopped() returning ends the event loop,
+            # which would cancel a stop still flushing frames or announcing the leave
+            self._stopped.set()
+
+    async def _stop(self, graceful: bool) -> None:
         if self._server is not None:
             self._server.close()
         for s in list(self._sessions):
@@ -184,7 +194,7 @@ class Daemon:
 
     # -- callbacks from the control link and data plane ------------------------------
     async def _on_topology(self, topo: Topology) -> None:
-        if self._stopped.is_set():
+        if self._stopping:
             return  # leaving: the data plane is already closed
         old = self.topology
         if old is not None and {p.peer_id for p in topo.peers} < {p.peer_id for p in old.peers}:

@@ -58,6 +58,7 @@ class MembershipConfig:
     removed_memory: float = 3600.0  # how long a removed peer_id is remembered
     max_peers: int = 4096
     max_removed: int = 65536
+    rekey_delay: float = 0.5  # a live pair's fresh links wait this long: a peer leaving closes links first
     link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
     link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
 
@@ -140,6 +141,7 @@ class Membership:
         self.vote_opened: float | None = None
         self.probes: dict[str, Probe] = {}
         self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
+        self.rekeys: dict[str, tuple[float, str, int]] = {}  # target -> (when, reporter, epoch then)
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
@@ -290,6 +292,13 @@ class Membership:
                         "update_topology in time; connect again to retry",
                     ),
                 )
+        for pid, (when, reporter, epoch) in list(self.rekeys.items()):
+            if now < when:
+                continue
+            del self.rekeys[pid]
+            target = self.peers.get(pid)
+            if epoch == self.epoch and target is not None and reporter in self.peers:
+                self._link_broke(now, reporter, target)  # (a newer epoch brought fresh links)
         for pid, probe in list(self.probes.items()):
             if now >= probe.deadline and pid in self.peers:
                 self._remove(
@@ -469,8 +478,10 @@ class Membership:
         probe = self.probes.pop(peer.peer_id)
         self._why(f"{peer.peer_id}: {how} after {probe.why}; kept")
         reporters = [r for r, epoch in probe.reports if epoch >= self.epoch and r in self.peers]
-        if reporters and peer.state is PeerState.ACCEPTED:
-            self._link_broke(now, reporters[0], peer)
+        if reporters and peer.state is PeerState.ACCEPTED and peer.peer_id not in self.rekeys:
+            # not at once: a peer leaving gracefully closes its data links before its leave
+            # arrives, and answers pings meanwhile
+            self.rekeys[peer.peer_id] = (now + self.cfg.rekey_delay, reporters[0], self.epoch)
 
     def _link_broke(self, now: float, reporter: str, target: Peer) -> None:
         if self._step.changed:
@@ -555,6 +566,7 @@ class Membership:
             self.removed[pid] = (now, why)
             self.removed_conns[peer.conn] = pid
         self.probes.pop(pid, None)
+        self.rekeys.pop(pid, None)
         self.votes.pop(pid, None)
         ring = self.rings.get(peer.group)
         if ring is not None and pid in ring:
