@@ -143,7 +143,10 @@ class Run:
         cmd = [sys.executable, "-m", "pccl_py.demo", WORKER_FLAG, "--worker-id", str(wid),
                "--coordinator", addr, "--outer-steps", str(self.args.outer_steps),
                "--inner-steps", str(self.args.inner_steps)]
-        self.procs[wid] = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        # A SIGKILLed trainer's resource tracker unlinks the trainer's shared memory and warns
+        # about "leaked" segments: that is the cleanup working, not a leak worth showing here.
+        env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker"}
+        self.procs[wid] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
         os.set_blocking(self.procs[wid].stdout.fileno(), False)
         self.buffers[wid] = b""
         print(f"[demo] started trainer {wid} (pid {self.procs[wid].pid})", flush=True)
