@@ -98,6 +98,7 @@ class Daemon:
         exit_with_client: bool = False,
         shm: bool = True,
         advertise: str | None = None,
+        link_timeout: float | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -109,8 +110,12 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        if not shm:
-            dp_kwargs["config"] = DataPlaneConfig(shm=False)
+        tuning = {"shm": shm}
+        if link_timeout is not None:
+            if link_timeout < 0:
+                raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
+            tuning["user_timeout"] = link_timeout
+        dp_kwargs["config"] = DataPlaneConfig(**tuning)
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
         self.secret = secret
         self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
@@ -526,6 +531,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--exit-with-client", action="store_true", help="stop when the client disconnects")
     p.add_argument("--no-shm", action="store_true",
                    help="never all-reduce through shared memory, even when every peer shares this host")
+    p.add_argument("--link-timeout", type=float, default=None, metavar="SECONDS",
+                   help="close a data link whose sent data stays unacknowledged this long, so a dead "
+                        "path is reported and replaced (default 10; 0: the kernel's ~15 min)")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
     return p
 
@@ -546,6 +554,7 @@ async def _amain(args) -> int:
         exit_with_client=args.exit_with_client,
         shm=not args.no_shm,
         advertise=args.advertise,
+        link_timeout=args.link_timeout,
     )
     await d.start()
     loop = asyncio.get_running_loop()

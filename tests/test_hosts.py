@@ -41,6 +41,16 @@ def test_advertised_host_rules(monkeypatch):
         advertised_host("0.0.0.0", "127.0.0.1:48148")
 
 
+def test_link_timeout_reaches_the_data_plane():
+    from pccl_py.daemon import Daemon
+
+    d = Daemon(coordinator="127.0.0.1:1", link_timeout=3.5, shm=False)
+    assert d.data.config.user_timeout == 3.5 and d.data.config.shm is False
+    assert Daemon(coordinator="127.0.0.1:1").data.config.user_timeout == 10.0
+    with pytest.raises(InvalidUsage, match="link_timeout"):
+        Daemon(coordinator="127.0.0.1:1", link_timeout=-1.0)
+
+
 def _status(hosts: H.Hosts) -> dict:
     out = subprocess.run(["ip", "netns", "exec", hosts.hub, sys.executable, "-m", "pccl_py.cli", "status",
                           "--coordinator", hosts.coordinator, "--json"],
