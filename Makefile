@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch is an optional extra; on this project's machines 2.13.0 (CPU) is the one installed.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo bench stress lint clean install
+.PHONY: test demo bench stress stress-hosts lint clean install
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 
 stress: $(STAMP)
 	$(VPY) stress/churn.py --minutes 3
+
+# the same with every peer in its own network namespace (needs root)
+stress-hosts: $(STAMP)
+	$(VPY) stress/churn.py --minutes 3 --hosts
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pccl_py tests stress
