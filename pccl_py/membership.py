@@ -142,6 +142,7 @@ class Membership:
         self.probes: dict[str, Probe] = {}
         self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
         self.rekeys: dict[str, tuple[float, str, int]] = {}  # target -> (when, reporter, epoch then)
+        self._quiet = 2.5 * self.cfg.heartbeat_interval  # silent this long: its last activity is stale
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
@@ -235,6 +236,10 @@ class Membership:
             if peer is None or peer.conn != conn:
                 self._on_stranger(conn, mtype)
             else:
+                if now - peer.last_seen > self._quiet:
+                    # it was silent (frozen, cut off): what it reported before says nothing about
+                    # what it does now, so a lockstep check counts its activity from here
+                    peer.activity_since = now
                 peer.last_seen = now
                 if pid in self.probes and mtype != "pong":  # it talks: it is alive and connected
                     self._probe_answered(now, peer, f"alive (sent {mtype})")
@@ -624,6 +629,8 @@ class Membership:
             peer = self.peers[pid]
             if peer.activity is None or peer.activity == UPDATE_TOPOLOGY:
                 continue
+            if now - peer.last_seen > self._quiet:
+                continue  # silent: its heartbeat deadline decides, not its last reported activity
             if now - max(peer.activity_since, self.vote_opened) > self.cfg.mismatch_grace:
                 busy.append(peer)
         if not busy:

@@ -296,6 +296,36 @@ def test_failure_report_shortens_a_disconnect_probe():
     assert sim.core.accepted() == ["a"]
 
 
+def test_a_frozen_peer_is_not_a_lockstep_mismatch():
+    """A peer frozen in the middle of a call keeps its last reported activity; the others
+    voting meanwhile must wait for its heartbeat deadline, not get a lockstep error."""
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim.hb("c", "all_reduce tag=7")
+    sim.vote("a")
+    sim.vote("b")
+    sim.tick(2.8, beat=("a", "b"))  # c is silent: frozen, not busy elsewhere
+    errors = [m for pid in ("a", "b") for m in sim.inbox[f"conn-{pid}"] if m.get("error") == "InvalidUsage"]
+    assert not errors, errors
+    sim.tick(0.5, beat=("a", "b"))  # past the 3 s deadline: c is removed, the round completes
+    assert sim.core.accepted() == ["a", "b"] and sim.last_topo("a")["round_done"]
+
+
+def test_a_thawed_peer_gets_the_grace_again():
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    sim.hb("c", "all_reduce tag=7")
+    sim.vote("a")
+    sim.vote("b")
+    sim.tick(1.5, beat=("a", "b"))  # c frozen for 1.5 s, then heard from again
+    sim.tick(1.0)
+    errors = [m for m in sim.inbox["conn-a"] if m.get("error") == "InvalidUsage"]
+    assert not errors  # 1 s since it thawed: within the 2 s grace
+    sim.tick(1.5)  # still in its call 2.5 s after thawing: that is a mismatch
+    errors = [m for m in sim.inbox["conn-a"] if m.get("error") == "InvalidUsage"]
+    assert errors and "lockstep mismatch" in errors[0]["message"]
+
+
 def test_death_of_last_non_voter_completes_the_round():
     sim = Sim()
     grow(sim, "a", "b", "c")
