@@ -14,8 +14,9 @@ result to check bit parity. At random times the orchestrator
   * starts a new peer.
 
 It reports completed steps, errors by type, parity breaks, wrong results, and the time
-from each kill to the survivors' next completed step. It stops by itself after --minutes
-and exits non-zero on any parity break, wrong result, or stall.
+from each kill to the first step completed in a newer epoch (the survivors going on
+without the dead peer). It stops by itself after --minutes and exits non-zero on any
+parity break, wrong result, or stall.
 
 With ``--hosts`` every peer runs in its own network namespace (stress/hosts.py) with its
 own address, so the group is not co-located and every all-reduce crosses TCP links
@@ -127,7 +128,8 @@ def orchestrate(args) -> int:
     stats = {"steps": 0, "errors": {}, "parity_breaks": 0, "wrong": 0, "kills": 0, "crashes": 0,
              "freezes": 0, "starts": 0}
     recoveries: list[float] = []
-    pending_kill: float | None = None
+    pending_kill: tuple[float, int] | None = None  # (when, newest epoch a step had run in by then)
+    newest_epoch = 0
     next_id = 0
 
     def start() -> None:
@@ -148,7 +150,7 @@ def orchestrate(args) -> int:
         stats["starts"] += 1
 
     def on_event(i: int, ev: dict) -> None:
-        nonlocal last_step, pending_kill
+        nonlocal last_step, pending_kill, newest_epoch
         if ev["event"] == "hello":
             peers[i].daemon_pid = int(ev["daemon_pid"])
         elif ev["event"] == "step":
@@ -156,8 +158,10 @@ def orchestrate(args) -> int:
             last_step = time.monotonic()
             stats["parity_breaks"] += not ev["parity"]
             stats["wrong"] += not ev["correct"]
-            if pending_kill is not None:
-                recoveries.append(time.monotonic() - pending_kill)
+            newest_epoch = max(newest_epoch, int(ev["epoch"]))
+            if pending_kill is not None and ev["epoch"] > pending_kill[1]:
+                # the first step completed in an epoch newer than the kill: the run went on
+                recoveries.append(time.monotonic() - pending_kill[0])
                 pending_kill = None
         else:
             stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
@@ -197,7 +201,7 @@ def orchestrate(args) -> int:
                 if action == "kill" and victim is not None:
                     peers[victim].signal(signal.SIGKILL)
                     stats["kills"] += 1
-                    pending_kill = now
+                    pending_kill = (now, newest_epoch)
                     print(f"[churn] SIGKILL peer {victim}: daemon and trainer", flush=True)
                 elif action == "crash" and victim is not None:
                     peers[victim].signal(signal.SIGKILL, daemon=False)
