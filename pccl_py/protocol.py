@@ -24,7 +24,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: report_failure carries the epoch of the broken link
 MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
 MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
 MAX_BIN = 256

@@ -469,7 +469,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
     pid_before = coord.proc.pid
 
     def raw(mtype, **fields):
-        return msgpack.packb({"type": mtype, "v": 1, **fields}, use_bin_type=True)
+        return msgpack.packb({"type": mtype, "v": protocol.VERSION, **fields}, use_bin_type=True)
 
     good = protocol.encode("status_q", req=1)
     hello_as_p1 = dict(peer_id="p1", group=0, host="1.2.3.4", port=1, ts=time.time(), proof=b"\0" * 32,
@@ -477,7 +477,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
     junk = [
         b"", b"\x00\xff garbage", good[:-2], good + b"tail", raw("status_q", req="one"),
         raw("hello", peer_id=["x"], group=0), raw("launch_missiles", req=1), raw("status_q", v=99, req=1),
-        b"\xdb\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", msgpack.packb({"type": "leave", "v": 1, "reason": "x" * 100000}),
+        b"\xdb\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": "x" * 100000}),
         msgpack.packb([[[[[[[[[[[[]]]]]]]]]]]] * 1000), raw("heartbeat", activity=None, epoch=-5, revision=0),
         raw("report_failure", peer_id="p0", reason="x", epoch=1),  # well-formed but from a stranger
         protocol.encode("hello", **hello_as_p1),  # a stolen id without the secret

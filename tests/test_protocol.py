@@ -75,7 +75,8 @@ def test_roundtrip_every_type_from_schema():
         (raw("hello", **good_hello()) + b"\x00", "undecodable"),  # trailing bytes
         (msgpack.packb([1, 2, 3]), "must be a map"),
         (raw("nope"), "unknown message type"),
-        (raw("hello", v=2, **good_hello()), "version"),
+        (raw("hello", v=1, **good_hello()), "version"),  # the previous version
+        (raw("hello", v=protocol.VERSION + 1, **good_hello()), "version"),
         (raw("hello", v=True, **good_hello()), "version"),
         (raw("hello", **good_hello(port="5")), "must be an int"),
         (raw("hello", **good_hello(port=70000)), "above"),
@@ -91,10 +92,10 @@ def test_roundtrip_every_type_from_schema():
         (raw("vote", req=1, timeout=None), "missing a value"),
         (raw("topology", instance="i", epoch=1, group=0, peers=[["a", "h"]], world_size=1, num_groups=1,
              round_done=True, reason=""), "must have 3 items"),
-        (msgpack.packb({"type": "leave", "v": 1, "reason": "x" * 5000}), "undecodable"),  # over MAX_STR
-        (msgpack.packb({"type": "leave", "v": 1, "reason": ["x"] * 9000}), "undecodable"),  # over MAX_ARRAY
-        (msgpack.packb({"type": "pong", "v": 1, "nonce": 1, **{f"k{i}": i for i in range(40)}}), "undecodable"),
-        (msgpack.packb({"type": "pong", "v": 1, "nonce": msgpack.ExtType(1, b"x")}), "undecodable"),
+        (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": "x" * 5000}), "undecodable"),  # over MAX_STR
+        (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": ["x"] * 9000}), "undecodable"),  # over MAX_ARRAY
+        (msgpack.packb({"type": "pong", "v": protocol.VERSION, "nonce": 1, **{f"k{i}": i for i in range(40)}}), "undecodable"),
+        (msgpack.packb({"type": "pong", "v": protocol.VERSION, "nonce": msgpack.ExtType(1, b"x")}), "undecodable"),
         (b"\xdb\xff\xff\xff\xff", "undecodable"),  # str32 claiming 4 GiB
         (b"\xdd\xff\xff\xff\xff", "undecodable"),  # array32 claiming 4 G items
         (b"\xdf\xff\xff\xff\xff", "undecodable"),  # map32 claiming 4 G pairs
@@ -149,7 +150,7 @@ msgpack_values = st.recursive(
 def test_fuzz_structured(mtype, fields):
     """Well-formed msgpack with the right type but random fields: validated or refused."""
     try:
-        data = msgpack.packb({"type": mtype, "v": 1, **fields}, use_bin_type=True)
+        data = msgpack.packb({"type": mtype, "v": protocol.VERSION, **fields}, use_bin_type=True)
     except (OverflowError, ValueError):
         return
     try:
