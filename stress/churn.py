@@ -117,7 +117,7 @@ def orchestrate(args) -> int:
             print(f"--hosts: {why}", file=sys.stderr)
             return 2
         hosts = H.Hosts(args.peers + 2, rate=args.rate)
-        hosts.start_coordinator()
+        hosts.start_coordinator(log=args.coordinator_log)
         addr, coord = hosts.coordinator, None
     else:
         addr = f"127.0.0.1:{free_port()}"
@@ -248,6 +248,7 @@ def main() -> int:
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--hosts", action="store_true", help="each peer in its own network namespace (root)")
     p.add_argument("--rate", default=None, help="with --hosts: tbf rate of each uplink, e.g. 500mbit")
+    p.add_argument("--coordinator-log", default=None, metavar="PATH", help="with --hosts: the coordinator's log")
     p.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     p.add_argument("--role", default="orchestrator", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)

@@ -113,10 +113,13 @@ class Hosts:
         self.procs.append(p)
         return p
 
-    def start_coordinator(self, *extra: str) -> subprocess.Popen:
-        """The coordinator, on the bridge's address in the hub namespace."""
+    def start_coordinator(self, *extra: str, log: str | None = None) -> subprocess.Popen:
+        """The coordinator, on the bridge's address in the hub namespace (its log to ``log``)."""
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
         p = self.spawn(None, [sys.executable, "-m", "pccl_py.coordinator", "--listen", self.coordinator, *extra],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=out, stderr=out)
+        if log:
+            out.close()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # the port is inside the namespace: probe from there
             r = subprocess.run(["ip", "netns", "exec", self.hub, sys.executable, "-c",
