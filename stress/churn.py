@@ -214,7 +214,8 @@ def orchestrate(args) -> int:
                     print(f"[churn] SIGSTOP peer {victim}: daemon and trainer", flush=True)
                 elif len([pr for pr in peers.values() if pr.alive()]) < args.peers + 1:
                     start()
-                    print("[churn] started a peer", flush=True)
+                    where = f" in namespace slot {peers[next_id - 1].slot}" if hosts is not None else ""
+                    print(f"[churn] started peer {next_id - 1}{where}", flush=True)
                 next_event = now + rnd.uniform(4, 10)
             if now - last_step > args.stall:
                 print(f"[churn] STALL: no step for {args.stall:.0f}s", flush=True)
