@@ -508,13 +508,6 @@ class LocalSession(asyncio.Protocol):
             asyncio.ensure_future(self.daemon.stop())
 
 
-def _hostport(text: str, default_port: int) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host:
-        return text, default_port
-    return host.strip("[]"), int(port)
-
-
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="pccl daemon", description="Run a pccl peer daemon.")
     p.add_argument("--coordinator", default="127.0.0.1:48148", help="coordinator HOST:PORT")
@@ -539,7 +532,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 async def _amain(args) -> int:
-    host, port = _hostport(args.listen, 0)
+    host, port = parse_addr(args.listen, 0)
     secret = os.environ.get("PCCL_SECRET", "").encode()
     d = Daemon(
         coordinator=args.coordinator,

@@ -20,6 +20,7 @@ import argparse
 import os
 import random
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -140,7 +141,8 @@ class Hosts:
                        stdout=subprocess.PIPE, env={**os.environ})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            line = p.stdout.readline()
+            ready, _, _ = select.select([p.stdout], [], [], 0.1)  # a hung daemon must not block us
+            line = p.stdout.readline() if ready else b""
             if line.startswith(b"READY"):
                 return p, path
             if not line and p.poll() is not None:

@@ -18,7 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-from test_dataplane import NP, cluster, make_inputs, reference, run, topo
+from test_dataplane import NP, assert_parity_near_exact, cluster, make_inputs, reference, run, topo
 
 from pccl_py.collectives import _kernels as K
 from pccl_py.collectives import shm as S
@@ -108,18 +108,16 @@ def test_shm_bit_parity_with_rounding_and_auto_choice(world):
                                                         algorithm="auto") for i in range(world)))
                     assert {i["algorithm"] for i in infos} == {"shm"}  # 50k elements: above the tree
                     outs = [s.out(dtype) for s in segs]
-                    for r in range(1, world):
-                        assert outs[r].tobytes() == outs[0].tobytes(), (dtype, op, r)
-                    exact = np.stack([s.astype(np.float64) for s in srcs])
-                    exact = {"sum": exact.sum(0), "avg": exact.mean(0), "prod": exact.prod(0)}[op]
-                    rel = 1e-2 if dtype == "float16" else 1e-5
-                    np.testing.assert_allclose(outs[0].astype(np.float64), exact, rtol=rel, atol=rel * 100)
+                    rel = assert_parity_near_exact(outs, srcs, dtype, op)
                     # the TCP ring on the same inputs: same values within rounding
-                    ring = await asyncio.gather(*(dps[i].all_reduce(srcs[i], np.empty_like(srcs[i]), dtype=dtype,
+                    ring_outs = [np.empty_like(x) for x in srcs]
+                    ring = await asyncio.gather(*(dps[i].all_reduce(srcs[i], ring_outs[i], dtype=dtype,
                                                                     op=op, algorithm="ring", tag=100 + tag,
                                                                     timeout=20)
                                                   for i in range(world)))
                     assert {i["algorithm"] for i in ring} == {"ring"}
+                    np.testing.assert_allclose(ring_outs[0].astype(np.float64), outs[0].astype(np.float64),
+                                               rtol=rel, atol=rel * 100)
                 finally:
                     for s in segs:
                         s.close()

@@ -58,17 +58,41 @@ def _status(hosts: H.Hosts) -> dict:
     return json.loads(out.stdout)
 
 
+def _ns(hosts: H.Hosts, i: int, *cmd: str) -> None:
+    subprocess.run(["ip", "netns", "exec", hosts.names[i], *cmd], check=True, capture_output=True, timeout=10)
+
+
+def _three(hosts: H.Hosts) -> list[Client]:
+    """A coordinator, a daemon per namespace, a client each, all members."""
+    hosts.start_coordinator("--heartbeat-deadline", "2.0")
+    clients = [Client(daemon=hosts.start_daemon(i)[1], timeout=30.0) for i in range(3)]
+    with cf.ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda c: H.join(c, 3), clients))
+    return clients
+
+
+def _round(clients: list[Client], value: float = 1.0) -> list:
+    """One all-reduce with retry on every client; returns (info, result) or the exception."""
+    def one(c):
+        x = np.full(200_000, value, np.float32)
+        try:
+            return c.all_reduce(x, retry=True, timeout=20.0), x
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return exc
+
+    with cf.ThreadPoolExecutor(len(clients)) as ex:
+        return list(ex.map(one, clients))
+
+
 @needs_netns
 @pytest.mark.timeout(180)
 def test_peers_on_separate_hosts_advertise_their_own_address_and_use_tcp():
     n = 3
     with H.Hosts(n, rate="1gbit") as hosts:
-        hosts.start_coordinator("--heartbeat-deadline", "2.0")
-        paths = [hosts.start_daemon(i)[1] for i in range(n)]
-        clients = [Client(daemon=p, timeout=30.0) for p in paths]
+        clients = _three(hosts)
         try:
+            topos = [c.refresh() for c in clients]
             with cf.ThreadPoolExecutor(n) as ex:
-                topos = list(ex.map(lambda c: H.join(c, n), clients))
                 st = _status(hosts)
                 advertised = sorted(m["host"] for m in st["members"])
                 assert advertised == sorted(hosts.addr), st  # not 0.0.0.0: what the peers dial
@@ -112,18 +136,15 @@ def test_peers_on_separate_hosts_advertise_their_own_address_and_use_tcp():
 def test_daemon_killed_on_another_host_survivors_fail_then_retry():
     n = 3
     with H.Hosts(n) as hosts:
-        hosts.start_coordinator("--heartbeat-deadline", "2.0")
-        started = [hosts.start_daemon(i) for i in range(n)]
-        clients = [Client(daemon=path, timeout=30.0) for _, path in started]
+        clients = _three(hosts)
         try:
             with cf.ThreadPoolExecutor(n) as ex:
-                list(ex.map(lambda c: H.join(c, n), clients))
                 xs = [np.ones(4_000_000, np.float32) for _ in range(2)]
                 # the victim never calls: its daemon dies while the survivors wait on it
                 futs = [ex.submit(clients[i].all_reduce, xs[i]) for i in range(2)]
                 time.sleep(0.3)
                 t_kill = time.monotonic()
-                os.kill(started[2][0].pid, signal.SIGKILL)
+                os.kill(clients[2].daemon_pid, signal.SIGKILL)
                 for f in futs:
                     with pytest.raises((PeerLost, Aborted)):
                         f.result(timeout=30)
@@ -136,31 +157,6 @@ def test_daemon_killed_on_another_host_survivors_fail_then_retry():
         finally:
             for c in clients[:2]:
                 c.close()
-
-
-def _ns(hosts: H.Hosts, i: int, *cmd: str) -> None:
-    subprocess.run(["ip", "netns", "exec", hosts.names[i], *cmd], check=True, capture_output=True, timeout=10)
-
-
-def _three(hosts: H.Hosts) -> list[Client]:
-    hosts.start_coordinator("--heartbeat-deadline", "2.0")
-    clients = [Client(daemon=hosts.start_daemon(i)[1], timeout=30.0) for i in range(3)]
-    with cf.ThreadPoolExecutor(3) as ex:
-        list(ex.map(lambda c: H.join(c, 3), clients))
-    return clients
-
-
-def _round(clients: list[Client], value: float = 1.0) -> list:
-    """One all-reduce with retry on every client; returns (info, result) or the exception."""
-    def one(c):
-        x = np.full(200_000, value, np.float32)
-        try:
-            return c.all_reduce(x, retry=True, timeout=20.0), x
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            return exc
-
-    with cf.ThreadPoolExecutor(len(clients)) as ex:
-        return list(ex.map(one, clients))
 
 
 @needs_netns
