@@ -111,6 +111,15 @@ class _Pool:
     def give(self, seg: shared_memory.SharedMemory) -> None:
         self.free.setdefault(seg.size, []).append(seg)
 
+    def retire(self, seg: shared_memory.SharedMemory) -> None:
+        """Drop the segment of a failed call: unlinked here and unmapped by the daemon."""
+        self.all.remove(seg)
+        _release(seg)
+        try:
+            self.client._call({"op": "unmap", "name": seg.name}, timeout=10.0)
+        except PcclError:
+            pass  # the daemon is gone or stuck: the caller's error says so already
+
     def close(self) -> None:
         for seg in self.all:
             _release(seg)
@@ -150,8 +159,10 @@ class Handle:
                 error = error or DeadlineExceeded(f"all_reduce: the daemon gave no answer within {timeout:.1f}s")
                 continue
             except PcclError as exc:
+                # co-located peers may still write their chunks into this segment's output
+                # region for a moment (see collectives/shm.py): never reuse it
                 error = error or exc
-                self._client._pool.give(seg)
+                self._client._pool.retire(seg)
                 continue
             if error is None:
                 _, out_off, _ = layout

@@ -30,6 +30,7 @@ from .collectives.gather import BlobAllGather
 from .collectives.link import LINGER, GroupView, PeerLink, Stream
 from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
+from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce
 from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
@@ -392,7 +393,7 @@ class DataPlane:
                                              min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
                                              seq=seq, desc=desc, **common)
         elif algo == "shm":
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
             make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                             refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
         elif algo == "tree":

@@ -137,11 +137,16 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator):
         with cf.ThreadPoolExecutor(2) as ex:
             join_all(ex, [a, b])
         x = np.ones(1000, np.float32)
+        taken, take = [], a._pool.take
+        a._pool.take = lambda n: taken.append(take(n)) or taken[-1]
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded, match=r"did not finish within 0\.5s \(data incomplete\)"):
             a.all_reduce(x, timeout=0.5)
         assert time.monotonic() - t0 < 4.0  # the daemon's deadline, not the client's + slack
         assert np.all(x == 1.0)
+        # peers may still write into a failed call's output: its segment is never reused
+        assert len(taken) == 1 and taken[0] not in a._pool.all
+        assert not os.path.exists("/dev/shm/" + taken[0].name.lstrip("/"))
     finally:
         a.close()
         b.close()

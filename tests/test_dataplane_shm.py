@@ -236,7 +236,7 @@ def test_bad_segment_names_are_refused():
 def test_leases_are_checked_once_before_fin(monkeypatch):
     """Once FIN is out, a peer may finish and clear its lease at any moment: a second check
     after that would fail a call that succeeded (seen at N=3 as spurious 'torn' errors when
-    REDUCED frames arrived while the fold still ran)."""
+    frames arrived while the fold still ran)."""
     loads = []
     real = K.load_u64
 
@@ -251,7 +251,7 @@ def test_leases_are_checked_once_before_fin(monkeypatch):
             loop = asyncio.get_running_loop()
             inline = dps[0]._shm.run
 
-            def slow_fold(lp, nbytes, fn, done):  # rank 0 folds late: the peers' REDUCED wait for it
+            def slow_fold(lp, nbytes, fn, done):  # rank 0 folds late: its FIN comes last
                 if nbytes > 100_000:
                     loop.call_later(0.05, inline, lp, nbytes, fn, done)
                 else:

@@ -2,28 +2,30 @@
 
 Every tensor a daemon reduces already lives in a shared-memory segment (the trainer put
 it there), so co-located daemons need not send payload bytes at all: each maps its
-peers' segments read-only and reads them directly. Small control frames over the
-existing TCP links order the three phases:
+peers' input regions read-only and their output regions writable. Small control frames
+over the existing TCP links order the two phases:
 
 1. READY: each peer tells the others where its input and output are (segment names and
    offsets) and which lease guards them (below).
-2. Reduce: once every READY is in, peer i owns chunk i of the N near-equal chunks. It
-   folds the N inputs' chunk i in rank order 0, 1, ..., N-1 into its own output and
-   sends REDUCED to every peer. Each chunk is computed once, by its owner, so every
-   peer ends with the same bits.
-3. Gather: on REDUCED from peer j, copy chunk j from j's output into ours. When every
-   chunk is in and every lease still holds, the call is done locally and the usual FIN
-   agreement (``Collective.data_complete``) finishes it. A peer's FIN also says that it
-   has stopped reading our memory.
+2. Reduce and scatter: once every READY is in, peer i owns chunk i of the N near-equal
+   chunks. Block by block (a block stays in cache), it folds the N inputs' block in rank
+   order 0, 1, ..., N-1 into its own output, then copies that block into every peer's
+   output. Each chunk is computed once, by its owner, and every peer receives the owner's
+   bytes, so every peer ends with the same bits. Then it checks the leases and sends
+   FIN, which here also says "I have written my chunk into your output and stopped
+   reading your input". A peer's output is complete once every peer's FIN is in, which
+   is exactly the usual FIN agreement (``Collective.data_complete``).
 
 Leases. A daemon's input and output stay untouched while its call runs, and it hands
 them back to the trainer only when the call ends, successfully or not. A peer that read
 them cannot tell by itself whether that happened before its read finished (the owner
 may have failed the call, its trainer may already have written the next input). So each
 call holds a lease: a random nonce in a slot of the owner's lease segment, written when
-the call starts and cleared (with a fence) before the call ends. A reader checks, with a
-fence after its reads, that every peer's nonce is still in place before it sends FIN;
-a cleared lease fails the call here too, so nobody succeeds with torn data.
+the call starts and cleared (with a fence) before the call ends. A peer checks, with a
+fence after its reads and writes, that every peer's nonce is still in place before it
+sends FIN; a cleared lease fails the call here too, so nobody succeeds with torn data.
+Writes can land in the output of a call that has already failed: the client never reuses
+the segment of a failed call (it retires it), so such writes reach nobody.
 
 Heavy loops (the fold and the copies, which release the GIL) run on one worker thread so
 the event loop keeps serving heartbeats and other calls; small ones run inline.
@@ -49,20 +51,21 @@ from .base import Collective, Rx, expect, split
 
 log = logging.getLogger("pccl_py.dataplane")
 
-READY, REDUCED = 0, 1
+READY = 0
+VERSION = 2  # part of the call descriptor: v1 peers (READY, REDUCED, copy) refuse v2 calls
 LEASE_SLOTS = 1024
 _NAME = re.compile(r"pccl_[A-Za-z0-9_]{1,80}")
 _MAX_READY = 1024  # bytes of one READY payload
 _BLOCK = 512 << 10  # fold this many bytes of all inputs at a time (stays in cache)
 _INLINE = 32 << 20  # loops over fewer bytes run on the event loop (a thread hop costs ~0.3 ms)
-_MAPS_PER_PEER = 8
+_MAPS_PER_PEER = 16  # (segment, writable) mappings kept per peer
 
 
-def attach_readonly(name: str) -> Mapping:
-    """Map another process's shared-memory segment read-only, without owning it."""
+def attach_peer(name: str, writable: bool = False) -> Mapping:
+    """Map another process's shared-memory segment, without owning it."""
     if not _NAME.fullmatch(name):
         raise InvalidUsage(f"refusing to map segment {name!r}: not a pccl segment name")
-    return Mapping(name, writable=False)
+    return Mapping(name, writable=writable)
 
 
 class ShmContext:
@@ -71,7 +74,7 @@ class ShmContext:
     def __init__(self) -> None:
         self._lease_seg: shared_memory.SharedMemory | None = None
         self._free: list[int] = []
-        self._maps: dict[str, collections.OrderedDict[str, Mapping]] = {}
+        self._maps: dict[str, collections.OrderedDict[tuple[str, bool], Mapping]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -100,22 +103,23 @@ class ShmContext:
             self._free.append(slot)
 
     # -- peers' segments -----------------------------------------------------------------
-    def view(self, peer_id: str, name: str, offset: int, nbytes: int) -> memoryview:
-        """Read-only view of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached)."""
+    def view(self, peer_id: str, name: str, offset: int, nbytes: int, writable: bool = False) -> memoryview:
+        """View of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached)."""
         maps = self._maps.setdefault(peer_id, collections.OrderedDict())
-        mm = maps.get(name)
+        key = (name, writable)
+        mm = maps.get(key)
         if mm is None:
             try:
-                mm = attach_readonly(name)
+                mm = attach_peer(name, writable)
             except (OSError, ValueError, ProtocolError) as e:
                 raise InvalidUsage(
                     f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
                     f"address but not /dev/shm need the TCP path: start them with --no-shm") from None
-            maps[name] = mm
+            maps[key] = mm
             while len(maps) > _MAPS_PER_PEER:
                 maps.popitem(last=False)[1].close()
         else:
-            maps.move_to_end(name)
+            maps.move_to_end(key)
         if offset < 0 or nbytes < 0 or offset + nbytes > mm.size:
             raise InvalidUsage(f"peer {peer_id} named bytes {offset}..{offset + nbytes} of a "
                                f"{mm.size}-byte segment")
@@ -177,10 +181,7 @@ class ShmAllReduce(Collective):
         self.bounds = [b * self.item for b in split(count, w)]
         self.peers: dict[int, tuple] = {}  # rank -> (src view, dst view, lease view, slot, nonce)
         self.lease: tuple[str, int, int] | None = None
-        self._reduced_at: set[int] = set()  # REDUCED arrived, copy not yet started
-        self._copied: set[int] = set()
         self._folding = False
-        self._folded = False
 
     def chunk(self, r: int) -> tuple[int, int]:
         return self.bounds[r], self.bounds[r + 1]
@@ -200,14 +201,10 @@ class ShmAllReduce(Collective):
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
         self.check_desc(src, h)
         expect(h.quant == F.QUANT_NONE and h.offset == 0, "unexpected shared-memory all-reduce frame")
+        expect(h.step == READY and 0 < h.length <= _MAX_READY and src not in self.peers, "bad READY frame")
         self.count_rx(h, 0)
-        if h.step == READY:
-            expect(0 < h.length <= _MAX_READY and src not in self.peers, "bad READY frame")
-            buf = bytearray(h.length)
-            return Rx(memoryview(buf), None, lambda: self._on_ready(src, bytes(buf)))
-        expect(h.step == REDUCED and h.length == 0 and src in self.peers
-               and src not in self._reduced_at and src not in self._copied, "bad REDUCED frame")
-        return Rx(memoryview(b""), None, lambda: self._on_reduced(src))
+        buf = bytearray(h.length)
+        return Rx(memoryview(buf), None, lambda: self._on_ready(src, bytes(buf)))
 
     def _on_ready(self, src: int, payload: bytes) -> None:
         try:
@@ -220,7 +217,7 @@ class ShmAllReduce(Collective):
             raise InvalidUsage(f"peer rank {src} sent a malformed READY")
         pid = self.link.ids[src]
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
-                           self.ctx.view(pid, dname, doff, self.nbytes),
+                           self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
                            self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8), slot * 8, nonce)
         self._maybe_fold()
 
@@ -228,13 +225,14 @@ class ShmAllReduce(Collective):
         if self._folding or not self.started or len(self.peers) < self.link.world - 1 or self.done:
             return
         self._folding = True
-        me = self.link.rank
+        me, w = self.link.rank, self.link.world
         a, b = self.chunk(me)
-        srcs = [(self.src if r == me else self.peers[r][0])[a:b] for r in range(self.link.world)]
-        self.ctx.run(self.loop, (b - a) * self.link.world, lambda: self._fold(srcs, self.dst[a:b]),
+        srcs = [(self.src if r == me else self.peers[r][0])[a:b] for r in range(w)]
+        outs = [self.peers[r][1][a:b] for r in range(w) if r != me]
+        self.ctx.run(self.loop, (b - a) * 2 * w, lambda: self._fold(srcs, self.dst[a:b], outs),
                      self._folded_cb)
 
-    def _fold(self, srcs: list, out) -> None:
+    def _fold(self, srcs: list, out, outs: list) -> None:
         kop = "sum" if self.op == "avg" else self.op
         n = len(out)
         step = max(self.item, _BLOCK - _BLOCK % self.item)
@@ -246,6 +244,8 @@ class ShmAllReduce(Collective):
                 K.reduce(o, s[a:b], kop, self.dtype)
             if self.op == "avg":
                 K.finish_avg(o, len(srcs), self.dtype)
+            for d in outs:  # the owner's final bytes, still in cache, to every peer
+                K.copy(d[a:b], o)
 
     def _folded_cb(self, exc) -> None:
         if self.done:
@@ -253,45 +253,12 @@ class ShmAllReduce(Collective):
         if exc is not None:
             self._internal(exc)
             return
-        self._folded = True
-        lk = self.link
-        for r in range(lk.world):
-            if r != lk.rank:
-                self.send_data(r, 0, REDUCED, 0, b"", 0)
-        for r in sorted(self._reduced_at):
-            self._copy(r)
-        self._reduced_at.clear()
-        self._maybe_complete()
-
-    def _on_reduced(self, src: int) -> None:
-        if self._folded:
-            self._copy(src)
-        else:  # our own fold still runs on the worker; copy after it (same thread order anyway)
-            self._reduced_at.add(src)
-
-    def _copy(self, r: int) -> None:
-        a, b = self.chunk(r)
-        peer_dst = self.peers[r][1]
-
-        def done(exc, r=r) -> None:
-            if self.done:
-                return
-            if exc is not None:
-                self._internal(exc)
-                return
-            self._copied.add(r)
-            self._maybe_complete()
-
-        self.ctx.run(self.loop, b - a, lambda: K.copy(self.dst[a:b], peer_dst[a:b]), done)
-
-    def _maybe_complete(self) -> None:
-        if self.done or self.data_done or not self._folded or len(self._copied) < self.link.world - 1:
-            return  # (once FIN is out, peers may end and clear their leases: never check twice)
+        # Once FIN is out, peers may end and clear their leases: check exactly once, here.
         for r, (_, _, lease, off, nonce) in self.peers.items():
             seen = K.load_u64(lease, off)
             if seen != nonce:
                 self._fail_local(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
-                                         f"being read; its result here would be torn (lease {off // 8}: "
+                                         f"being read and written; its result here would be torn (lease {off // 8}: "
                                          f"{seen:#x}, expected {nonce:#x})"))
                 return
         self.data_complete()
