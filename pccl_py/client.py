@@ -14,6 +14,7 @@ import itertools
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ QUANTS = (None, "uint8", "uint4")
 ALGORITHMS = ("auto", "ring", "tree", "shm")
 SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
 MIN_SEGMENT = 1 << 16
+RECV_SLICE = 0.25  # seconds a wait for the daemon blocks before it checks its deadline
 
 
 PAGE = 4096
@@ -269,6 +271,9 @@ class Client:
     @staticmethod
     def _dial(path: str) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A blocking socket whose receives give up after RECV_SLICE: one recv() per wait,
+        # where a Python-level timeout costs an ioctl and a poll() besides.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(RECV_SLICE), int(RECV_SLICE % 1 * 1e6)))
         try:
             s.connect(path)
         except OSError as exc:
@@ -291,10 +296,9 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _NoAnswer("the daemon did not answer in time")
-                self._sock.settimeout(left)
                 try:
                     data = self._sock.recv(1 << 16)
-                except TimeoutError:
+                except BlockingIOError:  # SO_RCVTIMEO passed: look at the deadline again
                     continue
                 if not data:
                     raise PeerLost("the daemon closed the connection (did it crash? see its log)")

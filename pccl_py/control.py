@@ -163,6 +163,7 @@ class ControlLink:
         self.revision = -1  # shared-state revision, reported to the coordinator
         self.instance = ""  # coordinator instance that welcomed us last
         self._activity: str | None = None
+        self.activity_source: Callable[[], str | None] | None = None  # read at each heartbeat
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
@@ -420,7 +421,8 @@ class ControlLink:
                 continue
             now = loop.time()
             epoch = self.topology.epoch if self.topology is not None else 0
-            self._send("heartbeat", activity=self._activity, epoch=epoch, revision=self.revision)
+            activity = self.activity_source() if self.activity_source is not None else self._activity
+            self._send("heartbeat", activity=activity, epoch=epoch, revision=self.revision)
             silent_since = self._last_rx if self._last_rx else self._last_hello
             if now - silent_since > self.coordinator_timeout:
                 if not self._lost:

@@ -21,8 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-
-import numpy as np
+from collections.abc import Callable
 
 from . import local
 from .collectives import _kernels as K
@@ -152,6 +151,7 @@ class Daemon:
             on_peer_id=self._on_peer_id,
             **self._control_kwargs,
         )
+        self.control.activity_source = self._describe_activity
         await self.control.start()
         if os.path.exists(self.local_path):
             os.unlink(self.local_path)
@@ -257,10 +257,10 @@ class Daemon:
             raise InvalidUsage("not connected: call connect() before collectives")
         return self.topology
 
-    def _activity(self) -> None:
-        if self.control is not None:
-            acts = sorted(set(self._in_flight.values()))
-            self.control.set_activity(",".join(acts) if acts else None)
+    def _describe_activity(self) -> str | None:
+        """What this peer is doing, for the coordinator's lockstep check (sent with heartbeats)."""
+        acts = sorted({f"{what} tag={k & ~AUTO_TAG}" if k >= 0 else what for k, what in self._in_flight.items()})
+        return ",".join(acts)[:256] if acts else None
 
     def next_tag(self, user_tag) -> int:
         topo = self._require_connected()
@@ -274,11 +274,16 @@ class Daemon:
         self._seq += 1
         return AUTO_TAG | self._seq
 
-    async def handle(self, session: LocalSession, req: dict) -> dict:
-        op = req.get("op")
+    @staticmethod
+    def _timeout(req: dict) -> float:
         timeout = float(req.get("timeout") or 60.0)
         if not 0 < timeout <= MAX_TIMEOUT:
             raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds")
+        return timeout
+
+    async def handle(self, session: LocalSession, req: dict) -> dict:
+        op = req.get("op")
+        timeout = self._timeout(req)
         if op == "hello":
             return {"peer_id": self.peer_id, "pid": os.getpid()}
         if op == "connect":
@@ -306,21 +311,17 @@ class Daemon:
         if op == "unmap":
             session.unmap(str(req["name"]))
             return {}
-        if op == "all_reduce":
-            return await self._all_reduce(session, req, timeout)
         if op == "all_gather":
             topo = self._require_connected()
             tag = self.next_tag(req.get("tag"))
             blob = req.get("data")
             if not isinstance(blob, bytes):
                 raise InvalidUsage("all_gather needs bytes")
-            self._in_flight[tag] = f"all_gather tag={tag & ~AUTO_TAG}"
-            self._activity()
+            self._in_flight[tag] = "all_gather"
             try:
                 blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
             finally:
                 self._in_flight.pop(tag, None)
-                self._activity()
             return {"blobs": blobs, "epoch": topo.epoch}
         if op == "sync_shared_state":
             return await self._sync(session, req, timeout)
@@ -341,7 +342,6 @@ class Daemon:
         views = layout_views(desc, seg.buf)
         async with self._sync_lock:
             self._in_flight[-2] = "sync_shared_state"
-            self._activity()
             try:
                 result = await daemon_sync(
                     views,
@@ -360,7 +360,6 @@ class Daemon:
                 return result
             finally:
                 self._in_flight.pop(-2, None)
-                self._activity()
 
     async def _wait_topology(self, epoch: int, timeout: float) -> None:
         # on_topology is awaited by the control link before connect/update return, so this is
@@ -371,7 +370,12 @@ class Daemon:
                 raise InvalidUsage("topology did not arrive")
             await asyncio.sleep(0.001)
 
-    async def _all_reduce(self, session: LocalSession, req: dict, timeout: float) -> dict:
+    def start_all_reduce(self, session: LocalSession, req: dict,
+                         finish: Callable[[dict | None, PcclError | None], None]) -> None:
+        """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
+        ends. No task per call: small all-reduces are latency-bound and every loop iteration
+        counts. Bad requests raise here."""
+        timeout = self._timeout(req)
         topo = self._require_connected()
         dtype = str(req.get("dtype"))
         if dtype not in K.DTYPES:
@@ -387,13 +391,19 @@ class Daemon:
                 raise InvalidUsage("buffer range outside the shared-memory segment")
         if in_seg is seg and abs(in_off - out_off) < nbytes:
             raise InvalidUsage("input and output ranges overlap")
-        src = np.frombuffer(in_seg.buf, dtype=np.uint8, count=nbytes, offset=in_off)
-        dst = np.frombuffer(seg.buf, dtype=np.uint8, count=nbytes, offset=out_off)
+        src = in_seg.buf[in_off:in_off + nbytes]
+        dst = seg.buf[out_off:out_off + nbytes]
         tag = self.next_tag(req.get("tag"))
-        self._in_flight[tag] = f"all_reduce tag={tag & ~AUTO_TAG if tag & AUTO_TAG else tag}"
-        self._activity()
+        self._in_flight[tag] = "all_reduce"
+
+        def done(info: dict | None, exc: PcclError | None) -> None:
+            self._in_flight.pop(tag, None)
+            if info is not None:
+                info["epoch"] = topo.epoch
+            finish(info, exc)
+
         try:
-            info = await self.data.all_reduce(
+            self.data.start_all_reduce(
                 src,
                 dst,
                 dtype=dtype,
@@ -403,13 +413,11 @@ class Daemon:
                 tag=tag,
                 timeout=timeout,
                 shm_refs=(in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off),
+                done=done,
             )
-        finally:
+        except BaseException:
             self._in_flight.pop(tag, None)
-            self._activity()
-        info = dict(info)
-        info["epoch"] = topo.epoch
-        return info
+            raise
 
 
 class LocalSession(asyncio.Protocol):
@@ -434,23 +442,37 @@ class LocalSession(asyncio.Protocol):
             self.transport.close()
             return
         for msg in msgs:
+            if msg.get("op") == "all_reduce":  # the hot path: no task
+                rid = msg.get("id")
+                try:
+                    self.daemon.start_all_reduce(
+                        self, msg, lambda info, exc, rid=rid: self._reply(rid, "all_reduce", info, exc))
+                except Exception as exc:
+                    self._reply(rid, "all_reduce", None, exc)
+                continue
             t = asyncio.ensure_future(self._serve(msg))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
     async def _serve(self, req: dict) -> None:
-        rid = req.get("id")
         try:
             if req.get("op") not in local.OPS:
                 raise InvalidUsage(f"unknown request {req.get('op')!r}")
             reply = await self.daemon.handle(self, req)
-            reply.update(ok=True)
-        except PcclError as exc:
+        except Exception as exc:
+            self._reply(req.get("id"), req.get("op"), None, exc)
+            return
+        self._reply(req.get("id"), req.get("op"), reply, None)
+
+    def _reply(self, rid, op, reply: dict | None, exc: BaseException | None) -> None:
+        if exc is None:
+            reply["ok"] = True
+        elif isinstance(exc, PcclError):
             reply = {"ok": False, **to_wire(exc)}
-        except (KeyError, TypeError, ValueError) as exc:
+        elif isinstance(exc, (KeyError, TypeError, ValueError)):
             reply = {"ok": False, **to_wire(InvalidUsage(f"bad request: {exc!r}"))}
-        except Exception as exc:  # never let one request kill the daemon
-            log.exception("request %s failed", req.get("op"))
+        else:  # never let one request kill the daemon
+            log.error("request %s failed", op, exc_info=exc)
             reply = {"ok": False, **to_wire(exc)}
         reply["id"] = rid
         if self.transport is not None and not self.transport.is_closing():

@@ -348,6 +348,38 @@ class DataPlane:
                          algorithm: str = "auto", tag: int, timeout: float,
                          shm_refs: tuple[str, int, str, int] | None = None) -> dict:
         t0 = time.perf_counter()
+        plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
+        if plan is None:
+            return _info(1, "local", t0, None)
+        make, world, algo = plan
+        coll = await self._run(make, tag, timeout, f"all_reduce tag={tag}")
+        return _info(world, algo, t0, coll)
+
+    def start_all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None = None,
+                         algorithm: str = "auto", tag: int, timeout: float,
+                         shm_refs: tuple[str, int, str, int] | None = None,
+                         done: Callable[[dict | None, PcclError | None], None]) -> None:
+        """``all_reduce`` without a coroutine: ``done(info, None)`` or ``done(None, error)``
+        is called once the call has ended (from the event loop; possibly before this returns
+        for a world of one). Bad arguments raise here, as ``all_reduce`` would."""
+        t0 = time.perf_counter()
+        plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
+        if plan is None:
+            done(_info(1, "local", t0, None), None)
+            return
+        make, world, algo = plan
+        coll = self._launch(make, tag, timeout, f"all_reduce tag={tag}")
+
+        def settle(fut: asyncio.Future) -> None:
+            self._settle(coll)
+            exc = fut.exception()
+            done(None, exc) if exc is not None else done(_info(world, algo, t0, coll), None)
+
+        coll.future.add_done_callback(settle)
+
+    def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
+        """Check the arguments; ``(make(seq) -> Collective, world, algorithm)``, or None when
+        the world is this peer alone (the result is then already in ``dst``)."""
         if dtype not in K.DTYPES:
             raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
         if op not in K.OPS:
@@ -372,7 +404,7 @@ class DataPlane:
         world = view.world
         if world == 1:
             np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
-            return _info(1, "local", t0, None)
+            return None
         cfg = self.config
         shm_ok = shm_refs is not None and view.colocated and len(s) > 0
         if quant is not None:
@@ -405,8 +437,7 @@ class DataPlane:
             make = lambda seq: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
                                               block_bytes=cfg.quant_block_bytes, seq=seq, desc=desc,
                                               **common)
-        coll = await self._run(make, tag, timeout, f"all_reduce tag={tag}")
-        return _info(world, algo, t0, coll)
+        return make, world, algo
 
     async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:
         if len(blob) > self.config.max_blob:
@@ -423,6 +454,18 @@ class DataPlane:
         return coll.future.result()
 
     async def _run(self, make, tag: int, timeout: float, what: str) -> Collective:
+        coll = self._launch(make, tag, timeout, what)
+        try:
+            await asyncio.shield(coll.future)
+        except asyncio.CancelledError:
+            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), local=True)
+            raise
+        finally:
+            self._settle(coll)
+        return coll
+
+    def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
+        """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""
         if tag in self._ops:
             raise InvalidUsage(f"tag {tag} is already in flight; tags must be unique among concurrent calls")
         view = self._view
@@ -444,19 +487,15 @@ class DataPlane:
                 self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
             self._apply_ctrl(coll)
             self._retry_stalled()
-        timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
-        try:
-            await asyncio.shield(coll.future)
-        except asyncio.CancelledError:
-            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), local=True)
-            raise
-        finally:
-            timer.cancel()
-            coll.finished()
-            if self._ops.get(tag) is coll:
-                del self._ops[tag]
-                self._memo(self._finished, tag, seq)
+        coll.timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
         return coll
+
+    def _settle(self, coll: Collective) -> None:
+        coll.timer.cancel()
+        coll.finished()
+        if self._ops.get(coll.tag) is coll:
+            del self._ops[coll.tag]
+            self._memo(self._finished, coll.tag, coll.seq)
 
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)

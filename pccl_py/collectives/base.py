@@ -74,6 +74,7 @@ class Collective:
         self.seq = seq
         self.desc = desc
         self.future: asyncio.Future = loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None  # the deadline, set by the data plane
         self.started = False
         self.data_done = False
         self._fins: set[int] = set()
