@@ -20,6 +20,7 @@ import uvloop
 
 from pccl_py import frames as F
 from pccl_py.collectives import _kernels as K
+from pccl_py.collectives.link import Stream
 from pccl_py.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.errors import Aborted, DeadlineExceeded, InvalidUsage, PeerLost
 from pccl_py.topology import PeerInfo, Topology
@@ -383,6 +384,62 @@ async def _closed(r: asyncio.StreamReader, within: float = 5.0) -> bool:
                 return True
     except (ConnectionError, asyncio.TimeoutError):
         return isinstance(r.exception(), ConnectionError) if r.exception() else False
+
+
+@pytest.mark.timeout(60)
+def test_frames_read_together_with_a_stalled_one_wait_for_it(monkeypatch):
+    """Small frames arrive several per read. Peer 0 posts tags 1 then 2 on one stream; peer 1
+    posts 2 first, so tag 1's frame stalls with tag 2's frame read behind it. Both must
+    complete once tag 1 is posted, with the right results."""
+    resumed = []
+    real = Stream._resume
+
+    def spy(self):
+        resumed.append(self._carry)
+        real(self)
+
+    monkeypatch.setattr(Stream, "_resume", spy)
+
+    async def body():
+        async with cluster(2, streams=1) as dps:
+            srcs = {t: make_inputs(2, 5, "float32", "sum", seed=t) for t in (1, 2)}
+            dsts = {t: [np.zeros(5, np.float32) for _ in range(2)] for t in (1, 2)}
+
+            def post(r, t):
+                return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="float32", op="sum",
+                                                               algorithm="tree", tag=t, timeout=20))
+
+            calls = [post(0, 1), post(0, 2), post(1, 2)]
+            await asyncio.sleep(0.2)
+            calls.append(post(1, 1))
+            await asyncio.gather(*calls)
+            for t in (1, 2):
+                want = reference(srcs[t], "float32", "sum")
+                assert dsts[t][0].tobytes() == want.tobytes() == dsts[t][1].tobytes()
+
+    run(body())
+    assert any(c is not None for c in resumed), "tag 2's frame was expected behind the stalled one"
+
+
+def test_long_error_messages_arrive_whole():
+    """An ERROR frame may carry up to MAX_ERROR_MESSAGE bytes of text; the stream stays in sync."""
+    async def body():
+        async with cluster(2) as dps:
+            srcs = make_inputs(2, 10, "int32", "sum", seed=4)
+            dsts = [np.zeros(10, np.int32) for _ in range(2)]
+            f1 = asyncio.ensure_future(dps[1].all_reduce(srcs[1], dsts[1], dtype="int32", op="sum", tag=5,
+                                                         timeout=20))
+            f0 = asyncio.ensure_future(dps[0].all_reduce(srcs[0], dsts[0], dtype="int32", op="sum", tag=5,
+                                                         timeout=20))
+            await asyncio.sleep(0)  # posted, not yet complete
+            text = "why " * (F.MAX_ERROR_MESSAGE // 4 - 1)
+            dps[0]._fail_op(dps[0]._ops[5], InvalidUsage(text), local=True)
+            res = await asyncio.gather(f0, f1, return_exceptions=True)
+            assert isinstance(res[1], InvalidUsage) and text in str(res[1]), res[1]
+            # the stream is still in step: the next call succeeds
+            out, _ = await all_reduce_all(dps, srcs, dtype="int32", op="sum", tag=6)
+            assert out[0].tobytes() == reference(srcs, "int32", "sum").tobytes()
+    run(body())
 
 
 @pytest.mark.timeout(60)
