@@ -224,6 +224,7 @@ class Client:
             daemon = self._spawn(secret, streams, listen, daemon_log_level, shm, advertise)
         self.daemon_path = daemon
         self._sock = self._dial(daemon)
+        self._rcvtimeo = 0  # microseconds; set before each wait
         hello = self._call({"op": "hello"}, timeout=10.0)
         self.peer_id: str = hello["peer_id"]
         self.daemon_pid: int = int(hello["pid"])  # for operators and stress tools
@@ -270,10 +271,9 @@ class Client:
 
     @staticmethod
     def _dial(path: str) -> socket.socket:
+        # A blocking socket whose receives give up after SO_RCVTIMEO (see _recv_timeout): one
+        # recv() per wait, where a Python-level timeout costs an ioctl and a poll() besides.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # A blocking socket whose receives give up after RECV_SLICE: one recv() per wait,
-        # where a Python-level timeout costs an ioctl and a poll() besides.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(RECV_SLICE), int(RECV_SLICE % 1 * 1e6)))
         try:
             s.connect(path)
         except OSError as exc:
@@ -290,12 +290,20 @@ class Client:
             self._sock.sendall(local.pack(msg))
         return rid
 
+    def _recv_timeout(self, seconds: float) -> None:
+        """Make the next receives give up after ``seconds`` (a syscall only when it changes)."""
+        us = max(1, int(seconds * 1e6))  # a zero SO_RCVTIMEO would mean "never"
+        if us != self._rcvtimeo:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", *divmod(us, 1_000_000)))
+            self._rcvtimeo = us
+
     def _wait_reply(self, rid: int, deadline: float) -> dict:
         with self._lock:
             while rid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _NoAnswer("the daemon did not answer in time")
+                self._recv_timeout(min(left, RECV_SLICE))
                 try:
                     data = self._sock.recv(1 << 16)
                 except BlockingIOError:  # SO_RCVTIMEO passed: look at the deadline again

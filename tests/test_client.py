@@ -152,6 +152,23 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator):
         b.close()
 
 
+def test_a_short_wait_returns_on_time(coordinator):
+    """Handle.wait(timeout) honours a timeout shorter than the client's receive slice."""
+    a = Client(coordinator=coordinator.addr, timeout=15.0)
+    b = Client(coordinator=coordinator.addr, timeout=15.0)
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            join_all(ex, [a, b])
+        h = a.all_reduce_async(np.ones(10, np.float32), timeout=2.0)  # b never joins this call
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="no answer"):
+            h.wait(timeout=0.05)
+        assert time.monotonic() - t0 < 0.2
+    finally:
+        a.close()
+        b.close()
+
+
 def test_peer_killed_survivors_fail_then_retry(coordinator):
     clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
     try:
