@@ -31,11 +31,11 @@ from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
 from .shared_state import layout_views
 from .statesync import daemon_sync
 from .statexfer import StateServer
+from .tags import AUTO_TAG, AutoTags
 from .topology import Topology
 
 log = logging.getLogger("pccl.daemon")
 
-AUTO_TAG = 1 << 62
 MAX_TIMEOUT = 24 * 3600.0
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -129,8 +129,8 @@ class Daemon:
         }
         self.control: ControlLink | None = None
         self.topology: Topology | None = None
-        self._seq = 0
-        self._seq_epoch = -1
+        self._tags = AutoTags()
+        self.data.behind = self._tags.behind  # tells a peer retrying a call we completed
         self._in_flight: dict[int, str] = {}
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
@@ -216,7 +216,9 @@ class Daemon:
         )
         # Both switch in this loop iteration (set_topology swaps its view before its first
         # await, which waits for new links): a request that arrives while links come up must
-        # take its tag from the new epoch's sequence, as the data plane runs it in that epoch.
+        # take its tag from the new epoch's count, as the data plane runs it in that epoch.
+        if old is None or not {p.peer_id for p in topo.peers} <= {p.peer_id for p in old.peers}:
+            self._tags.reset()  # the group gained a member: every member counts from zero
         self.topology = topo
         await self.data.set_topology(topo)
 
@@ -262,17 +264,19 @@ class Daemon:
         acts = sorted({f"{what} tag={k & ~AUTO_TAG}" if k >= 0 else what for k, what in self._in_flight.items()})
         return ",".join(acts)[:256] if acts else None
 
-    def next_tag(self, user_tag) -> int:
-        topo = self._require_connected()
+    def next_tag(self, user_tag) -> tuple[int, int | None]:
+        """The call's tag and, for an automatic one, the token for ``tag_done``."""
+        self._require_connected()
         if user_tag is not None:
             tag = int(user_tag)
             if not 0 <= tag < AUTO_TAG:
                 raise InvalidUsage(f"tag must be in [0, 2**62), got {tag}")
-            return tag
-        if topo.epoch != self._seq_epoch:
-            self._seq_epoch, self._seq = topo.epoch, 0
-        self._seq += 1
-        return AUTO_TAG | self._seq
+            return tag, None
+        return self._tags.take()
+
+    def tag_done(self, tag: int, token: int | None, ok: bool) -> None:
+        if token is not None:
+            self._tags.done(tag, token, ok)
 
     @staticmethod
     def _timeout(req: dict) -> float:
@@ -313,15 +317,18 @@ class Daemon:
             return {}
         if op == "all_gather":
             topo = self._require_connected()
-            tag = self.next_tag(req.get("tag"))
             blob = req.get("data")
             if not isinstance(blob, bytes):
                 raise InvalidUsage("all_gather needs bytes")
+            tag, token = self.next_tag(req.get("tag"))
             self._in_flight[tag] = "all_gather"
+            ok = False
             try:
                 blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
+                ok = True
             finally:
                 self._in_flight.pop(tag, None)
+                self.tag_done(tag, token, ok)
             return {"blobs": blobs, "epoch": topo.epoch}
         if op == "sync_shared_state":
             return await self._sync(session, req, timeout)
@@ -393,11 +400,12 @@ class Daemon:
             raise InvalidUsage("input and output ranges overlap")
         src = in_seg.buf[in_off:in_off + nbytes]
         dst = seg.buf[out_off:out_off + nbytes]
-        tag = self.next_tag(req.get("tag"))
+        tag, token = self.next_tag(req.get("tag"))
         self._in_flight[tag] = "all_reduce"
 
         def done(info: dict | None, exc: PcclError | None) -> None:
             self._in_flight.pop(tag, None)
+            self.tag_done(tag, token, info is not None)
             if info is not None:
                 info["epoch"] = topo.epoch
             finish(info, exc)
@@ -417,6 +425,7 @@ class Daemon:
             )
         except BaseException:
             self._in_flight.pop(tag, None)
+            self.tag_done(tag, token, False)
             raise
 
 

@@ -99,6 +99,9 @@ class DataPlane:
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
         self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
+        # Set by the daemon: True for a tag this peer completed that a peer now runs again
+        # (see pccl_py.tags); None: no such check.
+        self.behind: Callable[[int], bool] | None = None
         self._shm = ShmContext()
         self._closed = False
 
@@ -281,7 +284,30 @@ class DataPlane:
             self._note(logging.DEBUG, ("late", pid, h.tag, h.seq), "dropping late frames of finished tag %d "
                        "from %s", h.tag, pid)
             return "drop", None, -1
+        if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
+            self._diverged(h, pid, src)
+            return "drop", None, -1
         return self._stall_or_pend(h, src)
+
+    def _diverged(self, h: F.Header, pid: str, src: int) -> None:
+        """``pid`` runs a call this peer completed: it failed that call (its last FIN was
+        lost) and retries it, while this peer went on. Pairing the retry with our next call
+        would mix two steps, so the retry fails there, and our calls fail here."""
+        key = ("diverged", pid, h.epoch, h.tag, h.seq)
+        if key in self._noted:
+            return
+        self._note(logging.WARNING, key, "peer %s retries tag %d, which this peer completed: the peers diverged",
+                   pid, h.tag)
+        text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
+                f"because one of them lost the other's confirmation; their states now differ by one call. "
+                f"Bring them in step again (sync_shared_state) before the next collective")
+        frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_INVALID_USAGE, text, h.desc)
+        link = self._links.get(pid)
+        if link is not None:
+            link.send(0, frame, b"")
+        for op in list(self._ops.values()):
+            if not op.done and op.link.epoch == self.epoch and src < op.link.world:
+                self._fail_op(op, InvalidUsage(text), local=True)
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
         """Log a dropped frame's reason once per key (a burst of frames makes one line)."""

@@ -1,0 +1,75 @@
+"""Automatic tags (pccl_py.tags): counts of calls, failed tags taken again, resets only when
+the group gains a member, and the 'peer is behind' test the data plane asks."""
+
+from __future__ import annotations
+
+from pccl_py.tags import AUTO_TAG, AutoTags
+
+
+def n(tag: int) -> int:
+    assert tag & AUTO_TAG
+    return tag & ~AUTO_TAG
+
+
+def test_tags_count_calls_and_a_failed_tag_is_taken_again():
+    t = AutoTags()
+    a, ta = t.take()
+    b, tb = t.take()  # two calls in flight
+    assert (n(a), n(b)) == (1, 2)
+    t.done(a, ta, ok=True)
+    t.done(b, tb, ok=False)
+    c, tc = t.take()  # the retry of the failed call
+    assert n(c) == 2
+    t.done(c, tc, ok=True)
+    assert n(t.take()[0]) == 3
+
+
+def test_the_smallest_failed_tag_goes_first():
+    t = AutoTags()
+    taken = [t.take() for _ in range(3)]
+    for tag, tok in reversed(taken):
+        t.done(tag, tok, ok=False)
+    assert [n(t.take()[0]) for _ in range(4)] == [1, 2, 3, 4]
+
+
+def test_handing_a_tag_back_twice_changes_nothing():
+    t = AutoTags()
+    a, ta = t.take()
+    t.done(a, ta, ok=True)
+    t.done(a, ta, ok=False)  # e.g. an error path after the call had ended
+    assert n(t.take()[0]) == 2
+
+
+def test_one_sided_completion_gives_different_tags():
+    """Peer A completed call 1, peer B failed it: A's next call and B's retry never pair."""
+    a, b = AutoTags(), AutoTags()
+    (ta, ka), (tb, kb) = a.take(), b.take()
+    a.done(ta, ka, ok=True)
+    b.done(tb, kb, ok=False)
+    next_a, retry_b = a.take()[0], b.take()[0]
+    assert next_a != retry_b
+    assert a.behind(retry_b)  # A can tell that B retries what A completed
+    assert not b.behind(next_a)  # B is the one behind, not A
+
+
+def test_behind_is_false_for_calls_in_flight_failed_or_not_yet_made_and_user_tags():
+    t = AutoTags()
+    done_tag, tok = t.take()
+    t.done(done_tag, tok, ok=True)
+    flying, _ = t.take()
+    failed, tf = t.take()
+    t.done(failed, tf, ok=False)
+    assert t.behind(done_tag)
+    assert not t.behind(flying)
+    assert not t.behind(failed)
+    assert not t.behind(AUTO_TAG | 10)  # a call we have not made yet
+    assert not t.behind(1)  # a user tag
+
+
+def test_reset_forgets_the_count_and_calls_taken_before_it():
+    t = AutoTags()
+    a, ta = t.take()
+    t.reset()  # the group gained a member while a call was in flight (it gets aborted)
+    t.done(a, ta, ok=False)  # must not be taken again after the reset
+    assert [n(t.take()[0]) for _ in range(2)] == [1, 2]
+    assert not t.behind(AUTO_TAG | 1)
