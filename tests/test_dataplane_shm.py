@@ -211,13 +211,42 @@ def test_peer_lost_mid_call_then_retry():
     run(body())
 
 
+def test_a_peer_segment_gone_is_an_abort_and_a_missing_lease_is_misuse():
+    """A client retires the segment of a call that failed there, so a peer may find it gone:
+    that call has ended, and ours fails as retryable (Aborted). A peer's lease segment lives
+    as long as its daemon: not finding it means the daemons do not share /dev/shm."""
+    async def body():
+        async with cluster(2) as dps:
+            segs = [Seg(1000, "float32", np.full(1000, i + 1.0, np.float32)) for i in range(2)]
+            try:
+                segs[1].close()  # unlinked, as after a failed call
+                res = await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=1)
+                                             for i in range(2)), return_exceptions=True)
+                assert all(isinstance(r, Aborted) for r in res), res
+                assert "gone" in str(res[0])
+                dps[1]._shm.acquire = lambda: ("pccl_lease_absent0", 0, 1)
+                fresh = Seg(1000, "float32", np.full(1000, 2.0, np.float32))
+                try:
+                    res = await asyncio.gather(post(dps[0], segs[0], dtype="float32", op="sum", tag=2),
+                                               post(dps[1], fresh, dtype="float32", op="sum", tag=2),
+                                               return_exceptions=True)
+                finally:
+                    fresh.close()
+                assert all(isinstance(r, InvalidUsage) for r in res), res
+                assert "--no-shm" in str(res[0])
+            finally:
+                segs[0].close()
+
+    run(body())
+
+
 def test_bad_segment_names_are_refused():
     ctx = S.ShmContext()
     try:
         for bad in ("../etc/passwd", "psm_1234", "pccl_" + "x" * 200, "pccl_a/b"):
             with pytest.raises(InvalidUsage):
                 ctx.view("p", bad, 0, 8)
-        with pytest.raises(InvalidUsage, match="cannot map"):
+        with pytest.raises(Aborted, match="gone"):  # e.g. retired after a failed call
             ctx.view("p", "pccl_doesnotexist0", 0, 8)
         seg = shared_memory.SharedMemory(create=True, size=4096, name=f"pccl_t{uuid.uuid4().hex[:12]}")
         try:

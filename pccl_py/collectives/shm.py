@@ -111,6 +111,9 @@ class ShmContext:
         if mm is None:
             try:
                 mm = attach_peer(name, writable)
+            except FileNotFoundError:
+                # its client retires the segment of a call that failed there: ours fails too
+                raise Aborted(f"peer {peer_id}'s shared memory {name} is gone: its call has ended") from None
             except (OSError, ValueError, ProtocolError) as e:
                 raise InvalidUsage(
                     f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
@@ -216,9 +219,15 @@ class ShmAllReduce(Collective):
         if not ok or not 0 <= slot < LEASE_SLOTS:
             raise InvalidUsage(f"peer rank {src} sent a malformed READY")
         pid = self.link.ids[src]
+        try:  # a daemon's lease segment lives as long as the daemon
+            lease = self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8)
+        except Aborted:
+            raise InvalidUsage(
+                f"cannot map peer {pid}'s lease segment {lname}. Daemons that share an address but not "
+                f"/dev/shm need the TCP path: start them with --no-shm") from None
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
                            self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
-                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8), slot * 8, nonce)
+                           lease, slot * 8, nonce)
         self._maybe_fold()
 
     def _maybe_fold(self) -> None:
