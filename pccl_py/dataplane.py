@@ -303,8 +303,9 @@ class DataPlane:
                 f"Bring them in step again (sync_shared_state) before the next collective")
         frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_INVALID_USAGE, text, h.desc)
         link = self._links.get(pid)
-        if link is not None:
-            link.send(0, frame, b"")
+        if link is not None:  # on every stream: a stream may be stalled on our next call's frame
+            for stream in range(link.nstreams):
+                link.send(stream, frame, b"")
         for op in list(self._ops.values()):
             if not op.done and op.link.epoch == self.epoch and src < op.link.world:
                 self._fail_op(op, InvalidUsage(text), local=True)

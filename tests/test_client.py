@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
 import time
@@ -29,6 +30,20 @@ def join_all(ex, clients, timeout=30.0):
         return topo
 
     return list(ex.map(join, clients))
+
+
+@contextlib.contextmanager
+def joined_pair(coordinator, timeout: float = 15.0):
+    """Two clients in one run; the second one never calls unless the test makes it."""
+    a = Client(coordinator=coordinator.addr, timeout=timeout)
+    b = Client(coordinator=coordinator.addr, timeout=timeout)
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            join_all(ex, [a, b])
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 def run_peers(n, fn, coordinator, timeout=90):
@@ -131,11 +146,7 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator):
     """A call the other peer never joins ends at the daemon's deadline; the caller gets the
     daemon's DeadlineExceeded (what it waited for), not a claim that the daemon was silent,
     and its input is untouched."""
-    a = Client(coordinator=coordinator.addr, timeout=15.0)
-    b = Client(coordinator=coordinator.addr, timeout=15.0)
-    try:
-        with cf.ThreadPoolExecutor(2) as ex:
-            join_all(ex, [a, b])
+    with joined_pair(coordinator) as (a, _):
         x = np.ones(1000, np.float32)
         taken, take = [], a._pool.take
         a._pool.take = lambda n: taken.append(take(n)) or taken[-1]
@@ -147,26 +158,16 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator):
         # peers may still write into a failed call's output: its segment is never reused
         assert len(taken) == 1 and taken[0] not in a._pool.all
         assert not os.path.exists("/dev/shm/" + taken[0].name.lstrip("/"))
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_short_wait_returns_on_time(coordinator):
     """Handle.wait(timeout) honours a timeout shorter than the client's receive slice."""
-    a = Client(coordinator=coordinator.addr, timeout=15.0)
-    b = Client(coordinator=coordinator.addr, timeout=15.0)
-    try:
-        with cf.ThreadPoolExecutor(2) as ex:
-            join_all(ex, [a, b])
+    with joined_pair(coordinator) as (a, _):
         h = a.all_reduce_async(np.ones(10, np.float32), timeout=2.0)  # b never joins this call
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="no answer"):
             h.wait(timeout=0.05)
         assert time.monotonic() - t0 < 0.2
-    finally:
-        a.close()
-        b.close()
 
 
 def test_peer_killed_survivors_fail_then_retry(coordinator):

@@ -424,30 +424,34 @@ def test_frames_read_together_with_a_stalled_one_wait_for_it(monkeypatch):
 def test_a_peer_retrying_a_call_completed_here_fails_both_sides():
     """Peer 0 completed tag 7 (its 'behind' test says so) and runs tag 8; peer 1 retries
     tag 7. Neither may pair up with the other: both fail with the divergence, not at their
-    deadlines. Peer 0 fails at once; peer 1 reads peer 0's error once the frame of tag 8
-    ahead of it on the stream has waited out the stall timeout."""
-    async def body():
-        async with cluster(2, config=DataPlaneConfig(stall_timeout=1.0)) as dps:
-            dps[0].behind = lambda tag: tag == 7
-            srcs = make_inputs(2, 10, "float32", "sum", seed=5)
-            dsts = [np.zeros(10, np.float32) for _ in range(2)]
-            t0 = time.monotonic()
-            took = {}
+    deadlines. With one stream, peer 1 reads peer 0's error only once the frame of tag 8
+    ahead of it has waited out the stall timeout; with two, the error also goes on the
+    stream that tag 8 does not use, and both fail at once."""
+    for streams, slowest in ((1, 5.0), (2, 0.5)):
+        run(_diverged_pair(streams, slowest))
 
-            async def call(r, tag):
-                try:
-                    return await dps[r].all_reduce(srcs[r], dsts[r], dtype="float32", op="sum", tag=tag,
-                                                   timeout=20)
-                finally:
-                    took[r] = time.monotonic() - t0
 
-            res = await asyncio.gather(call(0, 8), call(1, 7), return_exceptions=True)
-            assert all(isinstance(r, InvalidUsage) and "diverged" in str(r) for r in res), res
-            assert took[0] < 0.5 and took[1] < 5.0, took
-            # both go on once in step again
-            out, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=9)
-            assert out[0].tobytes() == reference(srcs, "float32", "sum").tobytes()
-    run(body())
+async def _diverged_pair(streams: int, slowest: float) -> None:
+    async with cluster(2, streams=streams, config=DataPlaneConfig(stall_timeout=1.0)) as dps:
+        dps[0].behind = lambda tag: tag == 7
+        srcs = make_inputs(2, 10, "float32", "sum", seed=5)
+        dsts = [np.zeros(10, np.float32) for _ in range(2)]
+        t0 = time.monotonic()
+        took = {}
+
+        async def call(r, tag):
+            try:
+                return await dps[r].all_reduce(srcs[r], dsts[r], dtype="float32", op="sum", tag=tag,
+                                               timeout=20)
+            finally:
+                took[r] = time.monotonic() - t0
+
+        res = await asyncio.gather(call(0, 8), call(1, 7), return_exceptions=True)
+        assert all(isinstance(r, InvalidUsage) and "diverged" in str(r) for r in res), res
+        assert took[0] < 0.5 and took[1] < slowest, took
+        # both go on once in step again
+        out, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=9)
+        assert out[0].tobytes() == reference(srcs, "float32", "sum").tobytes()
 
 
 def test_long_error_messages_arrive_whole():
