@@ -33,7 +33,7 @@ from .collectives.ring import RingAllReduce
 from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce
-from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
+from .errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PcclError, PeerLost
 from .topology import Topology
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -301,14 +301,14 @@ class DataPlane:
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
                 f"because one of them lost the other's confirmation; their states now differ by one call. "
                 f"Bring them in step again (sync_shared_state) before the next collective")
-        frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_INVALID_USAGE, text, h.desc)
+        frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc)
         link = self._links.get(pid)
         if link is not None:  # on every stream: a stream may be stalled on our next call's frame
             for stream in range(link.nstreams):
                 link.send(stream, frame, b"")
         for op in list(self._ops.values()):
             if not op.done and op.link.epoch == self.epoch and src < op.link.world:
-                self._fail_op(op, InvalidUsage(text), local=True)
+                self._fail_op(op, Diverged(text), local=True)
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
         """Log a dropped frame's reason once per key (a burst of frames makes one line)."""

@@ -45,6 +45,12 @@ class InvalidUsage(PcclError):
     """The caller used the API wrongly (wrong order, mismatched peers, bad arguments)."""
 
 
+class Diverged(InvalidUsage):
+    """Peers disagree on which calls completed: one completed a call that another failed
+    (the last confirmation was lost with a link) and the other now retries it. Their
+    states differ by one call; bring them in step (``sync_shared_state``) before going on."""
+
+
 class RevisionError(InvalidUsage):
     """A shared-state revision broke the rule 'exactly one more than the last sync'."""
 
@@ -67,6 +73,7 @@ _BY_NAME: dict[str, type[PcclError]] = {
         CoordinatorUnavailable,
         DeadlineExceeded,
         InvalidUsage,
+        Diverged,
         RevisionError,
         ProtocolError,
         InternalError,

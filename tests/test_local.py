@@ -50,7 +50,7 @@ def test_framebuffer_fuzz_only_protocol_errors(data):
 
 def test_error_wire_round_trip():
     for cls in (errors.PeerLost, errors.Aborted, errors.InvalidUsage, errors.RevisionError,
-                errors.CoordinatorUnavailable, errors.DeadlineExceeded):
+                errors.CoordinatorUnavailable, errors.DeadlineExceeded, errors.Diverged):
         back = errors.from_wire(errors.to_wire(cls("boom")))
         assert type(back) is cls and str(back) == "boom"
     other = errors.from_wire(errors.to_wire(KeyError("k")))

@@ -13,10 +13,18 @@ import asyncio
 from typing import Protocol
 
 from .. import frames as F
-from ..errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
+from ..errors import (
+    Aborted,
+    DeadlineExceeded,
+    Diverged,
+    InvalidUsage,
+    PcclError,
+    PeerLost,
+    ProtocolError,
+)
 
-_CODE_OF = {InvalidUsage: F.ERR_INVALID_USAGE, PeerLost: F.ERR_PEER_LOST,
-            DeadlineExceeded: F.ERR_DEADLINE}
+_CODE_OF = {Diverged: F.ERR_DIVERGED, InvalidUsage: F.ERR_INVALID_USAGE, PeerLost: F.ERR_PEER_LOST,
+            DeadlineExceeded: F.ERR_DEADLINE}  # subclasses first
 
 
 def error_code(exc: PcclError) -> int:
@@ -144,7 +152,8 @@ class Collective:
 
     def on_error(self, src: int, code: int, message: str) -> None:
         text = f"peer rank {src} failed tag {self.tag}: {message}"
-        self.fail(InvalidUsage(text) if code == F.ERR_INVALID_USAGE else Aborted(text))
+        cls = {F.ERR_INVALID_USAGE: InvalidUsage, F.ERR_DIVERGED: Diverged}.get(code, Aborted)
+        self.fail(cls(text))
 
     def fail(self, exc: PcclError) -> None:
         if not self.done:
