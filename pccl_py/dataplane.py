@@ -285,11 +285,11 @@ class DataPlane:
                        "from %s", h.tag, pid)
             return "drop", None, -1
         if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
-            self._diverged(h, pid, src)
+            self._diverged(h, pid)
             return "drop", None, -1
         return self._stall_or_pend(h, src)
 
-    def _diverged(self, h: F.Header, pid: str, src: int) -> None:
+    def _diverged(self, h: F.Header, pid: str) -> None:
         """``pid`` runs a call this peer completed: it failed that call (its last FIN was
         lost) and retries it, while this peer went on. Pairing the retry with our next call
         would mix two steps, so the retry fails there, and our calls fail here."""
@@ -306,8 +306,8 @@ class DataPlane:
         if link is not None:  # on every stream: a stream may be stalled on our next call's frame
             for stream in range(link.nstreams):
                 link.send(stream, frame, b"")
-        for op in list(self._ops.values()):
-            if not op.done and op.link.epoch == self.epoch and src < op.link.world:
+        for op in list(self._ops.values()):  # every call of this epoch waits for that peer too
+            if not op.done and op.link.epoch == self.epoch:
                 self._fail_op(op, Diverged(text), local=True)
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
@@ -400,7 +400,10 @@ class DataPlane:
         def settle(fut: asyncio.Future) -> None:
             self._settle(coll)
             exc = fut.exception()
-            done(None, exc) if exc is not None else done(_info(world, algo, t0, coll), None)
+            if exc is not None:
+                done(None, exc)
+            else:
+                done(_info(world, algo, t0, coll), None)
 
         coll.future.add_done_callback(settle)
 
