@@ -162,8 +162,8 @@ class ControlLink:
         self.state = "idle"  # idle | pending | recovering | accepted | removed | left | closed
         self.revision = -1  # shared-state revision, reported to the coordinator
         self.instance = ""  # coordinator instance that welcomed us last
-        self._activity: str | None = None
-        self.activity_source: Callable[[], str | None] | None = None  # read at each heartbeat
+        # what this peer is doing (e.g. "all_reduce tag=5"), asked at each heartbeat
+        self.activity_source: Callable[[], str | None] = lambda: None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
@@ -300,7 +300,8 @@ class ControlLink:
             self._send("report_failure", peer_id=peer_id[:128], reason=reason[:1024], epoch=epoch)
 
     def set_activity(self, activity: str | None) -> None:
-        self._activity = None if activity is None else activity[:256]
+        """Report a fixed activity from now on (a daemon sets ``activity_source`` instead)."""
+        self.activity_source = lambda: activity
 
     def sync_channel(self) -> SyncChannel:
         """The :class:`~pccl_py.statesync.SyncChannel` ``daemon_sync`` talks through."""
@@ -421,8 +422,8 @@ class ControlLink:
                 continue
             now = loop.time()
             epoch = self.topology.epoch if self.topology is not None else 0
-            activity = self.activity_source() if self.activity_source is not None else self._activity
-            self._send("heartbeat", activity=activity, epoch=epoch, revision=self.revision)
+            activity = self.activity_source()
+            self._send("heartbeat", activity=activity and activity[:256], epoch=epoch, revision=self.revision)
             silent_since = self._last_rx if self._last_rx else self._last_hello
             if now - silent_since > self.coordinator_timeout:
                 if not self._lost:

@@ -262,7 +262,7 @@ class Daemon:
     def _describe_activity(self) -> str | None:
         """What this peer is doing, for the coordinator's lockstep check (sent with heartbeats)."""
         acts = sorted({f"{what} tag={k & ~AUTO_TAG}" if k >= 0 else what for k, what in self._in_flight.items()})
-        return ",".join(acts)[:256] if acts else None
+        return ",".join(acts) if acts else None
 
     def next_tag(self, user_tag) -> tuple[int, int | None]:
         """The call's tag and, for an automatic one, the token for ``tag_done``."""

@@ -3,10 +3,10 @@ and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
 
 * :class:`Stream` -- one TCP stream, an ``asyncio.BufferedProtocol``. ``get_buffer`` hands
   the event loop the exact bytes of the next handshake message; after the handshake,
-  headers and small payloads are read through a 64 KiB stage (one read takes several
+  headers and small payloads are read through a 16 KiB stage (one read takes several
   small frames), and a payload with at least ``_DIRECT_MIN`` bytes left is read straight
   into its destination (a slice of the caller's ``dst`` or a per-stream staging buffer),
-  so no large payload is copied by Python on the way in. Outgoing payloads are
+  so Python copies at most 16 KiB of a large payload on the way in. Outgoing payloads are
   memoryviews handed to the transport (one ``writev`` on uvloop).
 * :class:`PeerLink` -- the K streams to one peer (``session`` groups them), with a queue for
   frames sent before the link is up, and the clean-EOF grace across its streams.
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pccl_py.dataplane")
 
 _SCRATCH = 1 << 16
-_STAGE = 1 << 16  # bytes one staged recv may take
 _DIRECT_MIN = 1 << 14  # a payload with this much left is read straight into its destination
+_STAGE = _DIRECT_MIN + F.HEADER_SIZE  # one staged recv: so at most this much of a payload is copied
 WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
 LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
 _EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
@@ -162,7 +162,8 @@ class Stream(asyncio.BufferedProtocol):
             if n <= 0:  # pragma: no cover - every state arms a non-empty view
                 self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
                 return
-            self._view[self._pos:self._pos + n] = stage[a:a + n]
+            if st != _DISCARD:  # dropped bytes need not land anywhere
+                self._view[self._pos:self._pos + n] = stage[a:a + n]
             self._pos += n
             a += n
             self._advance()
