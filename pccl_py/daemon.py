@@ -27,7 +27,7 @@ from . import local
 from .collectives import _kernels as K
 from .control import ControlLink, parse_addr
 from .dataplane import DataPlane, DataPlaneConfig
-from .errors import InvalidUsage, PcclError, ProtocolError, to_wire
+from .errors import Diverged, InvalidUsage, PcclError, ProtocolError, to_wire
 from .shared_state import layout_views
 from .statesync import daemon_sync
 from .statexfer import StateServer
@@ -274,9 +274,11 @@ class Daemon:
             return tag, None
         return self._tags.take()
 
-    def tag_done(self, tag: int, token: int | None, ok: bool) -> None:
+    def tag_done(self, tag: int, token: int | None, exc: BaseException | None) -> None:
+        """The call of ``tag`` ended with ``exc`` (None: it succeeded). A ``Diverged`` call was
+        completed by the other peers without this one: its tag is used up, like a success."""
         if token is not None:
-            self._tags.done(tag, token, ok)
+            self._tags.done(tag, token, exc is None or isinstance(exc, Diverged))
 
     @staticmethod
     def _timeout(req: dict) -> float:
@@ -322,13 +324,15 @@ class Daemon:
                 raise InvalidUsage("all_gather needs bytes")
             tag, token = self.next_tag(req.get("tag"))
             self._in_flight[tag] = "all_gather"
-            ok = False
+            exc: BaseException | None = None
             try:
                 blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
-                ok = True
+            except BaseException as e:
+                exc = e
+                raise
             finally:
                 self._in_flight.pop(tag, None)
-                self.tag_done(tag, token, ok)
+                self.tag_done(tag, token, exc)
             return {"blobs": blobs, "epoch": topo.epoch}
         if op == "sync_shared_state":
             return await self._sync(session, req, timeout)
@@ -405,7 +409,7 @@ class Daemon:
 
         def done(info: dict | None, exc: PcclError | None) -> None:
             self._in_flight.pop(tag, None)
-            self.tag_done(tag, token, info is not None)
+            self.tag_done(tag, token, exc)
             if info is not None:
                 info["epoch"] = topo.epoch
             finish(info, exc)
@@ -423,9 +427,9 @@ class Daemon:
                 shm_refs=(in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off),
                 done=done,
             )
-        except BaseException:
+        except BaseException as e:
             self._in_flight.pop(tag, None)
-            self.tag_done(tag, token, False)
+            self.tag_done(tag, token, e)
             raise
 
 

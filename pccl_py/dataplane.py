@@ -33,7 +33,7 @@ from .collectives.ring import RingAllReduce
 from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce
-from .errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PcclError, PeerLost
+from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
 from .topology import Topology
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -292,23 +292,21 @@ class DataPlane:
     def _diverged(self, h: F.Header, pid: str) -> None:
         """``pid`` runs a call this peer completed: it failed that call (its last FIN was
         lost) and retries it, while this peer went on. Pairing the retry with our next call
-        would mix two steps, so the retry fails there, and our calls fail here."""
+        would mix two steps, so the retry fails there with ``Diverged``, and that peer's
+        next call takes the tag after it: it pairs with our next call, which keeps running."""
         key = ("diverged", pid, h.epoch, h.tag, h.seq)
         if key in self._noted:
             return
         self._note(logging.WARNING, key, "peer %s retries tag %d, which this peer completed: the peers diverged",
                    pid, h.tag)
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
-                f"because one of them lost the other's confirmation; their states now differ by one call. "
-                f"Bring them in step again (sync_shared_state) before the next collective")
+                f"because one of them lost the other's confirmation; the caller's state lacks that call's "
+                f"result. Bring the peers in step again (sync_shared_state)")
         frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc)
         link = self._links.get(pid)
         if link is not None:  # on every stream: a stream may be stalled on our next call's frame
             for stream in range(link.nstreams):
                 link.send(stream, frame, b"")
-        for op in list(self._ops.values()):  # every call of this epoch waits for that peer too
-            if not op.done and op.link.epoch == self.epoch:
-                self._fail_op(op, Diverged(text), local=True)
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
         """Log a dropped frame's reason once per key (a burst of frames makes one line)."""

@@ -81,6 +81,8 @@ def worker(args) -> int:
                 loss.backward()
                 inner.step()
             info = diloco.outer_step()
+            if info.get("diverged"):  # not applied here; the sync below brings this peer in step
+                emit(event="diverged", step=int(step.item()), message=info["error"])
             step += 1
             # every peer votes here; a newcomer's connect() returns at this same point and
             # its first sync joins the one below
@@ -91,8 +93,8 @@ def worker(args) -> int:
                 diloco.load_outer()
             parity = same_everywhere(client, diloco)
             emit(
-                event="step", step=int(step.item()), loss=round(loss.item(), 5), world=info["world_size"],
-                epoch=info.get("epoch"), parity=parity, ms=round(info["seconds"] * 1e3, 2),
+                event="step", step=int(step.item()), loss=round(loss.item(), 5), world=info.get("world_size"),
+                epoch=info.get("epoch"), parity=parity, ms=round(info.get("seconds", 0.0) * 1e3, 2),
                 sync_ms=round(res["seconds"] * 1e3, 2),
             )
             if not parity:
@@ -227,6 +229,9 @@ def orchestrate(args) -> int:
                           f"{ev['rx']} bytes received)", flush=True)
                     if not ev["parity"]:
                         run.failed.append(f"trainer {wid} joined with state that differs from the others")
+                elif ev["event"] == "diverged":
+                    print(f"[demo] trainer {wid} did not apply step {ev['step']} (the others completed it "
+                          f"without it); the next sync brings it in step: {ev['message']}", flush=True)
                 elif ev["event"] == "done":
                     done.add(wid)
                 elif ev["event"] == "error":

@@ -17,15 +17,26 @@ To keep peers in step across churn, put the outer state in a shared state::
     diloco.outer_step()
     state.revision += 1
     client.sync_shared_state(state)  # newcomers fetch it; peers in step move no bytes
+
+If the outer all-reduce ends with :class:`~pccl_py.errors.Diverged` (the other peers
+completed it, this peer lost their last confirmation), ``outer_step`` does not apply it:
+the local params go back to the outer params, a warning is logged, and the returned info
+has ``"diverged": True``. This peer's state then lacks that step; the next
+``sync_shared_state`` brings it in step (the peers hold different hashes, and the elected
+state is fetched), so call it after every outer step as above.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from .client import Client
+from .errors import Diverged
+
+log = logging.getLogger(__name__)
 
 
 class DiLoCo:
@@ -72,11 +83,18 @@ class DiLoCo:
 
     @torch.no_grad()
     def outer_step(self) -> dict:
-        """Average pseudo-gradients across peers and take one outer step (retrying on churn)."""
+        """Average pseudo-gradients across peers and take one outer step (retrying on churn).
+        A diverged step is not applied (see the module's notes): the info says ``diverged``."""
         deltas = self._delta_buffers()
         for d, o, p in zip(deltas, self.outer, self.params):
             torch.sub(o, p.detach(), out=d)
-        info = self.client.all_reduce(deltas, op="avg", quant=self.quant, timeout=self.timeout, retry=True)
+        try:
+            info = self.client.all_reduce(deltas, op="avg", quant=self.quant, timeout=self.timeout, retry=True)
+        except Diverged as exc:
+            log.warning("outer step not applied: %s", exc)
+            self.load_outer()
+            self.last_info = {"diverged": True, "error": str(exc)}
+            return self.last_info
         for o, m, d in zip(self.outer, self.momentum, deltas):
             m.mul_(self.outer_momentum).add_(d)
             # Nesterov: step along the gradient plus the updated momentum

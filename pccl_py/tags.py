@@ -9,9 +9,11 @@ the caller's retry, takes it again. So:
 * every peer fails call k: all retry it under tag k, and pair up;
 * one peer completed call k while another failed it (it got every FIN but the other lost
   the last one, e.g. with a link reset): the first one's next call has tag k + 1, the
-  other's retry tag k. They do not pair up, and the data plane can tell the one ahead
-  that its peer retries a call it completed (``behind``), so both fail with a clear
-  error instead of silently summing two different steps.
+  other's retry tag k. They do not pair up: the data plane of the one ahead sees that its
+  peer retries a call it completed (``behind``) and tells it so. The retry fails with
+  ``Diverged``, which uses its tag up like a success, so that peer's next call has tag
+  k + 1 too and pairs with the other's. Its state lacks call k's result until the peers
+  resynchronise.
 
 The count starts again only when the group gains a member (a vote admitted a peer, or
 this peer joined): at that point every member is between calls, so all agree on zero.
@@ -46,7 +48,8 @@ class AutoTags:
         return AUTO_TAG | n, self._generation
 
     def done(self, tag: int, token: int, ok: bool) -> None:
-        """The call of ``tag`` ended; a failed call's tag goes to the next call."""
+        """The call of ``tag`` ended; a failed call's tag goes to the next call, a completed
+        one's (``ok``: it succeeded, or the other peers completed it) is used up."""
         if token != self._generation:  # taken before a reset: that count is gone
             return
         n = tag & ~AUTO_TAG

@@ -50,6 +50,10 @@ def test_one_sided_completion_gives_different_tags():
     assert next_a != retry_b
     assert a.behind(retry_b)  # A can tell that B retries what A completed
     assert not b.behind(next_a)  # B is the one behind, not A
+    # A says so; B's retry fails with Diverged, which uses call 1 up: B's next call pairs
+    # with A's next one, which is still waiting for it
+    b.done(retry_b, kb, ok=True)
+    assert b.take()[0] == next_a
 
 
 def test_behind_is_false_for_calls_in_flight_failed_or_not_yet_made_and_user_tags():
@@ -73,3 +77,23 @@ def test_reset_forgets_the_count_and_calls_taken_before_it():
     t.done(a, ta, ok=False)  # must not be taken again after the reset
     assert [n(t.take()[0]) for _ in range(2)] == [1, 2]
     assert not t.behind(AUTO_TAG | 1)
+
+
+def test_the_daemon_uses_a_diverged_calls_tag_up_and_gives_a_failed_ones_back():
+    """The daemon's glue: a call that failed with Diverged was completed by the others, so
+    the next call moves on; any other failure gives the tag to the next call (its retry)."""
+    from pccl_py.daemon import Daemon
+    from pccl_py.errors import Aborted, Diverged
+
+    d = Daemon(coordinator="127.0.0.1:1")
+    d.topology = object()  # connected, as far as tags are concerned
+    tag, token = d.next_tag(None)
+    d.tag_done(tag, token, Aborted("link reset"))
+    retry, token = d.next_tag(None)
+    assert retry == tag
+    d.tag_done(retry, token, Diverged("peer X completed it"))
+    nxt, token = d.next_tag(None)
+    assert n(nxt) == n(tag) + 1
+    d.tag_done(nxt, token, None)
+    assert n(d.next_tag(None)[0]) == n(tag) + 2
+    assert d.next_tag(5) == (5, None)  # a user tag is the caller's business
