@@ -302,11 +302,28 @@ class DataPlane:
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
                 f"because one of them lost the other's confirmation; the caller's state lacks that call's "
                 f"result. Bring the peers in step again (sync_shared_state)")
-        frame = F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc)
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc))
+
+    def _tell(self, pid: str, frame: bytes) -> None:
+        """Send a control frame on every stream of the link: one may be stalled on a frame of
+        a call the peer has not posted, and the frame must not wait behind it."""
         link = self._links.get(pid)
-        if link is not None:  # on every stream: a stream may be stalled on our next call's frame
+        if link is not None:
             for stream in range(link.nstreams):
                 link.send(stream, frame, b"")
+
+    def stall_expired(self, h: F.Header, pid: str) -> None:
+        """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted
+        here, and was dropped. Its call can no longer complete: tell the sender (its call
+        fails now with ``Aborted`` instead of at its deadline), and count that attempt as
+        made here, so that our post of the tag pairs with the sender's retry (next attempt)."""
+        if h.epoch != self.epoch or pid not in self._rank_of:
+            return
+        if self._seq.get(h.tag, 0) <= h.seq:
+            self._memo(self._seq, h.tag, h.seq + 1)
+        text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.seq}) within "
+                f"{self.config.stall_timeout}s and dropped its data")
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_ABORTED, text, h.desc))
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
         """Log a dropped frame's reason once per key (a burst of frames makes one line)."""

@@ -358,6 +358,8 @@ class Stream(asyncio.BufferedProtocol):
                     h.tag, h.epoch, self.link.peer_id if self.link else self.peer, self.dp.config.stall_timeout)
         self.dp._stalled.discard(self)
         self._hdr = None
+        if self.link is not None and h.kind == F.DATA:
+            self.dp.stall_expired(h, self.link.peer_id)
         self._discard(h.length)
         self._resume()
 
