@@ -466,6 +466,35 @@ async def _diverged_pair(streams: int) -> None:
         assert out[0].tobytes() == out[1].tobytes() == want
 
 
+@pytest.mark.parametrize("algorithm,count", [("tree", 10), ("ring", 30_000)])
+def test_of_three_the_one_behind_fails_alone_and_its_next_call_joins_the_others(algorithm, count):
+    """Peers 0 and 1 completed tag 7 and run tag 8; peer 2 retries tag 7. Peer 2 alone
+    fails (Diverged: a direct exchange reaches both peers ahead, a ring only its right
+    neighbour), and its next call, tag 8, completes the others' tag 8 with the right sum."""
+    async def body():
+        async with cluster(3, config=DataPlaneConfig(stall_timeout=5.0)) as dps:
+            for d in dps[:2]:
+                d.behind = lambda tag: tag == 7
+            srcs = make_inputs(3, count, "float32", "sum", seed=11)
+            dsts = [np.zeros(count, np.float32) for _ in range(3)]
+
+            def call(r, tag):
+                return dps[r].all_reduce(srcs[r], dsts[r], dtype="float32", op="sum", algorithm=algorithm,
+                                         tag=tag, timeout=20.0)
+
+            ahead = [asyncio.ensure_future(call(r, 8)) for r in (0, 1)]
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            with pytest.raises(Diverged):
+                await call(2, 7)
+            assert time.monotonic() - t0 < 2.0
+            assert not any(f.done() for f in ahead)
+            await asyncio.gather(*ahead, call(2, 8))
+            want = reference(srcs, "float32", "sum").tobytes()
+            assert all(d.tobytes() == want for d in dsts)
+    run(body())
+
+
 def test_a_frame_dropped_after_the_stall_timeout_fails_its_call_and_the_retry_pairs_up():
     """Peer 1 does not post tag 5 for longer than the stall timeout: peer 0's call fails
     then with Aborted (not at its 20 s deadline), and once both post tag 5 again they pair
