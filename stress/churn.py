@@ -143,7 +143,9 @@ def orchestrate(args) -> int:
             busy = {pr.slot for pr in peers.values() if pr.alive()}
             slot = min(set(range(len(hosts.names))) - busy)
             cmd = ["ip", "netns", "exec", hosts.names[slot], *cmd, "--listen", "0.0.0.0:0"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        # its own process group (with the daemon it spawns), so the end of the run can stop a
+        # daemon whose PID it has not learnt yet, before the namespaces go
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, start_new_session=True)
         os.set_blocking(p.stdout.fileno(), False)
         peers[next_id] = Peer(p, slot)
         next_id += 1
@@ -225,6 +227,10 @@ def orchestrate(args) -> int:
         for pr in peers.values():
             pr.signal(signal.SIGCONT)
             pr.signal(signal.SIGKILL)
+            try:  # the trainer is not reaped yet, so its group id is still ours
+                os.killpg(pr.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             pr.proc.wait()
         if coord is not None:
             coord.kill()
