@@ -22,6 +22,12 @@ With ``--hosts`` every peer runs in its own network namespace (stress/hosts.py) 
 own address, so the group is not co-located and every all-reduce crosses TCP links
 (needs root); ``--rate`` shapes each uplink. Without it all peers share this host and
 large all-reduces go through shared memory.
+
+By default a failed call sends a peer back to ``update_topology()`` while peers whose
+call completed go on, so peers leave lockstep and the coordinator's mismatch abort brings
+them back. ``--retry`` makes the all-reduces ``retry=True``, as a trainer would call them:
+a failed call is repeated on the new membership, and only errors that are not retried
+(``Diverged``, a removal, a mismatch) send a peer back to vote.
 """
 
 from __future__ import annotations
@@ -62,10 +68,10 @@ def peer(args) -> int:
                     topo = c.update_topology()
                 voted = False
                 ones = np.ones(args.size, dtype=np.float32)
-                info = c.all_reduce(ones, op="sum")
+                info = c.all_reduce(ones, op="sum", retry=args.retry)
                 ok = bool(np.all(ones == info["world_size"]))
                 x = rng.standard_normal(args.size).astype(np.float32)
-                c.all_reduce(x, op="avg", quant=args.quant)
+                c.all_reduce(x, op="avg", quant=args.quant, retry=args.retry)
                 hashes = c.all_gather(xxhash.xxh64(x.tobytes()).digest())
                 print(json.dumps({"event": "step", "epoch": topo["epoch"], "world": info["world_size"],
                                   "correct": ok, "parity": len(set(hashes)) == 1,
@@ -136,6 +142,8 @@ def orchestrate(args) -> int:
         nonlocal next_id
         cmd = [sys.executable, os.path.abspath(__file__), "--role", "peer", "--coordinator", addr,
                "--peer-seed", str(next_id), "--size", str(args.size), "--minutes", str(args.minutes)]
+        if args.retry:
+            cmd += ["--retry"]
         if args.quant:
             cmd += ["--quant", args.quant]
         slot = None
@@ -253,6 +261,7 @@ def main() -> int:
     p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--retry", action="store_true", help="all-reduces with retry=True, as a trainer calls them")
     p.add_argument("--hosts", action="store_true", help="each peer in its own network namespace (root)")
     p.add_argument("--rate", default=None, help="with --hosts: tbf rate of each uplink, e.g. 500mbit")
     p.add_argument("--coordinator-log", default=None, metavar="PATH", help="with --hosts: the coordinator's log")
