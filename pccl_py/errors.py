@@ -46,9 +46,10 @@ class InvalidUsage(PcclError):
 
 
 class Diverged(InvalidUsage):
-    """Peers disagree on which calls completed: one completed a call that another failed
-    (the last confirmation was lost with a link) and the other now retries it. Their
-    states differ by one call; bring them in step (``sync_shared_state``) before going on."""
+    """This peer retried a call that the other peers had completed without it (it lost
+    their last confirmation with a link). The call counts as done here too, so the next
+    call goes on with theirs, but this peer's state lacks its result: bring the peers in
+    step (``sync_shared_state``)."""
 
 
 class RevisionError(InvalidUsage):

@@ -30,6 +30,7 @@ AUTO_TAG = 1 << 62  # bit set in every automatic tag (user tags are below it)
 
 class AutoTags:
     def __init__(self) -> None:
+        self._generation = 0  # counts resets: a token from before one is stale
         self.reset()
 
     def reset(self) -> None:
@@ -37,7 +38,7 @@ class AutoTags:
         self._next = 1
         self._free: list[int] = []  # failed tags, taken again smallest first
         self._in_flight: set[int] = set()
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._generation += 1
 
     def take(self) -> tuple[int, int]:
         """A tag for the next call, and the token to hand back to :meth:`done`."""

@@ -103,18 +103,22 @@ class ShmContext:
             self._free.append(slot)
 
     # -- peers' segments -----------------------------------------------------------------
-    def view(self, peer_id: str, name: str, offset: int, nbytes: int, writable: bool = False) -> memoryview:
-        """View of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached)."""
+    def view(self, peer_id: str, name: str, offset: int, nbytes: int, writable: bool = False,
+             of_call: bool = True) -> memoryview:
+        """View of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached).
+        ``of_call``: the segment holds one call's tensors, and its client retires it when
+        the call fails there, so a missing one means that call ended (``Aborted``). A
+        missing segment that lives as long as its daemon (a lease) means the daemons do
+        not share /dev/shm (``InvalidUsage``)."""
         maps = self._maps.setdefault(peer_id, collections.OrderedDict())
         key = (name, writable)
         mm = maps.get(key)
         if mm is None:
             try:
                 mm = attach_peer(name, writable)
-            except FileNotFoundError:
-                # its client retires the segment of a call that failed there: ours fails too
-                raise Aborted(f"peer {peer_id}'s shared memory {name} is gone: its call has ended") from None
             except (OSError, ValueError, ProtocolError) as e:
+                if of_call and isinstance(e, FileNotFoundError):
+                    raise Aborted(f"peer {peer_id}'s shared memory {name} is gone: its call has ended") from None
                 raise InvalidUsage(
                     f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
                     f"address but not /dev/shm need the TCP path: start them with --no-shm") from None
@@ -219,15 +223,9 @@ class ShmAllReduce(Collective):
         if not ok or not 0 <= slot < LEASE_SLOTS:
             raise InvalidUsage(f"peer rank {src} sent a malformed READY")
         pid = self.link.ids[src]
-        try:  # a daemon's lease segment lives as long as the daemon
-            lease = self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8)
-        except Aborted:
-            raise InvalidUsage(
-                f"cannot map peer {pid}'s lease segment {lname}. Daemons that share an address but not "
-                f"/dev/shm need the TCP path: start them with --no-shm") from None
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
                            self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
-                           lease, slot * 8, nonce)
+                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8, of_call=False), slot * 8, nonce)
         self._maybe_fold()
 
     def _maybe_fold(self) -> None:
