@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PCDP"
-WIRE_VERSION = 2  # 2: ERROR code 5 (Diverged)
+WIRE_VERSION = 3  # 2: ERROR code 5 (Diverged); 3: a direct exchange of <= TINY_BYTES has no FIN round
 
 # frame kinds
 DATA = 1
@@ -74,6 +74,10 @@ ERR_CODES = (ERR_ABORTED, ERR_INVALID_USAGE, ERR_PEER_LOST, ERR_DEADLINE, ERR_DI
 MAX_TAG = 2**63 - 1
 MAX_PEER_ID = 255
 MAX_ERROR_MESSAGE = 1024
+# A direct all-reduce of 1..TINY_BYTES bytes sends one DATA frame to each peer and has no
+# FIN round: a single frame per link leaves the same window for a one-sided completion
+# as the FIN it would be followed by (docs/dataplane.md, "Agreement and failures").
+TINY_BYTES = 4096
 NONCE_LEN = 32
 MAC_LEN = 32
 

@@ -512,16 +512,33 @@ def test_a_frame_dropped_after_the_stall_timeout_fails_its_call_and_the_retry_pa
     run(body())
 
 
+@pytest.mark.parametrize("nbytes,fin", [(4, False), (F.TINY_BYTES, False), (F.TINY_BYTES + 4, True), (0, True)])
+def test_a_tiny_direct_exchange_sends_one_frame_per_peer_and_no_fin(nbytes, fin):
+    """Up to TINY_BYTES a direct exchange is one DATA frame to each peer and nothing else;
+    above it (and for an empty call, whose only message is the FIN) the FIN round follows."""
+    async def body():
+        async with cluster(3) as dps:
+            srcs = make_inputs(3, nbytes // 4, "float32", "sum", seed=9)
+            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="tree", tag=3)
+            assert out[0].tobytes() == out[2].tobytes() == reference(srcs, "float32", "sum").tobytes()
+            data = 2 * (F.HEADER_SIZE + nbytes) if nbytes else 0
+            for info in infos:
+                assert info["tx_bytes"] == data + (2 * F.HEADER_SIZE if fin else 0), info
+                assert info["rx_bytes"] == info["tx_bytes"], info
+    run(body())
+
+
 def test_long_error_messages_arrive_whole():
-    """An ERROR frame may carry up to MAX_ERROR_MESSAGE bytes of text; the stream stays in sync."""
+    """An ERROR frame may carry up to MAX_ERROR_MESSAGE bytes of text; the stream stays in sync.
+    (A ring: peer 1 needs more of peer 0's data after its first frame, so it gets the error.)"""
     async def body():
         async with cluster(2) as dps:
             srcs = make_inputs(2, 10, "int32", "sum", seed=4)
             dsts = [np.zeros(10, np.int32) for _ in range(2)]
             f1 = asyncio.ensure_future(dps[1].all_reduce(srcs[1], dsts[1], dtype="int32", op="sum", tag=5,
-                                                         timeout=20))
+                                                         algorithm="ring", timeout=20))
             f0 = asyncio.ensure_future(dps[0].all_reduce(srcs[0], dsts[0], dtype="int32", op="sum", tag=5,
-                                                         timeout=20))
+                                                         algorithm="ring", timeout=20))
             await asyncio.sleep(0)  # posted, not yet complete
             text = "why " * (F.MAX_ERROR_MESSAGE // 4 - 1)
             dps[0]._fail_op(dps[0]._ops[5], InvalidUsage(text), local=True)

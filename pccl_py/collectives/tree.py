@@ -4,7 +4,10 @@ Every peer sends its whole input to every other peer; each peer then reduces the
 contributions in rank order 0, 1, ..., N-1. All peers run the same sequence of
 elementwise operations on the same bytes, so all end with identical bits. Cost: each
 peer sends (N-1) x size, so ``algorithm="auto"`` uses it only below the measured
-crossover; latency is one hop plus the FIN round.
+crossover; latency is one hop plus the FIN round, or one hop alone for a call of at most
+``frames.TINY_BYTES``: its one frame per peer is the last thing each peer sends, so a FIN
+after it would not narrow the window in which a broken link leaves one peer done and
+another failed (the counted tags catch that case either way, see ``pccl_py/tags.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class DirectAllReduce(Collective):
         self.slots = memoryview(bytearray(w * self.nbytes))
         me = link.rank
         self.slot(me)[:] = src
+        self.agree = not 0 < self.nbytes <= F.TINY_BYTES
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
 
     def slot(self, r: int):
@@ -42,7 +46,7 @@ class DirectAllReduce(Collective):
             if r == lk.rank or not self.nbytes:
                 continue
             k = lk.nstreams(r)
-            parts = max(1, min(k, self.nbytes // self.min_stripe))
+            parts = max(1, min(k, self.nbytes // self.min_stripe)) if self.agree else 1
             bd = split(self.nbytes // it, parts)
             for s in range(parts):
                 a, b = bd[s] * it, bd[s + 1] * it
