@@ -394,16 +394,23 @@ class Daemon:
         nbytes = int(req["nbytes"])
         if nbytes % K.itemsize(dtype):
             raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
-        seg = session.segment(str(req["shm"]))
-        in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
-        in_off, out_off = int(req["in_off"]), int(req["out_off"])
-        for s, off in ((in_seg, in_off), (seg, out_off)):
-            if off < 0 or off + nbytes > s.size:
-                raise InvalidUsage("buffer range outside the shared-memory segment")
-        if in_seg is seg and abs(in_off - out_off) < nbytes:
-            raise InvalidUsage("input and output ranges overlap")
-        src = in_seg.buf[in_off:in_off + nbytes]
-        dst = seg.buf[out_off:out_off + nbytes]
+        inline = req.get("data")
+        if inline is not None:  # a small call carries its bytes; the result goes back in the reply
+            if not isinstance(inline, bytes) or len(inline) != nbytes or nbytes > local.INLINE_BYTES:
+                raise InvalidUsage(f"inline data must be bytes of the call's size (at most {local.INLINE_BYTES})")
+            src, dst, refs = inline, bytearray(nbytes), None
+        else:
+            seg = session.segment(str(req["shm"]))
+            in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
+            in_off, out_off = int(req["in_off"]), int(req["out_off"])
+            for s, off in ((in_seg, in_off), (seg, out_off)):
+                if off < 0 or off + nbytes > s.size:
+                    raise InvalidUsage("buffer range outside the shared-memory segment")
+            if in_seg is seg and abs(in_off - out_off) < nbytes:
+                raise InvalidUsage("input and output ranges overlap")
+            src = in_seg.buf[in_off:in_off + nbytes]
+            dst = seg.buf[out_off:out_off + nbytes]
+            refs = (in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off)
         tag, token = self.next_tag(req.get("tag"))
         self._in_flight[tag] = "all_reduce"
 
@@ -412,6 +419,8 @@ class Daemon:
             self.tag_done(tag, token, exc)
             if info is not None:
                 info["epoch"] = topo.epoch
+                if inline is not None:
+                    info["data"] = dst
             finish(info, exc)
 
         try:
@@ -424,7 +433,7 @@ class Daemon:
                 algorithm=str(req.get("algorithm", "auto")),
                 tag=tag,
                 timeout=timeout,
-                shm_refs=(in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off),
+                shm_refs=refs,
                 done=done,
             )
         except BaseException as e:

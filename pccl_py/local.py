@@ -2,9 +2,12 @@
 
 Control messages travel over an AF_UNIX stream socket as length-prefixed msgpack maps
 (``<u32 little-endian length><msgpack map>``); DESIGN section 11 measured a plain unix
-socket at ~16 us per round trip against 80-130 us for zmq ipc. Tensor payloads never
+socket at ~16 us per round trip against 80-130 us for zmq ipc. Tensor payloads do not
 cross the socket: the client copies them into a shared-memory segment that both
-processes map (created once, reused) and the daemon writes results back into it.
+processes map (created once, reused) and the daemon writes results back into it. The
+exception is an all-reduce of at most ``INLINE_BYTES``: its bytes ride in the request's
+``data`` field and the result in the reply's, which spares the segment bookkeeping that
+dominates a latency-bound call.
 
 Requests are ``{"op": <name>, "id": <int>, ...}``; every reply carries the same ``id`` and
 either ``"ok": True`` plus fields, or ``"ok": False`` plus :func:`pccl_py.errors.to_wire`'s
@@ -28,6 +31,7 @@ from .errors import ProtocolError
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 1 << 24  # control messages only; payloads go through shared memory
+INLINE_BYTES = 4096  # an all-reduce of at most this many bytes carries them in its request and reply
 
 OPS = frozenset(
     {
@@ -68,6 +72,10 @@ class FrameBuffer:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[dict]:
+        if not self._buf and len(data) >= LEN.size:  # the usual case: exactly one whole message
+            (n,) = LEN.unpack_from(data)
+            if len(data) == LEN.size + n and n <= MAX_MESSAGE:
+                return [unpack(memoryview(data)[LEN.size:])]
         self._buf += data
         out: list[dict] = []
         while len(self._buf) >= LEN.size:
