@@ -33,7 +33,7 @@ from .collectives.ring import RingAllReduce
 from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce
-from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
+from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
 from .topology import Topology
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -64,6 +64,17 @@ class DataPlaneConfig:
 
 
 _CTRL_PENDING_MAX = 4096
+_HELD_MAX_BYTES = 4 << 20  # payload bytes of small frames held for calls not posted yet
+_HELD_MAX = 4096  # and their number; beyond either, a frame stalls its stream instead
+
+
+class _Scratch:
+    """The ``conn`` a held frame is delivered through: staging of its own (the stream that
+    read the frame may be using its staging buffer for another frame by then)."""
+
+    @staticmethod
+    def staging(n: int) -> memoryview:
+        return memoryview(bytearray(n))
 
 
 class DataPlane:
@@ -99,6 +110,10 @@ class DataPlane:
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
         self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
+        # small DATA frames that arrived before their call was posted: (epoch, tag) -> [_Held]
+        self._held: dict[tuple[int, int], list[_Held]] = {}
+        self._held_bytes = 0
+        self._held_count = 0
         # Set by the daemon: True for a tag this peer completed that a peer now runs again
         # (see pccl_py.tags); None: no such check.
         self.behind: Callable[[int], bool] | None = None
@@ -153,6 +168,9 @@ class DataPlane:
             self._seq.clear()
             self._finished.clear()
             self._ctrl = collections.OrderedDict((k, v) for k, v in self._ctrl.items() if k[0] > topo.epoch)
+            for key in [k for k in self._held if k[0] < topo.epoch]:
+                for held in list(self._held.get(key, ())):
+                    self._release(held)
             self._lost.clear()
         self.topology = topo
         self.epoch = topo.epoch
@@ -324,6 +342,77 @@ class DataPlane:
         text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.seq}) within "
                 f"{self.config.stall_timeout}s and dropped its data")
         self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_ABORTED, text, h.desc))
+
+    # -- small frames for calls not posted yet ------------------------------------------------
+    def can_hold(self, h: F.Header) -> bool:
+        """Whether a DATA frame for a call not posted yet is small enough to be kept aside
+        (its stream reads on) instead of stalling its stream."""
+        return (h.kind == F.DATA and h.epoch == self.epoch and h.length <= F.TINY_BYTES
+                and self._held_count < _HELD_MAX and self._held_bytes + h.length <= _HELD_MAX_BYTES)
+
+    def hold(self, h: F.Header, link: PeerLink, conn: Stream, payload: bytearray) -> None:
+        """A held frame's payload is in. Its call may have been posted meanwhile: route again."""
+        if self._closed or link is not self._links.get(link.peer_id):
+            return
+        verdict, op, src = self._route(h, link)
+        if verdict == "op":
+            self._deliver(op, src, h, conn, payload)
+        elif verdict == "stall":
+            held = _Held(h, link.peer_id, conn, payload)
+            held.timer = self._loop.call_later(self.config.stall_timeout, self._held_expired, held)
+            self._held.setdefault((h.epoch, h.tag), []).append(held)
+            self._held_bytes += h.length
+            self._held_count += 1
+
+    def _release(self, held: _Held) -> None:
+        key = (held.h.epoch, held.h.tag)
+        bucket = self._held.get(key)
+        if bucket is None or held not in bucket:
+            return
+        bucket.remove(held)
+        if not bucket:
+            del self._held[key]
+        held.timer.cancel()
+        self._held_bytes -= held.h.length
+        self._held_count -= 1
+
+    def _held_expired(self, held: _Held) -> None:
+        self._release(held)
+        h = held.h
+        log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
+                    h.tag, h.epoch, held.peer_id, self.config.stall_timeout)
+        self.stall_expired(h, held.peer_id)
+
+    def _apply_held(self, coll: Collective) -> None:
+        """Deliver the held frames of a call just posted (in arrival order); drop those of
+        its earlier attempts."""
+        bucket = self._held.get((coll.link.epoch, coll.tag))
+        if not bucket:
+            return
+        for held in list(bucket):
+            if held.h.seq > coll.seq:
+                continue
+            self._release(held)
+            src = self._rank_of.get(held.peer_id)
+            if held.h.seq == coll.seq and src is not None and not coll.done:
+                self._deliver(coll, src, held.h, held.conn, held.payload)
+
+    def _deliver(self, op: Collective, src: int, h: F.Header, conn: Stream, payload: bytearray) -> None:
+        try:
+            rx = op.on_data(src, h, _Scratch)
+        except InvalidUsage as e:
+            self._fail_op(op, e, local=True)
+            return
+        except ProtocolError as e:
+            conn._protocol_error(e)
+            return
+        rx.view[:] = payload
+        if rx.progress is not None:
+            rx.progress(len(payload))
+        try:
+            rx.finish()
+        except PcclError as e:
+            self._fail_op(op, e, local=True)
 
     def _note(self, level: int, key: tuple, msg: str, *args) -> None:
         """Log a dropped frame's reason once per key (a burst of frames makes one line)."""
@@ -530,6 +619,7 @@ class DataPlane:
             except Exception as e:  # pragma: no cover - bug
                 log.exception("collective start failed")
                 self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
+            self._apply_held(coll)
             self._apply_ctrl(coll)
             self._retry_stalled()
         coll.timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
@@ -565,6 +655,16 @@ class DataPlane:
         self._ctrl.setdefault(key, []).append((peer_id, h.kind, h.step, msg))
         while len(self._ctrl) > _CTRL_PENDING_MAX:
             self._ctrl.popitem(last=False)
+
+
+class _Held:
+    """A small DATA frame kept for a call not posted yet (``DataPlane.hold``)."""
+
+    __slots__ = ("h", "peer_id", "conn", "payload", "timer")
+
+    def __init__(self, h: F.Header, peer_id: str, conn: Stream, payload: bytearray):
+        self.h, self.peer_id, self.conn, self.payload = h, peer_id, conn, payload
+        self.timer: asyncio.TimerHandle | None = None
 
 
 def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:

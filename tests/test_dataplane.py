@@ -388,9 +388,10 @@ async def _closed(r: asyncio.StreamReader, within: float = 5.0) -> bool:
 
 @pytest.mark.timeout(60)
 def test_frames_read_together_with_a_stalled_one_wait_for_it(monkeypatch):
-    """Small frames arrive several per read. Peer 0 posts tags 1 then 2 on one stream; peer 1
-    posts 2 first, so tag 1's frame stalls with tag 2's frame read behind it. Both must
-    complete once tag 1 is posted, with the right results."""
+    """Frames under the 16 KiB stage arrive several per read. Peer 0 posts tags 1 then 2 on
+    one stream; peer 1 posts 2 first, so tag 1's frame (8000 bytes: above TINY_BYTES, so it
+    is not held aside) stalls with tag 2's frame read behind it. Both must complete once
+    tag 1 is posted, with the right results."""
     resumed = []
     real = Stream._resume
 
@@ -402,8 +403,8 @@ def test_frames_read_together_with_a_stalled_one_wait_for_it(monkeypatch):
 
     async def body():
         async with cluster(2, streams=1) as dps:
-            srcs = {t: make_inputs(2, 5, "float32", "sum", seed=t) for t in (1, 2)}
-            dsts = {t: [np.zeros(5, np.float32) for _ in range(2)] for t in (1, 2)}
+            srcs = {t: make_inputs(2, 2000, "float32", "sum", seed=t) for t in (1, 2)}
+            dsts = {t: [np.zeros(2000, np.float32) for _ in range(2)] for t in (1, 2)}
 
             def post(r, t):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="float32", op="sum",
@@ -431,16 +432,24 @@ def test_a_peer_retrying_a_call_completed_here_fails_and_its_next_call_pairs_up(
 
 def test_a_diverged_retry_behind_a_stalled_frame_fails_after_the_stall_timeout():
     """With one stream, peer 1 reads peer 0's error only once the frame of tag 8 ahead of
-    it has waited out the stall timeout and was dropped. Peer 0 learns of the drop and its
-    tag 8 fails then too (retryable), not at its deadline; the retry of tag 8 pairs up."""
-    run(_diverged_pair(1))
+    it (8000 bytes: too big to be held aside) has waited out the stall timeout and was
+    dropped. Peer 0 learns of the drop and its tag 8 fails then too (retryable), not at its
+    deadline; the retry of tag 8 pairs up."""
+    run(_diverged_pair(1, 2000))
 
 
-async def _diverged_pair(streams: int) -> None:
+def test_a_diverged_retry_behind_a_held_frame_fails_at_once():
+    """With one stream and a call of at most TINY_BYTES, tag 8's frame is held aside on
+    peer 1 and does not block the stream: the error arrives at once, as with two streams."""
+    run(_diverged_pair(1, 10, stalls=False))
+
+
+async def _diverged_pair(streams: int, count: int = 10, stalls: bool | None = None) -> None:
+    stalls = streams == 1 if stalls is None else stalls
     async with cluster(2, streams=streams, config=DataPlaneConfig(stall_timeout=1.0)) as dps:
         dps[0].behind = lambda tag: tag == 7
-        srcs = make_inputs(2, 10, "float32", "sum", seed=5)
-        dsts = [np.zeros(10, np.float32) for _ in range(2)]
+        srcs = make_inputs(2, count, "float32", "sum", seed=5)
+        dsts = [np.zeros(count, np.float32) for _ in range(2)]
         want = reference(srcs, "float32", "sum").tobytes()
 
         def call(r, tag):
@@ -452,7 +461,7 @@ async def _diverged_pair(streams: int) -> None:
         with pytest.raises(Diverged, match="diverged"):
             await call(1, 7)
         took = time.monotonic() - t0
-        if streams > 1:
+        if not stalls:
             assert took < 0.5, took
             assert not ahead.done()  # the peer ahead is not disturbed
             await asyncio.gather(ahead, call(1, 8))
@@ -684,18 +693,58 @@ def test_frame_for_a_call_never_posted_is_dropped_after_the_stall_timeout(caplog
 
     async def body():
         async with cluster(2, streams=1, config=cfg) as dps:
-            a = np.ones(1000, np.float32)
+            a = np.ones(2000, np.float32)  # above TINY_BYTES: the frame stalls its stream
             with pytest.raises(DeadlineExceeded):  # peer 1 never posts tag 5
-                await dps[0].all_reduce(a, np.zeros(1000, np.float32), dtype="float32", op="sum", tag=5,
+                await dps[0].all_reduce(a, np.zeros(2000, np.float32), dtype="float32", op="sum", tag=5,
                                         timeout=0.2)
             # peer 1's only stream is stalled on tag 5's frame until the stall timeout
-            srcs = make_inputs(2, 1000, "float32", "sum", 6)
+            srcs = make_inputs(2, 2000, "float32", "sum", 6)
             t0 = time.monotonic()
             dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", tag=6, timeout=10)
             assert dsts[1].tobytes() == reference(srcs, "float32", "sum").tobytes()
             assert time.monotonic() - t0 < 5
 
     run(body())
+    assert any("no such operation posted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_stream(caplog, monkeypatch):
+    """A frame of at most TINY_BYTES for a call not posted here is read into a buffer of its
+    own: the stream never pauses, later calls on it complete at once, the held frame is
+    delivered when its call is posted, and one never posted is dropped after the stall
+    timeout, with its sender told (its call fails with Aborted, not at its deadline)."""
+    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    stalls = []
+    real = Stream._stall
+    monkeypatch.setattr(Stream, "_stall", lambda self, h: (stalls.append(h.tag), real(self, h)))
+
+    async def body():
+        async with cluster(2, streams=1, config=DataPlaneConfig(stall_timeout=1.0)) as dps:
+            srcs = {t: make_inputs(2, 1024, "int32", "sum", seed=t) for t in (1, 2, 3)}
+            dsts = {t: [np.zeros(1024, np.int32) for _ in range(2)] for t in (1, 2, 3)}
+
+            def post(r, t, timeout=20.0):
+                return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="int32", op="sum",
+                                                               algorithm="tree", tag=t, timeout=timeout))
+
+            t0 = time.monotonic()
+            never = post(0, 3)  # peer 1 never posts tag 3
+            early = post(0, 1)
+            await asyncio.sleep(0.1)  # both frames are held on peer 1
+            assert dps[1]._held_count == 2
+            await asyncio.gather(post(0, 2), post(1, 2))  # behind them on the one stream
+            assert time.monotonic() - t0 < 0.5
+            await asyncio.gather(early, post(1, 1))
+            for t in (1, 2):
+                assert dsts[t][0].tobytes() == dsts[t][1].tobytes() == reference(srcs[t], "int32", "sum").tobytes()
+            with pytest.raises(Aborted, match="did not post tag 3"):
+                await never
+            assert 0.9 < time.monotonic() - t0 < 3.0
+            assert dps[1]._held_count == 0 and dps[1]._held_bytes == 0
+
+    run(body())
+    assert not stalls
     assert any("no such operation posted" in r.getMessage() for r in caplog.records)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from .. import frames as F
 from ..errors import InvalidUsage, PcclError, PeerLost, ProtocolError
 from ..topology import Topology
+from .base import Rx
 
 if TYPE_CHECKING:
     from ..dataplane import DataPlane
@@ -270,6 +271,9 @@ class Stream(asyncio.BufferedProtocol):
     def _on_header(self, h: F.Header) -> None:
         verdict, op, src = self.dp._route(h, self.link)
         if verdict == "stall":
+            if self.dp.can_hold(h):  # a small frame: kept aside, the stream reads on
+                self._hold(h)
+                return
             self._stall(h)
             return
         if verdict == "drop":
@@ -338,6 +342,22 @@ class Stream(asyncio.BufferedProtocol):
         self._discard_left = n - min(n, _SCRATCH)
         self._state = _DISCARD
         self._view = self._scratch_view()[:min(n, _SCRATCH)]
+        self._pos = 0
+
+    def _hold(self, h: F.Header) -> None:
+        """Read the payload of a small frame for a call not posted here into a buffer of its
+        own; the data plane keeps it until the call is posted (``DataPlane.hold``)."""
+        buf = bytearray(h.length)
+        link = self.link
+        rx = Rx(memoryview(buf), None, lambda: self.dp.hold(h, link, self, buf))
+        self._rx, self._progress, self._rx_op = rx, None, None
+        if not h.length:
+            self._rx = None
+            self._want(_HEADER, F.HEADER_SIZE)
+            self._finish(rx)
+            return
+        self._state = _PAYLOAD
+        self._view = rx.view
         self._pos = 0
 
     def _stall(self, h: F.Header) -> None:
