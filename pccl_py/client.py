@@ -39,7 +39,7 @@ from .errors import (
 )
 from .retry import Backoff
 from .shared_state import SharedState
-from .tensors import Flat, flat
+from .tensors import Flat, flat, numpy_dtype
 
 OPS = ("sum", "avg", "min", "max", "prod")
 QUANTS = (None, "uint8", "uint4")
@@ -127,6 +127,23 @@ class _Pool:
             _release(seg)
         self.all.clear()
         self.free.clear()
+
+
+def _request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeout: float) -> dict:
+    """The all_reduce request for one bucket (checks the arguments every peer must share)."""
+    if op not in OPS:
+        raise InvalidUsage(f"op must be one of {OPS}, got {op!r}")
+    if quant not in QUANTS:
+        raise InvalidUsage(f"quant must be one of {QUANTS}, got {quant!r}")
+    if algorithm not in ALGORITHMS:
+        raise InvalidUsage(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    msg = {"op": "all_reduce", "nbytes": nbytes, "dtype": dtype, "reduce": op, "algorithm": algorithm,
+           "timeout": timeout}
+    if quant is not None:
+        msg["quant"] = quant
+    if tag is not None:
+        msg["tag"] = tag
+    return msg
 
 
 class Handle:
@@ -398,12 +415,6 @@ class Client:
         Calls in flight at once need distinct ``tag`` values (or none: tags are then assigned
         in call order, which every peer must share).
         """
-        if op not in OPS:
-            raise InvalidUsage(f"op must be one of {OPS}, got {op!r}")
-        if quant not in QUANTS:
-            raise InvalidUsage(f"quant must be one of {QUANTS}, got {quant!r}")
-        if algorithm not in ALGORITHMS:
-            raise InvalidUsage(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         timeout = self.timeout if timeout is None else float(timeout)
         items = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
         flats = [flat(t) for t in items]
@@ -419,12 +430,7 @@ class Client:
             for f in group:
                 members.append((f, off))
                 off += f.nbytes
-            msg = {"op": "all_reduce", "nbytes": nbytes, "dtype": dtype, "reduce": op, "algorithm": algorithm,
-                   "timeout": timeout}
-            if quant is not None:
-                msg["quant"] = quant
-            if tag is not None:
-                msg["tag"] = tag
+            msg = _request(nbytes, dtype, op, quant, algorithm, tag, timeout)
             if nbytes <= local.INLINE_BYTES:
                 # latency-bound: the bytes ride in the request and its reply (no segment)
                 msg["data"] = b"".join([f.data.tobytes() for f in group]) if len(group) > 1 else group[0].data.tobytes()
@@ -464,10 +470,12 @@ class Client:
         membership after ``PeerLost``/``Aborted`` until it succeeds; when this peer is left
         alone, the result is its own input (the reduction over a world of one).
         """
-        backoff = retry if isinstance(retry, Backoff) else Backoff(deadline=self.timeout)
-        delays = backoff.delays()
+        backoff = delays = None  # made at the first retry
+        small = type(tensors) is np.ndarray and tensors.nbytes <= local.INLINE_BYTES
         while True:
             try:
+                if small:
+                    return self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)
                 return self.all_reduce_async(
                     tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout
                 ).wait()
@@ -475,11 +483,30 @@ class Client:
                 if not retry:
                     raise
                 failed_epoch = self._info.get("epoch", -1)
+                if backoff is None:
+                    backoff = retry if isinstance(retry, Backoff) else Backoff(deadline=self.timeout)
+                    delays = backoff.delays()
                 pause = next(delays, None)
                 if pause is None:
                     raise DeadlineExceeded(f"all_reduce kept failing until the retry deadline: {exc}") from exc
                 time.sleep(pause)
                 self._wait_new_epoch(failed_epoch, backoff)
+
+    def _small_all_reduce(self, x: np.ndarray, op, quant, algorithm, tag, timeout) -> dict:
+        """``all_reduce`` of one numpy array of at most ``INLINE_BYTES``: the latency-bound
+        case, without the bucketing and the :class:`Handle` (same checks, errors and info)."""
+        dtype = numpy_dtype(x)
+        timeout = self.timeout if timeout is None else float(timeout)
+        msg = _request(x.nbytes, dtype, op, quant, algorithm, tag, timeout)
+        msg["data"] = x.tobytes()
+        rid = self._send(msg)
+        try:
+            info = self._wait_reply(rid, time.monotonic() + timeout + SLACK)
+        except _NoAnswer:
+            raise DeadlineExceeded(f"all_reduce: the daemon gave no answer within {timeout + SLACK:.1f}s") from None
+        x.reshape(-1).view(np.uint8)[:] = np.frombuffer(info.pop("data"), np.uint8)
+        info["input_copied"] = True
+        return info
 
     def _wait_new_epoch(self, epoch: int, backoff: Backoff) -> dict:
         deadline = time.monotonic() + min(backoff.deadline, 10.0)

@@ -39,15 +39,21 @@ class Flat:
             self.staged[0].copy_(self.staged[1])
 
 
+def numpy_dtype(t: np.ndarray) -> str:
+    """The dtype name of a numpy array the runtime can reduce in place (else InvalidUsage)."""
+    name = _NUMPY.get(t.dtype)
+    if name is None:
+        raise InvalidUsage(f"unsupported numpy dtype {t.dtype}; supported: {sorted(_NUMPY.values())}")
+    if not t.flags.c_contiguous:
+        raise InvalidUsage("numpy arrays must be C-contiguous (use np.ascontiguousarray)")
+    if not t.flags.writeable:
+        raise InvalidUsage("numpy array is read-only; results are written in place")
+    return name
+
+
 def flat(t: Any) -> Flat:
     if isinstance(t, np.ndarray):
-        name = _NUMPY.get(t.dtype)
-        if name is None:
-            raise InvalidUsage(f"unsupported numpy dtype {t.dtype}; supported: {sorted(_NUMPY.values())}")
-        if not t.flags.c_contiguous:
-            raise InvalidUsage("numpy arrays must be C-contiguous (use np.ascontiguousarray)")
-        if not t.flags.writeable:
-            raise InvalidUsage("numpy array is read-only; results are written in place")
+        name = numpy_dtype(t)  # checks before the view, which fails on strided arrays
         return Flat(t, t.reshape(-1).view(np.uint8), name)
     try:
         import torch
