@@ -259,8 +259,8 @@ class DataPlane:
         self._lost[pid] = reason
         rank = self._rank_of[pid]
         for op in list(self._ops.values()):
-            if op.data_done and rank in op._fins:
-                continue  # it finished and we hold all our data: nothing more is needed from it
+            if not op.needs(rank):
+                continue  # we hold all we need from it (its data, and its FIN where there is one)
             self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
         if self.on_peer_failure is not None and report:
             try:
@@ -608,10 +608,15 @@ class DataPlane:
         coll = make(seq)
         self._ops[tag] = coll
         lost = [pid for pid in view.ids if pid in self._lost]
+        if not coll.agree:
+            # Without a FIN round, a lost peer's frame held here is all this call needs from
+            # it: the peers that had posted the call before it went completed with it.
+            self._apply_held(coll)
+            lost = [pid for pid in lost if coll.needs(view.ids.index(pid))]
         if lost:
             self._fail_op(coll, PeerLost(f"{what}: peer {lost[0]} was lost in epoch {view.epoch}: "
                                          f"{self._lost[lost[0]]}"), local=False)
-        else:
+        elif not coll.done:
             try:
                 coll.start()
             except PcclError as e:

@@ -537,6 +537,36 @@ def test_a_tiny_direct_exchange_sends_one_frame_per_peer_and_no_fin(nbytes, fin)
     run(body())
 
 
+@pytest.mark.parametrize("late_posts_after_loss", [False, True])
+def test_a_tiny_call_completes_with_the_frame_of_a_peer_lost_after_sending_it(late_posts_after_loss):
+    """Without a FIN round, a peer that dies after its frame went out has given all it
+    owes: peer 0 (waiting for peer 1) does not fail when the link to peer 2 ends, and peer
+    1, posting after the loss, completes with peer 2's held frame. Failing either would
+    leave it behind the other, which completes."""
+    async def body():
+        async with cluster(3) as dps:
+            srcs = make_inputs(3, 7, "int32", "sum", seed=2)
+            dsts = [np.zeros(7, np.int32) for _ in range(3)]
+
+            def post(r):
+                return asyncio.ensure_future(dps[r].all_reduce(srcs[r], dsts[r], dtype="int32", op="sum",
+                                                               algorithm="tree", tag=1, timeout=20.0))
+
+            f0, f2 = post(0), post(2)
+            await asyncio.sleep(0.1)  # peer 0 holds peer 2's frame and waits for peer 1's
+            f1 = None if late_posts_after_loss else post(1)
+            for c in list(dps[2]._conns):  # peer 2 dies
+                c.transport.abort()
+            await asyncio.sleep(0.3)
+            assert "peer2" in dps[0]._lost and "peer2" in dps[1]._lost
+            f1 = f1 or post(1)
+            await asyncio.gather(f0, f1)
+            f2.cancel()
+            want = reference(srcs, "int32", "sum").tobytes()
+            assert dsts[0].tobytes() == dsts[1].tobytes() == want
+    run(body())
+
+
 def test_long_error_messages_arrive_whole():
     """An ERROR frame may carry up to MAX_ERROR_MESSAGE bytes of text; the stream stays in sync.
     (A ring: peer 1 needs more of peer 0's data after its first frame, so it gets the error.)"""

@@ -142,6 +142,11 @@ class Collective:
                 self.tx_bytes += F.HEADER_SIZE
         self._maybe_succeed()
 
+    def needs(self, rank: int) -> bool:
+        """Whether this call still waits for anything from peer ``rank`` (if that peer is
+        lost, the call fails): its FIN, and before that its data."""
+        return not (self.data_done and rank in self._fins)
+
     def on_fin(self, src: int) -> None:
         self._fins.add(src)
         self.rx_bytes += F.HEADER_SIZE

@@ -34,6 +34,11 @@ class DirectAllReduce(Collective):
         self.agree = not 0 < self.nbytes <= F.TINY_BYTES
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
 
+    def needs(self, rank: int) -> bool:
+        if self.agree:
+            return super().needs(rank)
+        return rank in self._remaining  # no FIN round: once its frame is in, nothing more
+
     def slot(self, r: int):
         return self.slots[r * self.nbytes:(r + 1) * self.nbytes]
 
