@@ -30,8 +30,10 @@ bench: $(STAMP)
 	$(VENV)/bin/pccl bench kernels
 	$(VENV)/bin/pccl bench allreduce --world 2 --compare gloo
 
+# churn twice: failed calls sent back to update_topology, then retried as a trainer does
 stress: $(STAMP)
 	$(VPY) stress/churn.py --minutes 3
+	$(VPY) stress/churn.py --minutes 3 --retry --size 500
 
 # the same with every peer in its own network namespace (needs root)
 stress-hosts: $(STAMP)

@@ -170,6 +170,7 @@ class Handle:
     def _finish(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         infos, error = [], None
+        done = []  # (segment, members, layout, info) of the parts that succeeded
         for rid, seg, members, layout in self._parts:
             try:
                 info = self._client._wait_reply(rid, deadline)
@@ -185,6 +186,10 @@ class Handle:
                     self._client._pool.retire(seg)
                 continue
             infos.append(info)
+            done.append((seg, members, layout, info))
+        # results land only once every part (one per dtype) succeeded: a failed call
+        # leaves all the caller's tensors untouched
+        for seg, members, layout, info in done:
             if seg is None:  # an inline call: the result came in the reply
                 data = info.pop("data")
                 if error is None:
@@ -195,8 +200,7 @@ class Handle:
             if error is None:
                 _, out_off, _ = layout
                 for f, off in members:
-                    n = f.nbytes
-                    f.data[:] = np.frombuffer(seg.buf, np.uint8, n, out_off + off)
+                    f.data[:] = np.frombuffer(seg.buf, np.uint8, f.nbytes, out_off + off)
                     f.finish()
             self._client._pool.give(seg)
         self._done = True

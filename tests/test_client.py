@@ -165,6 +165,26 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator, count):
         assert not os.path.exists("/dev/shm/" + taken[0].name.lstrip("/"))
 
 
+def test_a_call_of_several_dtypes_fails_whole_and_leaves_every_tensor_untouched(coordinator):
+    """Each dtype is its own collective. When the int32 part fails (the peers disagree on
+    its size) but the float32 part succeeded, the caller gets the error and neither tensor
+    changes: the float32 result is not written either."""
+    with joined_pair(coordinator) as (a, b):
+        def call(c, n):
+            x, y = np.full(4, 1.5, np.float32), np.ones(n, np.int32)
+            try:
+                c.all_reduce([x, y], timeout=10.0)
+            except InvalidUsage as exc:
+                return exc, x, y
+            return None, x, y
+
+        with cf.ThreadPoolExecutor(2) as ex:
+            results = [f.result(timeout=30) for f in [ex.submit(call, a, 5), ex.submit(call, b, 6)]]
+        for exc, x, y in results:
+            assert exc is not None and "different arguments" in str(exc)
+            assert np.all(x == 1.5) and np.all(y == 1)
+
+
 def test_a_short_wait_returns_on_time(coordinator):
     """Handle.wait(timeout) honours a timeout shorter than the client's receive slice."""
     with joined_pair(coordinator) as (a, _):
