@@ -616,15 +616,16 @@ class DataPlane:
         if lost:
             self._fail_op(coll, PeerLost(f"{what}: peer {lost[0]} was lost in epoch {view.epoch}: "
                                          f"{self._lost[lost[0]]}"), local=False)
-        elif not coll.done:
-            try:
-                coll.start()
-            except PcclError as e:
-                self._fail_op(coll, e, local=True)
-            except Exception as e:  # pragma: no cover - bug
-                log.exception("collective start failed")
-                self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
-            self._apply_held(coll)
+        else:
+            if not coll.done:  # (a held frame may have failed it: InvalidUsage)
+                try:
+                    coll.start()
+                except PcclError as e:
+                    self._fail_op(coll, e, local=True)
+                except Exception as e:  # pragma: no cover - bug
+                    log.exception("collective start failed")
+                    self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
+                self._apply_held(coll)
             self._apply_ctrl(coll)
             self._retry_stalled()
         coll.timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
