@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from conftest import Coordinator, free_port
 
-from pccl_py import Aborted, Client, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
-from pccl_py import local
+from pccl_py import Aborted, Client, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, local
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -288,19 +288,7 @@ class Stream(asyncio.BufferedProtocol):
                 self.dp._fail_op(op, e, local=True)
                 self._discard(h.length)
                 return
-            self._rx = rx
-            self._progress = rx.progress
-            self._rx_op = op
-            if h.length == 0:
-                self._rx = self._progress = None
-                self._want(_HEADER, F.HEADER_SIZE)
-                self._finish(rx)
-                return
-            self._state = _PAYLOAD
-            self._view = rx.view
-            self._pos = 0
-            if len(self._view) != h.length:  # pragma: no cover - collective bug
-                raise ProtocolError("internal: receive view size mismatch")
+            self._receive(rx, op, h.length)
         elif h.kind == F.FIN:
             self._want(_HEADER, F.HEADER_SIZE)
             if op is None:
@@ -349,16 +337,21 @@ class Stream(asyncio.BufferedProtocol):
         own; the data plane keeps it until the call is posted (``DataPlane.hold``)."""
         buf = bytearray(h.length)
         link = self.link
-        rx = Rx(memoryview(buf), None, lambda: self.dp.hold(h, link, self, buf))
-        self._rx, self._progress, self._rx_op = rx, None, None
-        if not h.length:
-            self._rx = None
+        self._receive(Rx(memoryview(buf), None, lambda: self.dp.hold(h, link, self, buf)), None, h.length)
+
+    def _receive(self, rx: Rx, op, length: int) -> None:
+        """Read the next ``length`` payload bytes into ``rx.view``, then ``rx.finish()``."""
+        self._rx, self._progress, self._rx_op = rx, rx.progress, op
+        if length == 0:
+            self._rx = self._progress = None
             self._want(_HEADER, F.HEADER_SIZE)
             self._finish(rx)
             return
         self._state = _PAYLOAD
         self._view = rx.view
         self._pos = 0
+        if len(self._view) != length:  # pragma: no cover - collective bug
+            raise ProtocolError("internal: receive view size mismatch")
 
     def _stall(self, h: F.Header) -> None:
         self._hdr = h
