@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import uvloop
 
+from pccl_py import dataplane as dataplane_mod
 from pccl_py import frames as F
 from pccl_py.collectives import _kernels as K
 from pccl_py.collectives.link import Stream
@@ -776,6 +777,47 @@ def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_st
     run(body())
     assert not stalls
     assert any("no such operation posted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypatch):
+    """With room for one held frame, the second early frame stalls its stream as a big one
+    would (and both calls still complete once posted); frames held when the epoch moves on
+    are dropped, with their bytes given back, and never reach a call of the new epoch."""
+    monkeypatch.setattr(dataplane_mod, "_HELD_MAX", 1)
+    stalls = []
+    real = Stream._stall
+    monkeypatch.setattr(Stream, "_stall", lambda self, h: (stalls.append(h.tag), real(self, h)))
+
+    async def body():
+        async with cluster(2, streams=1) as dps:
+            srcs = {t: make_inputs(2, 16, "float32", "sum", seed=t) for t in (1, 2, 3)}
+            dsts = {t: [np.zeros(16, np.float32) for _ in range(2)] for t in (1, 2, 3)}
+
+            def post(r, t, timeout=20.0):
+                return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="float32", op="sum",
+                                                               algorithm="tree", tag=t, timeout=timeout))
+
+            early = [post(0, 1), post(0, 2)]
+            await asyncio.sleep(0.1)
+            assert dps[1]._held_count == 1 and stalls == [2]
+            await asyncio.gather(*early, post(1, 1), post(1, 2))
+            for t in (1, 2):
+                assert dsts[t][0].tobytes() == dsts[t][1].tobytes() == reference(srcs[t], "float32", "sum").tobytes()
+
+            lone = post(0, 3, timeout=0.5)  # held on peer 1, which moves to epoch 2 first
+            await asyncio.sleep(0.1)
+            assert dps[1]._held_count == 1
+            t2 = topo(dps, 2)
+            await asyncio.gather(*(dps[i].set_topology(t2[i]) for i in range(2)), return_exceptions=True)
+            assert dps[1]._held_count == 0 and dps[1]._held_bytes == 0 and not dps[1]._held
+            with pytest.raises((Aborted, DeadlineExceeded)):
+                await lone
+            out, _ = await all_reduce_all(dps, [srcs[3][0], srcs[3][1]], dtype="float32", op="sum",
+                                          algorithm="tree", tag=3, timeout=5.0)
+            assert out[0].tobytes() == out[1].tobytes() == reference(srcs[3], "float32", "sum").tobytes()
+
+    run(body())
 
 
 @pytest.mark.timeout(60)
