@@ -133,6 +133,9 @@ class DataPlane:
             return
         self._closed = True
         self.abort(Aborted("the data plane was closed"))
+        for bucket in list(self._held.values()):
+            for held in list(bucket):
+                self._release(held)
         if self._server is not None:
             self._server.close()
         for link in list(self._links.values()):
