@@ -32,7 +32,7 @@ from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
 from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
-from .collectives.tree import DirectAllReduce
+from .collectives.tree import DirectAllReduce, RootedAllReduce
 from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
 from .topology import Topology
 
@@ -565,6 +565,10 @@ class DataPlane:
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
             make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                             refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
+        elif algo == "tree" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
+            desc = F.descriptor("all_reduce", dtype, op, count, "rooted", None)
+            make = lambda seq: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               seq=seq, desc=desc, **common)
         elif algo == "tree":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
             make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731

@@ -527,44 +527,64 @@ def test_a_tiny_direct_exchange_sends_one_frame_per_peer_and_no_fin(nbytes, fin)
     """Up to TINY_BYTES a direct exchange is one DATA frame to each peer and nothing else;
     above it (and for an empty call, whose only message is the FIN) the FIN round follows."""
     async def body():
-        async with cluster(3) as dps:
-            srcs = make_inputs(3, nbytes // 4, "float32", "sum", seed=9)
+        async with cluster(2) as dps:
+            srcs = make_inputs(2, nbytes // 4, "float32", "sum", seed=9)
             out, infos = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="tree", tag=3)
-            assert out[0].tobytes() == out[2].tobytes() == reference(srcs, "float32", "sum").tobytes()
-            data = 2 * (F.HEADER_SIZE + nbytes) if nbytes else 0
+            assert out[0].tobytes() == out[1].tobytes() == reference(srcs, "float32", "sum").tobytes()
+            data = F.HEADER_SIZE + nbytes if nbytes else 0
             for info in infos:
-                assert info["tx_bytes"] == data + (2 * F.HEADER_SIZE if fin else 0), info
+                assert info["tx_bytes"] == data + (F.HEADER_SIZE if fin else 0), info
                 assert info["rx_bytes"] == info["tx_bytes"], info
     run(body())
 
 
-@pytest.mark.parametrize("late_posts_after_loss", [False, True])
-def test_a_tiny_call_completes_with_the_frame_of_a_peer_lost_after_sending_it(late_posts_after_loss):
-    """Without a FIN round, a peer that dies after its frame went out has given all it
-    owes: peer 0 (waiting for peer 1) does not fail when the link to peer 2 ends, and peer
-    1, posting after the loss, completes with peer 2's held frame. Failing either would
-    leave it behind the other, which completes."""
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("op", ["sum", "avg", "max"])
+def test_a_tiny_call_of_three_or_more_goes_through_rank_0(world, op):
+    """From three peers up, a call of at most TINY_BYTES is one frame from each peer to
+    rank 0 and one back: 2(N-1) frames in all instead of N(N-1), the same bits everywhere."""
     async def body():
-        async with cluster(3) as dps:
-            srcs = make_inputs(3, 7, "int32", "sum", seed=2)
-            dsts = [np.zeros(7, np.int32) for _ in range(3)]
+        async with cluster(world) as dps:
+            srcs = make_inputs(world, 33, "float32", op, seed=world)
+            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op=op, algorithm="tree", tag=4)
+            assert all(o.tobytes() == out[0].tobytes() for o in out)
+            np.testing.assert_allclose(out[0], reference(srcs, "float32", op), rtol=1e-6)
+            frame = F.HEADER_SIZE + 33 * 4
+            assert infos[0]["tx_bytes"] == infos[0]["rx_bytes"] == (world - 1) * frame, infos[0]
+            for info in infos[1:]:
+                assert info["tx_bytes"] == info["rx_bytes"] == frame, info
+    run(body())
+
+
+@pytest.mark.parametrize("world,root_posts_late", [(2, True), (3, False), (3, True)])
+def test_a_tiny_call_completes_with_the_frame_of_a_peer_lost_after_sending_it(world, root_posts_late):
+    """Without a FIN round, a peer that dies after its frame went out has given all it
+    owes. The last rank posts, its frame reaches rank 0 (held there if rank 0 has not
+    posted yet), and it dies; rank 0 and the others then complete with its contribution,
+    whether rank 0 posted before the link ended (it must not fail then) or after (it uses
+    the held frame). Failing would leave it behind the peers that completed."""
+    async def body():
+        async with cluster(world) as dps:
+            victim = world - 1
+            srcs = make_inputs(world, 7, "int32", "sum", seed=2)
+            dsts = [np.zeros(7, np.int32) for _ in range(world)]
 
             def post(r):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[r], dsts[r], dtype="int32", op="sum",
                                                                algorithm="tree", tag=1, timeout=20.0))
 
-            f0, f2 = post(0), post(2)
-            await asyncio.sleep(0.1)  # peer 0 holds peer 2's frame and waits for peer 1's
-            f1 = None if late_posts_after_loss else post(1)
-            for c in list(dps[2]._conns):  # peer 2 dies
+            dead = post(victim)
+            early = [] if root_posts_late else [post(0)]
+            await asyncio.sleep(0.1)  # the victim's frame is at rank 0
+            for c in list(dps[victim]._conns):  # it dies
                 c.transport.abort()
             await asyncio.sleep(0.3)
-            assert "peer2" in dps[0]._lost and "peer2" in dps[1]._lost
-            f1 = f1 or post(1)
-            await asyncio.gather(f0, f1)
-            f2.cancel()
+            assert all(f"peer{victim}" in d._lost for d in dps[:victim])
+            late = [post(r) for r in range(victim) if root_posts_late or r > 0]
+            await asyncio.gather(*early, *late)
+            dead.cancel()
             want = reference(srcs, "int32", "sum").tobytes()
-            assert dsts[0].tobytes() == dsts[1].tobytes() == want
+            assert all(d.tobytes() == want for d in dsts[:victim])
     run(body())
 
 

@@ -89,3 +89,80 @@ class DirectAllReduce(Collective):
             if self.op == "avg":
                 K.finish_avg(dst, w, self.dtype)
         self.data_complete()
+
+
+class RootedAllReduce(Collective):
+    """Tiny all-reduce (1..``frames.TINY_BYTES``) of three or more peers through rank 0.
+
+    Every other peer sends its input to rank 0 (step 0), which reduces the N contributions
+    in rank order and sends the result to each of them (step 1): 2(N-1) frames instead of
+    the direct exchange's N(N-1), for one more hop. Only rank 0 computes, so every peer
+    holds its bytes. No FIN round, as for a tiny direct exchange: a peer's one frame is all
+    it owes (``needs``); rank 0 needs every contribution, the others only the result.
+    """
+
+    name = "tree"
+    agree = False
+
+    def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, **kw):
+        super().__init__(link, **kw)
+        self.dtype, self.op = dtype, op
+        self.item = K.itemsize(dtype)
+        self.nbytes = count * self.item
+        self.dst = dst
+        w = link.world
+        if link.rank == 0:
+            self.slots = memoryview(bytearray(w * self.nbytes))
+            self.slots[:self.nbytes] = src
+            self._remaining = set(range(1, w))
+        else:
+            self.mine = bytes(src)  # the frame's payload: the caller may reuse src once we are done
+            self.answer = memoryview(bytearray(self.nbytes))
+            self._remaining = {0}
+
+    def needs(self, rank: int) -> bool:
+        return rank in self._remaining
+
+    def start(self) -> None:
+        self.started = True
+        lk = self.link
+        if lk.rank:
+            self.send_data(0, self.tag % lk.nstreams(0), 0, 0, self.mine, self.nbytes)
+        else:
+            self._check_done()
+
+    def on_data(self, src: int, h: F.Header, conn) -> Rx:
+        self.check_desc(src, h)
+        me = self.link.rank
+        expect(h.quant == F.QUANT_NONE and h.offset == 0 and h.length == self.nbytes, "bad rooted all-reduce frame")
+        expect(src in self._remaining and h.step == (0 if me == 0 else 1) and (me == 0 or src == 0),
+               f"rooted all-reduce: unexpected frame (step {h.step}) from rank {src}")
+        self.count_rx(h, h.length)
+        if me == 0:
+            return Rx(self.slots[src * self.nbytes:(src + 1) * self.nbytes], None, lambda: self._got(src))
+        return Rx(self.answer, None, self._got_result)
+
+    def _got(self, src: int) -> None:
+        self._remaining.discard(src)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self._remaining or not self.started or self.data_done:
+            return
+        n, w, dst = self.nbytes, self.link.world, self.dst
+        dst[:] = self.slots[:n]
+        kop = "sum" if self.op == "avg" else self.op
+        for r in range(1, w):
+            K.reduce(dst, self.slots[r * n:(r + 1) * n], kop, self.dtype)
+        if self.op == "avg":
+            K.finish_avg(dst, w, self.dtype)
+        out = bytes(dst)
+        for r in range(1, w):
+            self.send_data(r, self.tag % self.link.nstreams(r), 1, 0, out, n)
+        self.data_complete()
+
+    def _got_result(self) -> None:
+        self._remaining.clear()
+        if self.started:
+            self.dst[:] = self.answer
+            self.data_complete()
