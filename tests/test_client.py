@@ -184,6 +184,23 @@ def test_a_call_of_several_dtypes_fails_whole_and_leaves_every_tensor_untouched(
             assert np.all(x == 1.5) and np.all(y == 1)
 
 
+def test_daemon_refuses_malformed_inline_requests(coordinator):
+    """A request whose inline bytes do not match its size, exceed INLINE_BYTES or are not
+    bytes is refused with InvalidUsage before anything is sent; the daemon serves on."""
+    with joined_pair(coordinator) as (a, b):
+        base = {"op": "all_reduce", "dtype": "float32", "reduce": "sum", "algorithm": "auto", "timeout": 5.0}
+        big = local.INLINE_BYTES + 4
+        for bad in ({"nbytes": 8, "data": b"1234"}, {"nbytes": big, "data": b"\0" * big},
+                    {"nbytes": 4, "data": "abcd"}):
+            with pytest.raises(InvalidUsage, match="inline data"):
+                a._call({**base, **bad})
+        x, y = np.ones(3, np.float32), np.full(3, 2.0, np.float32)
+        with cf.ThreadPoolExecutor(2) as ex:
+            for f in [ex.submit(a.all_reduce, x), ex.submit(b.all_reduce, y)]:
+                f.result(timeout=30)
+        assert np.all(x == 3.0) and np.all(y == 3.0)
+
+
 def test_a_short_wait_returns_on_time(coordinator):
     """Handle.wait(timeout) honours a timeout shorter than the client's receive slice."""
     with joined_pair(coordinator) as (a, _):
