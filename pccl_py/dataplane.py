@@ -133,9 +133,7 @@ class DataPlane:
             return
         self._closed = True
         self.abort(Aborted("the data plane was closed"))
-        for bucket in list(self._held.values()):
-            for held in list(bucket):
-                self._release(held)
+        self._drop_held()
         if self._server is not None:
             self._server.close()
         for link in list(self._links.values()):
@@ -171,9 +169,7 @@ class DataPlane:
             self._seq.clear()
             self._finished.clear()
             self._ctrl = collections.OrderedDict((k, v) for k, v in self._ctrl.items() if k[0] > topo.epoch)
-            for key in [k for k in self._held if k[0] < topo.epoch]:
-                for held in list(self._held.get(key, ())):
-                    self._release(held)
+            self._drop_held()  # every held frame is of the old epoch (``can_hold``)
             self._lost.clear()
         self.topology = topo
         self.epoch = topo.epoch
@@ -378,6 +374,13 @@ class DataPlane:
         held.timer.cancel()
         self._held_bytes -= held.h.length
         self._held_count -= 1
+
+    def _drop_held(self) -> None:
+        for bucket in self._held.values():
+            for held in bucket:
+                held.timer.cancel()
+        self._held.clear()
+        self._held_bytes = self._held_count = 0
 
     def _held_expired(self, held: _Held) -> None:
         self._release(held)

@@ -79,16 +79,20 @@ class DirectAllReduce(Collective):
     def _check_done(self) -> None:
         if self._remaining or not self.started or self.data_done:
             return
-        w = self.link.world
-        dst = self.dst
         if self.nbytes:
-            dst[:] = self.slot(0)
-            kop = "sum" if self.op == "avg" else self.op
-            for r in range(1, w):
-                K.reduce(dst, self.slot(r), kop, self.dtype)
-            if self.op == "avg":
-                K.finish_avg(dst, w, self.dtype)
+            fold(self.dst, self.slots, self.nbytes, self.link.world, self.op, self.dtype)
         self.data_complete()
+
+
+def fold(dst, slots, nbytes: int, world: int, op: str, dtype: str) -> None:
+    """``dst`` = ``op`` over the world's contributions (rank r's at ``r * nbytes`` in
+    ``slots``), in rank order 0..N-1: the same kernel calls on the same bytes, same bits."""
+    dst[:] = slots[:nbytes]
+    kop = "sum" if op == "avg" else op
+    for r in range(1, world):
+        K.reduce(dst, slots[r * nbytes:(r + 1) * nbytes], kop, dtype)
+    if op == "avg":
+        K.finish_avg(dst, world, dtype)
 
 
 class RootedAllReduce(Collective):
@@ -117,7 +121,6 @@ class RootedAllReduce(Collective):
             self._remaining = set(range(1, w))
         else:
             self.mine = bytes(src)  # the frame's payload: the caller may reuse src once we are done
-            self.answer = memoryview(bytearray(self.nbytes))
             self._remaining = {0}
 
     def needs(self, rank: int) -> bool:
@@ -140,7 +143,7 @@ class RootedAllReduce(Collective):
         self.count_rx(h, h.length)
         if me == 0:
             return Rx(self.slots[src * self.nbytes:(src + 1) * self.nbytes], None, lambda: self._got(src))
-        return Rx(self.answer, None, self._got_result)
+        return Rx(self.dst, None, self._got_result)  # the result lands in place
 
     def _got(self, src: int) -> None:
         self._remaining.discard(src)
@@ -149,20 +152,13 @@ class RootedAllReduce(Collective):
     def _check_done(self) -> None:
         if self._remaining or not self.started or self.data_done:
             return
-        n, w, dst = self.nbytes, self.link.world, self.dst
-        dst[:] = self.slots[:n]
-        kop = "sum" if self.op == "avg" else self.op
-        for r in range(1, w):
-            K.reduce(dst, self.slots[r * n:(r + 1) * n], kop, self.dtype)
-        if self.op == "avg":
-            K.finish_avg(dst, w, self.dtype)
-        out = bytes(dst)
+        n, w = self.nbytes, self.link.world
+        fold(self.dst, self.slots, n, w, self.op, self.dtype)
+        out = bytes(self.dst)  # the caller may reuse dst once we are done; the frames may not be out
         for r in range(1, w):
             self.send_data(r, self.tag % self.link.nstreams(r), 1, 0, out, n)
         self.data_complete()
 
-    def _got_result(self) -> None:
+    def _got_result(self) -> None:  # rank 0 answers only once it has our frame: we started
         self._remaining.clear()
-        if self.started:
-            self.dst[:] = self.answer
-            self.data_complete()
+        self.data_complete()
