@@ -56,19 +56,6 @@ class _NoAnswer(DeadlineExceeded):
     """The daemon sent no reply before the client's own deadline (timeout + SLACK)."""
 
 
-def _layout(user: np.ndarray, seg: shared_memory.SharedMemory, span: int) -> tuple[int, int]:
-    """Offsets of the input and output regions of a call in its segment.
-
-    Copies between addresses a few bytes apart modulo the page size run at a third of the
-    speed on some CPUs (4K aliasing), and three copies are on every call's path: user ->
-    input (client), input -> output (daemon, the owned chunk), output -> user (client).
-    The input starts a quarter page after the user's buffer (mod 4096) and the output
-    half a page after the input, so no pair of them is aliased.
-    """
-    in_off = _offset_near(user, seg, PAGE // 4)
-    return in_off, in_off + span + PAGE // 2
-
-
 def _address(buf) -> int:
     return np.frombuffer(buf, np.uint8, 1).__array_interface__["data"][0]
 
@@ -448,9 +435,14 @@ class Client:
                 seg = self._pool.take(span + 2 * PAGE)
                 out_off = _offset_near(group[0].data, seg, 3 * PAGE // 4)
             else:
-                seg = self._pool.take(2 * span + 2 * PAGE)
+                # one region, reduced in place: the caller's tensors stay untouched until the
+                # call has succeeded, and the call touches half the memory of two regions.
+                # It starts a quarter page past the user's buffer (mod 4096): copies between
+                # addresses a few bytes apart modulo the page run at a third of the speed
+                # on some CPUs (4K aliasing)
+                seg = self._pool.take(span + PAGE)
                 in_seg = seg
-                in_off, out_off = _layout(group[0].data, seg, span)
+                in_off = out_off = _offset_near(group[0].data, seg, PAGE // 4)
                 for f, moff in members:
                     seg.buf[in_off + moff : in_off + moff + f.nbytes] = f.data
             msg.update(shm=seg.name, in_shm=in_seg.name, in_off=in_off, out_off=out_off)

@@ -406,8 +406,8 @@ class Daemon:
             for s, off in ((in_seg, in_off), (seg, out_off)):
                 if off < 0 or off + nbytes > s.size:
                     raise InvalidUsage("buffer range outside the shared-memory segment")
-            if in_seg is seg and abs(in_off - out_off) < nbytes:
-                raise InvalidUsage("input and output ranges overlap")
+            if in_seg is seg and in_off != out_off and abs(in_off - out_off) < nbytes:
+                raise InvalidUsage("input and output ranges overlap without being the same range")
             src = in_seg.buf[in_off:in_off + nbytes]
             dst = seg.buf[out_off:out_off + nbytes]
             refs = (in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off)

@@ -556,6 +556,11 @@ class DataPlane:
         if algo == "shm" and not shm_ok:
             raise InvalidUsage("algorithm 'shm' needs every peer of the group on this host (the same data "
                                "address) and the tensors in shared memory (a daemon's client call)")
+        overlap = _overlap(s, d)
+        if overlap and algo not in ("ring", "shm"):
+            s = bytes(s)  # an in-place call: these collectives read src after writing dst
+        elif overlap == "partial" and algo == "shm":
+            raise InvalidUsage("the shared-memory all-reduce takes src and dst either apart or the same range")
         common = dict(loop=self._loop, tag=tag)
         if algo == "ring":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
@@ -689,6 +694,17 @@ def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:
     if coll is not None:
         info.update(coll.info())
     return info
+
+
+def _overlap(s: memoryview, d: memoryview) -> str | None:
+    """None when ``s`` and ``d`` are apart, "same" for one range, "partial" otherwise."""
+    if not len(s) or not len(d):
+        return None
+    a = np.frombuffer(s, np.uint8).__array_interface__["data"][0]
+    b = np.frombuffer(d, np.uint8).__array_interface__["data"][0]
+    if a + len(s) <= b or b + len(d) <= a:
+        return None
+    return "same" if a == b and len(s) == len(d) else "partial"
 
 
 def _byte_view(buf, name: str, writable: bool = False) -> memoryview:

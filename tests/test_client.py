@@ -194,11 +194,34 @@ def test_daemon_refuses_malformed_inline_requests(coordinator):
                     {"nbytes": 4, "data": "abcd"}):
             with pytest.raises(InvalidUsage, match="inline data"):
                 a._call({**base, **bad})
+        seg = a._pool.take(1 << 16)
+        with pytest.raises(InvalidUsage, match="overlap without being the same range"):
+            a._call({**base, "nbytes": 8192, "shm": seg.name, "in_off": 0, "out_off": 4096})
         x, y = np.ones(3, np.float32), np.full(3, 2.0, np.float32)
         with cf.ThreadPoolExecutor(2) as ex:
             for f in [ex.submit(a.all_reduce, x), ex.submit(b.all_reduce, y)]:
                 f.result(timeout=30)
         assert np.all(x == 3.0) and np.all(y == 3.0)
+
+
+def test_plain_arrays_are_reduced_in_one_region_of_shared_memory(coordinator):
+    """A numpy array is copied into one region that the call reduces in place (half the
+    shared memory of separate input and output regions); the caller's array changes only
+    when the call succeeded, and the segment goes back to the pool for the next call."""
+    with joined_pair(coordinator) as (a, b):
+        n = 100_000
+        xs = [np.full(n, 1.5, np.float32), np.full(n, 2.0, np.float32)]
+        with cf.ThreadPoolExecutor(2) as ex:
+            for f in [ex.submit(c.all_reduce, x) for c, x in zip((a, b), xs)]:
+                assert f.result(timeout=30)["algorithm"] == "shm"
+        assert np.all(xs[0] == 3.5) and np.all(xs[1] == 3.5)
+        for c in (a, b):
+            (seg,) = c._pool.all
+            assert seg.size < 2 * xs[0].nbytes  # one region of n floats, rounded up to 2^k
+        h = a.all_reduce_async(xs[0], timeout=1.0)  # b never joins: the call fails
+        with pytest.raises(PcclError):
+            h.wait()
+        assert np.all(xs[0] == 3.5)
 
 
 def test_a_short_wait_returns_on_time(coordinator):

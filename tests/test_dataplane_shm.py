@@ -31,9 +31,10 @@ pytestmark = pytest.mark.timeout(90)
 class Seg:
     """One peer's input and output in a shared-memory segment, as a client lays them out."""
 
-    def __init__(self, count: int, dtype: str, src: np.ndarray):
+    def __init__(self, count: int, dtype: str, src: np.ndarray, in_place: bool = False):
         self.nbytes = count * K.itemsize(dtype)
-        self.in_off, self.out_off = 64, 64 + self.nbytes + 1024
+        self.in_off = 64
+        self.out_off = self.in_off if in_place else 64 + self.nbytes + 1024
         self.name = f"pccl_t{uuid.uuid4().hex[:12]}"
         size = self.out_off + self.nbytes + 64
         fd = _posixshmem.shm_open("/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
@@ -44,8 +45,9 @@ class Seg:
             os.close(fd)
         self.src = np.frombuffer(self.mm, np.uint8, self.nbytes, self.in_off)
         self.dst = np.frombuffer(self.mm, np.uint8, self.nbytes, self.out_off)
+        if not in_place:
+            self.dst[:] = 0x55
         self.src[:] = src.view(np.uint8).reshape(-1)
-        self.dst[:] = 0x55
         self.refs = (self.name, self.in_off, self.name, self.out_off)
 
     def out(self, dtype: str) -> np.ndarray:
@@ -91,6 +93,72 @@ def test_shm_matrix_exact_and_parity(world):
 
     run(body(), timeout=80)
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shm_in_place_calls_mixed_with_two_region_calls(world):
+    """A client reduces plain arrays in place in one region (output = input). Peers mix
+    both layouts; results are exact and equal everywhere, over several fold blocks."""
+    async def body():
+        async with cluster(world) as dps:
+            tag = 0
+            for count in (1, 1031, 3 * (S._BLOCK // 4) + 5):
+                for dtype, op in (("float32", "sum"), ("float32", "avg"), ("int32", "max"), ("float64", "sum")):
+                    tag += 1
+                    srcs = make_inputs(world, count, dtype, op, seed=tag)
+                    segs = [Seg(count, dtype, s, in_place=(r + tag) % 3 != 0) for r, s in enumerate(srcs)]
+                    assert any(s.in_off == s.out_off for s in segs)
+                    try:
+                        infos = await asyncio.gather(*(post(dps[i], segs[i], dtype=dtype, op=op, tag=tag)
+                                                       for i in range(world)))
+                        assert {i["algorithm"] for i in infos} == {"shm"}
+                        want = reference(srcs, dtype, op).tobytes()
+                        for r in range(world):
+                            assert segs[r].dst.tobytes() == want, f"N={world} {count} {dtype} {op}: rank {r}"
+                    finally:
+                        for s in segs:
+                            s.close()
+
+    run(body(), timeout=80)
+
+
+def test_in_place_calls_on_every_algorithm_and_partial_overlap_refused():
+    """src and dst the same range: every algorithm gives the reference; a partial overlap
+    is refused by the shared-memory path (whose owners read inputs while writing outputs)."""
+    async def body():
+        async with cluster(3) as dps:
+            tag = 0
+            for algorithm, count, quant in (("tree", 5, None), ("tree", 3000, None), ("ring", 40_000, None),
+                                            ("auto", 40_000, "uint8"), ("shm", 40_000, None)):
+                tag += 1
+                srcs = make_inputs(3, count, "float32", "sum", seed=tag)
+                segs = [Seg(count, "float32", s, in_place=True) for s in srcs]
+                try:
+                    await asyncio.gather(*(dps[i].all_reduce(segs[i].src, segs[i].dst, dtype="float32", op="sum",
+                                                             quant=quant, algorithm=algorithm, tag=tag,
+                                                             timeout=20, shm_refs=segs[i].refs)
+                                           for i in range(3)))
+                    outs = [s.out("float32") for s in segs]
+                    for o in outs[1:]:
+                        assert o.tobytes() == outs[0].tobytes(), (algorithm, quant)
+                    want = reference(srcs, "float32", "sum")
+                    if quant is None:
+                        assert outs[0].tobytes() == want.tobytes(), algorithm
+                    else:  # each input quantized once, the owner's sum once more (half a step each)
+                        bound = (sum(float(np.ptp(s)) for s in srcs) + float(np.ptp(want))) / 255 / 2 + 1e-5
+                        assert np.abs(outs[0] - want).max() <= bound
+                finally:
+                    for s in segs:
+                        s.close()
+            seg = Seg(1000, "float32", np.ones(1000, np.float32))
+            try:
+                with pytest.raises(InvalidUsage, match="apart or the same range"):
+                    await dps[0].all_reduce(seg.src[:3000], seg.src[1000:], dtype="float32", op="sum",
+                                            algorithm="shm", tag=99, timeout=5, shm_refs=seg.refs)
+            finally:
+                seg.close()
+
+    run(body(), timeout=80)
 
 
 @pytest.mark.parametrize("world", [3, 4])

@@ -9,8 +9,8 @@ over the existing TCP links order the two phases:
    offsets) and which lease guards them (below).
 2. Reduce and scatter: once every READY is in, peer i owns chunk i of the N near-equal
    chunks. Block by block (a block stays in cache), it folds the N inputs' block in rank
-   order 0, 1, ..., N-1 into its own output, then copies that block into every peer's
-   output. Each chunk is computed once, by its owner, and every peer receives the owner's
+   order 0, 1, ..., N-1 into a scratch block, then copies that block into every output,
+   its own included (an output may be its input: a client reduces plain arrays in place). Each chunk is computed once, by its owner, and every peer receives the owner's
    bytes, so every peer ends with the same bits. Then it checks the leases and sends
    FIN, which here also says "I have written my chunk into your output and stopped
    reading your input". A peer's output is complete once every peer's FIN is in, which
@@ -77,6 +77,9 @@ class ShmContext:
         self._maps: dict[str, collections.OrderedDict[tuple[str, bool], Mapping]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        # fold buffers: one for the event loop, one for the worker thread (8-byte multiple,
+        # so a block is whole elements of every dtype)
+        self._scratch = (memoryview(bytearray(_BLOCK)), memoryview(bytearray(_BLOCK)))
 
     # -- leases --------------------------------------------------------------------------
     @property
@@ -140,10 +143,11 @@ class ShmContext:
 
     # -- work ----------------------------------------------------------------------------
     def run(self, loop, nbytes: int, fn, done) -> None:
-        """Call ``fn()`` then ``done(exc_or_None)``: inline when small, else on the worker thread."""
+        """Call ``fn(scratch)`` then ``done(exc_or_None)``: inline when small, else on the
+        worker thread. ``scratch`` is a block-sized buffer of whichever thread runs it."""
         if nbytes < _INLINE:
             try:
-                fn()
+                fn(self._scratch[0])
             except Exception as e:  # pragma: no cover - a bug
                 done(e)
                 return
@@ -151,7 +155,7 @@ class ShmContext:
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pccl-shm")
-        fut = loop.run_in_executor(self._pool, fn)
+        fut = loop.run_in_executor(self._pool, fn, self._scratch[1])
         fut.add_done_callback(lambda f: done(f.exception()))
 
     def close(self) -> None:
@@ -235,17 +239,21 @@ class ShmAllReduce(Collective):
         me, w = self.link.rank, self.link.world
         a, b = self.chunk(me)
         srcs = [(self.src if r == me else self.peers[r][0])[a:b] for r in range(w)]
-        outs = [self.peers[r][1][a:b] for r in range(w) if r != me]
-        self.ctx.run(self.loop, (b - a) * 2 * w, lambda: self._fold(srcs, self.dst[a:b], outs),
+        outs = [(self.dst if r == me else self.peers[r][1])[a:b] for r in range(w)]
+        self.ctx.run(self.loop, (b - a) * 2 * w, lambda scratch: self._fold(srcs, outs, scratch),
                      self._folded_cb)
 
-    def _fold(self, srcs: list, out, outs: list) -> None:
+    def _fold(self, srcs: list, outs: list, scratch: memoryview) -> None:
+        """Fold the owned chunk of every input in rank order, block by block, into
+        ``scratch``, and copy each finished block into every output. A peer's output may
+        be its input (an in-place call): each block is read from every input before any
+        output is written, and only this owner touches these bytes of anyone's buffers."""
         kop = "sum" if self.op == "avg" else self.op
-        n = len(out)
-        step = max(self.item, _BLOCK - _BLOCK % self.item)
+        n = len(outs[0])
+        step = len(scratch)
         for a in range(0, n, step):
             b = min(n, a + step)
-            o = out[a:b]
+            o = scratch[:b - a]
             K.copy(o, srcs[0][a:b])
             for s in srcs[1:]:
                 K.reduce(o, s[a:b], kop, self.dtype)
