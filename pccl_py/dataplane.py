@@ -556,7 +556,7 @@ class DataPlane:
         if algo == "shm" and not shm_ok:
             raise InvalidUsage("algorithm 'shm' needs every peer of the group on this host (the same data "
                                "address) and the tensors in shared memory (a daemon's client call)")
-        overlap = _overlap(s, d)
+        overlap = None if type(src) is bytes else _overlap(s, d)  # bytes cannot be written
         if overlap and algo not in ("ring", "shm"):
             s = bytes(s)  # an in-place call: these collectives read src after writing dst
         elif overlap == "partial" and algo == "shm":
