@@ -92,7 +92,7 @@ class _Pool:
         bucket = self.free.setdefault(size, [])
         if bucket:
             return bucket.pop()
-        seg = shared_memory.SharedMemory(create=True, size=size, name=f"pccl_{uuid.uuid4().hex[:16]}")
+        seg = local.create_segment(size)
         self.all.append(seg)
         self.client._call({"op": "map", "name": seg.name, "size": size}, timeout=10.0)
         return seg
@@ -532,8 +532,7 @@ class Client:
         np_dtype = np.dtype(np.int16 if bf16 else dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        seg = shared_memory.SharedMemory(create=True, size=max(nbytes, 1),
-                                         name=f"pccl_{uuid.uuid4().hex[:16]}")
+        seg = local.create_segment(max(nbytes, 1))
         try:
             self._call({"op": "map", "name": seg.name, "size": seg.size}, timeout=10.0)
         except BaseException:

@@ -16,9 +16,12 @@ fields. Several requests may be in flight; replies can come in any order.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
+import uuid
+from multiprocessing import shared_memory
 
 try:
     import _posixshmem
@@ -27,7 +30,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import InvalidUsage, ProtocolError
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 1 << 24  # control messages only; payloads go through shared memory
@@ -123,6 +126,35 @@ class Mapping:
             except BufferError:  # a view is still alive: unmapped with the last one
                 pass
             self._mmap = None
+
+
+def create_segment(size: int, prefix: str = "pccl_") -> shared_memory.SharedMemory:
+    """A new shared-memory segment of ``size`` bytes whose pages are all reserved now.
+
+    A segment is a sparse file in /dev/shm (tmpfs): without the reservation, the first
+    write to a page that /dev/shm has no room for kills the writer with SIGBUS, and the
+    writer may be a peer's daemon storing its chunk of a result. Reserving up front turns
+    that into an ``InvalidUsage`` here, before anyone maps the segment."""
+    seg = shared_memory.SharedMemory(create=True, size=size, name=f"{prefix}{uuid.uuid4().hex[:16]}")
+    fd = getattr(seg, "_fd", -1)
+    try:
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return seg  # a file system that cannot reserve: pages come on first write, as before
+        seg.close()
+        seg.unlink()
+        try:
+            free = os.statvfs("/dev/shm")
+            room = f"{free.f_bavail * free.f_frsize} bytes free"
+        except OSError:
+            room = "free space unknown"
+        raise InvalidUsage(
+            f"/dev/shm has no room for a {size}-byte shared-memory segment ({room}): tensors reach "
+            f"the daemon through it. Give it more (a container: docker run --shm-size=...; a "
+            f"host: mount -o remount,size=... /dev/shm) or all-reduce smaller tensors per call") from None
+    return seg
 
 
 def attach_segment(name: str) -> Mapping:

@@ -22,13 +22,13 @@ when it returns.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
 
+from . import local
 from .errors import InvalidUsage
 
 ALIGN = 64
@@ -83,7 +83,8 @@ class SharedState:
                                  list(arr.shape), tname in unequal])
             offset = _align(offset + arr.nbytes)
         size = max(offset, ALIGN)
-        self._shm = shared_memory.SharedMemory(create=True, size=size, name=name or f"pccl_ss_{uuid.uuid4().hex[:16]}")
+        self._shm = (shared_memory.SharedMemory(create=True, size=size, name=name) if name
+                     else local.create_segment(size, prefix="pccl_ss_"))
         self._closed = False
         buf = self._shm.buf
         self.tensors: dict[str, Any] = {}

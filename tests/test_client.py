@@ -437,3 +437,30 @@ def test_peer_frozen_mid_shared_memory_calls_never_yields_torn_results(coordinat
     assert not hangs, hangs
     assert pairs[0] == pairs[1] == stop_at[0], (pairs, stop_at)
     assert before > 0  # the survivors went on without the frozen peer
+
+
+def test_no_room_in_dev_shm_fails_the_call_not_the_process(coordinator, monkeypatch):
+    """When /dev/shm cannot hold a new segment (reserving its pages fails with ENOSPC),
+    alloc() and an all-reduce that needs a new segment raise InvalidUsage at once, before
+    any peer is involved; once there is room again the same client works."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with joined_pair(coordinator) as (a, b):
+        before = set(os.listdir("/dev/shm"))
+        with monkeypatch.context() as m:
+            m.setattr(os, "posix_fallocate", full)
+            with pytest.raises(InvalidUsage, match="/dev/shm has no room"):
+                a.alloc(1000)
+            t0 = time.monotonic()
+            with pytest.raises(InvalidUsage, match="/dev/shm has no room"):
+                a.all_reduce(np.ones(100_000, np.float32))
+            assert time.monotonic() - t0 < 2.0
+        assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("pccl_")}
+        xs = [np.full(100_000, 1.0, np.float32), np.full(100_000, 2.0, np.float32)]
+        with cf.ThreadPoolExecutor(2) as ex:
+            for f in [ex.submit(c.all_reduce, x) for c, x in zip((a, b), xs)]:
+                f.result(timeout=30)
+        assert np.all(xs[0] == 3.0) and np.all(xs[1] == 3.0)

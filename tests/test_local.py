@@ -92,3 +92,54 @@ def test_flat_torch_bf16_and_strided():
     f.data.view(np.float32)[:] = -1
     f.finish()
     assert torch.equal(s, torch.full((3,), -1.0))
+
+
+def _unshare_works() -> bool:
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare -m (a private /dev/shm)")
+def test_a_full_dev_shm_is_an_error_not_a_sigbus():
+    """In a private mount namespace whose /dev/shm is a 1 MiB tmpfs: a segment that does
+    not fit fails with InvalidUsage naming /dev/shm and leaves no file behind; one that
+    fits is reserved whole, so writing all of it cannot raise SIGBUS later."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from pccl_py import local, errors\n"
+        "import os\n"
+        "try:\n"
+        "    local.create_segment(4 << 20)\n"
+        "    print('created')\n"
+        "except errors.InvalidUsage as e:\n"
+        "    print('refused:', e)\n"
+        "print('left:', sorted(os.listdir('/dev/shm')))\n"
+        "s = local.create_segment(512 << 10)\n"
+        "st = os.statvfs('/dev/shm')\n"
+        "print('used:', (st.f_blocks - st.f_bfree) * st.f_frsize)\n"
+        "s.buf[:] = b'x' * len(s.buf)\n"
+        "s.close(); s.unlink()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} -c \"$0\"", script],
+        capture_output=True, text=True, timeout=50, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused: /dev/shm has no room for a 4194304-byte"), lines
+    assert "--shm-size" in lines[0]
+    assert lines[1] == "left: []", lines
+    assert int(lines[2].split()[1]) >= 512 << 10  # reserved before anything was written
