@@ -194,7 +194,7 @@ class Handle:
         if error is not None:
             self._error = error
             return
-        total = (dict(infos[0]) if len(infos) > 1 else infos[0]) if infos else {"world_size": self._client.world_size}
+        total = infos[0] if infos else {"world_size": self._client.world_size}  # each reply is a fresh dict
         total["input_copied"] = any(layout is None or layout[2] for *_, layout in self._parts)
         for extra in infos[1:]:
             for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
@@ -424,7 +424,7 @@ class Client:
             msg = _request(nbytes, dtype, op, quant, algorithm, tag, timeout)
             if nbytes <= local.INLINE_BYTES:
                 # latency-bound: the bytes ride in the request and its reply (no segment)
-                msg["data"] = b"".join([f.data.tobytes() for f in group]) if len(group) > 1 else group[0].data.tobytes()
+                msg["data"] = b"".join([f.data for f in group])
                 parts.append((self._send(msg), None, members, None))
                 continue
             span = -(-max(nbytes, 1) // PAGE) * PAGE

@@ -128,14 +128,15 @@ class Mapping:
             self._mmap = None
 
 
-def create_segment(size: int, prefix: str = "pccl_") -> shared_memory.SharedMemory:
+def create_segment(size: int, name: str | None = None, prefix: str = "pccl_") -> shared_memory.SharedMemory:
     """A new shared-memory segment of ``size`` bytes whose pages are all reserved now.
 
     A segment is a sparse file in /dev/shm (tmpfs): without the reservation, the first
     write to a page that /dev/shm has no room for kills the writer with SIGBUS, and the
     writer may be a peer's daemon storing its chunk of a result. Reserving up front turns
-    that into an ``InvalidUsage`` here, before anyone maps the segment."""
-    seg = shared_memory.SharedMemory(create=True, size=size, name=f"{prefix}{uuid.uuid4().hex[:16]}")
+    that into an ``InvalidUsage`` here, before anyone maps the segment. The name is
+    ``name``, else ``prefix`` and a random suffix."""
+    seg = shared_memory.SharedMemory(create=True, size=size, name=name or f"{prefix}{uuid.uuid4().hex[:16]}")
     fd = getattr(seg, "_fd", -1)
     try:
         if fd >= 0 and hasattr(os, "posix_fallocate"):

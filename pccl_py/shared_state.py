@@ -83,8 +83,7 @@ class SharedState:
                                  list(arr.shape), tname in unequal])
             offset = _align(offset + arr.nbytes)
         size = max(offset, ALIGN)
-        self._shm = (shared_memory.SharedMemory(create=True, size=size, name=name) if name
-                     else local.create_segment(size, prefix="pccl_ss_"))
+        self._shm = local.create_segment(size, name=name, prefix="pccl_ss_")
         self._closed = False
         buf = self._shm.buf
         self.tensors: dict[str, Any] = {}

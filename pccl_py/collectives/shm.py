@@ -10,8 +10,9 @@ over the existing TCP links order the two phases:
 2. Reduce and scatter: once every READY is in, peer i owns chunk i of the N near-equal
    chunks. Block by block (a block stays in cache), it folds the N inputs' block in rank
    order 0, 1, ..., N-1 into a scratch block, then copies that block into every output,
-   its own included (an output may be its input: a client reduces plain arrays in place). Each chunk is computed once, by its owner, and every peer receives the owner's
-   bytes, so every peer ends with the same bits. Then it checks the leases and sends
+   its own included (an output may be its input: a client reduces plain arrays in
+   place). Each chunk is computed once, by its owner, and every peer receives the
+   owner's bytes, so every peer ends with the same bits. Then it checks the leases and sends
    FIN, which here also says "I have written my chunk into your output and stopped
    reading your input". A peer's output is complete once every peer's FIN is in, which
    is exactly the usual FIN agreement (``Collective.data_complete``).
