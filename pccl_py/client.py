@@ -223,6 +223,7 @@ class Client:
         daemon_log_level: str | None = None,
         shm: bool = True,
         advertise: str | None = None,
+        tcp_only: bool = False,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -238,7 +239,7 @@ class Client:
         # segment; start it now, not in the middle of the first timed calls
         resource_tracker.ensure_running()
         if daemon is None:
-            daemon = self._spawn(secret, streams, listen, daemon_log_level, shm, advertise)
+            daemon = self._spawn(secret, streams, listen, daemon_log_level, shm, advertise, tcp_only)
         self.daemon_path = daemon
         self._sock = self._dial(daemon)
         self._rcvtimeo = 0  # microseconds; set before each wait
@@ -251,7 +252,7 @@ class Client:
         self._allocs: list[tuple[int, int, shared_memory.SharedMemory]] = []  # alloc() segments
 
     # -- plumbing --------------------------------------------------------------------
-    def _spawn(self, secret, streams, listen, log_level, shm, advertise) -> str:
+    def _spawn(self, secret, streams, listen, log_level, shm, advertise, tcp_only) -> str:
         path = os.path.join(tempfile.gettempdir(), f"pccl-c{os.getpid()}-{uuid.uuid4().hex[:8]}.sock")
         cmd = [
             sys.executable, "-m", "pccl_py.daemon",
@@ -265,6 +266,8 @@ class Client:
             cmd += ["--streams", str(streams)]
         if not shm:
             cmd += ["--no-shm"]
+        if tcp_only:
+            cmd += ["--tcp-only"]
         if advertise:
             cmd += ["--advertise", advertise]
         if log_level:

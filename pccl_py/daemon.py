@@ -98,6 +98,7 @@ class Daemon:
         shm: bool = True,
         advertise: str | None = None,
         link_timeout: float | None = None,
+        tcp_only: bool = False,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -106,10 +107,11 @@ class Daemon:
             tempfile.gettempdir(), f"pccl-{os.getpid()}-{self.peer_id[:8]}.sock"
         )
         self.exit_with_client = exit_with_client
-        dp_kwargs = {"secret": secret, "host": data_host, "port": data_port}
+        self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
+        dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        tuning = {"shm": shm}
+        tuning = {"shm": shm, "local_links": not tcp_only}
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -117,7 +119,6 @@ class Daemon:
         dp_kwargs["config"] = DataPlaneConfig(**tuning)
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
         self.secret = secret
-        self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
         self.state_server = StateServer(self.peer_id, secret=secret, host=data_host, port=0)
         self._sync_lock = asyncio.Lock()
         self._control_kwargs = {
@@ -568,6 +569,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--exit-with-client", action="store_true", help="stop when the client disconnects")
     p.add_argument("--no-shm", action="store_true",
                    help="never all-reduce through shared memory, even when every peer shares this host")
+    p.add_argument("--tcp-only", action="store_true",
+                   help="dial peers on this host over TCP too (by default a peer in the same network "
+                        "namespace is reached through a Unix socket)")
     p.add_argument("--link-timeout", type=float, default=None, metavar="SECONDS",
                    help="close a data link whose sent data stays unacknowledged this long, so a dead "
                         "path is reported and replaced (default 10; 0: the kernel's ~15 min)")
@@ -592,6 +596,7 @@ async def _amain(args) -> int:
         shm=not args.no_shm,
         advertise=args.advertise,
         link_timeout=args.link_timeout,
+        tcp_only=args.tcp_only,
     )
     await d.start()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,6 @@
 """Data plane: K authenticated TCP streams per peer link, frames read straight into place.
+A peer of this host (and network namespace) is reached through a Unix socket instead
+(``local_links``): the same streams and frames, half the kernel time per frame.
 
 :class:`DataPlane` listens, keeps links to the current topology's peers, routes frames
 to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -53,6 +57,7 @@ class DataPlaneConfig:
     min_stripe: int = 256 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
     tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
     shm: bool = True  # algorithm="auto": shared memory instead of the ring when the group shares a host
+    local_links: bool = True  # peers on this host: Unix-socket links instead of TCP
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
     max_blob: int = 64 << 20  # bound on an all_gather blob
@@ -63,6 +68,17 @@ class DataPlaneConfig:
     memo: int = 65536  # remembered (tag -> attempt) entries per epoch
 
 
+def local_address(host: str, port: int) -> str:
+    """The abstract Unix-socket name of the daemon whose data plane peers dial at
+    ``host:port``. Abstract names live in a network namespace, not in the file system:
+    nothing to clean up, and only processes of that namespace can reach them."""
+    name = f"pccl_py.dp.{host}:{port}"
+    if len(name) > 100:  # a long host name: the kernel allows 107 bytes
+        name = "pccl_py.dp." + hashlib.sha256(name.encode()).hexdigest()
+    return "\0" + name
+
+
+_LOCAL_CONNECT = 1.0  # a local listener answers at once; beyond this, try TCP
 _CTRL_PENDING_MAX = 4096
 _HELD_MAX_BYTES = 4 << 20  # payload bytes of small frames held for calls not posted yet
 _HELD_MAX = 4096  # and their number; beyond either, a frame stalls its stream instead
@@ -78,11 +94,11 @@ class _Scratch:
 
 
 class DataPlane:
-    """Peer-to-peer collectives over K TCP streams per link (see module docstring)."""
+    """Peer-to-peer collectives over K streams per link (see module docstring)."""
 
     def __init__(self, peer_id: str, *, secret: bytes = b"", streams: int = 4, host: str = "127.0.0.1",
                  port: int = 0, on_peer_failure: Callable[[str, str], None] | None = None,
-                 config: DataPlaneConfig | None = None):
+                 config: DataPlaneConfig | None = None, advertise: str | None = None):
         if not 0 < len(peer_id.encode()) <= F.MAX_PEER_ID:
             raise InvalidUsage("peer_id must be 1..255 bytes of utf-8")
         if not 1 <= streams <= 64:
@@ -92,6 +108,7 @@ class DataPlane:
         self.streams = streams
         self.host = host
         self.port = port
+        self.advertise = advertise or host  # the host peers dial (names the local listener)
         self.on_peer_failure = on_peer_failure
         self.config = config or DataPlaneConfig()
         self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
@@ -118,6 +135,7 @@ class DataPlane:
         # (see pccl_py.tags); None: no such check.
         self.behind: Callable[[int], bool] | None = None
         self._shm = ShmContext()
+        self._unix = None
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -126,7 +144,22 @@ class DataPlane:
         self._server = await self._loop.create_server(lambda: Stream(self), self.host, self.port)
         addr = self._server.sockets[0].getsockname()
         self.port = addr[1]
+        if self.config.local_links:
+            self._unix = await self._listen_unix()
         return addr[0], addr[1]
+
+    async def _listen_unix(self):
+        """A second listener, on an abstract Unix socket named after the address peers
+        dial: a peer in this network namespace (so on this host) dials it instead of TCP."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(local_address(self.advertise, self.port))
+            s.listen(64)
+        except OSError as e:
+            s.close()
+            log.info("no local (Unix-socket) listener, peers on this host use TCP: %s", e)
+            return None
+        return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
 
     async def close(self) -> None:
         if self._closed:
@@ -134,8 +167,9 @@ class DataPlane:
         self._closed = True
         self.abort(Aborted("the data plane was closed"))
         self._drop_held()
-        if self._server is not None:
-            self._server.close()
+        for srv in (self._server, self._unix):
+            if srv is not None:
+                srv.close()
         for link in list(self._links.values()):
             link.close("data plane closed", graceful=True)
         self._links.clear()
@@ -145,8 +179,9 @@ class DataPlane:
         for c in list(self._conns):
             if c.transport is not None and not c.transport.is_closing():
                 c.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for srv in (self._server, self._unix):
+            if srv is not None:
+                await srv.wait_closed()
         self._shm.close()
         await asyncio.sleep(0)
 
@@ -208,6 +243,8 @@ class DataPlane:
                      nstreams=self.streams)
 
         async def go(i: int) -> None:
+            if self.config.local_links and await self._dial_unix(p, link, i):
+                return
             try:
                 await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port),
                                        self.config.connect_timeout)
@@ -220,6 +257,19 @@ class DataPlane:
         for i in range(self.streams):
             self._loop.create_task(go(i))
         return link
+
+    async def _dial_unix(self, p, link, i: int) -> bool:
+        """Connect stream ``i`` to ``p`` over its local Unix socket; False where there is none
+        (another host or network namespace: the name is unknown here, refused at once)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(self._loop.sock_connect(s, local_address(p.host, p.port)), _LOCAL_CONNECT)
+            await self._loop.create_unix_connection(lambda: Stream(self, link, i), sock=s)
+        except (OSError, asyncio.TimeoutError):
+            s.close()
+            return False
+        return True
 
     def _accept_link(self, hello: F.Hello) -> PeerLink | None:
         link = self._links.get(hello.peer_id)

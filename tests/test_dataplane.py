@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import socket
 import time
 
 import numpy as np
@@ -22,7 +24,7 @@ from pccl_py import dataplane as dataplane_mod
 from pccl_py import frames as F
 from pccl_py.collectives import _kernels as K
 from pccl_py.collectives.link import Stream
-from pccl_py.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.dataplane import DataPlane, DataPlaneConfig, local_address
 from pccl_py.errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PeerLost
 from pccl_py.topology import PeerInfo, Topology
 
@@ -58,9 +60,23 @@ def topo(dps, epoch: int, members=None):
     return {i: Topology(epoch, 0, r, peers, len(peers)) for r, i in enumerate(members)}
 
 
+def families(dp: DataPlane) -> dict[str, set[str]]:
+    """Peer id -> the socket families of this data plane's streams to it."""
+    out: dict[str, set[str]] = {}
+    for c in dp._conns:
+        if c.link is not None:
+            out.setdefault(c.link.peer_id, set()).add(c.transport.get_extra_info("socket").family.name)
+    return out
+
+
 @contextlib.asynccontextmanager
-async def cluster(n: int, streams: int = 2, config: DataPlaneConfig | None = None, failures=None):
-    dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams, config=config,
+async def cluster(n: int, streams: int = 2, config: DataPlaneConfig | None = None, failures=None,
+                  tcp_only=()):
+    """``n`` data planes of one group on 127.0.0.1; those in ``tcp_only`` neither listen on
+    nor dial a local Unix socket."""
+    config = config or DataPlaneConfig()
+    dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams,
+                     config=dataclasses.replace(config, local_links=i not in tcp_only),
                      on_peer_failure=(lambda pid, why, i=i: failures.append((i, pid, why)))
                      if failures is not None else None)
            for i in range(n)]
@@ -143,11 +159,20 @@ def test_all_reduce_matrix(world, algorithm):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_default_config_sizes(world):
-    """Default segment sizes: sizes not divisible by N or K, ring and tree, bit parity."""
+@pytest.mark.parametrize("world,links", [(2, "unix"), (3, "unix"), (4, "unix"), (2, "tcp"), (4, "tcp"),
+                                         (3, "mixed")])
+def test_default_config_sizes(world, links):
+    """Default segment sizes: sizes not divisible by N or K, ring and tree, bit parity; over
+    local Unix-socket links, TCP, or both (the last peer, which the others dial, has no local
+    listener: they fall back to TCP)."""
+    tcp_only = {"unix": (), "tcp": range(world), "mixed": (world - 1,)}[links]
+
     async def body():
-        async with cluster(world, streams=4) as dps:
+        async with cluster(world, streams=4, tcp_only=tcp_only) as dps:
+            for i, dp in enumerate(dps):
+                want = {dps[j].peer_id: {"AF_INET" if i in tcp_only or j in tcp_only else "AF_UNIX"}
+                        for j in range(world) if j != i}
+                assert families(dp) == want, (i, families(dp))
             for tag, count in enumerate([3, 1 << 12, 1 << 16, (1 << 18) + 13, 300007]):
                 for op in ("sum", "avg", "max"):
                     srcs = make_inputs(world, count, "float32", op, seed=count)
@@ -366,11 +391,17 @@ def test_new_epoch_aborts_in_flight_ops():
 # ---------------------------------------------------------------- bad input on the data port
 
 
-async def _raw(port: int):
-    return await asyncio.open_connection("127.0.0.1", port)
+async def _raw(port):
+    """A connection to a data plane: TCP to a port, or to a local (Unix-socket) address."""
+    if isinstance(port, int):
+        return await asyncio.open_connection("127.0.0.1", port)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(port)
+    s.setblocking(False)
+    return await asyncio.open_unix_connection(sock=s)
 
 
-async def _auth(port: int, secret: bytes, peer_id: str = "intruder"):
+async def _auth(port, secret: bytes, peer_id: str = "intruder"):
     r, w = await _raw(port)
     ch = F.decode_challenge(await r.readexactly(F.CHALLENGE_S.size))
     w.write(F.encode_hello(secret, ch, peer_id, 1, 0, 1, 42, b"n" * 32))
@@ -611,10 +642,11 @@ def test_long_error_messages_arrive_whole():
 
 
 @pytest.mark.timeout(60)
-def test_bad_input_on_data_port(caplog):
+@pytest.mark.parametrize("listener", ["tcp", "unix"])
+def test_bad_input_on_data_port(listener, caplog):
     caplog.set_level(logging.INFO, logger="pccl_py.dataplane")
 
-    async def attack(port: int):
+    async def attack(port):
         # 1. garbage instead of a hello
         r, w = await _raw(port)
         await r.readexactly(F.CHALLENGE_S.size)
@@ -646,7 +678,7 @@ def test_bad_input_on_data_port(caplog):
             srcs = make_inputs(3, 5000, "int64", "sum", seed=3)
             work = asyncio.ensure_future(asyncio.gather(*(
                 all_reduce_all(dps, srcs, dtype="int64", op="sum", tag=t, algorithm="ring") for t in range(1, 6))))
-            await attack(dps[0].port)
+            await attack(dps[0].port if listener == "tcp" else local_address("127.0.0.1", dps[0].port))
             results = await work
             want = reference(srcs, "int64", "sum")
             for dsts, _ in results:

@@ -1,7 +1,8 @@
-"""A peer SIGKILLed at a random point of a ring (TCP) or shared-memory all-reduce: survivors
+"""A peer SIGKILLed at a random point of a ring or shared-memory all-reduce: survivors
 (separate processes, uvloop) fail with PeerLost/Aborted promptly, keep src intact, and a
-retry on the new topology gives the right answer. Run as a script, this file is one such
-peer."""
+retry on the new topology gives the right answer. The peers share this host, so their
+links are Unix sockets, or TCP with ``local_links=False``. Run as a script, this file is
+one such peer."""
 
 from __future__ import annotations
 
@@ -22,19 +23,20 @@ COUNT = 2_000_000
 # ------------------------------------------------------------------ child (one peer)
 
 
-async def _child(index: int, algorithm: str) -> None:
+async def _child(index: int, algorithm: str, links: str) -> None:
     import asyncio
     import uuid
     from multiprocessing import shared_memory
 
     import numpy as np
 
-    from pccl_py.dataplane import DataPlane
+    from pccl_py.dataplane import DataPlane, DataPlaneConfig
     from pccl_py.errors import PcclError
     from pccl_py.topology import PeerInfo, Topology
 
     loop = asyncio.get_running_loop()
-    dp = DataPlane(f"k{index}", secret=b"kill-test", streams=2)
+    dp = DataPlane(f"k{index}", secret=b"kill-test", streams=2,
+                   config=DataPlaneConfig(local_links=links == "unix"))
     _, port = await dp.start()
     out = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
     out(port=port)
@@ -62,7 +64,7 @@ async def _child(index: int, algorithm: str) -> None:
         try:
             await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm=algorithm, tag=tag, timeout=20,
                                 shm_refs=refs)
-            out(ok=tag)
+            out(ok=tag, links=sorted({c.transport.get_extra_info("socket").family.name for c in dp._conns}))
         except PcclError as e:
             out(error=type(e).__name__, at=time.time(), msg=str(e)[:200],
                 src_ok=bool(np.all(src == index + 1)))
@@ -92,10 +94,11 @@ def _read(p: subprocess.Popen, timeout: float = 30.0) -> dict:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("world,algorithm", [(3, "ring"), (4, "ring"), (3, "shm"), (4, "shm")])
-def test_sigkill_mid_call(world, algorithm, capsys):
+@pytest.mark.parametrize("world,algorithm,links", [(3, "ring", "unix"), (4, "ring", "unix"), (3, "ring", "tcp"),
+                                                  (3, "shm", "unix"), (4, "shm", "unix")])
+def test_sigkill_mid_call(world, algorithm, links, capsys):
     env = dict(os.environ, PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), algorithm], stdin=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), algorithm, links], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=REPO, env=env) for i in range(world)]
     try:
         ports = [_read(p)["port"] for p in procs]
@@ -103,8 +106,9 @@ def test_sigkill_mid_call(world, algorithm, capsys):
         for p in procs:
             p.stdin.write(json.dumps({"epoch": 1, "members": members}) + "\n")
             p.stdin.flush()
-        for p in procs:  # the ring is running
-            assert "ok" in _read(p)
+        for p in procs:  # the ring is running, over the links asked for
+            first = _read(p)
+            assert "ok" in first and first["links"] == ["AF_UNIX" if links == "unix" else "AF_INET"], first
         victim = random.randrange(world)
         time.sleep(random.uniform(0.0, 0.05))
         t_kill = time.time()
@@ -129,7 +133,7 @@ def test_sigkill_mid_call(world, algorithm, capsys):
             msg = _read(procs[i])
             assert msg["uniform"] and msg["result"] == want, (msg, want)
         with capsys.disabled():
-            print(f"\nN={world} {algorithm}: SIGKILL of rank {victim} -> survivors failed after "
+            print(f"\nN={world} {algorithm} over {links}: SIGKILL of rank {victim} -> survivors failed after "
                   f"{', '.join(f'{x * 1e3:.1f}' for x in lat)} ms")
         assert max(lat) < 2.0  # target 200 ms; generous for a loaded 2-core machine
     finally:
@@ -143,4 +147,4 @@ if __name__ == "__main__":
     import uvloop
 
     sys.path.insert(0, REPO)
-    uvloop.run(_child(int(sys.argv[1]), sys.argv[2]))
+    uvloop.run(_child(int(sys.argv[1]), sys.argv[2], sys.argv[3]))

@@ -48,7 +48,7 @@ def ours_worker(args) -> int:
 
     from ..client import Client
 
-    with Client(coordinator=args.coordinator, timeout=120.0, streams=args.streams) as c:
+    with Client(coordinator=args.coordinator, timeout=120.0, streams=args.streams, tcp_only=args.tcp_only) as c:
         topo = c.connect()
         deadline = time.monotonic() + 60
         while topo["world_size"] < args.world:
@@ -133,8 +133,8 @@ def _common(args) -> list[str]:
 
 def run_ours(args) -> list[dict]:
     addr = f"127.0.0.1:{free_port()}"
-    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr],
-                             stdout=subprocess.DEVNULL)
+    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr,
+                              "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
         procs = []
@@ -147,6 +147,8 @@ def run_ours(args) -> list[dict]:
                 cmd += ["--streams", str(args.streams)]
             if args.alloc:
                 cmd += ["--alloc"]
+            if args.tcp_only:
+                cmd += ["--tcp-only"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
             time.sleep(0.05)
         return _collect(procs, args.timeout)
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=None)
     p.add_argument("--algorithm", choices=["auto", "ring", "tree", "shm"], default="auto",
                    help="auto: tree for small calls, then shared memory when every peer shares this host, else ring")
+    p.add_argument("--tcp-only", action="store_true",
+                   help="daemons dial each other over TCP (by default peers on one host use Unix sockets)")
     p.add_argument("--compare", choices=["gloo"], default=None)
     p.add_argument("--alloc", action="store_true",
                    help="all-reduce tensors from Client.alloc (shared memory: no copy in)")
@@ -207,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--world must be at least 2")
 
     if not args.json:
-        print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1; "
-              f"median of repeats as seen by rank 0"
+        print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1, "
+              f"links over {'TCP' if args.tcp_only else 'Unix sockets'}; median of repeats as seen by rank 0"
               f"{'; tensors from Client.alloc' if args.alloc else ''}", flush=True)
     ours = run_ours(args)
     gloo = run_gloo(args) if args.compare == "gloo" else None
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(row["times"])
         busbw = 2 * (n - 1) / n * nbytes / med / 1e9
         rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams, "alloc": args.alloc,
-               "quant": args.quant, "algorithm": row["algorithm"], "seconds": med, "busbw": busbw,
+               "links": "tcp" if args.tcp_only else "unix", "quant": args.quant, "algorithm": row["algorithm"], "seconds": med, "busbw": busbw,
                "gloo_seconds": None, "ratio": None}
         if gloo:
             gmed = statistics.median(gloo[i]["times"])

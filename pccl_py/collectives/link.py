@@ -87,10 +87,10 @@ class Stream(asyncio.BufferedProtocol):
         self._vectored = type(transport).__module__.startswith("uvloop")
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             _tune(sock, self.dp.config.user_timeout)
         pn = transport.get_extra_info("peername")
-        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else "this host (Unix socket)"
         self.dp._conns.add(self)
         self._hs_timer = self.dp._loop.call_later(self.dp.config.handshake_timeout, self._hs_timeout)
         if self.connector:
