@@ -338,6 +338,59 @@ fail:
     return NULL;
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+/* memcpy whose stores bypass the cache (SSE2 streaming stores, baseline on x86-64): the
+   destination's lines are not read first and do not evict what the cache holds. */
+static void stream_copy(char *d, const char *s, size_t n) {
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head; s += head; n -= head;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
+        __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+        _mm_stream_si128((__m128i *)(d + i), a);
+        _mm_stream_si128((__m128i *)(d + i + 16), b);
+        _mm_stream_si128((__m128i *)(d + i + 32), c);
+        _mm_stream_si128((__m128i *)(d + i + 48), e);
+    }
+    memcpy(d + i, s + i, n - i);
+    _mm_sfence();  /* streaming stores are weakly ordered: visible before we return */
+}
+#else
+static void stream_copy(char *d, const char *s, size_t n) { memcpy(d, s, n); }
+#endif
+
+/* copy_stream(dst, src): copy() with stores that bypass the cache, for a large result the
+   caller's cache would not hold anyway (the trainer's array after an all-reduce). */
+static PyObject *py_copy_stream(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *dst_obj, *src_obj;
+    if (!PyArg_ParseTuple(args, "OO:copy_stream", &dst_obj, &src_obj)) return NULL;
+    Py_buffer d, s;
+    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
+    if (get_buffer(src_obj, &s, 0, "src") < 0) { PyBuffer_Release(&d); return NULL; }
+    PyObject *ret = NULL;
+    if (d.len != s.len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd", d.len, s.len);
+    } else if (overlaps(&d, &s)) {
+        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        stream_copy((char *)d.buf, (const char *)s.buf, (size_t)d.len);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&s);
+    return ret;
+}
+
 /* The 8-byte slot at ``off`` of obj's buffer: 0, or -1 with an error (the view released). */
 static int get_slot(PyObject *obj, Py_ssize_t off, Py_buffer *b, int writable) {
     if (get_buffer(obj, b, writable, "buf") < 0) return -1;
@@ -347,6 +400,38 @@ static int get_slot(PyObject *obj, Py_ssize_t off, Py_buffer *b, int writable) {
         return -1;
     }
     return 0;
+}
+
+/* tally_add(buf, offset, ident): count one arrival on the tally at ``offset``, a word
+ * holding ident (48 bits) << 16 | count. Atomic across processes that map buf; a full
+ * fence first, so everything this thread wrote before is visible to whoever sees the new
+ * count. Returns the count after this arrival, or -1 (nothing written) when the word no
+ * longer holds ``ident``: its owner ended that call and may have given the slot to another. */
+static PyObject *py_tally_add(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    Py_ssize_t off;
+    unsigned long long ident;
+    if (!PyArg_ParseTuple(args, "OnK:tally_add", &obj, &off, &ident)) return NULL;
+    if (ident >> 48) {
+        PyErr_SetString(PyExc_ValueError, "ident must fit in 48 bits");
+        return NULL;
+    }
+    Py_buffer b;
+    if (get_slot(obj, off, &b, 1) < 0) return NULL;
+    uint64_t *w = (uint64_t *)((char *)b.buf + off);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+    long long result;
+    for (;;) {
+        if ((v >> 16) != ident || (v & 0xFFFF) == 0xFFFF) { result = -1; break; }
+        if (__atomic_compare_exchange_n(w, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            result = (long long)(v & 0xFFFF) + 1;
+            break;
+        }  /* v now holds the current word: check it again */
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromLongLong(result);
 }
 
 /* load_u64(buf, offset): an 8-byte little-endian load ordered after every earlier load and
@@ -399,6 +484,12 @@ static PyMethodDef methods[] = {
      "dequant_add_u4(codes, lo, scale, dst_f32) -> None\n\ndst += codes * scale + lo (fused)."},
     {"copy", py_copy, METH_VARARGS,
      "copy(dst, src) -> None\n\nmemcpy of equal-sized buffers, GIL released for large ones."},
+    {"copy_stream", py_copy_stream, METH_VARARGS,
+     "copy_stream(dst, src) -> None\n\nCopy of equal-sized, disjoint buffers whose stores bypass the cache "
+     "(x86-64; memcpy elsewhere), GIL released."},
+    {"tally_add", py_tally_add, METH_VARARGS,
+     "tally_add(buf, offset, ident) -> int\n\nAtomically count one arrival on the word ident << 16 | count; "
+     "the new count, or -1 when the word holds another ident."},
     {"load_u64", py_load_u64, METH_VARARGS,
      "load_u64(buf, offset) -> int\n\nFenced 8-byte load (ordered after all earlier memory accesses)."},
     {"store_u64", py_store_u64, METH_VARARGS,

@@ -48,6 +48,13 @@ def dequant_add_u4(codes: Buffer, lo: float, scale: float, dst_f32: Buffer) -> N
 def copy(dst: Buffer, src: Buffer) -> None:
     """memcpy of equal-sized, non-overlapping buffers; the GIL is released for large ones."""
 
+def copy_stream(dst: Buffer, src: Buffer) -> None:
+    """copy() whose stores bypass the cache (x86-64; memcpy elsewhere); GIL released."""
+
+def tally_add(buf: Buffer, offset: int, ident: int) -> int:
+    """Atomic arrival on the aligned word ident(48 bits) << 16 | count, after a full fence:
+    the new count, or -1 (nothing written) when the word holds another ident."""
+
 def load_u64(buf: Buffer, offset: int) -> int:
     """8-byte load at an aligned offset, after a full memory fence (reads before it are done)."""
 

@@ -717,7 +717,7 @@ class DataPlane:
                 continue
             src = coll.link.ids.index(pid)
             if kind == F.FIN:
-                coll.on_fin(src)
+                coll.on_fin(src, code)
             else:
                 self._remote_error(coll, src, code, msg)
 

@@ -12,7 +12,7 @@ is a fixed 68-byte little-endian header followed by ``length`` payload bytes::
     epoch    Q   membership epoch the sender's operation belongs to
     tag      Q   operation tag (< 2**63)
     seq      I   attempt number of this tag within the epoch
-    step     I   schedule step (DATA), error code (ERROR), 0 (FIN)
+    step     I   schedule step (DATA), error code (ERROR), 0 or FIN_ALL (FIN)
     offset   Q   byte offset into the operation's buffer
     length   I   payload bytes that follow
     elems    I   elements the payload represents (DATA)
@@ -45,7 +45,9 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PCDP"
-WIRE_VERSION = 3  # 2: ERROR code 5 (Diverged); 3: a direct exchange of <= TINY_BYTES has no FIN round
+# 2: ERROR code 5 (Diverged); 3: a direct exchange of <= TINY_BYTES has no FIN round;
+# 4: FIN_ALL (the shared-memory all-reduce's last finisher speaks for every peer)
+WIRE_VERSION = 4
 
 # frame kinds
 DATA = 1
@@ -57,6 +59,8 @@ HELLO = 17
 WELCOME = 18
 
 FRAME_KINDS = (DATA, FIN, ERROR)
+# FIN steps: this peer is done; or (FIN_ALL) every peer of the call is done
+FIN_ALL = 1
 
 QUANT_NONE = 0
 QUANT_U8 = 1
@@ -167,6 +171,8 @@ def decode_header(buf, limits: Limits = DEFAULT_LIMITS) -> Header:
             raise ProtocolError(f"control frame kind {kind} with data fields set")
         if kind == FIN and length != 0:
             raise ProtocolError("FIN frame with a payload")
+        if kind == FIN and step not in (0, FIN_ALL):
+            raise ProtocolError(f"FIN frame with step {step}")
         if kind == ERROR:
             if step not in ERR_CODES:
                 raise ProtocolError(f"unknown error code {step}")

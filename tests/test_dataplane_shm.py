@@ -232,7 +232,7 @@ def test_a_released_lease_fails_the_call_everywhere():
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.001)
                 slot = dps[1]._ops[7].lease[1]
-                K.store_u64(dps[1]._shm._lease_seg.buf, slot * 8, 0)  # as if peer 1's call had ended
+                K.store_u64(dps[1]._shm._lease_seg.buf, slot * S.SLOT, 0)  # as if peer 1's call had ended
                 res = await asyncio.gather(post(dps[0], segs[0], dtype="float32", op="sum", tag=7), f1,
                                            return_exceptions=True)
                 assert all(isinstance(r, Aborted) for r in res), res
@@ -242,6 +242,75 @@ def test_a_released_lease_fails_the_call_everywhere():
                 await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
                 assert np.all(segs[0].out("float32") == 7.0) and np.all(segs[1].out("float32") == 7.0)
                 assert len(dps[0]._shm._free) == S.LEASE_SLOTS
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
+    """Every peer counts its finished chunk on rank 0's tally; the one that counts the last
+    sends FIN_ALL to each other peer, and nobody sends a plain FIN: N-1 FIN frames per call
+    instead of N(N-1)."""
+    from pccl_py import frames as F
+    from pccl_py.collectives.link import Stream
+
+    fins = []
+    real = Stream.write
+
+    def spy(self, header, payload):
+        h = F.decode_header(header[:F.HEADER_SIZE])
+        if h.kind == F.FIN:
+            fins.append((self.dp.peer_id, h.tag, h.step))
+        return real(self, header, payload)
+
+    monkeypatch.setattr(Stream, "write", spy)
+
+    async def body():
+        async with cluster(world) as dps:
+            segs = [Seg(5000, "float32", np.full(5000, i + 1.0, np.float32)) for i in range(world)]
+            try:
+                for tag in (1, 2, 3):
+                    await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=tag)
+                                           for i in range(world)))
+                    want = world * (world + 1) / 2
+                    assert all(np.all(s.out("float32") == want) for s in segs)
+                    got = [f for f in fins if f[1] == tag]
+                    assert len(got) == world - 1, got
+                    assert {step for _, _, step in got} == {F.FIN_ALL}
+                    assert len({sender for sender, _, _ in got}) == 1  # one peer speaks for all
+                for dp in dps:  # every tally and lease slot was given back
+                    assert len(dp._shm._free) == S.LEASE_SLOTS
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def test_a_tally_gone_from_rank_0_fails_the_call_everywhere():
+    """Rank 0's tally no longer holds this call (rank 0 ended it): a peer that would count
+    on it fails the call instead of counting on another call's tally."""
+    async def body():
+        async with cluster(2) as dps:
+            count = 1000
+            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(2)]
+            try:
+                f0 = asyncio.ensure_future(post(dps[0], segs[0], dtype="float32", op="sum", tag=7))
+                deadline = time.monotonic() + 10
+                while 7 not in dps[0]._ops or dps[0]._ops[7].lease is None:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.001)
+                slot = dps[0]._ops[7].lease[1]
+                K.store_u64(dps[0]._shm._lease_seg.buf, slot * S.SLOT + 8, 0)
+                res = await asyncio.gather(f0, post(dps[1], segs[1], dtype="float32", op="sum", tag=7),
+                                           return_exceptions=True)
+                assert all(isinstance(r, Aborted) for r in res), res
+                assert any("before every chunk was reduced" in str(r) for r in res), res
+                await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
+                assert np.all(segs[0].out("float32") == 3.0) and np.all(segs[1].out("float32") == 3.0)
             finally:
                 for s in segs:
                     s.close()

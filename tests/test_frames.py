@@ -36,6 +36,8 @@ def test_quantized_header_round_trip():
 def test_control_frames_round_trip():
     fin = _hdr(kind=F.FIN, step=0, offset=0, length=0)
     assert F.decode_header(F.encode_header(fin)) == fin
+    fin_all = _hdr(kind=F.FIN, step=F.FIN_ALL, offset=0, length=0)
+    assert F.decode_header(F.encode_header(fin_all)) == fin_all
     raw = F.encode_error(1, 2, 3, 0, F.ERR_INVALID_USAGE, "mismatch")
     (h, payload), = F.FrameReader().feed(raw)
     assert h.kind == F.ERROR and h.step == F.ERR_INVALID_USAGE and payload == b"mismatch"
@@ -89,6 +91,8 @@ def test_control_frame_bounds():
         F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, step=0, length=5)))
     with pytest.raises(ProtocolError, match="data fields"):
         F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=8, length=0)))
+    with pytest.raises(ProtocolError, match="FIN frame with step 2"):
+        F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, step=2, length=0)))
     with pytest.raises(ProtocolError, match="error code"):
         F.decode_header(F.encode_header(_hdr(kind=F.ERROR, offset=0, step=99, length=0)))
     with pytest.raises(ProtocolError, match="message"):

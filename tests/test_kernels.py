@@ -682,3 +682,75 @@ def test_copy_and_fenced_slots():
             N.load_u64(slots, bad)
     with pytest.raises(ValueError):
         N.store_u64(bytes(16), 0, 1)  # read-only
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 63, 64, 65, 1000, (1 << 20) + 7])
+@pytest.mark.parametrize("shift", [0, 1, 8, 15])
+def test_copy_stream_any_alignment(n, shift):
+    src = np.random.default_rng(n).integers(0, 256, n + 16, dtype=np.uint8)
+    dst = np.zeros(n + 32, np.uint8)
+    N.copy_stream(dst[shift:shift + n], src[3:3 + n])
+    assert np.array_equal(dst[shift:shift + n], src[3:3 + n])
+    assert not dst[:shift].any() and not dst[shift + n:].any()  # nothing written around it
+
+
+def test_copy_stream_refuses_what_copy_refuses():
+    buf = np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        N.copy_stream(buf[1:], buf[:-1])
+    with pytest.raises(ValueError, match="bytes"):
+        N.copy_stream(buf[:10], buf[10:30])
+    with pytest.raises(ValueError):
+        N.copy_stream(bytes(10), buf[:10])  # read-only destination
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_tally_counts_arrivals_of_its_ident_only(impl):
+    from pccl_py.collectives import _kernels as K
+    add = N.tally_add if impl == "native" else K._py_tally_add
+    slots = bytearray(32)
+    ident = 0xABCDEF123456
+    N.store_u64(slots, 8, ident << 16)
+    assert [add(slots, 8, ident) for _ in range(3)] == [1, 2, 3]
+    assert add(slots, 8, ident ^ 1) == -1  # another call's tally: nothing written
+    assert N.load_u64(slots, 8) == (ident << 16) | 3
+    N.store_u64(slots, 8, 0)  # released
+    assert add(slots, 8, ident) == -1 and N.load_u64(slots, 8) == 0
+    if impl == "native":
+        with pytest.raises(ValueError, match="48 bits"):
+            N.tally_add(slots, 8, 1 << 48)
+        with pytest.raises(ValueError):
+            N.tally_add(bytes(16), 8, 1)  # read-only
+        with pytest.raises(ValueError):
+            N.tally_add(slots, 4, 1)  # unaligned
+
+
+def test_tally_is_atomic_across_processes():
+    """Four processes count 15,000 arrivals each on one word of shared memory: none lost."""
+    import multiprocessing as mp
+    from multiprocessing import shared_memory
+
+    seg = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        N.store_u64(seg.buf, 8, 7 << 16)
+        procs = [mp.get_context("fork").Process(target=_count_on, args=(seg.name, 15_000)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        word = N.load_u64(seg.buf, 8)
+        assert word >> 16 == 7 and word & 0xFFFF == 60_000
+        N.store_u64(seg.buf, 8, (7 << 16) | 0xFFFF)
+        assert N.tally_add(seg.buf, 8, 7) == -1  # a full count never wraps into the ident
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def _count_on(name: str, n: int) -> None:
+    from multiprocessing import shared_memory
+    seg = shared_memory.SharedMemory(name=name)
+    for _ in range(n):
+        assert N.tally_add(seg.buf, 8, 7) > 0
+    seg.close()

@@ -198,6 +198,9 @@ def _rows(size_mib: int, repeat: int) -> list[dict]:
         "numpy np.multiply(codes, scale, out=dst); dst += lo",
         lambda: (np.multiply(codes8, f_sc8, out=dst), dst.__iadd__(f_lo8)),
     )
+    # the copy back of a large all-reduce result (client): an array larger than the cache
+    # shows what streaming stores save; one that fits shows what they cost
+    row("copy_stream", lambda: N.copy_stream(dst, x), "numpy np.copyto(dst, src)", lambda: np.copyto(dst, x))
     return rows
 
 

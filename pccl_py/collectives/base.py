@@ -147,8 +147,27 @@ class Collective:
         lost, the call fails): its FIN, and before that its data."""
         return not (self.data_done and rank in self._fins)
 
-    def on_fin(self, src: int) -> None:
-        self._fins.add(src)
+    def complete_all(self) -> None:
+        """This peer knows that every peer has all its data (the shared-memory tally): one
+        FIN_ALL to each peer stands for the whole FIN round, and this call succeeds."""
+        if self.done:
+            return
+        self.data_done = True
+        lk = self.link
+        for r in range(lk.world):
+            if r != lk.rank:
+                lk.send(r, 0, self.header(F.FIN, F.FIN_ALL, 0, 0), b"")
+                self.tx_bytes += F.HEADER_SIZE
+                self._fins.add(r)
+        self._maybe_succeed()
+
+    def on_fin(self, src: int, step: int = 0) -> None:
+        """A FIN from ``src``; with step FIN_ALL, ``src`` knows every peer has all its data
+        (only collectives that send it, ``complete_all``, wait for one)."""
+        if step == F.FIN_ALL:
+            self._fins.update(r for r in range(self.link.world) if r != self.link.rank)
+        else:
+            self._fins.add(src)
         self.rx_bytes += F.HEADER_SIZE
         self._maybe_succeed()
 

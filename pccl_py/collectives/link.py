@@ -294,7 +294,7 @@ class Stream(asyncio.BufferedProtocol):
             if op is None:
                 self.dp._remember_ctrl(h, self.link.peer_id, "")
             else:
-                op.on_fin(src)
+                op.on_fin(src, h.step)
         else:  # ERROR: read the message first
             self._hdr = h
             self._ctrl = (op, src)

@@ -12,10 +12,11 @@ over the existing TCP links order the two phases:
    order 0, 1, ..., N-1 into a scratch block, then copies that block into every output,
    its own included (an output may be its input: a client reduces plain arrays in
    place). Each chunk is computed once, by its owner, and every peer receives the
-   owner's bytes, so every peer ends with the same bits. Then it checks the leases and sends
-   FIN, which here also says "I have written my chunk into your output and stopped
-   reading your input". A peer's output is complete once every peer's FIN is in, which
-   is exactly the usual FIN agreement (``Collective.data_complete``).
+   owner's bytes, so every peer ends with the same bits. Then it checks the leases and
+   counts its chunk on rank 0's tally (an atomic word in rank 0's lease slot). The peer
+   whose count is the N-th knows that every peer has written its chunk into every output
+   and stopped reading every input: it sends FIN_ALL to the others, N-1 frames where a
+   FIN round would send N(N-1) (``Collective.complete_all``).
 
 Leases. A daemon's input and output stay untouched while its call runs, and it hands
 them back to the trainer only when the call ends, successfully or not. A peer that read
@@ -24,7 +25,9 @@ may have failed the call, its trainer may already have written the next input). 
 call holds a lease: a random nonce in a slot of the owner's lease segment, written when
 the call starts and cleared (with a fence) before the call ends. A peer checks, with a
 fence after its reads and writes, that every peer's nonce is still in place before it
-sends FIN; a cleared lease fails the call here too, so nobody succeeds with torn data.
+counts its chunk; a cleared lease fails the call here too, so nobody succeeds with torn
+data. Rank 0's tally carries the low 48 bits of its nonce: a peer never counts on the
+tally of a call rank 0 has ended (the slot may serve another call by then).
 Writes can land in the output of a call that has already failed: the client never reuses
 the segment of a failed call (it retires it), so such writes reach nobody.
 
@@ -53,8 +56,10 @@ from .base import Collective, Rx, expect, split
 log = logging.getLogger("pccl_py.dataplane")
 
 READY = 0
-VERSION = 2  # part of the call descriptor: v1 peers (READY, REDUCED, copy) refuse v2 calls
+VERSION = 3  # part of the call descriptor: peers of other versions refuse each other's calls
 LEASE_SLOTS = 1024
+SLOT = 16  # bytes of a lease slot: the nonce, then the tally (rank 0's counts the folds)
+_IDENT = (1 << 48) - 1
 _NAME = re.compile(r"pccl_[A-Za-z0-9_]{1,80}")
 _MAX_READY = 1024  # bytes of one READY payload
 _BLOCK = 512 << 10  # fold this many bytes of all inputs at a time (stays in cache)
@@ -84,11 +89,15 @@ class ShmContext:
 
     # -- leases --------------------------------------------------------------------------
     @property
+    def lease_buf(self) -> memoryview:
+        return self._lease_seg.buf
+
+    @property
     def lease_name(self) -> str:
         if self._lease_seg is None:
-            self._lease_seg = shared_memory.SharedMemory(create=True, size=LEASE_SLOTS * 8,
+            self._lease_seg = shared_memory.SharedMemory(create=True, size=LEASE_SLOTS * SLOT,
                                                          name=f"pccl_lease_{uuid.uuid4().hex[:16]}")
-            self._lease_seg.buf[:] = bytes(LEASE_SLOTS * 8)
+            self._lease_seg.buf[:] = bytes(LEASE_SLOTS * SLOT)
             self._free = list(range(LEASE_SLOTS - 1, -1, -1))
         return self._lease_seg.name.lstrip("/")
 
@@ -98,12 +107,14 @@ class ShmContext:
             raise InvalidUsage(f"more than {LEASE_SLOTS} shared-memory all-reduces in flight")
         slot = self._free.pop()
         nonce = int.from_bytes(os.urandom(8), "little") | 1
-        K.store_u64(self._lease_seg.buf, slot * 8, nonce)
+        K.store_u64(self._lease_seg.buf, slot * SLOT + 8, (nonce & _IDENT) << 16)  # tally: no fold yet
+        K.store_u64(self._lease_seg.buf, slot * SLOT, nonce)
         return name, slot, nonce
 
     def release(self, slot: int) -> None:
         if self._lease_seg is not None and not self._closed:
-            K.store_u64(self._lease_seg.buf, slot * 8, 0)
+            K.store_u64(self._lease_seg.buf, slot * SLOT, 0)
+            K.store_u64(self._lease_seg.buf, slot * SLOT + 8, 0)
             self._free.append(slot)
 
     # -- peers' segments -----------------------------------------------------------------
@@ -230,7 +241,9 @@ class ShmAllReduce(Collective):
         pid = self.link.ids[src]
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
                            self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
-                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * 8, of_call=False), slot * 8, nonce)
+                           # rank 0's lease segment holds the tally every peer counts on
+                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * SLOT, writable=src == 0, of_call=False),
+                           slot * SLOT, nonce)
         self._maybe_fold()
 
     def _maybe_fold(self) -> None:
@@ -269,15 +282,31 @@ class ShmAllReduce(Collective):
         if exc is not None:
             self._internal(exc)
             return
-        # Once FIN is out, peers may end and clear their leases: check exactly once, here.
+        # Once the chunk is counted, peers may end and clear their leases: check exactly once, here.
         for r, (_, _, lease, off, nonce) in self.peers.items():
             seen = K.load_u64(lease, off)
             if seen != nonce:
                 self._fail_local(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
-                                         f"being read and written; its result here would be torn (lease {off // 8}: "
+                                         f"being read and written; its result here would be torn (lease {off // SLOT}: "
                                          f"{seen:#x}, expected {nonce:#x})"))
                 return
-        self.data_complete()
+        self._arrive()
+
+    def _arrive(self) -> None:
+        """Count this peer's finished chunk on rank 0's tally. Whoever counts the last one
+        tells every peer at once (one FIN_ALL each) that all outputs are complete; the
+        others wait for it. N-1 frames in all instead of the N(N-1) FINs of the usual round."""
+        if self.link.rank == 0:
+            lease, off, nonce = self.ctx.lease_buf, self.lease[1] * SLOT, self.lease[2]
+        else:
+            _, _, lease, off, nonce = self.peers[0]
+        n = K.tally_add(lease, off + 8, nonce & _IDENT)
+        if n < 0:
+            self._fail_local(Aborted(f"rank 0 ended tag {self.tag} before every chunk was reduced"))
+            return
+        self.data_done = True
+        if n == self.link.world:
+            self.complete_all()
 
     def _internal(self, exc: BaseException) -> None:
         if not isinstance(exc, PcclError):  # pragma: no cover - a bug
@@ -286,7 +315,7 @@ class ShmAllReduce(Collective):
         self._fail_local(exc)
 
     def _fail_local(self, exc: PcclError) -> None:
-        """Fail here and tell the peers (they would otherwise wait for our FIN)."""
+        """Fail here and tell the peers (they would otherwise wait for our count)."""
         self.link.fail_local(self, exc)
 
     def finished(self) -> None:
