@@ -14,8 +14,9 @@ result to check bit parity. At random times the orchestrator
   * starts a new peer.
 
 It reports completed steps, errors by type, parity breaks, wrong results, and the time
-from each kill to the first step completed in a newer epoch (the survivors going on
-without the dead peer). It stops by itself after --minutes and exits non-zero on any
+from each kill of a member of the newest epoch to the first step completed in a newer
+epoch (the survivors going on without the dead peer; killing a peer that was already
+removed, say while frozen, changes no membership, so it is not timed). It stops by itself after --minutes and exits non-zero on any
 parity break, wrong result, or stall.
 
 With ``--hosts`` every peer runs in its own network namespace (stress/hosts.py) with its
@@ -100,6 +101,7 @@ class Peer:
         self.slot = slot
         self.buf = b""
         self.daemon_pid: int | None = None
+        self.epoch = -1  # epoch of its last completed step
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -164,6 +166,7 @@ def orchestrate(args) -> int:
         if ev["event"] == "hello":
             peers[i].daemon_pid = int(ev["daemon_pid"])
         elif ev["event"] == "step":
+            peers[i].epoch = int(ev["epoch"])
             stats["steps"] += 1
             last_step = time.monotonic()
             stats["parity_breaks"] += not ev["parity"]
@@ -173,6 +176,8 @@ def orchestrate(args) -> int:
                 # the first step completed in an epoch newer than the kill: the run went on
                 recoveries.append(time.monotonic() - pending_kill[0])
                 pending_kill = None
+                print(f"[churn] recovered: a step in epoch {ev['epoch']}, {recoveries[-1]:.3f} s after the kill",
+                      flush=True)
         else:
             stats["errors"][ev["type"]] = stats["errors"].get(ev["type"], 0) + 1
             samples = stats.setdefault("error_samples", {}).setdefault(ev["type"], [])
@@ -211,8 +216,14 @@ def orchestrate(args) -> int:
                 if action == "kill" and victim is not None:
                     peers[victim].signal(signal.SIGKILL)
                     stats["kills"] += 1
-                    pending_kill = (now, newest_epoch)
-                    print(f"[churn] SIGKILL peer {victim}: daemon and trainer", flush=True)
+                    # recovery is timed only for a member of the newest epoch: a peer not in it
+                    # (removed while frozen, not admitted yet) leaves the survivors' ring as is
+                    member = peers[victim].epoch == newest_epoch
+                    if member:
+                        pending_kill = (now, newest_epoch)
+                    print(f"[churn] SIGKILL peer {victim}: daemon and trainer"
+                          f"{'' if member else ' (not a member of the newest epoch: no recovery to time)'}",
+                          flush=True)
                 elif action == "crash" and victim is not None:
                     peers[victim].signal(signal.SIGKILL, daemon=False)
                     stats["crashes"] += 1
