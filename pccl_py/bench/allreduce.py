@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alloc", action="store_true",
                    help="all-reduce tensors from Client.alloc (shared memory: no copy in)")
     p.add_argument("--repeat", type=int, default=7, help="timed repeats (more for small sizes)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run ours and gloo in turn this many times; report the median over rounds "
+                        "and the range of the per-round ratios (on a shared machine load changes "
+                        "between runs)")
     p.add_argument("--timeout", type=float, default=540.0)
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--role", choices=["ours", "gloo"], default=None, help=argparse.SUPPRESS)
@@ -209,37 +213,54 @@ def main(argv: list[str] | None = None) -> int:
         return gloo_worker(args)
     if args.world < 2:
         p.error("--world must be at least 2")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
 
     if not args.json:
         print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1, "
               f"links over {'TCP' if args.tcp_only else 'Unix sockets'}; median of repeats as seen by rank 0"
-              f"{'; tensors from Client.alloc' if args.alloc else ''}", flush=True)
-    ours = run_ours(args)
-    gloo = run_gloo(args) if args.compare == "gloo" else None
+              f"{'; tensors from Client.alloc' if args.alloc else ''}"
+              f"{f'; median of {args.rounds} rounds (ours, then gloo, in turn)' if args.rounds > 1 else ''}",
+              flush=True)
+    ours_by_round, gloo_by_round = [], []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        ours_by_round.append(run_ours(args))
+        if args.compare == "gloo":
+            gloo_by_round.append(run_gloo(args))
     n = args.world
     header = f"{'elements':>9} {'bytes':>9} {'algo':>5} {'median ms':>10} {'busbw GB/s':>10}"
-    if gloo:
+    if gloo_by_round:
         header += f" {'gloo ms':>9} {'gloo GB/s':>9} {'ratio':>6}"
+        if args.rounds > 1:
+            header += f" {'ratio range':>12}"
     if not args.json:
         print(header)
-    for i, row in enumerate(ours):
+    for i, row in enumerate(ours_by_round[0]):
         nbytes = 4 * row["size"]
-        med = statistics.median(row["times"])
+        ours_s = [statistics.median(rnd[i]["times"]) for rnd in ours_by_round]
+        med = statistics.median(ours_s)
         busbw = 2 * (n - 1) / n * nbytes / med / 1e9
         rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams, "alloc": args.alloc,
-               "links": "tcp" if args.tcp_only else "unix", "quant": args.quant, "algorithm": row["algorithm"], "seconds": med, "busbw": busbw,
-               "gloo_seconds": None, "ratio": None}
-        if gloo:
-            gmed = statistics.median(gloo[i]["times"])
-            rec.update(gloo_seconds=gmed, ratio=gmed / med)
+               "links": "tcp" if args.tcp_only else "unix", "quant": args.quant, "algorithm": row["algorithm"],
+               "seconds": med, "busbw": busbw, "gloo_seconds": None, "ratio": None, "rounds": args.rounds}
+        if gloo_by_round:
+            gloo_s = [statistics.median(rnd[i]["times"]) for rnd in gloo_by_round]
+            ratios = [g / o for g, o in zip(gloo_s, ours_s)]
+            rec.update(gloo_seconds=statistics.median(gloo_s), ratio=statistics.median(ratios), ratios=ratios)
+        if args.rounds > 1:
+            rec["seconds_by_round"] = ours_s
         if args.json:
             print(json.dumps(rec))
         else:
             line = (f"{human(row['size']):>9} {human(nbytes):>9} {str(row['algorithm']):>5} "
                     f"{med * 1e3:>10.3f} {busbw:>10.3f}")
-            if gloo:
+            if gloo_by_round:
                 gbw = 2 * (n - 1) / n * nbytes / rec["gloo_seconds"] / 1e9
                 line += f" {rec['gloo_seconds'] * 1e3:>9.3f} {gbw:>9.3f} {rec['ratio']:>5.2f}x"
+                if args.rounds > 1:
+                    line += f" {min(rec['ratios']):>5.2f}-{max(rec['ratios']):.2f}x"
             print(line, flush=True)
     return 0
 
