@@ -157,7 +157,8 @@ class DataPlane:
             s.listen(64)
         except OSError as e:
             s.close()
-            log.info("no local (Unix-socket) listener, peers on this host use TCP: %s", e)
+            log.warning("no local (Unix-socket) listener at %r: %s; peers on this host that find no "
+                        "listener there dial TCP", local_address(self.advertise, self.port)[1:], e)
             return None
         return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
 
