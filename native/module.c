@@ -402,19 +402,25 @@ static int get_slot(PyObject *obj, Py_ssize_t off, Py_buffer *b, int writable) {
     return 0;
 }
 
-/* tally_add(buf, offset, ident): count one arrival on the tally at ``offset``, a word
- * holding ident (48 bits) << 16 | count. Atomic across processes that map buf; a full
- * fence first, so everything this thread wrote before is visible to whoever sees the new
- * count. Returns the count after this arrival, or -1 (nothing written) when the word no
- * longer holds ``ident``: its owner ended that call and may have given the slot to another. */
-static PyObject *py_tally_add(PyObject *self, PyObject *args) {
+/* arrive(buf, offset, ident, rank): set bit ``rank`` of the arrival word at ``offset``,
+ * which holds ident (32 bits) << 32 | a 32-bit mask of the ranks that arrived. Atomic across
+ * processes that map buf; a full fence first, so everything this thread wrote before is
+ * visible to whoever sees the bit. Returns the mask after this arrival, or -1 (nothing
+ * written) when the word no longer holds ``ident``: its owner ended that call and may have
+ * given the slot to another. Arriving twice is harmless (the mask is returned unchanged). */
+static PyObject *py_arrive(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *obj;
     Py_ssize_t off;
     unsigned long long ident;
-    if (!PyArg_ParseTuple(args, "OnK:tally_add", &obj, &off, &ident)) return NULL;
-    if (ident >> 48) {
-        PyErr_SetString(PyExc_ValueError, "ident must fit in 48 bits");
+    int rank;
+    if (!PyArg_ParseTuple(args, "OnKi:arrive", &obj, &off, &ident, &rank)) return NULL;
+    if (ident >> 32) {
+        PyErr_SetString(PyExc_ValueError, "ident must fit in 32 bits");
+        return NULL;
+    }
+    if (rank < 0 || rank >= 32) {
+        PyErr_Format(PyExc_ValueError, "rank %d is outside 0..31", rank);
         return NULL;
     }
     Py_buffer b;
@@ -424,9 +430,10 @@ static PyObject *py_tally_add(PyObject *self, PyObject *args) {
     uint64_t v = __atomic_load_n(w, __ATOMIC_ACQUIRE);
     long long result;
     for (;;) {
-        if ((v >> 16) != ident || (v & 0xFFFF) == 0xFFFF) { result = -1; break; }
-        if (__atomic_compare_exchange_n(w, &v, v + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
-            result = (long long)(v & 0xFFFF) + 1;
+        if ((v >> 32) != ident) { result = -1; break; }
+        uint64_t nv = v | ((uint64_t)1 << rank);
+        if (nv == v || __atomic_compare_exchange_n(w, &v, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+            result = (long long)(nv & 0xFFFFFFFFu);
             break;
         }  /* v now holds the current word: check it again */
     }
@@ -487,9 +494,9 @@ static PyMethodDef methods[] = {
     {"copy_stream", py_copy_stream, METH_VARARGS,
      "copy_stream(dst, src) -> None\n\nCopy of equal-sized, disjoint buffers whose stores bypass the cache "
      "(x86-64; memcpy elsewhere), GIL released."},
-    {"tally_add", py_tally_add, METH_VARARGS,
-     "tally_add(buf, offset, ident) -> int\n\nAtomically count one arrival on the word ident << 16 | count; "
-     "the new count, or -1 when the word holds another ident."},
+    {"arrive", py_arrive, METH_VARARGS,
+     "arrive(buf, offset, ident, rank) -> int\n\nAtomically set bit rank of the word ident << 32 | mask; "
+     "the new mask, or -1 when the word holds another ident."},
     {"load_u64", py_load_u64, METH_VARARGS,
      "load_u64(buf, offset) -> int\n\nFenced 8-byte load (ordered after all earlier memory accesses)."},
     {"store_u64", py_store_u64, METH_VARARGS,

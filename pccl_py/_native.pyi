@@ -51,9 +51,10 @@ def copy(dst: Buffer, src: Buffer) -> None:
 def copy_stream(dst: Buffer, src: Buffer) -> None:
     """copy() whose stores bypass the cache (x86-64; memcpy elsewhere); GIL released."""
 
-def tally_add(buf: Buffer, offset: int, ident: int) -> int:
-    """Atomic arrival on the aligned word ident(48 bits) << 16 | count, after a full fence:
-    the new count, or -1 (nothing written) when the word holds another ident."""
+def arrive(buf: Buffer, offset: int, ident: int, rank: int) -> int:
+    """Atomically set bit ``rank`` (0..31) of the aligned word ident(32 bits) << 32 | mask,
+    after a full fence: the new mask, or -1 (nothing written) when the word holds another
+    ident."""
 
 def load_u64(buf: Buffer, offset: int) -> int:
     """8-byte load at an aligned offset, after a full memory fence (reads before it are done)."""

@@ -34,6 +34,7 @@ from .collectives.gather import BlobAllGather
 from .collectives.link import LINGER, GroupView, PeerLink, Stream
 from .collectives.quant import QuantAllReduce
 from .collectives.ring import RingAllReduce
+from .collectives.shm import MAX_WORLD as SHM_MAX_WORLD
 from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce, RootedAllReduce
@@ -309,7 +310,7 @@ class DataPlane:
         self._lost[pid] = reason
         rank = self._rank_of[pid]
         for op in list(self._ops.values()):
-            if not op.needs(rank):
+            if not op.peer_lost(rank):
                 continue  # we hold all we need from it (its data, and its FIN where there is one)
             self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
         if self.on_peer_failure is not None and report:
@@ -597,7 +598,7 @@ class DataPlane:
             np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
             return None
         cfg = self.config
-        shm_ok = shm_refs is not None and view.colocated and len(s) > 0
+        shm_ok = shm_refs is not None and view.colocated and len(s) > 0 and world <= SHM_MAX_WORLD
         if quant is not None:
             algo = "quant"
         elif algorithm == "auto":
@@ -605,8 +606,9 @@ class DataPlane:
         else:
             algo = algorithm
         if algo == "shm" and not shm_ok:
-            raise InvalidUsage("algorithm 'shm' needs every peer of the group on this host (the same data "
-                               "address) and the tensors in shared memory (a daemon's client call)")
+            raise InvalidUsage(f"algorithm 'shm' needs every peer of the group on this host (the same data "
+                               f"address), at most {SHM_MAX_WORLD} of them, and the tensors in shared memory "
+                               f"(a daemon's client call)")
         overlap = None if type(src) is bytes else _overlap(s, d)  # bytes cannot be written
         if overlap and algo not in ("ring", "shm"):
             s = bytes(s)  # an in-place call: these collectives read src after writing dst

@@ -251,9 +251,9 @@ def test_a_released_lease_fails_the_call_everywhere():
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
-    """Every peer counts its finished chunk on rank 0's tally; the one that counts the last
-    sends FIN_ALL to each other peer, and nobody sends a plain FIN: N-1 FIN frames per call
-    instead of N(N-1)."""
+    """Every peer records its finished chunk on rank 0's arrival mask; the one that completes
+    it sends FIN_ALL to each other peer, and nobody sends a plain FIN: N-1 FIN frames per
+    call instead of N(N-1)."""
     from pccl_py import frames as F
     from pccl_py.collectives.link import Stream
 
@@ -281,7 +281,7 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
                     assert len(got) == world - 1, got
                     assert {step for _, _, step in got} == {F.FIN_ALL}
                     assert len({sender for sender, _, _ in got}) == 1  # one peer speaks for all
-                for dp in dps:  # every tally and lease slot was given back
+                for dp in dps:  # every lease slot was given back
                     assert len(dp._shm._free) == S.LEASE_SLOTS
             finally:
                 for s in segs:
@@ -290,9 +290,9 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     run(body())
 
 
-def test_a_tally_gone_from_rank_0_fails_the_call_everywhere():
-    """Rank 0's tally no longer holds this call (rank 0 ended it): a peer that would count
-    on it fails the call instead of counting on another call's tally."""
+def test_arrivals_gone_from_rank_0_fail_the_call_everywhere():
+    """Rank 0's arrival word no longer holds this call (rank 0 ended it): a peer that would
+    record its chunk there fails the call instead of marking another call's mask."""
     async def body():
         async with cluster(2) as dps:
             count = 1000
@@ -311,6 +311,98 @@ def test_a_tally_gone_from_rank_0_fails_the_call_everywhere():
                 assert any("before every chunk was reduced" in str(r) for r in res), res
                 await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
                 assert np.all(segs[0].out("float32") == 3.0) and np.all(segs[1].out("float32") == 3.0)
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def _crash(dp) -> None:
+    """The peer's process dies: its links break, no ERROR is sent, and its memory stays as
+    it was (a dead daemon clears no lease)."""
+    dp._shm.release = lambda slot: None
+    for c in list(dp._conns):
+        if c.transport is not None:
+            c.transport.abort()
+
+
+def _slow_fold(dp, delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    inline = dp._shm.run
+    dp._shm.run = lambda lp, nbytes, fn, done: loop.call_later(delay, inline, lp, nbytes, fn, done)
+
+
+@pytest.mark.parametrize("when", ["arrived first", "completed the mask"])
+def test_a_peer_lost_after_its_chunk_is_in_costs_the_call_nothing(when, monkeypatch):
+    """A peer that dies once its bit is in rank 0's arrival mask has written its chunk
+    everywhere: the others still succeed, also when it was the one completing the mask and
+    died before its FIN_ALL went out (the others find the mask full when its link breaks)."""
+    async def body():
+        async with cluster(3) as dps:
+            victim = dps[2]
+            if when == "arrived first":
+                real = S.ShmAllReduce._arrive
+
+                def arrive_then_die(self):
+                    real(self)
+                    if self.link.dp is victim:
+                        _crash(victim)
+
+                monkeypatch.setattr(S.ShmAllReduce, "_arrive", arrive_then_die)
+                for dp in dps[:2]:
+                    _slow_fold(dp, 0.05)
+            else:
+                real = S.ShmAllReduce.complete_all
+
+                def die_instead(self):
+                    if self.link.dp is victim:
+                        self.data_done = True
+                        _crash(victim)
+                    else:
+                        real(self)
+
+                monkeypatch.setattr(S.ShmAllReduce, "complete_all", die_instead)
+                _slow_fold(victim, 0.05)
+            count = 300_000
+            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(3)]
+            try:
+                futs = [asyncio.ensure_future(post(dps[i], segs[i], dtype="float32", op="sum", tag=5, timeout=10))
+                        for i in range(3)]
+                res = await asyncio.wait_for(asyncio.gather(*futs[:2], return_exceptions=True), 8)
+                assert not any(isinstance(r, BaseException) for r in res), res
+                assert np.all(segs[0].out("float32") == 6.0) and np.all(segs[1].out("float32") == 6.0)
+                futs[2].cancel()
+            finally:
+                for s in segs:
+                    s.close()
+
+    run(body())
+
+
+def test_a_peer_lost_before_its_chunk_is_in_fails_the_call_everywhere(monkeypatch):
+    """The other side: a peer that dies before recording its chunk leaves the mask short
+    for good, so every survivor fails (nobody can have succeeded)."""
+    async def body():
+        async with cluster(3) as dps:
+            victim = dps[2]
+            real = S.ShmAllReduce._arrive
+
+            def die_before(self):
+                if self.link.dp is victim:
+                    _crash(victim)
+                else:
+                    real(self)
+
+            monkeypatch.setattr(S.ShmAllReduce, "_arrive", die_before)
+            count = 300_000
+            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(3)]
+            try:
+                futs = [asyncio.ensure_future(post(dps[i], segs[i], dtype="float32", op="sum", tag=5, timeout=10))
+                        for i in range(3)]
+                res = await asyncio.wait_for(asyncio.gather(*futs[:2], return_exceptions=True), 8)
+                assert all(isinstance(r, PeerLost) for r in res), res
+                futs[2].cancel()
             finally:
                 for s in segs:
                     s.close()

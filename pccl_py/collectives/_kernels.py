@@ -171,18 +171,19 @@ def _py_store_u64(buf, offset: int, value: int) -> None:
     memoryview(buf)[offset:offset + 8] = int(value).to_bytes(8, "little")
 
 
-def _py_tally_add(buf, offset: int, ident: int) -> int:
-    # Not atomic across processes: two arrivals at once can count as one, and then nobody
-    # sees the last count and the call ends at its deadline (never with wrong data).
+def _py_arrive(buf, offset: int, ident: int, rank: int) -> int:
+    # Not atomic across processes: two arrivals at once can lose one bit, and then nobody
+    # sees a full mask and the call ends at its deadline (never with wrong data).
     v = _py_load_u64(buf, offset)
-    if v >> 16 != ident or v & 0xFFFF == 0xFFFF:
+    if v >> 32 != ident:
         return -1
-    _py_store_u64(buf, offset, v + 1)
-    return (v & 0xFFFF) + 1
+    v |= 1 << rank
+    _py_store_u64(buf, offset, v)
+    return v & 0xFFFFFFFF
 
 
 try:  # plain memory helpers: the native ones release the GIL, fence and are atomic
-    from .._native import copy, copy_stream, load_u64, store_u64, tally_add
+    from .._native import arrive, copy, copy_stream, load_u64, store_u64
 except ImportError:  # pragma: no cover - only without the extension
     copy, load_u64, store_u64 = _np_copy, _py_load_u64, _py_store_u64
-    copy_stream, tally_add = _np_copy, _py_tally_add
+    copy_stream, arrive = _np_copy, _py_arrive

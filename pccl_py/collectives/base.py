@@ -142,13 +142,17 @@ class Collective:
                 self.tx_bytes += F.HEADER_SIZE
         self._maybe_succeed()
 
+    def peer_lost(self, rank: int) -> bool:
+        """Peer ``rank``'s link broke while this call runs: True if the call must fail."""
+        return self.needs(rank)
+
     def needs(self, rank: int) -> bool:
         """Whether this call still waits for anything from peer ``rank`` (if that peer is
         lost, the call fails): its FIN, and before that its data."""
         return not (self.data_done and rank in self._fins)
 
     def complete_all(self) -> None:
-        """This peer knows that every peer has all its data (the shared-memory tally): one
+        """This peer knows that every peer has all its data (the shared-memory arrival mask): one
         FIN_ALL to each peer stands for the whole FIN round, and this call succeeds."""
         if self.done:
             return

@@ -13,10 +13,11 @@ over the existing TCP links order the two phases:
    its own included (an output may be its input: a client reduces plain arrays in
    place). Each chunk is computed once, by its owner, and every peer receives the
    owner's bytes, so every peer ends with the same bits. Then it checks the leases and
-   counts its chunk on rank 0's tally (an atomic word in rank 0's lease slot). The peer
-   whose count is the N-th knows that every peer has written its chunk into every output
-   and stopped reading every input: it sends FIN_ALL to the others, N-1 frames where a
-   FIN round would send N(N-1) (``Collective.complete_all``).
+   sets its bit in rank 0's arrival mask (an atomic word in rank 0's lease slot). The
+   peer whose bit completes the mask knows that every peer has written its chunk into
+   every output and stopped reading every input: it sends FIN_ALL to the others, N-1
+   frames where a FIN round would send N(N-1) (``Collective.complete_all``). A lost
+   peer whose bit is set costs the call nothing (``peer_lost``).
 
 Leases. A daemon's input and output stay untouched while its call runs, and it hands
 them back to the trainer only when the call ends, successfully or not. A peer that read
@@ -25,9 +26,9 @@ may have failed the call, its trainer may already have written the next input). 
 call holds a lease: a random nonce in a slot of the owner's lease segment, written when
 the call starts and cleared (with a fence) before the call ends. A peer checks, with a
 fence after its reads and writes, that every peer's nonce is still in place before it
-counts its chunk; a cleared lease fails the call here too, so nobody succeeds with torn
-data. Rank 0's tally carries the low 48 bits of its nonce: a peer never counts on the
-tally of a call rank 0 has ended (the slot may serve another call by then).
+records its chunk; a cleared lease fails the call here too, so nobody succeeds with torn
+data. Rank 0's arrival word carries the low 32 bits of its nonce: a peer never marks the
+mask of another call (the slot may serve one by then).
 Writes can land in the output of a call that has already failed: the client never reuses
 the segment of a failed call (it retires it), so such writes reach nobody.
 
@@ -58,8 +59,9 @@ log = logging.getLogger("pccl_py.dataplane")
 READY = 0
 VERSION = 3  # part of the call descriptor: peers of other versions refuse each other's calls
 LEASE_SLOTS = 1024
-SLOT = 16  # bytes of a lease slot: the nonce, then the tally (rank 0's counts the folds)
-_IDENT = (1 << 48) - 1
+SLOT = 16  # bytes of a lease slot: the nonce, then the arrivals (rank 0's records who folded)
+MAX_WORLD = 32  # ranks an arrival mask holds; larger co-located groups use the ring
+_IDENT = (1 << 32) - 1
 _NAME = re.compile(r"pccl_[A-Za-z0-9_]{1,80}")
 _MAX_READY = 1024  # bytes of one READY payload
 _BLOCK = 512 << 10  # fold this many bytes of all inputs at a time (stays in cache)
@@ -107,14 +109,15 @@ class ShmContext:
             raise InvalidUsage(f"more than {LEASE_SLOTS} shared-memory all-reduces in flight")
         slot = self._free.pop()
         nonce = int.from_bytes(os.urandom(8), "little") | 1
-        K.store_u64(self._lease_seg.buf, slot * SLOT + 8, (nonce & _IDENT) << 16)  # tally: no fold yet
+        K.store_u64(self._lease_seg.buf, slot * SLOT + 8, (nonce & _IDENT) << 32)  # arrivals: nobody yet
         K.store_u64(self._lease_seg.buf, slot * SLOT, nonce)
         return name, slot, nonce
 
     def release(self, slot: int) -> None:
         if self._lease_seg is not None and not self._closed:
+            # the arrivals stay: a peer that lost the one who completed them still reads them
+            # (a new call on this slot replaces them with its own ident)
             K.store_u64(self._lease_seg.buf, slot * SLOT, 0)
-            K.store_u64(self._lease_seg.buf, slot * SLOT + 8, 0)
             self._free.append(slot)
 
     # -- peers' segments -----------------------------------------------------------------
@@ -241,7 +244,7 @@ class ShmAllReduce(Collective):
         pid = self.link.ids[src]
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
                            self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
-                           # rank 0's lease segment holds the tally every peer counts on
+                           # rank 0's lease segment holds the arrival mask every peer marks
                            self.ctx.view(pid, lname, 0, LEASE_SLOTS * SLOT, writable=src == 0, of_call=False),
                            slot * SLOT, nonce)
         self._maybe_fold()
@@ -282,7 +285,7 @@ class ShmAllReduce(Collective):
         if exc is not None:
             self._internal(exc)
             return
-        # Once the chunk is counted, peers may end and clear their leases: check exactly once, here.
+        # Once the chunk is recorded, peers may end and clear their leases: check exactly once, here.
         for r, (_, _, lease, off, nonce) in self.peers.items():
             seen = K.load_u64(lease, off)
             if seen != nonce:
@@ -292,21 +295,43 @@ class ShmAllReduce(Collective):
                 return
         self._arrive()
 
-    def _arrive(self) -> None:
-        """Count this peer's finished chunk on rank 0's tally. Whoever counts the last one
-        tells every peer at once (one FIN_ALL each) that all outputs are complete; the
-        others wait for it. N-1 frames in all instead of the N(N-1) FINs of the usual round."""
+    def _arrivals(self) -> tuple[memoryview, int, int]:
+        """Rank 0's arrival word for this call: (buffer, offset, ident)."""
         if self.link.rank == 0:
-            lease, off, nonce = self.ctx.lease_buf, self.lease[1] * SLOT, self.lease[2]
-        else:
-            _, _, lease, off, nonce = self.peers[0]
-        n = K.tally_add(lease, off + 8, nonce & _IDENT)
-        if n < 0:
+            return self.ctx.lease_buf, self.lease[1] * SLOT + 8, self.lease[2] & _IDENT
+        _, _, lease, off, nonce = self.peers[0]
+        return lease, off + 8, nonce & _IDENT
+
+    def _arrive(self) -> None:
+        """Record on rank 0's arrival mask that this peer's chunk is in every output. Whoever
+        completes the mask tells every peer at once (one FIN_ALL each) that all outputs are
+        complete; the others wait for it. N-1 frames in all instead of the N(N-1) FINs of
+        the usual round."""
+        buf, off, ident = self._arrivals()
+        mask = K.arrive(buf, off, ident, self.link.rank)
+        if mask < 0:
             self._fail_local(Aborted(f"rank 0 ended tag {self.tag} before every chunk was reduced"))
             return
         self.data_done = True
-        if n == self.link.world:
+        if mask == (1 << self.link.world) - 1:
             self.complete_all()
+
+    def peer_lost(self, rank: int) -> bool:
+        """A peer whose READY we hold and whose bit is in the mask has written its chunk
+        everywhere and stopped reading: losing it costs this call nothing (its memory stays
+        mapped here for our own fold). If the mask is full, the peer that completed it may be
+        the one lost before its FIN_ALL reached us: every output is complete, so the call
+        succeeds here as it does everywhere else."""
+        if rank in self._fins or rank not in self.peers or self.lease is None:
+            return super().peer_lost(rank)
+        buf, off, ident = self._arrivals()
+        word = K.load_u64(buf, off)
+        if word >> 32 != ident or not word >> rank & 1:
+            return True
+        if self.data_done and word & _IDENT == (1 << self.link.world) - 1:
+            self._fins.update(r for r in range(self.link.world) if r != self.link.rank)
+            self._maybe_succeed()
+        return False
 
     def _internal(self, exc: BaseException) -> None:
         if not isinstance(exc, PcclError):  # pragma: no cover - a bug
@@ -315,7 +340,7 @@ class ShmAllReduce(Collective):
         self._fail_local(exc)
 
     def _fail_local(self, exc: PcclError) -> None:
-        """Fail here and tell the peers (they would otherwise wait for our count)."""
+        """Fail here and tell the peers (they would otherwise wait for our bit)."""
         self.link.fail_local(self, exc)
 
     def finished(self) -> None:
