@@ -218,37 +218,6 @@ def test_shm_needs_refs_and_a_shared_host():
     run(body())
 
 
-def test_a_released_lease_fails_the_call_everywhere():
-    """Peer 1's memory is declared no longer guaranteed while peer 0 reads it: nobody may
-    succeed with what was read."""
-    async def body():
-        async with cluster(2) as dps:
-            count = 1000
-            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(2)]
-            try:
-                f1 = asyncio.ensure_future(post(dps[1], segs[1], dtype="float32", op="sum", tag=7))
-                deadline = time.monotonic() + 10
-                while 7 not in dps[1]._ops or dps[1]._ops[7].lease is None:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.001)
-                slot = dps[1]._ops[7].lease[1]
-                K.store_u64(dps[1]._shm._lease_seg.buf, slot * S.SLOT, 0)  # as if peer 1's call had ended
-                res = await asyncio.gather(post(dps[0], segs[0], dtype="float32", op="sum", tag=7), f1,
-                                           return_exceptions=True)
-                assert all(isinstance(r, Aborted) for r in res), res
-                assert "being read" in str(res[0])
-                # leases were given back: the next call succeeds
-                segs[0].src[:] = np.full(count, 5.0, np.float32).view(np.uint8)
-                await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
-                assert np.all(segs[0].out("float32") == 7.0) and np.all(segs[1].out("float32") == 7.0)
-                assert len(dps[0]._shm._free) == S.LEASE_SLOTS
-            finally:
-                for s in segs:
-                    s.close()
-
-    run(body())
-
-
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     """Every peer records its finished chunk on rank 0's arrival mask; the one that completes
@@ -290,27 +259,33 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     run(body())
 
 
-def test_arrivals_gone_from_rank_0_fail_the_call_everywhere():
-    """Rank 0's arrival word no longer holds this call (rank 0 ended it): a peer that would
-    record its chunk there fails the call instead of marking another call's mask."""
+@pytest.mark.parametrize("who,word,text", [
+    (1, 0, "being read"),  # peer 1's lease: its memory is no longer guaranteed while read
+    (0, 8, "before every chunk was reduced"),  # rank 0's arrival word: another call's by now
+])
+def test_a_cleared_slot_word_fails_the_call_everywhere(who, word, text):
+    """A word of a peer's lease slot is cleared under a running call, as if that peer had
+    ended it: nobody may succeed with what was read, or mark another call's arrivals."""
     async def body():
         async with cluster(2) as dps:
             count = 1000
             segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(2)]
             try:
-                f0 = asyncio.ensure_future(post(dps[0], segs[0], dtype="float32", op="sum", tag=7))
+                first = asyncio.ensure_future(post(dps[who], segs[who], dtype="float32", op="sum", tag=7))
                 deadline = time.monotonic() + 10
-                while 7 not in dps[0]._ops or dps[0]._ops[7].lease is None:
+                while 7 not in dps[who]._ops or dps[who]._ops[7].lease is None:
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.001)
-                slot = dps[0]._ops[7].lease[1]
-                K.store_u64(dps[0]._shm._lease_seg.buf, slot * S.SLOT + 8, 0)
-                res = await asyncio.gather(f0, post(dps[1], segs[1], dtype="float32", op="sum", tag=7),
-                                           return_exceptions=True)
+                slot = dps[who]._ops[7].lease[1]
+                K.store_u64(dps[who]._shm._lease_seg.buf, slot * S.SLOT + word, 0)
+                res = await asyncio.gather(first, post(dps[1 - who], segs[1 - who], dtype="float32", op="sum",
+                                                       tag=7), return_exceptions=True)
                 assert all(isinstance(r, Aborted) for r in res), res
-                assert any("before every chunk was reduced" in str(r) for r in res), res
+                assert any(text in str(r) for r in res), res
+                # the slots were given back: the next call succeeds
                 await asyncio.gather(*(post(dps[i], segs[i], dtype="float32", op="sum", tag=8) for i in range(2)))
                 assert np.all(segs[0].out("float32") == 3.0) and np.all(segs[1].out("float32") == 3.0)
+                assert len(dps[0]._shm._free) == len(dps[1]._shm._free) == S.LEASE_SLOTS
             finally:
                 for s in segs:
                     s.close()
@@ -333,75 +308,50 @@ def _slow_fold(dp, delay: float) -> None:
     dp._shm.run = lambda lp, nbytes, fn, done: loop.call_later(delay, inline, lp, nbytes, fn, done)
 
 
-@pytest.mark.parametrize("when", ["arrived first", "completed the mask"])
-def test_a_peer_lost_after_its_chunk_is_in_costs_the_call_nothing(when, monkeypatch):
+@pytest.mark.parametrize("when", ["before its bit", "after its bit", "instead of FIN_ALL"])
+def test_a_peer_lost_fails_the_call_only_before_its_chunk_is_in(when, monkeypatch):
     """A peer that dies once its bit is in rank 0's arrival mask has written its chunk
     everywhere: the others still succeed, also when it was the one completing the mask and
-    died before its FIN_ALL went out (the others find the mask full when its link breaks)."""
+    died before its FIN_ALL went out (the others find the mask full when its link breaks).
+    One that dies before its bit leaves the mask short for good: every survivor fails, and
+    nobody can have succeeded."""
     async def body():
         async with cluster(3) as dps:
             victim = dps[2]
-            if when == "arrived first":
-                real = S.ShmAllReduce._arrive
+            arrive, complete = S.ShmAllReduce._arrive, S.ShmAllReduce.complete_all
 
-                def arrive_then_die(self):
-                    real(self)
-                    if self.link.dp is victim:
-                        _crash(victim)
-
-                monkeypatch.setattr(S.ShmAllReduce, "_arrive", arrive_then_die)
-                for dp in dps[:2]:
-                    _slow_fold(dp, 0.05)
-            else:
-                real = S.ShmAllReduce.complete_all
-
-                def die_instead(self):
-                    if self.link.dp is victim:
-                        self.data_done = True
-                        _crash(victim)
-                    else:
-                        real(self)
-
-                monkeypatch.setattr(S.ShmAllReduce, "complete_all", die_instead)
-                _slow_fold(victim, 0.05)
-            count = 300_000
-            segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(3)]
-            try:
-                futs = [asyncio.ensure_future(post(dps[i], segs[i], dtype="float32", op="sum", tag=5, timeout=10))
-                        for i in range(3)]
-                res = await asyncio.wait_for(asyncio.gather(*futs[:2], return_exceptions=True), 8)
-                assert not any(isinstance(r, BaseException) for r in res), res
-                assert np.all(segs[0].out("float32") == 6.0) and np.all(segs[1].out("float32") == 6.0)
-                futs[2].cancel()
-            finally:
-                for s in segs:
-                    s.close()
-
-    run(body())
-
-
-def test_a_peer_lost_before_its_chunk_is_in_fails_the_call_everywhere(monkeypatch):
-    """The other side: a peer that dies before recording its chunk leaves the mask short
-    for good, so every survivor fails (nobody can have succeeded)."""
-    async def body():
-        async with cluster(3) as dps:
-            victim = dps[2]
-            real = S.ShmAllReduce._arrive
-
-            def die_before(self):
-                if self.link.dp is victim:
+            def patched_arrive(self):
+                if self.link.dp is not victim:
+                    arrive(self)
+                elif when == "before its bit":
                     _crash(victim)
                 else:
-                    real(self)
+                    arrive(self)
+                    if when == "after its bit":
+                        _crash(victim)
 
-            monkeypatch.setattr(S.ShmAllReduce, "_arrive", die_before)
+            def patched_complete(self):
+                if self.link.dp is victim and when == "instead of FIN_ALL":
+                    _crash(victim)
+                else:
+                    complete(self)
+
+            monkeypatch.setattr(S.ShmAllReduce, "_arrive", patched_arrive)
+            monkeypatch.setattr(S.ShmAllReduce, "complete_all", patched_complete)
+            # the victim arrives first, or (to be the one completing the mask) last
+            for dp in ([victim] if when == "instead of FIN_ALL" else dps[:2]):
+                _slow_fold(dp, 0.05)
             count = 300_000
             segs = [Seg(count, "float32", np.full(count, i + 1.0, np.float32)) for i in range(3)]
             try:
                 futs = [asyncio.ensure_future(post(dps[i], segs[i], dtype="float32", op="sum", tag=5, timeout=10))
                         for i in range(3)]
                 res = await asyncio.wait_for(asyncio.gather(*futs[:2], return_exceptions=True), 8)
-                assert all(isinstance(r, PeerLost) for r in res), res
+                if when == "before its bit":
+                    assert all(isinstance(r, PeerLost) for r in res), res
+                else:
+                    assert not any(isinstance(r, BaseException) for r in res), res
+                    assert np.all(segs[0].out("float32") == 6.0) and np.all(segs[1].out("float32") == 6.0)
                 futs[2].cancel()
             finally:
                 for s in segs:
