@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pccl bench kernels
-	$(VENV)/bin/pccl bench allreduce --world 2 --compare gloo
+	$(VENV)/bin/pccl bench allreduce --world 2 --compare gloo --rounds 3
 
 # churn twice: failed calls sent back to update_topology, then retried as a trainer does
 stress: $(STAMP)
