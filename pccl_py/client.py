@@ -482,15 +482,20 @@ class Client:
         membership after ``PeerLost``/``Aborted`` until it succeeds; when this peer is left
         alone, the result is its own input (the reduction over a world of one).
         """
+        if type(tensors) is np.ndarray and tensors.nbytes <= local.INLINE_BYTES:
+            once = lambda: self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)  # noqa: E731
+        else:
+            once = lambda: self.all_reduce_async(  # noqa: E731
+                tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout).wait()
+        return self._retrying(once, retry, "all_reduce")
+
+    def _retrying(self, once: Callable[[], Any], retry: bool | Backoff, what: str):
+        """``once()``; with ``retry``, again on the new membership after ``PeerLost``,
+        ``Aborted`` or ``CoordinatorUnavailable`` until it succeeds or the backoff's deadline."""
         backoff = delays = None  # made at the first retry
-        small = type(tensors) is np.ndarray and tensors.nbytes <= local.INLINE_BYTES
         while True:
             try:
-                if small:
-                    return self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)
-                return self.all_reduce_async(
-                    tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout
-                ).wait()
+                return once()
             except (PeerLost, Aborted, CoordinatorUnavailable) as exc:
                 if not retry:
                     raise
@@ -500,7 +505,7 @@ class Client:
                     delays = backoff.delays()
                 pause = next(delays, None)
                 if pause is None:
-                    raise DeadlineExceeded(f"all_reduce kept failing until the retry deadline: {exc}") from exc
+                    raise DeadlineExceeded(f"{what} kept failing until the retry deadline: {exc}") from exc
                 time.sleep(pause)
                 self._wait_new_epoch(failed_epoch, backoff)
 
@@ -528,11 +533,15 @@ class Client:
             info = self.refresh()
         return info
 
-    def all_gather(self, blob: bytes, *, tag: int | None = None, timeout: float | None = None) -> list[bytes]:
-        """Every peer's ``blob`` in rank order (for sparse exchanges of indices and values)."""
+    def all_gather(self, blob: bytes, *, tag: int | None = None, timeout: float | None = None,
+                   retry: bool | Backoff = False) -> list[bytes]:
+        """Every peer's ``blob`` in rank order (for sparse exchanges of indices and values).
+        ``retry`` as for :meth:`all_reduce`: after ``PeerLost``/``Aborted`` the gather runs
+        again on the new membership (so the list then has the survivors' blobs)."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise InvalidUsage("all_gather takes bytes")
-        return list(self._call({"op": "all_gather", "data": bytes(blob), "tag": tag}, timeout)["blobs"])
+        msg = {"op": "all_gather", "data": bytes(blob), "tag": tag}
+        return self._retrying(lambda: list(self._call(dict(msg), timeout)["blobs"]), retry, "all_gather")
 
     def alloc(self, shape, dtype="float32", *, as_torch: bool = False):
         """A zeroed array (or torch tensor) in shared memory that the daemon maps.

@@ -26,7 +26,7 @@ large all-reduces go through shared memory.
 
 By default a failed call sends a peer back to ``update_topology()`` while peers whose
 call completed go on, so peers leave lockstep and the coordinator's mismatch abort brings
-them back. ``--retry`` makes the all-reduces ``retry=True``, as a trainer would call them:
+them back. ``--retry`` makes the all-reduces and the all-gather ``retry=True``, as a trainer would call them:
 a failed call is repeated on the new membership, and only errors that are not retried
 (``Diverged``, a removal, a mismatch) send a peer back to vote.
 """
@@ -73,7 +73,7 @@ def peer(args) -> int:
                 ok = bool(np.all(ones == info["world_size"]))
                 x = rng.standard_normal(args.size).astype(np.float32)
                 c.all_reduce(x, op="avg", quant=args.quant, retry=args.retry)
-                hashes = c.all_gather(xxhash.xxh64(x.tobytes()).digest())
+                hashes = c.all_gather(xxhash.xxh64(x.tobytes()).digest(), retry=args.retry)
                 print(json.dumps({"event": "step", "epoch": topo["epoch"], "world": info["world_size"],
                                   "correct": ok, "parity": len(set(hashes)) == 1,
                                   "t": time.time()}), flush=True)

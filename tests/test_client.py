@@ -263,6 +263,32 @@ def test_peer_killed_survivors_fail_then_retry(coordinator):
                 pass
 
 
+def test_all_gather_with_retry_goes_on_without_a_killed_peer(coordinator):
+    """The survivors' gather waits on a peer whose daemon is then SIGKILLed: with
+    ``retry=True`` it runs again on the new membership and returns the survivors' blobs."""
+    clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
+    try:
+        with cf.ThreadPoolExecutor(3) as ex:
+            join_all(ex, clients)
+            victim, survivors = clients[2], clients[:2]
+            futs = [ex.submit(c.all_gather, f"blob {i}".encode(), retry=True) for i, c in enumerate(survivors)]
+            time.sleep(0.3)
+            os.kill(victim._proc.pid, signal.SIGKILL)
+            got = [f.result(timeout=30) for f in futs]
+            assert got[0] == got[1] and sorted(got[0]) == [b"blob 0", b"blob 1"]
+            with pytest.raises((PeerLost, Aborted)):  # without retry the same loss is the caller's
+                fut = ex.submit(survivors[0].all_gather, b"again", timeout=10.0)
+                time.sleep(0.2)
+                os.kill(survivors[1]._proc.pid, signal.SIGKILL)
+                fut.result(timeout=30)
+    finally:
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
 def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator):
     a = Client(coordinator=coordinator.addr, timeout=15.0)
     b = Client(coordinator=coordinator.addr, timeout=15.0)

@@ -231,7 +231,8 @@ async def test_four_join_then_sigkill_is_detected_fast(coordinator, peer_proc, l
     log.info("4 peers formed in %.3f s (victim admitted %.3f s after it registered)",
              time.monotonic() - t0, time.monotonic() - t_join)
     members = [p.peer_id for p in ls[0].topology.peers]
-    assert members == ["p0", "p1", "p2", "victim"]
+    # p1 and p2 register concurrently in form(): the ring may hold them in either order
+    assert members[0] == "p0" and sorted(members[1:3]) == ["p1", "p2"] and members[3] == "victim", members
     epoch = ls[0].topology.epoch
 
     t_kill = time.monotonic()
