@@ -234,6 +234,15 @@ def test_a_short_wait_returns_on_time(coordinator):
         assert time.monotonic() - t0 < 0.2
 
 
+def _close_all(clients) -> None:
+    """Close every client; one whose daemon a test killed may raise."""
+    for c in clients:
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
 def test_peer_killed_survivors_fail_then_retry(coordinator):
     clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
     try:
@@ -256,11 +265,7 @@ def test_peer_killed_survivors_fail_then_retry(coordinator):
             assert all(i["world_size"] == 2 for i in infos)
             assert all(np.all(xi == 2.0) for xi in x)
     finally:
-        for c in clients:
-            try:
-                c.close()
-            except Exception:
-                pass
+        _close_all(clients)
 
 
 def test_all_gather_with_retry_goes_on_without_a_killed_peer(coordinator):
@@ -282,11 +287,7 @@ def test_all_gather_with_retry_goes_on_without_a_killed_peer(coordinator):
                 os.kill(survivors[1]._proc.pid, signal.SIGKILL)
                 fut.result(timeout=30)
     finally:
-        for c in clients:
-            try:
-                c.close()
-            except Exception:
-                pass
+        _close_all(clients)
 
 
 def test_lockstep_mismatch_is_an_error_not_a_hang(coordinator):
