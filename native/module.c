@@ -304,22 +304,30 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 #define KW (PyCFunction)(void (*)(void))
 
+/* The buffers of copy(dst, src) and copy_stream(dst, src): equal sizes, and apart (or,
+ * with ``same_ok``, the very same range). 0, or -1 with an error and nothing held. */
+static int copy_buffers(PyObject *args, const char *fmt, Py_buffer *d, Py_buffer *s, int same_ok) {
+    PyObject *dst_obj, *src_obj;
+    if (!PyArg_ParseTuple(args, fmt, &dst_obj, &src_obj)) return -1;
+    if (get_buffer(dst_obj, d, 1, "dst") < 0) return -1;
+    if (get_buffer(src_obj, s, 0, "src") < 0) { PyBuffer_Release(d); return -1; }
+    if (d->len != s->len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd", d->len, s->len);
+    } else if (overlaps(d, s) && !(same_ok && d->buf == s->buf)) {
+        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
+    } else {
+        return 0;
+    }
+    PyBuffer_Release(d);
+    PyBuffer_Release(s);
+    return -1;
+}
+
 /* copy(dst, src): memcpy with the GIL released for large buffers (numpy's copy may hold it). */
 static PyObject *py_copy(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *dst_obj, *src_obj;
-    if (!PyArg_ParseTuple(args, "OO:copy", &dst_obj, &src_obj)) return NULL;
     Py_buffer d, s;
-    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
-    if (get_buffer(src_obj, &s, 0, "src") < 0) { PyBuffer_Release(&d); return NULL; }
-    if (d.len != s.len) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd", d.len, s.len);
-        goto fail;
-    }
-    if (overlaps(&d, &s) && d.buf != s.buf) {
-        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
-        goto fail;
-    }
+    if (copy_buffers(args, "OO:copy", &d, &s, 1) < 0) return NULL;
     if (d.buf != s.buf) {
         if (d.len >= GIL_THRESHOLD) {
             Py_BEGIN_ALLOW_THREADS
@@ -332,10 +340,6 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     PyBuffer_Release(&d);
     PyBuffer_Release(&s);
     Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&d);
-    PyBuffer_Release(&s);
-    return NULL;
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -369,26 +373,14 @@ static void stream_copy(char *d, const char *s, size_t n) { memcpy(d, s, n); }
    caller's cache would not hold anyway (the trainer's array after an all-reduce). */
 static PyObject *py_copy_stream(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *dst_obj, *src_obj;
-    if (!PyArg_ParseTuple(args, "OO:copy_stream", &dst_obj, &src_obj)) return NULL;
     Py_buffer d, s;
-    if (get_buffer(dst_obj, &d, 1, "dst") < 0) return NULL;
-    if (get_buffer(src_obj, &s, 0, "src") < 0) { PyBuffer_Release(&d); return NULL; }
-    PyObject *ret = NULL;
-    if (d.len != s.len) {
-        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd", d.len, s.len);
-    } else if (overlaps(&d, &s)) {
-        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        stream_copy((char *)d.buf, (const char *)s.buf, (size_t)d.len);
-        Py_END_ALLOW_THREADS
-        ret = Py_None;
-        Py_INCREF(ret);
-    }
+    if (copy_buffers(args, "OO:copy_stream", &d, &s, 0) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    stream_copy((char *)d.buf, (const char *)s.buf, (size_t)d.len);
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&d);
     PyBuffer_Release(&s);
-    return ret;
+    Py_RETURN_NONE;
 }
 
 /* The 8-byte slot at ``off`` of obj's buffer: 0, or -1 with an error (the view released). */

@@ -541,7 +541,7 @@ class Client:
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise InvalidUsage("all_gather takes bytes")
         msg = {"op": "all_gather", "data": bytes(blob), "tag": tag}
-        return self._retrying(lambda: list(self._call(dict(msg), timeout)["blobs"]), retry, "all_gather")
+        return self._retrying(lambda: list(self._call(msg, timeout)["blobs"]), retry, "all_gather")
 
     def alloc(self, shape, dtype="float32", *, as_torch: bool = False):
         """A zeroed array (or torch tensor) in shared memory that the daemon maps.

@@ -152,14 +152,15 @@ class DataPlane:
     async def _listen_unix(self):
         """A second listener, on an abstract Unix socket named after the address peers
         dial: a peer in this network namespace (so on this host) dials it instead of TCP."""
+        name = local_address(self.advertise, self.port)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(local_address(self.advertise, self.port))
+            s.bind(name)
             s.listen(64)
         except OSError as e:
             s.close()
             log.warning("no local (Unix-socket) listener at %r: %s; peers on this host that find no "
-                        "listener there dial TCP", local_address(self.advertise, self.port)[1:], e)
+                        "listener there dial TCP", name[1:], e)
             return None
         return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
 

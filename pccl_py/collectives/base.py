@@ -162,18 +162,22 @@ class Collective:
             if r != lk.rank:
                 lk.send(r, 0, self.header(F.FIN, F.FIN_ALL, 0, 0), b"")
                 self.tx_bytes += F.HEADER_SIZE
-                self._fins.add(r)
+        self.all_done()
+
+    def all_done(self) -> None:
+        """Every peer has all its data: as if every peer's FIN were in."""
+        self._fins.update(r for r in range(self.link.world) if r != self.link.rank)
         self._maybe_succeed()
 
     def on_fin(self, src: int, step: int = 0) -> None:
         """A FIN from ``src``; with step FIN_ALL, ``src`` knows every peer has all its data
         (only collectives that send it, ``complete_all``, wait for one)."""
+        self.rx_bytes += F.HEADER_SIZE
         if step == F.FIN_ALL:
-            self._fins.update(r for r in range(self.link.world) if r != self.link.rank)
+            self.all_done()
         else:
             self._fins.add(src)
-        self.rx_bytes += F.HEADER_SIZE
-        self._maybe_succeed()
+            self._maybe_succeed()
 
     def _maybe_succeed(self) -> None:
         if self.data_done and len(self._fins) == self.link.world - 1 and not self.done:

@@ -43,14 +43,13 @@ import concurrent.futures
 import logging
 import os
 import re
-import uuid
 from multiprocessing import shared_memory
 
 import msgpack
 
 from .. import frames as F
 from ..errors import Aborted, InvalidUsage, PcclError, ProtocolError
-from ..local import Mapping
+from ..local import Mapping, create_segment
 from . import _kernels as K
 from .base import Collective, Rx, expect, split
 
@@ -97,9 +96,8 @@ class ShmContext:
     @property
     def lease_name(self) -> str:
         if self._lease_seg is None:
-            self._lease_seg = shared_memory.SharedMemory(create=True, size=LEASE_SLOTS * SLOT,
-                                                         name=f"pccl_lease_{uuid.uuid4().hex[:16]}")
-            self._lease_seg.buf[:] = bytes(LEASE_SLOTS * SLOT)
+            # zero-filled, and its pages reserved (a full /dev/shm is an error, not a SIGBUS)
+            self._lease_seg = create_segment(LEASE_SLOTS * SLOT, prefix="pccl_lease_")
             self._free = list(range(LEASE_SLOTS - 1, -1, -1))
         return self._lease_seg.name.lstrip("/")
 
@@ -295,6 +293,11 @@ class ShmAllReduce(Collective):
                 return
         self._arrive()
 
+    @property
+    def _everyone(self) -> int:
+        """The arrival mask once every rank has recorded its chunk."""
+        return (1 << self.link.world) - 1
+
     def _arrivals(self) -> tuple[memoryview, int, int]:
         """Rank 0's arrival word for this call: (buffer, offset, ident)."""
         if self.link.rank == 0:
@@ -313,7 +316,7 @@ class ShmAllReduce(Collective):
             self._fail_local(Aborted(f"rank 0 ended tag {self.tag} before every chunk was reduced"))
             return
         self.data_done = True
-        if mask == (1 << self.link.world) - 1:
+        if mask == self._everyone:
             self.complete_all()
 
     def peer_lost(self, rank: int) -> bool:
@@ -328,9 +331,8 @@ class ShmAllReduce(Collective):
         word = K.load_u64(buf, off)
         if word >> 32 != ident or not word >> rank & 1:
             return True
-        if self.data_done and word & _IDENT == (1 << self.link.world) - 1:
-            self._fins.update(r for r in range(self.link.world) if r != self.link.rank)
-            self._maybe_succeed()
+        if self.data_done and word & _IDENT == self._everyone:
+            self.all_done()
         return False
 
     def _internal(self, exc: BaseException) -> None:
