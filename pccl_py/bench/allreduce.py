@@ -6,7 +6,9 @@ over the given sizes. ``--compare gloo`` runs torch.distributed's gloo backend o
 sizes and world size in the same invocation, one after the other.
 
 Reported per size: median seconds over the repeats (as seen by rank 0), bus bandwidth
-2(N-1)/N * bytes / seconds, and gloo's median and our speed-up over it.
+2(N-1)/N * bytes / seconds, and gloo's median and our speed-up over it. ``--floor`` also
+times the memory floor of a same-host all-reduce on this machine (``pccl_py.bench.floor``):
+no shared-memory path can beat it, so ``floor / ours`` says how much is left to win.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 
 from ..demo import free_port
+from . import floor
 
 UNITS = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
 
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tcp-only", action="store_true",
                    help="daemons dial each other over TCP (by default peers on one host use Unix sockets)")
     p.add_argument("--compare", choices=["gloo"], default=None)
+    p.add_argument("--floor", action="store_true",
+                   help="also time a daemon-free shared-memory all-reduce (the least memory traffic "
+                        "possible on this host: a bound, not a collective)")
     p.add_argument("--alloc", action="store_true",
                    help="all-reduce tensors from Client.alloc (shared memory: no copy in)")
     p.add_argument("--repeat", type=int, default=7, help="timed repeats (more for small sizes)")
@@ -200,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                         "between runs)")
     p.add_argument("--timeout", type=float, default=540.0)
     p.add_argument("--json", action="store_true", help="one JSON object per row")
-    p.add_argument("--role", choices=["ours", "gloo"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["ours", "gloo", "floor"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--floor-segments", default="", help=argparse.SUPPRESS)
+    p.add_argument("--floor-dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -211,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return ours_worker(args)
     if args.role == "gloo":
         return gloo_worker(args)
+    if args.role == "floor":
+        return floor.worker(args)
     if args.world < 2:
         p.error("--world must be at least 2")
     if args.rounds < 1:
@@ -220,21 +230,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1, "
               f"links over {'TCP' if args.tcp_only else 'Unix sockets'}; median of repeats as seen by rank 0"
               f"{'; tensors from Client.alloc' if args.alloc else ''}"
-              f"{f'; median of {args.rounds} rounds (ours, then gloo, in turn)' if args.rounds > 1 else ''}",
+              f"{f'; median of {args.rounds} rounds (ours, then gloo, in turn)' if args.rounds > 1 else ''}"
+              f"{'; floor: daemon-free shared-memory all-reduce (a bound, see pccl_py/bench/floor.py)' if args.floor else ''}",
               flush=True)
-    ours_by_round, gloo_by_round = [], []
+    ours_by_round, gloo_by_round, floor_by_round = [], [], []
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
         ours_by_round.append(run_ours(args))
         if args.compare == "gloo":
             gloo_by_round.append(run_gloo(args))
+        if args.floor:
+            floor_by_round.append(floor.run(args, _collect))
     n = args.world
     header = f"{'elements':>9} {'bytes':>9} {'algo':>5} {'median ms':>10} {'busbw GB/s':>10}"
     if gloo_by_round:
         header += f" {'gloo ms':>9} {'gloo GB/s':>9} {'ratio':>6}"
         if args.rounds > 1:
             header += f" {'ratio range':>12}"
+    if floor_by_round:
+        header += f" {'floor ms':>9} {'floor/ours':>10}"
     if not args.json:
         print(header)
     for i, row in enumerate(ours_by_round[0]):
@@ -249,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             gloo_s = [statistics.median(rnd[i]["times"]) for rnd in gloo_by_round]
             ratios = [g / o for g, o in zip(gloo_s, ours_s)]
             rec.update(gloo_seconds=statistics.median(gloo_s), ratio=statistics.median(ratios), ratios=ratios)
+        if floor_by_round:
+            floor_s = [statistics.median(rnd[i]["times"]) for rnd in floor_by_round]
+            rec.update(floor_seconds=statistics.median(floor_s),
+                       floor_ratio=statistics.median([f / o for f, o in zip(floor_s, ours_s)]))
         if args.rounds > 1:
             rec["seconds_by_round"] = ours_s
         if args.json:
@@ -261,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" {rec['gloo_seconds'] * 1e3:>9.3f} {gbw:>9.3f} {rec['ratio']:>5.2f}x"
                 if args.rounds > 1:
                     line += f" {min(rec['ratios']):>5.2f}-{max(rec['ratios']):.2f}x"
+            if floor_by_round:
+                line += f" {rec['floor_seconds'] * 1e3:>9.3f} {rec['floor_ratio']:>9.2f}x"
             print(line, flush=True)
     return 0
 
