@@ -48,9 +48,7 @@ def test_floor_barrier_gives_up_at_its_deadline(tmp_path):
 
     seg = create_segment(4096, prefix="pccl_test_")
     try:
-        from pccl_py.collectives import _kernels as K
-
-        K.store_u64(seg.buf, 0, 1 << 32)
+        _Barrier.prepare(seg.buf)
         fifos = [str(tmp_path / f"r{r}") for r in range(2)]
         for f in fifos:
             os.mkfifo(f)

@@ -34,10 +34,18 @@ import time
 from ..local import Mapping, create_segment
 
 _WORDS = 256  # barrier words, used in turn
-_BLOCK = 512 << 10  # bytes of each input folded at a time (stays in cache)
 
 
 class _Barrier:
+    @staticmethod
+    def prepare(ctl) -> None:
+        """Ready the control words of barriers 1 and 2 (each completed barrier readies the
+        one after next)."""
+        from ..collectives import _kernels as K
+
+        K.store_u64(ctl, 0, 1 << 32)
+        K.store_u64(ctl, 8, 2 << 32)
+
     def __init__(self, ctl, fifos: list[str], rank: int, deadline: float) -> None:
         from ..collectives import _kernels as K
 
@@ -78,6 +86,8 @@ def worker(args) -> int:
     import numpy as np
 
     from ..collectives import _kernels as K
+    from ..collectives.base import split
+    from ..collectives.shm import _BLOCK, fold
     from .allreduce import repeats_for, warmups_for
 
     names = args.floor_segments.split(",")
@@ -87,16 +97,18 @@ def worker(args) -> int:
     fifos = [os.path.join(args.floor_dir, f"r{r}") for r in range(args.world)]
     bar = _Barrier(ctl.buf, fifos, args.rank, time.monotonic() + args.timeout)
     me, w = args.rank, args.world
-    scratch = memoryview(bytearray(_BLOCK))
+    scratch = memoryview(bytearray(_BLOCK))  # the daemons' fold block
     rows = []
     try:
         for n in args.sizes:
             x = np.full(n, 1.0 + me, dtype=np.float32)
             xb = memoryview(x).cast("B")
             nbytes = 4 * n
-            a, b = 4 * (n * me // w), 4 * (n * (me + 1) // w)
+            bounds = split(n, w)
+            a, b = 4 * bounds[me], 4 * bounds[me + 1]
             inputs = [m.buf[:nbytes] for m in ins]
             output = out.buf[:nbytes]
+            chunks = [inp[a:b] for inp in inputs]
             copy_out = K.copy_stream if nbytes >= 4 << 20 else K.copy
             times = []
             reps = repeats_for(nbytes, args.repeat)
@@ -106,13 +118,7 @@ def worker(args) -> int:
                 t0 = time.perf_counter()
                 K.copy(inputs[me], xb)
                 bar.wait()
-                for p in range(a, b, _BLOCK):
-                    q = min(b, p + _BLOCK)
-                    o = scratch[:q - p]
-                    K.copy(o, inputs[0][p:q])
-                    for r in range(1, w):
-                        K.reduce(o, inputs[r][p:q], "sum", "float32")
-                    K.copy(output[p:q], o)
+                fold(chunks, [output[a:b]], scratch, "sum", "float32")  # written once
                 bar.wait()
                 copy_out(xb, output)
                 if i >= warmups_for(nbytes):
@@ -121,7 +127,6 @@ def worker(args) -> int:
             if n and not (x[0] == expect and x[-1] == expect):
                 raise RuntimeError(f"floor all-reduce of {n} elements gave {x[0]}, expected {expect}")
             rows.append({"size": n, "times": times})
-            del inputs, output, xb
     finally:
         bar.close()
     if me == 0:
@@ -136,10 +141,7 @@ def run(args, collect) -> list[dict]:
     segs += [create_segment(biggest, prefix="pccl_floor_") for _ in range(args.world + 1)]
     fifo_dir = tempfile.mkdtemp(prefix="pccl-floor-")
     try:
-        from ..collectives import _kernels as K
-
-        K.store_u64(segs[0].buf, 0, 1 << 32)  # barriers 1 and 2 are ready; each completes the one after next
-        K.store_u64(segs[0].buf, 8, 2 << 32)
+        _Barrier.prepare(segs[0].buf)
         for r in range(args.world):
             os.mkfifo(os.path.join(fifo_dir, f"r{r}"))
         names = ",".join(s.name.lstrip("/") for s in segs)

@@ -188,6 +188,24 @@ class ShmContext:
                 pass
 
 
+def fold(srcs: list, outs: list, scratch: memoryview, op: str, dtype: str) -> None:
+    """Reduce the equal-sized buffers ``srcs`` in order, block by block, into ``scratch``
+    (a block stays in cache), and copy each finished block into every buffer of ``outs``."""
+    kop = "sum" if op == "avg" else op
+    n = len(outs[0])
+    step = len(scratch)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        o = scratch[:b - a]
+        K.copy(o, srcs[0][a:b])
+        for s in srcs[1:]:
+            K.reduce(o, s[a:b], kop, dtype)
+        if op == "avg":
+            K.finish_avg(o, len(srcs), dtype)
+        for d in outs:  # the final bytes, still in cache, to every output
+            K.copy(d[a:b], o)
+
+
 class ShmAllReduce(Collective):
     name = "shm"
 
@@ -259,23 +277,10 @@ class ShmAllReduce(Collective):
                      self._folded_cb)
 
     def _fold(self, srcs: list, outs: list, scratch: memoryview) -> None:
-        """Fold the owned chunk of every input in rank order, block by block, into
-        ``scratch``, and copy each finished block into every output. A peer's output may
-        be its input (an in-place call): each block is read from every input before any
+        """Fold the owned chunk of every input into every output. A peer's output may be
+        its input (an in-place call): each block is read from every input before any
         output is written, and only this owner touches these bytes of anyone's buffers."""
-        kop = "sum" if self.op == "avg" else self.op
-        n = len(outs[0])
-        step = len(scratch)
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            o = scratch[:b - a]
-            K.copy(o, srcs[0][a:b])
-            for s in srcs[1:]:
-                K.reduce(o, s[a:b], kop, self.dtype)
-            if self.op == "avg":
-                K.finish_avg(o, len(srcs), self.dtype)
-            for d in outs:  # the owner's final bytes, still in cache, to every peer
-                K.copy(d[a:b], o)
+        fold(srcs, outs, scratch, self.op, self.dtype)
 
     def _folded_cb(self, exc) -> None:
         if self.done:
