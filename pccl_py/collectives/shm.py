@@ -273,14 +273,10 @@ class ShmAllReduce(Collective):
         a, b = self.chunk(me)
         srcs = [(self.src if r == me else self.peers[r][0])[a:b] for r in range(w)]
         outs = [(self.dst if r == me else self.peers[r][1])[a:b] for r in range(w)]
-        self.ctx.run(self.loop, (b - a) * 2 * w, lambda scratch: self._fold(srcs, outs, scratch),
+        # A peer's output may be its input (an in-place call): ``fold`` reads each block of
+        # every input before it writes any output, and only this owner touches these bytes.
+        self.ctx.run(self.loop, (b - a) * 2 * w, lambda scratch: fold(srcs, outs, scratch, self.op, self.dtype),
                      self._folded_cb)
-
-    def _fold(self, srcs: list, outs: list, scratch: memoryview) -> None:
-        """Fold the owned chunk of every input into every output. A peer's output may be
-        its input (an in-place call): each block is read from every input before any
-        output is written, and only this owner touches these bytes of anyone's buffers."""
-        fold(srcs, outs, scratch, self.op, self.dtype)
 
     def _folded_cb(self, exc) -> None:
         if self.done:
