@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
@@ -60,6 +61,39 @@ PAGE = 4096
 # to 2 cores, where a 1 MiB destination stays in cache
 STREAM_MIN = 4 << 20
 
+# Copies of at least this many bytes are split over threads (the kernels release the GIL)
+# on machines with more than two CPUs: one core's copy reaches a fraction of the memory
+# bandwidth of a server.
+PARALLEL_COPY_MIN = 16 << 20
+_COPY_PIECE = 4 << 20
+_copiers: ThreadPoolExecutor | None = None
+_copiers_lock = threading.Lock()
+
+
+def _copy_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(8, cpus // 2)
+
+
+def copy_into(dst, src, stream: bool = False) -> None:
+    """dst[:] = src for byte buffers of one size: large ones split over a few threads."""
+    global _copiers
+    fn = K.copy_stream if stream else K.copy
+    n = len(dst)
+    threads = _copy_threads() if n >= PARALLEL_COPY_MIN else 0
+    if not threads:
+        fn(dst, src)
+        return
+    with _copiers_lock:
+        if _copiers is None:
+            _copiers = ThreadPoolExecutor(threads, thread_name_prefix="pccl-copy")
+    d, s_ = memoryview(dst).cast("B"), memoryview(src).cast("B")
+    step = max(_COPY_PIECE, -(-n // threads))
+    jobs = [_copiers.submit(fn, d[a:a + step], s_[a:a + step]) for a in range(step, n, step)]
+    fn(d[:step], s_[:step])  # the caller's thread takes the first piece
+    for j in jobs:
+        j.result()
+
 
 class _NoAnswer(DeadlineExceeded):
     """The daemon sent no reply before the client's own deadline (timeout + SLACK)."""
@@ -93,25 +127,29 @@ class _Pool:
         self.client = client
         self.free: dict[int, list[shared_memory.SharedMemory]] = {}
         self.all: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()  # calls of several threads take and give segments
 
     def take(self, nbytes: int) -> shared_memory.SharedMemory:
         size = MIN_SEGMENT
         while size < nbytes:
             size *= 2
-        bucket = self.free.setdefault(size, [])
-        if bucket:
-            return bucket.pop()
-        seg = local.create_segment(size)
-        self.all.append(seg)
+        with self._lock:
+            bucket = self.free.setdefault(size, [])
+            if bucket:
+                return bucket.pop()
+            seg = local.create_segment(size)
+            self.all.append(seg)
         self.client._call({"op": "map", "name": seg.name, "size": size}, timeout=10.0)
         return seg
 
     def give(self, seg: shared_memory.SharedMemory) -> None:
-        self.free.setdefault(seg.size, []).append(seg)
+        with self._lock:
+            self.free.setdefault(seg.size, []).append(seg)
 
     def retire(self, seg: shared_memory.SharedMemory) -> None:
         """Drop the segment of a failed call: unlinked here and unmapped by the daemon."""
-        self.all.remove(seg)
+        with self._lock:
+            self.all.remove(seg)
         _release(seg)
         try:
             self.client._call({"op": "unmap", "name": seg.name}, timeout=10.0)
@@ -119,10 +157,11 @@ class _Pool:
             pass  # the daemon is gone or stuck: the caller's error says so already
 
     def close(self) -> None:
-        for seg in self.all:
-            _release(seg)
-        self.all.clear()
-        self.free.clear()
+        with self._lock:
+            for seg in self.all:
+                _release(seg)
+            self.all.clear()
+            self.free.clear()
 
 
 def _request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeout: float) -> dict:
@@ -197,10 +236,8 @@ class Handle:
                 _, out_off, _ = layout
                 for f, off in members:
                     src = seg.buf[out_off + off:out_off + off + f.nbytes]
-                    if f.nbytes >= STREAM_MIN:  # a large result: stores that bypass the cache
-                        K.copy_stream(f.data, src)
-                    else:
-                        f.data[:] = np.frombuffer(src, np.uint8)
+                    # a large result: stores that bypass the cache, over several threads
+                    copy_into(f.data, src, stream=f.nbytes >= STREAM_MIN)
                     f.finish()
             self._client._pool.give(seg)
         self._done = True
@@ -243,7 +280,12 @@ class Client:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._replies: dict[int, dict] = {}
-        self._lock = threading.RLock()
+        # Several threads may have calls in flight. One of the waiting threads at a time
+        # reads the socket (``_reading``) and files every reply under its request id; the
+        # others wait on ``_cond`` for theirs. No lock is held across a receive.
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._send_lock = threading.Lock()
         self._buf = local.FrameBuffer()
         self._proc: subprocess.Popen | None = None
         self._info: dict = {"connected": False}
@@ -317,10 +359,11 @@ class Client:
     def _send(self, msg: dict) -> int:
         if self._sock is None:
             raise InvalidUsage("client is closed")
-        rid = next(self._ids)
+        rid = next(self._ids)  # (itertools.count is atomic under the GIL)
         msg["id"] = rid
-        with self._lock:
-            self._sock.sendall(local.pack(msg))
+        data = local.pack(msg)
+        with self._send_lock:
+            self._sock.sendall(data)
         return rid
 
     def _recv_timeout(self, seconds: float) -> None:
@@ -331,28 +374,47 @@ class Client:
             self._rcvtimeo = us
 
     def _wait_reply(self, rid: int, deadline: float) -> dict:
-        with self._lock:
-            while rid not in self._replies:
+        cond = self._cond
+        while True:
+            with cond:
+                while rid not in self._replies and self._reading:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _NoAnswer("the daemon did not answer in time")
+                    cond.wait(min(left, RECV_SLICE))
+                reply = self._replies.pop(rid, None)
+                if reply is not None:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _NoAnswer("the daemon did not answer in time")
-                self._recv_timeout(min(left, RECV_SLICE))
-                try:
-                    data = self._sock.recv(1 << 16)
-                except BlockingIOError:  # SO_RCVTIMEO passed: look at the deadline again
-                    continue
-                if not data:
-                    raise PeerLost("the daemon closed the connection (did it crash? see its log)")
-                for m in self._buf.feed(data):
-                    if "progress" in m and "ok" not in m:
-                        self._on_progress(m)
-                    else:
-                        self._replies[m.get("id")] = m
-            reply = self._replies.pop(rid)
+                self._reading = True  # this thread reads for everyone until its next receive ends
+            try:
+                self._read_once(min(left, RECV_SLICE))
+            finally:
+                with cond:
+                    self._reading = False
+                    cond.notify_all()
         if not reply.pop("ok", False):
             raise from_wire(reply)
         reply.pop("id", None)
         return reply
+
+    def _read_once(self, seconds: float) -> None:
+        """One receive of at most ``seconds`` (by the reading thread): replies are filed."""
+        self._recv_timeout(seconds)
+        try:
+            data = self._sock.recv(1 << 16)
+        except BlockingIOError:  # SO_RCVTIMEO passed: the waiters look at their deadlines
+            return
+        if not data:
+            raise PeerLost("the daemon closed the connection (did it crash? see its log)")
+        for m in self._buf.feed(data):
+            if "progress" in m and "ok" not in m:
+                self._on_progress(m)
+            else:
+                with self._cond:
+                    self._replies[m.get("id")] = m
 
     def _on_progress(self, msg: dict) -> None:
         callback = self._progress.get(msg.get("id"))
@@ -460,7 +522,7 @@ class Client:
                 in_seg = seg
                 in_off = out_off = _offset_near(group[0].data, seg, PAGE // 4)
                 for f, moff in members:
-                    seg.buf[in_off + moff : in_off + moff + f.nbytes] = f.data
+                    copy_into(seg.buf[in_off + moff : in_off + moff + f.nbytes], f.data)
             msg.update(shm=seg.name, in_shm=in_seg.name, in_off=in_off, out_off=out_off)
             parts.append((self._send(msg), seg, members, (in_off, out_off, resident is None)))
         return Handle(self, parts, timeout)

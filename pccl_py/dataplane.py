@@ -67,6 +67,12 @@ class DataPlaneConfig:
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
     user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
     memo: int = 65536  # remembered (tag -> attempt) entries per epoch
+    # Frames with at least bulk_min payload bytes are moved (and reduced) by a receive and a
+    # send thread per stream instead of the event loop (collectives/pump.py). io_threads:
+    # True, False, or None for "when the machine has more than 2 CPUs" (on 2 cores the
+    # kernel's copies already use both, and a thread hand-off only adds latency).
+    io_threads: bool | None = None
+    bulk_min: int = 256 << 10
 
 
 def local_address(host: str, port: int) -> str:
@@ -77,6 +83,18 @@ def local_address(host: str, port: int) -> str:
     if len(name) > 100:  # a long host name: the kernel allows 107 bytes
         name = "pccl_py.dp." + hashlib.sha256(name.encode()).hexdigest()
     return "\0" + name
+
+
+def io_threads_on(setting: bool | None) -> bool:
+    """Whether the data plane moves large frames on I/O threads (``DataPlaneConfig.io_threads``)."""
+    if setting is None:
+        env = os.environ.get("PCCL_IO_THREADS", "auto").strip().lower()
+        if env in ("0", "off", "false", "no"):
+            return False
+        if env in ("1", "on", "true", "yes"):
+            return True
+        return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 2
+    return bool(setting)
 
 
 _LOCAL_CONNECT = 1.0  # a local listener answers at once; beyond this, try TCP
@@ -112,6 +130,8 @@ class DataPlane:
         self.advertise = advertise or host  # the host peers dial (names the local listener)
         self.on_peer_failure = on_peer_failure
         self.config = config or DataPlaneConfig()
+        self.io_threads = io_threads_on(self.config.io_threads)
+        self.bulk_min = self.config.bulk_min if self.io_threads else 0
         self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound in start()
         self._server: asyncio.AbstractServer | None = None

@@ -65,7 +65,9 @@ async def child_main(args) -> None:
     d = DataPlaneConfig()
     cfg = DataPlaneConfig(sub_bytes=args.sub_bytes_one, min_stripe=args.min_stripe,
                           min_sub_bytes=min(d.min_sub_bytes, args.sub_bytes_one), pipeline_depth=args.depth,
-                          tree_max_bytes=args.tree_max)
+                          tree_max_bytes=args.tree_max, local_links=not args.tcp_only,
+                          io_threads={"on": True, "off": False}.get(args.io_threads),
+                          bulk_min=parse_size(args.bulk_min) if args.bulk_min else d.bulk_min)
     dp = DataPlane(f"bench{rank:03d}", secret=b"bench", streams=args.streams_one, port=args.ports[rank],
                    config=cfg)
     await dp.start()
@@ -97,6 +99,9 @@ async def child_main(args) -> None:
                                            tag=tag, timeout=60)
                 if i:  # first one is a warm-up
                     times.append(time.perf_counter() - t0)
+            want = world * (world + 1) / 2
+            if quant is None and not (dst[0] == want and dst[-1] == want and dst[count // 2] == want):
+                raise SystemExit(f"wrong result at {count} elements: {dst[0]}, {dst[count // 2]}, {dst[-1]}")
             results.append({"count": count, "algorithm": info["algorithm"] + (f"/{quant}" if quant else ""),
                             "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
                             "reps": reps})
@@ -149,7 +154,9 @@ def run_world(args, world: int, streams: int, sub_bytes: int) -> list[dict]:
     cmd_base = [sys.executable, os.path.abspath(__file__), "--child", "--ports", *map(str, ports),
                 "--sizes", *map(str, args.sizes), "--algorithms", *args.algorithms, "--reps", str(args.reps),
                 "--streams", str(streams), "--sub-bytes", str(sub_bytes), "--min-stripe", str(args.min_stripe),
-                "--tree-max", str(args.tree_max), "--backend", args.backend, "--depth", str(args.depth)]
+                "--tree-max", str(args.tree_max), "--backend", args.backend, "--depth", str(args.depth),
+                "--io-threads", args.io_threads] + (["--tcp-only"] if args.tcp_only else []) + (
+                ["--bulk-min", args.bulk_min] if args.bulk_min else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen(cmd_base + ["--rank", str(r)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=env, cwd=REPO) for r in range(world)]
@@ -188,6 +195,10 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None, help="ring sub-chunks per chunk (pipeline depth)")
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per world before giving up")
     ap.add_argument("--backend", choices=["pccl", "gloo"], default="pccl")
+    ap.add_argument("--tcp-only", action="store_true", help="TCP between the processes, no Unix sockets")
+    ap.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
+                    help="large frames on per-stream I/O threads (DataPlaneConfig.io_threads)")
+    ap.add_argument("--bulk-min", default=None, help="smallest payload moved by an I/O thread")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ports", type=int, nargs="+", help=argparse.SUPPRESS)
@@ -214,15 +225,22 @@ def main() -> None:
     print(f"# float32 sum all-reduce, medians over {args.reps} reps (x4 below 1M elements), "
           f"{len(os.sched_getaffinity(0))} cores, loopback, one process per peer on uvloop, "
           f"kernels: {_kernels.SOURCE}")
-    print(f"{'N':>2} {'K':>2} {'sub':>5} {'size':>6} {'algorithm':>12} {'median_ms':>10} {'min_ms':>9} {'GB/s':>6}")
+    from pccl_py.dataplane import io_threads_on
+    threads = io_threads_on({"on": True, "off": False}.get(args.io_threads))
+    print(f"# links: {'TCP' if args.tcp_only else 'Unix sockets (same host)'}; I/O threads: "
+          f"{'2 per stream (frames >= ' + (args.bulk_min or fmt_size(d.bulk_min)) + ' bytes)' if threads else 'none'}"
+          f"; busbw = size * 2(N-1)/N / time")
+    print(f"{'N':>2} {'K':>2} {'sub':>5} {'size':>6} {'algorithm':>12} {'median_ms':>10} {'min_ms':>9} {'GB/s':>6} "
+          f"{'busbw':>6}")
     for world in args.world:
         for k in streams:
             for sub in subs:
                 t0 = time.monotonic()
                 for r in run_world(args, world, k, sub):
                     gbs = r["count"] * 4 / (r["median_ms"] / 1e3) / 1e9
+                    bus = gbs * 2 * (world - 1) / world
                     print(f"{world:>2} {k:>2} {fmt_size(sub):>5} {fmt_size(r['count']):>6} {r['algorithm']:>12} "
-                          f"{r['median_ms']:10.3f} {r['min_ms']:9.3f} {gbs:6.2f}", flush=True)
+                          f"{r['median_ms']:10.3f} {r['min_ms']:9.3f} {gbs:6.2f} {bus:6.2f}", flush=True)
                 print(f"#   ({time.monotonic() - t0:.0f}s)", flush=True)
 
 

@@ -132,6 +132,79 @@ def test_tagged_calls_in_flight(coordinator):
         assert vals == [1.0 + 2 * k for k in range(4)]
 
 
+def test_two_threads_have_calls_in_flight_at_once(coordinator):
+    """Threads of one trainer do not wait for each other's calls: each thread's tagged calls
+    run while the other thread's are in flight, and a property read answers meanwhile."""
+    import threading
+
+    def body(c, rank):
+        gate = threading.Barrier(2, timeout=20)
+        seen = {}
+
+        def worker(k):
+            x = np.full(400_000, float(rank + 1 + k), np.float32)
+            gate.wait()
+            for i in range(5):
+                c.all_reduce(x, tag=100 + 10 * k + i)
+                assert x[0] == x[-1]
+            seen[k] = float(x[0])
+
+        ts = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for t in ts:
+            t.start()
+        t0 = time.monotonic()
+        ws = c.world_size  # answered by the daemon while the calls run, not after them
+        ws_seconds = time.monotonic() - t0
+        for t in ts:
+            t.join(30)
+        assert not any(t.is_alive() for t in ts)
+        return seen, ws, ws_seconds
+
+    results, _ = run_peers(2, body, coordinator)
+    for seen, ws, ws_seconds in results:
+        assert ws == 2
+        assert ws_seconds < 2.0
+        # x doubles-and-more each round: (1+k) + (2+k) summed 5 times over
+        assert seen[0] == 3.0 * 2 ** 4
+        assert seen[1] == 5.0 * 2 ** 4
+
+
+def test_waits_of_two_threads_do_not_serialise(coordinator):
+    """A thread waiting for a call that cannot finish yet (its peer has not posted it) does
+    not hold up another thread's call: the second finishes first."""
+    import threading
+
+    with joined_pair(coordinator) as (a, b):
+        xa = np.ones(1000, np.float32)
+        ha = a.all_reduce_async(xa, tag=7)  # b posts tag 7 only later
+        done = {}
+
+        def other():
+            y = np.ones(1000, np.float32)
+            a.all_reduce(y, tag=8)
+            done["t"] = time.monotonic()
+
+        def peer_b():
+            yb = np.ones(1000, np.float32)
+            b.all_reduce(yb, tag=8)
+            time.sleep(0.5)
+            b.all_reduce(np.ones(1000, np.float32), tag=7)
+
+        waiter = threading.Thread(target=lambda: done.setdefault("a", ha.wait()))
+        waiter.start()
+        time.sleep(0.05)  # the waiter is now blocked in the wait for tag 7
+        tb = threading.Thread(target=peer_b)
+        tb.start()
+        other()
+        t8 = done["t"]
+        waiter.join(20)
+        tb.join(20)
+        assert "a" in done and xa[0] == 2.0
+        assert done["a"]["world_size"] == 2
+        # tag 8 finished while tag 7 was still waiting for b (which posts it 0.5 s later)
+        assert t8 < time.monotonic() - 0.2
+
+
 def test_calls_before_connect_fail_fast(coordinator):
     with Client(coordinator=coordinator.addr, timeout=5.0) as c:
         t0 = time.monotonic()

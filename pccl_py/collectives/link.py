@@ -29,6 +29,7 @@ from .. import frames as F
 from ..errors import InvalidUsage, PcclError, PeerLost, ProtocolError
 from ..topology import Topology
 from .base import Rx
+from .pump import Pump
 
 if TYPE_CHECKING:
     from ..dataplane import DataPlane
@@ -44,7 +45,7 @@ _EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take 
 
 # connection states
 _HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
-_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN = range(5, 12)
+_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN, _PUMPED = range(5, 13)
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -80,13 +81,26 @@ class Stream(asyncio.BufferedProtocol):
         self._nonce = b""
         self._partial: F.Hello | None = None
         self._mac = b""
+        # Frames of at least this many payload bytes go through the stream's I/O threads
+        # (0: everything on the event loop); see pump.py.
+        self._bulk = dp.bulk_min
+        self._pump: Pump | None = None
+        self._pumped_rx = False  # the payload being read goes to the receive thread
+        self._tx_busy = False  # the send thread is writing a frame
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         self._vectored = type(transport).__module__.startswith("uvloop")
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         sock = transport.get_extra_info("socket")
+        if self._bulk and sock is not None:
+            # The send thread may only write while the transport holds nothing: limits of 0
+            # make every buffered byte pause us, and resume_writing say the buffer is empty.
+            transport.set_write_buffer_limits(high=0, low=0)
+            self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
+        else:
+            self._bulk = 0
+            transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         if sock is not None and sock.family != socket.AF_UNIX:
             _tune(sock, self.dp.config.user_timeout)
         pn = transport.get_extra_info("peername")
@@ -119,12 +133,14 @@ class Stream(asyncio.BufferedProtocol):
             return
         if self._staged:
             self._feed(0, nbytes)
-            return
-        if not len(self._view) - self._pos:
+        elif not len(self._view) - self._pos:
             self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
             return
-        self._pos += nbytes
-        self._advance()
+        else:
+            self._pos += nbytes
+            self._advance()
+        if self._pumped_rx:
+            self._pump_rx()
 
     def _advance(self) -> None:
         """``self._pos`` moved: act on a filled view (a payload, a header, handshake bytes)."""
@@ -175,7 +191,34 @@ class Stream(asyncio.BufferedProtocol):
         carry, self._carry = self._carry, None
         if carry is not None:
             self._feed(*carry)
+        if self._pumped_rx and self._pump_rx():
+            return
         if self._state != _STALLED and self._state != _CLOSED:
+            self.transport.resume_reading()
+
+    # -- payloads through the receive thread ----------------------------------------------
+    def _pump_rx(self) -> bool:
+        """Hand the rest of the current payload to the receive thread (the transport stops
+        reading until it is in); False if too little is left to be worth it."""
+        if self._state != _PAYLOAD or len(self._view) - self._pos < _DIRECT_MIN:
+            return False
+        self._pumped_rx = False
+        self._state = _PUMPED
+        self.transport.pause_reading()
+        self._pump.recv(self._view, self._pos, self._progress, self._pumped_in)
+        return True
+
+    def _pumped_in(self, err: BaseException | None) -> None:
+        if self._state != _PUMPED:  # closed meanwhile
+            return
+        if err is not None:
+            self._close(f"receive failed: {err}")
+            return
+        self._state = _PAYLOAD
+        self._pos = len(self._view)
+        self._progress = None  # the thread reduced everything
+        self._advance()
+        if self._state != _STALLED and self._state != _CLOSED and not (self._pumped_rx and self._pump_rx()):
             self.transport.resume_reading()
 
     def eof_received(self):
@@ -183,6 +226,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self._state = _CLOSED
+        self._stop_pump(hard=True)
         self._cancel_timers()
         if self._drain_timer is not None:
             self._drain_timer.cancel()
@@ -350,6 +394,7 @@ class Stream(asyncio.BufferedProtocol):
         self._state = _PAYLOAD
         self._view = rx.view
         self._pos = 0
+        self._pumped_rx = self._bulk and length >= self._bulk
         if len(self._view) != length:  # pragma: no cover - collective bug
             raise ProtocolError("internal: receive view size mismatch")
 
@@ -411,6 +456,7 @@ class Stream(asyncio.BufferedProtocol):
             return
         log.warning("closing data connection %s: %s", self.peer, reason)
         self._state = _CLOSED
+        self._stop_pump(hard=True)
         self._cancel_timers()
         self.dp._unstall(self)
         if self.link is not None:
@@ -438,6 +484,17 @@ class Stream(asyncio.BufferedProtocol):
             return
         self._drain_timer = self.dp._loop.call_later(timeout, tr.abort)
 
+    def _stop_pump(self, hard: bool) -> None:
+        if self._pump is not None:
+            self._pump.stop(hard)
+            self._pump = None
+        self._pumped_rx = False
+
+    @property
+    def busy(self) -> bool:
+        """A thread is moving a frame: the stream cannot be closed gracefully now."""
+        return self._tx_busy or self._state == _PUMPED
+
     def _cancel_timers(self) -> None:
         for t in (self._hs_timer, self._stall_timer):
             if t is not None:
@@ -453,15 +510,27 @@ class Stream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._blocked = False
+        self._flush()
+
+    def _flush(self) -> None:
         backlog = self._backlog
-        while backlog and not self._blocked:
+        while backlog and not self._blocked and not self._tx_busy:
             h, p = backlog.popleft()
             self._emit(h, p)
+
+    def _pumped_out(self, err: BaseException | None) -> None:
+        self._tx_busy = False
+        if err is not None:
+            if self._state != _CLOSED:
+                self._close(f"send failed: {err}")
+            return
+        if self._state != _CLOSED:
+            self._flush()
 
     def write(self, header: bytes, payload) -> None:
         if self.transport.is_closing():  # ending (clean-EOF grace): the link is about to be lost
             return
-        if self._blocked or self._backlog:
+        if self._blocked or self._backlog or self._tx_busy:
             self._backlog.append((header, payload))
         else:
             self._emit(header, payload)
@@ -474,6 +543,15 @@ class Stream(asyncio.BufferedProtocol):
     def _emit(self, header: bytes, payload) -> None:
         tr = self.transport
         if tr.is_closing():
+            return
+        if self._bulk and len(payload) >= self._bulk and self._pump is not None:
+            if tr.get_write_buffer_size():  # the transport still writes: after it, in order
+                self._backlog.appendleft((header, payload))
+                if not self._blocked:  # (its limits of 0 pause us whenever it holds bytes)
+                    self.dp._loop.call_later(0.0005, self._flush)
+                return
+            self._tx_busy = True
+            self._pump.send(header, payload, self._pumped_out)
             return
         if not len(payload):
             tr.write(header)
@@ -554,12 +632,14 @@ class PeerLink:
             self.ready.exception()
         for c in self.conns:
             if c is not None and c._state != _CLOSED:
+                gentle = graceful and not c.busy
                 c._state = _CLOSED
+                c._stop_pump(hard=not gentle)
                 c._cancel_timers()
                 self.dp._unstall(c)
                 if c.transport is None:
                     continue
-                if graceful and not c.transport.get_write_buffer_size():
+                if gentle and not c.transport.get_write_buffer_size():
                     c.drain(LINGER)  # FIN after what was sent: the peer reads our last frames
                 else:
                     c.transport.abort()

@@ -92,6 +92,7 @@ class RingAllReduce(Collective):
         self.right = (link.rank + 1) % link.world
         # remaining bytes per (step, sub index) still to arrive
         self._remaining: dict[tuple[int, int], int] = {}
+        self._next_stream = 0  # stripes take the streams in turn, so every stream carries data
         self._units = 0
         for t in range(self.plan.steps):
             for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
@@ -113,8 +114,11 @@ class RingAllReduce(Collective):
         it = self.item
         buf = self.dst if buf is None or self.inplace else buf
         k = self.link.nstreams(self.right)
-        for s, (x, y) in enumerate(self.plan.stripes(a, b, k)):
-            self.send_data(self.right, s, t, x * it, buf[x * it:y * it], (y - x) * it)
+        s = self._next_stream
+        for x, y in self.plan.stripes(a, b, k):
+            self.send_data(self.right, s % k, t, x * it, buf[x * it:y * it], (y - x) * it)
+            s += 1
+        self._next_stream = s % k
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
         self.check_desc(src, h)
