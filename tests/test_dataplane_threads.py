@@ -1,0 +1,270 @@
+"""Large frames on the streams' I/O threads (collectives/pump.py): the pump alone over a
+socket pair, then data planes with ``io_threads=True`` (results, parity, a peer lost, and
+nothing left behind: threads, file descriptors)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_dataplane import SECRET, all_reduce_all, families, make_inputs, reference, run, topo
+
+from pccl_py.collectives.link import Stream
+from pccl_py.collectives.pump import Pump
+from pccl_py.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.errors import Aborted, PeerLost
+
+pytestmark = pytest.mark.timeout(60)
+
+# every payload of 32 KiB or more goes through the threads: the default sizes below use both paths
+THREADS = DataPlaneConfig(io_threads=True, bulk_min=32 << 10)
+
+
+def open_fds() -> set[int]:
+    return set(int(x) for x in os.listdir("/proc/self/fd"))
+
+
+def pccl_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pccl-")]
+
+
+@contextlib.contextmanager
+def nothing_left_behind(timeout: float = 5.0):
+    """Fails the test if a pump thread or a file descriptor opened inside is still there at
+    the end (threads get ``timeout`` seconds to finish: they wake within a poll interval)."""
+    run(asyncio.sleep(0))  # what an event loop keeps once per process is not ours
+    fds, threads = open_fds(), set(pccl_threads())
+    yield
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (set(pccl_threads()) - threads or open_fds() - fds):
+        time.sleep(0.02)
+    left = set(pccl_threads()) - threads
+    assert not left, f"threads left running: {sorted(t.name for t in left)}"
+    extra = open_fds() - fds
+    assert not extra, f"file descriptors left open: {sorted(extra)} " + ", ".join(
+        _describe(fd) for fd in sorted(extra))
+
+
+def _describe(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------- the pump alone
+
+
+async def _pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def test_pump_moves_a_payload_both_ways_and_reports_progress():
+    async def body():
+        loop = asyncio.get_running_loop()
+        a, b = await _pair()
+        pa, pb = Pump(loop, a, "a"), Pump(loop, b, "b")
+        payload = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8)
+        into = bytearray(16 + payload.nbytes)
+        seen = []
+        got = loop.create_future()
+        sent = loop.create_future()
+        pb.recv(memoryview(into), 0, seen.append, got.set_result)
+        pa.send(b"H" * 16, memoryview(payload), sent.set_result)
+        assert await asyncio.wait_for(sent, 10) is None
+        assert await asyncio.wait_for(got, 10) is None
+        assert bytes(into[:16]) == b"H" * 16 and bytes(into[16:]) == payload.tobytes()
+        assert seen == sorted(seen) and seen[-1] == len(into)
+        pa.stop(hard=False)
+        pb.stop(hard=False)
+        a.close()
+        b.close()
+
+    with nothing_left_behind():
+        run(body())
+
+
+@pytest.mark.parametrize("blocked_in", ["recv", "send"])
+def test_a_hard_stop_wakes_a_thread_blocked_in_a_system_call(blocked_in):
+    """A receive that waits for bytes that never come, or a send to a peer that never reads
+    (the socket buffers full), ends within milliseconds of ``stop(hard=True)``."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        a, b = await _pair()
+        pump = Pump(loop, a, "a")
+        done = loop.create_future()
+        if blocked_in == "recv":
+            pump.recv(memoryview(bytearray(1 << 20)), 0, None, done.set_result)
+        else:  # far more than the socket buffers hold: the thread blocks in sendmsg
+            pump.send(b"", memoryview(bytearray(64 << 20)), done.set_result)
+        await asyncio.sleep(0.3)
+        assert not done.done()
+        t0 = time.monotonic()
+        pump.stop(hard=True)
+        err = await asyncio.wait_for(done, 5)
+        woke = time.monotonic() - t0
+        assert isinstance(err, OSError), err
+        assert woke < 0.2, f"the blocked thread took {woke:.3f}s to wake"
+        a.close()
+        b.close()
+
+    with nothing_left_behind():
+        run(body())
+
+
+def test_a_soft_stop_lets_the_running_job_finish():
+    async def body():
+        loop = asyncio.get_running_loop()
+        a, b = await _pair()
+        pump = Pump(loop, a, "a")
+        into = bytearray(1 << 20)
+        done = loop.create_future()
+        pump.recv(memoryview(into), 0, None, done.set_result)
+        await asyncio.sleep(0.05)
+        pump.stop(hard=False)
+        await loop.sock_sendall(b, b"x" * len(into))
+        assert await asyncio.wait_for(done, 5) is None
+        assert into == b"x" * len(into)
+        a.close()
+        b.close()
+
+    with nothing_left_behind():
+        run(body())
+
+
+# ---------------------------------------------------------------- data planes on threads
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int, *, streams: int = 4, tcp: bool = False, failures=None):
+    import dataclasses
+    cfg = dataclasses.replace(THREADS, local_links=not tcp)
+    dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams, config=cfg,
+                     on_peer_failure=(lambda pid, why, i=i: failures.append((i, pid, why)))
+                     if failures is not None else None) for i in range(n)]
+    try:
+        for d in dps:
+            await d.start()
+        t = topo(dps, 1)
+        await asyncio.gather(*(dps[i].set_topology(t[i]) for i in range(n)))
+        yield dps
+    finally:
+        for d in dps:
+            await d.close()
+
+
+def pumped(dp: DataPlane) -> int:
+    """How many of this data plane's streams have started I/O threads."""
+    return sum(1 for c in dp._conns if c._pump is not None and c._pump.threads)
+
+
+@pytest.mark.parametrize("world,tcp", [(2, True), (3, False), (4, True)])
+def test_results_and_parity_on_io_threads(world, tcp):
+    """Sizes whose frames take both paths (loop below 32 KiB, threads above), every op of
+    the ring, an in-place call; the threads were used and nothing is left once closed."""
+    async def body():
+        async with cluster(world, tcp=tcp) as dps:
+            fam = "AF_INET" if tcp else "AF_UNIX"
+            assert all(families(d) == {o.peer_id: {fam} for o in dps if o is not d} for d in dps)
+            tag = 0
+            for count in (5, 40_000, 300_007, 1 << 21):
+                for op in ("sum", "avg", "max", "min", "prod"):
+                    tag += 1
+                    srcs = make_inputs(world, count, "float32", op, seed=tag)
+                    before = [s.copy() for s in srcs]
+                    dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op=op, algorithm="ring", tag=tag)
+                    want = reference(srcs, "float32", op)
+                    for r in range(world):
+                        assert dsts[r].tobytes() == want.tobytes(), (count, op, r)
+                        assert srcs[r].tobytes() == before[r].tobytes()
+            # in place: src and dst are one buffer
+            tag += 1
+            srcs = make_inputs(world, 1 << 20, "float32", "sum", seed=99)
+            want = reference(srcs, "float32", "sum")
+            await asyncio.gather(*(d.all_reduce(srcs[i], srcs[i], dtype="float32", op="sum", algorithm="ring",
+                                                tag=tag, timeout=30) for i, d in enumerate(dps)))
+            for r in range(world):
+                assert srcs[r].tobytes() == want.tobytes()
+            assert all(pumped(d) > 0 for d in dps)
+
+    with nothing_left_behind():
+        run(body(), timeout=55)
+
+
+def test_every_stream_carries_ring_data():
+    """Stripes take the streams in turn: at 4M elements over 8 streams, all 8 have moved
+    payloads (on threads) in both directions."""
+    async def body():
+        async with cluster(2, streams=8, tcp=True) as dps:
+            srcs = make_inputs(2, 4 << 20, "float32", "sum", seed=1)
+            await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="ring", tag=1)
+            for d in dps:
+                assert pumped(d) == 8, pumped(d)
+                kinds = {t.name.split()[0] for c in d._conns for t in c._pump.threads}
+                assert kinds == {"pccl-rx", "pccl-tx"}
+
+    with nothing_left_behind():
+        run(body(), timeout=55)
+
+
+def test_hundred_calls_with_a_peer_lost_midway_leave_nothing_behind():
+    """100 calls among three data planes; after 40 one of them drops every connection
+    mid-call (as a killed process would); the survivors fail fast, go on as two, and once
+    all are closed no thread and no file descriptor of theirs is left."""
+    failures: list = []
+
+    async def body():
+        async with cluster(3, tcp=True, failures=failures) as dps:
+            count = 1 << 20
+            srcs = [np.full(count, i + 1, np.float32) for i in range(3)]
+            dsts = [np.empty(count, np.float32) for _ in range(3)]
+            members = [0, 1, 2]
+            epoch = 1
+            for tag in range(1, 101):
+                futs = {i: asyncio.ensure_future(dps[i].all_reduce(srcs[i], dsts[i], dtype="float32", op="sum",
+                                                                   algorithm="ring", tag=tag, timeout=20))
+                        for i in members}
+                if tag == 40:
+                    await asyncio.sleep(0.005)
+                    for c in list(dps[2]._conns):  # gone without a word, mid-call
+                        c.transport.abort()
+                    futs[2].cancel()
+                    res = await asyncio.gather(*(futs[i] for i in (0, 1)), return_exceptions=True)
+                    assert all(isinstance(r, (PeerLost, Aborted)) for r in res), res
+                    members, epoch = [0, 1], epoch + 1
+                    t = topo(dps, epoch, members)
+                    await asyncio.gather(*(dps[i].set_topology(t[i]) for i in members))
+                    continue
+                await asyncio.gather(*futs.values())
+                want = float(sum(i + 1 for i in members))
+                assert all(dsts[i][0] == want and dsts[i][-1] == want for i in members)
+            assert {f[1] for f in failures if f[0] in (0, 1)} == {dps[2].peer_id}
+
+    with nothing_left_behind():
+        run(body(), timeout=55)
+
+
+def test_stream_state_after_pumped_payloads_is_reading_again():
+    """After payloads moved on threads the transport reads again (small calls still work)."""
+    async def body():
+        async with cluster(2, tcp=True) as dps:
+            srcs = make_inputs(2, 1 << 20, "float32", "sum", seed=3)
+            await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="ring", tag=1)
+            for tag in range(2, 12):
+                small = make_inputs(2, 3, "float32", "sum", seed=tag)
+                dsts, _ = await all_reduce_all(dps, small, dtype="float32", op="sum", tag=tag)
+                assert dsts[0].tobytes() == reference(small, "float32", "sum").tobytes()
+            for d in dps:
+                for c in d._conns:
+                    assert isinstance(c, Stream) and not c.busy
+
+    run(body())
