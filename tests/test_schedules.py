@@ -1,0 +1,195 @@
+"""The collectives' schedules against an in-memory link (tests/fakenet.py): no sockets, no
+event loop running. Frames arrive in random interleavings across streams and in pieces;
+results are checked against the reference with bit parity, and a peer killed after each
+possible number of delivered frames must fail every survivor that still needed it with
+PeerLost (never a wrong result, never a touched input)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakenet import FakeNet
+
+from pccl_py import frames as F
+from pccl_py.collectives import _kernels as K
+from pccl_py.collectives.gather import BlobAllGather
+from pccl_py.collectives.quant import QuantAllReduce
+from pccl_py.collectives.ring import RingAllReduce
+from pccl_py.collectives.tree import DirectAllReduce, RootedAllReduce
+from pccl_py.errors import Aborted, PeerLost
+
+DESC = 1234
+
+
+def ring(srcs, dsts, op="sum", dtype="float32", sub=96, stripe=24):
+    def make(lk):
+        r = lk.rank
+        return RingAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
+                             dtype=dtype, op=op, count=srcs[r].size, sub_bytes=sub, min_stripe=stripe,
+                             min_sub_bytes=16, depth=3, loop=lk.net.loop, tag=1, seq=0, desc=DESC)
+    return make
+
+
+def direct(srcs, dsts, op="sum", dtype="float32"):
+    def make(lk):
+        r = lk.rank
+        return DirectAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
+                               dtype=dtype, op=op, count=srcs[r].size, min_stripe=24, loop=lk.net.loop, tag=1,
+                               seq=0, desc=DESC)
+    return make
+
+
+def rooted(srcs, dsts, op="sum", dtype="float32"):
+    def make(lk):
+        r = lk.rank
+        return RootedAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
+                               dtype=dtype, op=op, count=srcs[r].size, loop=lk.net.loop, tag=1, seq=0, desc=DESC)
+    return make
+
+
+def quant(srcs, dsts, op="sum", q="uint8"):
+    def make(lk):
+        r = lk.rank
+        return QuantAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"), op=op,
+                              count=srcs[r].size, quant=q, block_bytes=64, loop=lk.net.loop, tag=1, seq=0,
+                              desc=DESC)
+    return make
+
+
+def inputs(world, count, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(-3, 4, count).astype(dtype) for _ in range(world)]
+
+
+def reference(srcs, op, dtype="float32"):
+    acc = srcs[0].copy()
+    for s in srcs[1:]:
+        K.reduce(acc, s, "sum" if op == "avg" else op, dtype)
+    if op == "avg":
+        K.finish_avg(acc, len(srcs), dtype)
+    return acc
+
+
+def settle(net):
+    try:
+        net.run()
+        return [c.future for c in net.colls]
+    finally:
+        net.close()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+@pytest.mark.parametrize("count", [0, 1, 7, 100, 1031])
+@pytest.mark.parametrize("op", ["sum", "avg", "max", "prod"])
+@pytest.mark.parametrize("make", [ring, direct])
+def test_all_reduce_schedules_in_random_interleavings(world, count, op, make):
+    for seed in range(3):
+        srcs = inputs(world, count, seed)
+        before = [s.copy() for s in srcs]
+        dsts = [np.full(count, np.nan, np.float32) for _ in range(world)]
+        net = FakeNet(world, streams=3, seed=seed)
+        net.start(make(srcs, dsts, op))
+        futs = settle(net)
+        want = reference(srcs, op)
+        for r in range(world):
+            assert futs[r].done() and futs[r].exception() is None, futs[r]
+            assert dsts[r].tobytes() == want.tobytes(), (r, dsts[r][:5], want[:5])
+            assert srcs[r].tobytes() == before[r].tobytes()
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("count", [1, 5, 1000])
+def test_rooted_schedule(world, count):
+    srcs = inputs(world, count, 1)
+    dsts = [np.zeros(count, np.float32) for _ in range(world)]
+    net = FakeNet(world, seed=2)
+    net.start(rooted(srcs, dsts, "sum"))
+    futs = settle(net)
+    want = reference(srcs, "sum")
+    assert all(f.exception() is None for f in futs)
+    assert all(d.tobytes() == want.tobytes() for d in dsts)
+
+
+def test_quantized_schedule_gives_every_peer_the_same_bytes():
+    world, count = 4, 777
+    rng = np.random.default_rng(0)
+    srcs = [rng.standard_normal(count).astype(np.float32) for _ in range(world)]
+    dsts = [np.zeros(count, np.float32) for _ in range(world)]
+    net = FakeNet(world, seed=5)
+    net.start(quant(srcs, dsts, "avg"))
+    futs = settle(net)
+    assert all(f.exception() is None for f in futs)
+    assert all(d.tobytes() == dsts[0].tobytes() for d in dsts)
+    exact = np.mean(np.stack(srcs).astype(np.float64), axis=0)
+    assert np.max(np.abs(dsts[0] - exact)) < 0.05
+
+
+def test_gather_schedule():
+    world = 4
+    net = FakeNet(world, seed=3)
+    net.start(lambda lk: BlobAllGather(lk, blob=bytes([lk.rank]) * (lk.rank * 10), max_blob=1 << 20,
+                                       loop=net.loop, tag=1, seq=0, desc=DESC))
+    futs = settle(net)
+    for f in futs:
+        assert f.result() == [bytes([r]) * (r * 10) for r in range(world)]
+
+
+def test_stripes_take_every_stream():
+    """The ring's stripes go round the streams: with 8 streams every stream carries data."""
+    world, count = 2, 4000
+    srcs = inputs(world, count, 0)
+    dsts = [np.zeros(count, np.float32) for _ in range(world)]
+    net = FakeNet(world, streams=8, seed=0)
+    used = set()
+    send = net.links[0].send
+
+    def spy(rank, stream, header, payload):
+        if F.decode_header(header).kind == F.DATA:
+            used.add(stream)
+        send(rank, stream, header, payload)
+
+    net.links[0].send = spy
+    net.start(ring(srcs, dsts, sub=800, stripe=200))
+    futs = settle(net)
+    assert all(f.exception() is None for f in futs)
+    assert used == set(range(8))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("make", [ring, direct, quant])
+def test_a_peer_lost_at_every_step(world, make):
+    """Kill each rank after each possible number of delivered frames: a survivor either
+    fails (PeerLost, or Aborted when another survivor failed first) or (when it already had
+    all it needed from the victim) succeeds
+    with the right result; its input is untouched either way."""
+    count = 300
+    srcs = inputs(world, count, 7)
+    want = reference(srcs, "sum")
+    clean = FakeNet(world, seed=0)
+    clean.start(make(srcs, [np.zeros(count, np.float32) for _ in range(world)]))
+    clean.run()
+    total = clean.delivered
+    clean.close()
+    outcomes = set()
+    for victim in range(world):
+        for after in range(0, total + 1, max(1, total // 40)):
+            before = [s.copy() for s in srcs]
+            dsts = [np.zeros(count, np.float32) for _ in range(world)]
+            net = FakeNet(world, seed=after)
+            net.start(make(srcs, dsts))
+            net.run(kill=(victim, after))
+            for r in range(world):
+                if r == victim:
+                    continue
+                f = net.colls[r].future
+                assert f.done(), f"rank {r} neither failed nor finished (victim {victim} after {after})"
+                if f.exception() is not None:
+                    assert isinstance(f.exception(), (PeerLost, Aborted))
+                    outcomes.add("failed")
+                else:
+                    if make is not quant:
+                        assert dsts[r].tobytes() == want.tobytes()
+                    outcomes.add("ok")
+                assert srcs[r].tobytes() == before[r].tobytes()
+            net.close()
+    assert "failed" in outcomes
