@@ -15,7 +15,6 @@ the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import logging
 import os
@@ -39,6 +38,7 @@ from .collectives.shm import VERSION as SHM_VERSION
 from .collectives.shm import ShmAllReduce, ShmContext
 from .collectives.tree import DirectAllReduce, RootedAllReduce
 from .errors import Aborted, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, ProtocolError
+from .router import DELIVER, DIVERGED, STALL, Router
 from .topology import Topology
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -98,9 +98,6 @@ def io_threads_on(setting: bool | None) -> bool:
 
 
 _LOCAL_CONNECT = 1.0  # a local listener answers at once; beyond this, try TCP
-_CTRL_PENDING_MAX = 4096
-_HELD_MAX_BYTES = 4 << 20  # payload bytes of small frames held for calls not posted yet
-_HELD_MAX = 4096  # and their number; beyond either, a frame stalls its stream instead
 
 
 class _Scratch:
@@ -138,26 +135,27 @@ class DataPlane:
         self.topology: Topology | None = None
         self.epoch = 0
         self._view: GroupView | None = None
-        self._rank_of: dict[str, int] = {}
         self._links: dict[str, PeerLink] = {}
         self._lost: dict[str, str] = {}
         self._conns: set[Stream] = set()
         self._stalled: set[Stream] = set()
-        self._ops: dict[int, Collective] = {}
-        self._seq: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
-        self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
-        # small DATA frames that arrived before their call was posted: (epoch, tag) -> [_Held]
-        self._held: dict[tuple[int, int], list[_Held]] = {}
-        self._held_bytes = 0
-        self._held_count = 0
-        # Set by the daemon: True for a tag this peer completed that a peer now runs again
-        # (see pccl_py.tags); None: no such check.
-        self.behind: Callable[[int], bool] | None = None
+        # which call a frame belongs to, attempts, held frames: sans-I/O (router.py)
+        self.router = Router(memo=self.config.memo, stall_timeout=self.config.stall_timeout)
+        self._ops = self.router.ops  # tag -> the collective posted here
+        self._held_timer: asyncio.TimerHandle | None = None
         self._shm = ShmContext()
         self._unix = None
         self._closed = False
+
+    @property
+    def behind(self) -> Callable[[int], bool] | None:
+        """Set by the daemon: True for a tag this peer completed that a peer now runs again
+        (see pccl_py.tags); None: no such check."""
+        return self.router.behind
+
+    @behind.setter
+    def behind(self, fn: Callable[[int], bool] | None) -> None:
+        self.router.behind = fn
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -222,18 +220,17 @@ class DataPlane:
         if topo.peers[topo.rank].peer_id != self.peer_id:
             raise InvalidUsage(f"topology rank {topo.rank} is {topo.peers[topo.rank].peer_id!r}, not us")
         if topo.epoch > self.epoch or self.topology is None:
-            for op in list(self._ops.values()):
-                self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), local=False)
-            self._seq.clear()
-            self._finished.clear()
-            self._ctrl = collections.OrderedDict((k, v) for k, v in self._ctrl.items() if k[0] > topo.epoch)
-            self._drop_held()  # every held frame is of the old epoch (``can_hold``)
             self._lost.clear()
+            if self._held_timer is not None:  # the router drops every held frame (old epoch)
+                self._held_timer.cancel()
+                self._held_timer = None
+        ended = self.router.set_topology(topo.epoch, topo.group, topo.rank, [p.peer_id for p in topo.peers])
+        for op in ended:
+            self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), local=False)
         self.topology = topo
         self.epoch = topo.epoch
         self._view = GroupView(self, topo)
-        self._rank_of = {p.peer_id: i for i, p in enumerate(topo.peers)}
-        members = set(self._rank_of)
+        members = {p.peer_id for p in topo.peers}
         for pid in list(self._links):
             if pid not in members:
                 link = self._links.pop(pid)
@@ -323,13 +320,13 @@ class DataPlane:
             del self._links[pid]
         if self._closed:
             return
-        member = pid in self._rank_of
+        member = pid in self.router.rank_of
         # a link that ends while idle is usually a peer leaving; one that ends mid-call is news
         (log.warning if self._ops else log.info)("link to peer %s lost: %s", pid, reason)
         if not member:
             return
         self._lost[pid] = reason
-        rank = self._rank_of[pid]
+        rank = self.router.rank_of[pid]
         for op in list(self._ops.values()):
             if not op.peer_lost(rank):
                 continue  # we hold all we need from it (its data, and its FIN where there is one)
@@ -340,55 +337,22 @@ class DataPlane:
             except Exception:
                 log.exception("on_peer_failure callback failed")
 
-    # -- routing ----------------------------------------------------------------------------
-    def _route(self, h: F.Header, link: PeerLink):
-        """Decide what to do with a frame: ("op", op, src) | ("drop", ..) | ("stall", ..)."""
-        pid = link.peer_id
-        if h.epoch < self.epoch:
-            self._note(logging.INFO, ("epoch", pid, h.epoch), "dropping frames of stale epoch %d from %s "
-                       "(current epoch %d)", h.epoch, pid, self.epoch)
-            return "drop", None, -1
-        if h.epoch > self.epoch or self.topology is None:
-            return self._stall_or_pend(h)
-        if h.group != self.topology.group:
-            self._note(logging.WARNING, ("group", pid, h.group), "dropping frames of group %d from %s "
-                       "(we are group %d)", h.group, pid, self.topology.group)
-            return "drop", None, -1
-        src = self._rank_of.get(pid)
-        if src is None or src == self.topology.rank:
-            self._note(logging.WARNING, ("member", pid, h.epoch), "dropping frames from %s: not a member "
-                       "of epoch %d", pid, self.epoch)
-            return "drop", None, -1
-        op = self._ops.get(h.tag)
-        if op is not None and op.done and op.seq >= h.seq:
-            return "drop", None, -1  # finished here a moment ago; its task has not resumed yet
-        if op is not None and not op.done:
-            if op.seq == h.seq:
-                return "op", op, src
-            if h.seq < op.seq:
-                self._note(logging.INFO, ("attempt", pid, h.tag, h.seq), "dropping frames of attempt %d of "
-                           "tag %d from %s (attempt %d runs)", h.seq, h.tag, pid, op.seq)
-                return "drop", None, -1
-            return self._stall_or_pend(h, src)
-        if self._finished.get(h.tag, -1) >= h.seq:
-            self._note(logging.DEBUG, ("late", pid, h.tag, h.seq), "dropping late frames of finished tag %d "
-                       "from %s", h.tag, pid)
-            return "drop", None, -1
-        if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
-            self._diverged(h, pid)
-            return "drop", None, -1
-        return self._stall_or_pend(h, src)
+    # -- routing (the decisions are the router's: router.py) -----------------------------------
+    def route(self, h: F.Header, link: PeerLink):
+        """The router's verdict on a frame from ``link``; its reason is logged once, and a
+        peer that retries a call this peer completed is told (DIVERGED; the frame is dropped)."""
+        v = self.router.route(h, link.peer_id)
+        if v.note is not None:
+            log.log(*v.note)
+            if v.action == DIVERGED:
+                self._tell_diverged(h, link.peer_id)
+        return v
 
-    def _diverged(self, h: F.Header, pid: str) -> None:
+    def _tell_diverged(self, h: F.Header, pid: str) -> None:
         """``pid`` runs a call this peer completed: it failed that call (its last FIN was
         lost) and retries it, while this peer went on. Pairing the retry with our next call
         would mix two steps, so the retry fails there with ``Diverged``, and that peer's
         next call takes the tag after it: it pairs with our next call, which keeps running."""
-        key = ("diverged", pid, h.epoch, h.tag, h.seq)
-        if key in self._noted:
-            return
-        self._note(logging.WARNING, key, "peer %s retries tag %d, which this peer completed: the peers diverged",
-                   pid, h.tag)
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
                 f"because one of them lost the other's confirmation; the caller's state lacks that call's "
                 f"result. Bring the peers in step again (sync_shared_state)")
@@ -405,76 +369,54 @@ class DataPlane:
     def stall_expired(self, h: F.Header, pid: str) -> None:
         """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted
         here, and was dropped. Its call can no longer complete: tell the sender (its call
-        fails now with ``Aborted`` instead of at its deadline), and count that attempt as
-        made here, so that our post of the tag pairs with the sender's retry (next attempt)."""
-        if h.epoch != self.epoch or pid not in self._rank_of:
+        fails now with ``Aborted`` instead of at its deadline); the router counts that
+        attempt as made here, so that our post of the tag pairs with the sender's retry."""
+        if not self.router.attempt_dropped(h, pid):
             return
-        if self._seq.get(h.tag, 0) <= h.seq:
-            self._memo(self._seq, h.tag, h.seq + 1)
         text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.seq}) within "
                 f"{self.config.stall_timeout}s and dropped its data")
         self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_ABORTED, text, h.desc))
 
     # -- small frames for calls not posted yet ------------------------------------------------
     def can_hold(self, h: F.Header) -> bool:
-        """Whether a DATA frame for a call not posted yet is small enough to be kept aside
-        (its stream reads on) instead of stalling its stream."""
-        return (h.kind == F.DATA and h.epoch == self.epoch and h.length <= F.TINY_BYTES
-                and self._held_count < _HELD_MAX and self._held_bytes + h.length <= _HELD_MAX_BYTES)
+        return self.router.can_hold(h)
 
     def hold(self, h: F.Header, link: PeerLink, conn: Stream, payload: bytearray) -> None:
         """A held frame's payload is in. Its call may have been posted meanwhile: route again."""
         if self._closed or link is not self._links.get(link.peer_id):
             return
-        verdict, op, src = self._route(h, link)
-        if verdict == "op":
-            self._deliver(op, src, h, conn, payload)
-        elif verdict == "stall":
-            held = _Held(h, link.peer_id, conn, payload)
-            held.timer = self._loop.call_later(self.config.stall_timeout, self._held_expired, held)
-            self._held.setdefault((h.epoch, h.tag), []).append(held)
-            self._held_bytes += h.length
-            self._held_count += 1
+        v = self.route(h, link)
+        if v.action == DELIVER:
+            self._deliver(v.op, v.src, h, conn, payload)
+        elif v.action == STALL:
+            self.router.hold(h, link.peer_id, conn, payload, self._loop.time())
+            if self._held_timer is None:
+                self._held_timer = self._loop.call_later(self.config.stall_timeout, self._expire_held)
 
-    def _release(self, held: _Held) -> None:
-        key = (held.h.epoch, held.h.tag)
-        bucket = self._held.get(key)
-        if bucket is None or held not in bucket:
-            return
-        bucket.remove(held)
-        if not bucket:
-            del self._held[key]
-        held.timer.cancel()
-        self._held_bytes -= held.h.length
-        self._held_count -= 1
+    def _expire_held(self) -> None:
+        """Held frames whose call was not posted within ``stall_timeout`` are dropped (and
+        their senders told), then the timer is set for the next one due."""
+        self._held_timer = None
+        for held in self.router.expired(self._loop.time() + 1e-3):
+            h = held.h
+            log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
+                        h.tag, h.epoch, held.peer_id, self.config.stall_timeout)
+            self.stall_expired(h, held.peer_id)
+        due = self.router.next_deadline()
+        if due is not None:
+            self._held_timer = self._loop.call_at(due, self._expire_held)
 
     def _drop_held(self) -> None:
-        for bucket in self._held.values():
-            for held in bucket:
-                held.timer.cancel()
-        self._held.clear()
-        self._held_bytes = self._held_count = 0
-
-    def _held_expired(self, held: _Held) -> None:
-        self._release(held)
-        h = held.h
-        log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
-                    h.tag, h.epoch, held.peer_id, self.config.stall_timeout)
-        self.stall_expired(h, held.peer_id)
+        self.router.drop_held()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
 
     def _apply_held(self, coll: Collective) -> None:
-        """Deliver the held frames of a call just posted (in arrival order); drop those of
-        its earlier attempts."""
-        bucket = self._held.get((coll.link.epoch, coll.tag))
-        if not bucket:
-            return
-        for held in list(bucket):
-            if held.h.seq > coll.seq:
-                continue
-            self._release(held)
-            src = self._rank_of.get(held.peer_id)
-            if held.h.seq == coll.seq and src is not None and not coll.done:
-                self._deliver(coll, src, held.h, held.conn, held.payload)
+        """Deliver the held frames of a call just posted (in arrival order)."""
+        for src, held in self.router.take_held(coll):
+            if not coll.done:
+                self._deliver(coll, src, held.h, held.source, held.payload)
 
     def _deliver(self, op: Collective, src: int, h: F.Header, conn: Stream, payload: bytearray) -> None:
         try:
@@ -492,18 +434,6 @@ class DataPlane:
             rx.finish()
         except PcclError as e:
             self._fail_op(op, e, local=True)
-
-    def _note(self, level: int, key: tuple, msg: str, *args) -> None:
-        """Log a dropped frame's reason once per key (a burst of frames makes one line)."""
-        if key in self._noted:
-            return
-        self._memo(self._noted, key, True)
-        log.log(level, msg, *args)
-
-    def _stall_or_pend(self, h: F.Header, src: int = -1):
-        if h.kind == F.DATA:
-            return "stall", None, -1
-        return "pend", None, src  # FIN/ERROR for an op not posted yet: remembered, never stalls
 
     def _retry_stalled(self) -> None:
         for c in list(self._stalled):
@@ -525,9 +455,7 @@ class DataPlane:
         self._finish_failed(op, local=local, exc=exc)
 
     def _finish_failed(self, op: Collective, *, local: bool, exc: PcclError | None = None) -> None:
-        if self._ops.get(op.tag) is op:
-            del self._ops[op.tag]
-            self._memo(self._finished, op.tag, op.seq)
+        self.router.finish(op)
         key = struct.pack("<QQI", op.link.epoch, op.tag, op.seq)  # header bytes 12..32
         for pid in op.link.ids:
             link = self._links.get(pid)
@@ -539,12 +467,6 @@ class DataPlane:
             for r in range(op.link.world):
                 if r != op.link.rank:
                     op.link.send(r, 0, frame, b"")
-
-    def _memo(self, d: collections.OrderedDict, k, v) -> None:
-        d[k] = v
-        d.move_to_end(k)
-        while len(d) > self.config.memo:
-            d.popitem(last=False)
 
     # -- collectives ------------------------------------------------------------------------
     def _group(self) -> GroupView:
@@ -689,13 +611,9 @@ class DataPlane:
 
     def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
         """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""
-        if tag in self._ops:
-            raise InvalidUsage(f"tag {tag} is already in flight; tags must be unique among concurrent calls")
         view = self._view
-        seq = self._seq.get(tag, 0)
-        self._memo(self._seq, tag, seq + 1)
-        coll = make(seq)
-        self._ops[tag] = coll
+        coll = make(self.router.post(tag))
+        self.router.add(coll)
         lost = [pid for pid in view.ids if pid in self._lost]
         if not coll.agree:
             # Without a FIN round, a lost peer's frame held here is all this call needs from
@@ -723,9 +641,7 @@ class DataPlane:
     def _settle(self, coll: Collective) -> None:
         coll.timer.cancel()
         coll.finished()
-        if self._ops.get(coll.tag) is coll:
-            del self._ops[coll.tag]
-            self._memo(self._finished, coll.tag, coll.seq)
+        self.router.finish(coll)
 
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)
@@ -735,8 +651,7 @@ class DataPlane:
 
     # -- control frames for ops not posted yet ------------------------------------------------
     def _apply_ctrl(self, coll: Collective) -> None:
-        key = (coll.link.epoch, coll.tag, coll.seq)
-        for pid, kind, code, msg in self._ctrl.pop(key, ()):
+        for pid, kind, code, msg in self.router.take_ctrl(coll):
             if coll.done or pid not in coll.link.ids:
                 continue
             src = coll.link.ids.index(pid)
@@ -746,20 +661,7 @@ class DataPlane:
                 self._remote_error(coll, src, code, msg)
 
     def _remember_ctrl(self, h: F.Header, peer_id: str, msg: str) -> None:
-        key = (h.epoch, h.tag, h.seq)
-        self._ctrl.setdefault(key, []).append((peer_id, h.kind, h.step, msg))
-        while len(self._ctrl) > _CTRL_PENDING_MAX:
-            self._ctrl.popitem(last=False)
-
-
-class _Held:
-    """A small DATA frame kept for a call not posted yet (``DataPlane.hold``)."""
-
-    __slots__ = ("h", "peer_id", "conn", "payload", "timer")
-
-    def __init__(self, h: F.Header, peer_id: str, conn: Stream, payload: bytearray):
-        self.h, self.peer_id, self.conn, self.payload = h, peer_id, conn, payload
-        self.timer: asyncio.TimerHandle | None = None
+        self.router.remember_ctrl(h, peer_id, msg)
 
 
 def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:

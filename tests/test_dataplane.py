@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import uvloop
 
-from pccl_py import dataplane as dataplane_mod
 from pccl_py import frames as F
+from pccl_py import router as router_mod
 from pccl_py.collectives import _kernels as K
 from pccl_py.collectives.link import Stream
 from pccl_py.dataplane import DataPlane, DataPlaneConfig, local_address
@@ -815,7 +815,7 @@ def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_st
             never = post(0, 3)  # peer 1 never posts tag 3
             early = post(0, 1)
             await asyncio.sleep(0.1)  # both frames are held on peer 1
-            assert dps[1]._held_count == 2
+            assert dps[1].router.held_count == 2
             await asyncio.gather(post(0, 2), post(1, 2))  # behind them on the one stream
             assert time.monotonic() - t0 < 0.5
             await asyncio.gather(early, post(1, 1))
@@ -824,7 +824,7 @@ def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_st
             with pytest.raises(Aborted, match="did not post tag 3"):
                 await never
             assert 0.9 < time.monotonic() - t0 < 3.0
-            assert dps[1]._held_count == 0 and dps[1]._held_bytes == 0
+            assert dps[1].router.held_count == 0 and dps[1].router.held_bytes == 0
 
     run(body())
     assert not stalls
@@ -836,7 +836,7 @@ def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypat
     """With room for one held frame, the second early frame stalls its stream as a big one
     would (and both calls still complete once posted); frames held when the epoch moves on
     are dropped, with their bytes given back, and never reach a call of the new epoch."""
-    monkeypatch.setattr(dataplane_mod, "_HELD_MAX", 1)
+    monkeypatch.setattr(router_mod, "HELD_MAX", 1)
     stalls = []
     real = Stream._stall
     monkeypatch.setattr(Stream, "_stall", lambda self, h: (stalls.append(h.tag), real(self, h)))
@@ -852,17 +852,17 @@ def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypat
 
             early = [post(0, 1), post(0, 2)]
             await asyncio.sleep(0.1)
-            assert dps[1]._held_count == 1 and stalls == [2]
+            assert dps[1].router.held_count == 1 and stalls == [2]
             await asyncio.gather(*early, post(1, 1), post(1, 2))
             for t in (1, 2):
                 assert dsts[t][0].tobytes() == dsts[t][1].tobytes() == reference(srcs[t], "float32", "sum").tobytes()
 
             lone = post(0, 3, timeout=0.5)  # held on peer 1, which moves to epoch 2 first
             await asyncio.sleep(0.1)
-            assert dps[1]._held_count == 1
+            assert dps[1].router.held_count == 1
             t2 = topo(dps, 2)
             await asyncio.gather(*(dps[i].set_topology(t2[i]) for i in range(2)), return_exceptions=True)
-            assert dps[1]._held_count == 0 and dps[1]._held_bytes == 0 and not dps[1]._held
+            assert dps[1].router.held_count == 0 and dps[1].router.held_bytes == 0 and dps[1].router.next_deadline() is None
             with pytest.raises((Aborted, DeadlineExceeded)):
                 await lone
             out, _ = await all_reduce_all(dps, [srcs[3][0], srcs[3][1]], dtype="float32", op="sum",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .. import frames as F
 from ..errors import InvalidUsage, PcclError, PeerLost, ProtocolError
+from ..router import DIVERGED, DROP, PEND, STALL
 from ..topology import Topology
 from .base import Rx
 from .pump import Pump
@@ -313,17 +314,18 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
-        verdict, op, src = self.dp._route(h, self.link)
-        if verdict == "stall":
+        v = self.dp.route(h, self.link)
+        verdict, op, src = v.action, v.op, v.src
+        if verdict == STALL:
             if self.dp.can_hold(h):  # a small frame: kept aside, the stream reads on
                 self._hold(h)
                 return
             self._stall(h)
             return
-        if verdict == "drop":
+        if verdict == DROP or verdict == DIVERGED:
             self._discard(h.length)
             return
-        if verdict == "pend":  # FIN/ERROR for an operation not posted yet: remembered
+        if verdict == PEND:  # FIN/ERROR for an operation not posted yet: remembered
             op = None
         if h.kind == F.DATA:
             try:
@@ -426,8 +428,7 @@ class Stream(asyncio.BufferedProtocol):
         if self._state != _STALLED:
             return
         h = self._hdr
-        verdict, _, _ = self.dp._route(h, self.link)
-        if verdict == "stall":
+        if self.dp.route(h, self.link).action == STALL:
             return
         self.dp._stalled.discard(self)
         if self._stall_timer is not None:
