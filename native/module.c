@@ -11,6 +11,7 @@
 #include <Python.h>
 
 #include "dispatch.h"
+#include "io.h"
 #include "kernels.h"
 
 #define GIL_THRESHOLD 65536
@@ -464,7 +465,106 @@ static PyObject *py_store_u64(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Raise for an I/O loop's code: -1 OSError from errno, -2 ConnectionResetError. */
+static PyObject *io_error(int rc) {
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ConnectionResetError, "the peer closed the connection in the middle of a frame");
+    } else {
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return NULL;
+}
+
+/* recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op="sum", dtype="uint8", done=0)
+ * -> (pos, done). With acc and other (each as long as buf): acc (op)= other as bytes arrive. */
+static PyObject *py_recv_fill(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *kwlist[] = {"fd", "buf", "pos", "timeout_ms", "acc", "other", "op", "dtype", "done", NULL};
+    int fd, timeout_ms;
+    PyObject *buf_obj, *acc_obj = Py_None, *other_obj = Py_None;
+    Py_ssize_t pos, done = 0;
+    const char *op_s = "sum", *dtype_s = "uint8";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOni|OOssn:recv_fill", kwlist, &fd, &buf_obj, &pos,
+                                     &timeout_ms, &acc_obj, &other_obj, &op_s, &dtype_s, &done))
+        return NULL;
+    Py_buffer b, a = {0}, o = {0};
+    if (get_buffer(buf_obj, &b, 1, "buf") < 0) return NULL;
+    int reducing = acc_obj != Py_None;
+    pccl_reduce_job red = {0};
+    PyObject *res = NULL;
+    if (pos < 0 || pos > b.len || done < 0 || done > pos) {
+        PyErr_SetString(PyExc_ValueError, "recv_fill: need 0 <= done <= pos <= len(buf)");
+        goto out;
+    }
+    if (reducing) {
+        pccl_op op;
+        pccl_dtype dt;
+        if (parse_op(op_s, &op) < 0 || parse_dtype(dtype_s, &dt) < 0) goto out;
+        if (get_buffer(acc_obj, &a, 1, "acc") < 0) goto out;
+        if (get_buffer(other_obj, &o, 0, "other") < 0) goto out;
+        size_t isz = pccl_itemsize(dt);
+        if (a.len != b.len || o.len != b.len || b.len % (Py_ssize_t)isz || done % (Py_ssize_t)isz) {
+            PyErr_SetString(PyExc_ValueError, "recv_fill: acc and other must be as long as buf, whole elements");
+            goto out;
+        }
+        if (overlaps(&a, &o)) {
+            PyErr_SetString(PyExc_ValueError, "recv_fill: acc and other overlap");
+            goto out;
+        }
+        red = (pccl_reduce_job){(char *)a.buf, (const char *)o.buf, isz, op, dt, (size_t)done};
+    }
+    size_t p = (size_t)pos;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pccl_recv_fill(fd, (char *)b.buf, (size_t)b.len, &p, timeout_ms, reducing ? &red : NULL);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        io_error(rc);
+        goto out;
+    }
+    res = Py_BuildValue("nn", (Py_ssize_t)p, reducing ? (Py_ssize_t)red.done : (Py_ssize_t)p);
+out:
+    PyBuffer_Release(&b);
+    if (a.obj) PyBuffer_Release(&a);
+    if (o.obj) PyBuffer_Release(&o);
+    return res;
+}
+
+/* send_all(fd, header, payload, sent, timeout_ms) -> sent (bytes of header + payload written) */
+static PyObject *py_send_all(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, timeout_ms;
+    PyObject *h_obj, *p_obj;
+    Py_ssize_t sent;
+    if (!PyArg_ParseTuple(args, "iOOni:send_all", &fd, &h_obj, &p_obj, &sent, &timeout_ms)) return NULL;
+    Py_buffer h, p;
+    if (get_buffer(h_obj, &h, 0, "header") < 0) return NULL;
+    if (get_buffer(p_obj, &p, 0, "payload") < 0) { PyBuffer_Release(&h); return NULL; }
+    PyObject *res = NULL;
+    if (sent < 0 || sent > h.len + p.len) {
+        PyErr_SetString(PyExc_ValueError, "send_all: sent out of range");
+    } else {
+        size_t s = (size_t)sent;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pccl_send_all(fd, (const char *)h.buf, (size_t)h.len, (const char *)p.buf, (size_t)p.len, &s,
+                           timeout_ms);
+        Py_END_ALLOW_THREADS
+        res = rc < 0 ? io_error(rc) : PyLong_FromSsize_t((Py_ssize_t)s);
+    }
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&p);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"recv_fill", KW py_recv_fill, METH_VARARGS | METH_KEYWORDS,
+     "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0) -> (pos, done)"
+     "\n\nFill buf[pos:] from a non-blocking socket with the GIL released, waiting at most timeout_ms per "
+     "poll; with acc/other, acc (op)= other over the bytes received. Returns early on a poll timeout."},
+    {"send_all", py_send_all, METH_VARARGS,
+     "send_all(fd, header, payload, sent, timeout_ms) -> sent\n\nWrite header then payload from byte "
+     "`sent` on, GIL released; returns early on a poll timeout."},
     {"reduce", KW py_reduce, METH_VARARGS | METH_KEYWORDS,
      "reduce(dst, src, op, dtype) -> None\n\ndst = dst (op) src elementwise; op in sum|prod|min|max."},
     {"finish_avg", KW py_finish_avg, METH_VARARGS | METH_KEYWORDS,

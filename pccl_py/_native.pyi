@@ -61,3 +61,17 @@ def load_u64(buf: Buffer, offset: int) -> int:
 
 def store_u64(buf: Buffer, offset: int, value: int) -> None:
     """8-byte store at an aligned offset, followed by a full memory fence."""
+
+# -- I/O loops of the data plane's threads (native/io.c; nothing else here knows sockets) --
+
+def recv_fill(fd: int, buf: Buffer, pos: int, timeout_ms: int, acc: Buffer | None = None,
+              other: Buffer | None = None, op: Op = "sum", dtype: DType = "uint8",
+              done: int = 0) -> tuple[int, int]:
+    """Fill buf[pos:] from a non-blocking socket, GIL released; waits at most timeout_ms per
+    poll and then returns. With acc and other (as long as buf, disjoint): acc (op)= other
+    over the bytes received, from byte ``done`` on, in pieces of at least 64 KiB and at the
+    end. Returns (pos, done). ConnectionResetError at end of file, OSError on errors."""
+
+def send_all(fd: int, header: Buffer, payload: Buffer, sent: int, timeout_ms: int) -> int:
+    """Write header then payload from byte ``sent`` on (MSG_NOSIGNAL), GIL released; returns
+    the bytes written so far when a poll waits longer than timeout_ms. OSError on errors."""

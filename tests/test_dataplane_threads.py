@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from test_dataplane import SECRET, all_reduce_all, families, make_inputs, reference, run, topo
 
+from pccl_py.collectives import pump as pump_mod
 from pccl_py.collectives.link import Stream
 from pccl_py.collectives.pump import Pump
 from pccl_py.dataplane import DataPlane, DataPlaneConfig
@@ -84,6 +85,110 @@ def test_pump_moves_a_payload_both_ways_and_reports_progress():
         assert await asyncio.wait_for(got, 10) is None
         assert bytes(into[:16]) == b"H" * 16 and bytes(into[16:]) == payload.tobytes()
         assert seen == sorted(seen) and seen[-1] == len(into)
+        pa.stop(hard=False)
+        pb.stop(hard=False)
+        a.close()
+        b.close()
+
+    with nothing_left_behind():
+        run(body())
+
+
+@pytest.mark.skipif(pump_mod.recv_fill is None, reason="the C extension is not built")
+def test_native_receive_reduces_as_bytes_arrive_and_returns_on_timeout_or_eof():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    n = 300_000
+    x = np.arange(n, dtype=np.float32)
+    got = np.zeros(n, np.float32)  # the received bytes: the peer's x
+    acc = np.full(n, 2.0, np.float32)  # acc += received, as the bytes arrive
+    gv = memoryview(got).cast("B")
+    t = threading.Thread(target=lambda: (b.sendall(x[: n // 2].tobytes()), time.sleep(0.3),
+                                         b.sendall(x[n // 2:].tobytes())))
+    t.start()
+    pos, done = 0, 0
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:  # the first half, then a poll that times out
+        pos, done = pump_mod.recv_fill(a.fileno(), gv, pos, 20, acc, got, "sum", "float32", done)
+    assert 0 < pos < 4 * n and done <= pos and done % 4 == 0
+    with pytest.raises(ValueError):
+        pump_mod.recv_fill(a.fileno(), gv, pos, 20, acc, got[:10], "sum", "float32", done)
+    while pos < 4 * n:
+        pos, done = pump_mod.recv_fill(a.fileno(), gv, pos, 1000, acc, got, "sum", "float32", done)
+    t.join()
+    assert done == 4 * n
+    assert np.array_equal(got, x) and np.array_equal(acc, x + 2)
+    b.close()
+    with pytest.raises(ConnectionResetError):
+        pump_mod.recv_fill(a.fileno(), gv, 0, 1000)
+    a.close()
+
+
+@pytest.mark.skipif(pump_mod.send_all is None, reason="the C extension is not built")
+def test_native_send_writes_header_and_payload_and_resumes_where_it_stopped():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    payload = np.random.default_rng(1).integers(0, 256, 8 << 20, dtype=np.uint8)
+    total = 3 + payload.nbytes
+    sent = pump_mod.send_all(a.fileno(), b"abc", payload, 0, 20)  # nobody reads: stops when full
+    assert 0 < sent < total
+    out = bytearray()
+
+    def reader():
+        while len(out) < total:
+            out.extend(b.recv(1 << 20))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    while sent < total:
+        sent = pump_mod.send_all(a.fileno(), b"abc", payload, sent, 1000)
+    t.join(10)
+    assert bytes(out) == b"abc" + payload.tobytes()
+    b.close()
+    with pytest.raises(OSError):
+        pump_mod.send_all(a.fileno(), b"abc", payload, 0, 1000)
+    a.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pump_with_and_without_the_native_loops(native, monkeypatch):
+    """The same frames through the C loops or the Python ones (a build without the
+    extension), a reduction included."""
+    if not native:
+        monkeypatch.setattr(pump_mod, "recv_fill", None)
+        monkeypatch.setattr(pump_mod, "send_all", None)
+    elif pump_mod.recv_fill is None:
+        pytest.skip("the C extension is not built")
+
+    class Sum:  # what the ring's receive of a reduce-scatter stripe hands the pump
+        def __init__(self, acc, other):
+            self.acc, self.other, self.done = acc, other, 0
+
+        def pair(self):
+            return self.acc, self.other, "sum", "float32"
+
+        def progress(self, got):
+            k = got - got % 4
+            np.add(self.acc[self.done // 4:k // 4], self.other[self.done // 4:k // 4],
+                   out=self.acc[self.done // 4:k // 4])
+            self.done = k
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        a, b = await _pair()
+        pa, pb = Pump(loop, a, "a"), Pump(loop, b, "b")
+        n = 1 << 20
+        x = np.arange(n, dtype=np.float32)
+        recv = np.zeros(n, np.float32)
+        acc = np.ones(n, np.float32)
+        red = Sum(acc, recv)
+        sent, got = loop.create_future(), loop.create_future()
+        pb.recv(memoryview(recv).cast("B"), 0, None, got.set_result, red)
+        pa.send(b"", memoryview(x).cast("B"), sent.set_result)
+        assert await asyncio.wait_for(sent, 10) is None
+        assert await asyncio.wait_for(got, 10) is None
+        assert red.done == 4 * n
+        assert np.array_equal(recv, x) and np.array_equal(acc, x + 1)
         pa.stop(hard=False)
         pb.stop(hard=False)
         a.close()

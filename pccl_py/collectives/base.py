@@ -61,14 +61,18 @@ class Link(Protocol):
 
 class Rx:
     """Where one incoming payload goes: fill ``view``; ``progress(got)`` after each read
-    (may be None), ``finish()`` once the whole payload is in."""
+    (may be None), ``finish()`` once the whole payload is in. ``reduction`` (may be None)
+    describes what ``progress`` computes when it is a plain ``acc (op)= other`` over the
+    bytes received (``pair()``, ``done``, ``progress``): an I/O thread then runs it in C
+    together with the reads (collectives/pump.py)."""
 
-    __slots__ = ("view", "progress", "finish")
+    __slots__ = ("view", "progress", "finish", "reduction")
 
-    def __init__(self, view, progress, finish):
+    def __init__(self, view, progress, finish, reduction=None):
         self.view = view
         self.progress = progress
         self.finish = finish
+        self.reduction = reduction
 
 
 class Collective:

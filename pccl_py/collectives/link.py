@@ -206,7 +206,7 @@ class Stream(asyncio.BufferedProtocol):
         self._pumped_rx = False
         self._state = _PUMPED
         self.transport.pause_reading()
-        self._pump.recv(self._view, self._pos, self._progress, self._pumped_in)
+        self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction)
         return True
 
     def _pumped_in(self, err: BaseException | None) -> None:

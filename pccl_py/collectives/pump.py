@@ -9,6 +9,12 @@ end of each job back to the loop with ``call_soon_threadsafe``; while a receive 
 the stream's transport does not read, and while a send job runs the stream queues its
 other frames, so the bytes of two frames never interleave on a socket.
 
+With the C extension built, a job is one call of ``_native.recv_fill`` or
+``_native.send_all``: the whole frame, and the reduction of a received stripe as its bytes
+arrive, with the GIL released once, instead of once per read (a thread that takes the GIL
+back after every 64 KiB competes with the event loop and the other streams' threads for
+it). Without the extension the same loops run in Python.
+
 Each thread works on a ``dup`` of the stream's socket (the same connection, the same
 non-blocking file description) and waits in ``poll`` at most ``_POLL`` seconds at a
 time, so a stop request is seen within that bound even on a link that went silent;
@@ -27,6 +33,12 @@ import threading
 from collections.abc import Callable
 
 _POLL = 0.5  # seconds a thread waits in one poll before it checks for a stop request
+_POLL_MS = int(_POLL * 1000)
+
+try:
+    from .._native import recv_fill, send_all
+except ImportError:  # pragma: no cover - only without the extension
+    recv_fill = send_all = None
 
 Done = Callable[[BaseException | None], None]
 
@@ -51,12 +63,15 @@ class Pump:
 
     # -- the stream's side ------------------------------------------------------------------
     def recv(self, view: memoryview, pos: int, progress: Callable[[int], None] | None,
-             done: Done) -> None:
-        """Fill ``view[pos:]`` from the socket; ``progress(pos)`` after each read (on the
-        thread: it must touch only memory of its own); then ``done(None | error)`` on the loop."""
+             done: Done, reduction=None) -> None:
+        """Fill ``view[pos:]`` from the socket, then ``done(None | error)`` on the loop. With
+        a ``reduction`` (``Rx.reduction``: ``.pair() -> (acc, other, op, dtype)`` and ``.done``,
+        the bytes already reduced), ``acc (op)= other`` follows the bytes as they arrive;
+        otherwise ``progress(pos)`` after each read. Either runs on the thread: it must touch
+        only memory of this payload's own."""
         if self._rx is None:
             self._rx = self._start("rx", self._rx_loop)
-        self._rx.put((view, pos, progress, done))
+        self._rx.put((view, pos, progress, reduction, done))
 
     def send(self, header: bytes, payload, done: Done) -> None:
         """Write ``header`` then ``payload`` (no copy); then ``done(None | error)`` on the loop."""
@@ -126,8 +141,28 @@ class Pump:
         if self._stopping:
             raise PumpStopped("the stream was closed")
 
-    def _rx_loop(self, sock: socket.socket, view: memoryview, pos: int, progress) -> None:
+    def _rx_loop(self, sock: socket.socket, view: memoryview, pos: int, progress, reduction) -> None:
         n = len(view)
+        if recv_fill is not None:
+            fd = sock.fileno()
+            if reduction is not None:
+                acc, other, op, dtype = reduction.pair()
+                red = reduction.done
+                while pos < n:
+                    pos, red = recv_fill(fd, view, pos, _POLL_MS, acc, other, op, dtype, red)
+                    reduction.done = red
+                    if pos < n:
+                        self._check()
+                return
+            while pos < n:
+                pos, _ = recv_fill(fd, view, pos, _POLL_MS)
+                if pos < n:
+                    self._check()
+            if progress is not None:
+                progress(n)
+            return
+        if reduction is not None:
+            progress = reduction.progress
         while pos < n:
             try:
                 got = sock.recv_into(view[pos:])
@@ -141,6 +176,13 @@ class Pump:
                 progress(pos)
 
     def _tx_loop(self, sock: socket.socket, header: bytes, payload) -> None:
+        if send_all is not None:
+            fd, sent, total = sock.fileno(), 0, len(header) + len(payload)
+            while sent < total:
+                sent = send_all(fd, header, payload, sent, _POLL_MS)
+                if sent < total:
+                    self._check()
+            return
         bufs = [memoryview(header), memoryview(payload).cast("B")]
         while bufs:
             try:

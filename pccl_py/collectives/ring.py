@@ -170,10 +170,14 @@ class _ReduceRx:
         self.ring, self.dst, self.stg, self.key, self.n, self.done = ring, dst, other, key, n, 0
 
     def rx(self) -> Rx:
-        return Rx(self.stg, self.progress, self.finish)
+        return Rx(self.stg, self.progress, self.finish, self)
 
     def rx_in_place(self) -> Rx:
-        return Rx(self.dst, self.progress, self.finish)
+        return Rx(self.dst, self.progress, self.finish, self)
+
+    def pair(self):
+        """(acc, other, op, dtype) of ``acc (op)= other``: what ``progress`` computes."""
+        return self.dst, self.stg, self.ring.kop, self.ring.dtype
 
     def progress(self, got: int) -> None:
         r = self.ring

@@ -1,0 +1,78 @@
+/* Native I/O loops of the data plane's threads (see io.h). */
+#include "io.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#define REDUCE_STEP 65536
+
+static void reduce_upto(pccl_reduce_job *red, size_t pos, size_t n) {
+    size_t k = pos - pos % red->item;
+    if (k > red->done && (k - red->done >= REDUCE_STEP || k == n)) {
+        pccl_reduce(red->a + red->done, red->b + red->done, (k - red->done) / red->item, red->op, red->dt);
+        red->done = k;
+    }
+}
+
+/* 0: fd is ready (or in error: the next call says which), 1: timed out, -1: poll failed */
+static int wait_for(int fd, short events, int timeout_ms) {
+    for (;;) {
+        struct pollfd p = {fd, events, 0};
+        int k = poll(&p, 1, timeout_ms);
+        if (k > 0) return 0;
+        if (k == 0) return 1;
+        if (errno != EINTR) return -1;
+    }
+}
+
+int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red) {
+    while (*pos < n) {
+        ssize_t r = recv(fd, buf + *pos, n - *pos, 0);
+        if (r > 0) {
+            *pos += (size_t)r;
+            if (red != NULL) reduce_upto(red, *pos, n);
+            continue;
+        }
+        if (r == 0) return -2;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        int w = wait_for(fd, POLLIN, timeout_ms);
+        if (w != 0) return w;
+    }
+    if (red != NULL) reduce_upto(red, n, n);
+    return 0;
+}
+
+int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms) {
+    size_t total = hn + pn;
+    while (*sent < total) {
+        struct iovec iov[2];
+        int cnt = 0;
+        if (*sent < hn) {
+            iov[cnt].iov_base = (void *)(h + *sent);
+            iov[cnt++].iov_len = hn - *sent;
+            if (pn) {
+                iov[cnt].iov_base = (void *)p;
+                iov[cnt++].iov_len = pn;
+            }
+        } else {
+            iov[cnt].iov_base = (void *)(p + (*sent - hn));
+            iov[cnt++].iov_len = total - *sent;
+        }
+        struct msghdr m = {0};
+        m.msg_iov = iov;
+        m.msg_iovlen = (size_t)cnt;
+        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (r >= 0) {
+            *sent += (size_t)r;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        int w = wait_for(fd, POLLOUT, timeout_ms);
+        if (w != 0) return w;
+    }
+    return 0;
+}

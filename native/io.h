@@ -1,0 +1,34 @@
+/* pccl_py native I/O loops: move one frame's bytes between a socket and a buffer with no
+ * Python in between, so an I/O thread holds the GIL once per frame, not once per read.
+ *
+ * Apart from the kernels (kernels.h), which know nothing about sockets. The socket is
+ * non-blocking (it is shared with an event loop); these loops wait in poll() for at most
+ * timeout_ms at a time and then return what they did, so the caller can look for a stop
+ * request and call again. Return codes: 0 done, 1 poll timed out (call again), -1 error
+ * (errno set), -2 the peer closed the connection (end of file before the buffer was full).
+ */
+#ifndef PCCL_IO_H
+#define PCCL_IO_H
+
+#include <stddef.h>
+
+#include "kernels.h"
+
+/* A reduction that follows a receive: a[i] = a[i] (op) b[i] over the bytes received so far,
+ * in pieces of at least 64 KiB and at the end; `done` bytes are already reduced. */
+typedef struct {
+    char *a;
+    const char *b;
+    size_t item;
+    pccl_op op;
+    pccl_dtype dt;
+    size_t done;
+} pccl_reduce_job;
+
+/* Fill buf[*pos, n) from fd; *pos advances; `red` (may be NULL) reduces as bytes arrive. */
+int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red);
+
+/* Send h[0, hn) then p[0, pn) (one writev per attempt); *sent counts both; MSG_NOSIGNAL. */
+int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms);
+
+#endif
