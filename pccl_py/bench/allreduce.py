@@ -152,7 +152,10 @@ def run_ours(args) -> list[dict]:
                 cmd += ["--alloc"]
             if args.tcp_only:
                 cmd += ["--tcp-only"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+            env = dict(os.environ)
+            if args.io_threads != "auto":  # read by the daemons the clients spawn
+                env["PCCL_IO_THREADS"] = args.io_threads
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))
             time.sleep(0.05)
         return _collect(procs, args.timeout)
     finally:
@@ -175,6 +178,12 @@ def run_gloo(args) -> list[dict]:
     return _collect(procs, args.timeout)
 
 
+def inspect_default_streams(cls) -> int:
+    """The K a daemon uses when --streams is not given (DataPlane's default)."""
+    import inspect
+    return int(inspect.signature(cls.__init__).parameters["streams"].default)
+
+
 def human(n: int) -> str:
     for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= div and n % div == 0:
@@ -193,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: tree for small calls, then shared memory when every peer shares this host, else ring")
     p.add_argument("--tcp-only", action="store_true",
                    help="daemons dial each other over TCP (by default peers on one host use Unix sockets)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
+                   help="large frames on a receive and a send thread per stream (auto: on with more "
+                        "than 2 CPUs); see docs/dataplane.md")
     p.add_argument("--compare", choices=["gloo"], default=None)
     p.add_argument("--floor", action="store_true",
                    help="also time a daemon-free shared-memory all-reduce (the least memory traffic "
@@ -226,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
 
+    from ..dataplane import DataPlane, DataPlaneConfig, io_threads_on
+    streams = args.streams or inspect_default_streams(DataPlane)
+    threads = io_threads_on({"on": True, "off": False}.get(args.io_threads))
+    io = (f"I/O threads: 2 per stream for frames >= {DataPlaneConfig().bulk_min >> 10} KiB" if threads
+          else "I/O threads: none (the event loop moves every frame)")
     if not args.json:
         print(f"all-reduce float32 sum, world {args.world}, {len(os.sched_getaffinity(0))} cores, 127.0.0.1, "
-              f"links over {'TCP' if args.tcp_only else 'Unix sockets'}; median of repeats as seen by rank 0"
+              f"links over {'TCP' if args.tcp_only else 'Unix sockets'}, {streams} streams per link, {io}; "
+              f"median of repeats as seen by rank 0"
               f"{'; tensors from Client.alloc' if args.alloc else ''}"
               f"{f'; median of {args.rounds} rounds (ours, then gloo, in turn)' if args.rounds > 1 else ''}"
               f"{'; floor: daemon-free shared-memory all-reduce (a bound, see pccl_py/bench/floor.py)' if args.floor else ''}",
@@ -257,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_s = [statistics.median(rnd[i]["times"]) for rnd in ours_by_round]
         med = statistics.median(ours_s)
         busbw = 2 * (n - 1) / n * nbytes / med / 1e9
-        rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": args.streams, "alloc": args.alloc,
+        rec = {"world": n, "size": row["size"], "bytes": nbytes, "streams": streams, "io_threads": threads,
+               "alloc": args.alloc,
                "links": "tcp" if args.tcp_only else "unix", "quant": args.quant, "algorithm": row["algorithm"],
                "seconds": med, "busbw": busbw, "gloo_seconds": None, "ratio": None, "rounds": args.rounds}
         if gloo_by_round:
