@@ -2,9 +2,9 @@
 
 The buffer is cut into N chunks; each chunk is cut into sub-chunks (about 1/``depth`` of
 a chunk, clamped to [``min_sub_bytes``, ``sub_bytes``]); a sub-chunk travels as up to K
-stripes of at least ``min_stripe`` bytes, one per stream. At step t (0 <= t < 2(N-1)) rank r
-sends chunk (r - t) mod N to its right neighbour and receives chunk (r - t - 1) mod N
-from its left one. Steps t < N-1 reduce the received stripes into ``dst``
+stripes of at least ``min_stripe`` bytes, which take the K streams in turn. At step t
+(0 <= t < 2(N-1)) rank r sends chunk (r - t) mod N to its right neighbour and receives
+chunk (r - t - 1) mod N from its left one. Steps t < N-1 reduce the received stripes into ``dst``
 (reduce-scatter); steps t >= N-1 write them straight into ``dst`` (all-gather).
 
 There is no barrier between steps: the moment sub-chunk j of step t is complete it is
