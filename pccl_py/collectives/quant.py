@@ -107,11 +107,15 @@ class QuantAllReduce(Collective):
                 self.own_pending[idx] -= 1
                 if self.own_pending[idx] == 0:
                     self._finish_block(idx)
-        else:
-            def finish():
+            return Rx(stg, None, finish)
+
+        # A result block: decoding touches only this block, so it runs as the payload's last
+        # progress step, on the stream's I/O thread when one moves the payload.
+        def decode(got: int) -> None:
+            if got == len(stg):
                 self.dequantize(stg, lo, scale, dst)
-                self._unit()
-        return Rx(stg, None, finish)
+
+        return Rx(stg, decode, self._unit)
 
     def _finish_block(self, idx: int) -> None:
         lk = self.link
