@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", type=int, default=3)
-    ap.add_argument("--rate", default="200mbit", help="tbf rate of each peer's uplink, e.g. 200mbit, 1gbit")
+    ap.add_argument("--rate", default="200mbit",
+                    help="tbf rate of each peer's uplink, e.g. 200mbit, 1gbit; 'none': unshaped veth links")
     ap.add_argument("--sizes", default="1M,4M", help="float32 elements, comma separated (K/M suffixes)")
     ap.add_argument("--streams", type=int, default=None, help="TCP streams per link (daemon default if unset)")
     ap.add_argument("--quant", choices=["uint8", "uint4"], default=None)
@@ -257,15 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
-    rate = parse_rate(args.rate)
+    shaped = args.rate.lower() != "none"
+    rate = parse_rate(args.rate) if shaped else None
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     n = args.peers
-    with Hosts(n, rate=args.rate) as hosts:
+    with Hosts(n, rate=args.rate if shaped else None) as hosts:
         hosts.start_coordinator()
         ours = run_ours(hosts, n, sizes, args.repeat, args.streams, args.quant)
         gloo = run_gloo(hosts, n, sizes, args.repeat) if args.compare else None
-    print(f"{n} peers in separate network namespaces, each uplink shaped to {args.rate} (tc tbf); "
-          f"streams {args.streams or 'default'}, quant {args.quant}; medians of {args.repeat}")
+    from pccl_py.dataplane import io_threads_on
+    print(f"{n} peers in separate network namespaces, "
+          f"{f'each uplink shaped to {args.rate} (tc tbf)' if shaped else 'unshaped veth links'}; "
+          f"streams {args.streams or 'default'}, I/O threads {'on' if io_threads_on(None) else 'off'}, "
+          f"quant {args.quant}; medians of {args.repeat}")
     head = f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}"
     print(head + (f" {'gloo s':>8} {'gloo Mbit/s':>12} {'ratio':>6}" if gloo else ""))
     for k, row in enumerate(ours):
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(row["times"])
         busbw = 2 * (n - 1) / n * 4 * count * 8 / med
         line = (f"{count:>10} {4 * count:>10} {row['algorithm']:>5} {med:>9.3f} {busbw / 1e6:>13.1f} "
-                f"{busbw / rate:>8.0%}")
+                f"{f'{busbw / rate:.0%}' if rate else '-':>8}")
         if gloo:
             gmed = statistics.median(gloo[k]["times"])
             gbus = 2 * (n - 1) / n * 4 * count * 8 / gmed
