@@ -99,6 +99,7 @@ class Daemon:
         advertise: str | None = None,
         link_timeout: float | None = None,
         tcp_only: bool = False,
+        io_threads: bool | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.group = group
@@ -111,7 +112,7 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        tuning = {"shm": shm, "local_links": not tcp_only}
+        tuning = {"shm": shm, "local_links": not tcp_only, "io_threads": io_threads}
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -575,6 +576,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--link-timeout", type=float, default=None, metavar="SECONDS",
                    help="close a data link whose sent data stays unacknowledged this long, so a dead "
                         "path is reported and replaced (default 10; 0: the kernel's ~15 min)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"],
+                   default=os.environ.get("PCCL_IO_THREADS", "auto"),
+                   help="move frames of 256 KiB and more on a receive and a send thread per stream "
+                        "(auto: when this process may use more than 2 CPUs; env PCCL_IO_THREADS)")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
     return p
 
@@ -597,6 +602,7 @@ async def _amain(args) -> int:
         advertise=args.advertise,
         link_timeout=args.link_timeout,
         tcp_only=args.tcp_only,
+        io_threads={"on": True, "off": False}.get(args.io_threads),
     )
     await d.start()
     loop = asyncio.get_running_loop()
