@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import frames as F
 from .errors import InvalidUsage
@@ -32,13 +31,16 @@ HELD_MAX = 4096  # and their number; beyond either, a frame stalls its stream in
 CTRL_PENDING_MAX = 4096
 
 
-@dataclass(frozen=True)
 class Verdict:
-    action: str
-    op: object = None
-    src: int = -1
-    # a line worth logging, once per key (a burst of frames makes one line): (level, text)
-    note: tuple[int, str] | None = None
+    """What to do with a frame: ``action`` (one of the names above), the call and the
+    sender's rank for DELIVER, and ``note``: a line worth logging, (level, text), given once
+    per reason and peer (a burst of dropped frames makes one line). A plain slotted class:
+    one is made for every frame a stream reads."""
+
+    __slots__ = ("action", "op", "src", "note")
+
+    def __init__(self, action: str, op=None, src: int = -1, note: tuple[int, str] | None = None):
+        self.action, self.op, self.src, self.note = action, op, src, note
 
 
 class Held:
