@@ -8,6 +8,10 @@
 
 #define REDUCE_STEP 65536
 
+static int stopped(const unsigned char *stop) {
+    return stop != NULL && __atomic_load_n(stop, __ATOMIC_RELAXED) != 0;
+}
+
 static void reduce_upto(pccl_reduce_job *red, size_t pos, size_t n) {
     size_t k = pos - pos % red->item;
     if (k > red->done && (k - red->done >= REDUCE_STEP || k == n)) {
@@ -27,8 +31,10 @@ static int wait_for(int fd, short events, int timeout_ms) {
     }
 }
 
-int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red) {
+int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red,
+                   const unsigned char *stop) {
     while (*pos < n) {
+        if (stopped(stop)) return 1;
         ssize_t r = recv(fd, buf + *pos, n - *pos, 0);
         if (r > 0) {
             *pos += (size_t)r;
@@ -45,9 +51,11 @@ int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pcc
     return 0;
 }
 
-int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms) {
+int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms,
+                  const unsigned char *stop) {
     size_t total = hn + pn;
     while (*sent < total) {
+        if (stopped(stop)) return 1;
         struct iovec iov[2];
         int cnt = 0;
         if (*sent < hn) {
@@ -65,10 +73,11 @@ int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, si
         m.msg_iov = iov;
         m.msg_iovlen = (size_t)cnt;
         ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
-        if (r >= 0) {
+        if (r > 0) {
             *sent += (size_t)r;
             continue;
         }
+        if (r == 0) return 1;  /* nothing taken and no error: let the caller look again */
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
         int w = wait_for(fd, POLLOUT, timeout_ms);

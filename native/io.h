@@ -4,8 +4,10 @@
  * Apart from the kernels (kernels.h), which know nothing about sockets. The socket is
  * non-blocking (it is shared with an event loop); these loops wait in poll() for at most
  * timeout_ms at a time and then return what they did, so the caller can look for a stop
- * request and call again. Return codes: 0 done, 1 poll timed out (call again), -1 error
- * (errno set), -2 the peer closed the connection (end of file before the buffer was full).
+ * request and call again; `stop` (may be NULL) is a byte another thread sets to make the
+ * loop return before its next system call. Return codes: 0 done, 1 poll timed out or
+ * stopped (call again, or not), -1 error (errno set), -2 the peer closed the connection
+ * (end of file before the buffer was full).
  */
 #ifndef PCCL_IO_H
 #define PCCL_IO_H
@@ -26,9 +28,11 @@ typedef struct {
 } pccl_reduce_job;
 
 /* Fill buf[*pos, n) from fd; *pos advances; `red` (may be NULL) reduces as bytes arrive. */
-int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red);
+int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red,
+                   const unsigned char *stop);
 
 /* Send h[0, hn) then p[0, pn) (one writev per attempt); *sent counts both; MSG_NOSIGNAL. */
-int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms);
+int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms,
+                  const unsigned char *stop);
 
 #endif

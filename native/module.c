@@ -475,20 +475,35 @@ static PyObject *io_error(int rc) {
     return NULL;
 }
 
-/* recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op="sum", dtype="uint8", done=0)
- * -> (pos, done). With acc and other (each as long as buf): acc (op)= other as bytes arrive. */
+/* The stop byte of an I/O loop: a writable buffer of at least one byte, or None. */
+static int get_stop(PyObject *obj, Py_buffer *v) {
+    if (obj == Py_None) return 0;
+    if (get_buffer(obj, v, 1, "stop") < 0) return -1;
+    if (v->len < 1) {
+        PyBuffer_Release(v);
+        v->obj = NULL;
+        PyErr_SetString(PyExc_ValueError, "stop must be at least one byte");
+        return -1;
+    }
+    return 0;
+}
+
+/* recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op="sum", dtype="uint8", done=0,
+ * stop=None) -> (pos, done). With acc and other (each as long as buf): acc (op)= other as
+ * bytes arrive. A nonzero stop[0] makes the loop return before its next system call. */
 static PyObject *py_recv_fill(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    static char *kwlist[] = {"fd", "buf", "pos", "timeout_ms", "acc", "other", "op", "dtype", "done", NULL};
+    static char *kwlist[] = {"fd", "buf", "pos", "timeout_ms", "acc", "other", "op", "dtype", "done", "stop", NULL};
     int fd, timeout_ms;
-    PyObject *buf_obj, *acc_obj = Py_None, *other_obj = Py_None;
+    PyObject *buf_obj, *acc_obj = Py_None, *other_obj = Py_None, *stop_obj = Py_None;
     Py_ssize_t pos, done = 0;
     const char *op_s = "sum", *dtype_s = "uint8";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOni|OOssn:recv_fill", kwlist, &fd, &buf_obj, &pos,
-                                     &timeout_ms, &acc_obj, &other_obj, &op_s, &dtype_s, &done))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOni|OOssnO:recv_fill", kwlist, &fd, &buf_obj, &pos,
+                                     &timeout_ms, &acc_obj, &other_obj, &op_s, &dtype_s, &done, &stop_obj))
         return NULL;
-    Py_buffer b, a = {0}, o = {0};
+    Py_buffer b, a = {0}, o = {0}, st = {0};
     if (get_buffer(buf_obj, &b, 1, "buf") < 0) return NULL;
+    if (get_stop(stop_obj, &st) < 0) { PyBuffer_Release(&b); return NULL; }
     int reducing = acc_obj != Py_None;
     pccl_reduce_job red = {0};
     PyObject *res = NULL;
@@ -516,7 +531,8 @@ static PyObject *py_recv_fill(PyObject *self, PyObject *args, PyObject *kwargs) 
     size_t p = (size_t)pos;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = pccl_recv_fill(fd, (char *)b.buf, (size_t)b.len, &p, timeout_ms, reducing ? &red : NULL);
+    rc = pccl_recv_fill(fd, (char *)b.buf, (size_t)b.len, &p, timeout_ms, reducing ? &red : NULL,
+                        st.obj ? (const unsigned char *)st.buf : NULL);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         io_error(rc);
@@ -527,19 +543,23 @@ out:
     PyBuffer_Release(&b);
     if (a.obj) PyBuffer_Release(&a);
     if (o.obj) PyBuffer_Release(&o);
+    if (st.obj) PyBuffer_Release(&st);
     return res;
 }
 
-/* send_all(fd, header, payload, sent, timeout_ms) -> sent (bytes of header + payload written) */
+/* send_all(fd, header, payload, sent, timeout_ms, stop=None) -> sent (bytes of header +
+ * payload written) */
 static PyObject *py_send_all(PyObject *self, PyObject *args) {
     (void)self;
     int fd, timeout_ms;
-    PyObject *h_obj, *p_obj;
+    PyObject *h_obj, *p_obj, *stop_obj = Py_None;
     Py_ssize_t sent;
-    if (!PyArg_ParseTuple(args, "iOOni:send_all", &fd, &h_obj, &p_obj, &sent, &timeout_ms)) return NULL;
-    Py_buffer h, p;
+    if (!PyArg_ParseTuple(args, "iOOni|O:send_all", &fd, &h_obj, &p_obj, &sent, &timeout_ms, &stop_obj))
+        return NULL;
+    Py_buffer h, p, st = {0};
     if (get_buffer(h_obj, &h, 0, "header") < 0) return NULL;
     if (get_buffer(p_obj, &p, 0, "payload") < 0) { PyBuffer_Release(&h); return NULL; }
+    if (get_stop(stop_obj, &st) < 0) { PyBuffer_Release(&h); PyBuffer_Release(&p); return NULL; }
     PyObject *res = NULL;
     if (sent < 0 || sent > h.len + p.len) {
         PyErr_SetString(PyExc_ValueError, "send_all: sent out of range");
@@ -548,22 +568,24 @@ static PyObject *py_send_all(PyObject *self, PyObject *args) {
         int rc;
         Py_BEGIN_ALLOW_THREADS
         rc = pccl_send_all(fd, (const char *)h.buf, (size_t)h.len, (const char *)p.buf, (size_t)p.len, &s,
-                           timeout_ms);
+                           timeout_ms, st.obj ? (const unsigned char *)st.buf : NULL);
         Py_END_ALLOW_THREADS
         res = rc < 0 ? io_error(rc) : PyLong_FromSsize_t((Py_ssize_t)s);
     }
     PyBuffer_Release(&h);
     PyBuffer_Release(&p);
+    if (st.obj) PyBuffer_Release(&st);
     return res;
 }
 
 static PyMethodDef methods[] = {
     {"recv_fill", KW py_recv_fill, METH_VARARGS | METH_KEYWORDS,
-     "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0) -> (pos, done)"
+     "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0, stop=None) "
+     "-> (pos, done)"
      "\n\nFill buf[pos:] from a non-blocking socket with the GIL released, waiting at most timeout_ms per "
      "poll; with acc/other, acc (op)= other over the bytes received. Returns early on a poll timeout."},
     {"send_all", py_send_all, METH_VARARGS,
-     "send_all(fd, header, payload, sent, timeout_ms) -> sent\n\nWrite header then payload from byte "
+     "send_all(fd, header, payload, sent, timeout_ms, stop=None) -> sent\n\nWrite header then payload from byte "
      "`sent` on, GIL released; returns early on a poll timeout."},
     {"reduce", KW py_reduce, METH_VARARGS | METH_KEYWORDS,
      "reduce(dst, src, op, dtype) -> None\n\ndst = dst (op) src elementwise; op in sum|prod|min|max."},

@@ -11,6 +11,7 @@ unix socket and copies tensors into and out of shared memory.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import select
 import socket
@@ -43,6 +44,8 @@ from .retry import Backoff
 from .shared_state import SharedState
 from .tensors import Flat, flat, numpy_dtype
 
+log = logging.getLogger("pccl_py.client")
+
 OPS = ("sum", "avg", "min", "max", "prod")
 QUANTS = (None, "uint8", "uint4")
 ALGORITHMS = ("auto", "ring", "tree", "shm")
@@ -68,6 +71,15 @@ PARALLEL_COPY_MIN = 16 << 20
 _COPY_PIECE = 4 << 20
 _copiers: ThreadPoolExecutor | None = None
 _copiers_lock = threading.Lock()
+
+
+def _forget_copiers() -> None:
+    global _copiers
+    _copiers = None  # a forked child has the pool object but none of its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_copiers)
 
 
 def _copy_threads() -> int:
@@ -356,11 +368,13 @@ class Client:
             raise PcclError(f"cannot reach the daemon at {path}: {exc}") from exc
         return s
 
-    def _send(self, msg: dict) -> int:
+    def _send(self, msg: dict, progress: Callable[[int, int], None] | None = None) -> int:
         if self._sock is None:
             raise InvalidUsage("client is closed")
         rid = next(self._ids)  # (itertools.count is atomic under the GIL)
         msg["id"] = rid
+        if progress is not None:  # before the request: another thread may read its first report
+            self._progress[rid] = progress
         data = local.pack(msg)
         with self._send_lock:
             self._sock.sendall(data)
@@ -420,7 +434,10 @@ class Client:
         callback = self._progress.get(msg.get("id"))
         done_total = msg.get("progress")
         if callback is not None and isinstance(done_total, list) and len(done_total) == 2:
-            callback(int(done_total[0]), int(done_total[1]))
+            try:  # runs on whichever thread reads: an error must not lose other threads' replies
+                callback(int(done_total[0]), int(done_total[1]))
+            except Exception:
+                log.exception("progress callback failed")
 
     def _call(self, msg: dict, timeout: float | None = None) -> dict:
         timeout = self.timeout if timeout is None else timeout
@@ -690,9 +707,7 @@ class Client:
                "progress": progress is not None}
         timeout = self.timeout if timeout is None else timeout
         msg["timeout"] = timeout
-        rid = self._send(msg)
-        if progress is not None:
-            self._progress[rid] = progress
+        rid = self._send(msg, progress)
         try:
             res = self._wait_reply(rid, time.monotonic() + timeout + SLACK)
         finally:

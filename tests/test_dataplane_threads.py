@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -373,3 +374,89 @@ def test_stream_state_after_pumped_payloads_is_reading_again():
                     assert isinstance(c, Stream) and not c.busy
 
     run(body())
+
+
+# ---------------------------------------------------------------- when threads cannot be had
+
+
+@pytest.mark.skipif(pump_mod.recv_fill is None, reason="the C extension is not built")
+def test_a_set_stop_byte_ends_the_native_loops_before_their_next_system_call():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.sendall(b"x" * 1000)  # bytes are there to read
+    stop = bytearray(b"\x01")
+    buf = bytearray(1000)
+    assert pump_mod.recv_fill(a.fileno(), buf, 0, 1000, stop=stop) == (0, 0)
+    assert pump_mod.send_all(a.fileno(), b"h", b"payload", 0, 1000, stop) == 0
+    stop[0] = 0
+    assert pump_mod.recv_fill(a.fileno(), buf, 0, 1000, stop=stop) == (1000, 1000)
+    a.close()
+    b.close()
+
+
+def test_a_stream_that_cannot_dup_its_socket_keeps_its_frames_on_the_loop(monkeypatch):
+    real = pump_mod.os.dup
+    calls = []
+
+    def failing(fd):
+        calls.append(fd)
+        if len(calls) <= 3:
+            raise OSError(24, "Too many open files")
+        return real(fd)
+
+    monkeypatch.setattr(pump_mod.os, "dup", failing)
+
+    async def body():
+        async with cluster(2, tcp=True) as dps:
+            srcs = make_inputs(2, 1 << 20, "float32", "sum", seed=4)
+            for tag in (1, 2):
+                dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="ring", tag=tag)
+                assert all(d.tobytes() == reference(srcs, "float32", "sum").tobytes() for d in dsts)
+            without = [c for d in dps for c in d._conns if c._pump is None]
+            assert len(without) == 3  # those streams moved every frame on the loop
+
+    with nothing_left_behind():
+        run(body())
+
+
+def test_a_thread_that_cannot_start_fails_the_call_fast_not_at_its_deadline(monkeypatch):
+    def no_threads(self, kind, body):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Pump, "_start", no_threads)
+
+    async def body():
+        async with cluster(2, tcp=True) as dps:
+            srcs = make_inputs(2, 1 << 20, "float32", "sum", seed=5)
+            t0 = time.monotonic()
+            res = await asyncio.gather(*(d.all_reduce(srcs[i], np.empty_like(srcs[i]), dtype="float32", op="sum",
+                                                      algorithm="ring", tag=1, timeout=30)
+                                         for i, d in enumerate(dps)), return_exceptions=True)
+            assert all(isinstance(r, (PeerLost, Aborted)) for r in res), res
+            assert time.monotonic() - t0 < 5
+
+    run(body())
+
+
+def test_large_copies_on_threads_work_in_a_forked_child(monkeypatch):
+    """The copy pool of a parent is not the child's: a child's first large copy must not
+    wait on threads it does not have."""
+    from pccl_py import client as client_mod
+
+    monkeypatch.setattr(client_mod, "_copy_threads", lambda: 2)
+    n = client_mod.PARALLEL_COPY_MIN * 2
+    src = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+    dst = np.zeros(n, np.uint8)
+    client_mod.copy_into(dst, src)  # the parent's pool starts
+    assert np.array_equal(dst, src)
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 only if the copy finished and is right
+        try:
+            signal.alarm(10)
+            d2 = np.zeros(n, np.uint8)
+            client_mod.copy_into(d2, src)
+            os._exit(0 if np.array_equal(d2, src) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

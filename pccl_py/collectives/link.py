@@ -95,10 +95,15 @@ class Stream(asyncio.BufferedProtocol):
         self._vectored = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
         if self._bulk and sock is not None:
+            try:
+                self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
+            except OSError as e:  # out of file descriptors: this stream keeps frames on the loop
+                log.warning("data stream without I/O threads: %s", e)
+                self._bulk = 0
+        if self._pump is not None:
             # The send thread may only write while the transport holds nothing: limits of 0
             # make every buffered byte pause us, and resume_writing say the buffer is empty.
             transport.set_write_buffer_limits(high=0, low=0)
-            self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
         else:
             self._bulk = 0
             transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
@@ -204,9 +209,13 @@ class Stream(asyncio.BufferedProtocol):
         if self._state != _PAYLOAD or len(self._view) - self._pos < _DIRECT_MIN:
             return False
         self._pumped_rx = False
+        try:
+            self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction)
+        except (OSError, RuntimeError) as e:  # no thread could be started
+            self._close(f"cannot start an I/O thread: {e}")
+            return True
         self._state = _PUMPED
         self.transport.pause_reading()
-        self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction)
         return True
 
     def _pumped_in(self, err: BaseException | None) -> None:
@@ -517,7 +526,8 @@ class Stream(asyncio.BufferedProtocol):
         backlog = self._backlog
         while backlog and not self._blocked and not self._tx_busy:
             h, p = backlog.popleft()
-            self._emit(h, p)
+            if not self._emit(h, p):
+                return
 
     def _pumped_out(self, err: BaseException | None) -> None:
         self._tx_busy = False
@@ -541,19 +551,25 @@ class Stream(asyncio.BufferedProtocol):
         if self._backlog:
             self._backlog = collections.deque(x for x in self._backlog if x[0][12:32] != key)
 
-    def _emit(self, header: bytes, payload) -> None:
+    def _emit(self, header: bytes, payload) -> bool:
+        """Write a frame (or hand it to the send thread); False if it went back to the
+        backlog because the transport still holds bytes."""
         tr = self.transport
         if tr.is_closing():
-            return
+            return True
         if self._bulk and len(payload) >= self._bulk and self._pump is not None:
             if tr.get_write_buffer_size():  # the transport still writes: after it, in order
                 self._backlog.appendleft((header, payload))
                 if not self._blocked:  # (its limits of 0 pause us whenever it holds bytes)
                     self.dp._loop.call_later(0.0005, self._flush)
-                return
+                return False
+            try:
+                self._pump.send(header, payload, self._pumped_out)
+            except (OSError, RuntimeError) as e:  # no thread could be started
+                self._close(f"cannot start an I/O thread: {e}")
+                return True
             self._tx_busy = True
-            self._pump.send(header, payload, self._pumped_out)
-            return
+            return True
         if not len(payload):
             tr.write(header)
         elif self._vectored:
@@ -561,6 +577,7 @@ class Stream(asyncio.BufferedProtocol):
         else:  # stock asyncio's writelines joins (copies) its arguments
             tr.write(header)
             tr.write(payload)
+        return True
 
 
 class PeerLink:

@@ -29,6 +29,7 @@ import asyncio
 import os
 import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
@@ -48,15 +49,22 @@ class PumpStopped(ConnectionError):
 
 
 class Pump:
-    """The I/O threads of one stream (started on first use, ended by :meth:`stop`)."""
+    """The I/O threads of one stream (started on first use, ended by :meth:`stop`).
+
+    The ``dup`` of the stream's socket is made here, so a process out of file descriptors
+    finds out when the stream is set up (the stream then keeps every frame on the event
+    loop), not in the middle of a frame. Both threads use it; the last one to end (or
+    ``stop`` when none started) closes it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str):
         self._loop = loop
-        self._fd = sock.fileno()
         self._name = name
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))  # OSError: no pump
+        self._sock.settimeout(_POLL)  # poll + non-blocking call, as the file description already is
         self._lock = threading.Lock()
+        self._users = 1  # this object until stop(), plus each live thread
         self._stopping = False
-        self._socks: list[socket.socket] = []  # the dups of live threads (for a hard stop)
+        self._stop_flag = bytearray(1)  # set by a hard stop: the C loops end between two system calls
         self._rx: queue.SimpleQueue | None = None
         self._tx: queue.SimpleQueue | None = None
         self.threads: list[threading.Thread] = []
@@ -68,50 +76,65 @@ class Pump:
         a ``reduction`` (``Rx.reduction``: ``.pair() -> (acc, other, op, dtype)`` and ``.done``,
         the bytes already reduced), ``acc (op)= other`` follows the bytes as they arrive;
         otherwise ``progress(pos)`` after each read. Either runs on the thread: it must touch
-        only memory of this payload's own."""
+        only memory of this payload's own. Raises (OSError, RuntimeError) if no thread can
+        be started; the job is then not taken."""
         if self._rx is None:
             self._rx = self._start("rx", self._rx_loop)
         self._rx.put((view, pos, progress, reduction, done))
 
     def send(self, header: bytes, payload, done: Done) -> None:
-        """Write ``header`` then ``payload`` (no copy); then ``done(None | error)`` on the loop."""
+        """Write ``header`` then ``payload`` (no copy); then ``done(None | error)`` on the loop.
+        Raises as :meth:`recv` does."""
         if self._tx is None:
             self._tx = self._start("tx", self._tx_loop)
         self._tx.put((header, payload, done))
 
     def stop(self, hard: bool) -> None:
-        """End the threads once their job is over; ``hard``: end the job too, by shutting the
-        connection down (the stream is being aborted, not closed gracefully)."""
+        """End the threads once their job is over; ``hard``: end the job too (the stream is
+        being aborted, not closed gracefully): the C loops stop before their next system
+        call, and the connection is shut down with a reset, which wakes a thread blocked in
+        poll at once and tells the peer at once."""
         with self._lock:
+            if self._stopping:
+                return
             self._stopping = True
             if hard:
-                for s in self._socks:
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                self._stop_flag[0] = 1
+                try:
+                    self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for q in (self._rx, self._tx):
             if q is not None:
                 q.put(None)
+        self._release()
 
     # -- threads ------------------------------------------------------------------------------
     def _start(self, kind: str, body) -> queue.SimpleQueue:
         q: queue.SimpleQueue = queue.SimpleQueue()
-        sock = socket.socket(fileno=os.dup(self._fd))
-        sock.settimeout(_POLL)  # poll + non-blocking call, as the file description already is
         with self._lock:
             if self._stopping:
-                sock.close()
                 q.put(None)
                 return q
-            self._socks.append(sock)
-        t = threading.Thread(target=self._run, args=(body, sock, q), name=f"pccl-{kind} {self._name}",
-                             daemon=True)
+            self._users += 1
+        t = threading.Thread(target=self._run, args=(body, q), name=f"pccl-{kind} {self._name}", daemon=True)
+        try:
+            t.start()
+        except BaseException:
+            self._release()
+            raise
         self.threads.append(t)
-        t.start()
         return q
 
-    def _run(self, body, sock: socket.socket, q: queue.SimpleQueue) -> None:
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self._sock.close()
+
+    def _run(self, body, q: queue.SimpleQueue) -> None:
         try:
             while True:
                 job = q.get()
@@ -119,16 +142,14 @@ class Pump:
                     return
                 done = job[-1]
                 try:
-                    body(sock, *job[:-1])
+                    body(self._sock, *job[:-1])
                     err = None
                 except BaseException as e:  # reported to the loop, which closes the stream
                     err = e
                 if not self._report(done, err):
                     return
         finally:
-            with self._lock:
-                self._socks.remove(sock)
-                sock.close()
+            self._release()
 
     def _report(self, done: Done, err: BaseException | None) -> bool:
         try:
@@ -149,13 +170,13 @@ class Pump:
                 acc, other, op, dtype = reduction.pair()
                 red = reduction.done
                 while pos < n:
-                    pos, red = recv_fill(fd, view, pos, _POLL_MS, acc, other, op, dtype, red)
+                    pos, red = recv_fill(fd, view, pos, _POLL_MS, acc, other, op, dtype, red, self._stop_flag)
                     reduction.done = red
                     if pos < n:
                         self._check()
                 return
             while pos < n:
-                pos, _ = recv_fill(fd, view, pos, _POLL_MS)
+                pos, _ = recv_fill(fd, view, pos, _POLL_MS, stop=self._stop_flag)
                 if pos < n:
                     self._check()
             if progress is not None:
@@ -172,6 +193,8 @@ class Pump:
             if not got:
                 raise ConnectionResetError("the peer closed the connection in the middle of a payload")
             pos += got
+            if self._stop_flag[0]:
+                raise PumpStopped("the stream was closed")
             if progress is not None:
                 progress(pos)
 
@@ -179,7 +202,7 @@ class Pump:
         if send_all is not None:
             fd, sent, total = sock.fileno(), 0, len(header) + len(payload)
             while sent < total:
-                sent = send_all(fd, header, payload, sent, _POLL_MS)
+                sent = send_all(fd, header, payload, sent, _POLL_MS, self._stop_flag)
                 if sent < total:
                     self._check()
             return
@@ -195,3 +218,5 @@ class Pump:
                 bufs.pop(0)
             if sent:
                 bufs[0] = bufs[0][sent:]
+            if self._stop_flag[0]:
+                raise PumpStopped("the stream was closed")
