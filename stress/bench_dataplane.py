@@ -92,19 +92,23 @@ async def child_main(args) -> None:
                 algo, quant = "auto", algo
             times = []
             reps = args.reps if count * 4 >= (4 << 20) else args.reps * 4
+            loop_cpu = proc_cpu = 0.0
             for i in range(reps + 1):
                 tag += 1
                 t0 = time.perf_counter()
+                c0, p0 = time.thread_time(), time.process_time()
                 info = await dp.all_reduce(src, dst, dtype="float32", op="sum", algorithm=algo, quant=quant,
                                            tag=tag, timeout=60)
                 if i:  # first one is a warm-up
                     times.append(time.perf_counter() - t0)
+                    loop_cpu += time.thread_time() - c0  # the event loop's thread alone
+                    proc_cpu += time.process_time() - p0  # every thread of this peer
             want = world * (world + 1) / 2
             if quant is None and not (dst[0] == want and dst[-1] == want and dst[count // 2] == want):
                 raise SystemExit(f"wrong result at {count} elements: {dst[0]}, {dst[count // 2]}, {dst[-1]}")
             results.append({"count": count, "algorithm": info["algorithm"] + (f"/{quant}" if quant else ""),
                             "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
-                            "reps": reps})
+                            "reps": reps, "loop_busy": loop_cpu / sum(times), "cpu": proc_cpu / sum(times)})
     if prof is not None:
         import pstats
         prof.disable()
@@ -230,8 +234,10 @@ def main() -> None:
     print(f"# links: {'TCP' if args.tcp_only else 'Unix sockets (same host)'}; I/O threads: "
           f"{'2 per stream (frames >= ' + (args.bulk_min or fmt_size(d.bulk_min)) + ' bytes)' if threads else 'none'}"
           f"; busbw = size * 2(N-1)/N / time")
+    print("# loop: share of the time rank 0's event-loop thread was on a CPU; cpu: rank 0's CPU time "
+          "(all threads) over the time")
     print(f"{'N':>2} {'K':>2} {'sub':>5} {'size':>6} {'algorithm':>12} {'median_ms':>10} {'min_ms':>9} {'GB/s':>6} "
-          f"{'busbw':>6}")
+          f"{'busbw':>6} {'loop':>5} {'cpu':>5}")
     for world in args.world:
         for k in streams:
             for sub in subs:
@@ -239,8 +245,9 @@ def main() -> None:
                 for r in run_world(args, world, k, sub):
                     gbs = r["count"] * 4 / (r["median_ms"] / 1e3) / 1e9
                     bus = gbs * 2 * (world - 1) / world
+                    extra = (f" {r['loop_busy']:5.0%} {r['cpu']:5.2f}" if "loop_busy" in r else "")
                     print(f"{world:>2} {k:>2} {fmt_size(sub):>5} {fmt_size(r['count']):>6} {r['algorithm']:>12} "
-                          f"{r['median_ms']:10.3f} {r['min_ms']:9.3f} {gbs:6.2f} {bus:6.2f}", flush=True)
+                          f"{r['median_ms']:10.3f} {r['min_ms']:9.3f} {gbs:6.2f} {bus:6.2f}{extra}", flush=True)
                 print(f"#   ({time.monotonic() - t0:.0f}s)", flush=True)
 
 
