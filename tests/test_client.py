@@ -564,3 +564,36 @@ def test_no_room_in_dev_shm_fails_the_call_not_the_process(coordinator, monkeypa
             for f in [ex.submit(c.all_reduce, x) for c, x in zip((a, b), xs)]:
                 f.result(timeout=30)
         assert np.all(xs[0] == 3.0) and np.all(xs[1] == 3.0)
+
+
+def _shm_names() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("pccl")}
+
+
+def test_hundred_calls_with_a_daemon_killed_midway_leave_no_segment_behind(coordinator):
+    """Three trainers make 100 calls with retry; after 40 one trainer's daemon is SIGKILLed
+    (the trainer goes on alone); once every client is closed no shared-memory segment of
+    the run is left in /dev/shm, the dead daemon's included."""
+    before = _shm_names()
+    clients = [Client(coordinator=coordinator.addr, timeout=20.0) for _ in range(3)]
+    try:
+        with cf.ThreadPoolExecutor(3) as ex:
+            join_all(ex, clients)
+
+            def body(i):
+                x = np.full(300_000, 1.0, np.float32)
+                for step in range(100):
+                    if i == 2 and step == 40:
+                        os.kill(clients[2]._proc.pid, signal.SIGKILL)
+                        clients[2]._proc.wait(10)
+                        return step
+                    x[:] = 1.0
+                    clients[i].all_reduce(x, retry=True)
+                    assert x[0] == x[-1] and x[0] in (2.0, 3.0)
+                return 100
+
+            assert list(ex.map(body, range(3))) == [100, 100, 40]
+    finally:
+        _close_all(clients)
+    left = _shm_names() - before
+    assert not left, f"segments left in /dev/shm: {sorted(left)}"
