@@ -15,6 +15,7 @@ the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -143,6 +144,7 @@ class DataPlane:
         self.router = Router(memo=self.config.memo, stall_timeout=self.config.stall_timeout)
         self._ops = self.router.ops  # tag -> the collective posted here
         self._held_timer: asyncio.TimerHandle | None = None
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # see _offload
         self._shm = ShmContext()
         self._unix = None
         self._closed = False
@@ -204,6 +206,8 @@ class DataPlane:
             if srv is not None:
                 await srv.wait_closed()
         self._shm.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
         await asyncio.sleep(0)
 
     def abort(self, exc: PcclError) -> None:
@@ -469,6 +473,23 @@ class DataPlane:
                     op.link.send(r, 0, frame, b"")
 
     # -- collectives ------------------------------------------------------------------------
+    def _offload(self, fn, done) -> None:
+        """Run ``fn()`` on this data plane's worker thread (one, so jobs run in order), then
+        ``done(result, error)`` on the loop: the numeric work of a collective (quantizing,
+        decoding) that would otherwise hold the loop while frames wait."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pccl-work")
+
+        def settle(f: asyncio.Future) -> None:
+            if f.cancelled():
+                done(None, Aborted("the data plane was closed"))
+            elif f.exception() is not None:
+                done(None, f.exception())
+            else:
+                done(f.result(), None)
+
+        self._loop.run_in_executor(self._worker, fn).add_done_callback(settle)
+
     def _group(self) -> GroupView:
         if self._closed:
             raise Aborted("the data plane is closed")
@@ -579,9 +600,10 @@ class DataPlane:
                                                min_stripe=cfg.min_stripe, seq=seq, desc=desc, **common)
         else:
             desc = F.descriptor("all_reduce", dtype, op, count, algo, quant, cfg.quant_block_bytes)
+            worker = self._offload if self.bulk_min else None
             make = lambda seq: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
-                                              block_bytes=cfg.quant_block_bytes, seq=seq, desc=desc,
-                                              **common)
+                                              block_bytes=cfg.quant_block_bytes, worker=worker, seq=seq,
+                                              desc=desc, **common)
         return make, world, algo
 
     async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:

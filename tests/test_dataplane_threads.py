@@ -460,3 +460,34 @@ def test_large_copies_on_threads_work_in_a_forked_child(monkeypatch):
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+@pytest.mark.parametrize("world,quant", [(2, "uint8"), (3, "uint4"), (4, "uint8")])
+def test_quantized_all_reduce_with_its_work_on_the_worker_thread(world, quant):
+    """With threads on, quantizing, adding and decoding run on the data plane's worker: the
+    same bytes on every peer, within the quantization bound, input untouched; a non-finite
+    input still fails the call everywhere with InvalidUsage."""
+    from pccl_py.errors import InvalidUsage
+
+    async def body():
+        async with cluster(world, tcp=True) as dps:
+            count = 3 * (1 << 20) + 7
+            rng = np.random.default_rng(world)
+            srcs = [rng.standard_normal(count).astype(np.float32) for _ in range(world)]
+            before = [s.copy() for s in srcs]
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="avg", quant=quant, tag=1)
+            assert all(d.tobytes() == dsts[0].tobytes() for d in dsts)
+            assert all(s.tobytes() == b.tobytes() for s, b in zip(srcs, before))
+            exact = np.mean(np.stack(srcs).astype(np.float64), axis=0)
+            levels = 255 if quant == "uint8" else 15
+            spread = max(float(s.max() - s.min()) for s in srcs)
+            assert np.max(np.abs(dsts[0] - exact)) <= spread / levels + np.ptp(exact) / levels
+            assert any(d._worker is not None for d in dps)
+            srcs[0][12345] = np.inf
+            res = await asyncio.gather(*(d.all_reduce(srcs[i], np.empty_like(srcs[i]), dtype="float32", op="sum",
+                                                      quant=quant, tag=2, timeout=20) for i, d in enumerate(dps)),
+                                       return_exceptions=True)
+            assert all(isinstance(r, InvalidUsage) for r in res), res
+
+    with nothing_left_behind():
+        run(body(), timeout=55)

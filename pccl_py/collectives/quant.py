@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from .. import frames as F
-from ..errors import InvalidUsage
+from ..errors import Aborted, InvalidUsage, PcclError
 from . import _kernels as K
 from .base import Collective, Rx, expect, pieces, split
 
@@ -39,8 +39,11 @@ def code_bytes(n: int, quant: int) -> int:
 class QuantAllReduce(Collective):
     name = "quant"
 
-    def __init__(self, link, *, src, dst, op: str, count: int, quant: str, block_bytes: int, **kw):
+    def __init__(self, link, *, src, dst, op: str, count: int, quant: str, block_bytes: int, worker=None, **kw):
         super().__init__(link, **kw)
+        # worker(fn, done): run fn() on one thread of the data plane (in order), then
+        # done(result, error) on the loop; None: the numeric work runs on the loop.
+        self._worker = worker
         self.op = op
         self.q = F.QUANT_BY_NAME[quant]
         self.quantize = K.quantize_u8 if self.q == F.QUANT_U8 else K.quantize_u4
@@ -67,21 +70,50 @@ class QuantAllReduce(Collective):
         self.own_pending = [w - 1] * len(self.blocks[me])
         self._seen: set[tuple[int, int]] = set()
         self._units = sum(len(b) for b in self.blocks)
-        a, b = bounds[me], bounds[me + 1]
-        dst[a * 4:b * 4] = src[a * 4:b * 4]
+        self._own = bounds[me] * 4, bounds[me + 1] * 4
+
+    # -- numeric work: on the loop, or in order on the data plane's worker thread -------------
+    def _do(self, fn, then) -> None:
+        """``then(fn())``. With a worker, ``fn`` runs there (it touches only this call's
+        buffers, and the worker runs one job at a time in order, so work on one block never
+        overlaps) and ``then`` on the loop, unless the call ended meanwhile."""
+        if self._worker is None:
+            then(fn())
+            return
+        self._worker(fn, lambda res, exc: self._after(then, res, exc))
+
+    def _after(self, then, res, exc) -> None:
+        if self.done:
+            return
+        try:
+            if exc is not None:
+                raise exc
+            then(res)
+        except PcclError as e:
+            self.link.fail_local(self, e)
+        except Exception as e:  # pragma: no cover - a kernel bug
+            self.link.fail_local(self, Aborted(f"quantized all-reduce: internal error {e!r}"))
 
     def start(self) -> None:
         self.started = True
         lk = self.link
+        own_a, own_b = self._own  # copied before any block is added (the worker runs jobs in order)
+        self._do(lambda: K.copy(self.dst[own_a:own_b], self.src[own_a:own_b]), lambda _: None)
         for c in range(lk.world):
             if c == lk.rank:
                 continue
             k = lk.nstreams(c)
             for i, (a, b, off) in enumerate(self.blocks[c]):
                 cb = self.cview[off:off + code_bytes(b - a, self.q)]
-                lo, scale = _finite(self.quantize(self.src[a * 4:b * 4], cb), "input")
-                self.send_data(c, i % k, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
-                               lo=lo, scale=scale)
+
+                def encode(a=a, b=b, cb=cb):
+                    return _finite(self.quantize(self.src[a * 4:b * 4], cb), "input")
+
+                def send(params, c=c, s=i % k, a=a, b=b, cb=cb):
+                    self.send_data(c, s, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
+                                   lo=params[0], scale=params[1])
+
+                self._do(encode, send)
         self._maybe_done()
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
@@ -98,16 +130,20 @@ class QuantAllReduce(Collective):
         expect(key not in self._seen, f"duplicate quantized block {idx} from rank {src}")
         self._seen.add(key)
         self.count_rx(h, h.elems * 4)
-        stg = conn.staging(h.length)
         dst = self.dst[a * 4:b * 4]
         lo, scale = h.lo, h.scale
         if h.step == 0:
-            def finish():
-                self.dequant_add(stg, lo, scale, dst)
+            # a contribution to a block this peer owns: added in float32 (on the worker, the
+            # codes in a buffer of their own, as the stream reads on into its staging)
+            stg = conn.staging(h.length) if self._worker is None else memoryview(bytearray(h.length))
+
+            def added(_):
                 self.own_pending[idx] -= 1
                 if self.own_pending[idx] == 0:
                     self._finish_block(idx)
-            return Rx(stg, None, finish)
+
+            return Rx(stg, None, lambda: self._do(lambda: self.dequant_add(stg, lo, scale, dst), added))
+        stg = conn.staging(h.length)
 
         # A result block: decoding touches only this block, so it runs as the payload's last
         # progress step, on the stream's I/O thread when one moves the payload.
@@ -121,17 +157,24 @@ class QuantAllReduce(Collective):
         lk = self.link
         a, b, off = self.blocks[lk.rank][idx]
         dst = self.dst[a * 4:b * 4]
-        if self.op == "avg":
-            K.finish_avg(dst, lk.world, "float32")
         cb = self.cview[off:off + code_bytes(b - a, self.q)]
-        lo, scale = _finite(self.quantize(dst, cb), "result")
-        lo, scale = float(np.float32(lo)), float(np.float32(scale))  # exactly what the header carries
-        self.dequantize(cb, lo, scale, dst)
-        for r in range(lk.world):
-            if r != lk.rank:
-                self.send_data(r, idx % lk.nstreams(r), 1, a * 4, cb, (b - a) * 4, elems=b - a,
-                               quant=self.q, lo=lo, scale=scale)
-        self._unit()
+
+        def encode():
+            if self.op == "avg":
+                K.finish_avg(dst, lk.world, "float32")
+            lo, scale = _finite(self.quantize(dst, cb), "result")
+            lo, scale = float(np.float32(lo)), float(np.float32(scale))  # exactly what the header carries
+            self.dequantize(cb, lo, scale, dst)
+            return lo, scale
+
+        def send(params):
+            for r in range(lk.world):
+                if r != lk.rank:
+                    self.send_data(r, idx % lk.nstreams(r), 1, a * 4, cb, (b - a) * 4, elems=b - a,
+                                   quant=self.q, lo=params[0], scale=params[1])
+            self._unit()
+
+        self._do(encode, send)
 
     def _unit(self) -> None:
         self._units -= 1
