@@ -144,7 +144,7 @@ class DataPlane:
         self.router = Router(memo=self.config.memo, stall_timeout=self.config.stall_timeout)
         self._ops = self.router.ops  # tag -> the collective posted here
         self._held_timer: asyncio.TimerHandle | None = None
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # see _offload
+        self._workers: list[concurrent.futures.ThreadPoolExecutor] | None = None  # see _offload
         self._shm = ShmContext()
         self._unix = None
         self._closed = False
@@ -206,8 +206,8 @@ class DataPlane:
             if srv is not None:
                 await srv.wait_closed()
         self._shm.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
+        for w in self._workers or ():
+            w.shutdown(wait=False)
         await asyncio.sleep(0)
 
     def abort(self, exc: PcclError) -> None:
@@ -473,12 +473,16 @@ class DataPlane:
                     op.link.send(r, 0, frame, b"")
 
     # -- collectives ------------------------------------------------------------------------
-    def _offload(self, fn, done) -> None:
-        """Run ``fn()`` on this data plane's worker thread (one, so jobs run in order), then
-        ``done(result, error)`` on the loop: the numeric work of a collective (quantizing,
-        decoding) that would otherwise hold the loop while frames wait."""
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pccl-work")
+    def _offload(self, fn, done, key: int = 0) -> None:
+        """Run ``fn()`` on one of this data plane's worker threads, then ``done(result,
+        error)`` on the loop: the numeric work of a collective (quantizing, decoding) that
+        would otherwise hold the loop while frames wait. Jobs of one ``key`` run on one
+        thread, in order (work on one block never overlaps)."""
+        if self._workers is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            self._workers = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pccl-work{i}")
+                             for i in range(max(1, min(4, cpus // 4)))]
+        worker = self._workers[key % len(self._workers)]
 
         def settle(f: asyncio.Future) -> None:
             if f.cancelled():
@@ -488,7 +492,7 @@ class DataPlane:
             else:
                 done(f.result(), None)
 
-        self._loop.run_in_executor(self._worker, fn).add_done_callback(settle)
+        self._loop.run_in_executor(worker, fn).add_done_callback(settle)
 
     def _group(self) -> GroupView:
         if self._closed:

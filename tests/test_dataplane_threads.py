@@ -462,12 +462,16 @@ def test_large_copies_on_threads_work_in_a_forked_child(monkeypatch):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
-@pytest.mark.parametrize("world,quant", [(2, "uint8"), (3, "uint4"), (4, "uint8")])
-def test_quantized_all_reduce_with_its_work_on_the_worker_thread(world, quant):
-    """With threads on, quantizing, adding and decoding run on the data plane's worker: the
-    same bytes on every peer, within the quantization bound, input untouched; a non-finite
-    input still fails the call everywhere with InvalidUsage."""
+@pytest.mark.parametrize("world,quant,cpus", [(2, "uint8", 2), (3, "uint4", 16), (4, "uint8", 16)])
+def test_quantized_all_reduce_with_its_work_on_the_worker_threads(world, quant, cpus, monkeypatch):
+    """With threads on, quantizing, adding and decoding run on the data plane's workers (one
+    on a small machine, four on 16 CPUs; work on one block stays on one of them): the same
+    bytes on every peer, within the quantization bound, input untouched; a non-finite input
+    still fails the call everywhere with InvalidUsage."""
+    from pccl_py import dataplane as dataplane_mod
     from pccl_py.errors import InvalidUsage
+
+    monkeypatch.setattr(dataplane_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
 
     async def body():
         async with cluster(world, tcp=True) as dps:
@@ -482,7 +486,7 @@ def test_quantized_all_reduce_with_its_work_on_the_worker_thread(world, quant):
             levels = 255 if quant == "uint8" else 15
             spread = max(float(s.max() - s.min()) for s in srcs)
             assert np.max(np.abs(dsts[0] - exact)) <= spread / levels + np.ptp(exact) / levels
-            assert any(d._worker is not None for d in dps)
+            assert max(len(d._workers or ()) for d in dps) == (4 if cpus == 16 else 1)
             srcs[0][12345] = np.inf
             res = await asyncio.gather(*(d.all_reduce(srcs[i], np.empty_like(srcs[i]), dtype="float32", op="sum",
                                                       quant=quant, tag=2, timeout=20) for i, d in enumerate(dps)),

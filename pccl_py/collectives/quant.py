@@ -70,17 +70,17 @@ class QuantAllReduce(Collective):
         self.own_pending = [w - 1] * len(self.blocks[me])
         self._seen: set[tuple[int, int]] = set()
         self._units = sum(len(b) for b in self.blocks)
-        self._own = bounds[me] * 4, bounds[me + 1] * 4
 
     # -- numeric work: on the loop, or in order on the data plane's worker thread -------------
-    def _do(self, fn, then) -> None:
+    def _do(self, fn, then, key: int = 0) -> None:
         """``then(fn())``. With a worker, ``fn`` runs there (it touches only this call's
-        buffers, and the worker runs one job at a time in order, so work on one block never
-        overlaps) and ``then`` on the loop, unless the call ended meanwhile."""
+        buffers; jobs of one ``key``, the block they work on, run in order on one thread,
+        so work on one block never overlaps) and ``then`` on the loop, unless the call
+        ended meanwhile."""
         if self._worker is None:
             then(fn())
             return
-        self._worker(fn, lambda res, exc: self._after(then, res, exc))
+        self._worker(fn, lambda res, exc: self._after(then, res, exc), key)
 
     def _after(self, then, res, exc) -> None:
         if self.done:
@@ -97,8 +97,8 @@ class QuantAllReduce(Collective):
     def start(self) -> None:
         self.started = True
         lk = self.link
-        own_a, own_b = self._own  # copied before any block is added (the worker runs jobs in order)
-        self._do(lambda: K.copy(self.dst[own_a:own_b], self.src[own_a:own_b]), lambda _: None)
+        for j, (a, b, _) in enumerate(self.blocks[lk.rank]):  # before anything is added to it
+            self._do(lambda a=a, b=b: K.copy(self.dst[a * 4:b * 4], self.src[a * 4:b * 4]), lambda _: None, j)
         for c in range(lk.world):
             if c == lk.rank:
                 continue
@@ -113,7 +113,7 @@ class QuantAllReduce(Collective):
                     self.send_data(c, s, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
                                    lo=params[0], scale=params[1])
 
-                self._do(encode, send)
+                self._do(encode, send, i)
         self._maybe_done()
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
@@ -142,7 +142,7 @@ class QuantAllReduce(Collective):
                 if self.own_pending[idx] == 0:
                     self._finish_block(idx)
 
-            return Rx(stg, None, lambda: self._do(lambda: self.dequant_add(stg, lo, scale, dst), added))
+            return Rx(stg, None, lambda: self._do(lambda: self.dequant_add(stg, lo, scale, dst), added, idx))
         stg = conn.staging(h.length)
 
         # A result block: decoding touches only this block, so it runs as the payload's last
@@ -174,7 +174,7 @@ class QuantAllReduce(Collective):
                                    quant=self.q, lo=params[0], scale=params[1])
             self._unit()
 
-        self._do(encode, send)
+        self._do(encode, send, idx)
 
     def _unit(self) -> None:
         self._units -= 1
