@@ -495,3 +495,15 @@ def test_quantized_all_reduce_with_its_work_on_the_worker_threads(world, quant, 
 
     with nothing_left_behind():
         run(body(), timeout=55)
+
+
+def test_io_threads_on_the_stock_asyncio_loop():
+    async def body():
+        async with cluster(3, tcp=True) as dps:
+            srcs = make_inputs(3, 1 << 20, "float32", "sum", seed=8)
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="ring", tag=1)
+            assert all(d.tobytes() == reference(srcs, "float32", "sum").tobytes() for d in dsts)
+            assert all(pumped(d) > 0 for d in dps)
+
+    with nothing_left_behind():
+        asyncio.run(asyncio.wait_for(body(), 50))
