@@ -507,3 +507,40 @@ def test_io_threads_on_the_stock_asyncio_loop():
 
     with nothing_left_behind():
         asyncio.run(asyncio.wait_for(body(), 50))
+
+
+def test_a_send_thread_blocked_on_a_frozen_peer_is_woken_when_the_peer_is_removed():
+    """Rank 2 never reads (frozen, or not posting): the others' send threads block in
+    sendmsg once its socket buffers are full. A new epoch without rank 2 (the coordinator
+    removing a frozen peer) fails their call at once and wakes those threads."""
+    async def body():
+        async with cluster(3, streams=2, tcp=True) as dps:
+            count = 8 << 20
+            srcs = make_inputs(3, count, "float32", "sum", seed=9)
+            futs = [asyncio.ensure_future(dps[i].all_reduce(srcs[i], np.empty_like(srcs[i]), dtype="float32",
+                                                            op="sum", algorithm="ring", tag=1, timeout=30))
+                    for i in (0, 1)]
+            for c in list(dps[2]._conns):
+                c.transport.pause_reading()  # frozen: reads nothing more
+            victim = dps[2].peer_id
+            deadline = time.monotonic() + 10
+            blocked = []
+            while time.monotonic() < deadline and not blocked:
+                await asyncio.sleep(0.05)
+                blocked = [c for d in dps[:2] for c in d._conns
+                           if c.link is not None and c.link.peer_id == victim and c._tx_busy]
+            assert blocked, "no send thread got blocked on the frozen peer"
+            threads = [t for c in blocked for t in c._pump.threads]
+            t0 = time.monotonic()
+            t2 = topo(dps, 2, [0, 1])
+            await asyncio.gather(*(dps[i].set_topology(t2[i]) for i in (0, 1)))
+            res = await asyncio.gather(*futs, return_exceptions=True)
+            assert all(isinstance(r, Aborted) for r in res), res
+            for t in threads:
+                t.join(2)
+            woke = time.monotonic() - t0
+            assert not any(t.is_alive() for t in threads)
+            assert woke < 1.0, f"blocked send threads took {woke:.2f}s to end"
+
+    with nothing_left_behind():
+        run(body(), timeout=55)
