@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 import pytest
-from test_dataplane import SECRET, all_reduce_all, families, make_inputs, reference, run, topo
+from test_dataplane import all_reduce_all, families, make_inputs, reference, run, topo
+from test_dataplane import cluster as dp_cluster
 
 from pccl_py.collectives import pump as pump_mod
 from pccl_py.collectives.link import Stream
@@ -250,22 +251,9 @@ def test_a_soft_stop_lets_the_running_job_finish():
 # ---------------------------------------------------------------- data planes on threads
 
 
-@contextlib.asynccontextmanager
-async def cluster(n: int, *, streams: int = 4, tcp: bool = False, failures=None):
-    import dataclasses
-    cfg = dataclasses.replace(THREADS, local_links=not tcp)
-    dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams, config=cfg,
-                     on_peer_failure=(lambda pid, why, i=i: failures.append((i, pid, why)))
-                     if failures is not None else None) for i in range(n)]
-    try:
-        for d in dps:
-            await d.start()
-        t = topo(dps, 1)
-        await asyncio.gather(*(dps[i].set_topology(t[i]) for i in range(n)))
-        yield dps
-    finally:
-        for d in dps:
-            await d.close()
+def cluster(n: int, *, streams: int = 4, tcp: bool = False, failures=None):
+    """test_dataplane's cluster with the I/O threads on (over TCP, or Unix sockets)."""
+    return dp_cluster(n, streams=streams, config=THREADS, failures=failures, tcp_only=range(n) if tcp else ())
 
 
 def pumped(dp: DataPlane) -> int:

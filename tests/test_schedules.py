@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fakenet import FakeNet
+from test_dataplane import reference as dp_reference
 
 from pccl_py import frames as F
-from pccl_py.collectives import _kernels as K
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
 from pccl_py.collectives.ring import RingAllReduce
@@ -62,12 +62,7 @@ def inputs(world, count, seed, dtype=np.float32):
 
 
 def reference(srcs, op, dtype="float32"):
-    acc = srcs[0].copy()
-    for s in srcs[1:]:
-        K.reduce(acc, s, "sum" if op == "avg" else op, dtype)
-    if op == "avg":
-        K.finish_avg(acc, len(srcs), dtype)
-    return acc
+    return dp_reference(srcs, dtype, op)
 
 
 def settle(net):
