@@ -297,6 +297,7 @@ class Client:
         # others wait on ``_cond`` for theirs. No lock is held across a receive.
         self._cond = threading.Condition(threading.Lock())
         self._reading = False
+        self._waiting = 0  # threads waiting on _cond
         self._send_lock = threading.Lock()
         self._buf = local.FrameBuffer()
         self._proc: subprocess.Popen | None = None
@@ -395,7 +396,11 @@ class Client:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise _NoAnswer("the daemon did not answer in time")
-                    cond.wait(min(left, RECV_SLICE))
+                    self._waiting += 1
+                    try:
+                        cond.wait(min(left, RECV_SLICE))
+                    finally:
+                        self._waiting -= 1
                 reply = self._replies.pop(rid, None)
                 if reply is not None:
                     break
@@ -408,7 +413,8 @@ class Client:
             finally:
                 with cond:
                     self._reading = False
-                    cond.notify_all()
+                    if self._waiting:  # (one thread alone, the usual case, skips the wake-up)
+                        cond.notify_all()
         if not reply.pop("ok", False):
             raise from_wire(reply)
         reply.pop("id", None)
