@@ -8,7 +8,9 @@
  * interval behind another thread).
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* mremap */
 #include <Python.h>
+#include <sys/mman.h>
 
 #include "dispatch.h"
 #include "io.h"
@@ -578,7 +580,50 @@ static PyObject *py_send_all(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* remap(src, dst, size): move the pages mapped at address src to address dst (both
+ * page-aligned mappings of `size` bytes made by this process); what was mapped at dst is
+ * replaced in one step, and src is left unmapped. The client's double buffer (client.py). */
+static PyObject *py_remap(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long src, dst;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "KKn:remap", &src, &dst, &size)) return NULL;
+    long page = sysconf(_SC_PAGESIZE);
+    if (size <= 0 || src % (unsigned long long)page || dst % (unsigned long long)page) {
+        PyErr_SetString(PyExc_ValueError, "remap: page-aligned addresses and a positive size");
+        return NULL;
+    }
+    void *r = mremap((void *)(uintptr_t)src, (size_t)size, (size_t)size, MREMAP_MAYMOVE | MREMAP_FIXED,
+                     (void *)(uintptr_t)dst);
+    if (r == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* map_at(addr, size, fd): map `size` bytes of the file fd, shared and writable, at addr
+ * (page-aligned), replacing whatever this process had mapped there. */
+static PyObject *py_map_at(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long addr;
+    Py_ssize_t size;
+    int fd;
+    if (!PyArg_ParseTuple(args, "Kni:map_at", &addr, &size, &fd)) return NULL;
+    long page = sysconf(_SC_PAGESIZE);
+    if (size <= 0 || addr % (unsigned long long)page) {
+        PyErr_SetString(PyExc_ValueError, "map_at: a page-aligned address and a positive size");
+        return NULL;
+    }
+    void *r = mmap((void *)(uintptr_t)addr, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (r == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"remap", py_remap, METH_VARARGS,
+     "remap(src, dst, size) -> None\n\nMove the pages mapped at src to dst (mremap, fixed); src is left "
+     "unmapped."},
+    {"map_at", py_map_at, METH_VARARGS,
+     "map_at(addr, size, fd) -> None\n\nMap size bytes of file fd (shared, writable) at addr, replacing "
+     "what was there."},
     {"recv_fill", KW py_recv_fill, METH_VARARGS | METH_KEYWORDS,
      "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0, stop=None) "
      "-> (pos, done)"

@@ -176,6 +176,128 @@ class _Pool:
             self.free.clear()
 
 
+try:
+    from ._native import map_at, remap
+except ImportError:  # pragma: no cover - only without the extension: results are copied back
+    map_at = remap = None
+
+
+class _Alloc:
+    """The shared memory behind one :meth:`Client.alloc` array, and its twin.
+
+    The array lives at ``base``; the file mapped there is ``cur``. A call over the whole
+    array reads ``cur`` and writes its result into the twin (the file ``spare``, mapped at
+    ``spare_addr``). On success the twin's pages are moved to ``base`` (``mremap``), so the
+    array holds the result without a copy, and ``cur`` is mapped where the twin was: the
+    two files swap roles. On failure the array is untouched; the twin, which co-located
+    peers may still be writing into, is replaced by a fresh segment. The two
+    ``SharedMemory`` objects made first keep owning the two address ranges (they unmap
+    them when closed); which file is mapped in each is tracked by name here."""
+
+    def __init__(self, client: Client, seg: shared_memory.SharedMemory, nbytes: int) -> None:
+        self.client = client
+        self.nbytes = nbytes
+        self.base = _address(seg.buf)
+        self.span = -(-seg.size // PAGE) * PAGE
+        self.owners = [seg]
+        self.segs = {seg.name: seg}  # every live file of this allocation, by name
+        self.cur = seg.name
+        self.spare: str | None = None
+        self.spare_addr = 0
+        self.busy = False  # a call is writing the twin (or it is unusable)
+        self._lock = threading.Lock()
+
+    def add_twin(self) -> None:
+        twin = local.create_segment(self.owners[0].size)
+        try:
+            self.client._call({"op": "map", "name": twin.name, "size": twin.size}, timeout=10.0)
+        except BaseException:
+            _release(twin)
+            raise
+        self.owners.append(twin)
+        self.segs[twin.name] = twin
+        self.spare, self.spare_addr = twin.name, _address(twin.buf)
+
+    def take(self) -> bool:
+        """Reserve the twin for one call (False: none, or another call uses it)."""
+        with self._lock:
+            if self.spare is None or self.busy:
+                return False
+            self.busy = True
+            return True
+
+    def swap(self) -> None:
+        """The call succeeded: its result (the twin) takes the array's address."""
+        try:
+            remap(self.spare_addr, self.base, self.span)
+        except OSError:  # the result stays where it is: copy it, as without a twin
+            copy_into(self.owners[0].buf[:self.nbytes], self.owners[1].buf[:self.nbytes])
+            self.busy = False
+            return
+        try:
+            self._map(self.cur, self.spare_addr)
+        except OSError:
+            log.warning("alloc(): cannot map the old buffer where the twin was; this array's calls copy "
+                        "their results from now on")
+            self.spare = None  # (busy stays set: nothing is mapped at spare_addr any more)
+            return
+        self.cur, self.spare = self.spare, self.cur
+        self.busy = False
+
+    def release(self) -> None:
+        """The call ended without a result for this array (another part of it failed)."""
+        self.busy = False
+
+    def retire(self) -> None:
+        """The call failed: a peer may still write into the twin, so it is dropped (unlinked
+        here and unmapped by the daemon) and a fresh segment takes its place."""
+        old = self.spare
+        try:
+            fresh = local.create_segment(self.owners[0].size)
+            self.client._call({"op": "map", "name": fresh.name, "size": fresh.size}, timeout=10.0)
+            self.segs[fresh.name] = fresh
+            self._map(fresh.name, self.spare_addr)
+            self.spare = fresh.name
+            self.busy = False
+        except (PcclError, OSError) as exc:
+            log.warning("alloc(): no fresh twin after a failed call (%s); results are copied from now on", exc)
+            self.spare = None
+        self._drop(old)
+
+    def _map(self, name: str, addr: int) -> None:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+        try:
+            map_at(addr, self.span, fd)
+        finally:
+            os.close(fd)
+
+    def _drop(self, name: str | None) -> None:
+        seg = self.segs.pop(name, None) if name is not None else None
+        if seg is None:
+            return
+        try:
+            seg.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            self.client._call({"op": "unmap", "name": name}, timeout=10.0)
+        except PcclError:
+            pass
+
+    def close(self) -> None:
+        for seg in self.segs.values():
+            try:
+                seg.unlink()
+            except FileNotFoundError:
+                pass
+        for seg in self.owners:
+            try:
+                seg.close()
+            except BufferError:  # the caller still holds the array: the mapping goes with it
+                pass
+        self.segs.clear()
+
+
 def _request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeout: float) -> dict:
     """The all_reduce request for one bucket (checks the arguments every peer must share)."""
     if op not in OPS:
@@ -191,6 +313,9 @@ def _request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeo
     if tag is not None:
         msg["tag"] = tag
     return msg
+
+
+_TWIN = "twin"  # a part whose result lands in an alloc() array's twin (see _Alloc)
 
 
 class Handle:
@@ -223,13 +348,16 @@ class Handle:
                 info = self._client._wait_reply(rid, deadline)
             except _NoAnswer:
                 # the daemon may still write into this segment: it is not given back to the pool
+                # (nor is a twin: its allocation copies results from now on)
                 error = error or DeadlineExceeded(f"all_reduce: the daemon gave no answer within {timeout:.1f}s")
                 continue
             except PcclError as exc:
                 # co-located peers may still write their chunks into this segment's output
                 # region for a moment (see collectives/shm.py): never reuse it
                 error = error or exc
-                if seg is not None:
+                if layout is _TWIN:
+                    seg.retire()
+                elif seg is not None:
                     self._client._pool.retire(seg)
                 continue
             infos.append(info)
@@ -237,6 +365,14 @@ class Handle:
         # results land only once every part (one per dtype) succeeded: a failed call
         # leaves all the caller's tensors untouched
         for seg, members, layout, info in done:
+            if layout is _TWIN:  # the result is in the twin: it takes the array's pages
+                if error is None:
+                    seg.swap()
+                    for f, _ in members:
+                        f.finish()
+                else:
+                    seg.release()
+                continue
             if seg is None:  # an inline call: the result came in the reply
                 data = info.pop("data")
                 if error is None:
@@ -257,7 +393,8 @@ class Handle:
             self._error = error
             return
         total = infos[0] if infos else {"world_size": self._client.world_size}  # each reply is a fresh dict
-        total["input_copied"] = any(layout is None or layout[2] for *_, layout in self._parts)
+        total["input_copied"] = any(layout is None or (layout is not _TWIN and layout[2]) for *_, layout in self._parts)
+        total["result_copied"] = any(layout is not _TWIN for *_, layout in self._parts)
         for extra in infos[1:]:
             for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
                 if k in extra:
@@ -317,7 +454,7 @@ class Client:
         self._pool = _Pool(self)
         self._states: list[SharedState] = []
         self._progress: dict[int, Any] = {}  # request id -> progress callback
-        self._allocs: list[tuple[int, int, shared_memory.SharedMemory]] = []  # alloc() segments
+        self._allocs: list[_Alloc] = []  # alloc() arrays
 
     # -- plumbing --------------------------------------------------------------------
     def _spawn(self, secret, streams, listen, log_level, shm, advertise, tcp_only) -> str:
@@ -530,9 +667,17 @@ class Client:
                 continue
             span = -(-max(nbytes, 1) // PAGE) * PAGE
             resident = self._resident(group)
+            if resident is not None and resident[1] == 0 and nbytes == resident[0].nbytes and resident[0].take():
+                # the whole of an alloc() array: the result goes into its twin, which then
+                # takes the array's pages (Handle._finish): no copy in, no copy back
+                rec = resident[0]
+                msg.update(shm=rec.spare, in_shm=rec.cur, in_off=0, out_off=0)
+                parts.append((self._send(msg), rec, members, _TWIN))
+                continue
             if resident is not None:
                 # the input already lives in a segment the daemon maps: no copy in
-                in_seg, in_off = resident
+                rec, in_off = resident
+                in_name = rec.cur
                 seg = self._pool.take(span + 2 * PAGE)
                 out_off = _offset_near(group[0].data, seg, 3 * PAGE // 4)
             else:
@@ -542,11 +687,11 @@ class Client:
                 # addresses a few bytes apart modulo the page run at a third of the speed
                 # on some CPUs (4K aliasing)
                 seg = self._pool.take(span + PAGE)
-                in_seg = seg
+                in_name = seg.name
                 in_off = out_off = _offset_near(group[0].data, seg, PAGE // 4)
                 for f, moff in members:
                     copy_into(seg.buf[in_off + moff : in_off + moff + f.nbytes], f.data)
-            msg.update(shm=seg.name, in_shm=in_seg.name, in_off=in_off, out_off=out_off)
+            msg.update(shm=seg.name, in_shm=in_name, in_off=in_off, out_off=out_off)
             parts.append((self._send(msg), seg, members, (in_off, out_off, resident is None)))
         return Handle(self, parts, timeout)
 
@@ -607,7 +752,7 @@ class Client:
         except _NoAnswer:
             raise DeadlineExceeded(f"all_reduce: the daemon gave no answer within {timeout + SLACK:.1f}s") from None
         x.reshape(-1).view(np.uint8)[:] = np.frombuffer(info.pop("data"), np.uint8)
-        info["input_copied"] = True
+        info["input_copied"] = info["result_copied"] = True
         return info
 
     def _wait_new_epoch(self, epoch: int, backoff: Backoff) -> dict:
@@ -628,12 +773,16 @@ class Client:
         msg = {"op": "all_gather", "data": bytes(blob), "tag": tag}
         return self._retrying(lambda: list(self._call(msg, timeout)["blobs"]), retry, "all_gather")
 
-    def alloc(self, shape, dtype="float32", *, as_torch: bool = False):
+    def alloc(self, shape, dtype="float32", *, as_torch: bool = False, double_buffer: bool = True):
         """A zeroed array (or torch tensor) in shared memory that the daemon maps.
 
         All-reducing it (alone, or with other views that follow each other in the same
-        allocation) skips the copy into shared memory; the result is still written back in
-        place, and the input is untouched on failure. ``dtype`` is a numpy dtype or name;
+        allocation) skips the copy into shared memory, and the input is untouched on
+        failure. With ``double_buffer`` (the default) the allocation has a twin of the same
+        size: a call over the whole array writes its result into the twin, whose pages then
+        take the array's place, so the result lands without a copy either (``info
+        ["result_copied"]`` is False); other calls copy the result back. The twin doubles
+        the shared memory the array takes. ``dtype`` is a numpy dtype or name;
         ``as_torch`` returns a torch tensor (``dtype="bfloat16"`` only with ``as_torch``).
         """
         bf16 = str(dtype) == "bfloat16"
@@ -649,8 +798,14 @@ class Client:
             seg.close()
             seg.unlink()
             raise
-        base = _address(seg.buf)
-        self._allocs.append((base, base + seg.size, seg))
+        rec = _Alloc(self, seg, nbytes)
+        if double_buffer and remap is not None and nbytes > local.INLINE_BYTES:
+            try:
+                rec.add_twin()
+            except BaseException:
+                rec.close()
+                raise
+        self._allocs.append(rec)
         arr = np.ndarray(shape, np_dtype, buffer=seg.buf)
         if not as_torch:
             return arr
@@ -660,7 +815,7 @@ class Client:
         return t.view(torch.bfloat16) if bf16 else t
 
     def _resident(self, group: list[Flat]):
-        """(segment, offset) when the group's bytes are one run inside an :meth:`alloc` segment."""
+        """(allocation, offset) when the group's bytes are one run inside an :meth:`alloc` array."""
         if not self._allocs or any(f.staged is not None for f in group):
             return None
         start = group[0].data.__array_interface__["data"][0]
@@ -669,9 +824,9 @@ class Client:
             if f.data.__array_interface__["data"][0] != end:
                 return None
             end += f.nbytes
-        for lo, hi, seg in self._allocs:
-            if lo <= start and end <= hi:
-                return seg, start - lo
+        for rec in self._allocs:
+            if rec.base <= start and end <= rec.base + rec.span:
+                return rec, start - rec.base
         return None
 
     # -- shared state ----------------------------------------------------------------
@@ -735,8 +890,8 @@ class Client:
             self._pool.close()
             for st in self._states:
                 st.close()
-            for _, _, seg in self._allocs:
-                _release(seg)
+            for rec in self._allocs:
+                rec.close()
             self._allocs.clear()
         finally:
             self._sock.close()

@@ -481,6 +481,62 @@ def test_client_allocated_tensors_skip_the_copy_in(coordinator):
     del torch
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "ring"])
+def test_a_whole_allocated_array_gets_its_result_without_a_copy(coordinator, algorithm):
+    """A call over the whole of an alloc() array writes the result into its twin, whose
+    pages then take the array's place: right values for many calls in a row (the two
+    buffers swapping roles), views of part of it copied as before, torch views see it."""
+    torch = pytest.importorskip("torch")
+
+    def body(c, rank):
+        n = 1 << 20
+        a = c.alloc(n)
+        t = torch.from_numpy(a)  # another view of the same memory
+        addr = a.__array_interface__["data"][0]
+        seen = []
+        for step in range(6):
+            a[:] = np.arange(n, dtype=np.float32) * (rank + 1) + step
+            info = c.all_reduce(a, op="sum", algorithm=algorithm)
+            want = np.arange(n, dtype=np.float32) * 3 + 2 * step
+            seen.append((bool(np.array_equal(a, want)), info["result_copied"], info["input_copied"],
+                         float(t[7]) == float(want[7])))
+        assert a.__array_interface__["data"][0] == addr
+        part = a[: n // 2]  # not the whole array: the result is copied back
+        part[:] = rank + 1
+        info = c.all_reduce(part, algorithm=algorithm)
+        seen.append((bool(np.all(part == 3)) and bool(a[n // 2] == want[n // 2]), info["result_copied"],
+                     info["input_copied"], True))
+        return seen
+
+    results, _ = run_peers(2, body, coordinator)
+    for seen in results:
+        assert seen[:6] == [(True, False, False, True)] * 6
+        assert seen[6] == (True, True, False, True)
+
+
+def test_a_failed_call_on_an_allocated_array_leaves_it_untouched_and_the_next_one_works(coordinator):
+    before = _shm_names()
+    with joined_pair(coordinator, timeout=5.0) as (a, b):
+        xa, xb = a.alloc(1 << 18), b.alloc(1 << 18)
+        xa[:] = 1.0
+        xb[:] = 2.0
+        wrong = np.ones(1 << 17, np.float32)  # b calls tag 5 with another size: both fail
+        with cf.ThreadPoolExecutor(2) as ex:
+            fa = ex.submit(a.all_reduce, xa, tag=5)
+            fb = ex.submit(b.all_reduce, wrong, tag=5)
+            for f in (fa, fb):
+                with pytest.raises(InvalidUsage):
+                    f.result(timeout=30)
+        assert np.all(xa == 1.0)  # untouched; its twin was replaced (a peer may still write into it)
+        with cf.ThreadPoolExecutor(2) as ex:
+            infos = list(ex.map(lambda p: p[0].all_reduce(p[1], tag=6), [(a, xa), (b, xb)]))
+        assert np.all(xa == 3.0) and np.all(xb == 3.0)
+        assert not infos[0]["result_copied"]
+        del xa, xb
+    left = _shm_names() - before
+    assert not left, f"segments left in /dev/shm: {sorted(left)}"
+
+
 def test_peer_frozen_mid_shared_memory_calls_never_yields_torn_results(coordinator):
     """Daemons on one host all-reduce through shared memory. One daemon is frozen at a
     random point of a stream of calls and resumed after the others moved on: every call that
