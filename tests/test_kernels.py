@@ -333,7 +333,10 @@ def qbound(x: np.ndarray, lo: float, scale: float) -> float:
     hi = float(np.max(x))
     mag = max(abs(lo), abs(hi))
     ulp = max(2.0 ** (math.frexp(mag)[1] - 24), 2.0**-149)  # float32 ulp at mag
-    return scale / 2 * (1 + 1e-3) + 4 * ulp + 1e-44
+    bound = scale / 2 * (1 + 1e-3) + 4 * ulp + 1e-44
+    if scale == 0.0:  # a range of denormals whose step underflows to 0: every value decodes to lo
+        bound = max(bound, hi - lo)
+    return bound
 
 
 def quant_roundtrip(x: np.ndarray, bits: int):
