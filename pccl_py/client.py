@@ -257,6 +257,7 @@ class _Alloc:
             self.client._call({"op": "map", "name": fresh.name, "size": fresh.size}, timeout=10.0)
             self.segs[fresh.name] = fresh
             self._map(fresh.name, self.spare_addr)
+            fresh.close()  # its own mapping; the file stays mapped where the twin was (and named, for unlink)
             self.spare = fresh.name
             self.busy = False
         except (PcclError, OSError) as exc:
