@@ -83,7 +83,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _copy_threads() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = K.usable_cpus()
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
@@ -163,10 +163,7 @@ class _Pool:
         with self._lock:
             self.all.remove(seg)
         _release(seg)
-        try:
-            self.client._call({"op": "unmap", "name": seg.name}, timeout=10.0)
-        except PcclError:
-            pass  # the daemon is gone or stuck: the caller's error says so already
+        self.client._unmap(seg.name)
 
     def close(self) -> None:
         with self._lock:
@@ -280,10 +277,7 @@ class _Alloc:
             seg.unlink()
         except FileNotFoundError:
             pass
-        try:
-            self.client._call({"op": "unmap", "name": name}, timeout=10.0)
-        except PcclError:
-            pass
+        self.client._unmap(name)
 
     def close(self) -> None:
         for seg in self.segs.values():
@@ -588,6 +582,13 @@ class Client:
         msg.setdefault("timeout", timeout)
         rid = self._send(msg)
         return self._wait_reply(rid, time.monotonic() + timeout + SLACK)
+
+    def _unmap(self, name: str) -> None:
+        """Ask the daemon to unmap a segment this client dropped after a failed call."""
+        try:
+            self._call({"op": "unmap", "name": name}, timeout=10.0)
+        except PcclError:
+            pass  # the daemon is gone or stuck: the caller's error says so already
 
     def _remember(self, info: dict) -> dict:
         self._info = info

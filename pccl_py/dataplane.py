@@ -94,7 +94,7 @@ def io_threads_on(setting: bool | None) -> bool:
             return False
         if env in ("1", "on", "true", "yes"):
             return True
-        return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 2
+        return K.usable_cpus() > 2
     return bool(setting)
 
 
@@ -348,8 +348,8 @@ class DataPlane:
         v = self.router.route(h, link.peer_id)
         if v.note is not None:
             log.log(*v.note)
-            if v.action == DIVERGED:
-                self._tell_diverged(h, link.peer_id)
+        if v.action == DIVERGED:
+            self._tell_diverged(h, link.peer_id)
         return v
 
     def _tell_diverged(self, h: F.Header, pid: str) -> None:
@@ -479,9 +479,8 @@ class DataPlane:
         would otherwise hold the loop while frames wait. Jobs of one ``key`` run on one
         thread, in order (work on one block never overlaps)."""
         if self._workers is None:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             self._workers = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pccl-work{i}")
-                             for i in range(max(1, min(4, cpus // 4)))]
+                             for i in range(max(1, min(4, K.usable_cpus() // 4)))]
         worker = self._workers[key % len(self._workers)]
 
         def settle(f: asyncio.Future) -> None:

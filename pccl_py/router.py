@@ -138,9 +138,10 @@ class Router:
             return self._drop(logging.DEBUG, ("late", pid, h.tag, h.seq),
                               f"dropping late frames of finished tag {h.tag} from {pid}")
         if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
-            return Verdict(DIVERGED, None, src, self._once(
-                ("diverged", pid, h.epoch, h.tag, h.seq), logging.WARNING,
-                f"peer {pid} retries tag {h.tag}, which this peer completed: the peers diverged"))
+            note = self._once(("diverged", pid, h.epoch, h.tag, h.seq), logging.WARNING,
+                              f"peer {pid} retries tag {h.tag}, which this peer completed: the peers diverged")
+            # the sender is told once per attempt; its later frames of that attempt are dropped
+            return Verdict(DIVERGED, None, src, note) if note is not None else Verdict(DROP)
         return self._wait(h, src)
 
     def attempt_dropped(self, h: F.Header, pid: str) -> bool:

@@ -84,7 +84,8 @@ def test_a_peer_retrying_a_call_completed_here_is_told_once():
     r.behind = lambda tag: tag == 7
     v = r.route(hdr(tag=7), "c")
     assert v.action == DIVERGED and v.src == 2 and "diverged" in v.note[1]
-    assert r.route(hdr(tag=7), "c").note is None  # told once per attempt
+    again = r.route(hdr(tag=7), "c")
+    assert again.note is None and again.action == DROP  # told once per attempt
     assert r.route(hdr(tag=8), "c").action == STALL
 
 

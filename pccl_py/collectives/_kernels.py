@@ -8,6 +8,7 @@ nor ``pccl_py.reference`` is present yet.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -157,6 +158,11 @@ dequantize_u8 = _IMPLS["dequantize_u8"]
 dequantize_u4 = _IMPLS["dequantize_u4"]
 dequant_add_u8 = _IMPLS["dequant_add_u8"]
 dequant_add_u4 = _IMPLS["dequant_add_u4"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask): what thread counts follow."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _np_copy(dst, src) -> None:

@@ -166,20 +166,15 @@ class Pump:
         n = len(view)
         if recv_fill is not None:
             fd = sock.fileno()
-            if reduction is not None:
-                acc, other, op, dtype = reduction.pair()
-                red = reduction.done
-                while pos < n:
-                    pos, red = recv_fill(fd, view, pos, _POLL_MS, acc, other, op, dtype, red, self._stop_flag)
-                    reduction.done = red
-                    if pos < n:
-                        self._check()
-                return
+            pair = reduction.pair() if reduction is not None else (None, None, "sum", "uint8")
+            red = reduction.done if reduction is not None else pos
             while pos < n:
-                pos, _ = recv_fill(fd, view, pos, _POLL_MS, stop=self._stop_flag)
+                pos, red = recv_fill(fd, view, pos, _POLL_MS, *pair, red, self._stop_flag)
+                if reduction is not None:
+                    reduction.done = red
                 if pos < n:
                     self._check()
-            if progress is not None:
+            if reduction is None and progress is not None:
                 progress(n)
             return
         if reduction is not None:

@@ -70,6 +70,20 @@ class QuantAllReduce(Collective):
         self.own_pending = [w - 1] * len(self.blocks[me])
         self._seen: set[tuple[int, int]] = set()
         self._units = sum(len(b) for b in self.blocks)
+        # With a worker, the peers' contributions to our blocks are added after the stream
+        # has read on, so each lands in a slot of its own: one per (peer, block), in one
+        # buffer per call (made at the first contribution).
+        own = self.blocks[me]
+        self._own_base = own[0][2] if own else 0
+        self._own_len = sum(code_bytes(b - a, self.q) for a, b, _ in own)
+        self._inbox: memoryview | None = None
+
+    def _slot(self, src: int, off: int, n: int) -> memoryview:
+        """Where the codes of peer ``src``'s contribution at code offset ``off`` are read."""
+        if self._inbox is None:
+            self._inbox = memoryview(np.empty((self.link.world - 1) * self._own_len, np.uint8))
+        start = (src - (src > self.link.rank)) * self._own_len + off - self._own_base
+        return self._inbox[start:start + n]
 
     # -- numeric work: on the loop, or in order on the data plane's worker thread -------------
     def _do(self, fn, then, key: int = 0) -> None:
@@ -133,9 +147,9 @@ class QuantAllReduce(Collective):
         dst = self.dst[a * 4:b * 4]
         lo, scale = h.lo, h.scale
         if h.step == 0:
-            # a contribution to a block this peer owns: added in float32 (on the worker, the
-            # codes in a buffer of their own, as the stream reads on into its staging)
-            stg = conn.staging(h.length) if self._worker is None else memoryview(bytearray(h.length))
+            # a contribution to a block this peer owns: added in float32 (on the worker, from
+            # a slot of its own, as the stream reads on into its staging)
+            stg = conn.staging(h.length) if self._worker is None else self._slot(src, off, h.length)
 
             def added(_):
                 self.own_pending[idx] -= 1
