@@ -43,5 +43,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pccl_py tests stress
 
 clean:
-	rm -rf build dist *.egg-info pccl_py/*.so .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist *.egg-info pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis
 	rm -rf $(VENV)

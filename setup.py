@@ -1,4 +1,4 @@
-"""Build of the C extension pccl_py._native from native/*.c (metadata lives in pyproject.toml)."""
+"""Build of the C extension pccl_py.kernels._native from native/*.c (metadata lives in pyproject.toml)."""
 
 import glob
 import os
@@ -11,7 +11,7 @@ SOURCES = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, 
 setup(
     ext_modules=[
         Extension(
-            "pccl_py._native",
+            "pccl_py.kernels._native",
             sources=SOURCES,
             include_dirs=["native"],
             # Same bits on every machine: no FMA contraction, no fast-math, no -march

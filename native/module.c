@@ -1,4 +1,4 @@
-/* pccl_py._native: the Python boundary of the C kernels.
+/* pccl_py.kernels._native: the Python boundary of the C kernels.
  *
  * Every argument is checked here (buffer protocol, C-contiguity, writability, lengths,
  * dtype and op names, overlap); the kernels themselves trust their inputs. Errors are
@@ -669,7 +669,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "pccl_py._native",
+    PyModuleDef_HEAD_INIT, "pccl_py.kernels._native",
     "C kernels of pccl_py: reductions, avg finish, min-max quantization (GIL released).",
     -1, methods, NULL, NULL, NULL, NULL,
 };

@@ -1,6 +1,6 @@
 """pccl_py: fault-tolerant peer-to-peer collectives for training over the internet."""
 
-from .errors import (
+from pccl_py.errors import (
     Aborted,
     CoordinatorUnavailable,
     DeadlineExceeded,
@@ -35,7 +35,7 @@ __all__ = [
 def __getattr__(name: str):
     # Client pulls in zmq/msgpack; import it lazily so kernel-only users stay light.
     if name == "Client":
-        from .client import Client
+        from pccl_py.client.client import Client
 
         return Client
     raise AttributeError(name)

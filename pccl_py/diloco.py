@@ -1,4 +1,4 @@
-"""DiLoCo outer optimisation on top of :class:`~pccl_py.client.Client`.
+"""DiLoCo outer optimisation on top of :class:`~pccl_py.client.client.Client`.
 
 Each peer runs ``inner_steps`` steps of its own optimiser, then the peers average their
 pseudo-gradients (outer params minus local params) with one all-reduce and apply an
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .client import Client
-from .errors import Diverged
+from pccl_py.client.client import Client
+from pccl_py.errors import Diverged
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ def free_ports(n: int) -> list[int]:
 async def child_main(args) -> None:
     import numpy as np
 
-    from pccl_py.dataplane import DataPlane, DataPlaneConfig
-    from pccl_py.topology import PeerInfo, Topology
+    from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
+    from pccl_py.daemon.topology import PeerInfo, Topology
 
     rank, world = args.rank, len(args.ports)
     d = DataPlaneConfig()
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--ports", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from pccl_py.dataplane import DataPlaneConfig
+    from pccl_py.daemon.dataplane import DataPlaneConfig
     d = DataPlaneConfig()
     args.sizes = [parse_size(s) for s in args.sizes]
     args.min_stripe = parse_size(args.min_stripe) if args.min_stripe else d.min_stripe
@@ -225,11 +225,11 @@ def main() -> None:
         return
     streams = [s or 4 for s in args.streams]
     subs = [parse_size(s) if s else d.sub_bytes for s in args.sub_bytes]
-    from pccl_py.collectives import _kernels
+    from pccl_py import kernels as _kernels
     print(f"# float32 sum all-reduce, medians over {args.reps} reps (x4 below 1M elements), "
           f"{len(os.sched_getaffinity(0))} cores, loopback, one process per peer on uvloop, "
           f"kernels: {_kernels.SOURCE}")
-    from pccl_py.dataplane import io_threads_on
+    from pccl_py.daemon.dataplane import io_threads_on
     threads = io_threads_on({"on": True, "off": False}.get(args.io_threads))
     print(f"# links: {'TCP' if args.tcp_only else 'Unix sockets (same host)'}; I/O threads: "
           f"{'2 per stream (frames >= ' + (args.bulk_min or fmt_size(d.bulk_min)) + ' bytes)' if threads else 'none'}"

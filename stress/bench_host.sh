@@ -26,7 +26,7 @@ run() {  # run NAME CMD...: stdout and a copy in OUTDIR/NAME.txt, noise filtered
     "$@" 2>&1 | grep -v -e '^\[W' -e '^#   (' | tee "$out/$name.txt"
 }
 dp="$py stress/bench_dataplane.py --tcp-only --algorithms ring --reps 5 --sizes 16M 64M"
-api="$py -m pccl_py.cli bench allreduce --tcp-only --algorithm ring --compare gloo --repeat 5"
+api="$py -m pccl_py bench allreduce --tcp-only --algorithm ring --compare gloo --repeat 5"
 case $part in
 dataplane)
     run dp-loop $dp --world 2 4 --io-threads off --streams 4
@@ -43,8 +43,8 @@ api-large)
     ;;
 quant)
     for n in 2 4; do
-        run "quant-n$n-f32" $py -m pccl_py.cli bench allreduce --tcp-only --algorithm ring --world $n --sizes 64M --repeat 5
-        run "quant-n$n-u8" $py -m pccl_py.cli bench allreduce --tcp-only --world $n --sizes 64M --repeat 5 --quant uint8
+        run "quant-n$n-f32" $py -m pccl_py bench allreduce --tcp-only --algorithm ring --world $n --sizes 64M --repeat 5
+        run "quant-n$n-u8" $py -m pccl_py bench allreduce --tcp-only --world $n --sizes 64M --repeat 5 --quant uint8
     done
     ;;
 hosts)

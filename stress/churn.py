@@ -47,7 +47,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pccl_py.demo import free_port  # noqa: E402
+from pccl_py.tools.demo import free_port  # noqa: E402
 
 
 def peer(args) -> int:

@@ -191,7 +191,7 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
 
     import numpy as np
 
-    from pccl_py.client import Client
+    from pccl_py.client.client import Client
 
     extra = ["--streams", str(streams)] if streams else []
     paths = [hosts.start_daemon(i, *extra)[1] for i in range(n)]
@@ -227,11 +227,11 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
 
 
 def run_gloo(hosts: Hosts, n: int, sizes: list[int], repeat: int) -> list[dict]:
-    from pccl_py.bench.allreduce import _collect
+    from pccl_py.tools.bench.allreduce import _collect
 
     port = COORD_PORT + 1
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
-    procs = [hosts.spawn(r, [sys.executable, "-m", "pccl_py.bench.allreduce", "--role", "gloo", "--world", str(n),
+    procs = [hosts.spawn(r, [sys.executable, "-m", "pccl_py.tools.bench.allreduce", "--role", "gloo", "--world", str(n),
                              "--sizes", ",".join(map(str, sizes)), "--repeat", str(repeat), "--port", str(port),
                              "--rank", str(r), "--master", hosts.addr[0]],
                          stdout=subprocess.PIPE, env=env)
@@ -242,7 +242,7 @@ def run_gloo(hosts: Hosts, n: int, sizes: list[int], repeat: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     import statistics
 
-    from pccl_py.bench.allreduce import parse_size
+    from pccl_py.tools.bench.allreduce import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", type=int, default=3)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts.start_coordinator()
         ours = run_ours(hosts, n, sizes, args.repeat, args.streams, args.quant)
         gloo = run_gloo(hosts, n, sizes, args.repeat) if args.compare else None
-    from pccl_py.dataplane import io_threads_on
+    from pccl_py.daemon.dataplane import io_threads_on
     print(f"{n} peers in separate network namespaces, "
           f"{f'each uplink shaped to {args.rate} (tc tbf)' if shaped else 'unshaped veth links'}; "
           f"streams {args.streams or 'default'}, I/O threads {'on' if io_threads_on(None) else 'off'}, "

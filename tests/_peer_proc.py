@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pccl_py.control import ControlLink  # noqa: E402
+from pccl_py.daemon.control import ControlLink  # noqa: E402
 from pccl_py.errors import PcclError  # noqa: E402
 
 

@@ -17,9 +17,9 @@ import asyncio
 import collections
 import random
 
-from pccl_py import frames as F
 from pccl_py.collectives.base import error_code
 from pccl_py.errors import PeerLost
+from pccl_py.wire import frames as F
 
 
 class FakeLink:

@@ -11,7 +11,7 @@ import pytest
 @pytest.mark.timeout(240)
 def test_bench_allreduce_rounds_against_gloo(capsys):
     pytest.importorskip("torch")
-    from pccl_py.bench.allreduce import main
+    from pccl_py.tools.bench.allreduce import main
 
     assert main(["--world", "2", "--sizes", "1,70000", "--repeat", "1", "--rounds", "2",
                  "--compare", "gloo", "--json"]) == 0
@@ -28,7 +28,7 @@ def test_bench_allreduce_rounds_against_gloo(capsys):
 
 @pytest.mark.timeout(120)
 def test_bench_floor_is_a_correct_all_reduce_timed_beside_ours(capsys):
-    from pccl_py.bench.allreduce import main
+    from pccl_py.tools.bench.allreduce import main
 
     # each floor rank checks its result against the exact sum and exits non-zero otherwise
     assert main(["--world", "3", "--sizes", "0,1,70001", "--repeat", "1", "--floor", "--json"]) == 0
@@ -43,8 +43,8 @@ def test_floor_barrier_gives_up_at_its_deadline(tmp_path):
     import os
     import time
 
-    from pccl_py.bench.floor import _Barrier
-    from pccl_py.local import create_segment
+    from pccl_py.tools.bench.floor import _Barrier
+    from pccl_py.transport.segments import create_segment
 
     seg = create_segment(4096, prefix="pccl_test_")
     try:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import Coordinator, free_port
 
-from pccl_py import Aborted, Client, DeadlineExceeded, InvalidUsage, PcclError, PeerLost, local
+from pccl_py import Aborted, Client, DeadlineExceeded, InvalidUsage, PcclError, PeerLost
+from pccl_py.wire import ipc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -229,7 +230,7 @@ def test_daemon_deadline_reaches_the_caller_with_its_reason(coordinator, count):
             a.all_reduce(x, timeout=0.5)
         assert time.monotonic() - t0 < 4.0  # the daemon's deadline, not the client's + slack
         assert np.all(x == 1.0)
-        if x.nbytes <= local.INLINE_BYTES:
+        if x.nbytes <= ipc.INLINE_BYTES:
             assert not taken
             return
         # peers may still write into a failed call's output: its segment is never reused
@@ -262,7 +263,7 @@ def test_daemon_refuses_malformed_inline_requests(coordinator):
     bytes is refused with InvalidUsage before anything is sent; the daemon serves on."""
     with joined_pair(coordinator) as (a, b):
         base = {"op": "all_reduce", "dtype": "float32", "reduce": "sum", "algorithm": "auto", "timeout": 5.0}
-        big = local.INLINE_BYTES + 4
+        big = ipc.INLINE_BYTES + 4
         for bad in ({"nbytes": 8, "data": b"1234"}, {"nbytes": big, "data": b"\0" * big},
                     {"nbytes": 4, "data": "abcd"}):
             with pytest.raises(InvalidUsage, match="inline data"):

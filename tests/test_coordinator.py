@@ -25,10 +25,10 @@ import pytest
 import uvloop
 import zmq
 
-from pccl_py import protocol
-from pccl_py.control import ControlLink
+from pccl_py.daemon.control import ControlLink
 from pccl_py.errors import CoordinatorUnavailable, InvalidUsage, PeerLost
-from pccl_py.status import query_status
+from pccl_py.tools.status import query_status
+from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 log = logging.getLogger("test.coordinator")
@@ -517,15 +517,15 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
 
 def test_status_cli(coordinator):
     coord = coordinator("--recovery-grace", "0.2")
-    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", coord.addr, "--json"],
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr, "--json"],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["members"] == [] and "instance" in st
-    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", coord.addr],
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert out.returncode == 0 and "epoch" in out.stdout and "(no peers)" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "pccl_py.status", "--coordinator", f"127.0.0.1:{free_port()}",
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", f"127.0.0.1:{free_port()}",
                           "--timeout", "0.3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert out.returncode == 1 and "no status" in out.stderr
 

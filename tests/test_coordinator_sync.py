@@ -9,10 +9,10 @@ import socket
 import pytest
 import uvloop
 
-from pccl_py.control import ControlLink
-from pccl_py.coordinator import serve
+from pccl_py.coordinator.membership import MembershipConfig
+from pccl_py.coordinator.server import serve
+from pccl_py.daemon.control import ControlLink
 from pccl_py.errors import CoordinatorUnavailable, RevisionError
-from pccl_py.membership import MembershipConfig
 
 pytestmark = pytest.mark.timeout(40)
 

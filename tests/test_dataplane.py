@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import uvloop
 
-from pccl_py import frames as F
-from pccl_py import router as router_mod
-from pccl_py.collectives import _kernels as K
-from pccl_py.collectives.link import Stream
-from pccl_py.dataplane import DataPlane, DataPlaneConfig, local_address
+from pccl_py import kernels as K
+from pccl_py.daemon import router as router_mod
+from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, local_address
+from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PeerLost
-from pccl_py.topology import PeerInfo, Topology
+from pccl_py.transport.streams import Stream
+from pccl_py.wire import frames as F
 
 SECRET = b"test-secret"
 # small segments so sub-chunking, striping and partial reads are exercised by small sizes

@@ -30,9 +30,9 @@ async def _child(index: int, algorithm: str, links: str, io: str) -> None:
 
     import numpy as np
 
-    from pccl_py.dataplane import DataPlane, DataPlaneConfig
+    from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
+    from pccl_py.daemon.topology import PeerInfo, Topology
     from pccl_py.errors import PcclError
-    from pccl_py.topology import PeerInfo, Topology
 
     loop = asyncio.get_running_loop()
     dp = DataPlane(f"k{index}", secret=b"kill-test", streams=2,

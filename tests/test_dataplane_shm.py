@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from test_dataplane import NP, assert_parity_near_exact, cluster, make_inputs, reference, run, topo
 
-from pccl_py.collectives import _kernels as K
+from pccl_py import kernels as K
 from pccl_py.collectives import shm as S
-from pccl_py.dataplane import DataPlaneConfig
+from pccl_py.daemon.dataplane import DataPlaneConfig
 from pccl_py.errors import Aborted, InvalidUsage, PeerLost
 
 pytestmark = pytest.mark.timeout(90)
@@ -223,8 +223,8 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     """Every peer records its finished chunk on rank 0's arrival mask; the one that completes
     it sends FIN_ALL to each other peer, and nobody sends a plain FIN: N-1 FIN frames per
     call instead of N(N-1)."""
-    from pccl_py import frames as F
-    from pccl_py.collectives.link import Stream
+    from pccl_py.transport.streams import Stream
+    from pccl_py.wire import frames as F
 
     fins = []
     real = Stream.write

@@ -17,11 +17,11 @@ import pytest
 from test_dataplane import all_reduce_all, families, make_inputs, reference, run, topo
 from test_dataplane import cluster as dp_cluster
 
-from pccl_py.collectives import pump as pump_mod
-from pccl_py.collectives.link import Stream
-from pccl_py.collectives.pump import Pump
-from pccl_py.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.errors import Aborted, PeerLost
+from pccl_py.transport import pump as pump_mod
+from pccl_py.transport.pump import Pump
+from pccl_py.transport.streams import Stream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -429,7 +429,7 @@ def test_a_thread_that_cannot_start_fails_the_call_fast_not_at_its_deadline(monk
 def test_large_copies_on_threads_work_in_a_forked_child(monkeypatch):
     """The copy pool of a parent is not the child's: a child's first large copy must not
     wait on threads it does not have."""
-    from pccl_py import client as client_mod
+    from pccl_py.client import client as client_mod
 
     monkeypatch.setattr(client_mod, "_copy_threads", lambda: 2)
     n = client_mod.PARALLEL_COPY_MIN * 2
@@ -456,7 +456,7 @@ def test_quantized_all_reduce_with_its_work_on_the_worker_threads(world, quant, 
     on a small machine, four on 16 CPUs; work on one block stays on one of them): the same
     bytes on every peer, within the quantization bound, input untouched; a non-finite input
     still fails the call everywhere with InvalidUsage."""
-    from pccl_py import dataplane as dataplane_mod
+    from pccl_py.daemon import dataplane as dataplane_mod
     from pccl_py.errors import InvalidUsage
 
     monkeypatch.setattr(dataplane_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pccl_py.election import STRATEGIES, SyncRound, rank
+from pccl_py.coordinator.election import STRATEGIES, SyncRound, rank
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,8 +72,8 @@ def test_in_step_peers_complete_at_once():
 
 
 def test_messages_fit_msgpack_and_the_schema():
-    from pccl_py import protocol
-    from pccl_py.election import SYNC_SCHEMA
+    from pccl_py.coordinator.election import SYNC_SCHEMA
+    from pccl_py.wire import control as protocol
 
     r = SyncRound(["p1", "p2"], 0.0, 10.0, known={"p1": 0, "p2": 5})
     got = run_offers(r, [("p1", 1, rows(A), "enforce_popular"), ("p2", 1, rows(B), "enforce_popular")])
@@ -344,7 +344,7 @@ def test_refused_offer_may_be_replaced_while_collecting():
 
 
 def test_local_coordinator_holds_offers_for_the_next_round():
-    from pccl_py.statesync import LocalCoordinator
+    from pccl_py.daemon.state_sync import LocalCoordinator
 
     coord = LocalCoordinator(["p1", "p2"])
     offer = {"type": "sync_offer", "round_hint": 0, "strategy": "enforce_popular", "host": "h", "port": 1,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pccl_py import frames as F
 from pccl_py.errors import ProtocolError
+from pccl_py.wire import frames as F
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 from pccl_py import Aborted, Client, InvalidUsage, PeerLost
-from pccl_py.daemon import advertised_host
+from pccl_py.daemon.service import advertised_host
 
 sys.path.insert(0, os.path.join(REPO, "stress"))
 import hosts as H  # noqa: E402
@@ -42,7 +42,7 @@ def test_advertised_host_rules(monkeypatch):
 
 
 def test_link_timeout_reaches_the_data_plane():
-    from pccl_py.daemon import Daemon
+    from pccl_py.daemon.service import Daemon
 
     d = Daemon(coordinator="127.0.0.1:1", link_timeout=3.5, shm=False)
     assert d.data.config.user_timeout == 3.5 and d.data.config.shm is False
@@ -52,7 +52,7 @@ def test_link_timeout_reaches_the_data_plane():
 
 
 def _status(hosts: H.Hosts) -> dict:
-    out = subprocess.run(["ip", "netns", "exec", hosts.hub, sys.executable, "-m", "pccl_py.cli", "status",
+    out = subprocess.run(["ip", "netns", "exec", hosts.hub, sys.executable, "-m", "pccl_py", "status",
                           "--coordinator", hosts.coordinator, "--json"],
                          cwd=REPO, capture_output=True, timeout=30, check=True)
     return json.loads(out.stdout)

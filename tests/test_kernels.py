@@ -1,4 +1,4 @@
-"""The C kernels (pccl_py._native) against their numpy twin (pccl_py.reference) and against
+"""The C kernels (pccl_py.kernels._native) against their numpy twin (pccl_py.kernels.reference) and against
 independent oracles (numpy float16 arithmetic, torch bfloat16, hand-computed values)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pccl_py import _native as N
-from pccl_py import reference as R
+from pccl_py.kernels import _native as N
+from pccl_py.kernels import reference as R
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -709,8 +709,7 @@ def test_copy_stream_refuses_what_copy_refuses():
 
 @pytest.mark.parametrize("impl", ["native", "reference"])
 def test_arrivals_are_recorded_for_their_ident_only(impl):
-    from pccl_py.collectives import _kernels as K
-    arrive = N.arrive if impl == "native" else K._py_arrive
+    arrive = N.arrive if impl == "native" else R.arrive
     slots = bytearray(32)
     ident = 0xABCDEF12
     N.store_u64(slots, 8, ident << 32)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pccl_py import protocol
-from pccl_py.membership import Membership, MembershipConfig, PeerState
+from pccl_py.coordinator.membership import Membership, MembershipConfig, PeerState
+from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pccl_py import protocol
-from pccl_py.membership import Membership, MembershipConfig
+from pccl_py.coordinator.membership import Membership, MembershipConfig
+from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(30)
 

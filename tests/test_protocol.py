@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pccl_py import protocol
 from pccl_py.errors import ProtocolError
+from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pccl_py import frames as F
+from pccl_py.daemon.router import DELIVER, DIVERGED, DROP, PEND, STALL, Router
 from pccl_py.errors import InvalidUsage
-from pccl_py.router import DELIVER, DIVERGED, DROP, PEND, STALL, Router
+from pccl_py.wire import frames as F
 
 MEMBERS = ["a", "b", "c"]  # we are "a", rank 0
 

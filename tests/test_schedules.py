@@ -11,12 +11,12 @@ import pytest
 from fakenet import FakeNet
 from test_dataplane import reference as dp_reference
 
-from pccl_py import frames as F
+from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
 from pccl_py.collectives.ring import RingAllReduce
-from pccl_py.collectives.tree import DirectAllReduce, RootedAllReduce
 from pccl_py.errors import Aborted, PeerLost
+from pccl_py.wire import frames as F
 
 DESC = 1234
 

@@ -9,11 +9,11 @@ import msgpack
 import numpy as np
 import pytest
 
+from pccl_py.client.shared_state import ALIGN, SharedState, layout_views
+from pccl_py.daemon.state_hash import hash_buffer
+from pccl_py.daemon.state_sync import LocalCoordinator, daemon_sync
+from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.errors import InvalidUsage, RevisionError
-from pccl_py.shared_state import ALIGN, SharedState, layout_views
-from pccl_py.statehash import hash_buffer
-from pccl_py.statesync import LocalCoordinator, daemon_sync
-from pccl_py.statexfer import StateServer
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = b"s"
@@ -74,8 +74,8 @@ class CheckedChannel:
 
     @staticmethod
     def check(msg):
-        from pccl_py import protocol
-        from pccl_py.election import SYNC_SCHEMA
+        from pccl_py.coordinator.election import SYNC_SCHEMA
+        from pccl_py.wire import control as protocol
 
         back = msgpack.unpackb(msgpack.packb(msg, use_bin_type=True), raw=False)
         body = {k: v for k, v in back.items() if k != "type"}

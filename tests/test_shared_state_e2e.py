@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pccl_py import Client, DeadlineExceeded, InvalidUsage, RevisionError
-from pccl_py.statehash import hash_buffer
+from pccl_py.daemon.state_hash import hash_buffer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -217,7 +217,7 @@ def test_parity_under_churn(run):
 def test_newcomer_sees_progress_of_a_large_fetch(run):
     import io
 
-    from pccl_py.progress import ProgressBar
+    from pccl_py.client.progress import ProgressBar
 
     a, b = run.add(2)
     big = {"w": np.arange(6 << 20, dtype=np.float32)}  # 24 MiB: several fetch chunks

@@ -9,9 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from pccl_py.errors import DeadlineExceeded, PeerLost, ProtocolError
-from pccl_py.statehash import hash_buffer
-from pccl_py.statexfer import (
+from pccl_py.daemon.state_hash import hash_buffer
+from pccl_py.daemon.state_transfer import (
     AUTH,
     HELLO,
     M_AUTH,
@@ -23,6 +22,7 @@ from pccl_py.statexfer import (
     fetch,
     proof,
 )
+from pccl_py.errors import DeadlineExceeded, PeerLost, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -311,7 +311,7 @@ async def test_server_answers_in_range_request_exactly():
 def test_bench_sync_smoke(capsys):
     import json
 
-    from pccl_py.bench.sync import main
+    from pccl_py.tools.bench.sync import main
 
     assert main(["--size", "2M", "--sources", "1", "2", "--repeat", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -368,9 +368,9 @@ async def test_source_process_sigkilled_mid_transfer():
     import os
     import signal
 
-    from pccl_py.bench.sync import REVISION, _start_sources, _stop_sources
-    from pccl_py.bench.sync import SECRET as BSECRET
-    from pccl_py.bench.sync import make_state as bstate
+    from pccl_py.tools.bench.sync import REVISION, _start_sources, _stop_sources
+    from pccl_py.tools.bench.sync import SECRET as BSECRET
+    from pccl_py.tools.bench.sync import make_state as bstate
 
     n = 48 << 20
     state = bstate(n)

@@ -1,9 +1,9 @@
-"""Automatic tags (pccl_py.tags): counts of calls, failed tags taken again, resets only when
+"""Automatic tags (pccl_py.client.tags): counts of calls, failed tags taken again, resets only when
 the group gains a member, and the 'peer is behind' test the data plane asks."""
 
 from __future__ import annotations
 
-from pccl_py.tags import AUTO_TAG, AutoTags
+from pccl_py.client.tags import AUTO_TAG, AutoTags
 
 
 def n(tag: int) -> int:
@@ -82,7 +82,7 @@ def test_reset_forgets_the_count_and_calls_taken_before_it():
 def test_the_daemon_uses_a_diverged_calls_tag_up_and_gives_a_failed_ones_back():
     """The daemon's glue: a call that failed with Diverged was completed by the others, so
     the next call moves on; any other failure gives the tag to the next call (its retry)."""
-    from pccl_py.daemon import Daemon
+    from pccl_py.daemon.service import Daemon
     from pccl_py.errors import Aborted, Diverged
 
     d = Daemon(coordinator="127.0.0.1:1")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from .. import frames as F
-from ..errors import (
+from pccl_py.errors import (
     Aborted,
     DeadlineExceeded,
     Diverged,
@@ -22,6 +21,7 @@ from ..errors import (
     PeerLost,
     ProtocolError,
 )
+from pccl_py.wire import frames as F
 
 _CODE_OF = {Diverged: F.ERR_DIVERGED, InvalidUsage: F.ERR_INVALID_USAGE, PeerLost: F.ERR_PEER_LOST,
             DeadlineExceeded: F.ERR_DEADLINE}  # subclasses first

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import frames as F
-from .base import Collective, Rx, expect
+from pccl_py.collectives.base import Collective, Rx, expect
+from pccl_py.wire import frames as F
 
 
 class BlobAllGather(Collective):

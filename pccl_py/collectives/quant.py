@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from .. import frames as F
-from ..errors import Aborted, InvalidUsage, PcclError
-from . import _kernels as K
-from .base import Collective, Rx, expect, pieces, split
+from pccl_py import kernels as K
+from pccl_py.collectives.base import Collective, Rx, expect, pieces, split
+from pccl_py.errors import Aborted, InvalidUsage, PcclError
+from pccl_py.wire import frames as F
 
 
 def _finite(params: tuple[float, float], what: str) -> tuple[float, float]:

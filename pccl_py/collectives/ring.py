@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import frames as F
-from ..errors import ProtocolError
-from . import _kernels as K
-from .base import Collective, Rx, pieces, split
+from pccl_py import kernels as K
+from pccl_py.collectives.base import Collective, Rx, pieces, split
+from pccl_py.errors import ProtocolError
+from pccl_py.wire import frames as F
 
 
 class RingPlan:

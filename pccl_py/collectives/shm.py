@@ -47,11 +47,11 @@ from multiprocessing import shared_memory
 
 import msgpack
 
-from .. import frames as F
-from ..errors import Aborted, InvalidUsage, PcclError, ProtocolError
-from ..local import Mapping, create_segment
-from . import _kernels as K
-from .base import Collective, Rx, expect, split
+from pccl_py import kernels as K
+from pccl_py.collectives.base import Collective, Rx, expect, split
+from pccl_py.errors import Aborted, InvalidUsage, PcclError, ProtocolError
+from pccl_py.transport.segments import Mapping, create_segment
+from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl_py.dataplane")
 

@@ -1,0 +1,6 @@
+"""``python -m pccl_py``: the ``pccl`` command (see :mod:`pccl_py.tools.cli`)."""
+
+from pccl_py.tools.cli import main
+
+if __name__ == "__main__":
+    main()

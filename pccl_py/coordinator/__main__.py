@@ -1,0 +1,6 @@
+"""``python -m pccl_py.coordinator``: run the coordinator (see :mod:`pccl_py.coordinator.server`)."""
+
+from pccl_py.coordinator.server import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,719 @@
+"""The coordinator's membership state machine, sans I/O.
+
+:class:`Membership` is fed validated control messages (see :mod:`pccl_py.wire.control`)
+and timer ticks, always with the current time, and returns a :class:`Decision`:
+the messages to send, as ``(conn, message dict)``, and a reason for the log. It
+owns no sockets, no tasks and no clocks, so every decision is a pure function of
+the inputs and ``now`` and can be tested exhaustively.
+
+``conn`` is an opaque hashable id the I/O layer gives each connection (the zmq
+ROUTER routing id). ``peer_id`` is the peer's stable name, which it keeps across
+reconnects and coordinator restarts.
+
+States of a peer (one enum, see docs/membership.md):
+
+* ``PENDING``: registered, waiting for the accepted peers to admit it.
+* ``CLAIMED``: during the recovery window after a coordinator (re)start, a peer
+  that says it was accepted; it becomes ``ACCEPTED`` when the window closes.
+* ``ACCEPTED``: a member; part of its group's ring at the current epoch.
+
+A removed peer leaves the table; its peer_id is remembered for a while, and any
+message from it is answered with ``removed``.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pccl_py.coordinator.state_sync import SyncHost, refusal
+from pccl_py.wire.control import check_proof
+
+Conn = Hashable
+Msg = dict[str, Any]
+
+UPDATE_TOPOLOGY = "update_topology"
+
+
+class PeerState(enum.Enum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    ACCEPTED = "accepted"
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Every timeout of the membership core, in seconds."""
+
+    heartbeat_interval: float = 0.5  # coordinator -> peers "hb"; peers send theirs as often
+    heartbeat_deadline: float = 3.0  # a peer silent this long is removed
+    probe_timeout: float = 0.4  # a peer another peer reported dead must answer this fast
+    reconnect_allowance: float = 1.0  # extra time after its connection closed (zmq reconnects)
+    mismatch_grace: float = 2.0  # voters vs. a peer busy elsewhere, before InvalidUsage
+    recovery_grace: float = 1.5  # after a (re)start: accepted peers re-introduce themselves
+    auth_window: float = 300.0  # allowed |clock skew| of a hello timestamp
+    removed_memory: float = 3600.0  # how long a removed peer_id is remembered
+    max_peers: int = 4096
+    max_removed: int = 65536
+    rekey_delay: float = 0.5  # a live pair's fresh links wait this long: a peer leaving closes links first
+    link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
+    link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
+
+
+class Decision(NamedTuple):
+    out: list[tuple[Conn, Msg]]
+    reason: str
+
+
+@dataclass
+class Peer:
+    peer_id: str
+    group: int
+    host: str
+    port: int
+    conn: Conn
+    state: PeerState
+    since: float  # when it registered (or was claimed)
+    last_seen: float
+    join_deadline: float  # pending: when its connect() gives up (inf: never)
+    claim_epoch: int = 0
+    claim_ring_pos: int = -1
+    epoch: int = 0  # last epoch the peer reported
+    revision: int = -1
+    activity: str | None = None
+    activity_since: float = 0.0
+
+
+@dataclass
+class Probe:
+    nonce: int
+    deadline: float
+    why: str
+    started: float
+    next_ping: float
+    reports: list[tuple[str, int]] = field(default_factory=list)  # (reporter, epoch of the broken link)
+
+
+@dataclass
+class Vote:
+    req: int
+    deadline: float  # inf: no deadline
+    since: float
+
+
+@dataclass
+class _Step:
+    """What one input produced: messages, reasons, and whether membership changed."""
+
+    out: list[tuple[Conn, Msg]] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)
+    changed: bool = False
+    round_done: set[str] = field(default_factory=set)
+
+
+class Membership:
+    """Membership, epochs, votes, failure detection and restart recovery of one run."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        secret: bytes = b"",
+        config: MembershipConfig | None = None,
+        instance: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.cfg = config or MembershipConfig()
+        self.secret = secret
+        self.instance = instance or secrets.token_hex(8)
+        self.started = now
+        self.epoch = 0
+        self._epoch_floor = 0  # highest epoch any peer ever reported to this instance
+        self.peers: dict[str, Peer] = {}
+        self.rings: dict[int, list[str]] = {}
+        self.by_conn: dict[Conn, str] = {}
+        self.removed: dict[str, tuple[float, str]] = {}  # peer_id -> (when, why)
+        self.removed_conns: dict[Conn, str] = {}
+        self.votes: dict[str, Vote] = {}
+        self.vote_opened: float | None = None
+        self.probes: dict[str, Probe] = {}
+        self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
+        self.rekeys: dict[str, tuple[float, str, int]] = {}  # target -> (when, reporter, epoch then)
+        self._quiet = 2.5 * self.cfg.heartbeat_interval  # silent this long: its last activity is stale
+        self.recover_until = now + self.cfg.recovery_grace
+        self.recovering = self.cfg.recovery_grace > 0
+        self._next_hb = now
+        self._last_tick = now
+        self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
+        self._step = _Step()
+        self.sync = SyncHost(self.accepted)  # shared-state rounds (pccl_py/syncing.py)
+
+    # ------------------------------------------------------------------ queries
+
+    def accepted(self, group: int | None = None) -> list[str]:
+        return [
+            p.peer_id
+            for p in self.peers.values()
+            if p.state is PeerState.ACCEPTED and (group is None or p.group == group)
+        ]
+
+    def pending(self) -> list[str]:
+        return [p.peer_id for p in self.peers.values() if p.state is PeerState.PENDING]
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.rings.values())
+
+    @property
+    def num_groups(self) -> int:
+        return sum(1 for r in self.rings.values() if r)
+
+    def topology_msg(self, peer_id: str, *, round_done: bool, reason: str) -> Msg:
+        group = self.peers[peer_id].group
+        ring = self.rings.get(group, [])
+        rows = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in ring]
+        return {
+            "type": "topology",
+            "instance": self.instance,
+            "epoch": self.epoch,
+            "group": group,
+            "peers": rows,
+            "world_size": self.world_size,
+            "num_groups": self.num_groups,
+            "round_done": round_done,
+            "reason": reason[:1024],
+        }
+
+    def status(self, now: float, req: int = 0) -> Msg:
+        members = []
+        for p in sorted(self.peers.values(), key=lambda p: (p.group, p.state.value, p.peer_id)):
+            ring = self.rings.get(p.group, [])
+            members.append(
+                {
+                    "peer_id": p.peer_id,
+                    "group": p.group,
+                    "state": p.state.value,
+                    "host": p.host,
+                    "port": p.port,
+                    "ring_pos": ring.index(p.peer_id) if p.peer_id in ring else -1,
+                    "epoch": p.epoch,
+                    "revision": p.revision,
+                    "hb_age": max(0.0, now - p.last_seen),
+                    "activity": p.activity,
+                }
+            )
+        return {
+            "type": "status_a",
+            "req": req,
+            "instance": self.instance,
+            "epoch": self.epoch,
+            "recovering": self.recovering,
+            "uptime": max(0.0, now - self.started),
+            "world_size": self.world_size,
+            "num_groups": self.num_groups,
+            "vote_open": bool(self.votes),
+            "voters": sorted(self.votes),
+            "members": members,
+        }
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_message(self, now: float, conn: Conn, msg: Msg, *, wall: float | None = None) -> Decision:
+        """A validated message from ``conn``. ``wall`` is wall-clock time (for hello freshness)."""
+        self._step = _Step()
+        mtype = msg["type"]
+        if mtype == "status_q":
+            self._send(conn, self.status(now, msg["req"]))
+            self._why("status")
+        elif mtype == "hello":
+            self._on_hello(now, conn, msg, now if wall is None else wall)
+        else:
+            pid = self.by_conn.get(conn)
+            peer = self.peers.get(pid) if pid is not None else None
+            if peer is None or peer.conn != conn:
+                self._on_stranger(conn, mtype)
+            else:
+                if now - peer.last_seen > self._quiet:
+                    # it was silent (frozen, cut off): what it reported before says nothing about
+                    # what it does now, so a lockstep check counts its activity from here
+                    peer.activity_since = now
+                peer.last_seen = now
+                if pid in self.probes and mtype != "pong":  # it talks: it is alive and connected
+                    self._probe_answered(now, peer, f"alive (sent {mtype})")
+                handler = getattr(self, f"_on_{mtype}", None)
+                if handler is None:
+                    self._why(f"{pid}: {mtype} is not a message a peer sends; dropped")
+                else:
+                    handler(now, peer, msg)
+        return self._finish(now)
+
+    def on_disconnect(self, now: float, conn: Conn) -> Decision:
+        """The transport saw ``conn``'s connection close: probe that peer at once."""
+        self._step = _Step()
+        pid = self.by_conn.get(conn)
+        peer = self.peers.get(pid) if pid is not None else None
+        if peer is not None and peer.conn == conn:
+            timeout = self.cfg.probe_timeout + self.cfg.reconnect_allowance
+            self._probe(now, peer, "its control connection closed", timeout)
+        return self._finish(now)
+
+    def on_bad_input(self, now: float, conn: Conn, why: str) -> Decision:
+        """``conn`` sent something :func:`protocol.decode` refused: a member is removed."""
+        self._step = _Step()
+        pid = self.by_conn.get(conn)
+        peer = self.peers.get(pid) if pid is not None else None
+        if peer is not None and peer.conn == conn:
+            self._remove(now, peer, f"sent a malformed message ({why})", tell=True)
+        else:
+            self._why(f"malformed message from an unregistered connection dropped ({why})")
+        return self._finish(now)
+
+    def tick(self, now: float) -> Decision:
+        """Timers: recovery window, heartbeat deadlines, probes, vote deadlines, misuse."""
+        self._step = _Step()
+        self._compensate_stall(now)
+        if self.recovering and now >= self.recover_until:
+            self._rebuild(now)
+        for peer in list(self.peers.values()):
+            silent = now - peer.last_seen
+            if silent > self.cfg.heartbeat_deadline:
+                self._remove(
+                    now,
+                    peer,
+                    f"no message for {silent:.2f} s (heartbeat deadline {self.cfg.heartbeat_deadline:g} s)",
+                    tell=True,
+                )
+            elif peer.state is PeerState.PENDING and now >= peer.join_deadline:
+                self._remove(now, peer, "not admitted before its connect deadline", tell=False)
+                self._send(
+                    peer.conn,
+                    _error(
+                        0,
+                        "DeadlineExceeded",
+                        "not admitted before the connect deadline: the accepted peers did not call "
+                        "update_topology in time; connect again to retry",
+                    ),
+                )
+        for pid, (when, reporter, epoch) in list(self.rekeys.items()):
+            if now < when:
+                continue
+            del self.rekeys[pid]
+            target = self.peers.get(pid)
+            if epoch == self.epoch and target is not None and reporter in self.peers:
+                self._link_broke(now, reporter, target)  # (a newer epoch brought fresh links)
+        for pid, probe in list(self.probes.items()):
+            if now >= probe.deadline and pid in self.peers:
+                self._remove(
+                    now,
+                    self.peers[pid],
+                    f"no answer to a probe within {now - probe.started:.2f} s after {probe.why}",
+                    tell=True,
+                )
+            elif now >= probe.next_ping and pid in self.peers:  # again: the last may have met a
+                probe.next_ping = now + self.cfg.probe_timeout / 4  # reconnecting socket
+                self._send(self.peers[pid].conn, {"type": "ping", "nonce": probe.nonce})
+        for pid, vote in list(self.votes.items()):
+            if now >= vote.deadline:
+                del self.votes[pid]
+                self._send(
+                    self.peers[pid].conn,
+                    _error(
+                        vote.req,
+                        "DeadlineExceeded",
+                        f"update_topology timed out: still waiting for {self._missing_voters()}",
+                    ),
+                )
+                self._why(f"{pid}: vote timed out")
+        self._check_mismatch(now)
+        self._sync_out(self.sync.tick(now))
+        if now >= self._next_hb:
+            self._next_hb = now + self.cfg.heartbeat_interval
+            hb = {"type": "hb", "instance": self.instance, "epoch": self.epoch}
+            for peer in self.peers.values():
+                self._send(peer.conn, hb)
+        self._forget_removed(now)
+        return self._finish(now)
+
+    def _compensate_stall(self, now: float) -> None:
+        """If the coordinator itself did not run for a while (paused, swapped, suspended VM),
+        the peers' silence is its own: shift their clocks instead of removing everyone."""
+        gap = now - self._last_tick
+        self._last_tick = now
+        stall = gap - self.cfg.heartbeat_interval
+        if stall <= self.cfg.heartbeat_interval:
+            return
+        for peer in self.peers.values():
+            peer.last_seen = min(now, peer.last_seen + stall)
+        for probe in self.probes.values():
+            probe.deadline += stall
+            probe.started += stall
+        self._why(f"coordinator did not run for {gap:.2f} s; peers' heartbeat clocks shifted by {stall:.2f} s")
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_hello(self, now: float, conn: Conn, msg: Msg, wall: float) -> None:
+        pid = msg["peer_id"]
+        bad = check_proof(self.secret, pid, msg["ts"], msg["proof"], wall, self.cfg.auth_window)
+        if bad is not None:
+            self._send(conn, {"type": "refused", "reason": bad})
+            self._why(f"hello from {pid!r} refused: {bad}")
+            return
+        if pid in self.removed:
+            self._send(conn, _removed(pid, self.removed[pid][1]))
+            self._why(f"hello from removed peer {pid}: told it was removed")
+            return
+        self._epoch_floor = max(self._epoch_floor, msg["epoch"])
+        peer = self.peers.get(pid)
+        if peer is not None:  # a re-introduction: new connection, or a lost coordinator reply
+            if peer.conn != conn:
+                self.by_conn.pop(peer.conn, None)
+            peer.conn, peer.last_seen = conn, now
+            self.by_conn[conn] = pid
+            if self.probes.pop(pid, None) is not None:
+                self._why(f"{pid}: alive (re-introduced) while probed; kept")
+            peer.epoch, peer.revision = msg["epoch"], msg["revision"]
+            if msg["claim"] == "accepted":
+                self.sync.recall(pid, msg["revision"])
+            if (peer.host, peer.port) != (msg["host"], msg["port"]) and peer.state is not PeerState.ACCEPTED:
+                peer.host, peer.port = msg["host"], msg["port"]
+            self._welcome(peer, "re-introduced")
+            if peer.state is PeerState.ACCEPTED:
+                self._send(conn, self.topology_msg(pid, round_done=False, reason="re-introduced"))
+            return
+        if len(self.peers) >= self.cfg.max_peers:
+            self._send(conn, {"type": "refused", "reason": f"run is full ({self.cfg.max_peers} peers)"})
+            self._why(f"hello from {pid} refused: run full")
+            return
+        old = self.by_conn.get(conn)
+        if old is not None and old in self.peers:  # same connection, new identity: drop the old
+            self._remove(now, self.peers[old], f"its connection registered as {pid}", tell=False)
+        claimed = msg["claim"] == "accepted" and self.recovering
+        deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
+        peer = Peer(
+            peer_id=pid,
+            group=msg["group"],
+            host=msg["host"],
+            port=msg["port"],
+            conn=conn,
+            state=PeerState.CLAIMED if claimed else PeerState.PENDING,
+            since=now,
+            last_seen=now,
+            join_deadline=float("inf") if claimed else deadline,
+            claim_epoch=msg["epoch"],
+            claim_ring_pos=msg["ring_pos"],
+            epoch=msg["epoch"],
+            revision=msg["revision"],
+            activity_since=now,
+        )
+        self.peers[pid] = peer
+        self.by_conn[conn] = pid
+        self.removed_conns.pop(conn, None)
+        if msg["claim"] == "accepted":  # a member re-introducing itself: its last synced revision
+            self.sync.recall(pid, msg["revision"])
+        if claimed:
+            self._welcome(peer, "coordinator is recovering; accepted peers are being collected")
+        elif msg["claim"] == "accepted":
+            self._welcome(peer, "claimed membership after the recovery window; rejoining as pending")
+        else:
+            self._welcome(peer, "registered")
+
+    def _on_heartbeat(self, now: float, peer: Peer, msg: Msg) -> None:
+        if msg["activity"] != peer.activity:
+            peer.activity, peer.activity_since = msg["activity"], now
+        peer.epoch, peer.revision = msg["epoch"], msg["revision"]
+
+    def _on_vote(self, now: float, peer: Peer, msg: Msg) -> None:
+        if peer.state is PeerState.PENDING:
+            self._send(
+                peer.conn,
+                _error(
+                    msg["req"],
+                    "InvalidUsage",
+                    "update_topology called by a peer that is not accepted yet: wait for connect() to return",
+                ),
+            )
+            self._why(f"{peer.peer_id}: vote while pending refused")
+            return
+        vote = self.votes.get(peer.peer_id)
+        if vote is not None and vote.req == msg["req"]:
+            return  # a resend after a reconnect
+        deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
+        self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now)
+        if self.vote_opened is None:
+            self.vote_opened = now
+        self._why(f"{peer.peer_id}: voted (waiting for {self._missing_voters()})")
+
+    def _on_unvote(self, now: float, peer: Peer, msg: Msg) -> None:
+        vote = self.votes.get(peer.peer_id)
+        if vote is not None and vote.req == msg["req"]:
+            del self.votes[peer.peer_id]
+            self._why(f"{peer.peer_id}: withdrew its vote")
+
+    def _on_pending_q(self, now: float, peer: Peer, msg: Msg) -> None:
+        self._send(peer.conn, {"type": "pending_a", "req": msg["req"], "pending": bool(self.pending())})
+
+    def _on_report_failure(self, now: float, peer: Peer, msg: Msg) -> None:
+        target = self.peers.get(msg["peer_id"])
+        if target is None or target is peer:
+            self._why(f"{peer.peer_id}: failure report about {msg['peer_id']} ignored (not a member)")
+            return
+        if msg["epoch"] < self.epoch:
+            self._why(f"{peer.peer_id}: report about {target.peer_id} from epoch {msg['epoch']} ignored "
+                      f"(epoch {self.epoch} has fresh links)")
+            return
+        self._probe(now, target, f"{peer.peer_id} reported: {msg['reason']}", self.cfg.probe_timeout)
+        self.probes[target.peer_id].reports.append((peer.peer_id, msg["epoch"]))
+
+    def _on_leave(self, now: float, peer: Peer, msg: Msg) -> None:
+        self._remove(now, peer, f"left: {msg['reason']}", tell=True)
+
+    def _on_pong(self, now: float, peer: Peer, msg: Msg) -> None:
+        probe = self.probes.get(peer.peer_id)
+        if probe is not None and probe.nonce == msg["nonce"]:
+            self._probe_answered(now, peer, "answered the probe")
+
+    def _probe_answered(self, now: float, peer: Peer, how: str) -> None:
+        """``peer`` is alive. If a member reported its data link to it broken, both are alive
+        and the link is not: start a new epoch with the same members, so every daemon dials
+        the links it lacks (and calls in flight restart in lockstep). A pair whose link keeps
+        breaking costs a member instead (see :meth:`_link_broke`)."""
+        probe = self.probes.pop(peer.peer_id)
+        self._why(f"{peer.peer_id}: {how} after {probe.why}; kept")
+        reporters = [r for r, epoch in probe.reports if epoch >= self.epoch and r in self.peers]
+        if reporters and peer.state is PeerState.ACCEPTED and peer.peer_id not in self.rekeys:
+            # not at once: a peer leaving gracefully closes its data links before its leave
+            # arrives, and answers pings meanwhile
+            self.rekeys[peer.peer_id] = (now + self.cfg.rekey_delay, reporters[0], self.epoch)
+
+    def _link_broke(self, now: float, reporter: str, target: Peer) -> None:
+        if self._step.changed:
+            self._why(f"data link {reporter} - {target.peer_id}: a new epoch is coming anyway")
+            return
+        self.link_breaks = [b for b in self.link_breaks if now - b[0] < self.cfg.link_break_window]
+        pair = {reporter, target.peer_id}
+        again = [b for b in self.link_breaks if {b[1], b[2]} == pair]
+        if len(again) + 1 >= self.cfg.link_break_limit:
+            # the link between these two keeps breaking: drop the one with more broken links
+            # (the reported one on a tie), so the rest of the run can go on
+            def partners(pid: str) -> int:
+                return len({b[1] if b[2] == pid else b[2] for b in self.link_breaks if pid in b[1:]})
+
+            victim = max((target.peer_id, reporter), key=partners)
+            self.link_breaks = [b for b in self.link_breaks if victim not in b[1:]]
+            self._remove(now, self.peers[victim],
+                         f"its data link with {(pair - {victim}).pop()} broke {len(again) + 1} times in "
+                         f"{self.cfg.link_break_window:.0f} s while both were alive", tell=True)
+            return
+        self.link_breaks.append((now, reporter, target.peer_id))
+        self._step.changed = True
+        self._why(f"data link {reporter} - {target.peer_id} broke while both are alive: new epoch, "
+                  f"same members, fresh links")
+
+    def _on_sync_offer(self, now: float, peer: Peer, msg: Msg) -> None:
+        if peer.state is PeerState.ACCEPTED:
+            self._sync_out(self.sync.offer(now, peer.group, peer.peer_id, msg))
+        elif peer.state is PeerState.CLAIMED:  # replayed when the accepted set is rebuilt
+            self.sync.hold_recovering(peer.group, peer.peer_id, msg)
+            self._why(f"{peer.peer_id}: sync offer held until the recovery window closes")
+        else:
+            self._send(peer.conn, refusal(
+                "sync_shared_state by a peer that is not accepted yet: connect first "
+                "(wait for connect() to return)"))
+            self._why(f"{peer.peer_id}: sync offer while pending refused")
+
+    def _on_sync_done(self, now: float, peer: Peer, msg: Msg) -> None:
+        if peer.state is PeerState.ACCEPTED:
+            self._sync_out(self.sync.done(now, peer.group, peer.peer_id, msg))
+
+    def _sync_out(self, d) -> None:
+        for pid, msg in d.out:
+            peer = self.peers.get(pid)
+            if peer is not None:
+                self._send(peer.conn, msg)
+        if d.reason:
+            self._why(d.reason)
+
+    def _on_stranger(self, conn: Conn, mtype: str) -> None:
+        gone = self.removed_conns.get(conn)
+        if gone is not None:
+            self._send(conn, _removed(gone, self.removed.get(gone, (0, "removed"))[1]))
+            self._why(f"{mtype} from removed peer {gone}: told it was removed")
+        elif mtype not in ("pong", "unvote", "leave"):
+            reason = "unknown connection (the coordinator may have restarted): send hello"
+            self._send(conn, {"type": "reset", "instance": self.instance, "reason": reason})
+            self._why(f"{mtype} from an unknown connection: asked it to introduce itself")
+
+    # ------------------------------------------------------------------ decisions
+
+    def _probe(self, now: float, peer: Peer, why: str, timeout: float) -> None:
+        """Ping ``peer`` (again every probe_timeout/4); remove it unless it answers in ``timeout``."""
+        probe = self.probes.get(peer.peer_id)
+        if probe is not None:  # already probed: a stronger reason may shorten the deadline
+            if now + timeout < probe.deadline:
+                probe.deadline, probe.why = now + timeout, why
+            return
+        self._nonce += 1
+        self.probes[peer.peer_id] = Probe(
+            self._nonce, now + timeout, why, started=now, next_ping=now + self.cfg.probe_timeout / 4
+        )
+        self._send(peer.conn, {"type": "ping", "nonce": self._nonce})
+        self._why(f"probing {peer.peer_id} ({why})")
+
+    def _remove(self, now: float, peer: Peer, why: str, *, tell: bool) -> None:
+        pid = peer.peer_id
+        del self.peers[pid]
+        if self.by_conn.get(peer.conn) == pid:
+            del self.by_conn[peer.conn]
+        if peer.state is not PeerState.PENDING:  # a member (or claimant) may not come back as itself
+            self.removed[pid] = (now, why)
+            self.removed_conns[peer.conn] = pid
+        self.probes.pop(pid, None)
+        self.rekeys.pop(pid, None)
+        self.votes.pop(pid, None)
+        ring = self.rings.get(peer.group)
+        if ring is not None and pid in ring:
+            ring.remove(pid)
+            if not ring:
+                del self.rings[peer.group]
+        if peer.state is PeerState.ACCEPTED:
+            self._step.changed = True
+        self._sync_out(self.sync.gone(now, peer.group, pid))
+        if tell:
+            self._send(peer.conn, _removed(pid, why))
+        self._why(f"removed {pid} ({peer.state.value}): {why}")
+
+    def _welcome(self, peer: Peer, reason: str) -> None:
+        state = "recovering" if peer.state is PeerState.CLAIMED else peer.state.value
+        self._send(
+            peer.conn,
+            {
+                "type": "welcome",
+                "instance": self.instance,
+                "peer_id": peer.peer_id,
+                "state": state,
+                "heartbeat_interval": self.cfg.heartbeat_interval,
+                "heartbeat_deadline": self.cfg.heartbeat_deadline,
+                "reason": reason,
+            },
+        )
+        self._why(f"{peer.peer_id}: {reason} (group {peer.group}, {state})")
+
+    def _rebuild(self, now: float) -> None:
+        """End of the recovery window: the claimants become the accepted set."""
+        self.recovering = False
+        claimed = [p for p in self.peers.values() if p.state is PeerState.CLAIMED]
+        for peer in sorted(claimed, key=lambda p: (p.group, p.claim_ring_pos, p.peer_id)):
+            peer.state = PeerState.ACCEPTED
+            self.rings.setdefault(peer.group, []).append(peer.peer_id)
+        self.votes = {pid: v for pid, v in self.votes.items() if pid in self.accepted()}
+        self._step.changed = self._step.changed or bool(claimed)
+        self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
+        self._sync_out(self.sync.recovered(now))
+
+    def _missing_voters(self) -> str:
+        if self.recovering:
+            return "the recovery window to close"
+        missing = sorted(set(self.accepted()) - set(self.votes))
+        return ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") if missing else "nobody"
+
+    def _check_mismatch(self, now: float) -> None:
+        if not self.votes or self.vote_opened is None:
+            return
+        busy = []
+        for pid in self.accepted():
+            if pid in self.votes:
+                continue
+            peer = self.peers[pid]
+            if peer.activity is None or peer.activity == UPDATE_TOPOLOGY:
+                continue
+            if now - peer.last_seen > self._quiet:
+                continue  # silent: its heartbeat deadline decides, not its last reported activity
+            if now - max(peer.activity_since, self.vote_opened) > self.cfg.mismatch_grace:
+                busy.append(peer)
+        if not busy:
+            return
+        voters = sorted(self.votes)
+        doing = "; ".join(f"peer {p.peer_id} is in {p.activity!r}" for p in busy)
+        text = (
+            f"lockstep mismatch: peers {', '.join(voters)} wait in update_topology while {doing} "
+            f"(for more than {self.cfg.mismatch_grace:g} s); every accepted peer must call "
+            f"update_topology at the same point of the program"
+        )
+        for pid in voters:
+            self._send(self.peers[pid].conn, _error(self.votes[pid].req, "InvalidUsage", text))
+        for peer in busy:
+            self._send(peer.conn, {"type": "abort", "error": "InvalidUsage", "message": text[:1024]})
+        self.votes.clear()
+        self.vote_opened = None
+        self._why(text)
+
+    def _finish(self, now: float) -> Decision:
+        """Settle what the step implies (empty run, completed round), bump the epoch, push."""
+        st = self._step
+        if not self.recovering:
+            pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
+            if pend and not self.accepted():
+                self._admit(pend, "run was empty")
+            elif self.votes and set(self.accepted()) <= set(self.votes):
+                st.round_done = set(self.votes)
+                self.votes.clear()
+                self.vote_opened = None
+                pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
+                if pend:
+                    self._admit(pend, "every accepted peer voted")
+                else:
+                    self._why("vote round complete; nobody pending")
+        if not self.votes:
+            self.vote_opened = None
+        if st.changed:
+            self.epoch = max(self.epoch, self._epoch_floor) + 1
+            reason = "; ".join(st.why)[-1024:]
+            for pid in self.accepted():
+                self._send(
+                    self.peers[pid].conn,
+                    self.topology_msg(pid, round_done=pid in st.round_done, reason=reason),
+                )
+            self._why(f"epoch {self.epoch}: world size {self.world_size}, {self.num_groups} group(s)")
+        else:
+            for pid in sorted(st.round_done):
+                self._send(
+                    self.peers[pid].conn,
+                    self.topology_msg(pid, round_done=True, reason="vote round complete"),
+                )
+        return Decision(st.out, "; ".join(st.why))
+
+    def _admit(self, pend: list[Peer], why: str) -> None:
+        for peer in sorted(pend, key=lambda p: (p.since, p.peer_id)):
+            peer.state = PeerState.ACCEPTED
+            peer.join_deadline = float("inf")
+            self.rings.setdefault(peer.group, []).append(peer.peer_id)
+        self._step.changed = True
+        self._why(f"accepted {', '.join(p.peer_id for p in pend)} ({why})")
+
+    def _forget_removed(self, now: float) -> None:
+        cutoff = now - self.cfg.removed_memory
+        while self.removed and (
+            len(self.removed) > self.cfg.max_removed or next(iter(self.removed.values()))[0] < cutoff
+        ):
+            pid = next(iter(self.removed))
+            del self.removed[pid]
+        while len(self.removed_conns) > self.cfg.max_removed:
+            del self.removed_conns[next(iter(self.removed_conns))]
+
+    def _send(self, conn: Conn, msg: Msg) -> None:
+        self._step.out.append((conn, msg))
+
+    def _why(self, text: str) -> None:
+        self._step.why.append(text)
+
+
+def _error(req: int, name: str, message: str) -> Msg:
+    return {"type": "error", "req": req, "error": name, "message": message[:1024]}
+
+
+def _removed(pid: str, why: str) -> Msg:
+    text = f"peer {pid} was removed from the run ({why}); connect again as a new member (new peer_id)"
+    return {"type": "removed", "peer_id": pid, "reason": text[:1024]}

@@ -1,0 +1,742 @@
+"""Data plane: K authenticated TCP streams per peer link, frames read straight into place.
+A peer of this host (and network namespace) is reached through a Unix socket instead
+(``local_links``): the same streams and frames, half the kernel time per frame.
+
+:class:`DataPlane` listens, keeps links to the current topology's peers, routes frames
+to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
+operation not posted yet, and fails operations on link loss, abort, epoch change and
+deadline. The streams themselves (``asyncio.BufferedProtocol`` reading straight into
+place) are in :mod:`pccl_py.transport.streams`.
+
+The collectives themselves live in :mod:`pccl_py.collectives` and are written against
+the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pccl_py import kernels as K
+from pccl_py.collectives.base import Collective, error_code
+from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
+from pccl_py.collectives.gather import BlobAllGather
+from pccl_py.collectives.quant import QuantAllReduce
+from pccl_py.collectives.ring import RingAllReduce
+from pccl_py.collectives.shm import MAX_WORLD as SHM_MAX_WORLD
+from pccl_py.collectives.shm import VERSION as SHM_VERSION
+from pccl_py.collectives.shm import ShmAllReduce, ShmContext
+from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
+from pccl_py.daemon.topology import Topology
+from pccl_py.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidUsage,
+    PcclError,
+    PeerLost,
+    ProtocolError,
+)
+from pccl_py.transport.streams import LINGER, GroupView, PeerLink, Stream
+from pccl_py.wire import frames as F
+
+log = logging.getLogger("pccl_py.dataplane")
+
+__all__ = ["DataPlane", "DataPlaneConfig"]
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Tuning knobs and bounds (defaults chosen by stress/bench_dataplane.py, docs/dataplane.md)."""
+
+    # ring sub-chunk (the unit of pipelining between steps): chunk / pipeline_depth,
+    # clamped to [min_sub_bytes, sub_bytes]
+    sub_bytes: int = 4 << 20
+    min_sub_bytes: int = 256 << 10
+    pipeline_depth: int = 8
+    min_stripe: int = 256 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
+    tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
+    shm: bool = True  # algorithm="auto": shared memory instead of the ring when the group shares a host
+    local_links: bool = True  # peers on this host: Unix-socket links instead of TCP
+    quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
+    max_payload: int = 64 << 20  # bound on any frame's payload
+    max_blob: int = 64 << 20  # bound on an all_gather blob
+    handshake_timeout: float = 5.0
+    connect_timeout: float = 5.0  # set_topology waits at most this long for links
+    stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
+    user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
+    memo: int = 65536  # remembered (tag -> attempt) entries per epoch
+    # Frames with at least bulk_min payload bytes are moved (and reduced) by a receive and a
+    # send thread per stream instead of the event loop (collectives/pump.py). io_threads:
+    # True, False, or None for "when the machine has more than 2 CPUs" (on 2 cores the
+    # kernel's copies already use both, and a thread hand-off only adds latency).
+    io_threads: bool | None = None
+    bulk_min: int = 256 << 10
+
+
+def local_address(host: str, port: int) -> str:
+    """The abstract Unix-socket name of the daemon whose data plane peers dial at
+    ``host:port``. Abstract names live in a network namespace, not in the file system:
+    nothing to clean up, and only processes of that namespace can reach them."""
+    name = f"pccl_py.dp.{host}:{port}"
+    if len(name) > 100:  # a long host name: the kernel allows 107 bytes
+        name = "pccl_py.dp." + hashlib.sha256(name.encode()).hexdigest()
+    return "\0" + name
+
+
+def io_threads_on(setting: bool | None) -> bool:
+    """Whether the data plane moves large frames on I/O threads (``DataPlaneConfig.io_threads``)."""
+    if setting is None:
+        env = os.environ.get("PCCL_IO_THREADS", "auto").strip().lower()
+        if env in ("0", "off", "false", "no"):
+            return False
+        if env in ("1", "on", "true", "yes"):
+            return True
+        return K.usable_cpus() > 2
+    return bool(setting)
+
+
+_LOCAL_CONNECT = 1.0  # a local listener answers at once; beyond this, try TCP
+
+
+class _Scratch:
+    """The ``conn`` a held frame is delivered through: staging of its own (the stream that
+    read the frame may be using its staging buffer for another frame by then)."""
+
+    @staticmethod
+    def staging(n: int) -> memoryview:
+        return memoryview(bytearray(n))
+
+
+class DataPlane:
+    """Peer-to-peer collectives over K streams per link (see module docstring)."""
+
+    def __init__(self, peer_id: str, *, secret: bytes = b"", streams: int = 4, host: str = "127.0.0.1",
+                 port: int = 0, on_peer_failure: Callable[[str, str], None] | None = None,
+                 config: DataPlaneConfig | None = None, advertise: str | None = None):
+        if not 0 < len(peer_id.encode()) <= F.MAX_PEER_ID:
+            raise InvalidUsage("peer_id must be 1..255 bytes of utf-8")
+        if not 1 <= streams <= 64:
+            raise InvalidUsage("streams must be between 1 and 64")
+        self.peer_id = peer_id
+        self.secret = bytes(secret)
+        self.streams = streams
+        self.host = host
+        self.port = port
+        self.advertise = advertise or host  # the host peers dial (names the local listener)
+        self.on_peer_failure = on_peer_failure
+        self.config = config or DataPlaneConfig()
+        self.io_threads = io_threads_on(self.config.io_threads)
+        self.bulk_min = self.config.bulk_min if self.io_threads else 0
+        self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound in start()
+        self._server: asyncio.AbstractServer | None = None
+        self.topology: Topology | None = None
+        self.epoch = 0
+        self._view: GroupView | None = None
+        self._links: dict[str, PeerLink] = {}
+        self._lost: dict[str, str] = {}
+        self._conns: set[Stream] = set()
+        self._stalled: set[Stream] = set()
+        # which call a frame belongs to, attempts, held frames: sans-I/O (router.py)
+        self.router = Router(memo=self.config.memo, stall_timeout=self.config.stall_timeout)
+        self._ops = self.router.ops  # tag -> the collective posted here
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._workers: list[concurrent.futures.ThreadPoolExecutor] | None = None  # see _offload
+        self._shm = ShmContext()
+        self._unix = None
+        self._closed = False
+
+    @property
+    def behind(self) -> Callable[[int], bool] | None:
+        """Set by the daemon: True for a tag this peer completed that a peer now runs again
+        (see pccl_py.client.tags); None: no such check."""
+        return self.router.behind
+
+    @behind.setter
+    def behind(self, fn: Callable[[int], bool] | None) -> None:
+        self.router.behind = fn
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(lambda: Stream(self), self.host, self.port)
+        addr = self._server.sockets[0].getsockname()
+        self.port = addr[1]
+        if self.config.local_links:
+            self._unix = await self._listen_unix()
+        return addr[0], addr[1]
+
+    async def _listen_unix(self):
+        """A second listener, on an abstract Unix socket named after the address peers
+        dial: a peer in this network namespace (so on this host) dials it instead of TCP."""
+        name = local_address(self.advertise, self.port)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(name)
+            s.listen(64)
+        except OSError as e:
+            s.close()
+            log.warning("no local (Unix-socket) listener at %r: %s; peers on this host that find no "
+                        "listener there dial TCP", name[1:], e)
+            return None
+        return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.abort(Aborted("the data plane was closed"))
+        self._drop_held()
+        for srv in (self._server, self._unix):
+            if srv is not None:
+                srv.close()
+        for link in list(self._links.values()):
+            link.close("data plane closed", graceful=True)
+        self._links.clear()
+        drains = [c.drained for c in self._conns if c.drained is not None and not c.drained.done()]
+        if drains:  # the peers' EOFs: our last frames (FINs) were read, nothing was reset
+            await asyncio.wait(drains, timeout=LINGER)
+        for c in list(self._conns):
+            if c.transport is not None and not c.transport.is_closing():
+                c.transport.abort()
+        for srv in (self._server, self._unix):
+            if srv is not None:
+                await srv.wait_closed()
+        self._shm.close()
+        for w in self._workers or ():
+            w.shutdown(wait=False)
+        await asyncio.sleep(0)
+
+    def abort(self, exc: PcclError) -> None:
+        for op in list(self._ops.values()):
+            self._fail_op(op, exc, local=True)
+
+    # -- topology and links -----------------------------------------------------------------
+    async def set_topology(self, topo: Topology) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._closed:
+            raise Aborted("the data plane is closed")
+        if self.topology is not None and topo.epoch < self.epoch:
+            raise InvalidUsage(f"topology epoch {topo.epoch} is older than the current {self.epoch}")
+        if topo.peers[topo.rank].peer_id != self.peer_id:
+            raise InvalidUsage(f"topology rank {topo.rank} is {topo.peers[topo.rank].peer_id!r}, not us")
+        if topo.epoch > self.epoch or self.topology is None:
+            self._lost.clear()
+            if self._held_timer is not None:  # the router drops every held frame (old epoch)
+                self._held_timer.cancel()
+                self._held_timer = None
+        ended = self.router.set_topology(topo.epoch, topo.group, topo.rank, [p.peer_id for p in topo.peers])
+        for op in ended:
+            self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), local=False)
+        self.topology = topo
+        self.epoch = topo.epoch
+        self._view = GroupView(self, topo)
+        members = {p.peer_id for p in topo.peers}
+        for pid in list(self._links):
+            if pid not in members:
+                link = self._links.pop(pid)
+                link.close("peer left the topology")
+        self._shm.forget(members)
+        waits = []
+        for p in topo.peers:
+            if p.peer_id == self.peer_id:
+                continue
+            link = self._links.get(p.peer_id)
+            if link is None:
+                if self.peer_id < p.peer_id:
+                    link = self._dial(p)
+                else:
+                    link = PeerLink(self, p.peer_id, connector=False, session=None, nstreams=1)
+                self._links[p.peer_id] = link
+            if not link.ready.done():
+                waits.append(link.ready)
+        self._retry_stalled()
+        if waits:
+            done, _ = await asyncio.wait(waits, timeout=self.config.connect_timeout)
+            for f in done:
+                f.exception()
+            if len(done) < len(waits):
+                log.warning("epoch %d: %d of %d links not up after %.1fs", topo.epoch,
+                            len(waits) - len(done), len(waits), self.config.connect_timeout)
+
+    def _dial(self, p) -> PeerLink:
+        link = PeerLink(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
+                     nstreams=self.streams)
+
+        async def go(i: int) -> None:
+            if self.config.local_links and await self._dial_unix(p, link, i):
+                return
+            try:
+                await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port),
+                                       self.config.connect_timeout)
+            except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
+                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: no answer within "
+                                      f"{self.config.connect_timeout:.0f} s")
+            except OSError as e:
+                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: {e}")
+
+        for i in range(self.streams):
+            self._loop.create_task(go(i))
+        return link
+
+    async def _dial_unix(self, p, link, i: int) -> bool:
+        """Connect stream ``i`` to ``p`` over its local Unix socket; False where there is none
+        (another host or network namespace: the name is unknown here, refused at once)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(self._loop.sock_connect(s, local_address(p.host, p.port)), _LOCAL_CONNECT)
+            await self._loop.create_unix_connection(lambda: Stream(self, link, i), sock=s)
+        except (OSError, asyncio.TimeoutError):
+            s.close()
+            return False
+        return True
+
+    def _accept_link(self, hello: F.Hello) -> PeerLink | None:
+        link = self._links.get(hello.peer_id)
+        if link is not None and link.connector:
+            return None  # we dial this peer; it must not dial us
+        if link is not None and link.session is None:  # placeholder from set_topology
+            link.session = hello.session
+            link.nstreams = hello.nstreams
+            link.conns = [None] * hello.nstreams
+        elif link is None or link.session != hello.session:
+            if link is not None:  # it is alive and dialling us: nothing to report
+                self._link_lost(link, "peer reconnected with a new session", report=False)
+            link = PeerLink(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
+            self._links[hello.peer_id] = link
+            self._lost.pop(hello.peer_id, None)
+        if link.nstreams != hello.nstreams or link.conns[hello.stream] is not None:
+            return None
+        log.debug("peer %s stream %d/%d up (its epoch %d)", hello.peer_id, hello.stream, hello.nstreams,
+                  hello.epoch)
+        return link
+
+    def _link_lost(self, link: PeerLink, reason: str, *, report: bool = True) -> None:
+        if link.lost is not None:
+            return
+        link.close(reason)
+        pid = link.peer_id
+        if self._links.get(pid) is link:
+            del self._links[pid]
+        if self._closed:
+            return
+        member = pid in self.router.rank_of
+        # a link that ends while idle is usually a peer leaving; one that ends mid-call is news
+        (log.warning if self._ops else log.info)("link to peer %s lost: %s", pid, reason)
+        if not member:
+            return
+        self._lost[pid] = reason
+        rank = self.router.rank_of[pid]
+        for op in list(self._ops.values()):
+            if not op.peer_lost(rank):
+                continue  # we hold all we need from it (its data, and its FIN where there is one)
+            self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
+        if self.on_peer_failure is not None and report:
+            try:
+                self.on_peer_failure(pid, reason)
+            except Exception:
+                log.exception("on_peer_failure callback failed")
+
+    # -- routing (the decisions are the router's: router.py) -----------------------------------
+    def route(self, h: F.Header, link: PeerLink):
+        """The router's verdict on a frame from ``link``; its reason is logged once, and a
+        peer that retries a call this peer completed is told (DIVERGED; the frame is dropped)."""
+        v = self.router.route(h, link.peer_id)
+        if v.note is not None:
+            log.log(*v.note)
+        if v.action == DIVERGED:
+            self._tell_diverged(h, link.peer_id)
+        return v
+
+    def _tell_diverged(self, h: F.Header, pid: str) -> None:
+        """``pid`` runs a call this peer completed: it failed that call (its last FIN was
+        lost) and retries it, while this peer went on. Pairing the retry with our next call
+        would mix two steps, so the retry fails there with ``Diverged``, and that peer's
+        next call takes the tag after it: it pairs with our next call, which keeps running."""
+        text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
+                f"because one of them lost the other's confirmation; the caller's state lacks that call's "
+                f"result. Bring the peers in step again (sync_shared_state)")
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc))
+
+    def _tell(self, pid: str, frame: bytes) -> None:
+        """Send a control frame on every stream of the link: one may be stalled on a frame of
+        a call the peer has not posted, and the frame must not wait behind it."""
+        link = self._links.get(pid)
+        if link is not None:
+            for stream in range(link.nstreams):
+                link.send(stream, frame, b"")
+
+    def stall_expired(self, h: F.Header, pid: str) -> None:
+        """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted
+        here, and was dropped. Its call can no longer complete: tell the sender (its call
+        fails now with ``Aborted`` instead of at its deadline); the router counts that
+        attempt as made here, so that our post of the tag pairs with the sender's retry."""
+        if not self.router.attempt_dropped(h, pid):
+            return
+        text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.seq}) within "
+                f"{self.config.stall_timeout}s and dropped its data")
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_ABORTED, text, h.desc))
+
+    # -- small frames for calls not posted yet ------------------------------------------------
+    def can_hold(self, h: F.Header) -> bool:
+        return self.router.can_hold(h)
+
+    def hold(self, h: F.Header, link: PeerLink, conn: Stream, payload: bytearray) -> None:
+        """A held frame's payload is in. Its call may have been posted meanwhile: route again."""
+        if self._closed or link is not self._links.get(link.peer_id):
+            return
+        v = self.route(h, link)
+        if v.action == DELIVER:
+            self._deliver(v.op, v.src, h, conn, payload)
+        elif v.action == STALL:
+            self.router.hold(h, link.peer_id, conn, payload, self._loop.time())
+            if self._held_timer is None:
+                self._held_timer = self._loop.call_later(self.config.stall_timeout, self._expire_held)
+
+    def _expire_held(self) -> None:
+        """Held frames whose call was not posted within ``stall_timeout`` are dropped (and
+        their senders told), then the timer is set for the next one due."""
+        self._held_timer = None
+        for held in self.router.expired(self._loop.time() + 1e-3):
+            h = held.h
+            log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
+                        h.tag, h.epoch, held.peer_id, self.config.stall_timeout)
+            self.stall_expired(h, held.peer_id)
+        due = self.router.next_deadline()
+        if due is not None:
+            self._held_timer = self._loop.call_at(due, self._expire_held)
+
+    def _drop_held(self) -> None:
+        self.router.drop_held()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+
+    def _apply_held(self, coll: Collective) -> None:
+        """Deliver the held frames of a call just posted (in arrival order)."""
+        for src, held in self.router.take_held(coll):
+            if not coll.done:
+                self._deliver(coll, src, held.h, held.source, held.payload)
+
+    def _deliver(self, op: Collective, src: int, h: F.Header, conn: Stream, payload: bytearray) -> None:
+        try:
+            rx = op.on_data(src, h, _Scratch)
+        except InvalidUsage as e:
+            self._fail_op(op, e, local=True)
+            return
+        except ProtocolError as e:
+            conn._protocol_error(e)
+            return
+        rx.view[:] = payload
+        if rx.progress is not None:
+            rx.progress(len(payload))
+        try:
+            rx.finish()
+        except PcclError as e:
+            self._fail_op(op, e, local=True)
+
+    def _retry_stalled(self) -> None:
+        for c in list(self._stalled):
+            c.retry_stalled()
+
+    def _unstall(self, c: Stream) -> None:
+        self._stalled.discard(c)
+
+    def _remote_error(self, op: Collective, src: int, code: int, msg: str) -> None:
+        if op.done:
+            return
+        op.on_error(src, code, msg)
+        self._finish_failed(op, local=False)
+
+    def _fail_op(self, op: Collective, exc: PcclError, *, local: bool) -> None:
+        if op.done:
+            return
+        op.fail(exc)
+        self._finish_failed(op, local=local, exc=exc)
+
+    def _finish_failed(self, op: Collective, *, local: bool, exc: PcclError | None = None) -> None:
+        self.router.finish(op)
+        key = struct.pack("<QQI", op.link.epoch, op.tag, op.seq)  # header bytes 12..32
+        for pid in op.link.ids:
+            link = self._links.get(pid)
+            if link is not None:
+                link.purge(key)  # its frames still waiting to be sent are withdrawn
+        if local and exc is not None and op.link.epoch == self.epoch:
+            frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.seq, error_code(exc), str(exc),
+                                   op.desc)
+            for r in range(op.link.world):
+                if r != op.link.rank:
+                    op.link.send(r, 0, frame, b"")
+
+    # -- collectives ------------------------------------------------------------------------
+    def _offload(self, fn, done, key: int = 0) -> None:
+        """Run ``fn()`` on one of this data plane's worker threads, then ``done(result,
+        error)`` on the loop: the numeric work of a collective (quantizing, decoding) that
+        would otherwise hold the loop while frames wait. Jobs of one ``key`` run on one
+        thread, in order (work on one block never overlaps)."""
+        if self._workers is None:
+            self._workers = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pccl-work{i}")
+                             for i in range(max(1, min(4, K.usable_cpus() // 4)))]
+        worker = self._workers[key % len(self._workers)]
+
+        def settle(f: asyncio.Future) -> None:
+            if f.cancelled():
+                done(None, Aborted("the data plane was closed"))
+            elif f.exception() is not None:
+                done(None, f.exception())
+            else:
+                done(f.result(), None)
+
+        self._loop.run_in_executor(worker, fn).add_done_callback(settle)
+
+    def _group(self) -> GroupView:
+        if self._closed:
+            raise Aborted("the data plane is closed")
+        if self._view is None:
+            raise InvalidUsage("no topology yet: call set_topology() first")
+        return self._view
+
+    async def all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None = None,
+                         algorithm: str = "auto", tag: int, timeout: float,
+                         shm_refs: tuple[str, int, str, int] | None = None) -> dict:
+        t0 = time.perf_counter()
+        plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
+        if plan is None:
+            return _info(1, "local", t0, None)
+        make, world, algo = plan
+        coll = await self._run(make, tag, timeout, f"all_reduce tag={tag}")
+        return _info(world, algo, t0, coll)
+
+    def start_all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None = None,
+                         algorithm: str = "auto", tag: int, timeout: float,
+                         shm_refs: tuple[str, int, str, int] | None = None,
+                         done: Callable[[dict | None, PcclError | None], None]) -> None:
+        """``all_reduce`` without a coroutine: ``done(info, None)`` or ``done(None, error)``
+        is called once the call has ended (from the event loop; possibly before this returns
+        for a world of one). Bad arguments raise here, as ``all_reduce`` would."""
+        t0 = time.perf_counter()
+        plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
+        if plan is None:
+            done(_info(1, "local", t0, None), None)
+            return
+        make, world, algo = plan
+        coll = self._launch(make, tag, timeout, f"all_reduce tag={tag}")
+
+        def settle(fut: asyncio.Future) -> None:
+            self._settle(coll)
+            exc = fut.exception()
+            if exc is not None:
+                done(None, exc)
+            else:
+                done(_info(world, algo, t0, coll), None)
+
+        coll.future.add_done_callback(settle)
+
+    def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
+        """Check the arguments; ``(make(seq) -> Collective, world, algorithm)``, or None when
+        the world is this peer alone (the result is then already in ``dst``)."""
+        if dtype not in K.DTYPES:
+            raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
+        if op not in K.OPS:
+            raise InvalidUsage(f"unknown op {op!r}; one of {', '.join(K.OPS)}")
+        if quant not in (None, "uint8", "uint4"):
+            raise InvalidUsage(f"unknown quant {quant!r}; None, 'uint8' or 'uint4'")
+        if quant is not None and (dtype != "float32" or op not in ("sum", "avg")):
+            raise InvalidUsage("quantization needs dtype float32 and op sum or avg")
+        if algorithm not in ("auto", "ring", "tree", "shm"):
+            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring, tree or shm")
+        s = _byte_view(src, "src")
+        d = _byte_view(dst, "dst", writable=True)
+        item = K.itemsize(dtype)
+        if len(s) != len(d):
+            raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
+        if len(s) % item:
+            raise InvalidUsage(f"buffer of {len(s)} bytes is not a whole number of {dtype} elements")
+        _check_tag(tag)
+        _check_timeout(timeout)
+        view = self._group()
+        count = len(s) // item
+        world = view.world
+        if world == 1:
+            np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
+            return None
+        cfg = self.config
+        shm_ok = shm_refs is not None and view.colocated and len(s) > 0 and world <= SHM_MAX_WORLD
+        if quant is not None:
+            algo = "quant"
+        elif algorithm == "auto":
+            algo = "tree" if len(s) <= cfg.tree_max_bytes else "shm" if shm_ok and cfg.shm else "ring"
+        else:
+            algo = algorithm
+        if algo == "shm" and not shm_ok:
+            raise InvalidUsage(f"algorithm 'shm' needs every peer of the group on this host (the same data "
+                               f"address), at most {SHM_MAX_WORLD} of them, and the tensors in shared memory "
+                               f"(a daemon's client call)")
+        overlap = None if type(src) is bytes else _overlap(s, d)  # bytes cannot be written
+        if overlap and algo not in ("ring", "shm"):
+            s = bytes(s)  # an in-place call: these collectives read src after writing dst
+        elif overlap == "partial" and algo == "shm":
+            raise InvalidUsage("the shared-memory all-reduce takes src and dst either apart or the same range")
+        common = dict(loop=self._loop, tag=tag)
+        if algo == "ring":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
+                                cfg.pipeline_depth)
+            make = lambda seq: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                             sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe,
+                                             min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
+                                             seq=seq, desc=desc, **common)
+        elif algo == "shm":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
+            make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                            refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
+        elif algo == "tree" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
+            desc = F.descriptor("all_reduce", dtype, op, count, "rooted", None)
+            make = lambda seq: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               seq=seq, desc=desc, **common)
+        elif algo == "tree":
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
+            make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               min_stripe=cfg.min_stripe, seq=seq, desc=desc, **common)
+        else:
+            desc = F.descriptor("all_reduce", dtype, op, count, algo, quant, cfg.quant_block_bytes)
+            worker = self._offload if self.bulk_min else None
+            make = lambda seq: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
+                                              block_bytes=cfg.quant_block_bytes, worker=worker, seq=seq,
+                                              desc=desc, **common)
+        return make, world, algo
+
+    async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:
+        if len(blob) > self.config.max_blob:
+            raise InvalidUsage(f"blob of {len(blob)} bytes exceeds max_blob={self.config.max_blob}")
+        _check_tag(tag)
+        _check_timeout(timeout)
+        view = self._group()
+        if view.world == 1:
+            return [bytes(blob)]
+        desc = F.descriptor("all_gather")
+        coll = await self._run(lambda seq: BlobAllGather(view, blob=blob, max_blob=self.config.max_blob,
+                                                         loop=self._loop, tag=tag, seq=seq, desc=desc),
+                               tag, timeout, f"all_gather tag={tag}")
+        return coll.future.result()
+
+    async def _run(self, make, tag: int, timeout: float, what: str) -> Collective:
+        coll = self._launch(make, tag, timeout, what)
+        try:
+            await asyncio.shield(coll.future)
+        except asyncio.CancelledError:
+            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), local=True)
+            raise
+        finally:
+            self._settle(coll)
+        return coll
+
+    def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
+        """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""
+        view = self._view
+        coll = make(self.router.post(tag))
+        self.router.add(coll)
+        lost = [pid for pid in view.ids if pid in self._lost]
+        if not coll.agree:
+            # Without a FIN round, a lost peer's frame held here is all this call needs from
+            # it: the peers that had posted the call before it went completed with it.
+            self._apply_held(coll)
+            lost = [pid for pid in lost if coll.needs(view.ids.index(pid))]
+        if lost:
+            self._fail_op(coll, PeerLost(f"{what}: peer {lost[0]} was lost in epoch {view.epoch}: "
+                                         f"{self._lost[lost[0]]}"), local=False)
+        else:
+            if not coll.done:  # (a held frame may have failed it: InvalidUsage)
+                try:
+                    coll.start()
+                except PcclError as e:
+                    self._fail_op(coll, e, local=True)
+                except Exception as e:  # pragma: no cover - bug
+                    log.exception("collective start failed")
+                    self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
+                self._apply_held(coll)
+            self._apply_ctrl(coll)
+            self._retry_stalled()
+        coll.timer = self._loop.call_later(timeout, self._deadline, coll, timeout, what)
+        return coll
+
+    def _settle(self, coll: Collective) -> None:
+        coll.timer.cancel()
+        coll.finished()
+        self.router.finish(coll)
+
+    def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
+        missing = [coll.link.ids[r] for r in range(coll.link.world)
+                   if r != coll.link.rank and r not in coll._fins]
+        state = "waiting for FIN from " + ", ".join(missing) if coll.data_done else "data incomplete"
+        self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), local=True)
+
+    # -- control frames for ops not posted yet ------------------------------------------------
+    def _apply_ctrl(self, coll: Collective) -> None:
+        for pid, kind, code, msg in self.router.take_ctrl(coll):
+            if coll.done or pid not in coll.link.ids:
+                continue
+            src = coll.link.ids.index(pid)
+            if kind == F.FIN:
+                coll.on_fin(src, code)
+            else:
+                self._remote_error(coll, src, code, msg)
+
+    def _remember_ctrl(self, h: F.Header, peer_id: str, msg: str) -> None:
+        self.router.remember_ctrl(h, peer_id, msg)
+
+
+def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:
+    info = {"world_size": world, "algorithm": algo, "seconds": time.perf_counter() - t0,
+            "tx_bytes": 0, "rx_bytes": 0, "tx_logical": 0, "rx_logical": 0}
+    if coll is not None:
+        info.update(coll.info())
+    return info
+
+
+def _overlap(s: memoryview, d: memoryview) -> str | None:
+    """None when ``s`` and ``d`` are apart, "same" for one range, "partial" otherwise."""
+    if not len(s) or not len(d):
+        return None
+    a = np.frombuffer(s, np.uint8).__array_interface__["data"][0]
+    b = np.frombuffer(d, np.uint8).__array_interface__["data"][0]
+    if a + len(s) <= b or b + len(d) <= a:
+        return None
+    return "same" if a == b and len(s) == len(d) else "partial"
+
+
+def _byte_view(buf, name: str, writable: bool = False) -> memoryview:
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise InvalidUsage(f"{name} does not support the buffer protocol") from None
+    if not mv.c_contiguous:
+        raise InvalidUsage(f"{name} must be C-contiguous")
+    if writable and mv.readonly:
+        raise InvalidUsage(f"{name} must be writable")
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    try:
+        return mv.cast("B")
+    except TypeError as e:
+        raise InvalidUsage(f"{name}: {e}") from None
+
+
+def _check_tag(tag: int) -> None:
+    if not isinstance(tag, int) or not 0 <= tag <= F.MAX_TAG:
+        raise InvalidUsage(f"tag must be an int in [0, 2**63), got {tag!r}")
+
+
+def _check_timeout(timeout: float) -> None:
+    if not timeout > 0:
+        raise InvalidUsage(f"timeout must be > 0, got {timeout!r}")

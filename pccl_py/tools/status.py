@@ -1,0 +1,96 @@
+"""``pccl status``: what the coordinator knows (members, groups, epoch, heartbeats, activity)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+
+import zmq
+
+from pccl_py.errors import CoordinatorUnavailable, PcclError, ProtocolError
+from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, zmq_endpoint
+from pccl_py.wire import control as protocol
+
+
+async def query_status(addr: str, timeout: float = 3.0) -> dict:
+    """Ask the coordinator at ``addr`` for its status (no secret needed; read-only)."""
+    loop = asyncio.get_running_loop()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)
+    req = secrets.randbits(62)
+    answer: asyncio.Future[dict] = loop.create_future()
+
+    def on_frames(frames: list) -> None:
+        try:
+            msg = protocol.decode(frames[-1].buffer)
+        except ProtocolError:
+            return
+        if msg["type"] == "status_a" and msg["req"] == req and not answer.done():
+            answer.set_result(msg)
+
+    pump = None
+    try:
+        sock.connect(zmq_endpoint(addr))
+        pump = ZmqPump(sock, on_frames)
+        sock.send(protocol.encode("status_q", req=req), zmq.NOBLOCK)
+        pump.kick()
+        try:
+            msg = await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            raise CoordinatorUnavailable(
+                f"no status from the coordinator at {addr} within {timeout:g} s; is it running?"
+            ) from None
+    finally:
+        if pump is not None:
+            pump.close()
+        sock.close(linger=0)
+    msg.pop("type", None)
+    msg.pop("req", None)
+    return msg
+
+
+def format_status(st: dict) -> str:
+    lines = [
+        f"coordinator {st['instance']}  epoch {st['epoch']}  world size {st['world_size']}  "
+        f"groups {st['num_groups']}  uptime {st['uptime']:.1f} s"
+        + ("  [recovering]" if st["recovering"] else "")
+        + (f"  vote open: {', '.join(st['voters'])}" if st["vote_open"] else ""),
+    ]
+    header = ("PEER", "GROUP", "STATE", "RING", "DATA ADDRESS", "EPOCH", "REV", "HB AGE", "ACTIVITY")
+    rows = [header]
+    for m in st["members"]:
+        rows.append((
+            m["peer_id"], str(m["group"]), m["state"], str(m["ring_pos"]) if m["ring_pos"] >= 0 else "-",
+            f"{m['host']}:{m['port']}", str(m["epoch"]), str(m["revision"]), f"{m['hb_age']:.2f}s",
+            m["activity"] or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not st["members"]:
+        lines.append("(no peers)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pccl status", description="Show what the coordinator knows.")
+    p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}", help="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    try:
+        st = asyncio.run(query_status(args.coordinator, args.timeout))
+    except PcclError as exc:
+        print(f"pccl status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

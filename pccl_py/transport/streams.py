@@ -1,0 +1,710 @@
+"""The streams under the data plane: one authenticated TCP stream, the K streams to a peer,
+and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
+
+* :class:`Stream` -- one TCP stream, an ``asyncio.BufferedProtocol``. ``get_buffer`` hands
+  the event loop the exact bytes of the next handshake message; after the handshake,
+  headers and small payloads are read through a 16 KiB stage (one read takes several
+  small frames), and a payload with at least ``_DIRECT_MIN`` bytes left is read straight
+  into its destination (a slice of the caller's ``dst`` or a per-stream staging buffer),
+  so Python copies at most 16 KiB of a large payload on the way in. Outgoing payloads are
+  memoryviews handed to the transport (one ``writev`` on uvloop).
+* :class:`PeerLink` -- the K streams to one peer (``session`` groups them), with a queue for
+  frames sent before the link is up, and the clean-EOF grace across its streams.
+* :class:`GroupView` -- ranks of one topology mapped to links: what a collective sends on.
+
+Routing decisions, failures and deadlines belong to :class:`pccl_py.daemon.dataplane.DataPlane`;
+these classes call back into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from pccl_py.collectives.base import Rx
+from pccl_py.daemon.router import DIVERGED, DROP, PEND, STALL
+from pccl_py.daemon.topology import Topology
+from pccl_py.errors import InvalidUsage, PcclError, PeerLost, ProtocolError
+from pccl_py.transport.pump import Pump
+from pccl_py.wire import frames as F
+
+if TYPE_CHECKING:
+    from pccl_py.daemon.dataplane import DataPlane
+
+log = logging.getLogger("pccl_py.dataplane")
+
+_SCRATCH = 1 << 16
+_DIRECT_MIN = 1 << 14  # a payload with this much left is read straight into its destination
+_STAGE = _DIRECT_MIN + F.HEADER_SIZE  # one staged recv: so at most this much of a payload is copied
+WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
+LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
+_EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
+
+# connection states
+_HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
+_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN, _PUMPED = range(5, 13)
+
+
+class Stream(asyncio.BufferedProtocol):
+    """One data stream: a state machine fed by exact reads (handshake, large payloads) or
+    staged reads (headers, small payloads, several frames at once)."""
+
+    def __init__(self, dp: DataPlane, link: PeerLink | None = None, stream: int = 0):
+        self.dp = dp
+        self.link = link  # known up front for the connector; after HELLO for the acceptor
+        self.stream = stream
+        self.connector = link is not None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._small = bytearray(2048)  # handshake messages, headers, ERROR messages
+        self._view = memoryview(self._small)[:0]
+        self._stage = memoryview(bytearray(_STAGE))
+        self._staged = False  # the last get_buffer handed out the stage
+        self._carry: tuple[int, int] | None = None  # staged bytes behind a stalled header
+        self._pos = 0
+        self._state = _CLOSED
+        self._hdr: F.Header | None = None
+        self._backlog: collections.deque = collections.deque()
+        self._blocked = False
+        self._rx = None
+        self._rx_op = None
+        self._progress = None
+        self._stg = bytearray(0)
+        self._scratch: memoryview | None = None
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.drained: asyncio.Future | None = None
+        self._nonce = b""
+        self._partial: F.Hello | None = None
+        self._mac = b""
+        # Frames of at least this many payload bytes go through the stream's I/O threads
+        # (0: everything on the event loop); see pump.py.
+        self._bulk = dp.bulk_min
+        self._pump: Pump | None = None
+        self._pumped_rx = False  # the payload being read goes to the receive thread
+        self._tx_busy = False  # the send thread is writing a frame
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._vectored = type(transport).__module__.startswith("uvloop")
+        sock = transport.get_extra_info("socket")
+        if self._bulk and sock is not None:
+            try:
+                self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
+            except OSError as e:  # out of file descriptors: this stream keeps frames on the loop
+                log.warning("data stream without I/O threads: %s", e)
+                self._bulk = 0
+        if self._pump is not None:
+            # The send thread may only write while the transport holds nothing: limits of 0
+            # make every buffered byte pause us, and resume_writing say the buffer is empty.
+            transport.set_write_buffer_limits(high=0, low=0)
+        else:
+            self._bulk = 0
+            transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
+        if sock is not None and sock.family != socket.AF_UNIX:
+            _tune(sock, self.dp.config.user_timeout)
+        pn = transport.get_extra_info("peername")
+        self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else "this host (Unix socket)"
+        self.dp._conns.add(self)
+        self._hs_timer = self.dp._loop.call_later(self.dp.config.handshake_timeout, self._hs_timeout)
+        if self.connector:
+            self._want(_HS_CHALLENGE, F.CHALLENGE_S.size)
+        else:
+            self._nonce = os.urandom(F.NONCE_LEN)
+            transport.write(F.encode_challenge(self._nonce))
+            self._want(_HS_HELLO, F.HELLO_FIXED.size)
+
+    def get_buffer(self, sizehint: int):
+        st = self._state
+        if st == _HEADER or st == _DISCARD or st == _CTRL_PAYLOAD or (
+                st == _PAYLOAD and len(self._view) - self._pos < _DIRECT_MIN):
+            # Staged: one recv takes a header with its small payload and whatever frames
+            # follow (a 4-byte all-reduce costs one read instead of two or three).
+            self._staged = True
+            return self._stage
+        self._staged = False
+        v = self._view[self._pos:]
+        if not len(v):  # nothing armed (must not happen): swallow into scratch, then fail
+            return self._scratch_view()
+        return v
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._state == _DRAIN:  # leaving: whatever the peer still sends is dropped
+            return
+        if self._staged:
+            self._feed(0, nbytes)
+        elif not len(self._view) - self._pos:
+            self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
+            return
+        else:
+            self._pos += nbytes
+            self._advance()
+        if self._pumped_rx:
+            self._pump_rx()
+
+    def _advance(self) -> None:
+        """``self._pos`` moved: act on a filled view (a payload, a header, handshake bytes)."""
+        if self._state == _PAYLOAD:
+            if self._progress is not None:
+                try:
+                    self._progress(self._pos)
+                except Exception as e:  # pragma: no cover - kernel failure is a bug
+                    self._internal_error(e)
+                    return
+            if self._pos < len(self._view):
+                return
+            rx, self._rx, self._progress = self._rx, None, None
+            self._want(_HEADER, F.HEADER_SIZE)
+            self._finish(rx)
+            return
+        if self._pos < len(self._view):
+            return
+        try:
+            self._complete()
+        except ProtocolError as e:
+            self._protocol_error(e)
+
+    def _feed(self, a: int, b: int) -> None:
+        """Hand staged bytes ``[a, b)`` to the state machine, frame after frame. Bytes behind
+        a stalled header stay staged (reading is paused) until the stall ends."""
+        stage = self._stage
+        while a < b:
+            st = self._state
+            if st == _STALLED:
+                self._carry = (a, b)
+                return
+            if st == _CLOSED or st == _DRAIN:
+                return
+            n = min(len(self._view) - self._pos, b - a)
+            if n <= 0:  # pragma: no cover - every state arms a non-empty view
+                self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
+                return
+            if st != _DISCARD:  # dropped bytes need not land anywhere
+                self._view[self._pos:self._pos + n] = stage[a:a + n]
+            self._pos += n
+            a += n
+            self._advance()
+        self._carry = None
+
+    def _resume(self) -> None:
+        """A stall ended: first the bytes staged behind it, then the socket again."""
+        carry, self._carry = self._carry, None
+        if carry is not None:
+            self._feed(*carry)
+        if self._pumped_rx and self._pump_rx():
+            return
+        if self._state != _STALLED and self._state != _CLOSED:
+            self.transport.resume_reading()
+
+    # -- payloads through the receive thread ----------------------------------------------
+    def _pump_rx(self) -> bool:
+        """Hand the rest of the current payload to the receive thread (the transport stops
+        reading until it is in); False if too little is left to be worth it."""
+        if self._state != _PAYLOAD or len(self._view) - self._pos < _DIRECT_MIN:
+            return False
+        self._pumped_rx = False
+        try:
+            self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction)
+        except (OSError, RuntimeError) as e:  # no thread could be started
+            self._close(f"cannot start an I/O thread: {e}")
+            return True
+        self._state = _PUMPED
+        self.transport.pause_reading()
+        return True
+
+    def _pumped_in(self, err: BaseException | None) -> None:
+        if self._state != _PUMPED:  # closed meanwhile
+            return
+        if err is not None:
+            self._close(f"receive failed: {err}")
+            return
+        self._state = _PAYLOAD
+        self._pos = len(self._view)
+        self._progress = None  # the thread reduced everything
+        self._advance()
+        if self._state != _STALLED and self._state != _CLOSED and not (self._pumped_rx and self._pump_rx()):
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        return False  # close
+
+    def connection_lost(self, exc) -> None:
+        self._state = _CLOSED
+        self._stop_pump(hard=True)
+        self._cancel_timers()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.dp._conns.discard(self)
+        self.dp._unstall(self)
+        if self.link is None:
+            return
+        if exc is None and self.link.is_up:
+            self.link.stream_eof()  # the peer's other streams may still hold its last frames
+        else:
+            self.dp._link_lost(self.link, f"connection closed ({exc or 'EOF'})")
+
+    # -- state machine ------------------------------------------------------------------
+    def _want(self, state: int, n: int) -> None:
+        self._state = state
+        self._view = memoryview(self._small)[:n]
+        self._pos = 0
+
+    def _scratch_view(self) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        return self._scratch
+
+    def staging(self, n: int) -> memoryview:
+        if len(self._stg) < n:
+            self._stg = bytearray(n)
+        return memoryview(self._stg)[:n]
+
+    def _complete(self) -> None:
+        st = self._state
+        if st == _HEADER:
+            self._on_header(F.decode_header(self._view, self.dp._limits))
+        elif st == _DISCARD:
+            self._discard(self._discard_left)
+        elif st == _CTRL_PAYLOAD:
+            self._on_error_payload(bytes(self._view))
+        elif st == _HS_HELLO:
+            n, self._partial = F.decode_hello_fixed(self._view, self.dp._limits)
+            self._want(_HS_HELLO_ID, n)
+        elif st == _HS_HELLO_ID:
+            self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
+        elif st == _HS_CHALLENGE:
+            challenge = F.decode_challenge(self._view)
+            lk = self.link
+            self._nonce = os.urandom(F.NONCE_LEN)
+            self.transport.write(F.encode_hello(self.dp.secret, challenge, self.dp.peer_id, self.dp.epoch,
+                                                self.stream, lk.nstreams, lk.session, self._nonce))
+            self._want(_HS_WELCOME, F.WELCOME_FIXED.size)
+        elif st == _HS_WELCOME:
+            n, self._mac = F.decode_welcome_fixed(self._view)
+            self._want(_HS_WELCOME_ID, n)
+        elif st == _HS_WELCOME_ID:
+            F.finish_welcome(self._mac, self._view, self.dp.secret, self._nonce, self.stream,
+                             self.link.session, self.link.peer_id)
+            self._established()
+        else:  # pragma: no cover
+            raise ProtocolError(f"bytes in state {st}")
+
+    def _on_hello(self, hello: F.Hello) -> None:
+        dp = self.dp
+        if hello.peer_id == dp.peer_id:
+            raise ProtocolError(f"peer announced our own id {hello.peer_id!r}")
+        link = dp._accept_link(hello)
+        if link is None:
+            raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
+        self.link = link
+        self.stream = hello.stream
+        self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session))
+        self._established()
+
+    def _established(self) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self._want(_HEADER, F.HEADER_SIZE)
+        self.link.attach(self, self.stream)
+
+    def _hs_timeout(self) -> None:
+        self._hs_timer = None
+        if self._state < _HEADER:
+            self._close(f"handshake not finished within {self.dp.config.handshake_timeout}s")
+
+    # -- frames ---------------------------------------------------------------------------
+    def _on_header(self, h: F.Header) -> None:
+        v = self.dp.route(h, self.link)
+        verdict, op, src = v.action, v.op, v.src
+        if verdict == STALL:
+            if self.dp.can_hold(h):  # a small frame: kept aside, the stream reads on
+                self._hold(h)
+                return
+            self._stall(h)
+            return
+        if verdict == DROP or verdict == DIVERGED:
+            self._discard(h.length)
+            return
+        if verdict == PEND:  # FIN/ERROR for an operation not posted yet: remembered
+            op = None
+        if h.kind == F.DATA:
+            try:
+                rx = op.on_data(src, h, self)
+            except InvalidUsage as e:
+                self.dp._fail_op(op, e, local=True)
+                self._discard(h.length)
+                return
+            self._receive(rx, op, h.length)
+        elif h.kind == F.FIN:
+            self._want(_HEADER, F.HEADER_SIZE)
+            if op is None:
+                self.dp._remember_ctrl(h, self.link.peer_id, "")
+            else:
+                op.on_fin(src, h.step)
+        else:  # ERROR: read the message first
+            self._hdr = h
+            self._ctrl = (op, src)
+            if h.length == 0:
+                self._on_error_payload(b"")
+            else:
+                self._want(_CTRL_PAYLOAD, h.length)
+
+    def _finish(self, rx) -> None:
+        """A payload is complete: let its collective act on it (reduce, forward, finish)."""
+        try:
+            rx.finish()
+        except PcclError as e:  # the collective refuses (e.g. a non-finite quantized result)
+            self.dp._fail_op(self._rx_op, e, local=True)
+        except Exception as e:  # pragma: no cover - a bug
+            self._internal_error(e)
+
+    def _on_error_payload(self, payload: bytes) -> None:
+        h = self._hdr
+        op, src = self._ctrl
+        self._hdr = None
+        self._want(_HEADER, F.HEADER_SIZE)
+        msg = F.decode_error_message(payload)
+        if op is None:
+            self.dp._remember_ctrl(h, self.link.peer_id, msg)
+        else:
+            self.dp._remote_error(op, src, h.step, msg)
+
+    def _discard(self, n: int) -> None:
+        if n <= 0:
+            self._want(_HEADER, F.HEADER_SIZE)
+            return
+        self._discard_left = n - min(n, _SCRATCH)
+        self._state = _DISCARD
+        self._view = self._scratch_view()[:min(n, _SCRATCH)]
+        self._pos = 0
+
+    def _hold(self, h: F.Header) -> None:
+        """Read the payload of a small frame for a call not posted here into a buffer of its
+        own; the data plane keeps it until the call is posted (``DataPlane.hold``)."""
+        buf = bytearray(h.length)
+        link = self.link
+        self._receive(Rx(memoryview(buf), None, lambda: self.dp.hold(h, link, self, buf)), None, h.length)
+
+    def _receive(self, rx: Rx, op, length: int) -> None:
+        """Read the next ``length`` payload bytes into ``rx.view``, then ``rx.finish()``."""
+        self._rx, self._progress, self._rx_op = rx, rx.progress, op
+        if length == 0:
+            self._rx = self._progress = None
+            self._want(_HEADER, F.HEADER_SIZE)
+            self._finish(rx)
+            return
+        self._state = _PAYLOAD
+        self._view = rx.view
+        self._pos = 0
+        self._pumped_rx = self._bulk and length >= self._bulk
+        if len(self._view) != length:  # pragma: no cover - collective bug
+            raise ProtocolError("internal: receive view size mismatch")
+
+    def _stall(self, h: F.Header) -> None:
+        self._hdr = h
+        self._state = _STALLED
+        self._view = memoryview(self._small)[:0]
+        self._pos = 0
+        self.transport.pause_reading()
+        self._stall_timer = self.dp._loop.call_later(self.dp.config.stall_timeout, self._stall_expired)
+        self.dp._stalled.add(self)
+
+    def _stall_expired(self) -> None:
+        self._stall_timer = None
+        if self._state != _STALLED:
+            return
+        h = self._hdr
+        log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
+                    h.tag, h.epoch, self.link.peer_id if self.link else self.peer, self.dp.config.stall_timeout)
+        self.dp._stalled.discard(self)
+        self._hdr = None
+        if self.link is not None and h.kind == F.DATA:
+            self.dp.stall_expired(h, self.link.peer_id)
+        self._discard(h.length)
+        self._resume()
+
+    def retry_stalled(self) -> None:
+        """Called by the data plane when operations or the epoch changed."""
+        if self._state != _STALLED:
+            return
+        h = self._hdr
+        if self.dp.route(h, self.link).action == STALL:
+            return
+        self.dp._stalled.discard(self)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._hdr = None
+        try:
+            self._on_header(h)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        if self._state != _STALLED and self._state != _CLOSED:
+            self._resume()
+
+    # -- errors and closing ---------------------------------------------------------------
+    def _protocol_error(self, e: ProtocolError) -> None:
+        who = self.link.peer_id if self.link is not None and self._state >= _HEADER else self.peer
+        self._close(f"protocol error from {who}: {e}")
+
+    def _internal_error(self, e: BaseException) -> None:
+        log.exception("internal error on a data stream")
+        self._close(f"internal error: {type(e).__name__}: {e}")
+
+    def _close(self, reason: str) -> None:
+        if self._state == _CLOSED:
+            return
+        log.warning("closing data connection %s: %s", self.peer, reason)
+        self._state = _CLOSED
+        self._stop_pump(hard=True)
+        self._cancel_timers()
+        self.dp._unstall(self)
+        if self.link is not None:
+            self.dp._link_lost(self.link, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self, timeout: float) -> None:
+        """Leave gracefully: half-close (our FIN follows the frames already written), then read
+        and drop whatever the peer still sends until its EOF or ``timeout``. Closing with
+        unread bytes would send RST instead, and an RST makes the peer's kernel drop our last
+        frames (a FIN of a call the peer then fails, while we counted it done)."""
+        tr = self.transport
+        self._state = _DRAIN
+        self._cancel_timers()
+        self.dp._unstall(self)
+        self._view = self._scratch_view()
+        self._pos = 0
+        self.drained = self.dp._loop.create_future()
+        try:
+            tr.write_eof()
+            tr.resume_reading()
+        except (OSError, RuntimeError):
+            tr.abort()
+            return
+        self._drain_timer = self.dp._loop.call_later(timeout, tr.abort)
+
+    def _stop_pump(self, hard: bool) -> None:
+        if self._pump is not None:
+            self._pump.stop(hard)
+            self._pump = None
+        self._pumped_rx = False
+
+    @property
+    def busy(self) -> bool:
+        """A thread is moving a frame: the stream cannot be closed gracefully now."""
+        return self._tx_busy or self._state == _PUMPED
+
+    def _cancel_timers(self) -> None:
+        for t in (self._hs_timer, self._stall_timer):
+            if t is not None:
+                t.cancel()
+        self._hs_timer = self._stall_timer = None
+
+    # -- sending ------------------------------------------------------------------------
+    # The transport holds at most ~WRITE_HIGH bytes (by reference); beyond that, frames wait
+    # in our backlog, where a failed call's frames can still be withdrawn (purge).
+
+    def pause_writing(self) -> None:
+        self._blocked = True
+
+    def resume_writing(self) -> None:
+        self._blocked = False
+        self._flush()
+
+    def _flush(self) -> None:
+        backlog = self._backlog
+        while backlog and not self._blocked and not self._tx_busy:
+            h, p = backlog.popleft()
+            if not self._emit(h, p):
+                return
+
+    def _pumped_out(self, err: BaseException | None) -> None:
+        self._tx_busy = False
+        if err is not None:
+            if self._state != _CLOSED:
+                self._close(f"send failed: {err}")
+            return
+        if self._state != _CLOSED:
+            self._flush()
+
+    def write(self, header: bytes, payload) -> None:
+        if self.transport.is_closing():  # ending (clean-EOF grace): the link is about to be lost
+            return
+        if self._blocked or self._backlog or self._tx_busy:
+            self._backlog.append((header, payload))
+        else:
+            self._emit(header, payload)
+
+    def purge(self, key: bytes) -> None:
+        """Withdraw queued frames whose (epoch, tag, attempt) header bytes equal ``key``."""
+        if self._backlog:
+            self._backlog = collections.deque(x for x in self._backlog if x[0][12:32] != key)
+
+    def _emit(self, header: bytes, payload) -> bool:
+        """Write a frame (or hand it to the send thread); False if it went back to the
+        backlog because the transport still holds bytes."""
+        tr = self.transport
+        if tr.is_closing():
+            return True
+        if self._bulk and len(payload) >= self._bulk and self._pump is not None:
+            if tr.get_write_buffer_size():  # the transport still writes: after it, in order
+                self._backlog.appendleft((header, payload))
+                if not self._blocked:  # (its limits of 0 pause us whenever it holds bytes)
+                    self.dp._loop.call_later(0.0005, self._flush)
+                return False
+            try:
+                self._pump.send(header, payload, self._pumped_out)
+            except (OSError, RuntimeError) as e:  # no thread could be started
+                self._close(f"cannot start an I/O thread: {e}")
+                return True
+            self._tx_busy = True
+            return True
+        if not len(payload):
+            tr.write(header)
+        elif self._vectored:
+            tr.writelines((header, payload))  # uvloop: one writev, payload referenced, not copied
+        else:  # stock asyncio's writelines joins (copies) its arguments
+            tr.write(header)
+            tr.write(payload)
+        return True
+
+
+class PeerLink:
+    """The streams to one peer; frames sent before it is up wait in a queue."""
+
+    def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
+                 nstreams: int):
+        self.dp = dp
+        self.peer_id = peer_id
+        self.connector = connector
+        self.session = session
+        self.nstreams = nstreams
+        self.conns: list[Stream | None] = [None] * nstreams
+        self.ready = dp._loop.create_future()
+        self.lost: str | None = None
+        self._queue: list[tuple[int, bytes, object]] = []
+        self._up = 0
+        self._eofs = 0
+        self._eof_timer: asyncio.TimerHandle | None = None
+
+    def attach(self, conn: Stream, stream: int) -> None:
+        if self.lost is not None:
+            conn._close(f"link to {self.peer_id} already lost")
+            return
+        self.conns[stream] = conn
+        self._up += 1
+        if self._up == self.nstreams:
+            q, self._queue = self._queue, []
+            for s, h, p in q:
+                self.conns[s % self.nstreams].write(h, p)
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    def stream_eof(self) -> None:
+        """One stream ended cleanly: lost once all have (their data read), or after a grace."""
+        self._eofs += 1
+        reason = "connection closed by the peer"
+        if self._eofs >= self.nstreams:
+            self.dp._link_lost(self, reason)
+        elif self._eof_timer is None:
+            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
+
+    @property
+    def is_up(self) -> bool:
+        return self._up == self.nstreams and self.lost is None
+
+    def purge(self, key: bytes) -> None:
+        self._queue = [x for x in self._queue if x[1][12:32] != key]
+        for c in self.conns:
+            if c is not None:
+                c.purge(key)
+
+    def send(self, stream: int, header: bytes, payload) -> None:
+        if self.lost is not None:
+            return
+        if self._up == self.nstreams:
+            self.conns[stream % self.nstreams].write(header, payload)
+        else:
+            self._queue.append((stream, header, payload))
+
+    def close(self, reason: str, graceful: bool = False) -> None:
+        if self.lost is None:
+            self.lost = reason
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
+            self._eof_timer = None
+        self._queue = []
+        if not self.ready.done():
+            self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
+            self.ready.exception()
+        for c in self.conns:
+            if c is not None and c._state != _CLOSED:
+                gentle = graceful and not c.busy
+                c._state = _CLOSED
+                c._stop_pump(hard=not gentle)
+                c._cancel_timers()
+                self.dp._unstall(c)
+                if c.transport is None:
+                    continue
+                if gentle and not c.transport.get_write_buffer_size():
+                    c.drain(LINGER)  # FIN after what was sent: the peer reads our last frames
+                else:
+                    c.transport.abort()
+
+
+class GroupView:
+    """The ``Link`` a collective sees: ranks of one topology mapped to peer links."""
+
+    def __init__(self, dp: DataPlane, topo: Topology):
+        self.dp = dp
+        self.rank = topo.rank
+        self.world = len(topo.peers)
+        self.group = topo.group
+        self.epoch = topo.epoch
+        self.ids = [p.peer_id for p in topo.peers]
+        # every daemon of the group advertises the same host: they share a machine
+        self.colocated = self.world > 1 and len({p.host for p in topo.peers}) == 1
+
+    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
+        link = self.dp._links.get(self.ids[rank])
+        if link is not None:
+            link.send(stream, header, payload)
+
+    def nstreams(self, rank: int) -> int:
+        link = self.dp._links.get(self.ids[rank])
+        return link.nstreams if link is not None else 1
+
+    def fail_local(self, op, exc) -> None:
+        self.dp._fail_op(op, exc, local=True)
+
+
+def _tune(sock, user_timeout: float) -> None:
+    """TCP_NODELAY, and dead-link detection: a link whose sent data stays unacknowledged
+    for ``user_timeout`` seconds (a path that silently drops everything) is closed by the
+    kernel, and so is an idle one that stops answering keepalives, so it is reported and
+    replaced instead of stalling every call until its deadline."""
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    if user_timeout > 0:
+        idle = max(1, int(user_timeout / 2))
+        opts += [(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(user_timeout * 1000)),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, idle // 2)),
+                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 2)]
+    for level, name, value in opts:
+        if name is None:  # not on this platform
+            continue
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass

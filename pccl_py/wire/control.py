@@ -1,0 +1,288 @@
+"""Control-plane wire format: msgpack maps with ``type`` and ``v``, one schema table.
+
+Every message between a daemon (zmq DEALER) and the coordinator (zmq ROUTER) is one
+zmq frame holding a msgpack map ``{"type": <name>, "v": VERSION, <fields>...}``.
+:data:`SCHEMA` is the only place message types and their fields are defined;
+:func:`decode` validates a frame against it before anything else sees it and raises
+:class:`~pccl_py.errors.ProtocolError` (and nothing else) on any deviation: bad
+bytes, truncated data, trailing data, wrong version, unknown type, missing or extra
+fields, wrong types, out-of-range numbers, oversized strings, bytes or lists.
+Lengths are bounded inside the unpacker, before it allocates.
+
+The run secret is proved in ``hello`` with :func:`hello_proof` (HMAC-SHA256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from pccl_py.errors import ProtocolError
+
+VERSION = 2  # 2: report_failure carries the epoch of the broken link
+MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
+MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
+MAX_BIN = 256
+MAX_ARRAY = 8192
+MAX_MAP = 32
+MAX_PEERS = 4096  # peers in one topology or status message
+
+I64 = (-(1 << 63), (1 << 63) - 1)
+U31 = (0, (1 << 31) - 1)
+U63 = (0, (1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class F:
+    """One field: python type plus bounds. ``items`` types list elements (one F, or a
+    tuple of F for fixed-shape rows); ``fields`` types a nested map."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    max_len: int | None = None
+    optional: bool = False  # None allowed
+    choices: tuple[Any, ...] | None = None
+    items: F | tuple[F, ...] | None = None
+    fields: dict[str, F] | None = field(default=None, hash=False)
+
+
+def _i(lo_hi: tuple[int, int] = I64, optional: bool = False) -> F:
+    return F(int, lo=lo_hi[0], hi=lo_hi[1], optional=optional)
+
+
+def _s(max_len: int, optional: bool = False, choices: tuple[str, ...] | None = None) -> F:
+    return F(str, max_len=max_len, optional=optional, choices=choices)
+
+
+def _f(lo: float = 0.0, hi: float = 1e9) -> F:
+    return F(float, lo=lo, hi=hi)
+
+
+PEER_ID = _s(128)
+REQ = _i(U63)
+EPOCH = _i(U63)
+REASON = _s(1024)
+ERROR_NAME = _s(64)
+INSTANCE = _s(64)
+TIMEOUT = _f(0.0, 1e7)  # seconds; 0 means "no deadline"
+ACTIVITY = _s(256, optional=True)
+PEER_ROW = F(list, max_len=3, items=(PEER_ID, _s(255), _i((0, 65535))))
+
+STATUS_MEMBER = F(
+    dict,
+    fields={
+        "peer_id": PEER_ID,
+        "group": _i(U31),
+        "state": _s(16),
+        "host": _s(255),
+        "port": _i((0, 65535)),
+        "ring_pos": _i((-1, MAX_PEERS)),
+        "epoch": EPOCH,
+        "revision": _i(),
+        "hb_age": _f(0.0, 1e9),
+        "activity": ACTIVITY,
+    },
+)
+
+# The one schema table: message type -> field -> spec. Direction is in the comment.
+SCHEMA: dict[str, dict[str, F]] = {
+    # daemon -> coordinator
+    "hello": {  # register, or re-introduce after a coordinator restart
+        "peer_id": PEER_ID,
+        "group": _i(U31),
+        "host": _s(255),
+        "port": _i((0, 65535)),
+        "ts": _f(0.0, 1e11),  # wall-clock seconds, part of the proof
+        "proof": F(bytes, max_len=64),
+        "claim": _s(16, choices=("new", "accepted")),
+        "epoch": EPOCH,  # last epoch seen (0: none)
+        "ring_pos": _i((-1, MAX_PEERS)),  # -1: none
+        "revision": _i(),  # shared-state revision, -1: none
+        "instance": INSTANCE,  # last coordinator instance seen ("": none)
+        "timeout": TIMEOUT,  # how long a pending peer waits to be accepted
+    },
+    "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i()},
+    "vote": {"req": REQ, "timeout": TIMEOUT},  # update_topology
+    "unvote": {"req": REQ},  # the caller gave up waiting
+    "pending_q": {"req": REQ},  # are_peers_pending
+    "report_failure": {"peer_id": PEER_ID, "reason": REASON, "epoch": EPOCH},
+    "leave": {"reason": REASON},
+    "pong": {"nonce": _i(U63)},
+    "status_q": {"req": REQ},  # no auth needed, read-only
+    # coordinator -> daemon
+    "welcome": {
+        "instance": INSTANCE,
+        "peer_id": PEER_ID,
+        "state": _s(16, choices=("pending", "accepted", "recovering")),
+        "heartbeat_interval": _f(0.001, 3600.0),
+        "heartbeat_deadline": _f(0.001, 36000.0),
+        "reason": REASON,
+    },
+    "topology": {
+        "instance": INSTANCE,
+        "epoch": EPOCH,
+        "group": _i(U31),
+        "peers": F(list, max_len=MAX_PEERS, items=PEER_ROW),
+        "world_size": _i((0, 1 << 20)),
+        "num_groups": _i((0, 1 << 20)),
+        "round_done": F(bool),  # this push completes the receiver's update_topology
+        "reason": REASON,
+    },
+    "hb": {"instance": INSTANCE, "epoch": EPOCH},
+    "ping": {"nonce": _i(U63)},
+    "pending_a": {"req": REQ, "pending": F(bool)},
+    "error": {"req": REQ, "error": ERROR_NAME, "message": REASON},  # fails request `req`
+    "abort": {"error": ERROR_NAME, "message": REASON},  # fails what the daemon is doing
+    "removed": {"peer_id": PEER_ID, "reason": REASON},  # about peer_id (not some later id)
+    "reset": {"instance": INSTANCE, "reason": REASON},  # "introduce yourself again"
+    "refused": {"reason": REASON},  # hello refused (bad proof, stale timestamp, full)
+    "status_a": {
+        "req": REQ,
+        "instance": INSTANCE,
+        "epoch": EPOCH,
+        "recovering": F(bool),
+        "uptime": _f(0.0, 1e11),
+        "world_size": _i((0, 1 << 20)),
+        "num_groups": _i((0, 1 << 20)),
+        "vote_open": F(bool),
+        "voters": F(list, max_len=MAX_PEERS, items=PEER_ID),
+        "members": F(list, max_len=MAX_PEERS, items=STATUS_MEMBER),
+    },
+}
+
+
+def _check(name: str, spec: F, value: Any) -> Any:
+    if value is None:
+        if spec.optional:
+            return None
+        raise ProtocolError(f"field {name!r} is missing a value")
+    kind = spec.kind
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"field {name!r} must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProtocolError(f"field {name!r} must be finite")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"field {name!r} must be an int, got {type(value).__name__}")
+    elif kind is list:
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"field {name!r} must be a list, got {type(value).__name__}")
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    if spec.lo is not None and value < spec.lo:
+        raise ProtocolError(f"field {name!r} = {value!r} is below {spec.lo}")
+    if spec.hi is not None and value > spec.hi:
+        raise ProtocolError(f"field {name!r} = {value!r} is above {spec.hi}")
+    if spec.max_len is not None and len(value) > spec.max_len:
+        raise ProtocolError(f"field {name!r} is longer than {spec.max_len}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ProtocolError(f"field {name!r} = {value!r} is not one of {spec.choices}")
+    if kind is list and spec.items is not None:
+        if isinstance(spec.items, tuple):
+            if len(value) != len(spec.items):
+                raise ProtocolError(f"field {name!r} must have {len(spec.items)} items")
+            value = [_check(f"{name}[{i}]", s, v) for i, (s, v) in enumerate(zip(spec.items, value, strict=False))]
+        else:
+            value = [_check(f"{name}[{i}]", spec.items, v) for i, v in enumerate(value)]
+    if kind is dict and spec.fields is not None:
+        value = _check_map(name, spec.fields, value)
+    return value
+
+
+def _check_map(name: str, fields: dict[str, F], obj: dict) -> dict:
+    extra = set(obj) - set(fields)
+    if extra:
+        raise ProtocolError(f"{name}: unknown fields {sorted(map(str, extra))[:5]}")
+    out = {}
+    for key, spec in fields.items():
+        if key not in obj:
+            raise ProtocolError(f"{name}: missing field {key!r}")
+        out[key] = _check(f"{name}.{key}", spec, obj[key])
+    return out
+
+
+def validate(msg: dict) -> dict:
+    """Check a decoded map against :data:`SCHEMA`; return it with floats normalised."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a message must be a map, got {type(msg).__name__}")
+    mtype = msg.get("type")
+    if not isinstance(mtype, str) or mtype not in SCHEMA:
+        raise ProtocolError(f"unknown message type {str(mtype)[:40]!r}")
+    version = msg.get("v")
+    if version != VERSION or isinstance(version, bool):
+        raise ProtocolError(
+            f"protocol version {str(version)[:20]!r} is not supported (this side speaks v{VERSION})"
+        )
+    body = {k: v for k, v in msg.items() if k not in ("type", "v")}
+    out = _check_map(mtype, SCHEMA[mtype], body)
+    out["type"] = mtype
+    return out
+
+
+def decode(data: bytes | bytearray | memoryview) -> dict:
+    """Bytes off the wire -> validated message dict (``type`` included, ``v`` dropped)."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_BIN,
+            max_array_len=MAX_ARRAY,
+            max_map_len=MAX_MAP,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {str(exc)[:100]}") from None
+    return validate(obj)
+
+
+def encode(mtype: str, **fields: Any) -> bytes:
+    """Validated message -> bytes. Raises ProtocolError for a message that decode() would refuse."""
+    msg = {"type": mtype, "v": VERSION, **fields}
+    validate(msg)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def encode_msg(msg: dict) -> bytes:
+    """Encode a dict holding ``type`` and fields (the form the membership core returns)."""
+    fields = {k: v for k, v in msg.items() if k != "type"}
+    return encode(msg["type"], **fields)
+
+
+def hello_proof(secret: bytes, peer_id: str, ts: float) -> bytes:
+    """HMAC-SHA256(secret, "pccl-hello|<peer_id>|<ts with 6 decimals>")."""
+    text = f"pccl-hello|{peer_id}|{ts:.6f}".encode()
+    return hmac.new(secret, text, hashlib.sha256).digest()
+
+
+def check_proof(secret: bytes, peer_id: str, ts: float, proof: bytes, now_wall: float, window: float) -> str | None:
+    """None if the proof is good and fresh, else why not."""
+    if abs(now_wall - ts) > window:
+        return f"hello timestamp is {now_wall - ts:+.1f} s off (window {window:g} s): check the clocks"
+    if not hmac.compare_digest(hello_proof(secret, peer_id, ts), proof):
+        return "hello proof does not match the run secret"
+    return None
+
+
+# Shared-state sync messages (sync_offer, sync_done: daemon -> coordinator; sync_plan,
+# sync_complete: coordinator -> daemon). election.py defines them against F above and
+# imports this module lazily, so merging them here creates no import cycle.
+def _merge_sync_schema() -> None:
+    from pccl_py.coordinator import election
+
+    SCHEMA.update(election.SYNC_SCHEMA)
+
+
+_merge_sync_schema()
