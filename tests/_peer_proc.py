@@ -1,4 +1,4 @@
-"""A peer process for fault-injection tests: one ControlLink, its state written to a JSON file.
+"""A peer process for fault-injection tests: one ControlChannel, its state written to a JSON file.
 
 usage: python tests/_peer_proc.py COORDINATOR PEER_ID STATE_FILE [--secret S] [--rejoin] [--vote]
 
@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pccl_py.daemon.control import ControlLink  # noqa: E402
+from pccl_py.daemon.control import ControlChannel  # noqa: E402
 from pccl_py.errors import PcclError  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main() -> None:
         write()
         removed.set()
 
-    link = ControlLink(args.coordinator, group=0, data_addr=("127.0.0.1", 1), secret=args.secret.encode(),
+    link = ControlChannel(args.coordinator, group=0, data_addr=("127.0.0.1", 1), secret=args.secret.encode(),
                        peer_id=args.peer_id, on_topology=on_topology, on_removed=on_removed)
 
     async def run() -> None:

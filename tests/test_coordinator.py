@@ -1,4 +1,4 @@
-"""Coordinator + ControlLink integration on 127.0.0.1: joins, kills, freezes, restarts, bad input.
+"""Coordinator + ControlChannel integration on 127.0.0.1: joins, kills, freezes, restarts, bad input.
 
 A real coordinator runs as a subprocess; peers are ControlLinks in this process, or
 tests/_peer_proc.py subprocesses where a signal must hit them. Only PIDs started here
@@ -25,7 +25,7 @@ import pytest
 import uvloop
 import zmq
 
-from pccl_py.daemon.control import ControlLink
+from pccl_py.daemon.control import ControlChannel
 from pccl_py.errors import CoordinatorUnavailable, InvalidUsage, PeerLost
 from pccl_py.tools.status import query_status
 from pccl_py.wire import control as protocol
@@ -156,10 +156,10 @@ class Links:
     """Factory of started in-process ControlLinks; :func:`on_uvloop` closes them."""
 
     def __init__(self):
-        self.made: list[ControlLink] = []
+        self.made: list[ControlChannel] = []
 
-    async def __call__(self, addr: str, peer_id: str, secret: str = SECRET, **kw) -> ControlLink:
-        link = ControlLink(addr, group=kw.pop("group", 0), data_addr=("127.0.0.1", 10000 + len(self.made)),
+    async def __call__(self, addr: str, peer_id: str, secret: str = SECRET, **kw) -> ControlChannel:
+        link = ControlChannel(addr, group=kw.pop("group", 0), data_addr=("127.0.0.1", 10000 + len(self.made)),
                            secret=secret.encode(), peer_id=peer_id, **kw)
         link.seen = []  # every topology on_topology received
         link.aborts = []
@@ -194,11 +194,11 @@ async def wait_registered(addr: str, peer_ids: list[str], timeout: float = 10) -
         await asyncio.sleep(0.05)
 
 
-def world(link: ControlLink) -> int:
+def world(link: ControlChannel) -> int:
     return link.topology.world_size if link.topology is not None else 0
 
 
-async def form(make, addr: str, n: int, prefix: str = "p") -> list[ControlLink]:
+async def form(make, addr: str, n: int, prefix: str = "p") -> list[ControlChannel]:
     """n in-process peers: the first joins an empty run, the others are admitted by a vote."""
     ls = [await make(addr, f"{prefix}{i}") for i in range(n)]
     await ls[0].connect(10)
@@ -539,7 +539,7 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     # b stops heartbeating (its loop is alive, but we silence its sends) -> removed by deadline
     b._send_msg = lambda msg: None
     await until(lambda: world(a) == 1, 4, "b removed")
-    b._send_msg = ControlLink._send_msg.__get__(b)
+    b._send_msg = ControlChannel._send_msg.__get__(b)
     b._send("heartbeat", activity=None, epoch=0, revision=-1)
     await until(lambda: removed, 3, "b told it was removed")
     with pytest.raises(PeerLost, match="connect again"):

@@ -1,4 +1,4 @@
-"""ControlLink.sync_channel() against an in-process coordinator (uvloop, 127.0.0.1)."""
+"""ControlChannel.sync_channel() against an in-process coordinator (uvloop, 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import uvloop
 
 from pccl_py.coordinator.membership import MembershipConfig
 from pccl_py.coordinator.server import serve
-from pccl_py.daemon.control import ControlLink
+from pccl_py.daemon.control import ControlChannel
 from pccl_py.errors import CoordinatorUnavailable, RevisionError
 
 pytestmark = pytest.mark.timeout(40)
@@ -69,7 +69,7 @@ def test_channel_round_trip_stale_plans_dropped_and_not_connected():
     async def body():
         coord = Coord(MembershipConfig(recovery_grace=0.0))
         await coord.start()
-        link = ControlLink(coord.addr, group=0, data_addr=("127.0.0.1", 1), heartbeat_interval=0.1)
+        link = ControlChannel(coord.addr, group=0, data_addr=("127.0.0.1", 1), heartbeat_interval=0.1)
         await link.start()
         try:
             chan = link.sync_channel()
@@ -100,7 +100,7 @@ def test_restarted_coordinator_rebuilds_revision_book_from_reintroduction():
     async def body():
         coord = Coord(MembershipConfig(recovery_grace=0.6, heartbeat_interval=0.1))
         await coord.start()
-        link = ControlLink(coord.addr, group=0, data_addr=("127.0.0.1", 1), heartbeat_interval=0.1,
+        link = ControlChannel(coord.addr, group=0, data_addr=("127.0.0.1", 1), heartbeat_interval=0.1,
                            coordinator_timeout=1.0)
         await link.start()
         try:

@@ -1,4 +1,4 @@
-"""The daemon's side of the control plane: :class:`ControlLink` (zmq DEALER on asyncio).
+"""The daemon's side of the control plane: :class:`ControlChannel` (zmq DEALER on asyncio).
 
 The link registers the daemon with the coordinator, keeps heartbeats flowing both
 ways, applies every new topology (awaiting ``on_topology``) before the calls that
@@ -60,7 +60,7 @@ def _topology_from(msg: dict, peer_id: str) -> Topology:
     )
 
 
-class ControlLink:
+class ControlChannel:
     """A daemon's membership session with the coordinator (see the module docstring)."""
 
     def __init__(
@@ -543,7 +543,7 @@ class ControlLink:
 
 
 class SyncChannel:
-    """``send``/``recv`` of one daemon's shared-state sync over its :class:`ControlLink`.
+    """``send``/``recv`` of one daemon's shared-state sync over its :class:`ControlChannel`.
 
     ``send`` transmits ``sync_offer`` / ``sync_done``; a ``sync_offer`` starts a sync, so it
     first drops whatever an earlier, abandoned sync left queued. ``recv`` returns the next
@@ -551,7 +551,7 @@ class SyncChannel:
     ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the link closes.
     """
 
-    def __init__(self, link: ControlLink) -> None:
+    def __init__(self, link: ControlChannel) -> None:
         self.link = link
 
     async def send(self, msg: dict) -> None:

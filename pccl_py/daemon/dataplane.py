@@ -46,7 +46,7 @@ from pccl_py.errors import (
     PeerLost,
     ProtocolError,
 )
-from pccl_py.transport.streams import LINGER, GroupView, PeerLink, Stream
+from pccl_py.transport.streams import LINGER, GroupView, PeerStreams, Stream
 from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -143,7 +143,7 @@ class DataPlane:
         self.topology: Topology | None = None
         self.epoch = 0
         self._view: GroupView | None = None
-        self._links: dict[str, PeerLink] = {}
+        self._links: dict[str, PeerStreams] = {}
         self._lost: dict[str, str] = {}
         self._conns: set[Stream] = set()
         self._stalled: set[Stream] = set()
@@ -256,7 +256,7 @@ class DataPlane:
                 if self.peer_id < p.peer_id:
                     link = self._dial(p)
                 else:
-                    link = PeerLink(self, p.peer_id, connector=False, session=None, nstreams=1)
+                    link = PeerStreams(self, p.peer_id, connector=False, session=None, nstreams=1)
                 self._links[p.peer_id] = link
             if not link.ready.done():
                 waits.append(link.ready)
@@ -269,8 +269,8 @@ class DataPlane:
                 log.warning("epoch %d: %d of %d links not up after %.1fs", topo.epoch,
                             len(waits) - len(done), len(waits), self.config.connect_timeout)
 
-    def _dial(self, p) -> PeerLink:
-        link = PeerLink(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
+    def _dial(self, p) -> PeerStreams:
+        link = PeerStreams(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
                      nstreams=self.streams)
 
         async def go(i: int) -> None:
@@ -302,7 +302,7 @@ class DataPlane:
             return False
         return True
 
-    def _accept_link(self, hello: F.Hello) -> PeerLink | None:
+    def _accept_link(self, hello: F.Hello) -> PeerStreams | None:
         link = self._links.get(hello.peer_id)
         if link is not None and link.connector:
             return None  # we dial this peer; it must not dial us
@@ -313,7 +313,7 @@ class DataPlane:
         elif link is None or link.session != hello.session:
             if link is not None:  # it is alive and dialling us: nothing to report
                 self._link_lost(link, "peer reconnected with a new session", report=False)
-            link = PeerLink(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
+            link = PeerStreams(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
             self._links[hello.peer_id] = link
             self._lost.pop(hello.peer_id, None)
         if link.nstreams != hello.nstreams or link.conns[hello.stream] is not None:
@@ -322,7 +322,7 @@ class DataPlane:
                   hello.epoch)
         return link
 
-    def _link_lost(self, link: PeerLink, reason: str, *, report: bool = True) -> None:
+    def _link_lost(self, link: PeerStreams, reason: str, *, report: bool = True) -> None:
         if link.lost is not None:
             return
         link.close(reason)
@@ -349,7 +349,7 @@ class DataPlane:
                 log.exception("on_peer_failure callback failed")
 
     # -- routing (the decisions are the router's: router.py) -----------------------------------
-    def route(self, h: F.Header, link: PeerLink):
+    def route(self, h: F.Header, link: PeerStreams):
         """The router's verdict on a frame from ``link``; its reason is logged once, and a
         peer that retries a call this peer completed is told (DIVERGED; the frame is dropped)."""
         v = self.router.route(h, link.peer_id)
@@ -392,7 +392,7 @@ class DataPlane:
     def can_hold(self, h: F.Header) -> bool:
         return self.router.can_hold(h)
 
-    def hold(self, h: F.Header, link: PeerLink, conn: Stream, payload: bytearray) -> None:
+    def hold(self, h: F.Header, link: PeerStreams, conn: Stream, payload: bytearray) -> None:
         """A held frame's payload is in. Its call may have been posted meanwhile: route again."""
         if self._closed or link is not self._links.get(link.peer_id):
             return

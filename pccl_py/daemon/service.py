@@ -1,7 +1,7 @@
 """The peer daemon: one per trainer, owning every network connection of that peer.
 
 It joins three things together and adds no protocol of its own:
-  * :class:`~pccl_py.daemon.control.ControlLink` to the coordinator (membership, votes),
+  * :class:`~pccl_py.daemon.control.ControlChannel` to the coordinator (membership, votes),
   * :class:`~pccl_py.daemon.dataplane.DataPlane` to the other daemons (collectives),
   * the local plane (:mod:`pccl_py.wire.ipc`) its trainer's Client talks to.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pccl_py import kernels as K
 from pccl_py.client.shared_state import layout_views
 from pccl_py.client.tags import AUTO_TAG, AutoTags
-from pccl_py.daemon.control import ControlLink
+from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
@@ -131,7 +131,7 @@ class Daemon:
             "heartbeat_interval": heartbeat_interval,
             "coordinator_timeout": coordinator_timeout,
         }
-        self.control: ControlLink | None = None
+        self.control: ControlChannel | None = None
         self.topology: Topology | None = None
         self._tags = AutoTags()
         self.data.behind = self._tags.behind  # tells a peer retrying a call we completed
@@ -146,7 +146,7 @@ class Daemon:
     async def start(self) -> None:
         addr = await self.data.start()
         await self.state_server.start()
-        self.control = ControlLink(
+        self.control = ControlChannel(
             self.coordinator,
             data_addr=(self.data_host, addr[1]),
             on_topology=self._on_topology,

@@ -1,7 +1,7 @@
 """Daemon side of ``sync_shared_state()``: hash, offer, serve or fetch, report, return stats.
 
 :func:`daemon_sync` is the whole sync of one peer. It talks to the coordinator through a
-:class:`SyncChannel` (two coroutines the daemon provides on top of its ControlLink):
+:class:`SyncChannel` (two coroutines the daemon provides on top of its ControlChannel):
 
     send(msg: dict) -> None     sends ``sync_offer`` / ``sync_done`` (election.py has the fields)
     recv() -> dict              the next ``sync_plan`` / ``sync_complete`` addressed to this peer

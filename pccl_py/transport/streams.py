@@ -8,7 +8,7 @@ and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
   into its destination (a slice of the caller's ``dst`` or a per-stream staging buffer),
   so Python copies at most 16 KiB of a large payload on the way in. Outgoing payloads are
   memoryviews handed to the transport (one ``writev`` on uvloop).
-* :class:`PeerLink` -- the K streams to one peer (``session`` groups them), with a queue for
+* :class:`PeerStreams` -- the K streams to one peer (``session`` groups them), with a queue for
   frames sent before the link is up, and the clean-EOF grace across its streams.
 * :class:`GroupView` -- ranks of one topology mapped to links: what a collective sends on.
 
@@ -53,7 +53,7 @@ class Stream(asyncio.BufferedProtocol):
     """One data stream: a state machine fed by exact reads (handshake, large payloads) or
     staged reads (headers, small payloads, several frames at once)."""
 
-    def __init__(self, dp: DataPlane, link: PeerLink | None = None, stream: int = 0):
+    def __init__(self, dp: DataPlane, link: PeerStreams | None = None, stream: int = 0):
         self.dp = dp
         self.link = link  # known up front for the connector; after HELLO for the acceptor
         self.stream = stream
@@ -580,7 +580,7 @@ class Stream(asyncio.BufferedProtocol):
         return True
 
 
-class PeerLink:
+class PeerStreams:
     """The streams to one peer; frames sent before it is up wait in a queue."""
 
     def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
