@@ -1,10 +1,10 @@
 """Dev benchmark of the data plane: N DataPlane instances in N processes (one each, uvloop).
 
 Times all_reduce for each size and algorithm and prints medians. Used to pick the
-defaults in DataPlaneConfig (streams K, sub-chunk size, tree/ring crossover).
+defaults in DataPlaneConfig (streams K, sub-chunk size, direct/ring crossover).
 
     .venv/bin/python stress/bench_dataplane.py --world 2 3 4 --sizes 1 1M 16M 64M
-    .venv/bin/python stress/bench_dataplane.py --world 2 --sizes 1 256 4K 16K 64K --algorithms ring tree
+    .venv/bin/python stress/bench_dataplane.py --world 2 --sizes 1 256 4K 16K 64K --algorithms ring direct
     .venv/bin/python stress/bench_dataplane.py --world 2 --streams 1 2 4 8 --sub-bytes 512K 1M 4M
     .venv/bin/python stress/bench_dataplane.py --world 2 3 4 --backend gloo   # torch.distributed, same harness
 
@@ -65,7 +65,7 @@ async def child_main(args) -> None:
     d = DataPlaneConfig()
     cfg = DataPlaneConfig(sub_bytes=args.sub_bytes_one, min_stripe=args.min_stripe,
                           min_sub_bytes=min(d.min_sub_bytes, args.sub_bytes_one), pipeline_depth=args.depth,
-                          tree_max_bytes=args.tree_max, local_links=not args.tcp_only,
+                          direct_max_bytes=args.direct_max, same_host_links=not args.tcp_only,
                           io_threads={"on": True, "off": False}.get(args.io_threads),
                           bulk_min=parse_size(args.bulk_min) if args.bulk_min else d.bulk_min)
     dp = DataPlane(f"bench{rank:03d}", secret=b"bench", streams=args.streams_one, port=args.ports[rank],
@@ -158,7 +158,7 @@ def run_world(args, world: int, streams: int, sub_bytes: int) -> list[dict]:
     cmd_base = [sys.executable, os.path.abspath(__file__), "--child", "--ports", *map(str, ports),
                 "--sizes", *map(str, args.sizes), "--algorithms", *args.algorithms, "--reps", str(args.reps),
                 "--streams", str(streams), "--sub-bytes", str(sub_bytes), "--min-stripe", str(args.min_stripe),
-                "--tree-max", str(args.tree_max), "--backend", args.backend, "--depth", str(args.depth),
+                "--direct-max", str(args.direct_max), "--backend", args.backend, "--depth", str(args.depth),
                 "--io-threads", args.io_threads] + (["--tcp-only"] if args.tcp_only else []) + (
                 ["--bulk-min", args.bulk_min] if args.bulk_min else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -190,11 +190,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--sizes", nargs="+", default=["1", "1M", "16M", "64M"])
-    ap.add_argument("--algorithms", nargs="+", default=["auto"], help="auto ring tree uint8 uint4")
+    ap.add_argument("--algorithms", nargs="+", default=["auto"], help="auto ring direct uint8 uint4")
     ap.add_argument("--streams", type=int, nargs="+", default=[None])
     ap.add_argument("--sub-bytes", nargs="+", default=[None])
     ap.add_argument("--min-stripe", default=None)
-    ap.add_argument("--tree-max", default=None)
+    ap.add_argument("--direct-max", default=None)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--depth", type=int, default=None, help="ring sub-chunks per chunk (pipeline depth)")
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per world before giving up")
@@ -212,7 +212,7 @@ def main() -> None:
     d = DataPlaneConfig()
     args.sizes = [parse_size(s) for s in args.sizes]
     args.min_stripe = parse_size(args.min_stripe) if args.min_stripe else d.min_stripe
-    args.tree_max = parse_size(args.tree_max) if args.tree_max else d.tree_max_bytes
+    args.direct_max = parse_size(args.direct_max) if args.direct_max else d.direct_max_bytes
     args.depth = args.depth or d.pipeline_depth
     if args.child and args.backend == "gloo":
         gloo_main(args)

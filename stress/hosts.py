@@ -137,7 +137,7 @@ class Hosts:
         """A daemon in peer i's namespace listening on 0.0.0.0; returns it and its unix socket."""
         path = os.path.join(self.dir, f"d{i}-{len(self.procs)}.sock")
         p = self.spawn(i, [sys.executable, "-m", "pccl_py.daemon", "--coordinator", self.coordinator,
-                           "--listen", "0.0.0.0:0", "--local", path, *extra],
+                           "--listen", "0.0.0.0:0", "--ipc", path, *extra],
                        stdout=subprocess.PIPE, env={**os.environ})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ def test_bench_allreduce_rounds_against_gloo(capsys):
                  "--compare", "gloo", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["size"] for r in rows] == [1, 70000]
-    assert [r["algorithm"] for r in rows] == ["tree", "shm"]  # 4 B direct; 280 KB through shared memory
+    assert [r["algorithm"] for r in rows] == ["direct", "shm"]  # 4 B direct; 280 KB through shared memory
     for r in rows:
         assert r["rounds"] == 2 and r["links"] == "unix"
         assert len(r["seconds_by_round"]) == 2 and len(r["ratios"]) == 2

@@ -22,7 +22,7 @@ import uvloop
 
 from pccl_py import kernels as K
 from pccl_py.daemon import router as router_mod
-from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, local_address
+from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, same_host_address
 from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PeerLost
 from pccl_py.transport.streams import Stream
@@ -31,7 +31,7 @@ from pccl_py.wire import frames as F
 SECRET = b"test-secret"
 # small segments so sub-chunking, striping and partial reads are exercised by small sizes
 SMALL = DataPlaneConfig(sub_bytes=96, min_sub_bytes=16, pipeline_depth=3, min_stripe=24, quant_block_bytes=64,
-                        tree_max_bytes=64)
+                        direct_max_bytes=64)
 NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int8": np.int8,
       "int16": np.int16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8}
 
@@ -76,7 +76,7 @@ async def cluster(n: int, streams: int = 2, config: DataPlaneConfig | None = Non
     nor dial a local Unix socket."""
     config = config or DataPlaneConfig()
     dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams,
-                     config=dataclasses.replace(config, local_links=i not in tcp_only),
+                     config=dataclasses.replace(config, same_host_links=i not in tcp_only),
                      on_peer_failure=(lambda pid, why, i=i: failures.append((i, pid, why)))
                      if failures is not None else None)
            for i in range(n)]
@@ -129,7 +129,7 @@ DTYPES = list(K.DTYPES)
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "auto"])
+@pytest.mark.parametrize("algorithm", ["ring", "direct", "auto"])
 def test_all_reduce_matrix(world, algorithm):
     failures = []
 
@@ -162,7 +162,7 @@ def test_all_reduce_matrix(world, algorithm):
 @pytest.mark.parametrize("world,links", [(2, "unix"), (3, "unix"), (4, "unix"), (2, "tcp"), (4, "tcp"),
                                          (3, "mixed")])
 def test_default_config_sizes(world, links):
-    """Default segment sizes: sizes not divisible by N or K, ring and tree, bit parity; over
+    """Default segment sizes: sizes not divisible by N or K, ring and direct, bit parity; over
     local Unix-socket links, TCP, or both (the last peer, which the others dial, has no local
     listener: they fall back to TCP)."""
     tcp_only = {"unix": (), "tcp": range(world), "mixed": (world - 1,)}[links]
@@ -340,7 +340,7 @@ def test_invalid_usage():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+@pytest.mark.parametrize("algorithm", ["ring", "direct"])
 def test_mismatched_arguments_fail_everywhere(algorithm):
     async def body():
         async with cluster(3, config=SMALL) as dps:
@@ -440,7 +440,7 @@ def test_frames_read_together_with_a_stalled_one_wait_for_it(monkeypatch):
 
             def post(r, t):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="float32", op="sum",
-                                                               algorithm="tree", tag=t, timeout=20))
+                                                               algorithm="direct", tag=t, timeout=20))
 
             calls = [post(0, 1), post(0, 2), post(1, 2)]
             await asyncio.sleep(0.2)
@@ -507,7 +507,7 @@ async def _diverged_pair(streams: int, count: int = 10, stalls: bool | None = No
         assert out[0].tobytes() == out[1].tobytes() == want
 
 
-@pytest.mark.parametrize("algorithm,count", [("tree", 10), ("ring", 30_000)])
+@pytest.mark.parametrize("algorithm,count", [("direct", 10), ("ring", 30_000)])
 def test_of_three_the_one_behind_fails_alone_and_its_next_call_joins_the_others(algorithm, count):
     """Peers 0 and 1 completed tag 7 and run tag 8; peer 2 retries tag 7. Peer 2 alone
     fails (Diverged: a direct exchange reaches both peers ahead, a ring only its right
@@ -560,7 +560,7 @@ def test_a_tiny_direct_exchange_sends_one_frame_per_peer_and_no_fin(nbytes, fin)
     async def body():
         async with cluster(2) as dps:
             srcs = make_inputs(2, nbytes // 4, "float32", "sum", seed=9)
-            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="tree", tag=3)
+            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="direct", tag=3)
             assert out[0].tobytes() == out[1].tobytes() == reference(srcs, "float32", "sum").tobytes()
             data = F.HEADER_SIZE + nbytes if nbytes else 0
             for info in infos:
@@ -577,7 +577,7 @@ def test_a_tiny_call_of_three_or_more_goes_through_rank_0(world, op):
     async def body():
         async with cluster(world) as dps:
             srcs = make_inputs(world, 33, "float32", op, seed=world)
-            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op=op, algorithm="tree", tag=4)
+            out, infos = await all_reduce_all(dps, srcs, dtype="float32", op=op, algorithm="direct", tag=4)
             assert all(o.tobytes() == out[0].tobytes() for o in out)
             np.testing.assert_allclose(out[0], reference(srcs, "float32", op), rtol=1e-6)
             frame = F.HEADER_SIZE + 33 * 4
@@ -602,7 +602,7 @@ def test_a_tiny_call_completes_with_the_frame_of_a_peer_lost_after_sending_it(wo
 
             def post(r):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[r], dsts[r], dtype="int32", op="sum",
-                                                               algorithm="tree", tag=1, timeout=20.0))
+                                                               algorithm="direct", tag=1, timeout=20.0))
 
             dead = post(victim)
             early = [] if root_posts_late else [post(0)]
@@ -632,7 +632,7 @@ def test_long_error_messages_arrive_whole():
                                                          algorithm="ring", timeout=20))
             await asyncio.sleep(0)  # posted, not yet complete
             text = "why " * (F.MAX_ERROR_MESSAGE // 4 - 1)
-            dps[0]._fail_op(dps[0]._ops[5], InvalidUsage(text), local=True)
+            dps[0]._fail_op(dps[0]._ops[5], InvalidUsage(text), tell_peers=True)
             res = await asyncio.gather(f0, f1, return_exceptions=True)
             assert isinstance(res[1], InvalidUsage) and text in str(res[1]), res[1]
             # the stream is still in step: the next call succeeds
@@ -678,7 +678,7 @@ def test_bad_input_on_data_port(listener, caplog):
             srcs = make_inputs(3, 5000, "int64", "sum", seed=3)
             work = asyncio.ensure_future(asyncio.gather(*(
                 all_reduce_all(dps, srcs, dtype="int64", op="sum", tag=t, algorithm="ring") for t in range(1, 6))))
-            await attack(dps[0].port if listener == "tcp" else local_address("127.0.0.1", dps[0].port))
+            await attack(dps[0].port if listener == "tcp" else same_host_address("127.0.0.1", dps[0].port))
             results = await work
             want = reference(srcs, "int64", "sum")
             for dsts, _ in results:
@@ -701,7 +701,7 @@ def test_bad_input_on_data_port(listener, caplog):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("world,algorithm", [(2, "ring"), (3, "ring"), (4, "ring"), (3, "tree")])
+@pytest.mark.parametrize("world,algorithm", [(2, "ring"), (3, "ring"), (4, "ring"), (3, "direct")])
 def test_peer_closed_mid_operation(world, algorithm, capsys):
     failures: list = []
     latencies = []
@@ -751,7 +751,7 @@ def test_peer_closed_mid_operation(world, algorithm, capsys):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world", [3, 4])
-@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+@pytest.mark.parametrize("algorithm", ["ring", "direct"])
 def test_bit_parity_with_rounding(world, algorithm):
     """Inputs whose sums round differently in different orders: every peer still holds the
     same bytes (each element is computed once, or in one fixed order), close to float64."""
@@ -809,7 +809,7 @@ def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_st
 
             def post(r, t, timeout=20.0):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="int32", op="sum",
-                                                               algorithm="tree", tag=t, timeout=timeout))
+                                                               algorithm="direct", tag=t, timeout=timeout))
 
             t0 = time.monotonic()
             never = post(0, 3)  # peer 1 never posts tag 3
@@ -848,7 +848,7 @@ def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypat
 
             def post(r, t, timeout=20.0):
                 return asyncio.ensure_future(dps[r].all_reduce(srcs[t][r], dsts[t][r], dtype="float32", op="sum",
-                                                               algorithm="tree", tag=t, timeout=timeout))
+                                                               algorithm="direct", tag=t, timeout=timeout))
 
             early = [post(0, 1), post(0, 2)]
             await asyncio.sleep(0.1)
@@ -866,7 +866,7 @@ def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypat
             with pytest.raises((Aborted, DeadlineExceeded)):
                 await lone
             out, _ = await all_reduce_all(dps, [srcs[3][0], srcs[3][1]], dtype="float32", op="sum",
-                                          algorithm="tree", tag=3, timeout=5.0)
+                                          algorithm="direct", tag=3, timeout=5.0)
             assert out[0].tobytes() == out[1].tobytes() == reference(srcs[3], "float32", "sum").tobytes()
 
     run(body())

@@ -1,7 +1,7 @@
 """A peer SIGKILLed at a random point of a ring or shared-memory all-reduce: survivors
 (separate processes, uvloop) fail with PeerLost/Aborted promptly, keep src intact, and a
 retry on the new topology gives the right answer. The peers share this host, so their
-links are Unix sockets, or TCP with ``local_links=False``. Run as a script, this file is
+links are Unix sockets, or TCP with ``same_host_links=False``. Run as a script, this file is
 one such peer."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def _child(index: int, algorithm: str, links: str, io: str) -> None:
 
     loop = asyncio.get_running_loop()
     dp = DataPlane(f"k{index}", secret=b"kill-test", streams=2,
-                   config=DataPlaneConfig(local_links=links == "unix", io_threads=io == "threads",
+                   config=DataPlaneConfig(same_host_links=links == "unix", io_threads=io == "threads",
                                           bulk_min=64 << 10))
     _, port = await dp.start()
     out = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731

@@ -128,7 +128,7 @@ def test_in_place_calls_on_every_algorithm_and_partial_overlap_refused():
     async def body():
         async with cluster(3) as dps:
             tag = 0
-            for algorithm, count, quant in (("tree", 5, None), ("tree", 3000, None), ("ring", 40_000, None),
+            for algorithm, count, quant in (("direct", 5, None), ("direct", 3000, None), ("ring", 40_000, None),
                                             ("auto", 40_000, "uint8"), ("shm", 40_000, None)):
                 tag += 1
                 srcs = make_inputs(3, count, "float32", "sum", seed=tag)
@@ -174,7 +174,7 @@ def test_shm_bit_parity_with_rounding_and_auto_choice(world):
                 try:
                     infos = await asyncio.gather(*(post(dps[i], segs[i], dtype=dtype, op=op, tag=tag,
                                                         algorithm="auto") for i in range(world)))
-                    assert {i["algorithm"] for i in infos} == {"shm"}  # 50k elements: above the tree
+                    assert {i["algorithm"] for i in infos} == {"shm"}  # 50k elements: above the direct exchange
                     outs = [s.out(dtype) for s in segs]
                     rel = assert_parity_near_exact(outs, srcs, dtype, op)
                     # the TCP ring on the same inputs: same values within rounding

@@ -1,4 +1,4 @@
-"""The local plane codec, tensor views, error mapping and backoff: no processes."""
+"""The trainer-daemon IPC codec, tensor views, error mapping and backoff: no processes."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ log = logging.getLogger("pccl_py.client")
 
 OPS = ("sum", "avg", "min", "max", "prod")
 QUANTS = (None, "uint8", "uint4")
-ALGORITHMS = ("auto", "ring", "tree", "shm")
+ALGORITHMS = ("auto", "ring", "direct", "shm")
 SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
 MIN_SEGMENT = 1 << 16
 RECV_SLICE = 0.25  # seconds a wait for the daemon blocks before it checks its deadline
@@ -401,7 +401,7 @@ class Handle:
 class Client:
     """Connection of one trainer to the run, through its peer daemon.
 
-    ``daemon``: path of a running daemon's unix socket (``pccl daemon --local PATH``), or
+    ``daemon``: path of a running daemon's unix socket (``pccl daemon --ipc PATH``), or
     None to spawn a private daemon that exits with this client.
     """
 
@@ -460,7 +460,7 @@ class Client:
             "--coordinator", self.coordinator,
             "--group", str(self.group),
             "--listen", listen,
-            "--local", path,
+            "--ipc", path,
             "--exit-with-client",
         ]
         if streams is not None:

@@ -18,7 +18,7 @@ from pccl_py.wire import frames as F
 
 
 class DirectAllReduce(Collective):
-    name = "tree"
+    name = "direct"
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, min_stripe: int, **kw):
         super().__init__(link, **kw)
@@ -105,7 +105,7 @@ class RootedAllReduce(Collective):
     it owes (``needs``); rank 0 needs every contribution, the others only the result.
     """
 
-    name = "tree"
+    name = "direct"
     agree = False
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, **kw):

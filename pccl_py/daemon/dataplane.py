@@ -1,6 +1,6 @@
 """Data plane: K authenticated TCP streams per peer link, frames read straight into place.
 A peer of this host (and network namespace) is reached through a Unix socket instead
-(``local_links``): the same streams and frames, half the kernel time per frame.
+(``same_host_links``): the same streams and frames, half the kernel time per frame.
 
 :class:`DataPlane` listens, keeps links to the current topology's peers, routes frames
 to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
@@ -64,9 +64,9 @@ class DataPlaneConfig:
     min_sub_bytes: int = 256 << 10
     pipeline_depth: int = 8
     min_stripe: int = 256 << 10  # a sub-chunk is striped over at most sub/min_stripe streams
-    tree_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
+    direct_max_bytes: int = 64 << 10  # algorithm="auto": direct exchange at or below this size
     shm: bool = True  # algorithm="auto": shared memory instead of the ring when the group shares a host
-    local_links: bool = True  # peers on this host: Unix-socket links instead of TCP
+    same_host_links: bool = True  # peers on this host: Unix-socket links instead of TCP
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
     max_blob: int = 64 << 20  # bound on an all_gather blob
@@ -83,7 +83,7 @@ class DataPlaneConfig:
     bulk_min: int = 256 << 10
 
 
-def local_address(host: str, port: int) -> str:
+def same_host_address(host: str, port: int) -> str:
     """The abstract Unix-socket name of the daemon whose data plane peers dial at
     ``host:port``. Abstract names live in a network namespace, not in the file system:
     nothing to clean up, and only processes of that namespace can reach them."""
@@ -105,7 +105,7 @@ def io_threads_on(setting: bool | None) -> bool:
     return bool(setting)
 
 
-_LOCAL_CONNECT = 1.0  # a local listener answers at once; beyond this, try TCP
+_SAME_HOST_CONNECT = 1.0  # a same-host listener answers at once; beyond this, try TCP
 
 
 class _Scratch:
@@ -132,7 +132,7 @@ class DataPlane:
         self.streams = streams
         self.host = host
         self.port = port
-        self.advertise = advertise or host  # the host peers dial (names the local listener)
+        self.advertise = advertise or host  # the host peers dial (names the same-host listener)
         self.on_peer_failure = on_peer_failure
         self.config = config or DataPlaneConfig()
         self.io_threads = io_threads_on(self.config.io_threads)
@@ -172,21 +172,21 @@ class DataPlane:
         self._server = await self._loop.create_server(lambda: Stream(self), self.host, self.port)
         addr = self._server.sockets[0].getsockname()
         self.port = addr[1]
-        if self.config.local_links:
+        if self.config.same_host_links:
             self._unix = await self._listen_unix()
         return addr[0], addr[1]
 
     async def _listen_unix(self):
         """A second listener, on an abstract Unix socket named after the address peers
         dial: a peer in this network namespace (so on this host) dials it instead of TCP."""
-        name = local_address(self.advertise, self.port)
+        name = same_host_address(self.advertise, self.port)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.bind(name)
             s.listen(64)
         except OSError as e:
             s.close()
-            log.warning("no local (Unix-socket) listener at %r: %s; peers on this host that find no "
+            log.warning("no same-host (Unix-socket) listener at %r: %s; peers on this host that find no "
                         "listener there dial TCP", name[1:], e)
             return None
         return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
@@ -219,7 +219,7 @@ class DataPlane:
 
     def abort(self, exc: PcclError) -> None:
         for op in list(self._ops.values()):
-            self._fail_op(op, exc, local=True)
+            self._fail_op(op, exc, tell_peers=True)
 
     # -- topology and links -----------------------------------------------------------------
     async def set_topology(self, topo: Topology) -> None:
@@ -237,7 +237,7 @@ class DataPlane:
                 self._held_timer = None
         ended = self.router.set_topology(topo.epoch, topo.group, topo.rank, [p.peer_id for p in topo.peers])
         for op in ended:
-            self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), local=False)
+            self._fail_op(op, Aborted(f"membership changed to epoch {topo.epoch}"), tell_peers=False)
         self.topology = topo
         self.epoch = topo.epoch
         self._view = GroupView(self, topo)
@@ -274,7 +274,7 @@ class DataPlane:
                      nstreams=self.streams)
 
         async def go(i: int) -> None:
-            if self.config.local_links and await self._dial_unix(p, link, i):
+            if self.config.same_host_links and await self._dial_unix(p, link, i):
                 return
             try:
                 await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port),
@@ -290,12 +290,12 @@ class DataPlane:
         return link
 
     async def _dial_unix(self, p, link, i: int) -> bool:
-        """Connect stream ``i`` to ``p`` over its local Unix socket; False where there is none
+        """Connect stream ``i`` to ``p`` over its same-host Unix socket; False where there is none
         (another host or network namespace: the name is unknown here, refused at once)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            await asyncio.wait_for(self._loop.sock_connect(s, local_address(p.host, p.port)), _LOCAL_CONNECT)
+            await asyncio.wait_for(self._loop.sock_connect(s, same_host_address(p.host, p.port)), _SAME_HOST_CONNECT)
             await self._loop.create_unix_connection(lambda: Stream(self, link, i), sock=s)
         except (OSError, asyncio.TimeoutError):
             s.close()
@@ -341,7 +341,7 @@ class DataPlane:
         for op in list(self._ops.values()):
             if not op.peer_lost(rank):
                 continue  # we hold all we need from it (its data, and its FIN where there is one)
-            self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), local=True)
+            self._fail_op(op, PeerLost(f"lost peer {pid}: {reason}"), tell_peers=True)
         if self.on_peer_failure is not None and report:
             try:
                 self.on_peer_failure(pid, reason)
@@ -433,7 +433,7 @@ class DataPlane:
         try:
             rx = op.on_data(src, h, _Scratch)
         except InvalidUsage as e:
-            self._fail_op(op, e, local=True)
+            self._fail_op(op, e, tell_peers=True)
             return
         except ProtocolError as e:
             conn._protocol_error(e)
@@ -444,7 +444,7 @@ class DataPlane:
         try:
             rx.finish()
         except PcclError as e:
-            self._fail_op(op, e, local=True)
+            self._fail_op(op, e, tell_peers=True)
 
     def _retry_stalled(self) -> None:
         for c in list(self._stalled):
@@ -457,22 +457,22 @@ class DataPlane:
         if op.done:
             return
         op.on_error(src, code, msg)
-        self._finish_failed(op, local=False)
+        self._finish_failed(op, tell_peers=False)
 
-    def _fail_op(self, op: Collective, exc: PcclError, *, local: bool) -> None:
+    def _fail_op(self, op: Collective, exc: PcclError, *, tell_peers: bool) -> None:
         if op.done:
             return
         op.fail(exc)
-        self._finish_failed(op, local=local, exc=exc)
+        self._finish_failed(op, tell_peers=tell_peers, exc=exc)
 
-    def _finish_failed(self, op: Collective, *, local: bool, exc: PcclError | None = None) -> None:
+    def _finish_failed(self, op: Collective, *, tell_peers: bool, exc: PcclError | None = None) -> None:
         self.router.finish(op)
         key = struct.pack("<QQI", op.link.epoch, op.tag, op.seq)  # header bytes 12..32
         for pid in op.link.ids:
             link = self._links.get(pid)
             if link is not None:
                 link.purge(key)  # its frames still waiting to be sent are withdrawn
-        if local and exc is not None and op.link.epoch == self.epoch:
+        if tell_peers and exc is not None and op.link.epoch == self.epoch:
             frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.seq, error_code(exc), str(exc),
                                    op.desc)
             for r in range(op.link.world):
@@ -513,7 +513,7 @@ class DataPlane:
         t0 = time.perf_counter()
         plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
         if plan is None:
-            return _info(1, "local", t0, None)
+            return _info(1, "single", t0, None)
         make, world, algo = plan
         coll = await self._run(make, tag, timeout, f"all_reduce tag={tag}")
         return _info(world, algo, t0, coll)
@@ -528,7 +528,7 @@ class DataPlane:
         t0 = time.perf_counter()
         plan = self._plan_all_reduce(src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs)
         if plan is None:
-            done(_info(1, "local", t0, None), None)
+            done(_info(1, "single", t0, None), None)
             return
         make, world, algo = plan
         coll = self._launch(make, tag, timeout, f"all_reduce tag={tag}")
@@ -554,8 +554,8 @@ class DataPlane:
             raise InvalidUsage(f"unknown quant {quant!r}; None, 'uint8' or 'uint4'")
         if quant is not None and (dtype != "float32" or op not in ("sum", "avg")):
             raise InvalidUsage("quantization needs dtype float32 and op sum or avg")
-        if algorithm not in ("auto", "ring", "tree", "shm"):
-            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring, tree or shm")
+        if algorithm not in ("auto", "ring", "direct", "shm"):
+            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring, direct or shm")
         s = _byte_view(src, "src")
         d = _byte_view(dst, "dst", writable=True)
         item = K.itemsize(dtype)
@@ -576,7 +576,7 @@ class DataPlane:
         if quant is not None:
             algo = "quant"
         elif algorithm == "auto":
-            algo = "tree" if len(s) <= cfg.tree_max_bytes else "shm" if shm_ok and cfg.shm else "ring"
+            algo = "direct" if len(s) <= cfg.direct_max_bytes else "shm" if shm_ok and cfg.shm else "ring"
         else:
             algo = algorithm
         if algo == "shm" and not shm_ok:
@@ -600,11 +600,11 @@ class DataPlane:
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
             make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                             refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
-        elif algo == "tree" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
+        elif algo == "direct" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
             desc = F.descriptor("all_reduce", dtype, op, count, "rooted", None)
             make = lambda seq: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                                seq=seq, desc=desc, **common)
-        elif algo == "tree":
+        elif algo == "direct":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
             make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                                min_stripe=cfg.min_stripe, seq=seq, desc=desc, **common)
@@ -635,7 +635,7 @@ class DataPlane:
         try:
             await asyncio.shield(coll.future)
         except asyncio.CancelledError:
-            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), local=True)
+            self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), tell_peers=True)
             raise
         finally:
             self._settle(coll)
@@ -654,16 +654,16 @@ class DataPlane:
             lost = [pid for pid in lost if coll.needs(view.ids.index(pid))]
         if lost:
             self._fail_op(coll, PeerLost(f"{what}: peer {lost[0]} was lost in epoch {view.epoch}: "
-                                         f"{self._lost[lost[0]]}"), local=False)
+                                         f"{self._lost[lost[0]]}"), tell_peers=False)
         else:
             if not coll.done:  # (a held frame may have failed it: InvalidUsage)
                 try:
                     coll.start()
                 except PcclError as e:
-                    self._fail_op(coll, e, local=True)
+                    self._fail_op(coll, e, tell_peers=True)
                 except Exception as e:  # pragma: no cover - bug
                     log.exception("collective start failed")
-                    self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), local=True)
+                    self._fail_op(coll, Aborted(f"{what}: internal error {e!r}"), tell_peers=True)
                 self._apply_held(coll)
             self._apply_ctrl(coll)
             self._retry_stalled()
@@ -679,7 +679,7 @@ class DataPlane:
         missing = [coll.link.ids[r] for r in range(coll.link.world)
                    if r != coll.link.rank and r not in coll._fins]
         state = "waiting for FIN from " + ", ".join(missing) if coll.data_done else "data incomplete"
-        self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), local=True)
+        self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), tell_peers=True)
 
     # -- control frames for ops not posted yet ------------------------------------------------
     def _apply_ctrl(self, coll: Collective) -> None:

@@ -3,7 +3,7 @@
 It joins three things together and adds no protocol of its own:
   * :class:`~pccl_py.daemon.control.ControlChannel` to the coordinator (membership, votes),
   * :class:`~pccl_py.daemon.dataplane.DataPlane` to the other daemons (collectives),
-  * the local plane (:mod:`pccl_py.wire.ipc`) its trainer's Client talks to.
+  * the trainer-daemon IPC (:mod:`pccl_py.wire.ipc`) its trainer's Client talks to.
 
 Run it as ``pccl daemon --coordinator HOST:PORT --group G`` or let ``Client(daemon=None)``
 spawn a private one that exits with its client.
@@ -91,7 +91,7 @@ class Daemon:
         group: int = 0,
         data_host: str = "127.0.0.1",
         data_port: int = 0,
-        local_path: str | None = None,
+        ipc_path: str | None = None,
         secret: bytes = b"",
         streams: int | None = None,
         heartbeat_interval: float = 0.5,
@@ -106,7 +106,7 @@ class Daemon:
         self.coordinator = coordinator
         self.group = group
         self.peer_id = uuid.uuid4().hex
-        self.local_path = local_path or os.path.join(
+        self.ipc_path = ipc_path or os.path.join(
             tempfile.gettempdir(), f"pccl-{os.getpid()}-{self.peer_id[:8]}.sock"
         )
         self.exit_with_client = exit_with_client
@@ -114,7 +114,7 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        tuning = {"shm": shm, "local_links": not tcp_only, "io_threads": io_threads}
+        tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads}
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -139,7 +139,7 @@ class Daemon:
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
-        self._sessions: set[LocalSession] = set()
+        self._sessions: set[TrainerSession] = set()
         self._removed: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -157,12 +157,12 @@ class Daemon:
         )
         self.control.activity_source = self._describe_activity
         await self.control.start()
-        if os.path.exists(self.local_path):
-            os.unlink(self.local_path)
+        if os.path.exists(self.ipc_path):
+            os.unlink(self.ipc_path)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: LocalSession(self), path=self.local_path)
+        self._server = await loop.create_unix_server(lambda: TrainerSession(self), path=self.ipc_path)
         log.info("daemon %s ready: local %s, data %s:%d (advertised as %s)", self.peer_id[:8],
-                 self.local_path, *addr, self.data_host)
+                 self.ipc_path, *addr, self.data_host)
 
     async def stop(self, graceful: bool = True) -> None:
         if self._stopping:
@@ -194,7 +194,7 @@ class Daemon:
             await self.control.close()
         await self.state_server.close()
         try:
-            os.unlink(self.local_path)
+            os.unlink(self.ipc_path)
         except FileNotFoundError:
             pass
 
@@ -291,7 +291,7 @@ class Daemon:
             raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds")
         return timeout
 
-    async def handle(self, session: LocalSession, req: dict) -> dict:
+    async def handle(self, session: TrainerSession, req: dict) -> dict:
         op = req.get("op")
         timeout = self._timeout(req)
         if op == "hello":
@@ -345,7 +345,7 @@ class Daemon:
             return {}
         raise InvalidUsage(f"unknown request {op!r}")
 
-    async def _sync(self, session: LocalSession, req: dict, timeout: float) -> dict:
+    async def _sync(self, session: TrainerSession, req: dict, timeout: float) -> dict:
         self._require_connected()
         desc = req.get("state")
         if not isinstance(desc, dict):
@@ -385,7 +385,7 @@ class Daemon:
                 raise InvalidUsage("topology did not arrive")
             await asyncio.sleep(0.001)
 
-    def start_all_reduce(self, session: LocalSession, req: dict,
+    def start_all_reduce(self, session: TrainerSession, req: dict,
                          finish: Callable[[dict | None, PcclError | None], None]) -> None:
         """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
         ends. No task per call: small all-reduces are latency-bound and every loop iteration
@@ -446,7 +446,7 @@ class Daemon:
             raise
 
 
-class LocalSession(asyncio.Protocol):
+class TrainerSession(asyncio.Protocol):
     """One client connection on the local socket."""
 
     def __init__(self, daemon: Daemon) -> None:
@@ -565,7 +565,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="data-plane host the other peers dial (default: the --listen host, or, when "
                         "listening on 0.0.0.0 or ::, this machine's address on the route to the "
                         "coordinator)")
-    p.add_argument("--local", default=None, help="unix socket path for the client")
+    p.add_argument("--ipc", default=None, metavar="PATH", help="Unix socket path its trainer (Client) connects to")
     p.add_argument("--streams", type=int, default=None, help="TCP streams per neighbour link")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--coordinator-timeout", type=float, default=3.0)
@@ -594,7 +594,7 @@ async def _amain(args) -> int:
         group=args.group,
         data_host=host,
         data_port=port,
-        local_path=args.local,
+        ipc_path=args.ipc,
         secret=secret,
         streams=args.streams,
         heartbeat_interval=args.heartbeat_interval,
@@ -610,7 +610,7 @@ async def _amain(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(d.stop()))
-    print(f"READY {d.local_path} {d.peer_id}", flush=True)
+    print(f"READY {d.ipc_path} {d.peer_id}", flush=True)
     await d.wait_stopped()
     return 0
 

@@ -340,7 +340,7 @@ class Stream(asyncio.BufferedProtocol):
             try:
                 rx = op.on_data(src, h, self)
             except InvalidUsage as e:
-                self.dp._fail_op(op, e, local=True)
+                self.dp._fail_op(op, e, tell_peers=True)
                 self._discard(h.length)
                 return
             self._receive(rx, op, h.length)
@@ -363,7 +363,7 @@ class Stream(asyncio.BufferedProtocol):
         try:
             rx.finish()
         except PcclError as e:  # the collective refuses (e.g. a non-finite quantized result)
-            self.dp._fail_op(self._rx_op, e, local=True)
+            self.dp._fail_op(self._rx_op, e, tell_peers=True)
         except Exception as e:  # pragma: no cover - a bug
             self._internal_error(e)
 
@@ -686,7 +686,7 @@ class GroupView:
         return link.nstreams if link is not None else 1
 
     def fail_local(self, op, exc) -> None:
-        self.dp._fail_op(op, exc, local=True)
+        self.dp._fail_op(op, exc, tell_peers=True)
 
 
 def _tune(sock, user_timeout: float) -> None:

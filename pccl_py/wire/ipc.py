@@ -52,9 +52,9 @@ def unpack(body: bytes) -> dict:
     try:
         msg = msgpack.unpackb(body, raw=False, max_str_len=1 << 20, max_bin_len=MAX_MESSAGE)
     except Exception as exc:  # msgpack raises several unrelated classes
-        raise ProtocolError(f"undecodable local message: {exc}") from None
+        raise ProtocolError(f"undecodable IPC message: {exc}") from None
     if not isinstance(msg, dict):
-        raise ProtocolError("local message is not a map")
+        raise ProtocolError("IPC message is not a map")
     return msg
 
 
@@ -74,7 +74,7 @@ class FrameBuffer:
         while len(self._buf) >= LEN.size:
             (n,) = LEN.unpack_from(self._buf)
             if n > MAX_MESSAGE:
-                raise ProtocolError(f"local message of {n} bytes exceeds {MAX_MESSAGE}")
+                raise ProtocolError(f"IPC message of {n} bytes exceeds {MAX_MESSAGE}")
             if len(self._buf) < LEN.size + n:
                 break
             body = bytes(self._buf[LEN.size : LEN.size + n])

@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated element counts (float32), suffixes K/M/G")
     p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
     p.add_argument("--streams", type=int, default=None)
-    p.add_argument("--algorithm", choices=["auto", "ring", "tree", "shm"], default="auto",
-                   help="auto: tree for small calls, then shared memory when every peer shares this host, else ring")
+    p.add_argument("--algorithm", choices=["auto", "ring", "direct", "shm"], default="auto",
+                   help="auto: direct for small calls, then shared memory when every peer shares this host, else ring")
     p.add_argument("--tcp-only", action="store_true",
                    help="daemons dial each other over TCP (by default peers on one host use Unix sockets)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
