@@ -341,19 +341,3 @@ def test_refused_offer_may_be_replaced_while_collecting():
     assert got["p1"][0]["error"] == "RevisionError"
     got = run_offers(r, [("p1", 2, rows(A), "enforce_popular"), ("p2", 2, rows(A), "enforce_popular")])
     assert got["p1"][0]["status"] == "in_sync" and r.done
-
-
-def test_local_coordinator_holds_offers_for_the_next_round():
-    from pccl_py.daemon.state_sync import LocalCoordinator
-
-    coord = LocalCoordinator(["p1", "p2"])
-    offer = {"type": "sync_offer", "round_hint": 0, "strategy": "enforce_popular", "host": "h", "port": 1,
-             "timeout": 5.0}
-    coord._route("p1", {**offer, "revision": 1, "tensors": rows(A)})
-    coord._route("p2", {**offer, "revision": 1, "tensors": rows(B), "strategy": "receive_only"})
-    assert coord.round.phase == "transferring"
-    coord._route("p1", {**offer, "revision": 2, "tensors": rows(A)})  # too early: held
-    assert coord.held and coord.round.round_id == 0
-    coord._route("p2", {"type": "sync_done", "round": 0, "ok": True, "rx_bytes": 1, "error": "", "message": ""})
-    assert coord.known == {"p1": 1, "p2": 1}
-    assert coord.round.round_id == 1 and "p1" in coord.round.offers and not coord.held

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from pccl_py.client.shared_state import ALIGN, SharedState, layout_views
+from pccl_py.coordinator.in_process import InProcessSyncHost
 from pccl_py.daemon.state_hash import hash_buffer
-from pccl_py.daemon.state_sync import LocalCoordinator, daemon_sync
+from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.errors import InvalidUsage, RevisionError
 
@@ -90,7 +91,7 @@ class CheckedChannel:
 
 
 class Peer:
-    def __init__(self, pid: str, tensors: dict, coord: LocalCoordinator, unequal=()):
+    def __init__(self, pid: str, tensors: dict, coord: InProcessSyncHost, unequal=()):
         self.pid = pid
         self.state = SharedState(tensors, allow_content_inequality=unequal)
         self.server = StateServer(pid, secret=SECRET)
@@ -122,7 +123,7 @@ def model(seed):
 
 
 async def test_sync_end_to_end():
-    coord = LocalCoordinator(["p0", "p1", "p2"], timeout=30)
+    coord = InProcessSyncHost(["p0", "p1", "p2"])
     base = model(1)
     peers = [Peer("p0", base, coord, {"rng"}), Peer("p1", base, coord, {"rng"}),
              Peer("p2", {k: np.zeros_like(v) for k, v in base.items()}, coord, {"rng"})]
@@ -185,7 +186,7 @@ async def test_sync_end_to_end():
 
 
 async def test_newcomer_with_source_dying_mid_sync_retries():
-    coord = LocalCoordinator(["a", "b", "new"], timeout=30)
+    coord = InProcessSyncHost(["a", "b", "new"])
     base = {"w": np.random.default_rng(3).integers(0, 255, 6 << 20, dtype=np.uint8)}
     a, b = Peer("a", base, coord), Peer("b", base, coord)
     new = Peer("new", {"w": np.zeros_like(base["w"])}, coord)

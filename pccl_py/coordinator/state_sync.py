@@ -7,7 +7,8 @@ sends what it returns. Like the round itself it keeps no sockets and no clocks: 
 method takes ``now`` and returns a :class:`~pccl_py.coordinator.election.Decision` whose ``out`` holds
 ``(peer_id, message)`` pairs (the membership core maps peer ids to connections).
 
-Rules (``statesync.LocalCoordinator`` is the in-process twin):
+Rules (tests and ``pccl bench sync`` host them in-process through
+:class:`~pccl_py.coordinator.in_process.InProcessSyncHost`):
 
 * The first ``sync_offer`` of a group with no open round opens one. Its members are the
   group's accepted peers at that moment and stay fixed for the round: a peer admitted

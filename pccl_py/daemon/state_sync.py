@@ -7,10 +7,9 @@
     recv() -> dict              the next ``sync_plan`` / ``sync_complete`` addressed to this peer
 
 and moves bytes with its :class:`~pccl_py.daemon.state_transfer.StateServer` and
-:func:`~pccl_py.daemon.state_transfer.fetch`. :class:`LocalCoordinator` hosts a
-:class:`~pccl_py.coordinator.election.SyncRound` in-process behind the same channel; tests and
-``pccl bench sync`` use it, and it is the reference for wiring the real coordinator
-(each ``_route`` line below is what the coordinator does with a message).
+:func:`~pccl_py.daemon.state_transfer.fetch`. Tests and ``pccl bench sync``
+host the coordinator's rules in-process behind the same channel
+(:class:`~pccl_py.coordinator.in_process.InProcessSyncHost`).
 
 Steps of one sync:
 1. hash the tensors that take part (allow_content_inequality ones are skipped) in the
@@ -29,11 +28,9 @@ Steps of one sync:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from pccl_py.coordinator.election import SyncRound
 from pccl_py.daemon.state_hash import hash_buffers_async
 from pccl_py.daemon.state_transfer import StateServer, fetch
 from pccl_py.errors import DeadlineExceeded, InvalidUsage, PcclError, from_wire, to_wire
@@ -148,81 +145,3 @@ async def _recv(channel: SyncChannel, mtype: str, round_id: int | None, deadline
         if msg.get("type") == mtype and (round_id is None or msg.get("round") == round_id):
             return msg
         # anything else (a stale message of an earlier round) is dropped
-
-
-class LocalCoordinator:
-    """In-process stand-in for the coordinator's shared-state part: one SyncRound at a time.
-
-    ``channel(peer_id)`` gives the peer's :class:`SyncChannel`; ``gone(peer_id)`` reports a
-    death; ``known`` is the coordinator's revision book; ``log`` keeps the reasons.
-    """
-
-    def __init__(self, members: Sequence[str], *, timeout: float = 30.0) -> None:
-        self.members = list(members)
-        self.timeout = timeout
-        self.known: dict[str, int] = {}
-        self.round: SyncRound | None = None
-        self.rounds = 0
-        self.queues: dict[str, asyncio.Queue] = {p: asyncio.Queue() for p in self.members}
-        self.held: list[tuple[str, dict]] = []  # offers for the next round
-        self.log: list[str] = []
-
-    def channel(self, peer_id: str) -> _LocalChannel:
-        return _LocalChannel(self, peer_id)
-
-    def _now(self) -> float:
-        return time.monotonic()
-
-    def _route(self, peer_id: str, msg: dict) -> None:
-        now = self._now()
-        if msg["type"] == "sync_offer" and self.round is not None and self.round.phase == "transferring":
-            self.held.append((peer_id, msg))  # belongs to the next round
-            return
-        if msg["type"] == "sync_offer" and (self.round is None or self.round.done):
-            self.round = SyncRound(self.members, now, self.timeout, known=dict(self.known), round_id=self.rounds)
-            self.rounds += 1
-        r = self.round
-        if r is None:
-            return
-        if msg["type"] == "sync_offer":
-            d = r.offer(now, peer_id, msg["revision"], msg["tensors"], msg["strategy"], (msg["host"], msg["port"]))
-        elif msg["type"] == "sync_done":
-            d = r.transfer_done(now, peer_id, msg["ok"], msg["error"], msg["message"], round_id=msg["round"])
-        else:
-            raise InvalidUsage(f"unexpected message {msg['type']!r}")
-        self._emit(d)
-
-    def _emit(self, d) -> None:
-        if d.reason:
-            self.log.append(d.reason)
-        for peer, out in d.out:
-            if peer in self.queues:
-                self.queues[peer].put_nowait(out)
-        if self.round is not None and self.round.done:
-            self.known.update(self.round.synced)
-            held, self.held = self.held, []
-            for peer, msg in held:
-                self._route(peer, msg)
-
-    def tick(self) -> None:
-        if self.round is not None and not self.round.done:
-            self._emit(self.round.tick(self._now()))
-
-    def gone(self, peer_id: str) -> None:
-        if peer_id in self.members:
-            self.members.remove(peer_id)
-        self.known.pop(peer_id, None)
-        if self.round is not None and not self.round.done:
-            self._emit(self.round.member_gone(self._now(), peer_id))
-
-
-class _LocalChannel:
-    def __init__(self, coord: LocalCoordinator, peer_id: str) -> None:
-        self.coord = coord
-        self.peer_id = peer_id
-
-    async def send(self, msg: dict) -> None:
-        self.coord._route(self.peer_id, msg)
-
-    async def recv(self) -> dict:
-        return await self.coord.queues[self.peer_id].get()

@@ -25,8 +25,9 @@ import time
 import numpy as np
 
 from pccl_py.client.progress import ProgressBar
+from pccl_py.coordinator.in_process import InProcessSyncHost
 from pccl_py.daemon.state_hash import hash_buffer, hash_buffers
-from pccl_py.daemon.state_sync import LocalCoordinator, daemon_sync
+from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer, fetch
 
 SECRET = b"bench-secret"
@@ -150,7 +151,7 @@ async def _no_transfer_row(args, state: np.ndarray) -> dict:
         rev = 0
         for _ in range(args.repeat):
             rev += 1
-            coord = LocalCoordinator(["me", "other"])
+            coord = InProcessSyncHost(["me", "other"])
             coord.known = {"me": rev - 1, "other": rev - 1}
             # the other peer's offer arrives directly (its hashing is not this peer's cost)
             await coord.channel("other").send({
