@@ -23,9 +23,9 @@ import uvloop
 from pccl_py import kernels as K
 from pccl_py.daemon import router as router_mod
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, same_host_address
+from pccl_py.daemon.streams import Stream
 from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PeerLost
-from pccl_py.transport.streams import Stream
 from pccl_py.wire import frames as F
 
 SECRET = b"test-secret"

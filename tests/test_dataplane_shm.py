@@ -223,7 +223,7 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     """Every peer records its finished chunk on rank 0's arrival mask; the one that completes
     it sends FIN_ALL to each other peer, and nobody sends a plain FIN: N-1 FIN frames per
     call instead of N(N-1)."""
-    from pccl_py.transport.streams import Stream
+    from pccl_py.daemon.streams import Stream
     from pccl_py.wire import frames as F
 
     fins = []

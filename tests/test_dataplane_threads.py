@@ -18,10 +18,10 @@ from test_dataplane import all_reduce_all, families, make_inputs, reference, run
 from test_dataplane import cluster as dp_cluster
 
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.daemon.streams import Stream
 from pccl_py.errors import Aborted, PeerLost
 from pccl_py.transport import pump as pump_mod
 from pccl_py.transport.pump import Pump
-from pccl_py.transport.streams import Stream
 
 pytestmark = pytest.mark.timeout(60)
 

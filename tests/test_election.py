@@ -72,8 +72,8 @@ def test_in_step_peers_complete_at_once():
 
 
 def test_messages_fit_msgpack_and_the_schema():
-    from pccl_py.coordinator.election import SYNC_SCHEMA
     from pccl_py.wire import control as protocol
+    from pccl_py.wire.control import SYNC_SCHEMA
 
     r = SyncRound(["p1", "p2"], 0.0, 10.0, known={"p1": 0, "p2": 5})
     got = run_offers(r, [("p1", 1, rows(A), "enforce_popular"), ("p2", 1, rows(B), "enforce_popular")])

@@ -9,12 +9,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from pccl_py.client.shared_state import ALIGN, SharedState, layout_views
+from pccl_py.client.shared_state import ALIGN, SharedState
 from pccl_py.coordinator.in_process import InProcessSyncHost
 from pccl_py.daemon.state_hash import hash_buffer
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.errors import InvalidUsage, RevisionError
+from pccl_py.wire.ipc import layout_views
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = b"s"
@@ -75,8 +76,8 @@ class CheckedChannel:
 
     @staticmethod
     def check(msg):
-        from pccl_py.coordinator.election import SYNC_SCHEMA
         from pccl_py.wire import control as protocol
+        from pccl_py.wire.control import SYNC_SCHEMA
 
         back = msgpack.unpackb(msgpack.packb(msg, use_bin_type=True), raw=False)
         body = {k: v for k, v in back.items() if k != "type"}

@@ -1,9 +1,9 @@
-"""Automatic tags (pccl_py.client.tags): counts of calls, failed tags taken again, resets only when
+"""Automatic tags (pccl_py.daemon.tags): counts of calls, failed tags taken again, resets only when
 the group gains a member, and the 'peer is behind' test the data plane asks."""
 
 from __future__ import annotations
 
-from pccl_py.client.tags import AUTO_TAG, AutoTags
+from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 
 
 def n(tag: int) -> int:

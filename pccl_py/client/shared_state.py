@@ -172,25 +172,3 @@ def _dtype_name(arr: np.ndarray, torch_dtype: Any) -> str:
     if torch_dtype is not None:
         return str(torch_dtype).replace("torch.", "")
     return str(arr.dtype)
-
-
-def layout_views(desc: Mapping[str, Any], segment: memoryview) -> list[tuple[str, memoryview, bool]]:
-    """Daemon side: (name, byte view into ``segment``, allow_content_inequality) per tensor of
-    ``describe()``'s map, with every offset and size checked against the segment."""
-    rows = desc.get("tensors")
-    if not isinstance(rows, list):
-        raise InvalidUsage("shared-state description has no tensor list")
-    size = len(segment)
-    out = []
-    seen = set()
-    for row in rows:
-        if not isinstance(row, (list, tuple)) or len(row) != 6:
-            raise InvalidUsage("each shared-state tensor row is [name, offset, nbytes, dtype, shape, unequal]")
-        name, off, nbytes, _dtype, _shape, unequal = row
-        if not isinstance(name, str) or name in seen:
-            raise InvalidUsage(f"bad or repeated tensor name {name!r}")
-        if not isinstance(off, int) or not isinstance(nbytes, int) or off < 0 or nbytes < 0 or off + nbytes > size:
-            raise InvalidUsage(f"tensor {name!r} [{off}, +{nbytes}) lies outside the {size}-byte segment")
-        seen.add(name)
-        out.append((name, segment[off:off + nbytes], bool(unequal)))
-    return out

@@ -7,10 +7,8 @@ method returns a :class:`Decision`: ``out`` (a list of ``(peer_id, message)`` to
 and ``reason`` (one line for the log).
 
 Messages (all fields always present, values are only str/int/bool/bytes/list, so they
-fit msgpack and a strict schema; ``SYNC_SCHEMA`` has them in ``protocol.SCHEMA`` form,
-ready to merge: ``SCHEMA.update(election.SYNC_SCHEMA)`` from anywhere after protocol.py
-has defined ``F``; it is built on first access, so election.py imports protocol.py
-lazily):
+fit msgpack and a strict schema; :data:`pccl_py.wire.control.SYNC_SCHEMA` validates them
+as it does every control message):
 
 daemon -> coordinator
   ``sync_offer``  {round_hint, revision, strategy, tensors, host, port, timeout}
@@ -93,19 +91,10 @@ InvalidUsage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from pccl_py.daemon.state_hash import short
-
-STRATEGIES = ("enforce_popular", "receive_only", "send_only")
-MAX_TENSORS = 8192
-MAX_NAME = 256
-
-
-class Decision(NamedTuple):
-    out: list[tuple[str, dict[str, Any]]]
-    reason: str
-
+from pccl_py.coordinator.decision import Decision
+from pccl_py.wire.control import MAX_NAME, MAX_TENSORS, STRATEGIES, short
 
 TensorRows = list[tuple[str, int, bytes]]
 Key = tuple[int, tuple[tuple[str, int, bytes], ...]]
@@ -423,53 +412,3 @@ class SyncRound:
             self.phase = "done"
             reason += "; round complete"
         return Decision(out, reason)
-
-
-def _schema() -> dict:
-    """The four messages in ``protocol.SCHEMA`` form (for the control-plane owner to merge)."""
-    from pccl_py.wire.control import MAX_PEERS, F
-
-    rev = F(int, lo=-1, hi=(1 << 63) - 1)
-    rnd = F(int, lo=0, hi=(1 << 63) - 1)
-    name = F(str, max_len=MAX_NAME)
-    nbytes = F(int, lo=0, hi=(1 << 63) - 1)
-    digest = F(bytes, max_len=64)
-    row = F(list, max_len=3, items=(name, nbytes, digest))
-    err = F(str, max_len=64)
-    msg = F(str, max_len=1024)
-    return {
-        "sync_offer": {
-            "round_hint": rnd,
-            "revision": F(int, lo=0, hi=(1 << 63) - 1),
-            "strategy": F(str, max_len=32, choices=STRATEGIES),
-            "tensors": F(list, max_len=MAX_TENSORS, items=row),
-            "host": F(str, max_len=255),
-            "port": F(int, lo=0, hi=65535),
-            "timeout": F(float, lo=0.0, hi=1e7),
-        },
-        "sync_done": {"round": rnd, "ok": F(bool), "rx_bytes": nbytes, "error": err, "message": msg},
-        "sync_plan": {
-            "round": rnd,
-            "status": F(str, max_len=16, choices=("in_sync", "fetch", "error")),
-            "revision": rev,
-            "sources": F(list, max_len=MAX_PEERS,
-                         items=F(list, max_len=3, items=(F(str, max_len=128), F(str, max_len=255),
-                                                          F(int, lo=0, hi=65535)))),
-            "tensors": F(list, max_len=MAX_TENSORS, items=row),
-            "error": err,
-            "message": msg,
-        },
-        "sync_complete": {
-            "round": rnd,
-            "status": F(str, max_len=16, choices=("ok", "error")),
-            "revision": rev,
-            "error": err,
-            "message": msg,
-        },
-    }
-
-
-def __getattr__(name: str):
-    if name == "SYNC_SCHEMA":
-        return _schema()
-    raise AttributeError(name)

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from pccl_py.coordinator.election import Decision
+from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost
 from pccl_py.errors import InvalidUsage
 

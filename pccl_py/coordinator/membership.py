@@ -27,8 +27,9 @@ import enum
 import secrets
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost, refusal
 from pccl_py.wire.control import check_proof
 
@@ -61,11 +62,6 @@ class MembershipConfig:
     rekey_delay: float = 0.5  # a live pair's fresh links wait this long: a peer leaving closes links first
     link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
     link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
-
-
-class Decision(NamedTuple):
-    out: list[tuple[Conn, Msg]]
-    reason: str
 
 
 @dataclass

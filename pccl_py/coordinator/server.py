@@ -25,7 +25,8 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from pccl_py.coordinator.membership import Decision, Membership, MembershipConfig
+from pccl_py.coordinator.decision import Decision
+from pccl_py.coordinator.membership import Membership, MembershipConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
 from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, parse_addr
 from pccl_py.wire import control as protocol

@@ -31,7 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pccl_py.coordinator.election import Decision, SyncRound
+from pccl_py.coordinator.decision import Decision
+from pccl_py.coordinator.election import SyncRound
 
 DEFAULT_TIMEOUT = 600.0  # round deadline when an offer carries no timeout
 

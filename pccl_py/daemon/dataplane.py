@@ -6,7 +6,7 @@ A peer of this host (and network namespace) is reached through a Unix socket ins
 to collectives by (epoch, tag, attempt), stalls streams whose frame belongs to an
 operation not posted yet, and fails operations on link loss, abort, epoch change and
 deadline. The streams themselves (``asyncio.BufferedProtocol`` reading straight into
-place) are in :mod:`pccl_py.transport.streams`.
+place) are in :mod:`pccl_py.daemon.streams`.
 
 The collectives themselves live in :mod:`pccl_py.collectives` and are written against
 the small ``Link`` surface of :mod:`pccl_py.collectives.base`.
@@ -37,6 +37,7 @@ from pccl_py.collectives.shm import MAX_WORLD as SHM_MAX_WORLD
 from pccl_py.collectives.shm import VERSION as SHM_VERSION
 from pccl_py.collectives.shm import ShmAllReduce, ShmContext
 from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
+from pccl_py.daemon.streams import LINGER, GroupView, PeerStreams, Stream
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import (
     Aborted,
@@ -46,7 +47,6 @@ from pccl_py.errors import (
     PeerLost,
     ProtocolError,
 )
-from pccl_py.transport.streams import LINGER, GroupView, PeerStreams, Stream
 from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl_py.dataplane")
@@ -159,7 +159,7 @@ class DataPlane:
     @property
     def behind(self) -> Callable[[int], bool] | None:
         """Set by the daemon: True for a tag this peer completed that a peer now runs again
-        (see pccl_py.client.tags); None: no such check."""
+        (see pccl_py.daemon.tags); None: no such check."""
         return self.router.behind
 
     @behind.setter

@@ -72,7 +72,7 @@ class Router:
         self._held: dict[tuple[int, int], list[Held]] = {}
         self.held_bytes = 0
         self.held_count = 0
-        # True for a tag this peer completed that a peer now runs again (pccl_py.client.tags)
+        # True for a tag this peer completed that a peer now runs again (pccl_py.daemon.tags)
         self.behind: Callable[[int], bool] | None = None
 
     # -- membership -------------------------------------------------------------------------

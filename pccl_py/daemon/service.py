@@ -24,12 +24,11 @@ import uuid
 from collections.abc import Callable
 
 from pccl_py import kernels as K
-from pccl_py.client.shared_state import layout_views
-from pccl_py.client.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
+from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import Diverged, InvalidUsage, PcclError, ProtocolError, to_wire
 from pccl_py.transport import segments
@@ -354,7 +353,7 @@ class Daemon:
         if strategy not in ("enforce_popular", "receive_only", "send_only"):
             raise InvalidUsage(f"unknown strategy {strategy!r}")
         seg = session.segment(str(desc.get("segment")))
-        views = layout_views(desc, seg.buf)
+        views = ipc.layout_views(desc, seg.buf)
         async with self._sync_lock:
             self._in_flight[-2] = "sync_shared_state"
             try:

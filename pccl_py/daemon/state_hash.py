@@ -50,8 +50,3 @@ async def hash_buffers_async(buffers: Mapping[str, Any], executor: Any = None) -
 
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(executor, hash_buffers, dict(buffers))
-
-
-def short(digest: bytes) -> str:
-    """First 8 hex digits, for log lines and error messages."""
-    return digest.hex()[:8] if digest else "-"

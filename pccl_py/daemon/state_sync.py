@@ -56,7 +56,7 @@ async def daemon_sync(
     fetch_options: dict[str, Any] | None = None,
     advertise: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One peer's ``sync_shared_state()``; ``tensors`` is ``shared_state.layout_views(...)``.
+    """One peer's ``sync_shared_state()``; ``tensors`` is ``ipc.layout_views(...)``.
 
     ``advertise``: the (host, port) other peers reach ``server`` at, when it differs from
     the bound address (a server bound to 0.0.0.0: give the data-plane host the daemon

@@ -40,8 +40,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pccl_py.daemon.state_hash import hash_buffers_async, short
+from pccl_py.daemon.state_hash import hash_buffers_async
 from pccl_py.errors import DeadlineExceeded, InvalidUsage, PeerLost, ProtocolError
+from pccl_py.wire.control import short
 
 log = logging.getLogger("pccl_py.statexfer")
 

@@ -277,12 +277,58 @@ def check_proof(secret: bytes, peer_id: str, ts: float, proof: bytes, now_wall: 
 
 
 # Shared-state sync messages (sync_offer, sync_done: daemon -> coordinator; sync_plan,
-# sync_complete: coordinator -> daemon). election.py defines them against F above and
-# imports this module lazily, so merging them here creates no import cycle.
-def _merge_sync_schema() -> None:
-    from pccl_py.coordinator import election
+# sync_complete: coordinator -> daemon); pccl_py/coordinator/election.py says what each
+# field means.
+STRATEGIES = ("enforce_popular", "receive_only", "send_only")
+MAX_TENSORS = 8192
+MAX_NAME = 256
 
-    SCHEMA.update(election.SYNC_SCHEMA)
+
+def _sync_schema() -> dict[str, dict[str, F]]:
+    rev = F(int, lo=-1, hi=(1 << 63) - 1)
+    rnd = F(int, lo=0, hi=(1 << 63) - 1)
+    name = F(str, max_len=MAX_NAME)
+    nbytes = F(int, lo=0, hi=(1 << 63) - 1)
+    digest = F(bytes, max_len=64)
+    row = F(list, max_len=3, items=(name, nbytes, digest))
+    err = F(str, max_len=64)
+    msg = F(str, max_len=1024)
+    return {
+        "sync_offer": {
+            "round_hint": rnd,
+            "revision": F(int, lo=0, hi=(1 << 63) - 1),
+            "strategy": F(str, max_len=32, choices=STRATEGIES),
+            "tensors": F(list, max_len=MAX_TENSORS, items=row),
+            "host": F(str, max_len=255),
+            "port": F(int, lo=0, hi=65535),
+            "timeout": F(float, lo=0.0, hi=1e7),
+        },
+        "sync_done": {"round": rnd, "ok": F(bool), "rx_bytes": nbytes, "error": err, "message": msg},
+        "sync_plan": {
+            "round": rnd,
+            "status": F(str, max_len=16, choices=("in_sync", "fetch", "error")),
+            "revision": rev,
+            "sources": F(list, max_len=MAX_PEERS,
+                         items=F(list, max_len=3, items=(F(str, max_len=128), F(str, max_len=255),
+                                                          F(int, lo=0, hi=65535)))),
+            "tensors": F(list, max_len=MAX_TENSORS, items=row),
+            "error": err,
+            "message": msg,
+        },
+        "sync_complete": {
+            "round": rnd,
+            "status": F(str, max_len=16, choices=("ok", "error")),
+            "revision": rev,
+            "error": err,
+            "message": msg,
+        },
+    }
 
 
-_merge_sync_schema()
+SYNC_SCHEMA = _sync_schema()
+SCHEMA.update(SYNC_SCHEMA)
+
+
+def short(digest: bytes) -> str:
+    """First 8 hex digits of a content hash, for log lines and error messages."""
+    return digest.hex()[:8] if digest else "-"

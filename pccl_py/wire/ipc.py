@@ -17,10 +17,12 @@ fields. Several requests may be in flight; replies can come in any order.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import msgpack
 
-from pccl_py.errors import ProtocolError
+from pccl_py.errors import InvalidUsage, ProtocolError
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 1 << 24  # control messages only; payloads go through shared memory
@@ -81,3 +83,28 @@ class FrameBuffer:
             del self._buf[: LEN.size + n]
             out.append(unpack(body))
         return out
+
+
+# ---- a shared state's description (the client's SharedState.describe()) -------------
+
+
+def layout_views(desc: Mapping[str, Any], segment: memoryview) -> list[tuple[str, memoryview, bool]]:
+    """The daemon's reading of a :meth:`~pccl_py.client.shared_state.SharedState.describe` map: (name, byte view into ``segment``, allow_content_inequality) per tensor of
+    ``describe()``'s map, with every offset and size checked against the segment."""
+    rows = desc.get("tensors")
+    if not isinstance(rows, list):
+        raise InvalidUsage("shared-state description has no tensor list")
+    size = len(segment)
+    out = []
+    seen = set()
+    for row in rows:
+        if not isinstance(row, (list, tuple)) or len(row) != 6:
+            raise InvalidUsage("each shared-state tensor row is [name, offset, nbytes, dtype, shape, unequal]")
+        name, off, nbytes, _dtype, _shape, unequal = row
+        if not isinstance(name, str) or name in seen:
+            raise InvalidUsage(f"bad or repeated tensor name {name!r}")
+        if not isinstance(off, int) or not isinstance(nbytes, int) or off < 0 or nbytes < 0 or off + nbytes > size:
+            raise InvalidUsage(f"tensor {name!r} [{off}, +{nbytes}) lies outside the {size}-byte segment")
+        seen.add(name)
+        out.append((name, segment[off:off + nbytes], bool(unequal)))
+    return out
