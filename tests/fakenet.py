@@ -91,7 +91,7 @@ class FakeNet:
         """Rank ``rank``'s call fails here; like the data plane, it tells the others (ERROR)."""
         c = self.colls[rank]
         c.fail(exc)
-        frame = F.encode_error(0, 1, c.tag, c.seq, error_code(exc), str(exc), c.desc)
+        frame = F.encode_error(0, 1, c.tag, c.attempt, error_code(exc), str(exc), c.desc)
         for r in range(self.world):
             if r != rank:
                 self.links[rank].send(r, 0, frame[:F.HEADER_SIZE], frame[F.HEADER_SIZE:])
@@ -119,9 +119,9 @@ class FakeNet:
         if c.done:
             return  # a finished or failed call: the data plane drops its late frames
         if h.kind == F.FIN:
-            c.on_fin(src, h.step)
+            c.on_fin(src, h.fin)
         elif h.kind == F.ERROR:
-            c.on_error(src, h.step, F.decode_error_message(payload))
+            c.on_error(src, h.error_code, F.decode_error_message(payload))
         else:
             rx = c.on_data(src, h, _Conn)
             view = rx.view

@@ -232,7 +232,7 @@ def test_the_last_finisher_alone_sends_fin_all(world, monkeypatch):
     def spy(self, header, payload):
         h = F.decode_header(header[:F.HEADER_SIZE])
         if h.kind == F.FIN:
-            fins.append((self.dp.peer_id, h.tag, h.step))
+            fins.append((self.dp.peer_id, h.tag, h.fin))
         return real(self, header, payload)
 
     monkeypatch.setattr(Stream, "write", spy)

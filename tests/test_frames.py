@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _hdr(**kw) -> F.Header:
-    base = dict(kind=F.DATA, group=3, epoch=7, tag=2**62 + 5, seq=1, step=2, offset=4096, length=1024)
+    base = dict(kind=F.DATA, group=3, epoch=7, tag=2**62 + 5, attempt=1, arg=2, offset=4096, length=1024)
     base.update(kw)
     return F.Header(**base)
 
@@ -34,13 +34,13 @@ def test_quantized_header_round_trip():
 
 
 def test_control_frames_round_trip():
-    fin = _hdr(kind=F.FIN, step=0, offset=0, length=0)
+    fin = _hdr(kind=F.FIN, arg=0, offset=0, length=0)
     assert F.decode_header(F.encode_header(fin)) == fin
-    fin_all = _hdr(kind=F.FIN, step=F.FIN_ALL, offset=0, length=0)
+    fin_all = _hdr(kind=F.FIN, arg=F.FIN_ALL, offset=0, length=0)
     assert F.decode_header(F.encode_header(fin_all)) == fin_all
     raw = F.encode_error(1, 2, 3, 0, F.ERR_INVALID_USAGE, "mismatch")
     (h, payload), = F.FrameReader().feed(raw)
-    assert h.kind == F.ERROR and h.step == F.ERR_INVALID_USAGE and payload == b"mismatch"
+    assert h.kind == F.ERROR and h.error_code == F.ERR_INVALID_USAGE and payload == b"mismatch"
 
 
 def _mutate(h: F.Header, fmt_index: int, value) -> bytes:
@@ -88,15 +88,15 @@ def test_quant_fields_checked():
 
 def test_control_frame_bounds():
     with pytest.raises(ProtocolError, match="FIN"):
-        F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, step=0, length=5)))
+        F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, arg=0, length=5)))
     with pytest.raises(ProtocolError, match="data fields"):
         F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=8, length=0)))
-    with pytest.raises(ProtocolError, match="FIN frame with step 2"):
-        F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, step=2, length=0)))
+    with pytest.raises(ProtocolError, match="FIN frame with argument 2"):
+        F.decode_header(F.encode_header(_hdr(kind=F.FIN, offset=0, arg=2, length=0)))
     with pytest.raises(ProtocolError, match="error code"):
-        F.decode_header(F.encode_header(_hdr(kind=F.ERROR, offset=0, step=99, length=0)))
+        F.decode_header(F.encode_header(_hdr(kind=F.ERROR, offset=0, arg=99, length=0)))
     with pytest.raises(ProtocolError, match="message"):
-        F.decode_header(F.encode_header(_hdr(kind=F.ERROR, offset=0, step=F.ERR_ABORTED,
+        F.decode_header(F.encode_header(_hdr(kind=F.ERROR, offset=0, arg=F.ERR_ABORTED,
                                              length=F.MAX_ERROR_MESSAGE + 1)))
 
 
@@ -112,7 +112,7 @@ def test_check_range():
 
 
 def test_frame_reader_splits_anywhere():
-    frames = [(_hdr(length=3), b"abc"), (_hdr(kind=F.FIN, offset=0, step=0, length=0), b""),
+    frames = [(_hdr(length=3), b"abc"), (_hdr(kind=F.FIN, offset=0, arg=0, length=0), b""),
               (_hdr(length=0), b"")]
     wire = b"".join(F.encode_header(h) + p for h, p in frames)
     for cut in range(0, len(wire) + 1, 7):

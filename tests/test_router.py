@@ -14,12 +14,12 @@ from pccl_py.wire import frames as F
 MEMBERS = ["a", "b", "c"]  # we are "a", rank 0
 
 
-def hdr(kind=F.DATA, *, epoch=1, group=0, tag=5, seq=0, length=16) -> F.Header:
+def hdr(kind=F.DATA, *, epoch=1, group=0, tag=5, attempt=0, length=16) -> F.Header:
     step = 0
     if kind != F.DATA:
         length = 0
         step = F.ERR_ABORTED if kind == F.ERROR else 0
-    return F.decode_header(F.pack_header(kind, group, epoch, tag, seq, step, 0, length))
+    return F.decode_header(F.pack_header(kind, group, epoch, tag, attempt, step, 0, length))
 
 
 def router(**kw) -> Router:
@@ -29,7 +29,7 @@ def router(**kw) -> Router:
 
 
 def post(r: Router, tag: int, epoch: int = 1):
-    op = SimpleNamespace(tag=tag, seq=r.post(tag), done=False, link=SimpleNamespace(epoch=epoch))
+    op = SimpleNamespace(tag=tag, attempt=r.post(tag), done=False, link=SimpleNamespace(epoch=epoch))
     r.add(op)
     return op
 
@@ -66,16 +66,16 @@ def test_drops_say_why_once_per_burst(h, pid, level, words):
 def test_attempts_number_the_posts_of_a_tag_and_keep_them_apart():
     r = router()
     op = post(r, 5)
-    assert op.seq == 0
+    assert op.attempt == 0
     with pytest.raises(InvalidUsage, match="already in flight"):
         r.post(5)
-    assert r.route(hdr(seq=1), "b").action == STALL  # the sender's retry: wait for ours
+    assert r.route(hdr(attempt=1), "b").action == STALL  # the sender's retry: wait for ours
     r.finish(op)
-    assert r.route(hdr(seq=0), "b").action == DROP  # a late frame of the finished attempt
+    assert r.route(hdr(attempt=0), "b").action == DROP  # a late frame of the finished attempt
     op2 = post(r, 5)
-    assert op2.seq == 1
-    assert r.route(hdr(seq=1), "b").action == DELIVER
-    v = r.route(hdr(seq=0), "b")
+    assert op2.attempt == 1
+    assert r.route(hdr(attempt=1), "b").action == DELIVER
+    v = r.route(hdr(attempt=0), "b")
     assert v.action == DROP and "attempt 0 of tag 5" in v.note[1]
 
 
@@ -91,7 +91,7 @@ def test_a_peer_retrying_a_call_completed_here_is_told_once():
 
 def test_a_dropped_attempt_counts_as_made_so_the_next_post_pairs_with_the_retry():
     r = router()
-    assert r.attempt_dropped(hdr(tag=4, seq=0), "b")
+    assert r.attempt_dropped(hdr(tag=4, attempt=0), "b")
     assert r.post(4) == 1
     assert not r.attempt_dropped(hdr(tag=4, epoch=0), "b")  # another epoch: nothing to tell
     assert not r.attempt_dropped(hdr(tag=4), "x")  # not a member
@@ -103,10 +103,10 @@ def test_held_frames_are_bounded_and_released_in_order_for_their_attempt():
     assert not r.can_hold(hdr(F.FIN))
     assert not r.can_hold(hdr(length=F.TINY_BYTES + 1))
     assert not r.can_hold(hdr(epoch=2))  # only frames of this epoch: a new one drops them all
-    r.hold(hdr(tag=5, seq=0, length=40), "b", "s1", b"x", now=0.0)
-    r.hold(hdr(tag=5, seq=1, length=40), "c", "s2", b"y", now=1.0)
+    r.hold(hdr(tag=5, attempt=0, length=40), "b", "s1", b"x", now=0.0)
+    r.hold(hdr(tag=5, attempt=1, length=40), "c", "s2", b"y", now=1.0)
     assert not r.can_hold(hdr(length=40))  # 80 + 40 > 100 bytes
-    r.hold(hdr(tag=5, seq=0, length=10), "c", "s3", b"z", now=2.0)
+    r.hold(hdr(tag=5, attempt=0, length=10), "c", "s3", b"z", now=2.0)
     assert not r.can_hold(hdr(length=1))  # three frames
     op = post(r, 5)  # attempt 0
     got = r.take_held(op)
@@ -129,8 +129,8 @@ def test_a_newer_epoch_ends_calls_and_forgets_what_belonged_to_the_old_one():
     assert r.held_count == 0 and not r.ops
     assert r.post(5) == 0  # attempts count afresh
     assert r.route(hdr(epoch=2), "b").src == 0  # ranks of the new topology
-    assert r.take_ctrl(SimpleNamespace(tag=6, seq=0, link=SimpleNamespace(epoch=1))) == []
-    kept = r.take_ctrl(SimpleNamespace(tag=6, seq=0, link=SimpleNamespace(epoch=3)))
+    assert r.take_ctrl(SimpleNamespace(tag=6, attempt=0, link=SimpleNamespace(epoch=1))) == []
+    kept = r.take_ctrl(SimpleNamespace(tag=6, attempt=0, link=SimpleNamespace(epoch=3)))
     assert kept == [("b", F.FIN, 0, "")]
 
 

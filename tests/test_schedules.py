@@ -26,7 +26,7 @@ def ring(srcs, dsts, op="sum", dtype="float32", sub=96, stripe=24):
         r = lk.rank
         return RingAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
                              dtype=dtype, op=op, count=srcs[r].size, sub_bytes=sub, min_stripe=stripe,
-                             min_sub_bytes=16, depth=3, loop=lk.net.loop, tag=1, seq=0, desc=DESC)
+                             min_sub_bytes=16, depth=3, loop=lk.net.loop, tag=1, attempt=0, desc=DESC)
     return make
 
 
@@ -35,7 +35,7 @@ def direct(srcs, dsts, op="sum", dtype="float32"):
         r = lk.rank
         return DirectAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
                                dtype=dtype, op=op, count=srcs[r].size, min_stripe=24, loop=lk.net.loop, tag=1,
-                               seq=0, desc=DESC)
+                               attempt=0, desc=DESC)
     return make
 
 
@@ -43,7 +43,7 @@ def rooted(srcs, dsts, op="sum", dtype="float32"):
     def make(lk):
         r = lk.rank
         return RootedAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"),
-                               dtype=dtype, op=op, count=srcs[r].size, loop=lk.net.loop, tag=1, seq=0, desc=DESC)
+                               dtype=dtype, op=op, count=srcs[r].size, loop=lk.net.loop, tag=1, attempt=0, desc=DESC)
     return make
 
 
@@ -51,7 +51,7 @@ def quant(srcs, dsts, op="sum", q="uint8"):
     def make(lk):
         r = lk.rank
         return QuantAllReduce(lk, src=memoryview(srcs[r]).cast("B"), dst=memoryview(dsts[r]).cast("B"), op=op,
-                              count=srcs[r].size, quant=q, block_bytes=64, loop=lk.net.loop, tag=1, seq=0,
+                              count=srcs[r].size, quant=q, block_bytes=64, loop=lk.net.loop, tag=1, attempt=0,
                               desc=DESC)
     return make
 
@@ -123,7 +123,7 @@ def test_gather_schedule():
     world = 4
     net = FakeNet(world, seed=3)
     net.start(lambda lk: BlobAllGather(lk, blob=bytes([lk.rank]) * (lk.rank * 10), max_blob=1 << 20,
-                                       loop=net.loop, tag=1, seq=0, desc=DESC))
+                                       loop=net.loop, tag=1, attempt=0, desc=DESC))
     futs = settle(net)
     for f in futs:
         assert f.result() == [bytes([r]) * (r * 10) for r in range(world)]

@@ -81,10 +81,10 @@ class Collective:
     name = "collective"
     agree = True  # the FIN round: succeed only once every peer confirmed it has all its data
 
-    def __init__(self, link: Link, *, tag: int, seq: int, desc: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, link: Link, *, tag: int, attempt: int, desc: int, loop: asyncio.AbstractEventLoop):
         self.link = link
         self.tag = tag
-        self.seq = seq
+        self.attempt = attempt
         self.desc = desc
         self.future: asyncio.Future = loop.create_future()
         self.timer: asyncio.TimerHandle | None = None  # the deadline, set by the data plane
@@ -111,7 +111,7 @@ class Collective:
     def header(self, kind: int, step: int, offset: int, length: int, elems: int = 0,
                quant: int = F.QUANT_NONE, lo: float = 0.0, scale: float = 0.0) -> bytes:
         lk = self.link
-        return F.pack_header(kind, lk.group, lk.epoch, self.tag, self.seq, step, offset, length,
+        return F.pack_header(kind, lk.group, lk.epoch, self.tag, self.attempt, step, offset, length,
                              elems, quant, lo, scale, self.desc)
 
     def send_data(self, rank: int, stream: int, step: int, offset: int, payload, logical: int,

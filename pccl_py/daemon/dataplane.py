@@ -367,7 +367,7 @@ class DataPlane:
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
                 f"because one of them lost the other's confirmation; the caller's state lacks that call's "
                 f"result. Bring the peers in step again (sync_shared_state)")
-        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_DIVERGED, text, h.desc))
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.attempt, F.ERR_DIVERGED, text, h.desc))
 
     def _tell(self, pid: str, frame: bytes) -> None:
         """Send a control frame on every stream of the link: one may be stalled on a frame of
@@ -384,9 +384,9 @@ class DataPlane:
         attempt as made here, so that our post of the tag pairs with the sender's retry."""
         if not self.router.attempt_dropped(h, pid):
             return
-        text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.seq}) within "
+        text = (f"peer {self.peer_id} did not post tag {h.tag} (attempt {h.attempt}) within "
                 f"{self.config.stall_timeout}s and dropped its data")
-        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.seq, F.ERR_ABORTED, text, h.desc))
+        self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.attempt, F.ERR_ABORTED, text, h.desc))
 
     # -- small frames for calls not posted yet ------------------------------------------------
     def can_hold(self, h: F.Header) -> bool:
@@ -467,13 +467,13 @@ class DataPlane:
 
     def _finish_failed(self, op: Collective, *, tell_peers: bool, exc: PcclError | None = None) -> None:
         self.router.finish(op)
-        key = struct.pack("<QQI", op.link.epoch, op.tag, op.seq)  # header bytes 12..32
+        key = struct.pack("<QQI", op.link.epoch, op.tag, op.attempt)  # header bytes 12..32
         for pid in op.link.ids:
             link = self._links.get(pid)
             if link is not None:
                 link.purge(key)  # its frames still waiting to be sent are withdrawn
         if tell_peers and exc is not None and op.link.epoch == self.epoch:
-            frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.seq, error_code(exc), str(exc),
+            frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.attempt, error_code(exc), str(exc),
                                    op.desc)
             for r in range(op.link.world):
                 if r != op.link.rank:
@@ -544,7 +544,7 @@ class DataPlane:
         coll.future.add_done_callback(settle)
 
     def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
-        """Check the arguments; ``(make(seq) -> Collective, world, algorithm)``, or None when
+        """Check the arguments; ``(make(attempt) -> Collective, world, algorithm)``, or None when
         the world is this peer alone (the result is then already in ``dst``)."""
         if dtype not in K.DTYPES:
             raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
@@ -592,27 +592,27 @@ class DataPlane:
         if algo == "ring":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
                                 cfg.pipeline_depth)
-            make = lambda seq: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+            make = lambda attempt: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
                                              sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe,
                                              min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
-                                             seq=seq, desc=desc, **common)
+                                             attempt=attempt, desc=desc, **common)
         elif algo == "shm":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
-            make = lambda seq: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                            refs=shm_refs, ctx=self._shm, seq=seq, desc=desc, **common)
+            make = lambda attempt: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                            refs=shm_refs, ctx=self._shm, attempt=attempt, desc=desc, **common)
         elif algo == "direct" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
             desc = F.descriptor("all_reduce", dtype, op, count, "rooted", None)
-            make = lambda seq: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                               seq=seq, desc=desc, **common)
+            make = lambda attempt: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               attempt=attempt, desc=desc, **common)
         elif algo == "direct":
             desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
-            make = lambda seq: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                               min_stripe=cfg.min_stripe, seq=seq, desc=desc, **common)
+            make = lambda attempt: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
+                                               min_stripe=cfg.min_stripe, attempt=attempt, desc=desc, **common)
         else:
             desc = F.descriptor("all_reduce", dtype, op, count, algo, quant, cfg.quant_block_bytes)
             worker = self._offload if self.bulk_min else None
-            make = lambda seq: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
-                                              block_bytes=cfg.quant_block_bytes, worker=worker, seq=seq,
+            make = lambda attempt: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
+                                              block_bytes=cfg.quant_block_bytes, worker=worker, attempt=attempt,
                                               desc=desc, **common)
         return make, world, algo
 
@@ -625,8 +625,8 @@ class DataPlane:
         if view.world == 1:
             return [bytes(blob)]
         desc = F.descriptor("all_gather")
-        coll = await self._run(lambda seq: BlobAllGather(view, blob=blob, max_blob=self.config.max_blob,
-                                                         loop=self._loop, tag=tag, seq=seq, desc=desc),
+        coll = await self._run(lambda attempt: BlobAllGather(view, blob=blob, max_blob=self.config.max_blob,
+                                                         loop=self._loop, tag=tag, attempt=attempt, desc=desc),
                                tag, timeout, f"all_gather tag={tag}")
         return coll.future.result()
 

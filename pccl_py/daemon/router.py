@@ -65,7 +65,7 @@ class Router:
         self.rank = -1
         self.rank_of: dict[str, int] = {}
         self.ops: dict[int, object] = {}  # tag -> the collective posted here
-        self._seq: collections.OrderedDict[int, int] = collections.OrderedDict()  # tag -> next attempt
+        self._next_attempt: collections.OrderedDict[int, int] = collections.OrderedDict()  # tag -> next attempt
         self._finished: collections.OrderedDict[int, int] = collections.OrderedDict()  # tag -> last attempt
         self._ctrl: collections.OrderedDict[tuple[int, int, int], list] = collections.OrderedDict()
         self._noted: collections.OrderedDict[tuple, bool] = collections.OrderedDict()
@@ -83,7 +83,7 @@ class Router:
         if epoch > self.epoch or self.group is None:
             ended = list(self.ops.values())
             self.ops.clear()
-            self._seq.clear()
+            self._next_attempt.clear()
             self._finished.clear()
             self._ctrl = collections.OrderedDict((k, v) for k, v in self._ctrl.items() if k[0] > epoch)
             self.drop_held()  # every held frame is of the old epoch (``can_hold``)
@@ -96,9 +96,9 @@ class Router:
         """A call of ``tag`` is about to be posted: its attempt number within the epoch."""
         if tag in self.ops:
             raise InvalidUsage(f"tag {tag} is already in flight; tags must be unique among concurrent calls")
-        seq = self._seq.get(tag, 0)
-        self._remember(self._seq, tag, seq + 1)
-        return seq
+        attempt = self._next_attempt.get(tag, 0)
+        self._remember(self._next_attempt, tag, attempt + 1)
+        return attempt
 
     def add(self, op) -> None:
         self.ops[op.tag] = op
@@ -107,7 +107,7 @@ class Router:
         """``op`` ended (either way): later frames of its attempt are late, not early."""
         if self.ops.get(op.tag) is op:
             del self.ops[op.tag]
-            self._remember(self._finished, op.tag, op.seq)
+            self._remember(self._finished, op.tag, op.attempt)
 
     # -- frames -----------------------------------------------------------------------------
     def route(self, h: F.Header, pid: str) -> Verdict:
@@ -124,21 +124,21 @@ class Router:
             return self._drop(logging.WARNING, ("member", pid, h.epoch),
                               f"dropping frames from {pid}: not a member of epoch {self.epoch}")
         op = self.ops.get(h.tag)
-        if op is not None and op.done and op.seq >= h.seq:
+        if op is not None and op.done and op.attempt >= h.attempt:
             return Verdict(DROP)  # finished here a moment ago; its caller has not resumed yet
         if op is not None and not op.done:
-            if op.seq == h.seq:
+            if op.attempt == h.attempt:
                 return Verdict(DELIVER, op, src)
-            if h.seq < op.seq:
-                return self._drop(logging.INFO, ("attempt", pid, h.tag, h.seq),
-                                  f"dropping frames of attempt {h.seq} of tag {h.tag} from {pid} "
-                                  f"(attempt {op.seq} runs)")
+            if h.attempt < op.attempt:
+                return self._drop(logging.INFO, ("attempt", pid, h.tag, h.attempt),
+                                  f"dropping frames of attempt {h.attempt} of tag {h.tag} from {pid} "
+                                  f"(attempt {op.attempt} runs)")
             return self._wait(h, src)
-        if self._finished.get(h.tag, -1) >= h.seq:
-            return self._drop(logging.DEBUG, ("late", pid, h.tag, h.seq),
+        if self._finished.get(h.tag, -1) >= h.attempt:
+            return self._drop(logging.DEBUG, ("late", pid, h.tag, h.attempt),
                               f"dropping late frames of finished tag {h.tag} from {pid}")
         if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
-            note = self._once(("diverged", pid, h.epoch, h.tag, h.seq), logging.WARNING,
+            note = self._once(("diverged", pid, h.epoch, h.tag, h.attempt), logging.WARNING,
                               f"peer {pid} retries tag {h.tag}, which this peer completed: the peers diverged")
             # the sender is told once per attempt; its later frames of that attempt are dropped
             return Verdict(DIVERGED, None, src, note) if note is not None else Verdict(DROP)
@@ -150,8 +150,8 @@ class Router:
         the tag then pairs with the sender's retry); True if the sender should be told."""
         if h.epoch != self.epoch or pid not in self.rank_of:
             return False
-        if self._seq.get(h.tag, 0) <= h.seq:
-            self._remember(self._seq, h.tag, h.seq + 1)
+        if self._next_attempt.get(h.tag, 0) <= h.attempt:
+            self._remember(self._next_attempt, h.tag, h.attempt + 1)
         return True
 
     # -- small frames held for calls not posted yet -------------------------------------------
@@ -174,11 +174,11 @@ class Router:
         bucket = self._held.get((op.link.epoch, op.tag))
         out = []
         for held in list(bucket or ()):
-            if held.h.seq > op.seq:
+            if held.h.attempt > op.attempt:
                 continue
             self._release(held)
             src = self.rank_of.get(held.peer_id)
-            if held.h.seq == op.seq and src is not None:
+            if held.h.attempt == op.attempt and src is not None:
                 out.append((src, held))
         return out
 
@@ -207,13 +207,13 @@ class Router:
 
     # -- FIN / ERROR for calls not posted yet ------------------------------------------------
     def remember_ctrl(self, h: F.Header, pid: str, msg: str) -> None:
-        self._ctrl.setdefault((h.epoch, h.tag, h.seq), []).append((pid, h.kind, h.step, msg))
+        self._ctrl.setdefault((h.epoch, h.tag, h.attempt), []).append((pid, h.kind, h.arg, msg))
         while len(self._ctrl) > CTRL_PENDING_MAX:
             self._ctrl.popitem(last=False)
 
     def take_ctrl(self, op) -> list[tuple[str, int, int, str]]:
         """Remembered (peer id, kind, step or code, message) for a call just posted."""
-        return self._ctrl.pop((op.link.epoch, op.tag, op.seq), [])
+        return self._ctrl.pop((op.link.epoch, op.tag, op.attempt), [])
 
     # -- helpers ------------------------------------------------------------------------------
     def _wait(self, h: F.Header, src: int = -1) -> Verdict:

@@ -349,7 +349,7 @@ class Stream(asyncio.BufferedProtocol):
             if op is None:
                 self.dp._remember_ctrl(h, self.link.peer_id, "")
             else:
-                op.on_fin(src, h.step)
+                op.on_fin(src, h.fin)
         else:  # ERROR: read the message first
             self._hdr = h
             self._ctrl = (op, src)
@@ -376,7 +376,7 @@ class Stream(asyncio.BufferedProtocol):
         if op is None:
             self.dp._remember_ctrl(h, self.link.peer_id, msg)
         else:
-            self.dp._remote_error(op, src, h.step, msg)
+            self.dp._remote_error(op, src, h.error_code, msg)
 
     def _discard(self, n: int) -> None:
         if n <= 0:

@@ -11,8 +11,8 @@ is a fixed 68-byte little-endian header followed by ``length`` payload bytes::
     group    I   peer group
     epoch    Q   membership epoch the sender's operation belongs to
     tag      Q   operation tag (< 2**63)
-    seq      I   attempt number of this tag within the epoch
-    step     I   schedule step (DATA), error code (ERROR), 0 or FIN_ALL (FIN)
+    attempt  I   attempt number of this tag within the epoch
+    arg      I   by kind: the schedule step (DATA), the error code (ERROR), 0 or FIN_ALL (FIN)
     offset   Q   byte offset into the operation's buffer
     length   I   payload bytes that follow
     elems    I   elements the payload represents (DATA)
@@ -59,7 +59,7 @@ HELLO = 17
 WELCOME = 18
 
 FRAME_KINDS = (DATA, FIN, ERROR)
-# FIN steps: this peer is done; or (FIN_ALL) every peer of the call is done
+# FIN arguments: this peer is done; or (FIN_ALL) every peer of the call is done
 FIN_ALL = 1
 
 QUANT_NONE = 0
@@ -67,7 +67,7 @@ QUANT_U8 = 1
 QUANT_U4 = 2
 QUANT_BY_NAME = {None: QUANT_NONE, "uint8": QUANT_U8, "uint4": QUANT_U4}
 
-# error codes carried in ERROR frames (the ``step`` field)
+# error codes carried in ERROR frames (the ``arg`` field)
 ERR_ABORTED = 1
 ERR_INVALID_USAGE = 2
 ERR_PEER_LOST = 3
@@ -111,8 +111,8 @@ class Header:
     group: int
     epoch: int
     tag: int
-    seq: int
-    step: int
+    attempt: int
+    arg: int  # read it as step, error_code or fin (below), whichever the kind means
     offset: int
     length: int
     elems: int = 0
@@ -121,19 +121,34 @@ class Header:
     scale: float = 0.0
     desc: int = 0
 
+    @property
+    def step(self) -> int:
+        """DATA: the schedule step the payload belongs to."""
+        return self.arg
+
+    @property
+    def error_code(self) -> int:
+        """ERROR: one of ``ERR_CODES``."""
+        return self.arg
+
+    @property
+    def fin(self) -> int:
+        """FIN: 0 (this peer is done) or ``FIN_ALL`` (every peer of the call is done)."""
+        return self.arg
+
 
 def encode_header(h: Header) -> bytes:
     return HEADER.pack(
-        MAGIC, WIRE_VERSION, h.kind, h.quant, 0, h.group, h.epoch, h.tag, h.seq, h.step,
+        MAGIC, WIRE_VERSION, h.kind, h.quant, 0, h.group, h.epoch, h.tag, h.attempt, h.arg,
         h.offset, h.length, h.elems, h.lo, h.scale, h.desc,
     )
 
 
-def pack_header(kind: int, group: int, epoch: int, tag: int, seq: int, step: int, offset: int,
+def pack_header(kind: int, group: int, epoch: int, tag: int, attempt: int, arg: int, offset: int,
                 length: int, elems: int = 0, quant: int = QUANT_NONE, lo: float = 0.0,
                 scale: float = 0.0, desc: int = 0) -> bytes:
     """Fast path of :func:`encode_header` without building a Header."""
-    return HEADER.pack(MAGIC, WIRE_VERSION, kind, quant, 0, group, epoch, tag, seq, step,
+    return HEADER.pack(MAGIC, WIRE_VERSION, kind, quant, 0, group, epoch, tag, attempt, arg,
                        offset, length, elems, lo, scale, desc)
 
 
@@ -141,7 +156,7 @@ def decode_header(buf, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Parse and bounds-check one header; ProtocolError on anything off."""
     if len(buf) != HEADER_SIZE:
         raise ProtocolError(f"frame header must be {HEADER_SIZE} bytes, got {len(buf)}")
-    (magic, version, kind, quant, flags, group, epoch, tag, seq, step, offset, length, elems,
+    (magic, version, kind, quant, flags, group, epoch, tag, attempt, arg, offset, length, elems,
      lo, scale, desc) = HEADER.unpack(buf)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}")
@@ -171,14 +186,14 @@ def decode_header(buf, limits: Limits = DEFAULT_LIMITS) -> Header:
             raise ProtocolError(f"control frame kind {kind} with data fields set")
         if kind == FIN and length != 0:
             raise ProtocolError("FIN frame with a payload")
-        if kind == FIN and step not in (0, FIN_ALL):
-            raise ProtocolError(f"FIN frame with step {step}")
+        if kind == FIN and arg not in (0, FIN_ALL):
+            raise ProtocolError(f"FIN frame with argument {arg} (0 or FIN_ALL)")
         if kind == ERROR:
-            if step not in ERR_CODES:
-                raise ProtocolError(f"unknown error code {step}")
+            if arg not in ERR_CODES:
+                raise ProtocolError(f"unknown error code {arg}")
             if length > MAX_ERROR_MESSAGE:
                 raise ProtocolError(f"error message of {length} bytes exceeds {MAX_ERROR_MESSAGE}")
-    return Header(kind, group, epoch, tag, seq, step, offset, length, elems, quant, lo, scale, desc)
+    return Header(kind, group, epoch, tag, attempt, arg, offset, length, elems, quant, lo, scale, desc)
 
 
 def _finite(x: float) -> bool:
@@ -201,9 +216,9 @@ def decode_error_message(payload) -> str:
         raise ProtocolError(f"bad error payload: {e}") from None
 
 
-def encode_error(group: int, epoch: int, tag: int, seq: int, code: int, message: str, desc: int = 0) -> bytes:
+def encode_error(group: int, epoch: int, tag: int, attempt: int, code: int, message: str, desc: int = 0) -> bytes:
     msg = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
-    return pack_header(ERROR, group, epoch, tag, seq, code, 0, len(msg), desc=desc) + msg
+    return pack_header(ERROR, group, epoch, tag, attempt, code, 0, len(msg), desc=desc) + msg
 
 
 @functools.lru_cache(maxsize=1024)
