@@ -93,3 +93,34 @@ def from_wire(obj: dict) -> PcclError:
     """Rebuild an exception from :func:`to_wire`'s map (unknown names become ``PcclError``)."""
     cls = _BY_NAME.get(str(obj.get("error")), PcclError)
     return cls(str(obj.get("message", "")))
+
+
+# ---- in data-plane ERROR frames: one number per family (pccl_py/wire/frames.py) ----------
+
+ERR_ABORTED = 1
+ERR_INVALID_USAGE = 2
+ERR_PEER_LOST = 3
+ERR_DEADLINE = 4
+ERR_DIVERGED = 5
+ERR_CODES = (ERR_ABORTED, ERR_INVALID_USAGE, ERR_PEER_LOST, ERR_DEADLINE, ERR_DIVERGED)
+_CODE_OF = ((Diverged, ERR_DIVERGED), (InvalidUsage, ERR_INVALID_USAGE), (PeerLost, ERR_PEER_LOST),
+            (DeadlineExceeded, ERR_DEADLINE))  # subclasses before their bases
+
+
+def error_code(exc: PcclError) -> int:
+    """The code an ERROR frame carries to tell the other peers of a call why it failed here."""
+    for cls, code in _CODE_OF:
+        if isinstance(exc, cls):
+            return code
+    return ERR_ABORTED
+
+
+def peer_failure(code: int, text: str) -> PcclError:
+    """What a peer's ERROR frame means for this peer's side of the call: the caller's own
+    misuse or a divergence is the same error here; anything else (the peer lost a link,
+    ran out of time, was aborted) aborts this side."""
+    if code == ERR_INVALID_USAGE:
+        return InvalidUsage(text)
+    if code == ERR_DIVERGED:
+        return Diverged(text)
+    return Aborted(text)

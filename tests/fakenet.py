@@ -17,8 +17,7 @@ import asyncio
 import collections
 import random
 
-from pccl_py.collectives.base import error_code
-from pccl_py.errors import PeerLost
+from pccl_py.errors import PeerLost, error_code
 from pccl_py.wire import frames as F
 
 

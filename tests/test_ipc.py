@@ -145,3 +145,17 @@ def test_a_full_dev_shm_is_an_error_not_a_sigbus():
     assert "--shm-size" in lines[0]
     assert lines[1] == "left: []", lines
     assert int(lines[2].split()[1]) >= 512 << 10  # reserved before anything was written
+
+
+def test_error_frame_codes_and_what_they_mean_to_the_other_peers():
+    from pccl_py import errors as E
+
+    cases = [(E.Diverged("d"), E.ERR_DIVERGED, E.Diverged), (E.InvalidUsage("u"), E.ERR_INVALID_USAGE, E.InvalidUsage),
+             (E.RevisionError("r"), E.ERR_INVALID_USAGE, E.InvalidUsage),  # a subclass keeps its family
+             (E.PeerLost("p"), E.ERR_PEER_LOST, E.Aborted), (E.DeadlineExceeded("t"), E.ERR_DEADLINE, E.Aborted),
+             (E.Aborted("a"), E.ERR_ABORTED, E.Aborted), (E.ProtocolError("x"), E.ERR_ABORTED, E.Aborted)]
+    for exc, code, there in cases:
+        assert E.error_code(exc) == code, exc
+        got = E.peer_failure(code, "peer rank 1 failed")
+        assert type(got) is there and str(got) == "peer rank 1 failed"
+    assert sorted(E.ERR_CODES) == [1, 2, 3, 4, 5]

@@ -13,25 +13,12 @@ import asyncio
 from typing import Protocol
 
 from pccl_py.errors import (
-    Aborted,
-    DeadlineExceeded,
-    Diverged,
     InvalidUsage,
     PcclError,
-    PeerLost,
     ProtocolError,
+    peer_failure,
 )
 from pccl_py.wire import frames as F
-
-_CODE_OF = {Diverged: F.ERR_DIVERGED, InvalidUsage: F.ERR_INVALID_USAGE, PeerLost: F.ERR_PEER_LOST,
-            DeadlineExceeded: F.ERR_DEADLINE}  # subclasses first
-
-
-def error_code(exc: PcclError) -> int:
-    for cls, code in _CODE_OF.items():
-        if isinstance(exc, cls):
-            return code
-    return F.ERR_ABORTED
 
 
 def split(n: int, parts: int) -> list[int]:
@@ -192,8 +179,7 @@ class Collective:
 
     def on_error(self, src: int, code: int, message: str) -> None:
         text = f"peer rank {src} failed tag {self.tag}: {message}"
-        cls = {F.ERR_INVALID_USAGE: InvalidUsage, F.ERR_DIVERGED: Diverged}.get(code, Aborted)
-        self.fail(cls(text))
+        self.fail(peer_failure(code, text))
 
     def fail(self, exc: PcclError) -> None:
         if not self.done:

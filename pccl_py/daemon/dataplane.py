@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import Collective, error_code
+from pccl_py.collectives.base import Collective
 from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
@@ -46,6 +46,7 @@ from pccl_py.errors import (
     PcclError,
     PeerLost,
     ProtocolError,
+    error_code,
 )
 from pccl_py.wire import frames as F
 

@@ -42,6 +42,12 @@ import hmac
 import struct
 from dataclasses import dataclass
 
+from pccl_py.errors import ERR_ABORTED as ERR_ABORTED  # the codes of ERROR frames live with
+from pccl_py.errors import ERR_CODES as ERR_CODES  # the errors they stand for (errors.py)
+from pccl_py.errors import ERR_DEADLINE as ERR_DEADLINE
+from pccl_py.errors import ERR_DIVERGED as ERR_DIVERGED
+from pccl_py.errors import ERR_INVALID_USAGE as ERR_INVALID_USAGE
+from pccl_py.errors import ERR_PEER_LOST as ERR_PEER_LOST
 from pccl_py.errors import ProtocolError
 
 MAGIC = b"PCDP"
@@ -68,12 +74,6 @@ QUANT_U4 = 2
 QUANT_BY_NAME = {None: QUANT_NONE, "uint8": QUANT_U8, "uint4": QUANT_U4}
 
 # error codes carried in ERROR frames (the ``arg`` field)
-ERR_ABORTED = 1
-ERR_INVALID_USAGE = 2
-ERR_PEER_LOST = 3
-ERR_DEADLINE = 4
-ERR_DIVERGED = 5
-ERR_CODES = (ERR_ABORTED, ERR_INVALID_USAGE, ERR_PEER_LOST, ERR_DEADLINE, ERR_DIVERGED)
 
 MAX_TAG = 2**63 - 1
 MAX_PEER_ID = 255
