@@ -757,3 +757,28 @@ def _arrive_on(name: str, rank: int) -> None:
     for _ in range(2000):
         assert N.arrive(seg.buf, 8, 7, rank) >> rank & 1
     seg.close()
+
+
+@pytest.mark.parametrize("op", ["sum", "avg", "max", "prod"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_fold_in_blocks_or_in_place_gives_the_reference_bits(op, dtype):
+    from pccl_py import kernels as K
+
+    rng = np.random.default_rng(3)
+    nbytes = 4 * 1000 + (2 if dtype == "bfloat16" else 0)
+    srcs = [rng.integers(0, 255, nbytes, dtype=np.uint8) for _ in range(3)]
+    if dtype == "bfloat16":  # keep every word a finite number
+        for s in srcs:
+            s.view(np.uint16)[:] &= 0x3FFF
+    want = srcs[0].copy()
+    for s in srcs[1:]:
+        R.reduce(want, s, "sum" if op == "avg" else op, dtype)
+    if op == "avg":
+        R.finish_avg(want, 3, dtype)
+    direct = np.zeros(nbytes, np.uint8)
+    K.fold([memoryview(s) for s in srcs], [memoryview(direct)], op, dtype)
+    outs = [np.zeros(nbytes, np.uint8) for _ in range(2)]
+    K.fold([memoryview(s) for s in srcs], [memoryview(o) for o in outs], op, dtype,
+           memoryview(bytearray(256)))  # blocks of 256 bytes: several, the last one short
+    for got in (direct, *outs):
+        assert bytes(got) == bytes(want)

@@ -80,19 +80,14 @@ class DirectAllReduce(Collective):
         if self._remaining or not self.started or self.data_done:
             return
         if self.nbytes:
-            fold(self.dst, self.slots, self.nbytes, self.link.world, self.op, self.dtype)
+            _fold(self.dst, self.slots, self.nbytes, self.link.world, self.op, self.dtype)
         self.data_complete()
 
 
-def fold(dst, slots, nbytes: int, world: int, op: str, dtype: str) -> None:
-    """``dst`` = ``op`` over the world's contributions (rank r's at ``r * nbytes`` in
-    ``slots``), in rank order 0..N-1: the same kernel calls on the same bytes, same bits."""
-    dst[:] = slots[:nbytes]
-    kop = "sum" if op == "avg" else op
-    for r in range(1, world):
-        K.reduce(dst, slots[r * nbytes:(r + 1) * nbytes], kop, dtype)
-    if op == "avg":
-        K.finish_avg(dst, world, dtype)
+def _fold(dst, slots, nbytes: int, world: int, op: str, dtype: str) -> None:
+    """``dst`` = ``op`` over the world's contributions (rank r's at ``r * nbytes`` in ``slots``),
+    in rank order 0..N-1."""
+    K.fold([slots[r * nbytes:(r + 1) * nbytes] for r in range(world)], [dst], op, dtype)
 
 
 class RootedAllReduce(Collective):
@@ -153,7 +148,7 @@ class RootedAllReduce(Collective):
         if self._remaining or not self.started or self.data_done:
             return
         n, w = self.nbytes, self.link.world
-        fold(self.dst, self.slots, n, w, self.op, self.dtype)
+        _fold(self.dst, self.slots, n, w, self.op, self.dtype)
         out = bytes(self.dst)  # the caller may reuse dst once we are done; the frames may not be out
         for r in range(1, w):
             self.send_data(r, self.tag % self.link.nstreams(r), 1, 0, out, n)

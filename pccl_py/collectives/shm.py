@@ -188,24 +188,6 @@ class ShmContext:
                 pass
 
 
-def fold(srcs: list, outs: list, scratch: memoryview, op: str, dtype: str) -> None:
-    """Reduce the equal-sized buffers ``srcs`` in order, block by block, into ``scratch``
-    (a block stays in cache), and copy each finished block into every buffer of ``outs``."""
-    kop = "sum" if op == "avg" else op
-    n = len(outs[0])
-    step = len(scratch)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        o = scratch[:b - a]
-        K.copy(o, srcs[0][a:b])
-        for s in srcs[1:]:
-            K.reduce(o, s[a:b], kop, dtype)
-        if op == "avg":
-            K.finish_avg(o, len(srcs), dtype)
-        for d in outs:  # the final bytes, still in cache, to every output
-            K.copy(d[a:b], o)
-
-
 class ShmAllReduce(Collective):
     name = "shm"
 
@@ -275,7 +257,7 @@ class ShmAllReduce(Collective):
         outs = [(self.dst if r == me else self.peers[r][1])[a:b] for r in range(w)]
         # A peer's output may be its input (an in-place call): ``fold`` reads each block of
         # every input before it writes any output, and only this owner touches these bytes.
-        self.ctx.run(self.loop, (b - a) * 2 * w, lambda scratch: fold(srcs, outs, scratch, self.op, self.dtype),
+        self.ctx.run(self.loop, (b - a) * 2 * w, lambda scratch: K.fold(srcs, outs, self.op, self.dtype, scratch),
                      self._folded_cb)
 
     def _folded_cb(self, exc) -> None:

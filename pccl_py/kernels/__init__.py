@@ -63,3 +63,26 @@ arrive = _impl.arrive
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask): what thread counts follow."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fold(srcs: list, outs: list, op: str, dtype: str, scratch: memoryview | None = None) -> None:
+    """Every buffer of ``outs`` = ``op`` over the equal-sized ``srcs`` in list order (avg: the
+    sum, then divided by ``len(srcs)``).
+
+    Every peer that folds the same contributions in the same order makes the same kernel
+    calls on the same bytes, so all of them hold the same bits. With ``scratch`` the work
+    goes block by block through it (a block stays in cache) and each finished block is
+    copied to every output; without, it is done in ``outs[0]`` and copied from there."""
+    kop = "sum" if op == "avg" else op
+    n = len(outs[0])
+    step = len(scratch) if scratch is not None and len(scratch) else max(n, 1)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        o = scratch[:b - a] if scratch is not None else outs[0][a:b]
+        copy(o, srcs[0][a:b])
+        for src in srcs[1:]:
+            reduce(o, src[a:b], kop, dtype)
+        if op == "avg":
+            finish_avg(o, len(srcs), dtype)
+        for d in outs if scratch is not None else outs[1:]:
+            copy(d[a:b], o)

@@ -87,7 +87,7 @@ def worker(args) -> int:
 
     from pccl_py import kernels as K
     from pccl_py.collectives.base import split
-    from pccl_py.collectives.shm import _BLOCK, fold
+    from pccl_py.collectives.shm import _BLOCK
     from pccl_py.tools.bench.allreduce import repeats_for, warmups_for
 
     names = args.floor_segments.split(",")
@@ -118,7 +118,7 @@ def worker(args) -> int:
                 t0 = time.perf_counter()
                 K.copy(inputs[me], xb)
                 bar.wait()
-                fold(chunks, [output[a:b]], scratch, "sum", "float32")  # written once
+                K.fold(chunks, [output[a:b]], "sum", "float32", scratch)  # written once
                 bar.wait()
                 copy_out(xb, output)
                 if i >= warmups_for(nbytes):
