@@ -36,7 +36,7 @@ import torch
 from pccl_py.client.client import Client
 from pccl_py.errors import Diverged
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pccl.diloco")
 
 
 class DiLoCo:

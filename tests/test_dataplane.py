@@ -644,7 +644,7 @@ def test_long_error_messages_arrive_whole():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("listener", ["tcp", "unix"])
 def test_bad_input_on_data_port(listener, caplog):
-    caplog.set_level(logging.INFO, logger="pccl_py.dataplane")
+    caplog.set_level(logging.INFO, logger="pccl.dataplane")
 
     async def attack(port):
         # 1. garbage instead of a hello
@@ -689,7 +689,7 @@ def test_bad_input_on_data_port(listener, caplog):
             assert dsts[0].tobytes() == want.tobytes()
 
     run(body())
-    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "pccl_py.dataplane")
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "pccl.dataplane")
     assert "bad magic" in text
     assert "authentication failed" in text
     assert "exceeds the maximum" in text
@@ -771,7 +771,7 @@ def test_bit_parity_with_rounding(world, algorithm):
 
 @pytest.mark.timeout(60)
 def test_frame_for_a_call_never_posted_is_dropped_after_the_stall_timeout(caplog):
-    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    caplog.set_level(logging.WARNING, logger="pccl.dataplane")
     cfg = DataPlaneConfig(stall_timeout=0.3)
 
     async def body():
@@ -797,7 +797,7 @@ def test_small_frames_for_calls_not_posted_are_held_aside_and_never_block_the_st
     own: the stream never pauses, later calls on it complete at once, the held frame is
     delivered when its call is posted, and one never posted is dropped after the stall
     timeout, with its sender told (its call fails with Aborted, not at its deadline)."""
-    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    caplog.set_level(logging.WARNING, logger="pccl.dataplane")
     stalls = []
     real = Stream._stall
     monkeypatch.setattr(Stream, "_stall", lambda self, h: (stalls.append(h.tag), real(self, h)))
@@ -874,7 +874,7 @@ def test_held_frames_beyond_the_bound_stall_and_a_new_epoch_drops_them(monkeypat
 
 @pytest.mark.timeout(60)
 def test_silent_connection_closed_after_handshake_timeout(caplog):
-    caplog.set_level(logging.WARNING, logger="pccl_py.dataplane")
+    caplog.set_level(logging.WARNING, logger="pccl.dataplane")
 
     async def body():
         async with cluster(1, config=DataPlaneConfig(handshake_timeout=0.2)) as dps:

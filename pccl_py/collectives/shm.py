@@ -53,7 +53,7 @@ from pccl_py.errors import Aborted, InvalidUsage, PcclError, ProtocolError
 from pccl_py.transport.segments import Mapping, create_segment
 from pccl_py.wire import frames as F
 
-log = logging.getLogger("pccl_py.dataplane")
+log = logging.getLogger("pccl.dataplane")
 
 READY = 0
 VERSION = 3  # part of the call descriptor: peers of other versions refuse each other's calls

@@ -50,7 +50,7 @@ from pccl_py.errors import (
 )
 from pccl_py.wire import frames as F
 
-log = logging.getLogger("pccl_py.dataplane")
+log = logging.getLogger("pccl.dataplane")
 
 __all__ = ["DataPlane", "DataPlaneConfig"]
 

@@ -35,7 +35,7 @@ from pccl_py.wire import frames as F
 if TYPE_CHECKING:
     from pccl_py.daemon.dataplane import DataPlane
 
-log = logging.getLogger("pccl_py.dataplane")
+log = logging.getLogger("pccl.dataplane")
 
 _SCRATCH = 1 << 16
 _DIRECT_MIN = 1 << 14  # a payload with this much left is read straight into its destination
