@@ -11,6 +11,36 @@ from hypothesis import strategies as st
 from pccl_py.errors import ProtocolError
 from pccl_py.wire import frames as F
 
+
+class FrameReader:
+    """Incremental frame parser fed with arbitrary byte chunks (here: a plain byte stream).
+
+    The data plane itself reads headers and payloads straight into their destinations;
+    this class applies the same checks to a plain byte stream and yields (Header, payload).
+    """
+
+    def __init__(self, limits: F.Limits = F.DEFAULT_LIMITS):
+        self.limits = limits
+        self._buf = bytearray()
+        self._hdr: F.Header | None = None
+
+    def feed(self, data: bytes) -> list[tuple[F.Header, bytes]]:
+        self._buf += data
+        out: list[tuple[F.Header, bytes]] = []
+        while True:
+            if self._hdr is None:
+                if len(self._buf) < F.HEADER_SIZE:
+                    return out
+                self._hdr = F.decode_header(bytes(self._buf[:F.HEADER_SIZE]), self.limits)
+                del self._buf[:F.HEADER_SIZE]
+            h = self._hdr
+            if len(self._buf) < h.length:
+                return out
+            payload = bytes(self._buf[: h.length])
+            del self._buf[: h.length]
+            self._hdr = None
+            out.append((h, payload))
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -39,7 +69,7 @@ def test_control_frames_round_trip():
     fin_all = _hdr(kind=F.FIN, arg=F.FIN_ALL, offset=0, length=0)
     assert F.decode_header(F.encode_header(fin_all)) == fin_all
     raw = F.encode_error(1, 2, 3, 0, F.ERR_INVALID_USAGE, "mismatch")
-    (h, payload), = F.FrameReader().feed(raw)
+    (h, payload), = FrameReader().feed(raw)
     assert h.kind == F.ERROR and h.error_code == F.ERR_INVALID_USAGE and payload == b"mismatch"
 
 
@@ -116,7 +146,7 @@ def test_frame_reader_splits_anywhere():
               (_hdr(length=0), b"")]
     wire = b"".join(F.encode_header(h) + p for h, p in frames)
     for cut in range(0, len(wire) + 1, 7):
-        r = F.FrameReader()
+        r = FrameReader()
         got = r.feed(wire[:cut]) + r.feed(wire[cut:])
         assert got == frames
 
@@ -164,7 +194,7 @@ def test_descriptor_distinguishes_arguments():
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=400), st.integers(1, 64))
 def test_fuzz_random_bytes_only_raise_protocol_error(data, cut):
-    r = F.FrameReader(F.Limits(max_payload=256))
+    r = FrameReader(F.Limits(max_payload=256))
     try:
         r.feed(data[:cut])
         r.feed(data[cut:])

@@ -96,7 +96,6 @@ from typing import Any
 from pccl_py.coordinator.decision import Decision
 from pccl_py.wire.control import MAX_NAME, MAX_TENSORS, STRATEGIES, short
 
-TensorRows = list[tuple[str, int, bytes]]
 Key = tuple[int, tuple[tuple[str, int, bytes], ...]]
 
 

@@ -75,7 +75,6 @@ class Peer:
     since: float  # when it registered (or was claimed)
     last_seen: float
     join_deadline: float  # pending: when its connect() gives up (inf: never)
-    claim_epoch: int = 0
     claim_ring_pos: int = -1
     epoch: int = 0  # last epoch the peer reported
     revision: int = -1
@@ -398,7 +397,6 @@ class Membership:
             since=now,
             last_seen=now,
             join_deadline=float("inf") if claimed else deadline,
-            claim_epoch=msg["epoch"],
             claim_ring_pos=msg["ring_pos"],
             epoch=msg["epoch"],
             revision=msg["revision"],

@@ -17,7 +17,6 @@ from typing import Any
 
 import xxhash
 
-DIGEST_SIZE = 16
 # Above this many bytes a hash is worth a hop to the executor thread.
 EXECUTOR_THRESHOLD = 1 << 20
 

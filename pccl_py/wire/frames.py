@@ -83,7 +83,6 @@ MAX_ERROR_MESSAGE = 1024
 # as the FIN it would be followed by (docs/dataplane.md, "Agreement and failures").
 TINY_BYTES = 4096
 NONCE_LEN = 32
-MAC_LEN = 32
 
 HEADER = struct.Struct("<4sBBBBIQQIIQIIffQ")
 HEADER_SIZE = HEADER.size  # 68
@@ -351,33 +350,3 @@ def finish_welcome(mac: bytes, id_bytes, secret: bytes, nonce: bytes, stream: in
     if expected_peer is not None and peer_id != expected_peer:
         raise ProtocolError(f"dialled {expected_peer!r} but {peer_id!r} answered")
     return peer_id
-
-
-class FrameReader:
-    """Incremental frame parser fed with arbitrary byte chunks (tests, fuzzing, tools).
-
-    The data plane itself reads headers and payloads straight into their destinations;
-    this class applies the same checks to a plain byte stream and yields (Header, payload).
-    """
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS):
-        self.limits = limits
-        self._buf = bytearray()
-        self._hdr: Header | None = None
-
-    def feed(self, data: bytes) -> list[tuple[Header, bytes]]:
-        self._buf += data
-        out: list[tuple[Header, bytes]] = []
-        while True:
-            if self._hdr is None:
-                if len(self._buf) < HEADER_SIZE:
-                    return out
-                self._hdr = decode_header(bytes(self._buf[:HEADER_SIZE]), self.limits)
-                del self._buf[:HEADER_SIZE]
-            h = self._hdr
-            if len(self._buf) < h.length:
-                return out
-            payload = bytes(self._buf[: h.length])
-            del self._buf[: h.length]
-            self._hdr = None
-            out.append((h, payload))
