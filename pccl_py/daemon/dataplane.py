@@ -36,8 +36,9 @@ from pccl_py.collectives.ring import RingAllReduce
 from pccl_py.collectives.shm import MAX_WORLD as SHM_MAX_WORLD
 from pccl_py.collectives.shm import VERSION as SHM_VERSION
 from pccl_py.collectives.shm import ShmAllReduce, ShmContext
+from pccl_py.daemon.peers import GroupView, PeerStreams
 from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
-from pccl_py.daemon.streams import LINGER, GroupView, PeerStreams, Stream
+from pccl_py.daemon.streams import LINGER, Stream
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import (
     Aborted,

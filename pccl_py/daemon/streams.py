@@ -1,5 +1,4 @@
-"""The streams under the data plane: one authenticated TCP stream, the K streams to a peer,
-and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
+"""One data stream under the data plane: one authenticated TCP (or Unix) stream.
 
 * :class:`Stream` -- one TCP stream, an ``asyncio.BufferedProtocol``. ``get_buffer`` hands
   the event loop the exact bytes of the next handshake message; after the handshake,
@@ -8,9 +7,9 @@ and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
   into its destination (a slice of the caller's ``dst`` or a per-stream staging buffer),
   so Python copies at most 16 KiB of a large payload on the way in. Outgoing payloads are
   memoryviews handed to the transport (one ``writev`` on uvloop).
-* :class:`PeerStreams` -- the K streams to one peer (``session`` groups them), with a queue for
-  frames sent before the link is up, and the clean-EOF grace across its streams.
-* :class:`GroupView` -- ranks of one topology mapped to links: what a collective sends on.
+
+The K streams to one peer and the ``Link`` a collective sees are in
+:mod:`pccl_py.daemon.peers`.
 
 Routing decisions, failures and deadlines belong to :class:`pccl_py.daemon.dataplane.DataPlane`;
 these classes call back into it.
@@ -27,13 +26,13 @@ from typing import TYPE_CHECKING
 
 from pccl_py.collectives.base import Rx
 from pccl_py.daemon.router import DIVERGED, DROP, PEND, STALL
-from pccl_py.daemon.topology import Topology
-from pccl_py.errors import InvalidUsage, PcclError, PeerLost, ProtocolError
+from pccl_py.errors import InvalidUsage, PcclError, ProtocolError
 from pccl_py.transport.pump import Pump
 from pccl_py.wire import frames as F
 
 if TYPE_CHECKING:
     from pccl_py.daemon.dataplane import DataPlane
+    from pccl_py.daemon.peers import PeerStreams
 
 log = logging.getLogger("pccl.dataplane")
 
@@ -42,7 +41,6 @@ _DIRECT_MIN = 1 << 14  # a payload with this much left is read straight into its
 _STAGE = _DIRECT_MIN + F.HEADER_SIZE  # one staged recv: so at most this much of a payload is copied
 WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
 LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
-_EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
 
 # connection states
 _HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
@@ -474,6 +472,23 @@ class Stream(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def shut(self, graceful: bool) -> None:
+        """Close for good (the link is going): gracefully (FIN after what was sent, so the
+        peer reads our last frames) when asked and nothing is in flight, else with a reset."""
+        if self._state == _CLOSED:
+            return
+        gentle = graceful and not self.busy
+        self._state = _CLOSED
+        self._stop_pump(hard=not gentle)
+        self._cancel_timers()
+        self.dp._unstall(self)
+        if self.transport is None:
+            return
+        if gentle and not self.transport.get_write_buffer_size():
+            self.drain(LINGER)
+        else:
+            self.transport.abort()
+
     def drain(self, timeout: float) -> None:
         """Leave gracefully: half-close (our FIN follows the frames already written), then read
         and drop whatever the peer still sends until its EOF or ``timeout``. Closing with
@@ -578,115 +593,6 @@ class Stream(asyncio.BufferedProtocol):
             tr.write(header)
             tr.write(payload)
         return True
-
-
-class PeerStreams:
-    """The streams to one peer; frames sent before it is up wait in a queue."""
-
-    def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
-                 nstreams: int):
-        self.dp = dp
-        self.peer_id = peer_id
-        self.connector = connector
-        self.session = session
-        self.nstreams = nstreams
-        self.conns: list[Stream | None] = [None] * nstreams
-        self.ready = dp._loop.create_future()
-        self.lost: str | None = None
-        self._queue: list[tuple[int, bytes, object]] = []
-        self._up = 0
-        self._eofs = 0
-        self._eof_timer: asyncio.TimerHandle | None = None
-
-    def attach(self, conn: Stream, stream: int) -> None:
-        if self.lost is not None:
-            conn._close(f"link to {self.peer_id} already lost")
-            return
-        self.conns[stream] = conn
-        self._up += 1
-        if self._up == self.nstreams:
-            q, self._queue = self._queue, []
-            for s, h, p in q:
-                self.conns[s % self.nstreams].write(h, p)
-            if not self.ready.done():
-                self.ready.set_result(None)
-
-    def stream_eof(self) -> None:
-        """One stream ended cleanly: lost once all have (their data read), or after a grace."""
-        self._eofs += 1
-        reason = "connection closed by the peer"
-        if self._eofs >= self.nstreams:
-            self.dp._link_lost(self, reason)
-        elif self._eof_timer is None:
-            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
-
-    @property
-    def is_up(self) -> bool:
-        return self._up == self.nstreams and self.lost is None
-
-    def purge(self, key: bytes) -> None:
-        self._queue = [x for x in self._queue if x[1][12:32] != key]
-        for c in self.conns:
-            if c is not None:
-                c.purge(key)
-
-    def send(self, stream: int, header: bytes, payload) -> None:
-        if self.lost is not None:
-            return
-        if self._up == self.nstreams:
-            self.conns[stream % self.nstreams].write(header, payload)
-        else:
-            self._queue.append((stream, header, payload))
-
-    def close(self, reason: str, graceful: bool = False) -> None:
-        if self.lost is None:
-            self.lost = reason
-        if self._eof_timer is not None:
-            self._eof_timer.cancel()
-            self._eof_timer = None
-        self._queue = []
-        if not self.ready.done():
-            self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
-            self.ready.exception()
-        for c in self.conns:
-            if c is not None and c._state != _CLOSED:
-                gentle = graceful and not c.busy
-                c._state = _CLOSED
-                c._stop_pump(hard=not gentle)
-                c._cancel_timers()
-                self.dp._unstall(c)
-                if c.transport is None:
-                    continue
-                if gentle and not c.transport.get_write_buffer_size():
-                    c.drain(LINGER)  # FIN after what was sent: the peer reads our last frames
-                else:
-                    c.transport.abort()
-
-
-class GroupView:
-    """The ``Link`` a collective sees: ranks of one topology mapped to peer links."""
-
-    def __init__(self, dp: DataPlane, topo: Topology):
-        self.dp = dp
-        self.rank = topo.rank
-        self.world = len(topo.peers)
-        self.group = topo.group
-        self.epoch = topo.epoch
-        self.ids = [p.peer_id for p in topo.peers]
-        # every daemon of the group advertises the same host: they share a machine
-        self.colocated = self.world > 1 and len({p.host for p in topo.peers}) == 1
-
-    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
-        link = self.dp._links.get(self.ids[rank])
-        if link is not None:
-            link.send(stream, header, payload)
-
-    def nstreams(self, rank: int) -> int:
-        link = self.dp._links.get(self.ids[rank])
-        return link.nstreams if link is not None else 1
-
-    def fail_local(self, op, exc) -> None:
-        self.dp._fail_op(op, exc, tell_peers=True)
 
 
 def _tune(sock, user_timeout: float) -> None:

@@ -1,0 +1,122 @@
+"""The K streams to one peer, and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
+
+* :class:`PeerStreams` -- the K streams to one peer (``session`` groups them), with a queue for
+  frames sent before the link is up, and the clean-EOF grace across its streams.
+* :class:`GroupView` -- ranks of one topology mapped to links: what a collective sends on.
+
+Routing decisions, failures and deadlines belong to :class:`pccl_py.daemon.dataplane.DataPlane`;
+these classes call back into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from pccl_py.daemon.streams import Stream
+from pccl_py.daemon.topology import Topology
+from pccl_py.errors import PeerLost
+
+if TYPE_CHECKING:
+    from pccl_py.daemon.dataplane import DataPlane
+
+_EOF_GRACE = 0.05  # after one stream's clean EOF, how long the others may take to drain
+
+
+class PeerStreams:
+    """The streams to one peer; frames sent before it is up wait in a queue."""
+
+    def __init__(self, dp: DataPlane, peer_id: str, *, connector: bool, session: int | None,
+                 nstreams: int):
+        self.dp = dp
+        self.peer_id = peer_id
+        self.connector = connector
+        self.session = session
+        self.nstreams = nstreams
+        self.conns: list[Stream | None] = [None] * nstreams
+        self.ready = dp._loop.create_future()
+        self.lost: str | None = None
+        self._queue: list[tuple[int, bytes, object]] = []
+        self._up = 0
+        self._eofs = 0
+        self._eof_timer: asyncio.TimerHandle | None = None
+
+    def attach(self, conn: Stream, stream: int) -> None:
+        if self.lost is not None:
+            conn._close(f"link to {self.peer_id} already lost")
+            return
+        self.conns[stream] = conn
+        self._up += 1
+        if self._up == self.nstreams:
+            q, self._queue = self._queue, []
+            for s, h, p in q:
+                self.conns[s % self.nstreams].write(h, p)
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    def stream_eof(self) -> None:
+        """One stream ended cleanly: lost once all have (their data read), or after a grace."""
+        self._eofs += 1
+        reason = "connection closed by the peer"
+        if self._eofs >= self.nstreams:
+            self.dp._link_lost(self, reason)
+        elif self._eof_timer is None:
+            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
+
+    @property
+    def is_up(self) -> bool:
+        return self._up == self.nstreams and self.lost is None
+
+    def purge(self, key: bytes) -> None:
+        self._queue = [x for x in self._queue if x[1][12:32] != key]
+        for c in self.conns:
+            if c is not None:
+                c.purge(key)
+
+    def send(self, stream: int, header: bytes, payload) -> None:
+        if self.lost is not None:
+            return
+        if self._up == self.nstreams:
+            self.conns[stream % self.nstreams].write(header, payload)
+        else:
+            self._queue.append((stream, header, payload))
+
+    def close(self, reason: str, graceful: bool = False) -> None:
+        if self.lost is None:
+            self.lost = reason
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
+            self._eof_timer = None
+        self._queue = []
+        if not self.ready.done():
+            self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
+            self.ready.exception()
+        for c in self.conns:
+            if c is not None:
+                c.shut(graceful)
+
+
+class GroupView:
+    """The ``Link`` a collective sees: ranks of one topology mapped to peer links."""
+
+    def __init__(self, dp: DataPlane, topo: Topology):
+        self.dp = dp
+        self.rank = topo.rank
+        self.world = len(topo.peers)
+        self.group = topo.group
+        self.epoch = topo.epoch
+        self.ids = [p.peer_id for p in topo.peers]
+        # every daemon of the group advertises the same host: they share a machine
+        self.colocated = self.world > 1 and len({p.host for p in topo.peers}) == 1
+
+    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
+        link = self.dp._links.get(self.ids[rank])
+        if link is not None:
+            link.send(stream, header, payload)
+
+    def nstreams(self, rank: int) -> int:
+        link = self.dp._links.get(self.ids[rank])
+        return link.nstreams if link is not None else 1
+
+    def fail_local(self, op, exc) -> None:
+        self.dp._fail_op(op, exc, tell_peers=True)
