@@ -10,19 +10,9 @@ import numpy as np
 import pytest
 
 from pccl_py.daemon.state_hash import hash_buffer
-from pccl_py.daemon.state_transfer import (
-    AUTH,
-    HELLO,
-    M_AUTH,
-    M_REQ,
-    REQ,
-    RESP,
-    HashMismatch,
-    StateServer,
-    fetch,
-    proof,
-)
+from pccl_py.daemon.state_transfer import HashMismatch, StateServer, fetch
 from pccl_py.errors import DeadlineExceeded, PeerLost, ProtocolError
+from pccl_py.wire.state_transfer import AUTH, HELLO, M_AUTH, M_REQ, REQ, RESP, proof
 
 pytestmark = pytest.mark.timeout(60)
 
