@@ -10,15 +10,11 @@ published view (``transport.write(memoryview)`` then drain), so no Python copy o
 is made on either side. After the last chunk the receiver hashes every tensor and
 refuses content whose xxh3-128 differs from the elected hash (:class:`HashMismatch`).
 
-Wire format (all integers little-endian)::
-
-    server -> client  HELLO  b"PXS1" nonce[32]
-    client -> server  AUTH   b"PXA1" u16 id_len, peer_id[id_len], proof[32]
-                             proof = HMAC-SHA256(secret, nonce | peer_id)
-    client -> server  REQ    b"PXQ1" u16 name_len, i64 revision, u64 offset, u64 length, name
-    server -> client  RESP   b"PXR1" u8 status, u64 length, then `length` bytes:
-                             status 0: payload (the answer to AUTH has length 0)
-                             status 1: refusal text (UTF-8, <= 1024 bytes); the server closes
+This module is the I/O: sockets, deadlines, the event loop. The byte format (HELLO,
+AUTH, REQ, RESP and their bounds) is :mod:`pccl_py.wire.state_transfer`; the decisions
+(chunks, the shared queue, what a failed stream's chunks become, which error ends a
+fetch, the hash verdict and repair, what a server refuses) are
+:mod:`pccl_py.daemon.transfer_plan`.
 
 A request is answered only for a published tensor at the published revision and with
 ``offset + length`` inside the tensor; anything else malformed (bad magic, oversized
@@ -31,44 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import logging
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pccl_py.daemon.state_hash import hash_buffers_async
-from pccl_py.errors import DeadlineExceeded, InvalidUsage, PeerLost, ProtocolError
-from pccl_py.wire.control import short
+from pccl_py.daemon.transfer_plan import (
+    DEFAULT_CHUNK,
+    HashMismatch,
+    Mismatch,
+    SourceRefused,
+    Stream,
+    TransferPlan,
+    Verification,
+    refusal,
+)
+from pccl_py.errors import InvalidUsage, PeerLost, ProtocolError
+from pccl_py.wire import state_transfer as wire
 
-log = logging.getLogger("pccl_py.statexfer")
+__all__ = ["DEFAULT_CHUNK", "HashMismatch", "SourceRefused", "StateServer", "fetch"]
 
-HELLO = struct.Struct("<4s32s")
-AUTH = struct.Struct("<4sH")
-REQ = struct.Struct("<4sHqQQ")
-RESP = struct.Struct("<4sBQ")
-M_HELLO, M_AUTH, M_REQ, M_RESP = b"PXS1", b"PXA1", b"PXQ1", b"PXR1"
-MAX_ID = 128
-MAX_NAME = 1024
-MAX_TEXT = 1024
-MAX_REQUEST = 1 << 30  # bytes in one request
-DEFAULT_CHUNK = 4 << 20
-
-
-class HashMismatch(ProtocolError):
-    """Fetched content does not hash to the elected hash (a corrupt or lying source)."""
-
-
-class SourceRefused(ProtocolError):
-    """A source answered a request with a refusal (wrong revision, unknown tensor, bad proof)."""
-
-
-def proof(secret: bytes, nonce: bytes, peer_id: str) -> bytes:
-    """HMAC-SHA256(secret, nonce | peer_id)."""
-    return hmac.new(secret, nonce + peer_id.encode(), hashlib.sha256).digest()
+log = logging.getLogger("pccl.state_transfer")
 
 
 def _as_bytes_view(buf: Any, writable: bool = False) -> memoryview:
@@ -80,10 +60,6 @@ def _as_bytes_view(buf: Any, writable: bool = False) -> memoryview:
     if writable and mv.readonly:
         raise InvalidUsage("a fetch destination must be writable")
     return mv
-
-
-class _Bad(Exception):
-    """Bad input from a client: close its connection and log why."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,57 +145,46 @@ class StateServer:
         self._writers.add(writer)
         graceful = False  # close after a refusal (lets the text arrive); abort otherwise
         try:
-            nonce = os.urandom(32)
-            writer.write(HELLO.pack(M_HELLO, nonce))
-            magic, n = AUTH.unpack(await asyncio.wait_for(reader.readexactly(AUTH.size), self.auth_timeout))
-            if magic != M_AUTH or n > MAX_ID:
-                raise _Bad(f"bad hello (magic {magic!r}, id length {n})")
-            rest = await asyncio.wait_for(reader.readexactly(n + 32), self.auth_timeout)
-            client_id = rest[:n].decode(errors="replace")
-            if not hmac.compare_digest(proof(self.secret, nonce, client_id), rest[n:]):
-                text = b"proof does not match the run secret"
-                writer.write(RESP.pack(M_RESP, 1, len(text)) + text)
+            nonce = os.urandom(wire.NONCE_LEN)
+            writer.write(wire.encode_hello(nonce))
+            n = wire.decode_auth_head(await asyncio.wait_for(reader.readexactly(wire.AUTH.size), self.auth_timeout))
+            rest = await asyncio.wait_for(reader.readexactly(n + wire.PROOF_LEN), self.auth_timeout)
+            client_id, mac = wire.decode_auth_rest(rest, n)
+            if not wire.proof_matches(self.secret, nonce, client_id, mac):
+                writer.write(wire.encode_refusal("proof does not match the run secret"))
                 await asyncio.wait_for(writer.drain(), self.auth_timeout)
                 graceful = True
-                raise _Bad(f"peer {client_id!r} failed the run-secret proof")
+                raise ProtocolError(f"peer {client_id!r} failed the run-secret proof")
             who = f"{client_id}@{who}"
-            writer.write(RESP.pack(M_RESP, 0, 0))
+            writer.write(wire.encode_reply_head(0))
             while True:
-                head = await asyncio.wait_for(reader.readexactly(REQ.size), self.idle_timeout)
-                magic, n, revision, offset, length = REQ.unpack(head)
-                if magic != M_REQ or n > MAX_NAME or n == 0:
-                    raise _Bad(f"bad request header (magic {magic!r}, name length {n})")
-                name = (await asyncio.wait_for(reader.readexactly(n), self.auth_timeout)).decode(errors="replace")
+                head = await asyncio.wait_for(reader.readexactly(wire.REQ.size), self.idle_timeout)
+                n, req = wire.decode_request_head(head)
+                req = wire.finish_request(req, await asyncio.wait_for(reader.readexactly(n), self.auth_timeout))
                 if writer.transport.is_closing():
                     return  # dropped by unpublish() while the request was read
-                view = self.views.get(name)
-                if self.revision is None or revision != self.revision or view is None:
-                    if self.revision is None:
-                        why = "it serves no shared state right now"
-                    elif revision != self.revision:
-                        why = f"it serves revision {self.revision}"
-                    else:
-                        why = f"it has no tensor of that name (it serves {len(self.views)} tensors)"
-                    text = f"{self.peer_id} cannot serve {name!r} at revision {revision}: {why}".encode()[:MAX_TEXT]
-                    writer.write(RESP.pack(M_RESP, 1, len(text)) + text)
+                text = refusal(self.peer_id, self.revision, self.views, req)
+                if text is not None:
+                    writer.write(wire.encode_refusal(text))
                     await asyncio.wait_for(writer.drain(), self.auth_timeout)
-                    log.info("state server %s: refused %s: %s", self.peer_id, who, text.decode())
+                    log.info("state server %s: refused %s: %s", self.peer_id, who, text)
                     graceful = True
                     return
-                if length > MAX_REQUEST or offset > len(view) or length > len(view) - offset:
-                    raise _Bad(f"request {name!r} [{offset}, +{length}) outside its {len(view)} bytes")
+                view = self.views[req.name]
+                wire.check_range(req, len(view))
+                offset, length = req.offset, req.length
                 if self._die_at is not None and self.tx_bytes + length > self._die_at:
                     part = max(0, self._die_at - self.tx_bytes)
-                    writer.write(RESP.pack(M_RESP, 0, length) + bytes(view[offset:offset + part]))
+                    writer.write(wire.encode_reply_head(length) + bytes(view[offset:offset + part]))
                     self.tx_bytes += part
                     self._crash()
                     return
-                writer.write(RESP.pack(M_RESP, 0, length))
+                writer.write(wire.encode_reply_head(length))
                 if length:
                     writer.write(view[offset:offset + length])
                 self.tx_bytes += length  # handed to the transport
                 await asyncio.wait_for(writer.drain(), self.idle_timeout)  # a frozen reader ends here
-        except _Bad as exc:
+        except ProtocolError as exc:
             self.refused += 1
             log.warning("state server %s: closing connection from %s: %s", self.peer_id, who, exc)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError):
@@ -239,16 +204,20 @@ class StateServer:
 # client
 
 
-class _Link(asyncio.BufferedProtocol):
-    """One client connection; reads response payloads straight into destination views."""
+class _SourceConn(asyncio.BufferedProtocol):
+    """One connection to a state source; reads reply payloads straight into destination views.
+
+    The framing is :class:`~pccl_py.wire.state_transfer.ReplyReader`'s; this class only
+    points the transport's reads at the scratch buffer or the destination and settles the
+    futures of the requests it sent, in order.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, label: str) -> None:
         self.loop = loop
         self.label = label
         self.transport: asyncio.Transport | None = None
-        self.small = bytearray(max(HELLO.size, RESP.size, MAX_TEXT))
-        self.mode = "hello"
-        self.need = HELLO.size
+        self.reader = wire.ReplyReader()
+        self.scratch = bytearray(wire.ReplyReader.SCRATCH)
         self.got = 0
         self.dest: memoryview | None = None
         self.pending: collections.deque[tuple[memoryview | None, asyncio.Future]] = collections.deque()
@@ -261,72 +230,46 @@ class _Link(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.mode == "payload":
+        if self.error is not None:
+            return memoryview(self.scratch)  # the connection is over: whatever still comes is dropped
+        if self.reader.mode == "payload":
             return self.dest[self.got:]  # type: ignore[index]
-        return memoryview(self.small)[self.got:self.need]
+        return memoryview(self.scratch)[self.got:self.reader.need]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.got += nbytes
         self.progress_at = self.loop.time()
-        if self.got < self.need:
+        if self.error is not None:
+            self.got = 0
             return
+        if self.got < self.reader.need:
+            return
+        data = None if self.reader.mode == "payload" else memoryview(self.scratch)[:self.reader.need]
+        self.got = 0
         try:
-            self._complete()
+            event, value = self.reader.complete(data)
         except ProtocolError as exc:
-            self.fail(exc)
+            self.fail(ProtocolError(f"state source {self.label}: {exc}"))
+            return
+        if event == "nonce":
+            if not self.hello.done():
+                self.hello.set_result(value)
+        elif event == "payload":
+            self.dest = self.pending[0][0]
+        elif event == "answered":
+            _, fut = self.pending.popleft()
+            self.dest = None
+            if not fut.done():
+                fut.set_result(value)
+        elif event == "refused":
+            self.fail(SourceRefused(f"state source {self.label} refused: {value}"))
+        # "text": the refusal's text is read next
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(PeerLost(f"state source {self.label} closed the connection" + (f": {exc}" if exc else "")))
 
-    # state machine
-    def _expect(self, mode: str, need: int) -> None:
-        self.mode, self.need, self.got = mode, need, 0
-
-    def _complete(self) -> None:
-        mode = self.mode
-        if mode == "hello":
-            magic, nonce = HELLO.unpack_from(self.small)
-            if magic != M_HELLO:
-                raise ProtocolError(f"state source {self.label} is not a pccl state server (magic {magic!r})")
-            self._expect("header", RESP.size)
-            if not self.hello.done():
-                self.hello.set_result(nonce)
-        elif mode == "header":
-            magic, status, length = RESP.unpack_from(self.small)
-            if magic != M_RESP or status > 1:
-                raise ProtocolError(f"state source {self.label} sent a bad response header")
-            if not self.pending:
-                raise ProtocolError(f"state source {self.label} sent an unsolicited response")
-            if status == 1:
-                if length > MAX_TEXT:
-                    raise ProtocolError(f"state source {self.label} sent an oversized refusal")
-                self._expect("text", length)
-                if length == 0:
-                    self._complete()
-                return
-            dest, fut = self.pending[0]
-            want = 0 if dest is None else len(dest)
-            if length != want:
-                raise ProtocolError(f"state source {self.label} answered {length} bytes, asked {want}")
-            if length == 0:
-                self.pending.popleft()
-                if not fut.done():
-                    fut.set_result(0)
-                self._expect("header", RESP.size)
-            else:
-                self.dest = dest
-                self._expect("payload", length)
-        elif mode == "payload":
-            dest, fut = self.pending.popleft()
-            self.dest = None
-            if not fut.done():
-                fut.set_result(self.need)
-            self._expect("header", RESP.size)
-        elif mode == "text":
-            text = bytes(self.small[:self.need]).decode(errors="replace")
-            raise SourceRefused(f"state source {self.label} refused: {text}")
-
     def fail(self, exc: BaseException) -> None:
+        """The connection is over: every request on it fails with the first cause."""
         if self.error is None:
             self.error = exc
         if not self.hello.done():
@@ -337,8 +280,7 @@ class _Link(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(self.error)
                 fut.exception()
-        self.mode = "dead"
-        self.need = len(self.small)
+        self.dest = None
         self.got = 0
         if self.transport is not None:
             self.transport.abort()
@@ -353,47 +295,33 @@ class _Link(asyncio.BufferedProtocol):
             fut.exception()
             return fut
         self.pending.append((dest, fut))
+        self.reader.asked(0 if dest is None else len(dest))
         self.transport.write(data)  # type: ignore[union-attr]
         return fut
 
     def auth(self, nonce: bytes, secret: bytes, peer_id: str) -> asyncio.Future:
-        pid = peer_id.encode()
-        return self._send(AUTH.pack(M_AUTH, len(pid)) + pid + proof(secret, nonce, peer_id), None)
+        return self._send(wire.encode_auth(secret, nonce, peer_id), None)
 
     def request(self, name: str, revision: int, offset: int, dest: memoryview) -> asyncio.Future:
-        raw = name.encode()
-        return self._send(REQ.pack(M_REQ, len(raw), revision, offset, len(dest)) + raw, dest)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        return self._send(wire.encode_request(name, revision, offset, len(dest)), dest)
 
 
-@dataclass
-class _Chunk:
-    name: str
-    offset: int
-    dest: memoryview
-    tries: int = 0
+class _Wake:
+    """Wakes the streams of one pass that wait for a chunk given back or for the end."""
 
-
-@dataclass
-class _Work:
-    """State the workers of one fetch share."""
-
-    queue: collections.deque
-    total: int
-    inflight: int = 0
-    done_bytes: int = 0
-    retried: int = 0
-    chunks: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    per_source: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def wait(self):
+        return self._event.wait()
+
+
+def _label(src: tuple[str, int]) -> str:
+    return f"{src[0]}:{src[1]}"
 
 
 async def fetch(
@@ -434,80 +362,62 @@ async def fetch(
         raise InvalidUsage("chunk, streams_per_source and pipeline must be positive")
     dests = {n: (_as_bytes_view(buf, writable=True), bytes(h)) for n, (buf, h) in tensors.items()}
     srcs = list(dict.fromkeys((str(h), int(p)) for h, p in sources))
+    by_label = {_label(s): s for s in srcs}
     opts = (revision, secret, peer_id, streams_per_source, chunk, pipeline, deadline, stall_timeout,
             connect_timeout, timeout)
-    work = await _transfer(srcs, dests, opts, progress)
-    rx, chunks, retried = work.done_bytes, work.chunks, work.retried
-    per_source, failures = dict(work.per_source), dict(work.failures)
-    rejected: dict[str, str] = {}
+    plan = await _transfer(srcs, dests, opts, progress)
     t_hash = loop.time()
-    bad = await _mismatches(dests) if verify else []
-    if bad and repair and len(srcs) > 1:
+    check = Verification(plan, await _mismatches(dests) if verify else [], repair)
+    while (label := check.next_source()) is not None:
         # striped bytes are wrong somewhere: find a source whose own bytes are right
-        for src in srcs:
-            label = f"{src[0]}:{src[1]}"
-            if label in failures:
-                continue
-            sub = {n: dests[n] for n, _, _ in bad}
-            try:
-                w = await _transfer([src], sub, opts, None)
-            except (PeerLost, ProtocolError) as exc:
-                failures[label] = str(exc)
-                continue
-            rx += w.done_bytes
-            chunks += w.chunks
-            per_source[label] = per_source.get(label, 0) + w.done_bytes
-            still = await _mismatches(sub)
-            if not still:
-                bad = []
-                break
-            rejected[label] = "delivered " + ", ".join(f"{n!r} hashing to {short(g)}" for n, _, g in still[:4])
+        sub = {n: dests[n] for n in check.wanted}
+        try:
+            again = await _transfer([by_label[label]], sub, opts, None)
+        except (PeerLost, ProtocolError) as exc:
+            check.refetch_failed(label, str(exc))
+            continue
+        if not check.refetched(label, again, await _mismatches(sub)):
             log.warning("fetch: source %s delivered content that is not the elected state", label)
-    if bad:
-        used = [s for s, b in per_source.items() if b]
-        raise HashMismatch(
-            "fetched shared state does not match the elected hashes: "
-            + ", ".join(f"{n!r} expected {short(e)} got {short(g)}" for n, e, g in bad[:4])
-            + f" (sources {used}); the state was not accepted, retry sync_shared_state")
+    err = check.verdict()
+    if err is not None:
+        raise err
     t1 = loop.time()
     return {
-        "rx_bytes": rx,
+        "rx_bytes": check.rx_bytes,
         "seconds": t1 - t0,
         "hash_seconds": t1 - t_hash,
-        "sources_used": sum(1 for b in per_source.values() if b),
-        "sources_failed": failures,
-        "rejected_sources": rejected,
-        "per_source": per_source,
-        "chunks": chunks,
-        "retried_chunks": retried,
+        "sources_used": check.sources_used,
+        "sources_failed": check.failures,
+        "rejected_sources": check.rejected,
+        "per_source": check.per_source,
+        "chunks": check.chunks,
+        "retried_chunks": check.retried,
     }
 
 
-async def _mismatches(dests: Mapping[str, tuple[memoryview, bytes]]) -> list[tuple[str, bytes, bytes]]:
+async def _mismatches(dests: Mapping[str, tuple[memoryview, bytes]]) -> list[Mismatch]:
     got = await hash_buffers_async({n: v for n, (v, _) in dests.items()})
-    return [(n, h, got[n]) for n, (_, h) in sorted(dests.items()) if got[n] != h]
+    return [Mismatch(n, h, got[n]) for n, (_, h) in sorted(dests.items()) if got[n] != h]
 
 
 async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memoryview, bytes]], opts: tuple,
-                    progress: Callable[[int, int], None] | None) -> _Work:
+                    progress: Callable[[int, int], None] | None) -> TransferPlan:
     """Move every byte of ``dests`` from ``srcs``; raise PeerLost / DeadlineExceeded if that fails."""
     revision, secret, peer_id, streams, chunk, pipeline, deadline, stall_timeout, connect_timeout, timeout = opts
     loop = asyncio.get_running_loop()
-    queue: collections.deque[_Chunk] = collections.deque()
-    for name, (view, _) in sorted(dests.items()):
-        for off in range(0, len(view), chunk):
-            queue.append(_Chunk(name, off, view[off:off + chunk]))
-    work = _Work(queue, sum(len(v) for v, _ in dests.values()))
-    work.chunks = len(queue)
-    if not queue:
-        return work
-    if not srcs:
-        raise PeerLost("no up-to-date peer to fetch the shared state from")
+    plan = TransferPlan({n: len(v) for n, (v, _) in dests.items()}, chunk, [_label(s) for s in srcs])
+    if plan.finished or not srcs:
+        err = plan.verdict()
+        if err is not None:
+            raise err
+        return plan
+    views = {n: v for n, (v, _) in dests.items()}
+    wake = _Wake()
     workers = [
-        asyncio.ensure_future(_worker(work, src, revision, secret, peer_id, pipeline, deadline, stall_timeout,
-                                      connect_timeout, progress))
+        asyncio.ensure_future(_worker(plan, wake, (_label(src), k), src, views, revision, secret, peer_id,
+                                      pipeline, deadline, stall_timeout, connect_timeout, progress))
         for src in srcs
-        for _ in range(streams)
+        for k in range(streams)
     ]
     try:
         done, not_done = await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
@@ -519,77 +429,66 @@ async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memor
     for w in done:
         if not w.cancelled() and w.exception() is not None:
             raise w.exception()  # a bug in _worker; it catches remote failures itself
-    if work.queue or work.inflight:
-        left = work.total - work.done_bytes
-        why = "; ".join(f"{s}: {r}" for s, r in work.failures.items()) or "no reason recorded"
-        if not_done:
-            raise DeadlineExceeded(
-                f"shared-state fetch of {work.total} bytes did not finish within {timeout:g} s "
-                f"({left} bytes left; failures: {why})")
-        raise PeerLost(f"every state source failed with {left} of {work.total} bytes left: {why}; "
-                       "retry sync_shared_state")
-    return work
+    err = plan.verdict(timed_out=bool(not_done), timeout=timeout)
+    if err is not None:
+        raise err
+    return plan
 
 
-async def _worker(work: _Work, src: tuple[str, int], revision: int, secret: bytes, peer_id: str, depth: int,
+async def _worker(plan: TransferPlan, wake: _Wake, stream: Stream, src: tuple[str, int],
+                  views: Mapping[str, memoryview], revision: int, secret: bytes, peer_id: str, depth: int,
                   deadline: float, stall_timeout: float, connect_timeout: float,
                   progress: Callable[[int, int], None] | None) -> None:
+    """One stream: takes chunks from ``plan`` while it has room, asks ``src`` for them, reports
+    what lands; when it ends, the plan gets its unanswered chunks back."""
     loop = asyncio.get_running_loop()
-    label = f"{src[0]}:{src[1]}"
-    work.per_source.setdefault(label, 0)
-    link: _Link | None = None
-    inflight: collections.deque[tuple[_Chunk, asyncio.Future]] = collections.deque()
+    label = stream[0]
+    conn: _SourceConn | None = None
+    asked: collections.deque[asyncio.Future] = collections.deque()  # plan.held(stream)'s requests
+    failure: str | None = None
     try:
-        if not work.queue and not work.inflight:
+        if plan.finished:
             return
         left = max(0.001, min(connect_timeout, deadline - loop.time()))
         try:
-            _, link = await asyncio.wait_for(loop.create_connection(lambda: _Link(loop, label), *src), left)
-            nonce = await asyncio.wait_for(link.hello, left)
-            await asyncio.wait_for(link.auth(nonce, secret, peer_id), left)
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _SourceConn(loop, label), *src), left)
+            nonce = await asyncio.wait_for(conn.hello, left)
+            await asyncio.wait_for(conn.auth(nonce, secret, peer_id), left)
         except asyncio.TimeoutError:
             raise PeerLost(f"no answer from {label} within {left:.1f} s") from None
         except OSError as exc:
             raise PeerLost(f"cannot connect to {label}: {exc}") from None
         while True:
-            while len(inflight) < depth and work.queue:
-                c = work.queue.popleft()
-                work.inflight += 1
-                inflight.append((c, link.request(c.name, revision, c.offset, c.dest)))
-            if not inflight:
-                if not work.queue and not work.inflight:
-                    work.notify()
+            for c in plan.take(stream, depth - len(asked)):
+                asked.append(conn.request(c.name, revision, c.offset, views[c.name][c.offset:c.offset + c.length]))
+            if not asked:
+                if plan.finished:
+                    wake.notify()
                     return
-                await work.changed.wait()
+                await wake.wait()
                 continue
-            c, fut = inflight[0]
+            fut = asked[0]
             while not fut.done():
                 wait = min(stall_timeout, max(0.0, deadline - loop.time())) / 4 + 0.01
                 await asyncio.wait([fut], timeout=wait)
-                if not fut.done() and loop.time() - link.progress_at > stall_timeout:
+                if not fut.done() and loop.time() - conn.progress_at > stall_timeout:
                     raise PeerLost(f"{label} sent nothing for {stall_timeout:g} s")
-            n = fut.result()  # raises the link's failure
-            inflight.popleft()
-            work.inflight -= 1
-            work.done_bytes += n
-            work.per_source[label] += n
+            fut.result()  # raises the connection's failure
+            asked.popleft()
+            plan.landed(stream)
             if progress is not None:
-                progress(work.done_bytes, work.total)
-            if not work.queue and not work.inflight:
-                work.notify()
+                progress(plan.done_bytes, plan.total)
+            if plan.finished:
+                wake.notify()
     except (PeerLost, ProtocolError) as exc:
-        work.failures[label] = str(exc)
+        failure = str(exc)
         log.info("fetch: dropping a stream to %s: %s", label, exc)
     finally:
-        # unfinished chunks go back to the front of the queue for the other streams
-        for c, fut in reversed(inflight):
-            c.tries += 1
-            work.retried += 1
-            work.queue.appendleft(c)
-            work.inflight -= 1
+        # unanswered chunks go back to the front of the queue for the other streams
+        if plan.release(stream, failure):
+            wake.notify()
+        for fut in asked:
             if not fut.done():
                 fut.cancel()
-        if inflight:
-            work.notify()
-        if link is not None:
-            link.fail(PeerLost(f"stream to {label} closed by the fetcher"))
+        if conn is not None:
+            conn.fail(PeerLost(f"stream to {label} closed by the fetcher"))

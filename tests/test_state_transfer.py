@@ -10,19 +10,9 @@ import numpy as np
 import pytest
 
 from pccl_py.daemon.state_hash import hash_buffer
-from pccl_py.daemon.state_transfer import (
-    AUTH,
-    HELLO,
-    M_AUTH,
-    M_REQ,
-    REQ,
-    RESP,
-    HashMismatch,
-    StateServer,
-    fetch,
-    proof,
-)
+from pccl_py.daemon.state_transfer import HashMismatch, StateServer, fetch
 from pccl_py.errors import DeadlineExceeded, PeerLost, ProtocolError
+from pccl_py.wire.state_transfer import AUTH, HELLO, M_AUTH, M_REQ, REQ, RESP, proof
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -259,7 +249,7 @@ async def _closed(reader) -> bool:
 
 @pytest.mark.parametrize("case", ["garbage", "wrong_proof", "out_of_range", "huge_name", "truncated"])
 async def test_bad_input_drops_the_connection_and_server_lives(case, caplog):
-    caplog.set_level(logging.INFO, logger="pccl_py.statexfer")
+    caplog.set_level(logging.INFO, logger="pccl.state_transfer")
     state = make_state(9, {"w": 4096})
     servers = await start_servers(state, 1)
     srv = servers[0]
