@@ -540,7 +540,7 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     b._send_msg = lambda msg: None
     await until(lambda: world(a) == 1, 4, "b removed")
     b._send_msg = ControlChannel._send_msg.__get__(b)
-    b._send("heartbeat", activity=None, epoch=0, revision=-1)
+    b._send_msg({"type": "heartbeat", "activity": None, "epoch": 0, "revision": -1})
     await until(lambda: removed, 3, "b told it was removed")
     with pytest.raises(PeerLost, match="connect again"):
         await b.update_topology(1)

@@ -1,6 +1,6 @@
 """The daemon's side of the control plane: :class:`ControlChannel` (zmq DEALER on asyncio).
 
-The link registers the daemon with the coordinator, keeps heartbeats flowing both
+The channel registers the daemon with the coordinator, keeps heartbeats flowing both
 ways, applies every new topology (awaiting ``on_topology``) before the calls that
 wait on it return, and survives coordinator restarts: when the coordinator goes
 silent it keeps re-introducing itself (paced by one :class:`Backoff`), and when a
@@ -8,6 +8,10 @@ new coordinator instance answers it re-introduces itself with its peer_id, group
 epoch, ring position and shared-state revision, then resends requests in flight.
 Every call has a deadline; a call made while the coordinator is away either
 succeeds after it returns or raises :class:`CoordinatorUnavailable`.
+
+Every one of those decisions is taken by :class:`~pccl_py.daemon.control_core.ControlCore`
+(sans I/O); this module is its shell: the socket, the heartbeat and apply tasks, the
+futures the calls wait on, and the daemon's callbacks.
 
 Sockets are plain (synchronous) zmq sockets pumped by the event loop's reader
 callback (:class:`~pccl_py.transport.zmq_io.ZmqPump`), which works the same on asyncio and uvloop.
@@ -21,43 +25,30 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import zmq
 
-from pccl_py.daemon.topology import PeerInfo, Topology
+from pccl_py.daemon.control_core import (
+    JOIN,
+    REINTRODUCE_BACKOFF,
+    ChannelState,
+    ControlCore,
+    Decision,
+)
+from pccl_py.daemon.topology import Topology
 from pccl_py.errors import (
-    Aborted,
     CoordinatorUnavailable,
     DeadlineExceeded,
     InvalidUsage,
     PcclError,
-    PeerLost,
     ProtocolError,
-    from_wire,
 )
 from pccl_py.retry import Backoff
 from pccl_py.transport.zmq_io import ZmqPump, zmq_endpoint
 from pccl_py.wire import control as protocol
 
 log = logging.getLogger("pccl.control")
-
-# pace of re-introductions while the coordinator is silent: until one answers
-REINTRODUCE_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
-
-
-def _topology_from(msg: dict, peer_id: str) -> Topology:
-    peers = tuple(PeerInfo(pid, host, port) for pid, host, port in msg["peers"])
-    ids = [p.peer_id for p in peers]
-    if peer_id not in ids:
-        raise ProtocolError(f"topology of epoch {msg['epoch']} does not include this peer {peer_id}")
-    return Topology(
-        epoch=msg["epoch"],
-        group=msg["group"],
-        rank=ids.index(peer_id),
-        peers=peers,
-        world_size=msg["world_size"],
-        num_groups=msg["num_groups"],
-    )
 
 
 class ControlChannel:
@@ -81,22 +72,22 @@ class ControlChannel:
     ) -> None:
         self.coordinator = coordinator
         self.endpoint = zmq_endpoint(coordinator)
-        self.group = group
-        self.data_addr = data_addr
-        self.secret = secret
-        self.peer_id = peer_id or f"peer-{secrets.token_hex(6)}"
-        self._base_id = self.peer_id
         self.heartbeat_interval = heartbeat_interval
         self.coordinator_timeout = coordinator_timeout
         self.on_topology = on_topology
         self.on_abort = on_abort
         self.on_removed = on_removed
         self.on_peer_id = on_peer_id  # called when connect() after a removal takes a new peer_id
-        self.backoff = backoff
-        self.topology: Topology | None = None
-        self.state = "idle"  # idle | pending | recovering | accepted | removed | left | closed
-        self.revision = -1  # shared-state revision, reported to the coordinator
-        self.instance = ""  # coordinator instance that welcomed us last
+        self.core = ControlCore(
+            peer_id or f"peer-{secrets.token_hex(6)}",
+            group=group,
+            data_addr=data_addr,
+            secret=secret,
+            coordinator=coordinator,
+            heartbeat_interval=heartbeat_interval,
+            coordinator_timeout=coordinator_timeout,
+            backoff=backoff,
+        )
         # what this peer is doing (e.g. "all_reduce tag=5"), asked at each heartbeat
         self.activity_source: Callable[[], str | None] = lambda: None
         self._ctx: zmq.Context | None = None
@@ -104,21 +95,32 @@ class ControlChannel:
         self._pump: ZmqPump | None = None
         self._tasks: list[asyncio.Task] = []
         self._topo_q: asyncio.Queue[dict] = asyncio.Queue()
-        self._requests: dict[int, tuple[dict, asyncio.Future]] = {}
-        self._join: asyncio.Future[Topology] | None = None
-        self._join_timeout = 0.0
-        self._req = 0
-        self._last_rx = 0.0  # loop time of the last message from the coordinator (0: never)
-        self._lost = False
-        self._coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
-        self._hello_delays = self.backoff.delays()
-        self._hello_due = 0.0
-        self._last_hello = -1e9
-        self._left: asyncio.Future | None = None
-        self._removed_reason = ""
+        self._waits: dict[int, asyncio.Future] = {}  # JOIN, LEAVE or a request id -> its future
         # shared-state sync: plans and completions for daemon_sync (or an error to raise)
         self._sync_q: asyncio.Queue[dict | PcclError] = asyncio.Queue()
-        self._sync_offer: tuple[dict, float] | None = None  # offer in flight (until its plan), deadline
+
+    # ------------------------------------------------------------------ the core's view
+
+    @property
+    def peer_id(self) -> str:
+        return self.core.peer_id
+
+    @property
+    def state(self) -> str:
+        """idle | pending | recovering | accepted | removed | left | closed"""
+        return self.core.state.value
+
+    @property
+    def topology(self) -> Topology | None:
+        return self.core.topology
+
+    @property
+    def revision(self) -> int:
+        return self.core.revision
+
+    @property
+    def instance(self) -> str:
+        return self.core.instance
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,11 +153,9 @@ class ControlChannel:
 
     async def close(self) -> None:
         """Stop heartbeats and close the socket (no leave is announced: see :meth:`leave`)."""
-        if self.state == "closed":
+        if self.core.state is ChannelState.CLOSED:
             return
-        self._fail_all(Aborted("the control link was closed"))
-        self._sync_q.put_nowait(Aborted("the control link was closed"))
-        self.state = "closed"
+        self._carry_out(self.core.close())
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -173,66 +173,49 @@ class ControlChannel:
     async def connect(self, timeout: float) -> Topology:
         """Register and wait until the accepted peers admit this peer; returns its topology."""
         self._require_started()
-        if self.state == "accepted" and self.topology is not None:
-            return self.topology
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self.state == "recovering":  # a member while the coordinator rebuilds: wait for it
-            if self._join is None or self._join.done():
-                self._join = loop.create_future()
-            return await self._wait(self._join, deadline, "connect")
-        if self.state in ("removed", "left"):  # a removed peer_id never comes back: take a new one
-            old = self.peer_id
-            self.peer_id = f"{self._base_id}~{secrets.token_hex(3)}"
-            self.topology = None
-            self.instance = ""
-            log.info("%s: connecting again as a new member %s", old, self.peer_id)
-            if self.on_peer_id is not None:
-                self.on_peer_id(self.peer_id)
-        if self._join is None or self._join.done():
-            self._join = loop.create_future()
-        self.state = "pending"
-        self._join_timeout = timeout
-        self._send_hello(force=True)
+        d = self.core.connect(loop.time(), timeout, wall=time.time())
+        if d.wait is None:  # already a member
+            self._carry_out(d)
+            return self.core.topology
+        fut = self._future(d.wait)
+        self._carry_out(d)
         try:
-            return await self._wait(self._join, deadline, "connect")
-        except (DeadlineExceeded, CoordinatorUnavailable):
-            self._send("leave", reason="connect() gave up waiting")
-            self.state = "idle"
-            raise
-        except PcclError:
-            if self.state == "pending":
-                self.state = "idle"
+            return await self._wait(fut, d.wait, deadline, "connect")
+        except PcclError as exc:
+            if d.registering:  # (not a member waiting for a restarted coordinator's topology)
+                self._carry_out(self.core.connect_failed(exc))
             raise
 
     async def update_topology(self, timeout: float) -> Topology:
         """Vote to admit pending peers; returns once every accepted peer has voted."""
-        self._require_member("update_topology")
+        self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self.state == "pending":  # rejoined as pending after a coordinator restart
-            if self._join is None or self._join.done():
-                self._join = loop.create_future()
-            return await self._wait(self._join, deadline, "update_topology")
-        # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
-        fut = self._request("vote", timeout=max(0.0, timeout))
+        d = self.core.vote(timeout)
+        fut = self._future(d.wait)
+        self._carry_out(d)
+        if d.wait == JOIN:  # pending again after a coordinator restart: wait for admission
+            return await self._wait(fut, d.wait, deadline, "update_topology")
         try:
-            return await self._wait(fut, deadline + 0.25, "update_topology")
+            return await self._wait(fut, d.wait, deadline + 0.25, "update_topology")
         except (DeadlineExceeded, CoordinatorUnavailable):
-            self._send("unvote", req=fut.req)  # type: ignore[attr-defined]
+            self._carry_out(self.core.unvote(d.wait))
             raise
 
     async def are_peers_pending(self, timeout: float) -> bool:
-        self._require_member("are_peers_pending")
+        self._require_started()
         deadline = asyncio.get_running_loop().time() + timeout
-        fut = self._request("pending_q")
-        return await self._wait(fut, deadline, "are_peers_pending")
+        d = self.core.pending_query()
+        fut = self._future(d.wait)
+        self._carry_out(d)
+        return await self._wait(fut, d.wait, deadline, "are_peers_pending")
 
     async def report_peer_failure(self, peer_id: str, reason: str, epoch: int) -> None:
         """Tell the coordinator our data link to ``peer_id`` (of ``epoch``) broke. It probes
         that peer: a silent one is removed, a live one gets fresh links in a new epoch."""
-        if self.state in ("accepted", "recovering", "pending"):
-            self._send("report_failure", peer_id=peer_id[:128], reason=reason[:1024], epoch=epoch)
+        self._carry_out(self.core.report_failure(peer_id, reason, epoch))
 
     def set_activity(self, activity: str | None) -> None:
         """Report a fixed activity from now on (a daemon sets ``activity_source`` instead)."""
@@ -244,70 +227,72 @@ class ControlChannel:
 
     def set_revision(self, revision: int) -> None:
         """Shared-state revision reported with heartbeats and re-introductions."""
-        self.revision = revision
+        self.core.revision = revision
 
     async def leave(self) -> None:
         """Announce a graceful leave; the survivors get a new epoch at once."""
-        if self.state not in ("pending", "recovering", "accepted") or self._sock is None:
+        if self._sock is None:
             return
-        loop = asyncio.get_running_loop()
-        self._left = loop.create_future()
-        self._send("leave", reason="graceful leave")
-        self.state = "left"
-        self._fail_all(Aborted("this peer left the run"))
-        self._sync_q.put_nowait(Aborted("this peer left the run"))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._left), 1.0)
+        d = self.core.leave()
+        fut = self._future(d.wait) if d.wait is not None else None
+        self._carry_out(d)
+        if fut is not None:  # the coordinator's confirmation, briefly: it may be gone
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), 1.0)
 
     # ------------------------------------------------------------------ internals
 
     def _require_started(self) -> None:
         if self._sock is None:
-            raise InvalidUsage("the control link is not started (call start() first) or is closed")
+            raise InvalidUsage("the control channel is not started (call start() first) or is closed")
 
-    def _require_member(self, what: str) -> None:
-        self._require_started()
-        if self.state == "removed":
-            raise PeerLost(self._removed_text())
-        if self.state not in ("accepted", "pending", "recovering") or self.topology is None:
-            raise InvalidUsage(f"{what} before connect() returned: call connect() first")
-
-    def _removed_text(self) -> str:
-        return self._removed_reason or (
-            f"peer {self.peer_id} was removed from the run; connect again as a new member"
-        )
-
-    def _request(self, mtype: str, **fields) -> asyncio.Future:
-        self._req += 1
-        msg = {"type": mtype, "req": self._req, **fields}
-        fut = asyncio.get_running_loop().create_future()
-        fut.req = self._req  # type: ignore[attr-defined]
-        self._requests[self._req] = (msg, fut)
-        fut.add_done_callback(lambda f, r=self._req: self._requests.pop(r, None))
-        self._send_msg(msg)
+    def _future(self, key: int) -> asyncio.Future:
+        """The future of wait ``key`` (admission is shared by every call waiting for it)."""
+        fut = self._waits.get(key)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._waits[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._forget(k, f))
         return fut
 
-    async def _wait(self, fut: asyncio.Future, deadline: float, what: str):
+    def _forget(self, key: int, fut: asyncio.Future) -> None:
+        if self._waits.get(key) is fut:
+            del self._waits[key]
+        self.core.forget(key)
+
+    async def _wait(self, fut: asyncio.Future, key: int, deadline: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             fut.cancel()
-            silent = loop.time() - self._last_rx
-            if self._last_rx == 0.0 or self._lost or silent > 2.5 * self._coord_hb:
-                raise CoordinatorUnavailable(
-                    f"{what}: no answer from the coordinator at {self.coordinator} before the "
-                    f"deadline; is it running, and is the address right?"
-                ) from None
-            if what == "connect":
-                raise DeadlineExceeded(
-                    "connect: not admitted before the deadline: the accepted peers did not call "
-                    "update_topology in time; call connect() again"
-                ) from None
-            raise DeadlineExceeded(f"{what}: the coordinator did not answer before the deadline") from None
+            self.core.forget(key)  # at once: a request given up on is not resent to a new coordinator
+            raise self.core.wait_expired(loop.time(), what) from None
 
-    def _send(self, mtype: str, **fields) -> None:
-        self._send_msg({"type": mtype, **fields})
+    def _carry_out(self, d: Decision, *, exc_info: bool = False) -> None:
+        if d.reason:
+            log.log(d.level, "%s: %s", self.peer_id, d.reason, exc_info=exc_info)
+        if d.renamed is not None and self.on_peer_id is not None:
+            self.on_peer_id(d.renamed)
+        if d.abort is not None and self.on_abort is not None:
+            self.on_abort(d.abort)
+        for msg in d.out:
+            self._send_msg(msg)
+        for key, exc in d.fail:
+            fut = self._waits.get(key)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: a caller that gave up never will
+        for key, result in d.settle:
+            fut = self._waits.get(key)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+        for item in d.sync:
+            self._sync_q.put_nowait(item)
+        if d.topology is not None:
+            self._topo_q.put_nowait(d.topology)
+        if d.removed is not None and self.on_removed is not None:
+            self.on_removed(d.removed)
 
     def _send_msg(self, msg: dict) -> None:
         if self._sock is None:
@@ -321,98 +306,24 @@ class ControlChannel:
         if self._pump is not None:
             self._pump.kick()
 
-    def _send_hello(self, *, force: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if not force and now - self._last_hello < 0.2:
-            return
-        self._last_hello = now
-        topo = self.topology
-        was_member = self.state in ("accepted", "recovering") and topo is not None
-        ts = time.time()
-        self._send(
-            "hello",
-            peer_id=self.peer_id,
-            group=self.group,
-            host=self.data_addr[0],
-            port=self.data_addr[1],
-            ts=ts,
-            proof=protocol.hello_proof(self.secret, self.peer_id, ts),
-            claim="accepted" if was_member else "new",
-            epoch=topo.epoch if topo is not None else 0,
-            ring_pos=topo.rank if was_member else -1,
-            revision=self.revision,
-            instance=self.instance,
-            timeout=self._join_timeout if self.state == "pending" else 0.0,
-        )
-
-    def _registered(self) -> bool:
-        return self.state in ("pending", "recovering", "accepted")
-
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if not self._registered():
-                continue
-            now = loop.time()
-            epoch = self.topology.epoch if self.topology is not None else 0
-            activity = self.activity_source()
-            self._send("heartbeat", activity=activity and activity[:256], epoch=epoch, revision=self.revision)
-            silent_since = self._last_rx if self._last_rx else self._last_hello
-            if now - silent_since > self.coordinator_timeout:
-                if not self._lost:
-                    self._lost = True
-                    self._hello_delays = self.backoff.delays()
-                    self._hello_due = now
-                    log.warning(
-                        "%s: no message from the coordinator for %.1f s; re-introducing until it answers",
-                        self.peer_id, now - silent_since,
-                    )
-                if now >= self._hello_due:
-                    self._send_hello(force=True)
-                    self._hello_due = now + next(self._hello_delays, self.backoff.maximum)
+            activity = self.activity_source() if self.core.registered else None
+            self._carry_out(self.core.tick(loop.time(), activity, wall=time.time()))
 
     async def _apply_loop(self) -> None:
         while True:
             msg = await self._topo_q.get()
             try:
-                await self._apply(msg)
-            except Exception as exc:  # keep the link alive; the waiters learn why
-                log.exception("%s: applying topology epoch %s failed", self.peer_id, msg.get("epoch"))
-                self._fail_all(Aborted(f"applying the topology of epoch {msg.get('epoch')} failed: {exc}"))
-
-    async def _apply(self, msg: dict) -> None:
-        if not self._registered():
-            return
-        topo = _topology_from(msg, self.peer_id)
-        current = self.topology
-        if current is not None and topo.epoch < current.epoch:
-            log.warning("%s: ignoring topology of older epoch %d (have %d)", self.peer_id, topo.epoch, current.epoch)
-            return
-        changed = current is None or topo != current or self.state != "accepted"
-        self.state = "accepted"
-        self.topology = topo
-        if changed and self.on_topology is not None:
-            await self.on_topology(topo)
-        if self._join is not None and not self._join.done():
-            self._join.set_result(topo)
-        if msg["round_done"]:
-            for _req, (req_msg, fut) in list(self._requests.items()):
-                if req_msg["type"] == "vote" and not fut.done():
-                    fut.set_result(self.topology)
-
-    def _fail_all(self, exc: PcclError) -> None:
-        for _req, (_msg, fut) in list(self._requests.items()):
-            if not fut.done():
-                fut.set_exception(exc)
-        if self._join is not None and not self._join.done():
-            self._join.set_exception(exc)
-        for _req, (_msg, fut) in list(self._requests.items()):
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # mark retrieved
-        if self._join is not None and self._join.done() and not self._join.cancelled():
-            self._join.exception()
+                d = self.core.adopt(msg)
+                self._carry_out(d)
+                if d.apply is not None and self.on_topology is not None:
+                    await self.on_topology(d.apply)
+                self._carry_out(self.core.applied())
+            except Exception as exc:  # keep the channel alive; the waiters learn why
+                self._carry_out(self.core.apply_failed(msg, exc), exc_info=True)
 
     def _on_frames(self, frames: list) -> None:
         if len(frames) != 1:
@@ -423,123 +334,7 @@ class ControlChannel:
         except ProtocolError as exc:
             log.warning("%s: dropped a malformed control message: %s", self.peer_id, exc)
             return
-        loop = asyncio.get_running_loop()
-        self._last_rx = loop.time()
-        if self._lost:
-            self._lost = False
-            log.info("%s: the coordinator answers again", self.peer_id)
-        handler = getattr(self, f"_on_{msg['type']}", None)
-        if handler is None:
-            log.warning("%s: unexpected %s from the coordinator dropped", self.peer_id, msg["type"])
-            return
-        handler(msg)
-
-    def _check_instance(self, instance: str) -> None:
-        if self._registered() and instance != self.instance:
-            self._send_hello()
-
-    def _on_welcome(self, msg: dict) -> None:
-        if not self._registered() or msg["peer_id"] != self.peer_id:
-            return
-        new_instance = msg["instance"] != self.instance
-        if new_instance and self.instance:
-            log.info("%s: new coordinator instance %s (was %s), state %s",
-                     self.peer_id, msg["instance"], self.instance, msg["state"])
-        self.instance = msg["instance"]
-        self._coord_hb = msg["heartbeat_interval"]
-        if msg["state"] == "recovering":
-            self.state = "recovering"
-        elif msg["state"] == "pending":
-            if self.state in ("accepted", "recovering"):
-                text = (
-                    "the coordinator restarted and this peer re-introduced itself after its recovery "
-                    "window: it rejoins as pending and is admitted at the next update_topology"
-                )
-                log.warning("%s: %s", self.peer_id, text)
-                if self.on_abort is not None:
-                    self.on_abort(Aborted(text))
-                for _req, (req_msg, fut) in list(self._requests.items()):
-                    if req_msg["type"] == "vote" and not fut.done():
-                        fut.set_exception(Aborted(text))
-                        fut.exception()
-            self.state = "pending"
-        if new_instance:  # the new coordinator never saw our requests in flight
-            for _req, (req_msg, fut) in list(self._requests.items()):
-                if not fut.done():
-                    self._send_msg(req_msg)
-            offer = self._sync_offer  # nor the sync offer waiting for its plan (if still wanted)
-            if offer is not None and asyncio.get_running_loop().time() < offer[1]:
-                self._send_msg(offer[0])
-
-    def _on_topology(self, msg: dict) -> None:
-        if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
-            self._check_instance(msg["instance"])
-            return
-        self._topo_q.put_nowait(msg)
-
-    def _on_hb(self, msg: dict) -> None:
-        self._check_instance(msg["instance"])
-
-    def _on_reset(self, msg: dict) -> None:
-        if self._registered():
-            log.info("%s: coordinator %s asks for a re-introduction: %s", self.peer_id, msg["instance"], msg["reason"])
-            self._send_hello()
-
-    def _on_ping(self, msg: dict) -> None:
-        self._send("pong", nonce=msg["nonce"])
-
-    def _on_pending_a(self, msg: dict) -> None:
-        entry = self._requests.get(msg["req"])
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(msg["pending"])
-
-    def _on_error(self, msg: dict) -> None:
-        exc = from_wire({"error": msg["error"], "message": msg["message"]})
-        if msg["req"] == 0:  # about our registration
-            if self._join is not None and not self._join.done():
-                self._join.set_exception(exc)
-            if self.state == "pending":
-                self.state = "idle"
-            return
-        entry = self._requests.get(msg["req"])
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(exc)
-
-    def _on_abort(self, msg: dict) -> None:
-        exc = from_wire({"error": msg["error"], "message": msg["message"]})
-        log.warning("%s: coordinator aborts: %s", self.peer_id, exc)
-        if self.on_abort is not None:
-            self.on_abort(exc)
-
-    def _on_removed(self, msg: dict) -> None:
-        if msg["peer_id"] != self.peer_id:  # about an identity this link no longer uses
-            return
-        if self._left is not None and not self._left.done():
-            self._left.set_result(None)
-        if self.state in ("removed", "left", "closed", "idle"):
-            return
-        self.state = "removed"
-        self._removed_reason = msg["reason"]
-        log.warning("%s: %s", self.peer_id, msg["reason"])
-        self._fail_all(PeerLost(msg["reason"]))
-        self._sync_q.put_nowait(PeerLost(msg["reason"]))
-        if self.on_removed is not None:
-            self.on_removed(msg["reason"])
-
-    def _on_sync_plan(self, msg: dict) -> None:
-        self._sync_offer = None
-        self._sync_q.put_nowait(msg)
-
-    def _on_sync_complete(self, msg: dict) -> None:
-        self._sync_q.put_nowait(msg)
-
-    def _on_refused(self, msg: dict) -> None:
-        text = f"the coordinator refused this peer: {msg['reason']}"
-        log.error("%s: %s", self.peer_id, text)
-        if self._join is not None and not self._join.done():
-            self._join.set_exception(InvalidUsage(text))
-        if self.state == "pending":
-            self.state = "idle"
+        self._carry_out(self.core.on_message(asyncio.get_running_loop().time(), msg, wall=time.time()))
 
 
 class SyncChannel:
@@ -548,36 +343,27 @@ class SyncChannel:
     ``send`` transmits ``sync_offer`` / ``sync_done``; a ``sync_offer`` starts a sync, so it
     first drops whatever an earlier, abandoned sync left queued. ``recv`` returns the next
     ``sync_plan`` / ``sync_complete`` the coordinator sent this peer, and raises
-    ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the link closes.
+    ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the channel closes.
     """
 
-    def __init__(self, link: ControlChannel) -> None:
-        self.link = link
+    def __init__(self, channel: ControlChannel) -> None:
+        self.channel = channel
 
     async def send(self, msg: dict) -> None:
-        link = self.link
-        if link.state == "removed":
-            raise PeerLost(link._removed_text())
-        if link._sock is None or not link._registered():
+        channel = self.channel
+        if channel._sock is None:
             raise CoordinatorUnavailable(
-                f"not connected to the coordinator at {link.coordinator} (state {link.state}): "
+                f"not connected to the coordinator at {channel.coordinator} (state {channel.state}): "
                 "call connect() first"
             )
-        size = len(protocol.encode_msg(msg))
-        if size > protocol.MAX_MESSAGE:
-            raise InvalidUsage(
-                f"{msg['type']} of {size} bytes exceeds the control frame limit of {protocol.MAX_MESSAGE} "
-                "bytes: use fewer or shorter-named shared-state tensors"
-            )
+        d = channel.core.sync_send(asyncio.get_running_loop().time(), msg)
         if msg["type"] == "sync_offer":
-            while not link._sync_q.empty():
-                link._sync_q.get_nowait()
-            timeout = msg["timeout"] if msg["timeout"] > 0 else 600.0
-            link._sync_offer = (msg, asyncio.get_running_loop().time() + timeout)
-        link._send_msg(msg)
+            while not channel._sync_q.empty():
+                channel._sync_q.get_nowait()
+        channel._carry_out(d)
 
     async def recv(self) -> dict:
-        item = await self.link._sync_q.get()
+        item = await self.channel._sync_q.get()
         if isinstance(item, PcclError):
             raise item
         return item

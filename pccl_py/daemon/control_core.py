@@ -1,0 +1,573 @@
+"""The daemon's side of the control plane, sans I/O: :class:`ControlCore`.
+
+The core is fed validated coordinator messages (see :mod:`pccl_py.wire.control`), timer
+ticks and the calls the daemon makes, always with the current time, and returns a
+:class:`Decision`: the messages to send, the waits to complete or fail (and with what),
+what to hand to the daemon's callbacks, and a reason for the log. It owns no socket,
+task, future or clock: :class:`~pccl_py.daemon.control.ControlChannel` is its asyncio shell.
+
+A wait is named by a key: a request id (> 0) for ``vote`` and ``pending_q``, :data:`JOIN`
+for admission (``connect()``, or ``update_topology()`` of a peer pending again after a
+coordinator restart), :data:`LEAVE` for the coordinator's confirmation of a leave.
+
+The session is one :class:`ChannelState`; ``_set_state`` rejects transitions not in
+``_ALLOWED``. Whether the coordinator is silent is not a state of the session but a timer
+on the last message received: while it is, the core re-introduces itself at the pace of
+one :class:`~pccl_py.retry.Backoff`, whatever state the session is in.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pccl_py.daemon.topology import PeerInfo, Topology
+from pccl_py.errors import (
+    Aborted,
+    CoordinatorUnavailable,
+    DeadlineExceeded,
+    InternalError,
+    InvalidUsage,
+    PcclError,
+    PeerLost,
+    ProtocolError,
+    from_wire,
+)
+from pccl_py.retry import Backoff
+from pccl_py.wire import control as protocol
+
+Msg = dict[str, Any]
+
+JOIN = 0  # the wait for admission (request ids start at 1; an error with req 0 is about it)
+LEAVE = -1  # the wait for the coordinator's confirmation of a leave
+
+# pace of re-introductions while the coordinator is silent: until one answers
+REINTRODUCE_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
+HELLO_SPACING = 0.2  # a hello asked for by a message waits this long after the last one
+SYNC_OFFER_LIFETIME = 600.0  # an offer without a timeout is resent to a new coordinator this long
+
+
+class ChannelState(enum.Enum):
+    IDLE = "idle"  # not registered: never connected, or connect() gave up or was refused
+    PENDING = "pending"  # registered, waiting for the accepted peers to admit it
+    RECOVERING = "recovering"  # a member while a restarted coordinator rebuilds its table
+    ACCEPTED = "accepted"  # a member with a topology
+    REMOVED = "removed"  # the coordinator removed this peer_id: connect() takes a new one
+    LEFT = "left"  # this peer announced a graceful leave: connect() takes a new peer_id
+    CLOSED = "closed"  # for good
+
+
+_S = ChannelState
+REGISTERED = frozenset({_S.PENDING, _S.RECOVERING, _S.ACCEPTED})
+
+_ALLOWED: dict[ChannelState, frozenset[ChannelState]] = {
+    _S.IDLE: frozenset({_S.PENDING, _S.CLOSED}),
+    # a registered peer may give up (IDLE), be welcomed again in any registered state by a
+    # restarted coordinator, get a topology, be removed, leave or close
+    _S.PENDING: REGISTERED | {_S.IDLE, _S.REMOVED, _S.LEFT, _S.CLOSED},
+    _S.RECOVERING: REGISTERED | {_S.IDLE, _S.REMOVED, _S.LEFT, _S.CLOSED},
+    _S.ACCEPTED: REGISTERED | {_S.IDLE, _S.REMOVED, _S.LEFT, _S.CLOSED},
+    _S.REMOVED: frozenset({_S.PENDING, _S.CLOSED}),  # connect() again, with a new peer_id
+    _S.LEFT: frozenset({_S.PENDING, _S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+@dataclass
+class Decision:
+    """What one input asks the shell to do, in this order: hand ``renamed`` to on_peer_id and
+    ``abort`` to on_abort, send ``out``, fail and complete waits, queue ``sync`` items and the
+    ``topology`` message, hand ``removed`` to on_removed. ``reason`` is for the log."""
+
+    out: list[Msg] = field(default_factory=list)
+    reason: str = ""
+    level: int = logging.DEBUG  # log level of the reason
+    settle: list[tuple[int, Any]] = field(default_factory=list)  # (wait key, result)
+    fail: list[tuple[int, PcclError]] = field(default_factory=list)  # (wait key, exception)
+    wait: int | None = None  # the wait the call behind this decision awaits (None: none)
+    registering: bool = False  # connect() registers: if its wait fails, call connect_failed()
+    topology: Msg | None = None  # a topology to queue for adopt() / applied()
+    apply: Topology | None = None  # await on_topology(apply) between adopt() and applied()
+    sync: list[Msg | PcclError] = field(default_factory=list)  # for the sync channel's recv()
+    abort: PcclError | None = None  # for on_abort
+    removed: str | None = None  # for on_removed: the coordinator's reason
+    renamed: str | None = None  # for on_peer_id: the new peer_id
+
+
+def topology_from(msg: Msg, peer_id: str) -> Topology:
+    """The :class:`Topology` a ``topology`` message gives ``peer_id``."""
+    peers = tuple(PeerInfo(pid, host, port) for pid, host, port in msg["peers"])
+    ids = [p.peer_id for p in peers]
+    if peer_id not in ids:
+        raise ProtocolError(f"topology of epoch {msg['epoch']} does not include this peer {peer_id}")
+    return Topology(epoch=msg["epoch"], group=msg["group"], rank=ids.index(peer_id), peers=peers,
+                    world_size=msg["world_size"], num_groups=msg["num_groups"])
+
+
+@dataclass
+class _Reintroduction:
+    """The coordinator is silent: hellos go out at ``due``, then after each delay."""
+
+    delays: Iterator[float]
+    due: float
+
+
+class ControlCore:
+    """Registration, heartbeats, votes and coordinator restarts of one daemon (module docstring)."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        *,
+        group: int,
+        data_addr: tuple[str, int],
+        secret: bytes = b"",
+        coordinator: str = "",
+        heartbeat_interval: float = 0.5,
+        coordinator_timeout: float = 3.0,
+        backoff: Backoff = REINTRODUCE_BACKOFF,
+    ) -> None:
+        self.peer_id = peer_id
+        self.base_id = peer_id  # new identities after a removal derive from it
+        self.group = group
+        self.data_addr = data_addr
+        self.secret = secret
+        self.coordinator = coordinator  # its address, for error messages
+        self.coordinator_timeout = coordinator_timeout
+        self.backoff = backoff
+        self.state = _S.IDLE
+        self.topology: Topology | None = None
+        self.revision = -1  # shared-state revision, reported with heartbeats and hellos
+        self.instance = ""  # the coordinator instance that welcomed this peer last
+        self.removed_reason = ""
+        self.requests: dict[int, Msg] = {}  # in flight: resent to a new coordinator instance
+        self.sync_offer: tuple[Msg, float] | None = None  # offer waiting for its plan, until when
+        self.last_rx: float | None = None  # when the coordinator last sent anything (None: never)
+        self.last_hello = float("-inf")
+        self.coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
+        self.reintro: _Reintroduction | None = None  # set while the coordinator is silent
+        self._join_timeout = 0.0
+        self._next_req = 0
+        self._adopting: Msg | None = None  # between adopt() and applied()
+        self._step = Decision()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def registered(self) -> bool:
+        return self.state in REGISTERED
+
+    def removed_text(self) -> str:
+        return self.removed_reason or f"peer {self.peer_id} was removed from the run; connect again as a new member"
+
+    def require_member(self, what: str) -> None:
+        if self.state is _S.REMOVED:
+            raise PeerLost(self.removed_text())
+        if not self.registered or self.topology is None:
+            raise InvalidUsage(f"{what} before connect() returned: call connect() first")
+
+    def wait_expired(self, now: float, what: str) -> PcclError:
+        """The exception for a call whose wait reached its deadline at ``now``."""
+        if self.last_rx is None or self.reintro is not None or now - self.last_rx > 2.5 * self.coord_hb:
+            return CoordinatorUnavailable(
+                f"{what}: no answer from the coordinator at {self.coordinator} before the "
+                f"deadline; is it running, and is the address right?"
+            )
+        if what == "connect":
+            return DeadlineExceeded(
+                "connect: not admitted before the deadline: the accepted peers did not call "
+                "update_topology in time; call connect() again"
+            )
+        return DeadlineExceeded(f"{what}: the coordinator did not answer before the deadline")
+
+    # ------------------------------------------------------------------ calls
+
+    def connect(self, now: float, timeout: float, *, wall: float | None = None) -> Decision:
+        """Register (or wait for the topology of a member whose coordinator restarted)."""
+        self._begin()
+        if self.state is _S.CLOSED:
+            raise InvalidUsage("the control channel is closed")
+        if self.state is _S.ACCEPTED and self.topology is not None:
+            self._why(f"already a member at epoch {self.topology.epoch}")
+            return self._step
+        self._step.wait = JOIN
+        if self.state is _S.RECOVERING:
+            self._why("a member while the coordinator rebuilds its table: waiting for its topology")
+            return self._step
+        if self.state in (_S.REMOVED, _S.LEFT):  # a removed peer_id never comes back: take a new one
+            old = self.peer_id
+            self.peer_id = f"{self.base_id}~{secrets.token_hex(3)}"
+            self.topology = None
+            self.instance = ""
+            self._step.renamed = self.peer_id
+            self._why(f"{old} connects again as a new member {self.peer_id}", logging.INFO)
+        self._set_state(_S.PENDING)
+        self._join_timeout = timeout
+        self._step.registering = True
+        self._hello(now, wall, force=True, why="registering")
+        return self._step
+
+    def connect_failed(self, exc: PcclError) -> Decision:
+        """A registering connect() raised ``exc``: past its deadline it announces a leave."""
+        self._begin()
+        if isinstance(exc, (DeadlineExceeded, CoordinatorUnavailable)):
+            self._send({"type": "leave", "reason": "connect() gave up waiting"})
+            if self.registered:
+                self._set_state(_S.IDLE)
+            self._why("connect() gave up waiting: leave announced")
+        elif self.state is _S.PENDING:
+            self._set_state(_S.IDLE)
+            self._why(f"connect() failed: {exc}")
+        return self._step
+
+    def vote(self, timeout: float) -> Decision:
+        """update_topology(): vote to admit the pending peers; ``wait`` says what to await."""
+        self._begin()
+        self.require_member("update_topology")
+        if self.state is _S.PENDING:  # rejoined as pending after a coordinator restart
+            self._step.wait = JOIN
+            self._why("pending again after a coordinator restart: update_topology waits for admission")
+            return self._step
+        # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
+        self._step.wait = self._request({"type": "vote", "timeout": max(0.0, timeout)})
+        self._why(f"vote {self._step.wait} sent")
+        return self._step
+
+    def unvote(self, req: int) -> Decision:
+        """The caller of update_topology gave up waiting for vote ``req``."""
+        self._begin()
+        self.requests.pop(req, None)
+        self._send({"type": "unvote", "req": req})
+        self._why(f"vote {req} withdrawn")
+        return self._step
+
+    def pending_query(self) -> Decision:
+        """are_peers_pending(): ``wait`` is the request to await."""
+        self._begin()
+        self.require_member("are_peers_pending")
+        self._step.wait = self._request({"type": "pending_q"})
+        return self._step
+
+    def report_failure(self, peer_id: str, reason: str, epoch: int) -> Decision:
+        self._begin()
+        if self.registered:
+            self._send({"type": "report_failure", "peer_id": peer_id[:128], "reason": reason[:1024], "epoch": epoch})
+            self._why(f"reported the link to {peer_id} of epoch {epoch} broken")
+        else:
+            self._why(f"link to {peer_id} broke while not registered ({self.state.value}): not reported")
+        return self._step
+
+    def sync_send(self, now: float, msg: Msg) -> Decision:
+        """``sync_offer`` / ``sync_done`` from daemon_sync; raises when it cannot be sent."""
+        self._begin()
+        if self.state is _S.REMOVED:
+            raise PeerLost(self.removed_text())
+        if not self.registered:
+            raise CoordinatorUnavailable(
+                f"not connected to the coordinator at {self.coordinator} (state {self.state.value}): "
+                "call connect() first"
+            )
+        size = len(protocol.encode_msg(msg))
+        if size > protocol.MAX_MESSAGE:
+            raise InvalidUsage(
+                f"{msg['type']} of {size} bytes exceeds the control frame limit of {protocol.MAX_MESSAGE} "
+                "bytes: use fewer or shorter-named shared-state tensors"
+            )
+        if msg["type"] == "sync_offer":
+            timeout = msg["timeout"] if msg["timeout"] > 0 else SYNC_OFFER_LIFETIME
+            self.sync_offer = (msg, now + timeout)
+        self._send(msg)
+        return self._step
+
+    def leave(self) -> Decision:
+        """Announce a graceful leave; ``wait`` (if any) is the coordinator's confirmation."""
+        self._begin()
+        if not self.registered:
+            self._why(f"not registered ({self.state.value}): no leave to announce")
+            return self._step
+        self._send({"type": "leave", "reason": "graceful leave"})
+        self._set_state(_S.LEFT)
+        self._fail_all(Aborted("this peer left the run"), sync=True)
+        self._step.wait = LEAVE
+        self._why("leave announced")
+        return self._step
+
+    def close(self) -> Decision:
+        self._begin()
+        if self.state is _S.CLOSED:
+            self._why("already closed")
+            return self._step
+        self._fail_all(Aborted("the control channel was closed"), sync=True)
+        self._set_state(_S.CLOSED)
+        self._why("closed")
+        return self._step
+
+    def forget(self, key: int) -> None:
+        """The wait ``key`` ended in the shell (completed, timed out, cancelled)."""
+        self.requests.pop(key, None)
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None) -> Decision:
+        """Heartbeat period: a heartbeat, and hellos while the coordinator is silent."""
+        self._begin()
+        if not self.registered:
+            return self._step
+        epoch = self.topology.epoch if self.topology is not None else 0
+        self._send({"type": "heartbeat", "activity": activity and activity[:256], "epoch": epoch,
+                    "revision": self.revision})
+        silent_since = self.last_rx if self.last_rx is not None else self.last_hello
+        if now - silent_since > self.coordinator_timeout:
+            if self.reintro is None:
+                self.reintro = _Reintroduction(self.backoff.delays(), now)
+                self._why(f"no message from the coordinator for {now - silent_since:.1f} s; "
+                          "re-introducing until it answers", logging.WARNING)
+            if now >= self.reintro.due:
+                self._hello(now, wall, force=True, why="the coordinator is silent")
+                self.reintro.due = now + next(self.reintro.delays, self.backoff.maximum)
+        return self._step
+
+    # ------------------------------------------------------------------ coordinator messages
+
+    def on_message(self, now: float, msg: Msg, *, wall: float | None = None) -> Decision:
+        """A validated message from the coordinator. ``wall`` is wall-clock time (for hello)."""
+        self._begin()
+        self.last_rx = now
+        if self.reintro is not None:
+            self.reintro = None
+            self._why("the coordinator answers again", logging.INFO)
+        handler = getattr(self, f"_on_{msg['type']}", None)  # msg passed protocol.decode()
+        if handler is None:
+            self._why(f"unexpected {msg['type']} from the coordinator dropped", logging.WARNING)
+        else:
+            handler(now, msg, wall)
+        return self._step
+
+    def _on_welcome(self, now: float, msg: Msg, wall: float | None) -> None:
+        if not self.registered or msg["peer_id"] != self.peer_id:
+            self._why(f"welcome of {msg['peer_id']} ignored (this peer is {self.peer_id}, {self.state.value})")
+            return
+        new_instance = msg["instance"] != self.instance
+        if new_instance and self.instance:
+            self._why(f"new coordinator instance {msg['instance']} (was {self.instance}), state {msg['state']}",
+                      logging.INFO)
+        self.instance = msg["instance"]
+        self.coord_hb = msg["heartbeat_interval"]
+        if msg["state"] == "recovering":
+            self._set_state(_S.RECOVERING)
+        elif msg["state"] == "pending":
+            if self.state in (_S.ACCEPTED, _S.RECOVERING):
+                text = (
+                    "the coordinator restarted and this peer re-introduced itself after its recovery "
+                    "window: it rejoins as pending and is admitted at the next update_topology"
+                )
+                self._why(text, logging.WARNING)
+                self._step.abort = Aborted(text)
+                for req, sent in list(self.requests.items()):
+                    if sent["type"] == "vote":
+                        del self.requests[req]
+                        self._step.fail.append((req, Aborted(text)))
+            self._set_state(_S.PENDING)
+        else:
+            self._why(f"welcomed by {self.instance} ({msg['state']})")
+        if new_instance:  # the new coordinator never saw the requests in flight
+            for sent in self.requests.values():
+                self._send(sent)
+            if self.requests:
+                self._why(f"resent requests {sorted(self.requests)}")
+            offer = self.sync_offer  # nor the sync offer waiting for its plan (if still wanted)
+            if offer is not None and now < offer[1]:
+                self._send(offer[0])
+                self._why("resent the sync offer")
+
+    def _on_topology(self, now: float, msg: Msg, wall: float | None) -> None:
+        if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
+            self._check_instance(now, wall, "topology", msg["instance"])
+            return
+        self._step.topology = msg
+        self._why(f"topology of epoch {msg['epoch']} queued")
+
+    def _on_hb(self, now: float, msg: Msg, wall: float | None) -> None:
+        self._check_instance(now, wall, "hb", msg["instance"])
+
+    def _on_reset(self, now: float, msg: Msg, wall: float | None) -> None:
+        if self.registered:
+            self._why(f"coordinator {msg['instance']} asks for a re-introduction: {msg['reason']}", logging.INFO)
+            self._hello(now, wall, force=False, why="asked to")
+        else:
+            self._why(f"reset ignored: not registered ({self.state.value})")
+
+    def _on_ping(self, now: float, msg: Msg, wall: float | None) -> None:
+        self._send({"type": "pong", "nonce": msg["nonce"]})
+
+    def _on_pending_a(self, now: float, msg: Msg, wall: float | None) -> None:
+        sent = self.requests.get(msg["req"])
+        if sent is None or sent["type"] != "pending_q":
+            self._why(f"pending_a for request {msg['req']} ignored: no such question in flight")
+            return
+        del self.requests[msg["req"]]
+        self._step.settle.append((msg["req"], msg["pending"]))
+
+    def _on_error(self, now: float, msg: Msg, wall: float | None) -> None:
+        exc = from_wire({"error": msg["error"], "message": msg["message"]})
+        if msg["req"] == 0:  # about the registration
+            self._step.fail.append((JOIN, exc))
+            if self.state is _S.PENDING:
+                self._set_state(_S.IDLE)
+            self._why(f"registration failed: {exc}", logging.INFO)
+            return
+        if self.requests.pop(msg["req"], None) is None:
+            self._why(f"error for request {msg['req']} ignored: not in flight ({exc})")
+            return
+        self._step.fail.append((msg["req"], exc))
+        self._why(f"request {msg['req']} failed: {exc}")
+
+    def _on_abort(self, now: float, msg: Msg, wall: float | None) -> None:
+        exc = from_wire({"error": msg["error"], "message": msg["message"]})
+        self._step.abort = exc
+        self._why(f"coordinator aborts: {exc}", logging.WARNING)
+
+    def _on_removed(self, now: float, msg: Msg, wall: float | None) -> None:
+        if msg["peer_id"] != self.peer_id:  # about an identity this peer no longer uses
+            self._why(f"removal of {msg['peer_id']} ignored (this peer is now {self.peer_id})")
+            return
+        self._step.settle.append((LEAVE, None))
+        if self.state not in REGISTERED:
+            self._why(f"removal ignored: already {self.state.value}")
+            return
+        self._set_state(_S.REMOVED)
+        self.removed_reason = msg["reason"]
+        self._fail_all(PeerLost(msg["reason"]), sync=True)
+        self._step.removed = msg["reason"]
+        self._why(msg["reason"], logging.WARNING)
+
+    def _on_sync_plan(self, now: float, msg: Msg, wall: float | None) -> None:
+        self.sync_offer = None
+        self._step.sync.append(msg)
+
+    def _on_sync_complete(self, now: float, msg: Msg, wall: float | None) -> None:
+        self._step.sync.append(msg)
+
+    def _on_refused(self, now: float, msg: Msg, wall: float | None) -> None:
+        text = f"the coordinator refused this peer: {msg['reason']}"
+        self._step.fail.append((JOIN, InvalidUsage(text)))
+        if self.state is _S.PENDING:
+            self._set_state(_S.IDLE)
+        self._why(text, logging.ERROR)
+
+    # ------------------------------------------------------------------ topologies
+
+    def adopt(self, msg: Msg) -> Decision:
+        """A queued topology is next: take it (``apply``: hand it to on_topology first), then
+        call :meth:`applied`. Raises ProtocolError for a topology without this peer."""
+        self._begin()
+        self._adopting = None
+        if not self.registered:
+            self._why(f"topology of epoch {msg['epoch']} ignored: not registered ({self.state.value})")
+            return self._step
+        topo = topology_from(msg, self.peer_id)
+        current = self.topology
+        if current is not None and topo.epoch < current.epoch:
+            self._why(f"ignoring topology of older epoch {topo.epoch} (have {current.epoch})", logging.WARNING)
+            return self._step
+        changed = current is None or topo != current or self.state is not _S.ACCEPTED
+        self._set_state(_S.ACCEPTED)
+        self.topology = topo
+        self._adopting = msg
+        if changed:
+            self._step.apply = topo
+            self._why(f"epoch {topo.epoch}: rank {topo.rank} of {topo.group_world_size}, world {topo.world_size}")
+        else:
+            self._why(f"topology of epoch {topo.epoch} unchanged")
+        return self._step
+
+    def applied(self) -> Decision:
+        """on_topology returned: admission and (round_done) the votes in flight complete."""
+        self._begin()
+        msg, self._adopting = self._adopting, None
+        if msg is None:
+            return self._step
+        self._step.settle.append((JOIN, self.topology))
+        if msg["round_done"]:
+            votes = [req for req, sent in self.requests.items() if sent["type"] == "vote"]
+            for req in votes:
+                del self.requests[req]
+                self._step.settle.append((req, self.topology))
+            self._why(f"update_topology round done (votes {votes})")
+        return self._step
+
+    def apply_failed(self, msg: Msg, exc: BaseException) -> Decision:
+        """adopt() or on_topology raised: every wait fails (the channel itself lives on)."""
+        self._begin()
+        self._adopting = None
+        self._fail_all(Aborted(f"applying the topology of epoch {msg.get('epoch')} failed: {exc}"))
+        self._why(f"applying topology epoch {msg.get('epoch')} failed: {exc}", logging.ERROR)
+        return self._step
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_state(self, new: ChannelState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InternalError(f"control channel of {self.peer_id}: illegal transition "
+                                f"{self.state.value} -> {new.value}")
+        self.state = new
+
+    def _check_instance(self, now: float, wall: float | None, what: str, instance: str) -> None:
+        if not self.registered:
+            self._why(f"{what} ignored: not registered ({self.state.value})")
+        elif instance != self.instance:
+            self._hello(now, wall, force=False,
+                        why=f"{what} from coordinator instance {instance!r}, welcomed by {self.instance!r}")
+
+    def _hello(self, now: float, wall: float | None, *, force: bool, why: str) -> None:
+        if not force and now - self.last_hello < HELLO_SPACING:
+            self._why(f"{why}: hello held back (one went out {now - self.last_hello:.2f} s ago)")
+            return
+        self.last_hello = now
+        topo = self.topology
+        member = self.state in (_S.ACCEPTED, _S.RECOVERING) and topo is not None
+        ts = now if wall is None else wall
+        self._send({
+            "type": "hello", "peer_id": self.peer_id, "group": self.group,
+            "host": self.data_addr[0], "port": self.data_addr[1],
+            "ts": ts, "proof": protocol.hello_proof(self.secret, self.peer_id, ts),
+            # what a restarted coordinator rebuilds its table from
+            "claim": "accepted" if member else "new",
+            "epoch": topo.epoch if topo is not None else 0,
+            "ring_pos": topo.rank if member else -1,
+            "revision": self.revision,
+            "instance": self.instance,
+            "timeout": self._join_timeout if self.state is _S.PENDING else 0.0,  # a pending peer's patience
+        })
+        self._why(f"{why}: hello as {'member' if member else 'new'}")
+
+    def _request(self, msg: Msg) -> int:
+        self._next_req += 1
+        msg["req"] = self._next_req
+        self.requests[self._next_req] = msg
+        self._send(msg)
+        return self._next_req
+
+    def _fail_all(self, exc: PcclError, *, sync: bool = False) -> None:
+        for req in self.requests:
+            self._step.fail.append((req, exc))
+        self.requests.clear()
+        self._step.fail.append((JOIN, exc))
+        if sync:
+            self._step.sync.append(exc)
+
+    def _begin(self) -> None:
+        self._step = Decision()
+
+    def _send(self, msg: Msg) -> None:
+        self._step.out.append(msg)
+
+    def _why(self, text: str, level: int = logging.DEBUG) -> None:
+        step = self._step
+        step.reason = f"{step.reason}; {text}" if step.reason else text
+        step.level = max(step.level, level)
+

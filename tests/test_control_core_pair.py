@@ -1,0 +1,120 @@
+"""Daemon control cores paired with the coordinator's membership core: no sockets, no loop.
+
+A coordinator restart, end to end: the daemons' heartbeats meet a new instance, its reset
+makes them re-introduce themselves, and the ring is rebuilt from what they claim.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pccl_py.coordinator.membership import Membership, MembershipConfig
+from pccl_py.daemon.control_core import JOIN, ChannelState, ControlCore, Decision
+from pccl_py.retry import Backoff
+from pccl_py.wire import control as protocol
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"s3cret"
+NOW = 1024.0
+WALL = 1.7e9
+S = ChannelState
+
+
+def make(peer_id: str) -> ControlCore:
+    return ControlCore(peer_id, group=0, data_addr=("127.0.0.1", 7001), secret=SECRET,
+                       backoff=Backoff(initial=0.125, maximum=0.5, jitter=0.0, deadline=float("inf")))
+
+
+def wire(d: Decision) -> list[dict]:
+    return [protocol.decode(protocol.encode_msg(m)) for m in d.out]
+
+
+class Pair:
+    """Daemon cores and the coordinator's membership core, messages through the codec."""
+
+    def __init__(self, *pids: str, grace: float = 0.0) -> None:
+        self.now = NOW
+        self.cores = {pid: make(pid) for pid in pids}
+        self.coord = self._coordinator("c1", grace)
+        self.settled: dict[str, list] = {}  # the waits each daemon's topologies completed
+
+    def _coordinator(self, instance: str, grace: float) -> Membership:
+        cfg = MembershipConfig(recovery_grace=grace, heartbeat_deadline=30.0)
+        return Membership(self.now, secret=SECRET, config=cfg, instance=instance, seed=1)
+
+    def restart(self, grace: float) -> None:
+        self.coord = self._coordinator("c2", grace)
+
+    def to_coord(self, pid: str, d: Decision) -> None:
+        for m in wire(d):
+            self.to_daemons(self.coord.on_message(self.now, pid, m, wall=WALL))
+
+    def to_daemons(self, d) -> None:
+        for pid, m in d.out:
+            m = protocol.decode(protocol.encode_msg(m))
+            step = self.cores[pid].on_message(self.now, m, wall=WALL)
+            self.to_coord(pid, step)
+            if step.topology is not None:  # what the shell's apply loop does
+                self.cores[pid].adopt(step.topology)
+                self.settled.setdefault(pid, []).extend(self.cores[pid].applied().settle)
+
+    def tick(self, dt: float) -> None:
+        end = self.now + dt
+        while self.now < end:
+            self.now += 0.125
+            for pid, core in self.cores.items():
+                self.to_coord(pid, core.tick(self.now, wall=WALL))
+            self.to_daemons(self.coord.tick(self.now))
+
+
+def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
+    pair = Pair("a", "b", "c")
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0, wall=WALL))
+    for pid in ("b", "c"):
+        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0, wall=WALL))
+        for voter in [p for p, core in pair.cores.items() if core.state is S.ACCEPTED]:
+            pair.to_coord(voter, pair.cores[voter].vote(5.0))
+    epoch = pair.cores["a"].topology.epoch
+    assert all(core.state is S.ACCEPTED for core in pair.cores.values())
+    assert [p.peer_id for p in pair.cores["c"].topology.peers] == ["a", "b", "c"]
+    for core, rev in zip(pair.cores.values(), (3, 3, 2), strict=True):
+        core.revision = rev
+
+    pair.restart(grace=1.0)  # a new instance knows nobody: the daemons' heartbeats get a reset
+    pending = pair.cores["b"].vote(20.0)  # in flight across the restart
+    pair.tick(0.25)
+    assert all(core.state is S.RECOVERING and core.instance == "c2" for core in pair.cores.values())
+    assert {pid: p.revision for pid, p in pair.coord.peers.items()} == {"a": 3, "b": 3, "c": 2}
+    assert {pid: p.claim_ring_pos for pid, p in pair.coord.peers.items()} == {"a": 0, "b": 1, "c": 2}
+    assert "b" in pair.coord.votes  # the vote was resent to the new instance
+
+    pair.tick(1.0)  # the window closes: the claims become the ring, in their old order
+    for core in pair.cores.values():
+        assert core.state is S.ACCEPTED and core.topology.epoch > epoch
+        assert [p.peer_id for p in core.topology.peers] == ["a", "b", "c"]
+    assert pair.coord.accepted() == ["a", "b", "c"]
+    assert pending.wait in pair.cores["b"].requests  # still waits: the others have not voted
+    for pid in ("a", "c"):
+        pair.to_coord(pid, pair.cores[pid].vote(5.0))
+    assert (pending.wait, pair.cores["b"].topology) in pair.settled["b"]
+
+
+def test_peer_that_misses_the_window_rejoins_as_pending_and_is_voted_in():
+    pair = Pair("a", "b")
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0, wall=WALL))
+    pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0, wall=WALL))
+    pair.to_coord("a", pair.cores["a"].vote(5.0))
+    assert pair.cores["b"].state is S.ACCEPTED
+
+    pair.restart(grace=0.5)
+    late = pair.cores.pop("b")  # b is cut off while the window is open
+    pair.tick(1.0)
+    assert pair.coord.accepted() == ["a"] and pair.cores["a"].state is S.ACCEPTED
+    pair.cores["b"] = late
+    pair.tick(0.25)
+    assert late.state is S.PENDING and pair.coord.pending() == ["b"]
+    assert late.vote(5.0).wait == JOIN  # its update_topology waits for admission
+    pair.to_coord("a", pair.cores["a"].vote(5.0))
+    assert late.state is S.ACCEPTED and (JOIN, late.topology) in pair.settled["b"]
+    assert [p.peer_id for p in late.topology.peers] == ["a", "b"]
