@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pccl_py import calls
 from pccl_py import kernels as K
 from pccl_py.client.shared_state import SharedState
 from pccl_py.client.tensors import Flat, flat, numpy_dtype
@@ -47,9 +48,6 @@ from pccl_py.wire import ipc
 
 log = logging.getLogger("pccl_py.client")
 
-OPS = ("sum", "avg", "min", "max", "prod")
-QUANTS = (None, "uint8", "uint4")
-ALGORITHMS = ("auto", "ring", "direct", "shm")
 SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
 MIN_SEGMENT = 1 << 16
 RECV_SLICE = 0.25  # seconds a wait for the daemon blocks before it checks its deadline
@@ -296,12 +294,7 @@ class _Alloc:
 
 def _request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeout: float) -> dict:
     """The all_reduce request for one bucket (checks the arguments every peer must share)."""
-    if op not in OPS:
-        raise InvalidUsage(f"op must be one of {OPS}, got {op!r}")
-    if quant not in QUANTS:
-        raise InvalidUsage(f"quant must be one of {QUANTS}, got {quant!r}")
-    if algorithm not in ALGORITHMS:
-        raise InvalidUsage(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    calls.check_reduction(op, quant, algorithm)
     msg = {"op": "all_reduce", "nbytes": nbytes, "dtype": dtype, "reduce": op, "algorithm": algorithm,
            "timeout": timeout}
     if quant is not None:
@@ -771,8 +764,7 @@ class Client:
         """Every peer's ``blob`` in rank order (for sparse exchanges of indices and values).
         ``retry`` as for :meth:`all_reduce`: after ``PeerLost``/``Aborted`` the gather runs
         again on the new membership (so the list then has the survivors' blobs)."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise InvalidUsage("all_gather takes bytes")
+        calls.check_blob(blob)
         msg = {"op": "all_gather", "data": bytes(blob), "tag": tag}
         return self._retrying(lambda: list(self._call(msg, timeout)["blobs"]), retry, "all_gather")
 

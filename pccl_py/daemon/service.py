@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from pccl_py import kernels as K
+from pccl_py import calls
 from pccl_py.client.shared_state import layout_views
 from pccl_py.client.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.control import ControlChannel
@@ -38,7 +38,6 @@ from pccl_py.wire import ipc
 
 log = logging.getLogger("pccl.daemon")
 
-MAX_TIMEOUT = 24 * 3600.0
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
@@ -272,10 +271,7 @@ class Daemon:
         """The call's tag and, for an automatic one, the token for ``tag_done``."""
         self._require_connected()
         if user_tag is not None:
-            tag = int(user_tag)
-            if not 0 <= tag < AUTO_TAG:
-                raise InvalidUsage(f"tag must be in [0, 2**62), got {tag}")
-            return tag, None
+            return calls.user_tag(user_tag), None
         return self._tags.take()
 
     def tag_done(self, tag: int, token: int | None, exc: BaseException | None) -> None:
@@ -284,16 +280,9 @@ class Daemon:
         if token is not None:
             self._tags.done(tag, token, exc is None or isinstance(exc, Diverged))
 
-    @staticmethod
-    def _timeout(req: dict) -> float:
-        timeout = float(req.get("timeout") or 60.0)
-        if not 0 < timeout <= MAX_TIMEOUT:
-            raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds")
-        return timeout
-
     async def handle(self, session: TrainerSession, req: dict) -> dict:
         op = req.get("op")
-        timeout = self._timeout(req)
+        timeout = calls.request_timeout(req.get("timeout"))
         if op == "hello":
             return {"peer_id": self.peer_id, "pid": os.getpid()}
         if op == "connect":
@@ -324,8 +313,7 @@ class Daemon:
         if op == "all_gather":
             topo = self._require_connected()
             blob = req.get("data")
-            if not isinstance(blob, bytes):
-                raise InvalidUsage("all_gather needs bytes")
+            calls.check_blob(blob)
             tag, token = self.next_tag(req.get("tag"))
             self._in_flight[tag] = "all_gather"
             exc: BaseException | None = None
@@ -351,8 +339,7 @@ class Daemon:
         if not isinstance(desc, dict):
             raise InvalidUsage("sync_shared_state needs a state description")
         strategy = str(req.get("strategy", "enforce_popular"))
-        if strategy not in ("enforce_popular", "receive_only", "send_only"):
-            raise InvalidUsage(f"unknown strategy {strategy!r}")
+        calls.check_strategy(strategy)
         seg = session.segment(str(desc.get("segment")))
         views = layout_views(desc, seg.buf)
         async with self._sync_lock:
@@ -390,28 +377,21 @@ class Daemon:
         """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
         ends. No task per call: small all-reduces are latency-bound and every loop iteration
         counts. Bad requests raise here."""
-        timeout = self._timeout(req)
+        timeout = calls.request_timeout(req.get("timeout"))
         topo = self._require_connected()
         dtype = str(req.get("dtype"))
-        if dtype not in K.DTYPES:
-            raise InvalidUsage(f"unsupported dtype {dtype!r}; supported: {sorted(K.DTYPES)}")
+        calls.check_dtype(dtype)
         nbytes = int(req["nbytes"])
-        if nbytes % K.itemsize(dtype):
-            raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
+        calls.check_whole_elements(nbytes, dtype)
         inline = req.get("data")
         if inline is not None:  # a small call carries its bytes; the result goes back in the reply
-            if not isinstance(inline, bytes) or len(inline) != nbytes or nbytes > ipc.INLINE_BYTES:
-                raise InvalidUsage(f"inline data must be bytes of the call's size (at most {ipc.INLINE_BYTES})")
+            calls.check_inline(inline, nbytes)
             src, dst, refs = inline, bytearray(nbytes), None
         else:
             seg = session.segment(str(req["shm"]))
             in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
             in_off, out_off = int(req["in_off"]), int(req["out_off"])
-            for s, off in ((in_seg, in_off), (seg, out_off)):
-                if off < 0 or off + nbytes > s.size:
-                    raise InvalidUsage("buffer range outside the shared-memory segment")
-            if in_seg is seg and in_off != out_off and abs(in_off - out_off) < nbytes:
-                raise InvalidUsage("input and output ranges overlap without being the same range")
+            calls.check_shm_ranges(nbytes, (in_seg.size, in_off), (seg.size, out_off), in_seg is seg)
             src = in_seg.buf[in_off:in_off + nbytes]
             dst = seg.buf[out_off:out_off + nbytes]
             refs = (in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off)
