@@ -47,6 +47,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from pccl_py import calls  # noqa: E402
 from pccl_py.tools.demo import free_port  # noqa: E402
 
 
@@ -269,7 +270,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--size", type=int, default=1 << 16)
-    p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
+    p.add_argument("--quant", choices=[q for q in calls.QUANTS if q], default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--retry", action="store_true", help="all-reduces with retry=True, as a trainer calls them")

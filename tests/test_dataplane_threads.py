@@ -429,20 +429,20 @@ def test_a_thread_that_cannot_start_fails_the_call_fast_not_at_its_deadline(monk
 def test_large_copies_on_threads_work_in_a_forked_child(monkeypatch):
     """The copy pool of a parent is not the child's: a child's first large copy must not
     wait on threads it does not have."""
-    from pccl_py.client import client as client_mod
+    from pccl_py.client import copies
 
-    monkeypatch.setattr(client_mod, "_copy_threads", lambda: 2)
-    n = client_mod.PARALLEL_COPY_MIN * 2
+    monkeypatch.setattr(copies, "_copy_threads", lambda: 2)
+    n = copies.PARALLEL_COPY_MIN * 2
     src = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
     dst = np.zeros(n, np.uint8)
-    client_mod.copy_into(dst, src)  # the parent's pool starts
+    copies.copy_into(dst, src)  # the parent's pool starts
     assert np.array_equal(dst, src)
     pid = os.fork()
     if pid == 0:  # child: exit code 0 only if the copy finished and is right
         try:
             signal.alarm(10)
             d2 = np.zeros(n, np.uint8)
-            client_mod.copy_into(d2, src)
+            copies.copy_into(d2, src)
             os._exit(0 if np.array_equal(d2, src) else 1)
         except BaseException:
             os._exit(2)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pccl_py import calls
 from pccl_py import kernels as K
 from pccl_py.collectives.base import Collective
 from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
@@ -548,25 +549,15 @@ class DataPlane:
     def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
         """Check the arguments; ``(make(attempt) -> Collective, world, algorithm)``, or None when
         the world is this peer alone (the result is then already in ``dst``)."""
-        if dtype not in K.DTYPES:
-            raise InvalidUsage(f"unknown dtype {dtype!r}; one of {', '.join(K.DTYPES)}")
-        if op not in K.OPS:
-            raise InvalidUsage(f"unknown op {op!r}; one of {', '.join(K.OPS)}")
-        if quant not in (None, "uint8", "uint4"):
-            raise InvalidUsage(f"unknown quant {quant!r}; None, 'uint8' or 'uint4'")
-        if quant is not None and (dtype != "float32" or op not in ("sum", "avg")):
-            raise InvalidUsage("quantization needs dtype float32 and op sum or avg")
-        if algorithm not in ("auto", "ring", "direct", "shm"):
-            raise InvalidUsage(f"unknown algorithm {algorithm!r}; auto, ring, direct or shm")
+        calls.check_all_reduce(dtype, op, quant, algorithm)
         s = _byte_view(src, "src")
         d = _byte_view(dst, "dst", writable=True)
         item = K.itemsize(dtype)
         if len(s) != len(d):
             raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
-        if len(s) % item:
-            raise InvalidUsage(f"buffer of {len(s)} bytes is not a whole number of {dtype} elements")
-        _check_tag(tag)
-        _check_timeout(timeout)
+        calls.check_whole_elements(len(s), dtype)
+        calls.check_tag(tag)
+        calls.check_timeout(timeout)
         view = self._group()
         count = len(s) // item
         world = view.world
@@ -621,8 +612,8 @@ class DataPlane:
     async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:
         if len(blob) > self.config.max_blob:
             raise InvalidUsage(f"blob of {len(blob)} bytes exceeds max_blob={self.config.max_blob}")
-        _check_tag(tag)
-        _check_timeout(timeout)
+        calls.check_tag(tag)
+        calls.check_timeout(timeout)
         view = self._group()
         if view.world == 1:
             return [bytes(blob)]
@@ -733,12 +724,3 @@ def _byte_view(buf, name: str, writable: bool = False) -> memoryview:
     except TypeError as e:
         raise InvalidUsage(f"{name}: {e}") from None
 
-
-def _check_tag(tag: int) -> None:
-    if not isinstance(tag, int) or not 0 <= tag <= F.MAX_TAG:
-        raise InvalidUsage(f"tag must be an int in [0, 2**63), got {tag!r}")
-
-
-def _check_timeout(timeout: float) -> None:
-    if not timeout > 0:
-        raise InvalidUsage(f"timeout must be > 0, got {timeout!r}")

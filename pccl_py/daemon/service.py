@@ -3,7 +3,9 @@
 It joins three things together and adds no protocol of its own:
   * :class:`~pccl_py.daemon.control.ControlChannel` to the coordinator (membership, votes),
   * :class:`~pccl_py.daemon.dataplane.DataPlane` to the other daemons (collectives),
-  * the trainer-daemon IPC (:mod:`pccl_py.wire.ipc`) its trainer's Client talks to.
+  * the :class:`~pccl_py.daemon.session.TrainerSession` of its trainer's Client, which
+    checks each IPC request (:mod:`pccl_py.wire.ipc`) and turns it into a call on
+    :class:`Daemon`: connect, vote, all-reduce, all-gather, sync the shared state.
 
 Run it as ``pccl daemon --coordinator HOST:PORT --group G`` or let ``Client(daemon=None)``
 spawn a private one that exits with its client.
@@ -23,21 +25,19 @@ import time
 import uuid
 from collections.abc import Callable
 
-from pccl_py import kernels as K
+from pccl_py import calls
 from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.daemon.session import TrainerSession
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
-from pccl_py.errors import Diverged, InvalidUsage, PcclError, ProtocolError, to_wire
-from pccl_py.transport import segments
+from pccl_py.errors import Diverged, InvalidUsage, PcclError
 from pccl_py.transport.zmq_io import parse_addr
-from pccl_py.wire import ipc
 
 log = logging.getLogger("pccl.daemon")
 
-MAX_TIMEOUT = 24 * 3600.0
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
@@ -138,7 +138,7 @@ class Daemon:
         self._server: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
-        self._sessions: set[TrainerSession] = set()
+        self.sessions: set[TrainerSession] = set()  # (each session adds and removes itself)
         self._removed: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -178,7 +178,7 @@ class Daemon:
     async def _stop(self, graceful: bool) -> None:
         if self._server is not None:
             self._server.close()
-        for s in list(self._sessions):
+        for s in list(self.sessions):
             s.close()
         # Close the data plane first (its last frames, FINs included, are flushed before the
         # streams end), then announce the leave: peers finish a call this peer completed
@@ -252,8 +252,8 @@ class Daemon:
         except Exception as exc:
             log.info("could not report failure of %s: %s", peer_id[:8], exc)
 
-    # -- requests from the client ----------------------------------------------------
-    def _require_connected(self) -> Topology:
+    # -- what a trainer session asks of this peer ------------------------------------
+    def require_connected(self) -> Topology:
         if self.topology is None:
             if self._removed:
                 raise InvalidUsage(
@@ -269,12 +269,9 @@ class Daemon:
 
     def next_tag(self, user_tag) -> tuple[int, int | None]:
         """The call's tag and, for an automatic one, the token for ``tag_done``."""
-        self._require_connected()
+        self.require_connected()
         if user_tag is not None:
-            tag = int(user_tag)
-            if not 0 <= tag < AUTO_TAG:
-                raise InvalidUsage(f"tag must be in [0, 2**62), got {tag}")
-            return tag, None
+            return calls.user_tag(user_tag), None
         return self._tags.take()
 
     def tag_done(self, tag: int, token: int | None, exc: BaseException | None) -> None:
@@ -283,83 +280,53 @@ class Daemon:
         if token is not None:
             self._tags.done(tag, token, exc is None or isinstance(exc, Diverged))
 
-    @staticmethod
-    def _timeout(req: dict) -> float:
-        timeout = float(req.get("timeout") or 60.0)
-        if not 0 < timeout <= MAX_TIMEOUT:
-            raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds")
-        return timeout
+    def summary(self) -> dict:
+        return topology_summary(self.topology, self.peer_id)
 
-    async def handle(self, session: TrainerSession, req: dict) -> dict:
-        op = req.get("op")
-        timeout = self._timeout(req)
-        if op == "hello":
-            return {"peer_id": self.peer_id, "pid": os.getpid()}
-        if op == "connect":
-            self._removed = None
-            topo = await self.control.connect(timeout)
-            await self._wait_topology(topo.epoch, timeout)
-            return topology_summary(self.topology, self.peer_id)
-        if op == "update_topology":
-            self._require_connected()
-            self._in_flight[-1] = "update_topology"
-            try:
-                topo = await self.control.update_topology(timeout)
-            finally:
-                self._in_flight.pop(-1, None)
-            await self._wait_topology(topo.epoch, timeout)
-            return topology_summary(self.topology, self.peer_id)
-        if op == "are_peers_pending":
-            self._require_connected()
-            return {"pending": bool(await self.control.are_peers_pending(timeout))}
-        if op == "info":
-            return topology_summary(self.topology, self.peer_id)
-        if op == "map":
-            session.map(str(req["name"]), int(req["size"]))
-            return {}
-        if op == "unmap":
-            session.unmap(str(req["name"]))
-            return {}
-        if op == "all_gather":
-            topo = self._require_connected()
-            blob = req.get("data")
-            if not isinstance(blob, bytes):
-                raise InvalidUsage("all_gather needs bytes")
-            tag, token = self.next_tag(req.get("tag"))
-            self._in_flight[tag] = "all_gather"
-            exc: BaseException | None = None
-            try:
-                blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                self._in_flight.pop(tag, None)
-                self.tag_done(tag, token, exc)
-            return {"blobs": blobs, "epoch": topo.epoch}
-        if op == "sync_shared_state":
-            return await self._sync(session, req, timeout)
-        if op == "leave":
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
-            return {}
-        raise InvalidUsage(f"unknown request {op!r}")
+    async def connect(self, timeout: float) -> dict:
+        self._removed = None
+        topo = await self.control.connect(timeout)
+        await self._wait_topology(topo.epoch, timeout)
+        return self.summary()
 
-    async def _sync(self, session: TrainerSession, req: dict, timeout: float) -> dict:
-        self._require_connected()
-        desc = req.get("state")
-        if not isinstance(desc, dict):
-            raise InvalidUsage("sync_shared_state needs a state description")
-        strategy = str(req.get("strategy", "enforce_popular"))
-        if strategy not in ("enforce_popular", "receive_only", "send_only"):
-            raise InvalidUsage(f"unknown strategy {strategy!r}")
-        seg = session.segment(str(desc.get("segment")))
-        views = ipc.layout_views(desc, seg.buf)
+    async def update_topology(self, timeout: float) -> dict:
+        self.require_connected()
+        self._in_flight[-1] = "update_topology"
+        try:
+            topo = await self.control.update_topology(timeout)
+        finally:
+            self._in_flight.pop(-1, None)
+        await self._wait_topology(topo.epoch, timeout)
+        return self.summary()
+
+    async def are_peers_pending(self, timeout: float) -> bool:
+        self.require_connected()
+        return bool(await self.control.are_peers_pending(timeout))
+
+    async def all_gather(self, blob: bytes, *, user_tag, timeout: float) -> dict:
+        topo = self.require_connected()
+        tag, token = self.next_tag(user_tag)
+        self._in_flight[tag] = "all_gather"
+        exc: BaseException | None = None
+        try:
+            blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            self._in_flight.pop(tag, None)
+            self.tag_done(tag, token, exc)
+        return {"blobs": blobs, "epoch": topo.epoch}
+
+    async def sync_shared_state(self, views, *, revision: int, strategy: str, timeout: float,
+                                progress: Callable[[int, int], None] | None) -> dict:
+        """Bring the shared state in ``views`` (at ``revision``) in step with the other peers'."""
         async with self._sync_lock:
             self._in_flight[-2] = "sync_shared_state"
             try:
                 result = await daemon_sync(
                     views,
-                    revision=int(desc["revision"]),
+                    revision=revision,
                     channel=self.control.sync_channel(),
                     server=self.state_server,
                     peer_id=self.peer_id,
@@ -367,7 +334,7 @@ class Daemon:
                     strategy=strategy,
                     timeout=timeout,
                     advertise=(self.data_host, self.state_server.address[1]),
-                    progress=session.progress_reporter(req.get("id")) if req.get("progress") else None,
+                    progress=progress,
                 )
                 # re-introductions carry it, so a restarted coordinator rebuilds its revision book
                 self.control.set_revision(result["revision"])
@@ -384,175 +351,40 @@ class Daemon:
                 raise InvalidUsage("topology did not arrive")
             await asyncio.sleep(0.001)
 
-    def start_all_reduce(self, session: TrainerSession, req: dict,
-                         finish: Callable[[dict | None, PcclError | None], None]) -> None:
-        """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
-        ends. No task per call: small all-reduces are latency-bound and every loop iteration
-        counts. Bad requests raise here."""
-        timeout = self._timeout(req)
-        topo = self._require_connected()
-        dtype = str(req.get("dtype"))
-        if dtype not in K.DTYPES:
-            raise InvalidUsage(f"unsupported dtype {dtype!r}; supported: {sorted(K.DTYPES)}")
-        nbytes = int(req["nbytes"])
-        if nbytes % K.itemsize(dtype):
-            raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements")
-        inline = req.get("data")
-        if inline is not None:  # a small call carries its bytes; the result goes back in the reply
-            if not isinstance(inline, bytes) or len(inline) != nbytes or nbytes > ipc.INLINE_BYTES:
-                raise InvalidUsage(f"inline data must be bytes of the call's size (at most {ipc.INLINE_BYTES})")
-            src, dst, refs = inline, bytearray(nbytes), None
-        else:
-            seg = session.segment(str(req["shm"]))
-            in_seg = session.segment(str(req.get("in_shm") or req["shm"]))
-            in_off, out_off = int(req["in_off"]), int(req["out_off"])
-            for s, off in ((in_seg, in_off), (seg, out_off)):
-                if off < 0 or off + nbytes > s.size:
-                    raise InvalidUsage("buffer range outside the shared-memory segment")
-            if in_seg is seg and in_off != out_off and abs(in_off - out_off) < nbytes:
-                raise InvalidUsage("input and output ranges overlap without being the same range")
-            src = in_seg.buf[in_off:in_off + nbytes]
-            dst = seg.buf[out_off:out_off + nbytes]
-            refs = (in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off)
-        tag, token = self.next_tag(req.get("tag"))
+    def start_all_reduce(self, src, dst, *, dtype: str, op: str, quant: str | None, algorithm: str, user_tag,
+                         timeout: float, shm_refs: tuple[str, int, str, int] | None,
+                         done: Callable[[dict | None, PcclError | None], None]) -> None:
+        """Post an all-reduce of ``src`` into ``dst`` under the caller's tag (None: the next
+        automatic one); ``done(info, None)`` or ``done(None, error)`` when it ends. Bad
+        arguments raise here."""
+        topo = self.require_connected()
+        tag, token = self.next_tag(user_tag)
         self._in_flight[tag] = "all_reduce"
 
-        def done(info: dict | None, exc: PcclError | None) -> None:
+        def finish(info: dict | None, exc: PcclError | None) -> None:
             self._in_flight.pop(tag, None)
             self.tag_done(tag, token, exc)
             if info is not None:
                 info["epoch"] = topo.epoch
-                if inline is not None:
-                    info["data"] = dst
-            finish(info, exc)
+            done(info, exc)
 
         try:
             self.data.start_all_reduce(
                 src,
                 dst,
                 dtype=dtype,
-                op=str(req.get("reduce", "sum")),
-                quant=req.get("quant"),
-                algorithm=str(req.get("algorithm", "auto")),
+                op=op,
+                quant=quant,
+                algorithm=algorithm,
                 tag=tag,
                 timeout=timeout,
-                shm_refs=refs,
-                done=done,
+                shm_refs=shm_refs,
+                done=finish,
             )
         except BaseException as e:
             self._in_flight.pop(tag, None)
             self.tag_done(tag, token, e)
             raise
-
-
-class TrainerSession(asyncio.Protocol):
-    """One client connection on the local socket."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.frames = ipc.FrameBuffer()
-        self.transport: asyncio.Transport | None = None
-        self.segments: dict = {}
-        self.tasks: set[asyncio.Task] = set()
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.daemon._sessions.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            msgs = self.frames.feed(data)
-        except ProtocolError as exc:
-            log.warning("closing local client: %s", exc)
-            self.transport.close()
-            return
-        for msg in msgs:
-            if msg.get("op") == "all_reduce":  # the hot path: no task
-                rid = msg.get("id")
-                try:
-                    self.daemon.start_all_reduce(
-                        self, msg, lambda info, exc, rid=rid: self._reply(rid, "all_reduce", info, exc))
-                except Exception as exc:
-                    self._reply(rid, "all_reduce", None, exc)
-                continue
-            t = asyncio.ensure_future(self._serve(msg))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
-
-    async def _serve(self, req: dict) -> None:
-        try:
-            if req.get("op") not in ipc.OPS:
-                raise InvalidUsage(f"unknown request {req.get('op')!r}")
-            reply = await self.daemon.handle(self, req)
-        except Exception as exc:
-            self._reply(req.get("id"), req.get("op"), None, exc)
-            return
-        self._reply(req.get("id"), req.get("op"), reply, None)
-
-    def _reply(self, rid, op, reply: dict | None, exc: BaseException | None) -> None:
-        if exc is None:
-            reply["ok"] = True
-        elif isinstance(exc, PcclError):
-            reply = {"ok": False, **to_wire(exc)}
-        elif isinstance(exc, (KeyError, TypeError, ValueError)):
-            reply = {"ok": False, **to_wire(InvalidUsage(f"bad request: {exc!r}"))}
-        else:  # never let one request kill the daemon
-            log.error("request %s failed", op, exc_info=exc)
-            reply = {"ok": False, **to_wire(exc)}
-        reply["id"] = rid
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(ipc.pack(reply))
-
-    def progress_reporter(self, rid, interval: float = 0.1):
-        """A callback sending ``{"id": rid, "progress": [done, total]}`` to the client, throttled."""
-        last = [0.0]
-
-        def report(done: int, total: int) -> None:
-            now = time.monotonic()
-            if (now - last[0] >= interval or done >= total) and self.transport is not None:
-                last[0] = now
-                self.transport.write(ipc.pack({"id": rid, "progress": [int(done), int(total)]}))
-
-        return report
-
-    def map(self, name: str, size: int) -> None:
-        if name in self.segments:
-            return
-        try:
-            seg = segments.attach_segment(name)
-        except OSError as exc:
-            raise InvalidUsage(f"cannot map shared-memory segment {name!r}: {exc}") from None
-        if seg.size < size:
-            seg.close()
-            raise InvalidUsage(f"segment {name} is {seg.size} bytes, expected {size}")
-        self.segments[name] = seg
-
-    def unmap(self, name: str) -> None:
-        seg = self.segments.pop(name, None)
-        if seg is not None:
-            # a view may still be alive (an op, a transfer's buffers): the mapping then goes
-            # with the last view
-            seg.close()
-
-    def segment(self, name: str):
-        seg = self.segments.get(name)
-        if seg is None:
-            raise InvalidUsage(f"unknown shared-memory segment {name!r}; map it first")
-        return seg
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc) -> None:
-        self.daemon._sessions.discard(self)
-        for t in self.tasks:
-            t.cancel()
-        for name in list(self.segments):
-            self.unmap(name)
-        self.transport = None
-        if self.daemon.exit_with_client:
-            asyncio.ensure_future(self.daemon.stop())
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

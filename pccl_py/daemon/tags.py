@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import heapq
 
-AUTO_TAG = 1 << 62  # bit set in every automatic tag (user tags are below it)
+from pccl_py.calls import AUTO_TAG  # bit set in every automatic tag (user tags are below it)
+
+__all__ = ["AUTO_TAG", "AutoTags"]
 
 
 class AutoTags:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from pccl_py import calls
 from pccl_py.tools.bench import floor
 from pccl_py.tools.demo import free_port
 
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--sizes", default="1,256K,1M,16M,64M",
                    help="comma-separated element counts (float32), suffixes K/M/G")
-    p.add_argument("--quant", choices=["uint8", "uint4"], default=None)
+    p.add_argument("--quant", choices=[q for q in calls.QUANTS if q], default=None)
     p.add_argument("--streams", type=int, default=None)
-    p.add_argument("--algorithm", choices=["auto", "ring", "direct", "shm"], default="auto",
+    p.add_argument("--algorithm", choices=calls.ALGORITHMS, default="auto",
                    help="auto: direct for small calls, then shared memory when every peer shares this host, else ring")
     p.add_argument("--tcp-only", action="store_true",
                    help="daemons dial each other over TCP (by default peers on one host use Unix sockets)")

@@ -1,0 +1,200 @@
+"""What a call may ask for: the values each argument of a collective may take, and the checks.
+
+Three layers check a call, each for its own reason: the client before it sends (the
+caller learns of a mistake at once, before any peer is involved), the daemon when a
+request arrives over its IPC socket (a client may be buggy or of another version), and
+the data plane for its own callers. All of them check with the functions below, so each
+allowed value and each bound is written here and nowhere else. Every check raises
+:class:`~pccl_py.errors.InvalidUsage` with a message that says what to pass instead.
+
+Values that an implementation defines come from it: the dtypes and reductions are those
+the kernels implement (:mod:`pccl_py.kernels`), the sync strategies those the control messages
+carry (:mod:`pccl_py.wire.control`), the largest tag the one a frame header holds
+(:mod:`pccl_py.wire.frames`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pccl_py import kernels as K
+from pccl_py.errors import InvalidUsage
+from pccl_py.wire.control import STRATEGIES
+from pccl_py.wire.frames import MAX_TAG
+from pccl_py.wire.ipc import INLINE_BYTES
+
+__all__ = [
+    "ALGORITHMS",
+    "AUTO_TAG",
+    "DEFAULT_TIMEOUT",
+    "DTYPES",
+    "MAX_TAG",
+    "MAX_TIMEOUT",
+    "OPS",
+    "QUANTS",
+    "QUANT_DTYPES",
+    "QUANT_OPS",
+    "STRATEGIES",
+    "check_algorithm",
+    "check_all_reduce",
+    "check_blob",
+    "check_dtype",
+    "check_inline",
+    "check_op",
+    "check_quant",
+    "check_reduction",
+    "check_shm_ranges",
+    "check_strategy",
+    "check_tag",
+    "check_timeout",
+    "check_whole_elements",
+    "request_timeout",
+    "user_tag",
+]
+
+DTYPES: tuple[str, ...] = tuple(K.DTYPES)
+OPS: tuple[str, ...] = tuple(K.OPS)  # avg: a sum, divided by the world size at the end
+QUANTS = (None, "uint8", "uint4")  # None: full precision
+QUANT_DTYPES = ("float32",)  # what a quantized all-reduce takes
+QUANT_OPS = ("sum", "avg")
+ALGORITHMS = ("auto", "ring", "direct", "shm")
+
+# Tags. A caller's tag is below AUTO_TAG; tags with that bit set are the ones the daemon
+# gives calls without a tag (pccl_py.daemon.tags). Every tag fits a frame header (MAX_TAG).
+AUTO_TAG = 1 << 62
+
+# Timeouts, in seconds. A request without one (or with 0) gets the default; a day at most,
+# so that a typo cannot park a call for ever.
+DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 24 * 3600.0
+
+
+def _listing(allowed: tuple) -> str:
+    return ", ".join(repr(v) for v in allowed)
+
+
+def _one_of(what: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise InvalidUsage(f"{what} {value!r} is not supported; pass one of {_listing(allowed)}")
+
+
+# -- names -------------------------------------------------------------------------------
+def check_dtype(dtype: Any) -> None:
+    _one_of("dtype", dtype, DTYPES)
+
+
+def check_op(op: Any) -> None:
+    _one_of("op", op, OPS)
+
+
+def check_quant(quant: Any, dtype: str | None = None, op: str | None = None) -> None:
+    """``quant`` is a known name; with ``dtype`` and ``op``, one that applies to them."""
+    _one_of("quant", quant, QUANTS)
+    if quant is None or dtype is None or op is None:
+        return
+    if dtype not in QUANT_DTYPES or op not in QUANT_OPS:
+        raise InvalidUsage(
+            f"quant={quant!r} needs dtype {' or '.join(QUANT_DTYPES)} and op {' or '.join(QUANT_OPS)} "
+            f"(got dtype {dtype}, op {op}); pass quant=None for other dtypes and ops")
+
+
+def check_algorithm(algorithm: Any) -> None:
+    _one_of("algorithm", algorithm, ALGORITHMS)
+
+
+def check_strategy(strategy: Any) -> None:
+    _one_of("strategy", strategy, STRATEGIES)
+
+
+def check_reduction(op: Any, quant: Any, algorithm: Any) -> None:
+    """The names of an all-reduce that every peer must share (the client's check; the dtype
+    comes from the tensors)."""
+    check_op(op)
+    check_quant(quant)
+    check_algorithm(algorithm)
+
+
+def check_all_reduce(dtype: Any, op: Any, quant: Any, algorithm: Any) -> None:
+    """Every name of an all-reduce, and that its quantization applies to its dtype and op."""
+    check_dtype(dtype)
+    check_op(op)
+    check_quant(quant, dtype, op)
+    check_algorithm(algorithm)
+
+
+# -- sizes -------------------------------------------------------------------------------
+def check_whole_elements(nbytes: int, dtype: str) -> None:
+    """``nbytes`` holds a whole number of ``dtype`` elements (``dtype`` already checked)."""
+    if nbytes < 0:
+        raise InvalidUsage(f"a call's size in bytes must be >= 0, got {nbytes}")
+    item = K.itemsize(dtype)
+    if nbytes % item:
+        raise InvalidUsage(f"{nbytes} bytes is not a whole number of {dtype} elements ({item} bytes each); "
+                           f"pass buffers of the dtype the call names")
+
+
+def check_inline(data: Any, nbytes: int) -> None:
+    """The bytes a small all-reduce carries in its request (at most ``INLINE_BYTES``)."""
+    if not isinstance(data, bytes) or len(data) != nbytes or nbytes > INLINE_BYTES:
+        raise InvalidUsage(f"inline data must be bytes of the call's size (at most {INLINE_BYTES}); "
+                           f"larger calls pass their tensors in shared memory")
+
+
+def check_shm_ranges(nbytes: int, src: tuple[int, int], dst: tuple[int, int], same_segment: bool) -> None:
+    """The input and output ranges of a call in shared memory: ``src`` and ``dst`` are
+    ``(segment size, offset)``; ranges of one segment are either apart or the same."""
+    for size, off in (src, dst):
+        if off < 0 or off + nbytes > size:
+            raise InvalidUsage(f"buffer range [{off}, {off + nbytes}) outside the shared-memory segment "
+                               f"of {size} bytes; map a segment large enough for the call")
+    in_off, out_off = src[1], dst[1]
+    if same_segment and in_off != out_off and abs(in_off - out_off) < nbytes:
+        raise InvalidUsage("input and output ranges overlap without being the same range; "
+                           "reduce in place (one range) or use ranges that are apart")
+
+
+def check_blob(blob: Any) -> None:
+    """What an all-gather contributes: bytes (or a buffer of bytes)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise InvalidUsage(f"all_gather takes bytes, got {type(blob).__name__}; encode the data first")
+
+
+# -- tags and timeouts -------------------------------------------------------------------
+def user_tag(tag: Any) -> int:
+    """A caller's tag as an int: below ``AUTO_TAG`` (2**62)."""
+    try:
+        n = int(tag)
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or not 0 <= n < AUTO_TAG:
+        raise InvalidUsage(f"tag must be in [0, 2**62), got {tag!r}; pass a smaller int, or no tag to have "
+                           f"calls tagged in call order")
+    return n
+
+
+def check_tag(tag: Any) -> None:
+    """Any tag a collective runs under, automatic ones included: an int in [0, 2**63)."""
+    if not isinstance(tag, int) or not 0 <= tag <= MAX_TAG:
+        raise InvalidUsage(f"tag must be an int in [0, 2**63), got {tag!r}")
+
+
+def check_timeout(timeout: Any) -> None:
+    """A deadline in seconds: a number above 0."""
+    try:
+        ok = timeout > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InvalidUsage(f"timeout must be a number of seconds > 0, got {timeout!r}")
+
+
+def request_timeout(value: Any) -> float:
+    """The timeout of a request that arrived from a client: none (or 0) means
+    ``DEFAULT_TIMEOUT``; it must be in (0, ``MAX_TIMEOUT``]."""
+    try:
+        timeout = float(value or DEFAULT_TIMEOUT)
+    except (TypeError, ValueError, OverflowError):
+        timeout = None
+    if timeout is None or not 0 < timeout <= MAX_TIMEOUT:
+        raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got {value!r}")
+    return timeout

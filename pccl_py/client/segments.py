@@ -1,0 +1,248 @@
+"""The shared memory a client hands to its daemon: a pool of segments reused across calls,
+and the arrays of :meth:`~pccl_py.client.Client.alloc` with their twins.
+
+Every segment is mapped by the daemon (request ``map``) before a call names it. A segment
+of a failed call is never used again (co-located peers may still be writing into it): it
+is unlinked here and the daemon is asked to unmap it (:func:`unmap`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from pccl_py.client.copies import copy_into
+from pccl_py.client.rpc import Rpc
+from pccl_py.errors import PcclError
+from pccl_py.transport.segments import create_segment
+from pccl_py.wire import ipc
+
+try:
+    from pccl_py.kernels._native import map_at, remap
+except ImportError:  # pragma: no cover - only without the extension: results are copied back
+    map_at = remap = None
+
+log = logging.getLogger("pccl_py.client")
+
+PAGE = 4096
+MIN_SEGMENT = 1 << 16
+MAP_TIMEOUT = 10.0  # seconds the daemon may take to map or unmap a segment
+
+
+def address(buf) -> int:
+    return np.frombuffer(buf, np.uint8, 1).__array_interface__["data"][0]
+
+
+def offset_near(user: np.ndarray, seg: shared_memory.SharedMemory, shift: int) -> int:
+    """The offset in ``seg`` whose address is ``shift`` bytes past ``user``'s, modulo a page."""
+    return (user.__array_interface__["data"][0] + shift - address(seg.buf)) % PAGE
+
+
+def release(seg: shared_memory.SharedMemory) -> None:
+    """Unlink a segment of ours; the mapping goes when the last view of it does."""
+    try:
+        seg.close()
+    except BufferError:
+        pass
+    try:
+        seg.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def map_segment(rpc: Rpc, name: str, size: int) -> None:
+    """Have the daemon map segment ``name`` of at least ``size`` bytes (calls may name it
+    from then on)."""
+    rpc.call({"op": "map", "name": name, "size": size}, timeout=MAP_TIMEOUT)
+
+
+def unmap(rpc: Rpc, name: str) -> None:
+    """Ask the daemon to unmap a segment this client dropped after a failed call."""
+    try:
+        rpc.call({"op": "unmap", "name": name}, timeout=MAP_TIMEOUT)
+    except PcclError:
+        pass  # the daemon is gone or stuck: the caller's error says so already
+
+
+class Pool:
+    """Shared-memory segments reused across calls (a fresh segment costs page faults)."""
+
+    def __init__(self, rpc: Rpc) -> None:
+        self.rpc = rpc
+        self.free: dict[int, list[shared_memory.SharedMemory]] = {}
+        self.all: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()  # calls of several threads take and give segments
+
+    def take(self, nbytes: int) -> shared_memory.SharedMemory:
+        size = MIN_SEGMENT
+        while size < nbytes:
+            size *= 2
+        with self._lock:
+            bucket = self.free.setdefault(size, [])
+            if bucket:
+                return bucket.pop()
+            seg = create_segment(size)
+            self.all.append(seg)
+        map_segment(self.rpc, seg.name, size)
+        return seg
+
+    def give(self, seg: shared_memory.SharedMemory) -> None:
+        with self._lock:
+            self.free.setdefault(seg.size, []).append(seg)
+
+    def retire(self, seg: shared_memory.SharedMemory) -> None:
+        """Drop the segment of a failed call: unlinked here and unmapped by the daemon."""
+        with self._lock:
+            self.all.remove(seg)
+        release(seg)
+        unmap(self.rpc, seg.name)
+
+    def close(self) -> None:
+        with self._lock:
+            for seg in self.all:
+                release(seg)
+            self.all.clear()
+            self.free.clear()
+
+
+class Alloc:
+    """The shared memory behind one :meth:`Client.alloc` array, and its twin.
+
+    The array lives at ``base``; the file mapped there is ``cur``. A call over the whole
+    array reads ``cur`` and writes its result into the twin (the file ``spare``, mapped at
+    ``spare_addr``). On success the twin's pages are moved to ``base`` (``mremap``), so the
+    array holds the result without a copy, and ``cur`` is mapped where the twin was: the
+    two files swap roles. On failure the array is untouched; the twin, which co-located
+    peers may still be writing into, is replaced by a fresh segment. The two
+    ``SharedMemory`` objects made first keep owning the two address ranges (they unmap
+    them when closed); which file is mapped in each is tracked by name here."""
+
+    @classmethod
+    def create(cls, rpc: Rpc, nbytes: int, double_buffer: bool) -> Alloc:
+        """A fresh, mapped allocation of ``nbytes``; with ``double_buffer`` a twin too, when
+        the extension can move pages and the array is too large to travel inline."""
+        seg = create_segment(max(nbytes, 1))
+        try:
+            map_segment(rpc, seg.name, seg.size)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+        rec = cls(rpc, seg, nbytes)
+        if double_buffer and remap is not None and nbytes > ipc.INLINE_BYTES:
+            try:
+                rec.add_twin()
+            except BaseException:
+                rec.close()
+                raise
+        return rec
+
+    def __init__(self, rpc: Rpc, seg: shared_memory.SharedMemory, nbytes: int) -> None:
+        self.rpc = rpc
+        self.nbytes = nbytes
+        self.base = address(seg.buf)
+        self.span = -(-seg.size // PAGE) * PAGE
+        self.owners = [seg]
+        self.segs = {seg.name: seg}  # every live file of this allocation, by name
+        self.cur = seg.name
+        self.spare: str | None = None
+        self.spare_addr = 0
+        self.busy = False  # a call is writing the twin (or it is unusable)
+        self._lock = threading.Lock()
+
+    @property
+    def buf(self) -> memoryview:
+        """The array's memory."""
+        return self.owners[0].buf
+
+    def add_twin(self) -> None:
+        twin = create_segment(self.owners[0].size)
+        try:
+            map_segment(self.rpc, twin.name, twin.size)
+        except BaseException:
+            release(twin)
+            raise
+        self.owners.append(twin)
+        self.segs[twin.name] = twin
+        self.spare, self.spare_addr = twin.name, address(twin.buf)
+
+    def take(self) -> bool:
+        """Reserve the twin for one call (False: none, or another call uses it)."""
+        with self._lock:
+            if self.spare is None or self.busy:
+                return False
+            self.busy = True
+            return True
+
+    def swap(self) -> None:
+        """The call succeeded: its result (the twin) takes the array's address."""
+        try:
+            remap(self.spare_addr, self.base, self.span)
+        except OSError:  # the result stays where it is: copy it, as without a twin
+            copy_into(self.owners[0].buf[:self.nbytes], self.owners[1].buf[:self.nbytes])
+            self.busy = False
+            return
+        try:
+            self._map(self.cur, self.spare_addr)
+        except OSError:
+            log.warning("alloc(): cannot map the old buffer where the twin was; this array's calls copy "
+                        "their results from now on")
+            self.spare = None  # (busy stays set: nothing is mapped at spare_addr any more)
+            return
+        self.cur, self.spare = self.spare, self.cur
+        self.busy = False
+
+    def release(self) -> None:
+        """The call ended without a result for this array (another part of it failed)."""
+        self.busy = False
+
+    def retire(self) -> None:
+        """The call failed: a peer may still write into the twin, so it is dropped (unlinked
+        here and unmapped by the daemon) and a fresh segment takes its place."""
+        old = self.spare
+        try:
+            fresh = create_segment(self.owners[0].size)
+            map_segment(self.rpc, fresh.name, fresh.size)
+            self.segs[fresh.name] = fresh
+            self._map(fresh.name, self.spare_addr)
+            fresh.close()  # its own mapping; the file stays mapped where the twin was (and named, for unlink)
+            self.spare = fresh.name
+            self.busy = False
+        except (PcclError, OSError) as exc:
+            log.warning("alloc(): no fresh twin after a failed call (%s); results are copied from now on", exc)
+            self.spare = None
+        self._drop(old)
+
+    def _map(self, name: str, addr: int) -> None:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+        try:
+            map_at(addr, self.span, fd)
+        finally:
+            os.close(fd)
+
+    def _drop(self, name: str | None) -> None:
+        seg = self.segs.pop(name, None) if name is not None else None
+        if seg is None:
+            return
+        try:
+            seg.unlink()
+        except FileNotFoundError:
+            pass
+        unmap(self.rpc, name)
+
+    def close(self) -> None:
+        for seg in self.segs.values():
+            try:
+                seg.unlink()
+            except FileNotFoundError:
+                pass
+        for seg in self.owners:
+            try:
+                seg.close()
+            except BufferError:  # the caller still holds the array: the mapping goes with it
+                pass
+        self.segs.clear()

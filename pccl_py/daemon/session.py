@@ -1,0 +1,229 @@
+"""One trainer's session with its daemon: the IPC requests (:mod:`pccl_py.wire.ipc`) it sends
+over the daemon's Unix socket, checked and turned into calls on the :class:`Daemon`.
+
+A request is checked here before anything runs (:mod:`pccl_py.calls`): a client may be
+buggy or of another version, and a bad request must fail alone, with ``InvalidUsage``,
+never take the daemon down. The session also owns the shared-memory segments its trainer
+had mapped: a request names them, and they are unmapped when the trainer goes.
+
+All-reduces, latency-bound when small, are served without a task; every other request
+gets one, so a slow request (connect, a state sync) never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pccl_py import calls
+from pccl_py.errors import InvalidUsage, PcclError, ProtocolError, to_wire
+from pccl_py.transport import segments
+from pccl_py.wire import ipc
+
+if TYPE_CHECKING:
+    from pccl_py.daemon.service import Daemon
+
+log = logging.getLogger("pccl.daemon")
+
+
+class TrainerSession(asyncio.Protocol):
+    """One client connection on the local socket."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.frames = ipc.FrameBuffer()
+        self.transport: asyncio.Transport | None = None
+        self.segments: dict = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.daemon.sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self.frames.feed(data)
+        except ProtocolError as exc:
+            log.warning("closing local client: %s", exc)
+            self.transport.close()
+            return
+        for msg in msgs:
+            if msg.get("op") == "all_reduce":  # the hot path: no task
+                rid = msg.get("id")
+                try:
+                    self._all_reduce(msg, lambda info, exc, rid=rid: self._reply(rid, "all_reduce", info, exc))
+                except Exception as exc:
+                    self._reply(rid, "all_reduce", None, exc)
+                continue
+            t = asyncio.ensure_future(self._serve(msg))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    def connection_lost(self, exc) -> None:
+        self.daemon.sessions.discard(self)
+        for t in self.tasks:
+            t.cancel()
+        for name in list(self.segments):
+            self.unmap(name)
+        self.transport = None
+        if self.daemon.exit_with_client:
+            asyncio.ensure_future(self.daemon.stop())
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- requests --------------------------------------------------------------------
+    async def _serve(self, req: dict) -> None:
+        try:
+            if req.get("op") not in ipc.OPS:
+                raise InvalidUsage(f"unknown request {req.get('op')!r}")
+            reply = await self._handle(req)
+        except Exception as exc:
+            self._reply(req.get("id"), req.get("op"), None, exc)
+            return
+        self._reply(req.get("id"), req.get("op"), reply, None)
+
+    async def _handle(self, req: dict) -> dict:
+        op = req.get("op")
+        timeout = calls.request_timeout(req.get("timeout"))
+        daemon = self.daemon
+        if op == "hello":
+            return {"peer_id": daemon.peer_id, "pid": os.getpid()}
+        if op == "connect":
+            return await daemon.connect(timeout)
+        if op == "update_topology":
+            return await daemon.update_topology(timeout)
+        if op == "are_peers_pending":
+            return {"pending": await daemon.are_peers_pending(timeout)}
+        if op == "info":
+            return daemon.summary()
+        if op == "map":
+            self.map(str(req["name"]), int(req["size"]))
+            return {}
+        if op == "unmap":
+            self.unmap(str(req["name"]))
+            return {}
+        if op == "all_gather":
+            daemon.require_connected()
+            blob = req.get("data")
+            calls.check_blob(blob)
+            return await daemon.all_gather(blob, user_tag=req.get("tag"), timeout=timeout)
+        if op == "sync_shared_state":
+            return await self._sync(req, timeout)
+        if op == "leave":
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(daemon.stop()))
+            return {}
+        raise InvalidUsage(f"unknown request {op!r}")
+
+    async def _sync(self, req: dict, timeout: float) -> dict:
+        self.daemon.require_connected()
+        desc = req.get("state")
+        if not isinstance(desc, dict):
+            raise InvalidUsage("sync_shared_state needs a state description")
+        strategy = str(req.get("strategy", "enforce_popular"))
+        calls.check_strategy(strategy)
+        seg = self.segment(str(desc.get("segment")))
+        views = ipc.layout_views(desc, seg.buf)
+        progress = self.progress_reporter(req.get("id")) if req.get("progress") else None
+        return await self.daemon.sync_shared_state(views, revision=int(desc["revision"]), strategy=strategy,
+                                                   timeout=timeout, progress=progress)
+
+    def _all_reduce(self, req: dict, finish: Callable[[dict | None, PcclError | None], None]) -> None:
+        """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
+        ends. No task per call: small all-reduces are latency-bound and every loop iteration
+        counts. Bad requests raise here."""
+        timeout = calls.request_timeout(req.get("timeout"))
+        self.daemon.require_connected()
+        dtype = str(req.get("dtype"))
+        calls.check_dtype(dtype)
+        nbytes = int(req["nbytes"])
+        calls.check_whole_elements(nbytes, dtype)
+        inline = req.get("data")
+        if inline is not None:  # a small call carries its bytes; the result goes back in the reply
+            calls.check_inline(inline, nbytes)
+            src, dst, refs = inline, bytearray(nbytes), None
+        else:
+            seg = self.segment(str(req["shm"]))
+            in_seg = self.segment(str(req.get("in_shm") or req["shm"]))
+            in_off, out_off = int(req["in_off"]), int(req["out_off"])
+            calls.check_shm_ranges(nbytes, (in_seg.size, in_off), (seg.size, out_off), in_seg is seg)
+            src = in_seg.buf[in_off:in_off + nbytes]
+            dst = seg.buf[out_off:out_off + nbytes]
+            refs = (in_seg.name.lstrip("/"), in_off, seg.name.lstrip("/"), out_off)
+
+        def done(info: dict | None, exc: PcclError | None) -> None:
+            if info is not None and inline is not None:
+                info["data"] = dst
+            finish(info, exc)
+
+        self.daemon.start_all_reduce(
+            src,
+            dst,
+            dtype=dtype,
+            op=str(req.get("reduce", "sum")),
+            quant=req.get("quant"),
+            algorithm=str(req.get("algorithm", "auto")),
+            user_tag=req.get("tag"),
+            timeout=timeout,
+            shm_refs=refs,
+            done=done,
+        )
+
+    # -- replies ---------------------------------------------------------------------
+    def _reply(self, rid, op, reply: dict | None, exc: BaseException | None) -> None:
+        if exc is None:
+            reply["ok"] = True
+        elif isinstance(exc, PcclError):
+            reply = {"ok": False, **to_wire(exc)}
+        elif isinstance(exc, (KeyError, TypeError, ValueError)):
+            reply = {"ok": False, **to_wire(InvalidUsage(f"bad request: {exc!r}"))}
+        else:  # never let one request kill the daemon
+            log.error("request %s failed", op, exc_info=exc)
+            reply = {"ok": False, **to_wire(exc)}
+        reply["id"] = rid
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ipc.pack(reply))
+
+    def progress_reporter(self, rid, interval: float = 0.1):
+        """A callback sending ``{"id": rid, "progress": [done, total]}`` to the client, throttled."""
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if (now - last[0] >= interval or done >= total) and self.transport is not None:
+                last[0] = now
+                self.transport.write(ipc.pack({"id": rid, "progress": [int(done), int(total)]}))
+
+        return report
+
+    # -- shared-memory segments ------------------------------------------------------
+    def map(self, name: str, size: int) -> None:
+        if name in self.segments:
+            return
+        try:
+            seg = segments.attach_segment(name)
+        except OSError as exc:
+            raise InvalidUsage(f"cannot map shared-memory segment {name!r}: {exc}") from None
+        if seg.size < size:
+            seg.close()
+            raise InvalidUsage(f"segment {name} is {seg.size} bytes, expected {size}")
+        self.segments[name] = seg
+
+    def unmap(self, name: str) -> None:
+        seg = self.segments.pop(name, None)
+        if seg is not None:
+            # a view may still be alive (an op, a transfer's buffers): the mapping then goes
+            # with the last view
+            seg.close()
+
+    def segment(self, name: str):
+        seg = self.segments.get(name)
+        if seg is None:
+            raise InvalidUsage(f"unknown shared-memory segment {name!r}; map it first")
+        return seg
