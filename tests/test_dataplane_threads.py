@@ -1,4 +1,4 @@
-"""Large frames on the streams' I/O threads (collectives/pump.py): the pump alone over a
+"""Large frames on the streams' I/O threads (transport/pump.py): the pump alone over a
 socket pair, then data planes with ``io_threads=True`` (results, parity, a peer lost, and
 nothing left behind: threads, file descriptors)."""
 

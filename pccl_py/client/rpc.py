@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pccl_py.errors import DeadlineExceeded, InvalidUsage, PcclError, PeerLost, from_wire
 from pccl_py.wire import ipc
 
-log = logging.getLogger("pccl_py.client")
+log = logging.getLogger("pccl.client")
 
 SLACK = 5.0  # the daemon enforces deadlines; the client waits this much longer before giving up
 RECV_SLICE = 0.25  # seconds a wait for the daemon blocks before it checks its deadline

@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - only without the extension: results are copied back
     map_at = remap = None
 
-log = logging.getLogger("pccl_py.client")
+log = logging.getLogger("pccl.client")
 
 PAGE = 4096
 MIN_SEGMENT = 1 << 16

@@ -51,7 +51,7 @@ class Rx:
     (may be None), ``finish()`` once the whole payload is in. ``reduction`` (may be None)
     describes what ``progress`` computes when it is a plain ``acc (op)= other`` over the
     bytes received (``pair()``, ``done``, ``progress``): an I/O thread then runs it in C
-    together with the reads (collectives/pump.py)."""
+    together with the reads (transport/pump.py)."""
 
     __slots__ = ("view", "progress", "finish", "reduction")
 

@@ -7,7 +7,7 @@ peer sends (N-1) x size, so ``algorithm="auto"`` uses it only below the measured
 crossover; latency is one hop plus the FIN round, or one hop alone for a call of at most
 ``frames.TINY_BYTES``: its one frame per peer is the last thing each peer sends, so a FIN
 after it would not narrow the window in which a broken link leaves one peer done and
-another failed (the counted tags catch that case either way, see ``pccl_py/tags.py``).
+another failed (the counted tags catch that case either way, see ``pccl_py/daemon/tags.py``).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class Membership:
         self._last_tick = now
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
-        self.sync = SyncHost(self.accepted)  # shared-state rounds (pccl_py/syncing.py)
+        self.sync = SyncHost(self.accepted)  # shared-state rounds (coordinator/state_sync.py)
 
     # ------------------------------------------------------------------ queries
 

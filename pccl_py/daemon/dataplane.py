@@ -79,7 +79,7 @@ class DataPlaneConfig:
     user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
     memo: int = 65536  # remembered (tag -> attempt) entries per epoch
     # Frames with at least bulk_min payload bytes are moved (and reduced) by a receive and a
-    # send thread per stream instead of the event loop (collectives/pump.py). io_threads:
+    # send thread per stream instead of the event loop (transport/pump.py). io_threads:
     # True, False, or None for "when the machine has more than 2 CPUs" (on 2 cores the
     # kernel's copies already use both, and a thread hand-off only adds latency).
     io_threads: bool | None = None

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
               f"median of repeats as seen by rank 0"
               f"{'; tensors from Client.alloc' if args.alloc else ''}"
               f"{f'; median of {args.rounds} rounds (ours, then gloo, in turn)' if args.rounds > 1 else ''}"
-              f"{'; floor: daemon-free shared-memory all-reduce (a bound, see pccl_py/bench/floor.py)' if args.floor else ''}",
+              f"{'; floor: daemon-free shared-memory all-reduce (a bound, see pccl_py/tools/bench/floor.py)' if args.floor else ''}",
               flush=True)
     ours_by_round, gloo_by_round, floor_by_round = [], [], []
     for r in range(args.rounds):
