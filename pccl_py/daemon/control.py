@@ -221,9 +221,31 @@ class ControlChannel:
         """Report a fixed activity from now on (a daemon sets ``activity_source`` instead)."""
         self.activity_source = lambda: activity
 
-    def sync_channel(self) -> SyncChannel:
+    def sync_channel(self) -> _SyncEnd:
         """The :class:`~pccl_py.daemon.state_sync.SyncChannel` ``daemon_sync`` talks through."""
-        return SyncChannel(self)
+        return _SyncEnd(self)
+
+    async def sync_send(self, msg: dict) -> None:
+        """Send a ``sync_offer`` / ``sync_done``. An offer starts a sync, so it first drops
+        whatever an earlier, abandoned sync left queued."""
+        if self._sock is None:
+            raise CoordinatorUnavailable(
+                f"not connected to the coordinator at {self.coordinator} (state {self.state}): "
+                "call connect() first"
+            )
+        d = self.core.sync_send(asyncio.get_running_loop().time(), msg)
+        if msg["type"] == "sync_offer":
+            while not self._sync_q.empty():
+                self._sync_q.get_nowait()
+        self._carry_out(d)
+
+    async def sync_recv(self) -> dict:
+        """The next ``sync_plan`` / ``sync_complete`` the coordinator sent this peer; raises
+        ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the channel closes."""
+        item = await self._sync_q.get()
+        if isinstance(item, PcclError):
+            raise item
+        return item
 
     def set_revision(self, revision: int) -> None:
         """Shared-state revision reported with heartbeats and re-introductions."""
@@ -337,33 +359,10 @@ class ControlChannel:
         self._carry_out(self.core.on_message(asyncio.get_running_loop().time(), msg, wall=time.time()))
 
 
-class SyncChannel:
-    """``send``/``recv`` of one daemon's shared-state sync over its :class:`ControlChannel`.
-
-    ``send`` transmits ``sync_offer`` / ``sync_done``; a ``sync_offer`` starts a sync, so it
-    first drops whatever an earlier, abandoned sync left queued. ``recv`` returns the next
-    ``sync_plan`` / ``sync_complete`` the coordinator sent this peer, and raises
-    ``PeerLost`` / ``Aborted`` when the peer is removed, leaves or the channel closes.
-    """
+class _SyncEnd:
+    """This daemon's end of its shared-state sync: the
+    :class:`~pccl_py.daemon.state_sync.SyncChannel` that ``daemon_sync`` talks through."""
 
     def __init__(self, channel: ControlChannel) -> None:
-        self.channel = channel
-
-    async def send(self, msg: dict) -> None:
-        channel = self.channel
-        if channel._sock is None:
-            raise CoordinatorUnavailable(
-                f"not connected to the coordinator at {channel.coordinator} (state {channel.state}): "
-                "call connect() first"
-            )
-        d = channel.core.sync_send(asyncio.get_running_loop().time(), msg)
-        if msg["type"] == "sync_offer":
-            while not channel._sync_q.empty():
-                channel._sync_q.get_nowait()
-        channel._carry_out(d)
-
-    async def recv(self) -> dict:
-        item = await self.channel._sync_q.get()
-        if isinstance(item, PcclError):
-            raise item
-        return item
+        self.send = channel.sync_send
+        self.recv = channel.sync_recv
