@@ -153,6 +153,26 @@ def check_shm_ranges(nbytes: int, src: tuple[int, int], dst: tuple[int, int], sa
                            "reduce in place (one range) or use ranges that are apart")
 
 
+def byte_view(buf: Any, name: str = "buffer", writable: bool = False) -> memoryview:
+    """``buf`` (anything with the buffer protocol) as a flat byte memoryview, without a copy;
+    ``InvalidUsage`` when it is not C-contiguous, or not writable where it will be written."""
+    try:
+        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    except TypeError:
+        raise InvalidUsage(f"{name} does not support the buffer protocol (pass a numpy array, "
+                           "bytes, bytearray or memoryview)") from None
+    if not mv.c_contiguous:
+        raise InvalidUsage(f"{name} must be C-contiguous (pass a contiguous copy)")
+    if writable and mv.readonly:
+        raise InvalidUsage(f"{name} must be writable")
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    try:
+        return mv.cast("B")
+    except TypeError as e:
+        raise InvalidUsage(f"{name}: {e}") from None
+
+
 def check_blob(blob: Any) -> None:
     """What an all-gather contributes: bytes (or a buffer of bytes)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):

@@ -149,3 +149,19 @@ def test_a_requests_timeout_has_a_default_and_a_bound():
     for bad in (-1, calls.MAX_TIMEOUT * 2, math.nan, math.inf, "soon", [1], 10**400):
         with pytest.raises(InvalidUsage, match=r"timeout must be in \(0, 86400.0\] seconds"):
             calls.request_timeout(bad)
+
+
+def test_byte_view_is_a_flat_view_without_a_copy_or_a_clear_refusal():
+    import numpy as np
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    v = calls.byte_view(a, "src")
+    assert v.format == "B" and v.ndim == 1 and v.nbytes == 24
+    v[0:4] = np.float32(7).tobytes()  # the same memory
+    assert a[0, 0] == 7
+    with pytest.raises(InvalidUsage, match="dst must be C-contiguous"):
+        calls.byte_view(a[:, ::2], "dst")
+    with pytest.raises(InvalidUsage, match="dst must be writable"):
+        calls.byte_view(b"abc", "dst", writable=True)
+    with pytest.raises(InvalidUsage, match="buffer protocol"):
+        calls.byte_view([1, 2], "src")

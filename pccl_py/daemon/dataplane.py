@@ -550,8 +550,8 @@ class DataPlane:
         """Check the arguments; ``(make(attempt) -> Collective, world, algorithm)``, or None when
         the world is this peer alone (the result is then already in ``dst``)."""
         calls.check_all_reduce(dtype, op, quant, algorithm)
-        s = _byte_view(src, "src")
-        d = _byte_view(dst, "dst", writable=True)
+        s = calls.byte_view(src, "src")
+        d = calls.byte_view(dst, "dst", writable=True)
         item = K.itemsize(dtype)
         if len(s) != len(d):
             raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
@@ -707,20 +707,4 @@ def _overlap(s: memoryview, d: memoryview) -> str | None:
         return None
     return "same" if a == b and len(s) == len(d) else "partial"
 
-
-def _byte_view(buf, name: str, writable: bool = False) -> memoryview:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise InvalidUsage(f"{name} does not support the buffer protocol") from None
-    if not mv.c_contiguous:
-        raise InvalidUsage(f"{name} must be C-contiguous")
-    if writable and mv.readonly:
-        raise InvalidUsage(f"{name} must be writable")
-    if mv.format == "B" and mv.ndim == 1:
-        return mv
-    try:
-        return mv.cast("B")
-    except TypeError as e:
-        raise InvalidUsage(f"{name}: {e}") from None
 

@@ -17,22 +17,15 @@ from typing import Any
 
 import xxhash
 
+from pccl_py.calls import byte_view
+
 # Above this many bytes a hash is worth a hop to the executor thread.
 EXECUTOR_THRESHOLD = 1 << 20
 
 
-def _bytes_view(buf: Any) -> memoryview:
-    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    if mv.ndim != 1 or mv.format != "B":
-        if not mv.c_contiguous:
-            raise ValueError("shared-state buffers must be C-contiguous")
-        mv = mv.cast("B")
-    return mv
-
-
 def hash_buffer(buf: Any) -> bytes:
     """xxh3-128 digest (16 bytes) of one C-contiguous buffer (bytes, memoryview, numpy array)."""
-    return xxhash.xxh3_128_digest(_bytes_view(buf))
+    return xxhash.xxh3_128_digest(byte_view(buf, "a shared-state buffer"))
 
 
 def hash_buffers(buffers: Mapping[str, Any]) -> dict[str, bytes]:
@@ -42,7 +35,7 @@ def hash_buffers(buffers: Mapping[str, Any]) -> dict[str, bytes]:
 
 async def hash_buffers_async(buffers: Mapping[str, Any], executor: Any = None) -> dict[str, bytes]:
     """:func:`hash_buffers` off the event loop when the state is large enough to matter."""
-    total = sum(_bytes_view(b).nbytes for b in buffers.values())
+    total = sum(byte_view(b, "a shared-state buffer").nbytes for b in buffers.values())
     if total < EXECUTOR_THRESHOLD:
         return hash_buffers(buffers)
     import asyncio

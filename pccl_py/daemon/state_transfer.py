@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pccl_py.calls import byte_view
 from pccl_py.daemon.state_hash import hash_buffers_async
 from pccl_py.daemon.transfer_plan import (
     DEFAULT_CHUNK,
@@ -49,17 +50,6 @@ from pccl_py.wire import state_transfer as wire
 __all__ = ["DEFAULT_CHUNK", "HashMismatch", "SourceRefused", "StateServer", "fetch"]
 
 log = logging.getLogger("pccl.state_transfer")
-
-
-def _as_bytes_view(buf: Any, writable: bool = False) -> memoryview:
-    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    if not mv.c_contiguous:
-        raise InvalidUsage("shared-state buffers must be C-contiguous")
-    if mv.ndim != 1 or mv.format != "B":
-        mv = mv.cast("B")
-    if writable and mv.readonly:
-        raise InvalidUsage("a fetch destination must be writable")
-    return mv
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,7 +94,7 @@ class StateServer:
         return self.address
 
     def publish(self, revision: int, views: Mapping[str, Any]) -> None:
-        self.views = {n: _as_bytes_view(v) for n, v in views.items()}
+        self.views = {n: byte_view(v, f"shared-state tensor {n!r}") for n, v in views.items()}
         self.revision = revision
         self.tx_bytes = 0
 
@@ -360,7 +350,7 @@ async def fetch(
     deadline = t0 + timeout
     if chunk <= 0 or streams_per_source <= 0 or pipeline <= 0:
         raise InvalidUsage("chunk, streams_per_source and pipeline must be positive")
-    dests = {n: (_as_bytes_view(buf, writable=True), bytes(h)) for n, (buf, h) in tensors.items()}
+    dests = {n: (byte_view(buf, f"fetch destination {n!r}", writable=True), bytes(h)) for n, (buf, h) in tensors.items()}
     srcs = list(dict.fromkeys((str(h), int(p)) for h, p in sources))
     by_label = {_label(s): s for s in srcs}
     opts = (revision, secret, peer_id, streams_per_source, chunk, pipeline, deadline, stall_timeout,
