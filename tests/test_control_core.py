@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from pccl_py.daemon.control_core import JOIN, LEAVE, ChannelState, ControlCore, Decision
+from pccl_py.daemon.control_core import JOIN, LEAVE, Actions, ChannelState, ControlCore
 from pccl_py.errors import (
     Aborted,
     CoordinatorUnavailable,
@@ -42,12 +42,12 @@ def make(peer_id: str = "p1", **kw) -> ControlCore:
     return ControlCore(peer_id, **opts)
 
 
-def wire(d: Decision) -> list[dict]:
+def wire(d: Actions) -> list[dict]:
     """The decision's messages as the coordinator would decode them."""
     return [protocol.decode(protocol.encode_msg(m)) for m in d.out]
 
 
-def types(d: Decision) -> list[str]:
+def types(d: Actions) -> list[str]:
     return [m["type"] for m in wire(d)]
 
 
@@ -68,7 +68,7 @@ def topology(epoch: int = 1, peers: tuple[str, ...] = ("p1",), instance: str = "
                round_done=round_done, reason="test")
 
 
-def apply(core: ControlCore, topo_msg: dict) -> tuple[Decision, Decision]:
+def apply(core: ControlCore, topo_msg: dict) -> tuple[Actions, Actions]:
     """What the shell's apply loop does with a queued topology (on_topology returns at once)."""
     return core.adopt(topo_msg), core.applied()
 
@@ -93,7 +93,7 @@ def offer(timeout: float, revision: int = 0) -> dict:
 DONE = {"type": "sync_done", "round": 1, "ok": True, "rx_bytes": 0, "error": "", "message": ""}
 
 
-def hellos(d: Decision) -> list[dict]:
+def hellos(d: Actions) -> list[dict]:
     return [m for m in wire(d) if m["type"] == "hello"]
 
 

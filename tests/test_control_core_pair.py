@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pccl_py.coordinator.membership import Membership, MembershipConfig
-from pccl_py.daemon.control_core import JOIN, ChannelState, ControlCore, Decision
+from pccl_py.daemon.control_core import JOIN, Actions, ChannelState, ControlCore
 from pccl_py.retry import Backoff
 from pccl_py.wire import control as protocol
 
@@ -26,7 +26,7 @@ def make(peer_id: str) -> ControlCore:
                        backoff=Backoff(initial=0.125, maximum=0.5, jitter=0.0, deadline=float("inf")))
 
 
-def wire(d: Decision) -> list[dict]:
+def wire(d: Actions) -> list[dict]:
     return [protocol.decode(protocol.encode_msg(m)) for m in d.out]
 
 
@@ -46,7 +46,7 @@ class Pair:
     def restart(self, grace: float) -> None:
         self.coord = self._coordinator("c2", grace)
 
-    def to_coord(self, pid: str, d: Decision) -> None:
+    def to_coord(self, pid: str, d: Actions) -> None:
         for m in wire(d):
             self.to_daemons(self.coord.on_message(self.now, pid, m, wall=WALL))
 

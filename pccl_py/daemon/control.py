@@ -32,9 +32,9 @@ import zmq
 from pccl_py.daemon.control_core import (
     JOIN,
     REINTRODUCE_BACKOFF,
+    Actions,
     ChannelState,
     ControlCore,
-    Decision,
 )
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import (
@@ -291,7 +291,7 @@ class ControlChannel:
             self.core.forget(key)  # at once: a request given up on is not resent to a new coordinator
             raise self.core.wait_expired(loop.time(), what) from None
 
-    def _carry_out(self, d: Decision, *, exc_info: bool = False) -> None:
+    def _carry_out(self, d: Actions, *, exc_info: bool = False) -> None:
         if d.reason:
             log.log(d.level, "%s: %s", self.peer_id, d.reason, exc_info=exc_info)
         if d.renamed is not None and self.on_peer_id is not None:

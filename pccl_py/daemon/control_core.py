@@ -2,7 +2,7 @@
 
 The core is fed validated coordinator messages (see :mod:`pccl_py.wire.control`), timer
 ticks and the calls the daemon makes, always with the current time, and returns a
-:class:`Decision`: the messages to send, the waits to complete or fail (and with what),
+:class:`Actions`: the messages to send, the waits to complete or fail (and with what),
 what to hand to the daemon's callbacks, and a reason for the log. It owns no socket,
 task, future or clock: :class:`~pccl_py.daemon.control.ControlChannel` is its asyncio shell.
 
@@ -78,7 +78,7 @@ _ALLOWED: dict[ChannelState, frozenset[ChannelState]] = {
 
 
 @dataclass
-class Decision:
+class Actions:
     """What one input asks the shell to do, in this order: hand ``renamed`` to on_peer_id and
     ``abort`` to on_abort, send ``out``, fail and complete waits, queue ``sync`` items and the
     ``topology`` message, hand ``removed`` to on_removed. ``reason`` is for the log."""
@@ -88,7 +88,7 @@ class Decision:
     level: int = logging.DEBUG  # log level of the reason
     settle: list[tuple[int, Any]] = field(default_factory=list)  # (wait key, result)
     fail: list[tuple[int, PcclError]] = field(default_factory=list)  # (wait key, exception)
-    wait: int | None = None  # the wait the call behind this decision awaits (None: none)
+    wait: int | None = None  # the wait the call behind these actions awaits (None: none)
     registering: bool = False  # connect() registers: if its wait fails, call connect_failed()
     topology: Msg | None = None  # a topology to queue for adopt() / applied()
     apply: Topology | None = None  # await on_topology(apply) between adopt() and applied()
@@ -153,7 +153,7 @@ class ControlCore:
         self._join_timeout = 0.0
         self._next_req = 0
         self._adopting: Msg | None = None  # between adopt() and applied()
-        self._step = Decision()
+        self._step = Actions()
 
     # ------------------------------------------------------------------ queries
 
@@ -186,7 +186,7 @@ class ControlCore:
 
     # ------------------------------------------------------------------ calls
 
-    def connect(self, now: float, timeout: float, *, wall: float | None = None) -> Decision:
+    def connect(self, now: float, timeout: float, *, wall: float | None = None) -> Actions:
         """Register (or wait for the topology of a member whose coordinator restarted)."""
         self._begin()
         if self.state is _S.CLOSED:
@@ -211,7 +211,7 @@ class ControlCore:
         self._hello(now, wall, force=True, why="registering")
         return self._step
 
-    def connect_failed(self, exc: PcclError) -> Decision:
+    def connect_failed(self, exc: PcclError) -> Actions:
         """A registering connect() raised ``exc``: past its deadline it announces a leave."""
         self._begin()
         if isinstance(exc, (DeadlineExceeded, CoordinatorUnavailable)):
@@ -224,7 +224,7 @@ class ControlCore:
             self._why(f"connect() failed: {exc}")
         return self._step
 
-    def vote(self, timeout: float) -> Decision:
+    def vote(self, timeout: float) -> Actions:
         """update_topology(): vote to admit the pending peers; ``wait`` says what to await."""
         self._begin()
         self.require_member("update_topology")
@@ -237,7 +237,7 @@ class ControlCore:
         self._why(f"vote {self._step.wait} sent")
         return self._step
 
-    def unvote(self, req: int) -> Decision:
+    def unvote(self, req: int) -> Actions:
         """The caller of update_topology gave up waiting for vote ``req``."""
         self._begin()
         self.requests.pop(req, None)
@@ -245,14 +245,14 @@ class ControlCore:
         self._why(f"vote {req} withdrawn")
         return self._step
 
-    def pending_query(self) -> Decision:
+    def pending_query(self) -> Actions:
         """are_peers_pending(): ``wait`` is the request to await."""
         self._begin()
         self.require_member("are_peers_pending")
         self._step.wait = self._request({"type": "pending_q"})
         return self._step
 
-    def report_failure(self, peer_id: str, reason: str, epoch: int) -> Decision:
+    def report_failure(self, peer_id: str, reason: str, epoch: int) -> Actions:
         self._begin()
         if self.registered:
             self._send({"type": "report_failure", "peer_id": peer_id[:128], "reason": reason[:1024], "epoch": epoch})
@@ -261,7 +261,7 @@ class ControlCore:
             self._why(f"link to {peer_id} broke while not registered ({self.state.value}): not reported")
         return self._step
 
-    def sync_send(self, now: float, msg: Msg) -> Decision:
+    def sync_send(self, now: float, msg: Msg) -> Actions:
         """``sync_offer`` / ``sync_done`` from daemon_sync; raises when it cannot be sent."""
         self._begin()
         if self.state is _S.REMOVED:
@@ -283,7 +283,7 @@ class ControlCore:
         self._send(msg)
         return self._step
 
-    def leave(self) -> Decision:
+    def leave(self) -> Actions:
         """Announce a graceful leave; ``wait`` (if any) is the coordinator's confirmation."""
         self._begin()
         if not self.registered:
@@ -296,7 +296,7 @@ class ControlCore:
         self._why("leave announced")
         return self._step
 
-    def close(self) -> Decision:
+    def close(self) -> Actions:
         self._begin()
         if self.state is _S.CLOSED:
             self._why("already closed")
@@ -312,7 +312,7 @@ class ControlCore:
 
     # ------------------------------------------------------------------ timers
 
-    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None) -> Decision:
+    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None) -> Actions:
         """Heartbeat period: a heartbeat, and hellos while the coordinator is silent."""
         self._begin()
         if not self.registered:
@@ -333,7 +333,7 @@ class ControlCore:
 
     # ------------------------------------------------------------------ coordinator messages
 
-    def on_message(self, now: float, msg: Msg, *, wall: float | None = None) -> Decision:
+    def on_message(self, now: float, msg: Msg, *, wall: float | None = None) -> Actions:
         """A validated message from the coordinator. ``wall`` is wall-clock time (for hello)."""
         self._begin()
         self.last_rx = now
@@ -461,7 +461,7 @@ class ControlCore:
 
     # ------------------------------------------------------------------ topologies
 
-    def adopt(self, msg: Msg) -> Decision:
+    def adopt(self, msg: Msg) -> Actions:
         """A queued topology is next: take it (``apply``: hand it to on_topology first), then
         call :meth:`applied`. Raises ProtocolError for a topology without this peer."""
         self._begin()
@@ -485,7 +485,7 @@ class ControlCore:
             self._why(f"topology of epoch {topo.epoch} unchanged")
         return self._step
 
-    def applied(self) -> Decision:
+    def applied(self) -> Actions:
         """on_topology returned: admission and (round_done) the votes in flight complete."""
         self._begin()
         msg, self._adopting = self._adopting, None
@@ -500,7 +500,7 @@ class ControlCore:
             self._why(f"update_topology round done (votes {votes})")
         return self._step
 
-    def apply_failed(self, msg: Msg, exc: BaseException) -> Decision:
+    def apply_failed(self, msg: Msg, exc: BaseException) -> Actions:
         """adopt() or on_topology raised: every wait fails (the channel itself lives on)."""
         self._begin()
         self._adopting = None
@@ -561,7 +561,7 @@ class ControlCore:
             self._step.sync.append(exc)
 
     def _begin(self) -> None:
-        self._step = Decision()
+        self._step = Actions()
 
     def _send(self, msg: Msg) -> None:
         self._step.out.append(msg)
