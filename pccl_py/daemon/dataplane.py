@@ -25,18 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from pccl_py import calls
 from pccl_py import kernels as K
 from pccl_py.collectives.base import Collective
-from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
-from pccl_py.collectives.quant import QuantAllReduce
-from pccl_py.collectives.ring import RingAllReduce
-from pccl_py.collectives.shm import MAX_WORLD as SHM_MAX_WORLD
-from pccl_py.collectives.shm import VERSION as SHM_VERSION
-from pccl_py.collectives.shm import ShmAllReduce, ShmContext
+from pccl_py.collectives.shm import ShmContext
+from pccl_py.daemon.allreduce_plan import plan_all_reduce
 from pccl_py.daemon.peers import GroupView, PeerStreams
 from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
 from pccl_py.daemon.streams import LINGER, Stream
@@ -549,65 +543,11 @@ class DataPlane:
     def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
         """Check the arguments; ``(make(attempt) -> Collective, world, algorithm)``, or None when
         the world is this peer alone (the result is then already in ``dst``)."""
-        calls.check_all_reduce(dtype, op, quant, algorithm)
-        s = calls.byte_view(src, "src")
-        d = calls.byte_view(dst, "dst", writable=True)
-        item = K.itemsize(dtype)
-        if len(s) != len(d):
-            raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
-        calls.check_whole_elements(len(s), dtype)
         calls.check_tag(tag)
         calls.check_timeout(timeout)
-        view = self._group()
-        count = len(s) // item
-        world = view.world
-        if world == 1:
-            np.copyto(np.frombuffer(d, np.uint8), np.frombuffer(s, np.uint8))
-            return None
-        cfg = self.config
-        shm_ok = shm_refs is not None and view.colocated and len(s) > 0 and world <= SHM_MAX_WORLD
-        if quant is not None:
-            algo = "quant"
-        elif algorithm == "auto":
-            algo = "direct" if len(s) <= cfg.direct_max_bytes else "shm" if shm_ok and cfg.shm else "ring"
-        else:
-            algo = algorithm
-        if algo == "shm" and not shm_ok:
-            raise InvalidUsage(f"algorithm 'shm' needs every peer of the group on this host (the same data "
-                               f"address), at most {SHM_MAX_WORLD} of them, and the tensors in shared memory "
-                               f"(a daemon's client call)")
-        overlap = None if type(src) is bytes else _overlap(s, d)  # bytes cannot be written
-        if overlap and algo not in ("ring", "shm"):
-            s = bytes(s)  # an in-place call: these collectives read src after writing dst
-        elif overlap == "partial" and algo == "shm":
-            raise InvalidUsage("the shared-memory all-reduce takes src and dst either apart or the same range")
-        common = dict(loop=self._loop, tag=tag)
-        if algo == "ring":
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, cfg.sub_bytes, cfg.min_sub_bytes,
-                                cfg.pipeline_depth)
-            make = lambda attempt: RingAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                             sub_bytes=cfg.sub_bytes, min_stripe=cfg.min_stripe,
-                                             min_sub_bytes=cfg.min_sub_bytes, depth=cfg.pipeline_depth,
-                                             attempt=attempt, desc=desc, **common)
-        elif algo == "shm":
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, None, SHM_VERSION)
-            make = lambda attempt: ShmAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                            refs=shm_refs, ctx=self._shm, attempt=attempt, desc=desc, **common)
-        elif algo == "direct" and world >= 3 and 0 < len(s) <= F.TINY_BYTES:
-            desc = F.descriptor("all_reduce", dtype, op, count, "rooted", None)
-            make = lambda attempt: RootedAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                               attempt=attempt, desc=desc, **common)
-        elif algo == "direct":
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, None)
-            make = lambda attempt: DirectAllReduce(view, src=s, dst=d, dtype=dtype, op=op, count=count,  # noqa: E731
-                                               min_stripe=cfg.min_stripe, attempt=attempt, desc=desc, **common)
-        else:
-            desc = F.descriptor("all_reduce", dtype, op, count, algo, quant, cfg.quant_block_bytes)
-            worker = self._offload if self.bulk_min else None
-            make = lambda attempt: QuantAllReduce(view, src=s, dst=d, op=op, count=count, quant=quant,  # noqa: E731
-                                              block_bytes=cfg.quant_block_bytes, worker=worker, attempt=attempt,
-                                              desc=desc, **common)
-        return make, world, algo
+        return plan_all_reduce(self._group(), src, dst, dtype=dtype, op=op, quant=quant, algorithm=algorithm,
+                               tag=tag, config=self.config, shm_refs=shm_refs, shm=self._shm,
+                               worker=self._offload if self.bulk_min else None, loop=self._loop)
 
     async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:
         if len(blob) > self.config.max_blob:
@@ -695,16 +635,3 @@ def _info(world: int, algo: str, t0: float, coll: Collective | None) -> dict:
     if coll is not None:
         info.update(coll.info())
     return info
-
-
-def _overlap(s: memoryview, d: memoryview) -> str | None:
-    """None when ``s`` and ``d`` are apart, "same" for one range, "partial" otherwise."""
-    if not len(s) or not len(d):
-        return None
-    a = np.frombuffer(s, np.uint8).__array_interface__["data"][0]
-    b = np.frombuffer(d, np.uint8).__array_interface__["data"][0]
-    if a + len(s) <= b or b + len(d) <= a:
-        return None
-    return "same" if a == b and len(s) == len(d) else "partial"
-
-
