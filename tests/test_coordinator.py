@@ -555,3 +555,14 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     topo = await join
     assert topo.world_size == 2 and [p.peer_id for p in topo.peers] == ["p0", b.peer_id]
     assert new_ids == [b.peer_id]
+
+
+def test_module_entry_points_exit_with_the_status_of_main():
+    """``python -m pccl_py.coordinator`` / ``pccl_py`` report a bad invocation by their exit
+    status, as a supervisor or a shell script sees it."""
+    bad = [[sys.executable, "-m", "pccl_py.coordinator", "--listen", "badaddr:xx"],
+           [sys.executable, "-m", "pccl_py", "nosuch"],
+           [sys.executable, "-m", "pccl_py.daemon", "--no-such-flag"]]
+    for cmd in bad:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, (cmd, out.stdout, out.stderr)

@@ -55,19 +55,22 @@ def overlap(s: memoryview, d: memoryview) -> str | None:
     return "same" if a == b and len(s) == len(d) else "partial"
 
 
-def plan_all_reduce(view, src, dst, *, dtype: str, op: str, quant: str | None, algorithm: str, tag: int,
-                    config: Any, shm_refs, shm, worker, loop
+def plan_all_reduce(group: Callable[[], Any], src, dst, *, dtype: str, op: str, quant: str | None,
+                    algorithm: str, tag: int, timeout: float, config: Any, shm_refs, shm, worker, loop
                     ) -> tuple[Callable[[int], Collective], int, str] | None:
-    """``(make(attempt) -> Collective, world, algorithm)`` for one call over ``view`` (the
-    group's ``Link``), or None when the world is this peer alone (``dst`` then holds the
-    result). ``config`` is the data plane's ``DataPlaneConfig``; bad arguments raise
-    ``InvalidUsage`` here."""
+    """``(make(attempt) -> Collective, world, algorithm)`` for one call over ``group()`` (the
+    group's ``Link``, asked for once the arguments are checked), or None when the world is
+    this peer alone (``dst`` then holds the result). ``config`` is the data plane's
+    ``DataPlaneConfig``; bad arguments raise ``InvalidUsage`` here, in argument order."""
     calls.check_all_reduce(dtype, op, quant, algorithm)
     s = calls.byte_view(src, "src")
     d = calls.byte_view(dst, "dst", writable=True)
     if len(s) != len(d):
         raise InvalidUsage(f"src has {len(s)} bytes but dst has {len(d)}")
     calls.check_whole_elements(len(s), dtype)
+    calls.check_tag(tag)
+    calls.check_timeout(timeout)
+    view = group()
     count = len(s) // K.itemsize(dtype)
     world = view.world
     if world == 1:

@@ -543,10 +543,8 @@ class DataPlane:
     def _plan_all_reduce(self, src, dst, dtype, op, quant, algorithm, tag, timeout, shm_refs):
         """Check the arguments; ``(make(attempt) -> Collective, world, algorithm)``, or None when
         the world is this peer alone (the result is then already in ``dst``)."""
-        calls.check_tag(tag)
-        calls.check_timeout(timeout)
-        return plan_all_reduce(self._group(), src, dst, dtype=dtype, op=op, quant=quant, algorithm=algorithm,
-                               tag=tag, config=self.config, shm_refs=shm_refs, shm=self._shm,
+        return plan_all_reduce(self._group, src, dst, dtype=dtype, op=op, quant=quant, algorithm=algorithm,
+                               tag=tag, timeout=timeout, config=self.config, shm_refs=shm_refs, shm=self._shm,
                                worker=self._offload if self.bulk_min else None, loop=self._loop)
 
     async def all_gather(self, blob: bytes, *, tag: int, timeout: float) -> list[bytes]:

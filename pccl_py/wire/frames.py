@@ -53,7 +53,9 @@ from pccl_py.errors import ProtocolError
 MAGIC = b"PCDP"
 # 2: ERROR code 5 (Diverged); 3: a direct exchange of <= TINY_BYTES has no FIN round;
 # 4: FIN_ALL (the shared-memory all-reduce's last finisher speaks for every peer)
-WIRE_VERSION = 4
+# 5: the direct exchange is named "direct" in the call descriptor (was "tree"), so a call
+# of an older daemon would not match one of this version
+WIRE_VERSION = 5
 
 # frame kinds
 DATA = 1

@@ -78,7 +78,7 @@ async def _serve(nbytes: int) -> None:
 
 def _start_sources(n: int, nbytes: int) -> tuple[list[subprocess.Popen], list[tuple[str, int]]]:
     procs, addrs = [], []
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     for _ in range(n):
         p = subprocess.Popen([sys.executable, "-m", "pccl_py.tools.bench.sync", "--serve", "--size", str(nbytes)],
