@@ -43,7 +43,7 @@ class FakeLink:
     def nstreams(self, rank: int) -> int:
         return self.net.streams
 
-    def fail_local(self, op, exc) -> None:
+    def fail_here(self, op, exc) -> None:
         op.fail(exc)
 
 

@@ -1,6 +1,6 @@
 """Coordinator + ControlChannel integration on 127.0.0.1: joins, kills, freezes, restarts, bad input.
 
-A real coordinator runs as a subprocess; peers are ControlLinks in this process, or
+A real coordinator runs as a subprocess; peers are ControlChannels in this process, or
 tests/_peer_proc.py subprocesses where a signal must hit them. Only PIDs started here
 are signalled. Measured latencies are logged (pytest -s or the log on failure).
 """
@@ -153,7 +153,7 @@ def peer_proc(tmp_path):
 
 
 class Links:
-    """Factory of started in-process ControlLinks; :func:`on_uvloop` closes them."""
+    """Factory of started in-process ControlChannels; :func:`on_uvloop` closes them."""
 
     def __init__(self):
         self.made: list[ControlChannel] = []

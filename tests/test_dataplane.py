@@ -64,8 +64,8 @@ def families(dp: DataPlane) -> dict[str, set[str]]:
     """Peer id -> the socket families of this data plane's streams to it."""
     out: dict[str, set[str]] = {}
     for c in dp._conns:
-        if c.link is not None:
-            out.setdefault(c.link.peer_id, set()).add(c.transport.get_extra_info("socket").family.name)
+        if c.peer_streams is not None:
+            out.setdefault(c.peer_streams.peer_id, set()).add(c.transport.get_extra_info("socket").family.name)
     return out
 
 
@@ -73,7 +73,7 @@ def families(dp: DataPlane) -> dict[str, set[str]]:
 async def cluster(n: int, streams: int = 2, config: DataPlaneConfig | None = None, failures=None,
                   tcp_only=()):
     """``n`` data planes of one group on 127.0.0.1; those in ``tcp_only`` neither listen on
-    nor dial a local Unix socket."""
+    nor dial a same-host Unix socket."""
     config = config or DataPlaneConfig()
     dps = [DataPlane(f"peer{i}", secret=SECRET, streams=streams,
                      config=dataclasses.replace(config, same_host_links=i not in tcp_only),
@@ -163,7 +163,7 @@ def test_all_reduce_matrix(world, algorithm):
                                          (3, "mixed")])
 def test_default_config_sizes(world, links):
     """Default segment sizes: sizes not divisible by N or K, ring and direct, bit parity; over
-    local Unix-socket links, TCP, or both (the last peer, which the others dial, has no local
+    same-host Unix-socket links, TCP, or both (the last peer, which the others dial, has no same-host
     listener: they fall back to TCP)."""
     tcp_only = {"unix": (), "tcp": range(world), "mixed": (world - 1,)}[links]
 
@@ -392,7 +392,7 @@ def test_new_epoch_aborts_in_flight_ops():
 
 
 async def _raw(port):
-    """A connection to a data plane: TCP to a port, or to a local (Unix-socket) address."""
+    """A connection to a data plane: TCP to a port, or to a same-host (Unix-socket) address."""
     if isinstance(port, int):
         return await asyncio.open_connection("127.0.0.1", port)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -966,7 +966,7 @@ def test_failed_call_withdraws_its_queued_frames():
             fut = asyncio.ensure_future(dps[0].all_reduce(src, np.zeros_like(src), dtype="float32", op="sum",
                                                           algorithm="ring", tag=1, timeout=0.5))
             await asyncio.sleep(0.2)
-            streams = [c for c in dps[0]._links["peer1"].conns]
+            streams = [c for c in dps[0]._peers["peer1"].conns]
             assert sum(len(c._backlog) for c in streams) > 0, "expected frames waiting in the backlog"
             with pytest.raises(DeadlineExceeded):
                 await fut

@@ -516,7 +516,7 @@ def test_a_send_thread_blocked_on_a_frozen_peer_is_woken_when_the_peer_is_remove
             while time.monotonic() < deadline and not blocked:
                 await asyncio.sleep(0.05)
                 blocked = [c for d in dps[:2] for c in d._conns
-                           if c.link is not None and c.link.peer_id == victim and c._tx_busy]
+                           if c.peer_streams is not None and c.peer_streams.peer_id == victim and c._tx_busy]
             assert blocked, "no send thread got blocked on the frozen peer"
             threads = [t for c in blocked for t in c._pump.threads]
             t0 = time.monotonic()

@@ -80,7 +80,7 @@ def _mutate(h: F.Header, fmt_index: int, value) -> bytes:
 
 
 # indices into HEADER's fields
-MAGIC, VERSION, KIND, QUANT, FLAGS, GROUP, EPOCH, TAG, SEQ, STEP, OFFSET, LENGTH, ELEMS, LO, SCALE, DESC = range(16)
+MAGIC, VERSION, KIND, QUANT, FLAGS, GROUP, EPOCH, TAG, ATTEMPT, ARG, OFFSET, LENGTH, ELEMS, LO, SCALE, DESC = range(16)
 
 
 @pytest.mark.parametrize("index,value,match", [

@@ -43,7 +43,8 @@ class Link(Protocol):
 
     def nstreams(self, rank: int) -> int: ...
 
-    def fail_local(self, op: Collective, exc: PcclError) -> None: ...
+    def fail_here(self, op: Collective, exc: PcclError) -> None:
+        """Fail ``op`` because of something that happened on this peer, and tell the others."""
 
 
 class Rx:

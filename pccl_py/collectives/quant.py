@@ -104,9 +104,9 @@ class QuantAllReduce(Collective):
                 raise exc
             then(res)
         except PcclError as e:
-            self.link.fail_local(self, e)
+            self.link.fail_here(self, e)
         except Exception as e:  # pragma: no cover - a kernel bug
-            self.link.fail_local(self, Aborted(f"quantized all-reduce: internal error {e!r}"))
+            self.link.fail_here(self, Aborted(f"quantized all-reduce: internal error {e!r}"))
 
     def start(self) -> None:
         self.started = True

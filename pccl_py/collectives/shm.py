@@ -270,7 +270,7 @@ class ShmAllReduce(Collective):
         for r, (_, _, lease, off, nonce) in self.peers.items():
             seen = K.load_u64(lease, off)
             if seen != nonce:
-                self._fail_local(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
+                self._fail_here(Aborted(f"peer rank {r} ended tag {self.tag} while its memory was "
                                          f"being read and written; its result here would be torn (lease {off // SLOT}: "
                                          f"{seen:#x}, expected {nonce:#x})"))
                 return
@@ -296,7 +296,7 @@ class ShmAllReduce(Collective):
         buf, off, ident = self._arrivals()
         mask = K.arrive(buf, off, ident, self.link.rank)
         if mask < 0:
-            self._fail_local(Aborted(f"rank 0 ended tag {self.tag} before every chunk was reduced"))
+            self._fail_here(Aborted(f"rank 0 ended tag {self.tag} before every chunk was reduced"))
             return
         self.data_done = True
         if mask == self._everyone:
@@ -322,11 +322,11 @@ class ShmAllReduce(Collective):
         if not isinstance(exc, PcclError):  # pragma: no cover - a bug
             log.error("shared-memory all-reduce failed: %r", exc)
             exc = Aborted(f"internal error in the shared-memory all-reduce: {exc!r}")
-        self._fail_local(exc)
+        self._fail_here(exc)
 
-    def _fail_local(self, exc: PcclError) -> None:
+    def _fail_here(self, exc: PcclError) -> None:
         """Fail here and tell the peers (they would otherwise wait for our bit)."""
-        self.link.fail_local(self, exc)
+        self.link.fail_here(self, exc)
 
     def finished(self) -> None:
         """The call ended (either way): give the lease back, so readers stop trusting our memory."""

@@ -4,7 +4,7 @@ at a time per peer group, a revision book, held offers.
 :class:`SyncHost` is owned by :class:`~pccl_py.coordinator.membership.Membership`, which feeds it the
 ``sync_offer`` / ``sync_done`` messages of accepted peers, removals and timer ticks, and
 sends what it returns. Like the round itself it keeps no sockets and no clocks: every
-method takes ``now`` and returns a :class:`~pccl_py.coordinator.election.Decision` whose ``out`` holds
+method takes ``now`` and returns a :class:`~pccl_py.coordinator.decision.Decision` whose ``out`` holds
 ``(peer_id, message)`` pairs (the membership core maps peer ids to connections).
 
 Rules (tests and ``pccl bench sync`` host them in-process through

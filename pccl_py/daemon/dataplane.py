@@ -140,7 +140,7 @@ class DataPlane:
         self.topology: Topology | None = None
         self.epoch = 0
         self._view: GroupView | None = None
-        self._links: dict[str, PeerStreams] = {}
+        self._peers: dict[str, PeerStreams] = {}
         self._lost: dict[str, str] = {}
         self._conns: set[Stream] = set()
         self._stalled: set[Stream] = set()
@@ -197,9 +197,9 @@ class DataPlane:
         for srv in (self._server, self._unix):
             if srv is not None:
                 srv.close()
-        for link in list(self._links.values()):
-            link.close("data plane closed", graceful=True)
-        self._links.clear()
+        for peer in list(self._peers.values()):
+            peer.close("data plane closed", graceful=True)
+        self._peers.clear()
         drains = [c.drained for c in self._conns if c.drained is not None and not c.drained.done()]
         if drains:  # the peers' EOFs: our last frames (FINs) were read, nothing was reset
             await asyncio.wait(drains, timeout=LINGER)
@@ -239,24 +239,24 @@ class DataPlane:
         self.epoch = topo.epoch
         self._view = GroupView(self, topo)
         members = {p.peer_id for p in topo.peers}
-        for pid in list(self._links):
+        for pid in list(self._peers):
             if pid not in members:
-                link = self._links.pop(pid)
-                link.close("peer left the topology")
+                peer = self._peers.pop(pid)
+                peer.close("peer left the topology")
         self._shm.forget(members)
         waits = []
         for p in topo.peers:
             if p.peer_id == self.peer_id:
                 continue
-            link = self._links.get(p.peer_id)
-            if link is None:
+            peer = self._peers.get(p.peer_id)
+            if peer is None:
                 if self.peer_id < p.peer_id:
-                    link = self._dial(p)
+                    peer = self._dial(p)
                 else:
-                    link = PeerStreams(self, p.peer_id, connector=False, session=None, nstreams=1)
-                self._links[p.peer_id] = link
-            if not link.ready.done():
-                waits.append(link.ready)
+                    peer = PeerStreams(self, p.peer_id, connector=False, session=None, nstreams=1)
+                self._peers[p.peer_id] = peer
+            if not peer.ready.done():
+                waits.append(peer.ready)
         self._retry_stalled()
         if waits:
             done, _ = await asyncio.wait(waits, timeout=self.config.connect_timeout)
@@ -267,65 +267,65 @@ class DataPlane:
                             len(waits) - len(done), len(waits), self.config.connect_timeout)
 
     def _dial(self, p) -> PeerStreams:
-        link = PeerStreams(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
+        peer = PeerStreams(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
                      nstreams=self.streams)
 
         async def go(i: int) -> None:
-            if self.config.same_host_links and await self._dial_unix(p, link, i):
+            if self.config.same_host_links and await self._dial_unix(p, peer, i):
                 return
             try:
-                await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, link, i), p.host, p.port),
+                await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, peer, i), p.host, p.port),
                                        self.config.connect_timeout)
             except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
-                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: no answer within "
+                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: no answer within "
                                       f"{self.config.connect_timeout:.0f} s")
             except OSError as e:
-                self._link_lost(link, f"cannot connect to {p.host}:{p.port}: {e}")
+                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: {e}")
 
         for i in range(self.streams):
             self._loop.create_task(go(i))
-        return link
+        return peer
 
-    async def _dial_unix(self, p, link, i: int) -> bool:
+    async def _dial_unix(self, p, peer, i: int) -> bool:
         """Connect stream ``i`` to ``p`` over its same-host Unix socket; False where there is none
         (another host or network namespace: the name is unknown here, refused at once)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
             await asyncio.wait_for(self._loop.sock_connect(s, same_host_address(p.host, p.port)), _SAME_HOST_CONNECT)
-            await self._loop.create_unix_connection(lambda: Stream(self, link, i), sock=s)
+            await self._loop.create_unix_connection(lambda: Stream(self, peer, i), sock=s)
         except (OSError, asyncio.TimeoutError):
             s.close()
             return False
         return True
 
-    def _accept_link(self, hello: F.Hello) -> PeerStreams | None:
-        link = self._links.get(hello.peer_id)
-        if link is not None and link.connector:
+    def _accept_peer(self, hello: F.Hello) -> PeerStreams | None:
+        peer = self._peers.get(hello.peer_id)
+        if peer is not None and peer.connector:
             return None  # we dial this peer; it must not dial us
-        if link is not None and link.session is None:  # placeholder from set_topology
-            link.session = hello.session
-            link.nstreams = hello.nstreams
-            link.conns = [None] * hello.nstreams
-        elif link is None or link.session != hello.session:
-            if link is not None:  # it is alive and dialling us: nothing to report
-                self._link_lost(link, "peer reconnected with a new session", report=False)
-            link = PeerStreams(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
-            self._links[hello.peer_id] = link
+        if peer is not None and peer.session is None:  # placeholder from set_topology
+            peer.session = hello.session
+            peer.nstreams = hello.nstreams
+            peer.conns = [None] * hello.nstreams
+        elif peer is None or peer.session != hello.session:
+            if peer is not None:  # it is alive and dialling us: nothing to report
+                self._peer_lost(peer, "peer reconnected with a new session", report=False)
+            peer = PeerStreams(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
+            self._peers[hello.peer_id] = peer
             self._lost.pop(hello.peer_id, None)
-        if link.nstreams != hello.nstreams or link.conns[hello.stream] is not None:
+        if peer.nstreams != hello.nstreams or peer.conns[hello.stream] is not None:
             return None
         log.debug("peer %s stream %d/%d up (its epoch %d)", hello.peer_id, hello.stream, hello.nstreams,
                   hello.epoch)
-        return link
+        return peer
 
-    def _link_lost(self, link: PeerStreams, reason: str, *, report: bool = True) -> None:
-        if link.lost is not None:
+    def _peer_lost(self, peer: PeerStreams, reason: str, *, report: bool = True) -> None:
+        if peer.lost is not None:
             return
-        link.close(reason)
-        pid = link.peer_id
-        if self._links.get(pid) is link:
-            del self._links[pid]
+        peer.close(reason)
+        pid = peer.peer_id
+        if self._peers.get(pid) is peer:
+            del self._peers[pid]
         if self._closed:
             return
         member = pid in self.router.rank_of
@@ -346,14 +346,14 @@ class DataPlane:
                 log.exception("on_peer_failure callback failed")
 
     # -- routing (the decisions are the router's: router.py) -----------------------------------
-    def route(self, h: F.Header, link: PeerStreams):
+    def route(self, h: F.Header, peer: PeerStreams):
         """The router's verdict on a frame from ``link``; its reason is logged once, and a
         peer that retries a call this peer completed is told (DIVERGED; the frame is dropped)."""
-        v = self.router.route(h, link.peer_id)
+        v = self.router.route(h, peer.peer_id)
         if v.note is not None:
             log.log(*v.note)
         if v.action == DIVERGED:
-            self._tell_diverged(h, link.peer_id)
+            self._tell_diverged(h, peer.peer_id)
         return v
 
     def _tell_diverged(self, h: F.Header, pid: str) -> None:
@@ -369,10 +369,10 @@ class DataPlane:
     def _tell(self, pid: str, frame: bytes) -> None:
         """Send a control frame on every stream of the link: one may be stalled on a frame of
         a call the peer has not posted, and the frame must not wait behind it."""
-        link = self._links.get(pid)
-        if link is not None:
-            for stream in range(link.nstreams):
-                link.send(stream, frame, b"")
+        peer = self._peers.get(pid)
+        if peer is not None:
+            for stream in range(peer.nstreams):
+                peer.send(stream, frame, b"")
 
     def stall_expired(self, h: F.Header, pid: str) -> None:
         """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted
@@ -389,15 +389,15 @@ class DataPlane:
     def can_hold(self, h: F.Header) -> bool:
         return self.router.can_hold(h)
 
-    def hold(self, h: F.Header, link: PeerStreams, conn: Stream, payload: bytearray) -> None:
+    def hold(self, h: F.Header, peer: PeerStreams, conn: Stream, payload: bytearray) -> None:
         """A held frame's payload is in. Its call may have been posted meanwhile: route again."""
-        if self._closed or link is not self._links.get(link.peer_id):
+        if self._closed or peer is not self._peers.get(peer.peer_id):
             return
-        v = self.route(h, link)
+        v = self.route(h, peer)
         if v.action == DELIVER:
             self._deliver(v.op, v.src, h, conn, payload)
         elif v.action == STALL:
-            self.router.hold(h, link.peer_id, conn, payload, self._loop.time())
+            self.router.hold(h, peer.peer_id, conn, payload, self._loop.time())
             if self._held_timer is None:
                 self._held_timer = self._loop.call_later(self.config.stall_timeout, self._expire_held)
 
@@ -466,9 +466,9 @@ class DataPlane:
         self.router.finish(op)
         key = struct.pack("<QQI", op.link.epoch, op.tag, op.attempt)  # header bytes 12..32
         for pid in op.link.ids:
-            link = self._links.get(pid)
-            if link is not None:
-                link.purge(key)  # its frames still waiting to be sent are withdrawn
+            peer = self._peers.get(pid)
+            if peer is not None:
+                peer.purge(key)  # its frames still waiting to be sent are withdrawn
         if tell_peers and exc is not None and op.link.epoch == self.epoch:
             frame = F.encode_error(op.link.group, op.link.epoch, op.tag, op.attempt, error_code(exc), str(exc),
                                    op.desc)

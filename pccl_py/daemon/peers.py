@@ -59,9 +59,9 @@ class PeerStreams:
         self._eofs += 1
         reason = "connection closed by the peer"
         if self._eofs >= self.nstreams:
-            self.dp._link_lost(self, reason)
+            self.dp._peer_lost(self, reason)
         elif self._eof_timer is None:
-            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._link_lost, self, reason)
+            self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._peer_lost, self, reason)
 
     @property
     def is_up(self) -> bool:
@@ -110,13 +110,13 @@ class GroupView:
         self.colocated = self.world > 1 and len({p.host for p in topo.peers}) == 1
 
     def send(self, rank: int, stream: int, header: bytes, payload) -> None:
-        link = self.dp._links.get(self.ids[rank])
-        if link is not None:
-            link.send(stream, header, payload)
+        peer = self.dp._peers.get(self.ids[rank])
+        if peer is not None:
+            peer.send(stream, header, payload)
 
     def nstreams(self, rank: int) -> int:
-        link = self.dp._links.get(self.ids[rank])
-        return link.nstreams if link is not None else 1
+        peer = self.dp._peers.get(self.ids[rank])
+        return peer.nstreams if peer is not None else 1
 
-    def fail_local(self, op, exc) -> None:
+    def fail_here(self, op, exc) -> None:
         self.dp._fail_op(op, exc, tell_peers=True)

@@ -160,7 +160,7 @@ class Daemon:
             os.unlink(self.ipc_path)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: TrainerSession(self), path=self.ipc_path)
-        log.info("daemon %s ready: local %s, data %s:%d (advertised as %s)", self.peer_id[:8],
+        log.info("daemon %s ready: IPC %s, data %s:%d (advertised as %s)", self.peer_id[:8],
                  self.ipc_path, *addr, self.data_host)
 
     async def stop(self, graceful: bool = True) -> None:

@@ -31,7 +31,7 @@ log = logging.getLogger("pccl.daemon")
 
 
 class TrainerSession(asyncio.Protocol):
-    """One client connection on the local socket."""
+    """One trainer's connection on the daemon's IPC socket."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -49,7 +49,7 @@ class TrainerSession(asyncio.Protocol):
         try:
             msgs = self.frames.feed(data)
         except ProtocolError as exc:
-            log.warning("closing local client: %s", exc)
+            log.warning("closing the trainer's IPC connection: %s", exc)
             self.transport.close()
             return
         for msg in msgs:

@@ -51,11 +51,11 @@ class Stream(asyncio.BufferedProtocol):
     """One data stream: a state machine fed by exact reads (handshake, large payloads) or
     staged reads (headers, small payloads, several frames at once)."""
 
-    def __init__(self, dp: DataPlane, link: PeerStreams | None = None, stream: int = 0):
+    def __init__(self, dp: DataPlane, peer_streams: PeerStreams | None = None, stream: int = 0):
         self.dp = dp
-        self.link = link  # known up front for the connector; after HELLO for the acceptor
+        self.peer_streams = peer_streams  # known up front for the connector; after HELLO for the acceptor
         self.stream = stream
-        self.connector = link is not None
+        self.connector = peer_streams is not None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._small = bytearray(2048)  # handshake messages, headers, ERROR messages
@@ -242,12 +242,12 @@ class Stream(asyncio.BufferedProtocol):
             self.drained.set_result(None)
         self.dp._conns.discard(self)
         self.dp._unstall(self)
-        if self.link is None:
+        if self.peer_streams is None:
             return
-        if exc is None and self.link.is_up:
-            self.link.stream_eof()  # the peer's other streams may still hold its last frames
+        if exc is None and self.peer_streams.is_up:
+            self.peer_streams.stream_eof()  # the peer's other streams may still hold its last frames
         else:
-            self.dp._link_lost(self.link, f"connection closed ({exc or 'EOF'})")
+            self.dp._peer_lost(self.peer_streams, f"connection closed ({exc or 'EOF'})")
 
     # -- state machine ------------------------------------------------------------------
     def _want(self, state: int, n: int) -> None:
@@ -280,7 +280,7 @@ class Stream(asyncio.BufferedProtocol):
             self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
         elif st == _HS_CHALLENGE:
             challenge = F.decode_challenge(self._view)
-            lk = self.link
+            lk = self.peer_streams
             self._nonce = os.urandom(F.NONCE_LEN)
             self.transport.write(F.encode_hello(self.dp.secret, challenge, self.dp.peer_id, self.dp.epoch,
                                                 self.stream, lk.nstreams, lk.session, self._nonce))
@@ -290,7 +290,7 @@ class Stream(asyncio.BufferedProtocol):
             self._want(_HS_WELCOME_ID, n)
         elif st == _HS_WELCOME_ID:
             F.finish_welcome(self._mac, self._view, self.dp.secret, self._nonce, self.stream,
-                             self.link.session, self.link.peer_id)
+                             self.peer_streams.session, self.peer_streams.peer_id)
             self._established()
         else:  # pragma: no cover
             raise ProtocolError(f"bytes in state {st}")
@@ -299,10 +299,10 @@ class Stream(asyncio.BufferedProtocol):
         dp = self.dp
         if hello.peer_id == dp.peer_id:
             raise ProtocolError(f"peer announced our own id {hello.peer_id!r}")
-        link = dp._accept_link(hello)
-        if link is None:
+        peer_streams = dp._accept_peer(hello)
+        if peer_streams is None:
             raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
-        self.link = link
+        self.peer_streams = peer_streams
         self.stream = hello.stream
         self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session))
         self._established()
@@ -312,7 +312,7 @@ class Stream(asyncio.BufferedProtocol):
             self._hs_timer.cancel()
             self._hs_timer = None
         self._want(_HEADER, F.HEADER_SIZE)
-        self.link.attach(self, self.stream)
+        self.peer_streams.attach(self, self.stream)
 
     def _hs_timeout(self) -> None:
         self._hs_timer = None
@@ -321,7 +321,7 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
-        v = self.dp.route(h, self.link)
+        v = self.dp.route(h, self.peer_streams)
         verdict, op, src = v.action, v.op, v.src
         if verdict == STALL:
             if self.dp.can_hold(h):  # a small frame: kept aside, the stream reads on
@@ -345,7 +345,7 @@ class Stream(asyncio.BufferedProtocol):
         elif h.kind == F.FIN:
             self._want(_HEADER, F.HEADER_SIZE)
             if op is None:
-                self.dp._remember_ctrl(h, self.link.peer_id, "")
+                self.dp._remember_ctrl(h, self.peer_streams.peer_id, "")
             else:
                 op.on_fin(src, h.fin)
         else:  # ERROR: read the message first
@@ -372,7 +372,7 @@ class Stream(asyncio.BufferedProtocol):
         self._want(_HEADER, F.HEADER_SIZE)
         msg = F.decode_error_message(payload)
         if op is None:
-            self.dp._remember_ctrl(h, self.link.peer_id, msg)
+            self.dp._remember_ctrl(h, self.peer_streams.peer_id, msg)
         else:
             self.dp._remote_error(op, src, h.error_code, msg)
 
@@ -389,8 +389,8 @@ class Stream(asyncio.BufferedProtocol):
         """Read the payload of a small frame for a call not posted here into a buffer of its
         own; the data plane keeps it until the call is posted (``DataPlane.hold``)."""
         buf = bytearray(h.length)
-        link = self.link
-        self._receive(Rx(memoryview(buf), None, lambda: self.dp.hold(h, link, self, buf)), None, h.length)
+        peer_streams = self.peer_streams
+        self._receive(Rx(memoryview(buf), None, lambda: self.dp.hold(h, peer_streams, self, buf)), None, h.length)
 
     def _receive(self, rx: Rx, op, length: int) -> None:
         """Read the next ``length`` payload bytes into ``rx.view``, then ``rx.finish()``."""
@@ -422,11 +422,11 @@ class Stream(asyncio.BufferedProtocol):
             return
         h = self._hdr
         log.warning("dropping a frame for tag %d epoch %d from %s: no such operation posted within %.1fs",
-                    h.tag, h.epoch, self.link.peer_id if self.link else self.peer, self.dp.config.stall_timeout)
+                    h.tag, h.epoch, self.peer_streams.peer_id if self.peer_streams else self.peer, self.dp.config.stall_timeout)
         self.dp._stalled.discard(self)
         self._hdr = None
-        if self.link is not None and h.kind == F.DATA:
-            self.dp.stall_expired(h, self.link.peer_id)
+        if self.peer_streams is not None and h.kind == F.DATA:
+            self.dp.stall_expired(h, self.peer_streams.peer_id)
         self._discard(h.length)
         self._resume()
 
@@ -435,7 +435,7 @@ class Stream(asyncio.BufferedProtocol):
         if self._state != _STALLED:
             return
         h = self._hdr
-        if self.dp.route(h, self.link).action == STALL:
+        if self.dp.route(h, self.peer_streams).action == STALL:
             return
         self.dp._stalled.discard(self)
         if self._stall_timer is not None:
@@ -452,7 +452,7 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- errors and closing ---------------------------------------------------------------
     def _protocol_error(self, e: ProtocolError) -> None:
-        who = self.link.peer_id if self.link is not None and self._state >= _HEADER else self.peer
+        who = self.peer_streams.peer_id if self.peer_streams is not None and self._state >= _HEADER else self.peer
         self._close(f"protocol error from {who}: {e}")
 
     def _internal_error(self, e: BaseException) -> None:
@@ -467,8 +467,8 @@ class Stream(asyncio.BufferedProtocol):
         self._stop_pump(hard=True)
         self._cancel_timers()
         self.dp._unstall(self)
-        if self.link is not None:
-            self.dp._link_lost(self.link, reason)
+        if self.peer_streams is not None:
+            self.dp._peer_lost(self.peer_streams, reason)
         if self.transport is not None:
             self.transport.abort()
 

@@ -1,2 +1,4 @@
-"""Moving bytes between processes: data streams (TCP or Unix sockets), their I/O threads,
-shared-memory segments and the zmq socket pump. No protocol decisions live here."""
+"""Moving bytes between processes, with no protocol decisions: the I/O threads of a data
+stream (:mod:`~pccl_py.transport.pump`), shared-memory segments
+(:mod:`~pccl_py.transport.segments`) and zmq sockets on an asyncio loop
+(:mod:`~pccl_py.transport.zmq_io`)."""

@@ -15,7 +15,7 @@ import zmq
 
 from pccl_py.errors import InvalidUsage
 
-log = logging.getLogger("pccl.control")
+log = logging.getLogger("pccl.zmq")
 
 DEFAULT_COORDINATOR_PORT = 48148
 

@@ -75,7 +75,6 @@ QUANT_U8 = 1
 QUANT_U4 = 2
 QUANT_BY_NAME = {None: QUANT_NONE, "uint8": QUANT_U8, "uint4": QUANT_U4}
 
-# error codes carried in ERROR frames (the ``arg`` field)
 
 MAX_TAG = 2**63 - 1
 MAX_PEER_ID = 255
