@@ -7,24 +7,25 @@ import math
 import pytest
 
 from pccl_py import calls
-from pccl_py import kernels as K
 from pccl_py.calls import AUTO_TAG
-from pccl_py.coordinator.election import STRATEGIES
 from pccl_py.errors import InvalidUsage
 from pccl_py.wire import frames as F
 from pccl_py.wire import ipc
+from pccl_py.wire.control import SYNC_SCHEMA
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def test_the_allowed_values_are_those_the_implementations_know():
-    assert calls.DTYPES == tuple(K.DTYPES)
+    assert calls.DTYPES == ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64",
+                            "uint8")
     assert set(calls.OPS) == {"sum", "avg", "min", "max", "prod"}
     # every quantization a call may name has a code on the wire, and no other
     assert set(calls.QUANTS) == set(F.QUANT_BY_NAME)
-    assert calls.STRATEGIES == STRATEGIES
+    # the strategies a call may name are those the control message's schema lets through
+    assert set(calls.STRATEGIES) == set(SYNC_SCHEMA["sync_offer"]["strategy"].choices)
     assert calls.ALGORITHMS == ("auto", "ring", "direct", "shm")
-    assert calls.AUTO_TAG == AUTO_TAG == 1 << 62 and calls.MAX_TAG == F.MAX_TAG
+    assert calls.AUTO_TAG == 1 << 62 and calls.MAX_TAG == (1 << 63) - 1
 
 
 @pytest.mark.parametrize("dtype", calls.DTYPES)

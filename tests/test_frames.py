@@ -217,3 +217,10 @@ def test_fuzz_valid_prefix_random_fields(rest, kind):
     except ProtocolError:
         return
     assert h.length <= F.DEFAULT_LIMITS.max_payload and h.tag <= F.MAX_TAG
+
+
+def test_the_call_key_is_where_the_header_names_its_call():
+    h = _hdr(epoch=9, tag=2**62 + 7, attempt=3)
+    raw = F.encode_header(h)
+    assert raw[F.CALL_KEY_AT] == F.call_key(9, 2**62 + 7, 3)
+    assert F.encode_header(_hdr(epoch=9, tag=2**62 + 7, attempt=4))[F.CALL_KEY_AT] != F.call_key(9, 2**62 + 7, 3)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from pccl_py.errors import ProtocolError
@@ -292,8 +290,3 @@ def test_reader_rejects_bad_hello_and_bad_headers():
         r.complete(b"PXR2" + w.encode_reply_head(0)[4:])
     with pytest.raises(ProtocolError, match="refusal"):
         r.complete(w.RESP.pack(w.M_RESP, w.REFUSED, w.MAX_TEXT + 1))
-
-
-def test_reader_scratch_fits_every_non_payload_read():
-    assert w.ReplyReader.SCRATCH >= max(w.HELLO.size, w.RESP.size, w.MAX_TEXT)
-    assert struct.calcsize("<4sBQ") == w.RESP.size == 13

@@ -3,7 +3,8 @@
 :class:`InProcessSyncHost` drives the coordinator's own :class:`~pccl_py.coordinator.state_sync.SyncHost`
 (no copy of its rules) for one group of fixed members, and hands each peer a channel with
 the two coroutines :func:`~pccl_py.daemon.state_sync.daemon_sync` talks through. Messages
-pass as dicts: no sockets, no membership, no heartbeats.
+pass through the control codec (so the schema checks them) but no socket; no
+membership, no heartbeats.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost
 from pccl_py.errors import InvalidUsage
+from pccl_py.wire import control
 
 GROUP = 0
 
@@ -44,6 +46,7 @@ class InProcessSyncHost:
         return _Channel(self, peer_id)
 
     def route(self, peer_id: str, msg: dict) -> None:
+        msg = _wire(msg)  # through the codec, as the real coordinator reads it
         now = time.monotonic()
         if msg["type"] == "sync_offer":
             self._emit(self.host.offer(now, GROUP, peer_id, msg))
@@ -65,7 +68,12 @@ class InProcessSyncHost:
             self.log.append(d.reason)
         for peer, out in d.out:
             if peer in self.queues:
-                self.queues[peer].put_nowait(out)
+                self.queues[peer].put_nowait(_wire(out))
+
+
+def _wire(msg: dict) -> dict:
+    """``msg`` encoded and decoded again: what the schema refuses raises ``ProtocolError``."""
+    return control.decode(control.encode_msg(msg))
 
 
 class _Channel:

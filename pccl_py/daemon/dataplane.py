@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -464,7 +463,7 @@ class DataPlane:
 
     def _finish_failed(self, op: Collective, *, tell_peers: bool, exc: PcclError | None = None) -> None:
         self.router.finish(op)
-        key = struct.pack("<QQI", op.link.epoch, op.tag, op.attempt)  # header bytes 12..32
+        key = F.call_key(op.link.epoch, op.tag, op.attempt)
         for pid in op.link.ids:
             peer = self._peers.get(pid)
             if peer is not None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pccl_py.daemon.streams import Stream
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import PeerLost
+from pccl_py.wire import frames as F
 
 if TYPE_CHECKING:
     from pccl_py.daemon.dataplane import DataPlane
@@ -68,7 +69,7 @@ class PeerStreams:
         return self._up == self.nstreams and self.lost is None
 
     def purge(self, key: bytes) -> None:
-        self._queue = [x for x in self._queue if x[1][12:32] != key]
+        self._queue = [x for x in self._queue if x[1][F.CALL_KEY_AT] != key]
         for c in self.conns:
             if c is not None:
                 c.purge(key)

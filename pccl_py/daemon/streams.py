@@ -564,7 +564,7 @@ class Stream(asyncio.BufferedProtocol):
     def purge(self, key: bytes) -> None:
         """Withdraw queued frames whose (epoch, tag, attempt) header bytes equal ``key``."""
         if self._backlog:
-            self._backlog = collections.deque(x for x in self._backlog if x[0][12:32] != key)
+            self._backlog = collections.deque(x for x in self._backlog if x[0][F.CALL_KEY_AT] != key)
 
     def _emit(self, header: bytes, payload) -> bool:
         """Write a frame (or hand it to the send thread); False if it went back to the

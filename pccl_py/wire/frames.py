@@ -137,6 +137,17 @@ class Header:
         return self.arg
 
 
+# The bytes of a header that name its call (epoch, tag, attempt): frames still queued for a
+# failed call are found by them.
+_CALL_KEY = struct.Struct("<QQI")
+CALL_KEY_AT = slice(12, 12 + _CALL_KEY.size)
+
+
+def call_key(epoch: int, tag: int, attempt: int) -> bytes:
+    """``header[CALL_KEY_AT]`` of every frame of that call."""
+    return _CALL_KEY.pack(epoch, tag, attempt)
+
+
 def encode_header(h: Header) -> bytes:
     return HEADER.pack(
         MAGIC, WIRE_VERSION, h.kind, h.quant, 0, h.group, h.epoch, h.tag, h.attempt, h.arg,
