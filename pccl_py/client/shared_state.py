@@ -30,6 +30,7 @@ import numpy as np
 
 from pccl_py.errors import InvalidUsage
 from pccl_py.transport import segments
+from pccl_py.wire import ipc
 
 ALIGN = 64
 
@@ -79,8 +80,8 @@ class SharedState:
             arr, is_torch = _as_numpy(t)
             torch_dtype = t.dtype if is_torch else None
             sources.append((tname, arr, is_torch, torch_dtype))
-            self._layout.append([tname, offset, int(arr.nbytes), _dtype_name(arr, torch_dtype),
-                                 list(arr.shape), tname in unequal])
+            self._layout.append(ipc.state_row(tname, offset, int(arr.nbytes), _dtype_name(arr, torch_dtype),
+                                              arr.shape, tname in unequal))
             offset = _align(offset + arr.nbytes)
         size = max(offset, ALIGN)
         self._shm = segments.create_segment(size, name=name, prefix="pccl_ss_")
@@ -130,12 +131,7 @@ class SharedState:
         return {row[0]: buf[row[1]:row[1] + row[2]] for row in self._layout}
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "segment": self._shm.name,
-            "size": self._shm.size,
-            "revision": self.revision,
-            "tensors": [list(row) for row in self._layout],
-        }
+        return ipc.describe_state(self._shm.name, self._shm.size, self.revision, self._layout)
 
     def close(self) -> None:
         """Drop the views and unlink the segment (the tensors must no longer be used)."""

@@ -88,6 +88,17 @@ class FrameBuffer:
 # ---- a shared state's description (the client's SharedState.describe()) -------------
 
 
+def state_row(name: str, offset: int, nbytes: int, dtype: str, shape: tuple, unequal: bool) -> list:
+    """One tensor of a shared-state description: where it lies in the segment and whether
+    it is left out of the comparison (``allow_content_inequality``)."""
+    return [name, offset, nbytes, dtype, list(shape), bool(unequal)]
+
+
+def describe_state(segment: str, size: int, revision: int, rows: list[list]) -> dict[str, Any]:
+    """The map a client sends for ``sync_shared_state``; :func:`layout_views` reads it."""
+    return {"segment": segment, "size": size, "revision": revision, "tensors": [list(r) for r in rows]}
+
+
 def layout_views(desc: Mapping[str, Any], segment: memoryview) -> list[tuple[str, memoryview, bool]]:
     """The daemon's reading of a :meth:`~pccl_py.client.shared_state.SharedState.describe` map: (name, byte view into ``segment``, allow_content_inequality) per tensor of
     ``describe()``'s map, with every offset and size checked against the segment."""
