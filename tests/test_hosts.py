@@ -41,6 +41,28 @@ def test_advertised_host_rules(monkeypatch):
         advertised_host("0.0.0.0", "127.0.0.1:48148")
 
 
+def test_a_loopback_address_is_not_advertised_to_a_coordinator_elsewhere():
+    """A daemon that listens on loopback cannot be reached from other machines: with a
+    coordinator that is not on this machine's loopback it is refused up front, with what to
+    set (no address outside 127.0.0.0/8 is contacted: these are numeric, nothing resolves)."""
+    for listen in ("127.0.0.1", "127.0.0.5", "::1"):
+        with pytest.raises(InvalidUsage, match=r"loopback.*0\.0\.0\.0:PORT.*advertise"):
+            advertised_host(listen, "10.9.9.9:48148")
+    assert advertised_host("127.0.0.1", "127.0.0.1:48148") == "127.0.0.1"  # a run on one machine
+    assert advertised_host("127.0.0.1", "[::1]:48148") == "127.0.0.1"
+    assert advertised_host("127.0.0.1", "10.9.9.9:48148", advertise="10.1.1.1") == "10.1.1.1"
+
+
+def test_the_daemon_refuses_a_loopback_listen_with_a_remote_coordinator_before_any_traffic():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pccl_py.daemon", "--coordinator", "10.9.9.9:48148",
+                          "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "loopback" in out.stderr and "--listen 0.0.0.0:PORT" in out.stderr, out.stderr[-2000:]
+
+
 def test_link_timeout_reaches_the_data_plane():
     from pccl_py.daemon.service import Daemon
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -52,6 +53,13 @@ def advertised_host(listen_host: str, coordinator: str, advertise: str | None = 
     if advertise:
         return advertise
     if listen_host not in WILDCARD_HOSTS:
+        if _is_loopback(listen_host) and not _is_loopback(parse_addr(coordinator)[0]):
+            raise InvalidUsage(
+                f"this daemon listens on {listen_host}, a loopback address, but the coordinator "
+                f"{coordinator} is not on this machine's loopback: peers on other machines could "
+                f"never reach it. Listen on an address they can reach (Client(listen=\"0.0.0.0:PORT\"), "
+                f"pccl daemon --listen 0.0.0.0:PORT) or name the address they dial "
+                f"(Client(advertise=HOST), --advertise HOST)")
         return listen_host
     host, port = parse_addr(coordinator)
     try:
@@ -64,6 +72,16 @@ def advertised_host(listen_host: str, coordinator: str, advertise: str | None = 
             f"listening on {listen_host or 'every interface'!r}, the daemon cannot tell which address "
             f"the other peers reach it at (no route to the coordinator {coordinator}: {exc}); "
             f"pass --advertise HOST") from None
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) means this machine's loopback. A name that
+    does not resolve counts as not loopback: the check then stays out of the way."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def topology_summary(topo: Topology | None, peer_id: str) -> dict:
@@ -461,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return run_loop(_amain(args))
+    try:
+        return run_loop(_amain(args))
+    except InvalidUsage as exc:  # a setting that cannot work: say which, without a traceback
+        print(f"pccl daemon: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
