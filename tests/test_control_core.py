@@ -130,6 +130,19 @@ def test_connect_registers_and_the_first_topology_admits():
     assert d.wait is None and d.out == [] and "already a member" in d.reason
 
 
+def test_a_queued_topology_without_this_peer_is_ignored_not_an_error():
+    """A topology queued for an identity this daemon no longer has (removed, then rejoined
+    under a new peer id before the queue reached it) is dropped with a reason; the waits of
+    the current membership stay in place and the current topology is kept."""
+    core = joined(epoch=2, peers=("p0", "p1"))
+    d = core.adopt(topology(3, ("p0", "p9")).copy())
+    assert d.apply is None and d.fail == [] and d.settle == []
+    assert "does not include this peer p1" in d.reason and d.level == logging.INFO
+    assert core.topology.epoch == 2 and core.state is S.ACCEPTED
+    d = core.applied()  # the shell calls it after every adopt: nothing was being adopted
+    assert d.settle == []
+
+
 def test_connect_that_gives_up_announces_a_leave_and_goes_idle():
     core = make()
     core.connect(NOW, 1.0)
@@ -436,9 +449,10 @@ def test_stale_and_foreign_messages_are_ignored_with_a_reason():
     assert wire(d) == [{"type": "pong", "nonce": 77}]
 
     vote = core.vote(1.0)
-    bad = core.on_message(NOW, topology(6, ("p0", "p2"))).topology  # without this peer
-    with pytest.raises(ProtocolError, match="does not include this peer"):
-        core.adopt(bad)
+    bad = core.on_message(NOW, topology(6, ("p0", "p2"))).topology  # without this peer: stale
+    d = core.adopt(bad)
+    assert d.apply is None and d.fail == [] and "does not include this peer" in d.reason
+    # on_topology raising is what fails the waits
     d = core.apply_failed(bad, ProtocolError("no"))
     assert {key for key, _ in d.fail} == {vote.wait, JOIN} and d.level == logging.ERROR
     assert all(isinstance(exc, Aborted) and "epoch 6" in str(exc) for _, exc in d.fail)

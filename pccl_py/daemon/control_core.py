@@ -463,11 +463,16 @@ class ControlCore:
 
     def adopt(self, msg: Msg) -> Actions:
         """A queued topology is next: take it (``apply``: hand it to on_topology first), then
-        call :meth:`applied`. Raises ProtocolError for a topology without this peer."""
+        call :meth:`applied`. One without this peer was queued for an identity this daemon no
+        longer has (it was removed and rejoined as a new member meanwhile): it is ignored."""
         self._begin()
         self._adopting = None
         if not self.registered:
             self._why(f"topology of epoch {msg['epoch']} ignored: not registered ({self.state.value})")
+            return self._step
+        if all(row[0] != self.peer_id for row in msg["peers"]):
+            self._why(f"topology of epoch {msg['epoch']} ignored: it does not include this peer "
+                      f"{self.peer_id} (it was meant for an earlier membership of this daemon)", logging.INFO)
             return self._step
         topo = topology_from(msg, self.peer_id)
         current = self.topology
