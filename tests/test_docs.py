@@ -69,7 +69,7 @@ RUNNABLE = [b for b in ALL if b[2] in ("python", "sh") and b[4] is None]
 
 def test_every_python_and_sh_block_is_run_here_or_says_why_not():
     assert ALL, "no code blocks found: the parser is broken"
-    for name, line, lang, code, reason in ALL:
+    for name, line, lang, _code, reason in ALL:
         if lang in ("python", "sh") and reason is None:
             assert lang == "python", f"{name}:{line}: an sh block that no test runs needs <!-- not run: ... -->"
     assert RUNNABLE, "no block runs: the docs show no code that is checked"
