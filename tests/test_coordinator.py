@@ -530,6 +530,18 @@ def test_status_cli(coordinator):
     assert out.returncode == 1 and "no status" in out.stderr
 
 
+def test_status_watch_refreshes_and_rides_out_a_silent_coordinator(coordinator):
+    coord = coordinator("--recovery-grace", "0.2")
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr, "--watch",
+                          "0.2", "--count", "3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("pccl status --watch 0.2") == 3 and out.stdout.count("(no peers)") == 3
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", f"127.0.0.1:{free_port()}",
+                          "--watch", "0.1", "--count", "2", "--timeout", "0.2"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert out.returncode == 0 and out.stdout.count("no status") == 2 and "asking again" in out.stdout
+
+
 @on_uvloop
 async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "1.0")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import secrets
 import sys
+import time
 
 import zmq
 
@@ -77,12 +78,54 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
+def watch(addr: str, interval: float, timeout: float, count: int | None = None, out=None) -> int:
+    """Print the status every ``interval`` seconds until interrupted (or ``count`` times): the
+    screen is redrawn on a terminal, snapshots follow each other otherwise. A coordinator that
+    does not answer is reported and asked again at the next refresh."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    shown = 0
+    last_epoch = None
+    try:
+        while count is None or shown < count:
+            started = time.monotonic()
+            try:
+                st = asyncio.run(query_status(addr, timeout))
+                text = format_status(st)
+                if last_epoch is not None and st["epoch"] != last_epoch:
+                    text += f"\n(epoch {last_epoch} -> {st['epoch']} since the last refresh)"
+                last_epoch = st["epoch"]
+            except PcclError as exc:
+                text = f"{exc} (asking again in {interval:g} s)"
+            stamp = time.strftime("%H:%M:%S")
+            if tty:
+                out.write("\x1b[H\x1b[2J")  # home, clear
+            out.write(f"[{stamp}] pccl status --watch {interval:g}\n{text}\n")
+            if not tty:
+                out.write("\n")
+            out.flush()
+            shown += 1
+            if count is not None and shown >= count:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pccl status", description="Show what the coordinator knows.")
     p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}", help="HOST:PORT")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1) until Ctrl-C")
+    p.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # stop after N refreshes
     args = p.parse_args(argv)
+    if args.watch is not None:
+        if args.watch <= 0:
+            p.error("--watch takes a positive number of seconds")
+        return watch(args.coordinator, args.watch, args.timeout, args.count)
     try:
         st = asyncio.run(query_status(args.coordinator, args.timeout))
     except PcclError as exc:
