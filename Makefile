@@ -15,7 +15,7 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 	$(VPY) -m pip install -q numpy
 	$(VPY) -m pip install -q "$(TORCH_PIN)"
-	$(VPY) -m pip install -q -e ".[test,dev,torch]"
+	$(VPY) -m pip install -q -e ".[test,dev,torch,metrics]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,61 @@
+"""Prometheus metrics (pccl_py/metrics.py): what is counted, and the served endpoint."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from pccl_py.errors import Aborted  # noqa: E402
+from pccl_py.metrics import Metrics  # noqa: E402
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in the exposition:\n{text}")
+
+
+def test_calls_bytes_and_recovery_are_counted():
+    m = Metrics("daemon")
+    m.call_done("all_reduce", {"algorithm": "ring", "tx_bytes": 100, "rx_bytes": 90}, None, 0.01, now=10.0)
+    m.call_done("all_reduce", None, Aborted("x"), 0.5, now=11.0)
+    m.call_done("all_reduce", None, Aborted("x"), 0.5, now=11.5)  # still failing: recovery counts from 11.0
+    m.call_done("all_reduce", {"algorithm": "ring", "tx_bytes": 5, "rx_bytes": 5}, None, 0.01, now=12.25)
+    t = m.text()
+    assert value(t, 'pccl_calls_total{algorithm="ring",op="all_reduce",outcome="ok"}') == 2
+    assert value(t, 'pccl_calls_total{algorithm="-",op="all_reduce",outcome="Aborted"}') == 2
+    assert value(t, 'pccl_bytes_total{direction="tx"}') == 105
+    assert value(t, "pccl_recovery_seconds_sum") == 1.25 and value(t, "pccl_recovery_seconds_count") == 1
+
+
+def test_coordinator_status_sets_members_and_forgets_peers_that_left():
+    m = Metrics("coordinator")
+    member = {"peer_id": "a", "state": "accepted", "hb_age": 0.25}
+    m.status({"epoch": 3, "members": [member, {**member, "peer_id": "b", "hb_age": 1.5},
+                                      {**member, "peer_id": "c", "state": "pending"}]})
+    t = m.text()
+    assert value(t, "pccl_epoch") == 3 and value(t, 'pccl_members{state="accepted"}') == 2
+    assert value(t, 'pccl_heartbeat_age_seconds{peer="b"}') == 1.5
+    m.status({"epoch": 4, "members": [member]})
+    t = m.text()
+    assert value(t, 'pccl_members{state="pending"}') == 0 and value(t, 'pccl_members{state="accepted"}') == 1
+    assert 'peer="b"' not in t and value(t, "pccl_epoch") == 4
+
+
+def test_the_endpoint_serves_this_process_numbers_only():
+    a, b = Metrics("daemon"), Metrics("daemon")
+    a.world_size.set(3)
+    port = a.serve(0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            body = r.read().decode()
+        assert value(body, "pccl_world_size") == 3
+        assert value(b.text(), "pccl_world_size") == 0  # a registry of its own
+    finally:
+        a.close()
