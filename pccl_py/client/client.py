@@ -41,12 +41,17 @@ from pccl_py.wire import ipc
 
 __all__ = ["Client", "Handle"]
 
+LEAVE_TIMEOUT = 3.0  # seconds the daemon has to close its links and announce the leave
+
 
 class Client:
     """Connection of one trainer to the run, through its peer daemon.
 
     ``daemon``: path of a running daemon's unix socket (``pccl daemon --ipc PATH``), or
-    None to spawn a private daemon that exits with this client.
+    None to spawn a private daemon that exits with this client. This client's connection
+    to its daemon is the daemon's lease on its membership: once this client has called
+    :meth:`connect`, the daemon leaves the run when the connection ends, by :meth:`close`
+    or because this process died.
     """
 
     def __init__(
@@ -299,14 +304,18 @@ class Client:
 
     # -- teardown --------------------------------------------------------------------
     def close(self) -> None:
-        """Leave the run (announced, so nobody waits for a timeout) and release resources."""
+        """Leave the run (announced, so nobody waits for a timeout) and release resources.
+
+        The daemon leaves if this client connected it (or spawned it); it then exits, unless
+        it was started with ``--serve-successive``. A client that never called
+        :meth:`connect` on a shared daemon leaves nothing: the trainer that did stays.
+        """
         if self._rpc is None or self._rpc.closed:
             return
-        if self._proc is not None:
-            try:
-                self._call({"op": "leave"}, timeout=3.0)
-            except (PcclError, OSError):  # the daemon may be gone (killed): release the rest anyway
-                pass
+        try:  # returns once the leave is announced; closing the connection alone would also do
+            self._call({"op": "leave"}, timeout=LEAVE_TIMEOUT)
+        except (PcclError, OSError):  # the daemon may be gone (killed): release the rest anyway
+            pass
         try:
             self._pool.close()
             for st in self._states:

@@ -1,7 +1,9 @@
 """Starting and stopping the private daemon of a ``Client(daemon=None)``.
 
 The daemon runs as ``python -m pccl_py.daemon ... --exit-with-client`` and prints
-``READY <ipc path> <peer id>`` once it listens; it exits when its client disconnects.
+``READY <ipc path> <peer id>`` once it listens. Its first IPC connection, the client's (it
+dials as soon as it reads READY), holds the daemon: when that connection ends, the
+daemon leaves the run and exits. Other connections to its socket end nothing.
 """
 
 from __future__ import annotations

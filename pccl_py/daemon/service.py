@@ -9,6 +9,12 @@ It joins three things together and adds no protocol of its own:
 
 Run it as ``pccl daemon --coordinator HOST:PORT --group G`` or let ``Client(daemon=None)``
 spawn a private one that exits with its client.
+
+The trainer's IPC connection is the daemon's lease on its membership
+(:mod:`pccl_py.daemon.lease`): when the connection of the trainer that connected the daemon
+ends, however it ends, the daemon leaves the run at once, announced, so the survivors get
+a new epoch without waiting for a heartbeat deadline; then it exits, or, with
+``serve_successive``, opens a new membership under a new identity for the next trainer.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from collections.abc import Callable
 from pccl_py import calls
 from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
+from pccl_py.daemon.lease import Ended, Lease, Mode
 from pccl_py.daemon.session import TrainerSession
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
-from pccl_py.errors import Diverged, InvalidUsage, PcclError
+from pccl_py.errors import DeadlineExceeded, Diverged, InvalidUsage, PcclError
 from pccl_py.transport.zmq_io import parse_addr
 
 log = logging.getLogger("pccl.daemon")
@@ -114,20 +121,18 @@ class Daemon:
         heartbeat_interval: float = 0.5,
         coordinator_timeout: float = 3.0,
         exit_with_client: bool = False,
+        serve_successive: bool = False,
         shm: bool = True,
         advertise: str | None = None,
         link_timeout: float | None = None,
         tcp_only: bool = False,
         io_threads: bool | None = None,
     ) -> None:
+        self.lease = Lease(Mode.of(exit_with_client=exit_with_client, serve_successive=serve_successive))
         self.coordinator = coordinator
         self.group = group
-        self.peer_id = uuid.uuid4().hex
-        self.ipc_path = ipc_path or os.path.join(
-            tempfile.gettempdir(), f"pccl-{os.getpid()}-{self.peer_id[:8]}.sock"
-        )
-        self.exit_with_client = exit_with_client
         self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
+        self._listen_host = data_host
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
@@ -137,35 +142,58 @@ class Daemon:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
             tuning["user_timeout"] = link_timeout
         dp_kwargs["config"] = DataPlaneConfig(**tuning)
-        self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **dp_kwargs)
+        self._dp_kwargs = dp_kwargs
         self.secret = secret
-        self.state_server = StateServer(self.peer_id, secret=secret, host=data_host, port=0)
         self._sync_lock = asyncio.Lock()
         self._control_kwargs = {
             "group": group,
             "secret": secret,
-            "peer_id": self.peer_id,
             "heartbeat_interval": heartbeat_interval,
             "coordinator_timeout": coordinator_timeout,
         }
+        self._new_member()
+        self.ipc_path = ipc_path or os.path.join(
+            tempfile.gettempdir(), f"pccl-{os.getpid()}-{self.peer_id[:8]}.sock"
+        )
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.sessions: set[TrainerSession] = set()  # (each session adds and removes itself)
+        self._departure: asyncio.Task | None = None  # leaving the run after the lease ended
+        self._stopper: asyncio.Task | None = None
+
+    def _new_member(self) -> None:
+        """A data plane and a state server under a new identity, not yet started; the control
+        channel comes with :meth:`_start_member`. A daemon that serves successive trainers
+        makes one per trainer: a successor joins the run as a new member."""
+        self.peer_id = uuid.uuid4().hex
+        self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **self._dp_kwargs)
+        self.state_server = StateServer(self.peer_id, secret=self.secret, host=self._listen_host, port=0)
         self.control: ControlChannel | None = None
         self.topology: Topology | None = None
         self._tags = AutoTags()
         self.data.behind = self._tags.behind  # tells a peer retrying a call we completed
         self._in_flight: dict[int, str] = {}
-        self._server: asyncio.AbstractServer | None = None
-        self._stopped = asyncio.Event()
-        self._stopping = False
-        self.sessions: set[TrainerSession] = set()  # (each session adds and removes itself)
         self._removed: str | None = None
+        self._leaving = False  # the data plane closes and the leave goes out: no topology applies
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        addr = await self._start_member()
+        if os.path.exists(self.ipc_path):
+            os.unlink(self.ipc_path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: TrainerSession(self), path=self.ipc_path)
+        log.info("daemon %s ready: IPC %s, data %s:%d (advertised as %s)", self.peer_id[:8],
+                 self.ipc_path, *addr, self.data_host)
+
+    async def _start_member(self) -> tuple[str, int]:
         addr = await self.data.start()
         await self.state_server.start()
         self.control = ControlChannel(
             self.coordinator,
             data_addr=(self.data_host, addr[1]),
+            peer_id=self.peer_id,
             on_topology=self._on_topology,
             on_abort=self._on_abort,
             on_removed=self._on_removed,
@@ -174,12 +202,7 @@ class Daemon:
         )
         self.control.activity_source = self._describe_activity
         await self.control.start()
-        if os.path.exists(self.ipc_path):
-            os.unlink(self.ipc_path)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: TrainerSession(self), path=self.ipc_path)
-        log.info("daemon %s ready: IPC %s, data %s:%d (advertised as %s)", self.peer_id[:8],
-                 self.ipc_path, *addr, self.data_host)
+        return addr
 
     async def stop(self, graceful: bool = True) -> None:
         if self._stopping:
@@ -198,16 +221,13 @@ class Daemon:
             self._server.close()
         for s in list(self.sessions):
             s.close()
-        # Close the data plane first (its last frames, FINs included, are flushed before the
-        # streams end), then announce the leave: peers finish a call this peer completed
-        # before the new epoch reaches them through the coordinator.
-        await self.data.close()
+        if self._departure is not None:  # a departure under way finishes first (it is bounded)
+            await asyncio.wait([self._departure])
+        if graceful:
+            await self._leave_run()
+        else:
+            await self.data.close()
         if self.control is not None:
-            if graceful:
-                try:
-                    await asyncio.wait_for(self.control.leave(), 2.0)
-                except Exception as exc:  # leaving is best effort: the coordinator may be gone
-                    log.info("leave not acknowledged: %s", exc)
             await self.control.close()
         await self.state_server.close()
         try:
@@ -215,12 +235,79 @@ class Daemon:
         except FileNotFoundError:
             pass
 
+    async def _leave_run(self) -> None:
+        """Close the data plane, then announce the leave: its last frames, FINs included, are
+        flushed before the streams end, so peers finish a call this peer completed before
+        the new epoch reaches them through the coordinator."""
+        self._leaving = True
+        self.topology = None  # (calls in flight keep theirs; new ones are told to connect)
+        await self.data.close()
+        if self.control is not None:
+            try:
+                await asyncio.wait_for(self.control.leave(), 2.0)
+            except Exception as exc:  # leaving is best effort: the coordinator may be gone
+                log.info("leave not acknowledged: %s", exc)
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    # -- the lease: the trainer's IPC connection holds the membership ------------------
+    def session_opened(self, session: TrainerSession) -> None:
+        self.sessions.add(session)
+        self.lease.opened(session)
+
+    def session_closed(self, session: TrainerSession) -> None:
+        self.sessions.discard(session)
+        if not self._stopping:
+            ended = self.lease.end(session, "its trainer's IPC connection closed")
+            if ended is not None:
+                log.warning("%s", ended.reason)
+                self._depart(ended, stop_after=True)
+
+    async def release(self, session: TrainerSession) -> bool:
+        """``session`` leaves the run (a ``leave`` request): returns once the leave is
+        announced (and, with serve_successive, the next membership is open); False when it
+        held no lease, which changes nothing."""
+        ended = self.lease.end(session, "its trainer asked to leave")
+        if ended is None:
+            return False
+        log.info("%s", ended.reason)
+        try:
+            await asyncio.shield(self._depart(ended, stop_after=False))  # (its requester may go)
+        finally:
+            if ended.exit:  # the next loop iteration: the reply to the leave is written in this one
+                asyncio.get_running_loop().call_soon(self._stop_soon)
+        return True
+
+    def _stop_soon(self) -> None:
+        self._stopper = asyncio.ensure_future(self.stop())  # (held: a task nobody holds may vanish)
+
+    def _depart(self, ended: Ended, *, stop_after: bool) -> asyncio.Task:
+        self._departure = asyncio.ensure_future(self._leave_then(ended, stop_after))
+        return self._departure
+
+    async def _leave_then(self, ended: Ended, stop_after: bool) -> None:
+        await self._leave_run()
+        if self._stopping:
+            return
+        if ended.exit:
+            if stop_after:
+                self._stop_soon()  # (the leave is done: stop only closes)
+            return
+        try:
+            await self.control.close()
+            await self.state_server.close()
+            self._new_member()
+            await self._start_member()
+        except Exception:
+            log.exception("cannot open a new membership after the trainer left: stopping")
+            self._stop_soon()
+            return
+        log.info("ready for the next trainer as %s", self.peer_id[:8])
+
     # -- callbacks from the control link and data plane ------------------------------
     async def _on_topology(self, topo: Topology) -> None:
-        if self._stopping:
+        if self._stopping or self._leaving:
             return  # leaving: the data plane is already closed
         old = self.topology
         if old is not None and {p.peer_id for p in topo.peers} < {p.peer_id for p in old.peers}:
@@ -301,7 +388,17 @@ class Daemon:
     def summary(self) -> dict:
         return topology_summary(self.topology, self.peer_id)
 
-    async def connect(self, timeout: float) -> dict:
+    async def connect(self, timeout: float, session: TrainerSession | None = None) -> dict:
+        """Join the run (``session``, the trainer's connection, takes the lease on it)."""
+        if self._stopping:
+            raise InvalidUsage("this daemon is stopping")
+        if session is not None:
+            self.lease.take(session)
+        if self._departure is not None and not self._departure.done():  # the last trainer's
+            try:
+                await asyncio.wait_for(asyncio.shield(self._departure), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("connect: the previous trainer's membership was still being closed") from None
         self._removed = None
         topo = await self.control.connect(timeout)
         await self._wait_topology(topo.epoch, timeout)
@@ -418,7 +515,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--streams", type=int, default=None, help="TCP streams per neighbour link")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--coordinator-timeout", type=float, default=3.0)
-    p.add_argument("--exit-with-client", action="store_true", help="stop when the client disconnects")
+    p.add_argument("--exit-with-client", action="store_true",
+                   help="the first IPC connection (the client that spawned this daemon) holds it: exit "
+                        "when that connection closes, connected to the run or not")
+    p.add_argument("--serve-successive", action="store_true",
+                   help="when the trainer that connected this daemon goes (close(), crash, SIGKILL), leave "
+                        "the run and wait for the next trainer, which joins as a new member (default: leave "
+                        "the run and exit)")
     p.add_argument("--no-shm", action="store_true",
                    help="never all-reduce through shared memory, even when every peer shares this host")
     p.add_argument("--tcp-only", action="store_true",
@@ -449,6 +552,7 @@ async def _amain(args) -> int:
         heartbeat_interval=args.heartbeat_interval,
         coordinator_timeout=args.coordinator_timeout,
         exit_with_client=args.exit_with_client,
+        serve_successive=args.serve_successive,
         shm=not args.no_shm,
         advertise=args.advertise,
         link_timeout=args.link_timeout,
@@ -473,7 +577,10 @@ def run_loop(coro) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.exit_with_client and args.serve_successive:
+        parser.error("--exit-with-client and --serve-successive exclude each other")
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(name)s: %(message)s",

@@ -4,7 +4,9 @@ over the daemon's Unix socket, checked and turned into calls on the :class:`Daem
 A request is checked here before anything runs (:mod:`pccl_py.calls`): a client may be
 buggy or of another version, and a bad request must fail alone, with ``InvalidUsage``,
 never take the daemon down. The session also owns the shared-memory segments its trainer
-had mapped: a request names them, and they are unmapped when the trainer goes.
+had mapped: a request names them, and they are unmapped when the trainer goes. The
+session that asks ``connect`` holds the daemon's lease on its membership: when its
+connection closes, the daemon leaves the run (see :mod:`pccl_py.daemon.service`).
 
 All-reduces, latency-bound when small, are served without a task; every other request
 gets one, so a slow request (connect, a state sync) never holds up the others.
@@ -43,7 +45,7 @@ class TrainerSession(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.daemon.sessions.add(self)
+        self.daemon.session_opened(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -65,14 +67,13 @@ class TrainerSession(asyncio.Protocol):
             t.add_done_callback(self.tasks.discard)
 
     def connection_lost(self, exc) -> None:
-        self.daemon.sessions.discard(self)
         for t in self.tasks:
             t.cancel()
         for name in list(self.segments):
             self.unmap(name)
         self.transport = None
-        if self.daemon.exit_with_client:
-            asyncio.ensure_future(self.daemon.stop())
+        # the end of the lease when this session held it (its daemon leaves the run), else nothing
+        self.daemon.session_closed(self)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -96,7 +97,7 @@ class TrainerSession(asyncio.Protocol):
         if op == "hello":
             return {"peer_id": daemon.peer_id, "pid": os.getpid()}
         if op == "connect":
-            return await daemon.connect(timeout)
+            return await daemon.connect(timeout, session=self)
         if op == "update_topology":
             return await daemon.update_topology(timeout)
         if op == "are_peers_pending":
@@ -116,9 +117,8 @@ class TrainerSession(asyncio.Protocol):
             return await daemon.all_gather(blob, user_tag=req.get("tag"), timeout=timeout)
         if op == "sync_shared_state":
             return await self._sync(req, timeout)
-        if op == "leave":
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(daemon.stop()))
-            return {}
+        if op == "leave":  # a session that never connected holds nothing to leave
+            return {"left": await daemon.release(self)}
         raise InvalidUsage(f"unknown request {op!r}")
 
     async def _sync(self, req: dict, timeout: float) -> dict:
