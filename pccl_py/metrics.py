@@ -1,7 +1,7 @@
 """Prometheus metrics of a coordinator or a daemon, served on an opt-in port.
 
-``pccl coordinator --metrics-port P`` / ``pccl daemon --metrics-port P`` (or
-``Client(daemon_metrics_port=P)``) serve ``http://127.0.0.1:P/metrics`` (``--metrics-host``
+``pccl coordinator --metrics-port P`` / ``pccl daemon --metrics-port P`` (for a daemon a
+``Client`` spawns: the environment variable ``PCCL_METRICS_PORT``) serve ``http://127.0.0.1:P/metrics`` (``--metrics-host``
 to listen elsewhere: the numbers name peers and addresses); without the option no port is
 opened and nothing is counted. It needs ``prometheus-client`` (``pip install
 "pccl_py[metrics]"``).

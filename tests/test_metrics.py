@@ -59,3 +59,26 @@ def test_the_endpoint_serves_this_process_numbers_only():
         assert value(b.text(), "pccl_world_size") == 0  # a registry of its own
     finally:
         a.close()
+
+
+def test_a_daemon_serves_its_calls_and_epoch(coordinator):
+    import numpy as np
+    from conftest import free_port, stop_process
+    from test_lease import start_daemon
+
+    from pccl_py import Client
+
+    port = free_port()
+    proc, path = start_daemon(coordinator, "--metrics-port", str(port))
+    try:
+        with Client(daemon=path) as c:
+            c.connect()
+            x = np.ones(64, np.float32)
+            for _ in range(3):
+                c.all_reduce(x, op="sum")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+        assert value(body, 'pccl_calls_total{algorithm="single",op="all_reduce",outcome="ok"}') == 3
+        assert value(body, "pccl_epoch") >= 1 and value(body, "pccl_world_size") == 1
+    finally:
+        stop_process(proc)

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from pccl_py import calls
+from pccl_py import calls, logs
 from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.daemon.lease import Ended, Lease, Mode
@@ -42,6 +42,7 @@ from pccl_py.daemon.state_transfer import StateServer
 from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import DeadlineExceeded, Diverged, InvalidUsage, PcclError
+from pccl_py.metrics import Metrics
 from pccl_py.transport.zmq_io import parse_addr
 
 log = logging.getLogger("pccl.daemon")
@@ -127,7 +128,9 @@ class Daemon:
         link_timeout: float | None = None,
         tcp_only: bool = False,
         io_threads: bool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics  # None: nothing is counted
         self.lease = Lease(Mode.of(exit_with_client=exit_with_client, serve_successive=serve_successive))
         self.coordinator = coordinator
         self.group = group
@@ -328,6 +331,9 @@ class Daemon:
         if old is None or not {p.peer_id for p in topo.peers} <= {p.peer_id for p in old.peers}:
             self._tags.reset()  # the group gained a member: every member counts from zero
         self.topology = topo
+        if self.metrics is not None:
+            self.metrics.epoch.set(topo.epoch)
+            self.metrics.world_size.set(topo.group_world_size)
         await self.data.set_topology(topo)
 
     def _on_abort(self, exc: PcclError) -> None:
@@ -347,6 +353,8 @@ class Daemon:
         self.state_server.peer_id = peer_id
 
     def _on_peer_failure(self, peer_id: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.link_losses.inc()
         log.info("data link to %s broke: %s; reporting it", peer_id[:8], reason)
         if self.control is not None:
             asyncio.ensure_future(self._report(peer_id, reason, self.data.epoch))
@@ -423,6 +431,7 @@ class Daemon:
         tag, token = self.next_tag(user_tag)
         self._in_flight[tag] = "all_gather"
         exc: BaseException | None = None
+        t0 = time.monotonic()
         try:
             blobs = await self.data.all_gather(blob, tag=tag, timeout=timeout)
         except BaseException as e:
@@ -431,6 +440,7 @@ class Daemon:
         finally:
             self._in_flight.pop(tag, None)
             self.tag_done(tag, token, exc)
+            self._count("all_gather", None, exc, t0)
         return {"blobs": blobs, "epoch": topo.epoch}
 
     async def sync_shared_state(self, views, *, revision: int, strategy: str, timeout: float,
@@ -453,9 +463,16 @@ class Daemon:
                 )
                 # re-introductions carry it, so a restarted coordinator rebuilds its revision book
                 self.control.set_revision(result["revision"])
+                if self.metrics is not None:
+                    self.metrics.sync_bytes.inc(result.get("rx_bytes", 0))
                 return result
             finally:
                 self._in_flight.pop(-2, None)
+
+    def _count(self, op: str, info: dict | None, exc: BaseException | None, t0: float) -> None:
+        if self.metrics is not None:
+            now = time.monotonic()
+            self.metrics.call_done(op, info, exc if isinstance(exc, PcclError) or exc is None else exc, now - t0, now)
 
     async def _wait_topology(self, epoch: int, timeout: float) -> None:
         # on_topology is awaited by the control link before connect/update return, so this is
@@ -475,10 +492,12 @@ class Daemon:
         topo = self.require_connected()
         tag, token = self.next_tag(user_tag)
         self._in_flight[tag] = "all_reduce"
+        t0 = time.monotonic()
 
         def finish(info: dict | None, exc: PcclError | None) -> None:
             self._in_flight.pop(tag, None)
             self.tag_done(tag, token, exc)
+            self._count("all_reduce", info, exc, t0)
             if info is not None:
                 info["epoch"] = topo.epoch
             done(info, exc)
@@ -535,12 +554,21 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="move frames of 256 KiB and more on a receive and a send thread per stream "
                         "(auto: when this process may use more than 2 CPUs; env PCCL_IO_THREADS)")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
+    p.add_argument("--log-format", choices=logs.FORMATS, default=logs.default_format(),
+                   help="text, or json: one object per line (env PCCL_LOG_FORMAT)")
+    env_port = os.environ.get("PCCL_METRICS_PORT")
+    p.add_argument("--metrics-port", type=int, default=int(env_port) if env_port else None, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0: any free one; it is logged; "
+                        "env PCCL_METRICS_PORT)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics port listens on (default 127.0.0.1)")
     return p
 
 
 async def _amain(args) -> int:
     host, port = parse_addr(args.listen, 0)
     secret = os.environ.get("PCCL_SECRET", "").encode()
+    metrics = Metrics("daemon") if args.metrics_port is not None else None
     d = Daemon(
         coordinator=args.coordinator,
         group=args.group,
@@ -558,7 +586,12 @@ async def _amain(args) -> int:
         link_timeout=args.link_timeout,
         tcp_only=args.tcp_only,
         io_threads={"on": True, "off": False}.get(args.io_threads),
+        metrics=metrics,
     )
+    _DAEMON.append(d)  # the log lines name its peer, rank and epoch from now on
+    if metrics is not None:
+        port = metrics.serve(args.metrics_port, args.metrics_host)
+        log.warning("metrics on http://%s:%d/metrics", args.metrics_host, port)
     await d.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -566,6 +599,18 @@ async def _amain(args) -> int:
     print(f"READY {d.ipc_path} {d.peer_id}", flush=True)
     await d.wait_stopped()
     return 0
+
+
+_DAEMON: list[Daemon] = []  # the daemon of this process, once made
+
+
+def _who() -> tuple[str, int, int]:
+    """(peer id, rank, epoch) of this process's daemon, for its log lines."""
+    if not _DAEMON:
+        return "-", -1, -1
+    d = _DAEMON[0]
+    topo = d.topology
+    return d.peer_id, (topo.rank if topo is not None else -1), (topo.epoch if topo is not None else -1)
 
 
 def run_loop(coro) -> int:
@@ -581,11 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.exit_with_client and args.serve_successive:
         parser.error("--exit-with-client and --serve-successive exclude each other")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s daemon[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup("daemon", args.log_level, args.log_format, who=_who)
     try:
         return run_loop(_amain(args))
     except InvalidUsage as exc:  # a setting that cannot work: say which, without a traceback
