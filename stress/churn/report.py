@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 from churn import schedule as S
 from churn import tracker as T
@@ -100,7 +101,7 @@ def write_png(path: str, summary: dict, series: dict) -> str:
     for i, (k, ys) in enumerate(zip(kinds, data)):
         bottom.scatter([i] * len(ys), ys, color=colors[k], s=18)
         if ys:
-            bottom.hlines(sorted(ys)[len(ys) // 2], i - 0.3, i + 0.3, color="black")
+            bottom.hlines(statistics.median(ys), i - 0.3, i + 0.3, color="black")
     bottom.set_xticks(range(len(kinds)), kinds, fontsize=8)
     bottom.set_ylabel("recovery / join, s")
     bottom.set_title("recovery time per kind (dots: faults, bar: median)")
