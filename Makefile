@@ -30,12 +30,14 @@ bench: $(STAMP)
 	$(VENV)/bin/pccl bench kernels
 	$(VENV)/bin/pccl bench allreduce --world 2 --compare gloo --rounds 3
 
-# churn twice: failed calls sent back to update_topology, then retried as a trainer does
+# churn twice, 3 minutes each, every kind of fault that needs no root: failed calls sent
+# back to update_topology, then retried as a trainer does (small calls, another schedule).
+# Each prints its schedule (the same --seed draws it again) and a report; non-zero on a violation.
 stress: $(STAMP)
-	$(VPY) stress/churn.py --minutes 3
-	$(VPY) stress/churn.py --minutes 3 --retry --size 500
+	$(VPY) stress/churn.py --minutes 3 --seed 1
+	$(VPY) stress/churn.py --minutes 3 --seed 2 --retry --size 500
 
-# the same with every peer in its own network namespace (needs root)
+# the same with every peer in its own network namespace (needs root), link cuts included
 stress-hosts: $(STAMP)
 	$(VPY) stress/churn.py --minutes 3 --hosts
 
