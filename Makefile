@@ -34,16 +34,18 @@ bench: $(STAMP)
 # back to update_topology, then retried as a trainer does (small calls, another schedule).
 # Each prints its schedule (the same --seed draws it again) and a report; non-zero on a violation.
 stress: $(STAMP)
-	$(VPY) stress/churn.py --minutes 3 --seed 1
-	$(VPY) stress/churn.py --minutes 3 --seed 2 --retry --size 500
+	$(VPY) -m pip install -q matplotlib
+	$(VPY) stress/churn.py --minutes 3 --seed 1 --png churn-1.png --json churn-1.json
+	$(VPY) stress/churn.py --minutes 3 --seed 2 --retry --size 500 --png churn-2.png --json churn-2.json
 
 # the same with every peer in its own network namespace (needs root), link cuts included
 stress-hosts: $(STAMP)
-	$(VPY) stress/churn.py --minutes 3 --hosts
+	$(VPY) -m pip install -q matplotlib
+	$(VPY) stress/churn.py --minutes 3 --hosts --png churn-hosts.png --json churn-hosts.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pccl_py tests stress
 
 clean:
-	rm -rf build dist *.egg-info pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist *.egg-info churn-*.png churn-*.json pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis
 	rm -rf $(VENV)
