@@ -106,7 +106,7 @@ class _Step:
     out: list[tuple[Conn, Msg]] = field(default_factory=list)
     why: list[str] = field(default_factory=list)
     changed: bool = False
-    round_done: set[str] = field(default_factory=set)
+    round_done: dict[str, int] = field(default_factory=dict)  # voter -> the req its topology answers
 
 
 class Membership:
@@ -134,6 +134,9 @@ class Membership:
         self.removed_conns: dict[Conn, str] = {}
         self.votes: dict[str, Vote] = {}
         self.vote_opened: float | None = None
+        # per peer, the last vote answered: (its connection, req, the error it got or None when
+        # its round completed); a repeat of that vote is answered again, not counted again
+        self.answers: dict[str, tuple[Conn, int, Msg | None]] = {}
         self.probes: dict[str, Probe] = {}
         self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
         self.rekeys: dict[str, tuple[float, str, int]] = {}  # target -> (when, reporter, epoch then)
@@ -166,7 +169,8 @@ class Membership:
     def num_groups(self) -> int:
         return sum(1 for r in self.rings.values() if r)
 
-    def topology_msg(self, peer_id: str, *, round_done: bool, reason: str) -> Msg:
+    def topology_msg(self, peer_id: str, *, reason: str, req: int = 0) -> Msg:
+        """``peer_id``'s group at the current epoch; ``req``: the vote of that peer it answers."""
         group = self.peers[peer_id].group
         ring = self.rings.get(group, [])
         rows = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in ring]
@@ -178,7 +182,7 @@ class Membership:
             "peers": rows,
             "world_size": self.world_size,
             "num_groups": self.num_groups,
-            "round_done": round_done,
+            "req": req,
             "reason": reason[:1024],
         }
 
@@ -313,14 +317,9 @@ class Membership:
         for pid, vote in list(self.votes.items()):
             if now >= vote.deadline:
                 del self.votes[pid]
-                self._send(
-                    self.peers[pid].conn,
-                    _error(
-                        vote.req,
-                        "DeadlineExceeded",
-                        f"update_topology timed out: still waiting for {self._missing_voters()}",
-                    ),
-                )
+                missing = self._missing_voters()
+                err = _error(vote.req, "DeadlineExceeded", f"update_topology timed out: still waiting for {missing}")
+                self._answer(self.peers[pid], vote.req, err)
                 self._why(f"{pid}: vote timed out")
         self._check_mismatch(now)
         self._sync_out(self.sync.tick(now))
@@ -376,7 +375,7 @@ class Membership:
                 peer.host, peer.port = msg["host"], msg["port"]
             self._welcome(peer, "re-introduced")
             if peer.state is PeerState.ACCEPTED:
-                self._send(conn, self.topology_msg(pid, round_done=False, reason="re-introduced"))
+                self._send(conn, self.topology_msg(pid, reason="re-introduced"))
             return
         if len(self.peers) >= self.cfg.max_peers:
             self._send(conn, {"type": "refused", "reason": f"run is full ({self.cfg.max_peers} peers)"})
@@ -434,6 +433,8 @@ class Membership:
         vote = self.votes.get(peer.peer_id)
         if vote is not None and vote.req == msg["req"]:
             return  # a resend after a reconnect
+        if self._vote_came_again(peer, msg["req"]):
+            return
         deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
         self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now)
         if self.vote_opened is None:
@@ -567,6 +568,7 @@ class Membership:
         self.probes.pop(pid, None)
         self.rekeys.pop(pid, None)
         self.votes.pop(pid, None)
+        self.answers.pop(pid, None)
         ring = self.rings.get(peer.group)
         if ring is not None and pid in ring:
             ring.remove(pid)
@@ -607,6 +609,32 @@ class Membership:
         self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
         self._sync_out(self.sync.recovered(now))
 
+    def _answer(self, peer: Peer, req: int, error: Msg) -> None:
+        """Fail vote ``req`` of ``peer`` with ``error``, and remember it in case the vote comes again."""
+        self._send(peer.conn, error)
+        self.answers[peer.peer_id] = (peer.conn, req, error)
+
+    def _vote_came_again(self, peer: Peer, req: int) -> bool:
+        """A vote that was already answered came again: its daemon resends what is in flight
+        when its connection closed or it re-introduced itself, and the answer may have been
+        lost. Answer as before (its round's topology, now at the current epoch, or the same
+        error) and count nothing; an older one than that is stale and only dropped (a daemon
+        numbers its requests upwards, so it answered that call long ago)."""
+        conn, answered, error = self.answers.get(peer.peer_id, (None, 0, None))
+        if conn != peer.conn or req > answered:  # (a new socket: a restarted daemon counts from 1)
+            return False
+        if req < answered:
+            self._why(f"{peer.peer_id}: vote {req} came again after vote {answered} was answered; dropped")
+        elif error is not None:
+            self._send(peer.conn, error)
+            self._why(f"{peer.peer_id}: vote {req} came again after its answer; answered again")
+        elif peer.state is PeerState.ACCEPTED:
+            self._send(peer.conn, self.topology_msg(peer.peer_id, reason="vote answered again", req=req))
+            self._why(f"{peer.peer_id}: vote {req} came again after its answer; answered again")
+        else:
+            return False
+        return True
+
     def _missing_voters(self) -> str:
         if self.recovering:
             return "the recovery window to close"
@@ -637,7 +665,7 @@ class Membership:
             f"update_topology at the same point of the program"
         )
         for pid in voters:
-            self._send(self.peers[pid].conn, _error(self.votes[pid].req, "InvalidUsage", text))
+            self._answer(self.peers[pid], self.votes[pid].req, _error(self.votes[pid].req, "InvalidUsage", text))
         for peer in busy:
             self._send(peer.conn, {"type": "abort", "error": "InvalidUsage", "message": text[:1024]})
         self.votes.clear()
@@ -652,7 +680,7 @@ class Membership:
             if pend and not self.accepted():
                 self._admit(pend, "run was empty")
             elif self.votes and set(self.accepted()) <= set(self.votes):
-                st.round_done = set(self.votes)
+                st.round_done = {pid: vote.req for pid, vote in self.votes.items()}
                 self.votes.clear()
                 self.vote_opened = None
                 pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
@@ -666,17 +694,14 @@ class Membership:
             self.epoch = max(self.epoch, self._epoch_floor) + 1
             reason = "; ".join(st.why)[-1024:]
             for pid in self.accepted():
-                self._send(
-                    self.peers[pid].conn,
-                    self.topology_msg(pid, round_done=pid in st.round_done, reason=reason),
-                )
+                self._send(self.peers[pid].conn, self.topology_msg(pid, reason=reason, req=st.round_done.get(pid, 0)))
             self._why(f"epoch {self.epoch}: world size {self.world_size}, {self.num_groups} group(s)")
         else:
             for pid in sorted(st.round_done):
-                self._send(
-                    self.peers[pid].conn,
-                    self.topology_msg(pid, round_done=True, reason="vote round complete"),
-                )
+                self._send(self.peers[pid].conn,
+                           self.topology_msg(pid, reason="vote round complete", req=st.round_done[pid]))
+        for pid, req in st.round_done.items():
+            self.answers[pid] = (self.peers[pid].conn, req, None)
         return Decision(st.out, "; ".join(st.why))
 
     def _admit(self, pend: list[Peer], why: str) -> None:
