@@ -202,6 +202,63 @@ def test_coordinator_stall_does_not_remove_everyone():
     assert sim.core.accepted() == ["a"]
 
 
+def test_a_stall_seen_first_as_closed_connections_keeps_the_probes_short():
+    """zmq closes the connections a paused coordinator could not serve; the monitor may report
+    that before the timer ticks. The stall is compensated by whichever input comes first, so
+    the probes start after it with their normal deadline: a peer that is really gone is still
+    found at the usual pace, the live ones are kept."""
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    epoch = sim.core.epoch
+    sim.tick(0.5)
+    sim.now += 10.0  # stopped; the first thing it sees when it runs again: three closed connections
+    for pid in ("a", "b", "c"):
+        sim._deliver(sim.core.on_disconnect(sim.now, f"conn-{pid}"))
+    assert "did not run" in sim.reasons[-3]
+    assert sim.core.probes["c"].deadline == pytest.approx(sim.now + 1.4)
+    sim.tick(1.3, beat=("a", "b"))  # a and b talk again on their new connections; c does not
+    assert sim.core.accepted() == ["a", "b", "c"] and sim.core.epoch == epoch
+    sim.tick(0.2, beat=("a", "b"))
+    assert sim.core.accepted() == ["a", "b"]
+    assert any("no answer to a probe" in r for r in sim.reasons)
+
+
+def test_a_stall_does_not_count_toward_the_lockstep_grace():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.hb("b", "all_reduce tag=3")
+    sim.vote("a", req=9)
+    sim.tick(1.0)
+    sim.now += 10.0
+    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0)
+    sim.tick(0.5)  # 1.5 s of the 2 s grace seen by a running coordinator
+    assert "error" not in sim.types("a")
+    sim.tick(0.6)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err and err[0]["error"] == "InvalidUsage" and "lockstep" in err[0]["message"]
+
+
+def test_deadlines_that_pass_during_a_stall_blame_the_coordinator():
+    """The callers' deadlines are real time and are not shifted; a vote or a connect whose
+    deadline passed while the coordinator did not run fails with CoordinatorUnavailable (the
+    other peers may well have voted: their votes were waiting in its socket)."""
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.vote("a", req=4, timeout=2.0)  # passes during the stall
+    sim.hello("c", timeout=3.0)  # likewise
+    sim.tick(0.5)
+    sim.now += 5.0
+    sim.tick(0.1)
+    [err] = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err["req"] == 4 and err["error"] == "CoordinatorUnavailable" and "not running" in err["message"]
+    [err] = [m for m in sim.inbox["conn-c"] if m["type"] == "error"]
+    assert err["req"] == 0 and err["error"] == "CoordinatorUnavailable" and "c" not in sim.core.peers
+    sim.vote("a", req=5, timeout=1.0)  # passes while it runs: the other peers' fault
+    sim.tick(1.1)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"][-1]
+    assert err["req"] == 5 and err["error"] == "DeadlineExceeded" and "b" in err["message"]
+
+
 def test_a_repeated_vote_is_answered_again_not_counted_again():
     """A daemon resends its votes in flight when its connection closes; the answer may have
     gone down with that connection, so a vote already answered is answered again (with the

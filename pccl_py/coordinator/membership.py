@@ -144,7 +144,8 @@ class Membership:
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
-        self._last_tick = now
+        self._last_input = now  # when the core last ran (every input is a proof that it did)
+        self.stall: tuple[float, float] | None = None  # the last span in which the core did not run
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
         self.sync = SyncHost(self.accepted)  # shared-state rounds (coordinator/state_sync.py)
@@ -223,6 +224,7 @@ class Membership:
     def on_message(self, now: float, conn: Conn, msg: Msg, *, wall: float | None = None) -> Decision:
         """A validated message from ``conn``. ``wall`` is wall-clock time (for hello freshness)."""
         self._step = _Step()
+        self._compensate_stall(now)
         mtype = msg["type"]
         if mtype == "status_q":
             self._send(conn, self.status(now, msg["req"]))
@@ -252,6 +254,7 @@ class Membership:
     def on_disconnect(self, now: float, conn: Conn) -> Decision:
         """The transport saw ``conn``'s connection close: probe that peer at once."""
         self._step = _Step()
+        self._compensate_stall(now)
         pid = self.by_conn.get(conn)
         peer = self.peers.get(pid) if pid is not None else None
         if peer is not None and peer.conn == conn:
@@ -262,6 +265,7 @@ class Membership:
     def on_bad_input(self, now: float, conn: Conn, why: str) -> Decision:
         """``conn`` sent something :func:`protocol.decode` refused: a member is removed."""
         self._step = _Step()
+        self._compensate_stall(now)
         pid = self.by_conn.get(conn)
         peer = self.peers.get(pid) if pid is not None else None
         if peer is not None and peer.conn == conn:
@@ -287,15 +291,12 @@ class Membership:
                 )
             elif peer.state is PeerState.PENDING and now >= peer.join_deadline:
                 self._remove(now, peer, "not admitted before its connect deadline", tell=False)
-                self._send(
-                    peer.conn,
-                    _error(
-                        0,
-                        "DeadlineExceeded",
-                        "not admitted before the connect deadline: the accepted peers did not call "
-                        "update_topology in time; connect again to retry",
-                    ),
-                )
+                self._send(peer.conn, self._stalled_error(0, "connect", peer.join_deadline) or _error(
+                    0,
+                    "DeadlineExceeded",
+                    "not admitted before the connect deadline: the accepted peers did not call "
+                    "update_topology in time; connect again to retry",
+                ))
         for pid, (when, reporter, epoch) in list(self.rekeys.items()):
             if now < when:
                 continue
@@ -317,10 +318,12 @@ class Membership:
         for pid, vote in list(self.votes.items()):
             if now >= vote.deadline:
                 del self.votes[pid]
-                missing = self._missing_voters()
-                err = _error(vote.req, "DeadlineExceeded", f"update_topology timed out: still waiting for {missing}")
+                err = self._stalled_error(vote.req, "update_topology", vote.deadline)
+                if err is None:
+                    missing = self._missing_voters()
+                    err = _error(vote.req, "DeadlineExceeded", f"update_topology timed out: still waiting for {missing}")
                 self._answer(self.peers[pid], vote.req, err)
-                self._why(f"{pid}: vote timed out")
+                self._why(f"{pid}: vote timed out ({err['error']})")
         self._check_mismatch(now)
         self._sync_out(self.sync.tick(now))
         if now >= self._next_hb:
@@ -333,18 +336,41 @@ class Membership:
 
     def _compensate_stall(self, now: float) -> None:
         """If the coordinator itself did not run for a while (paused, swapped, suspended VM),
-        the peers' silence is its own: shift their clocks instead of removing everyone."""
-        gap = now - self._last_tick
-        self._last_tick = now
+        the peers' silence is its own: shift their clocks instead of removing everyone.
+
+        Called first by every input, so whatever comes first after the stall (a message, a
+        closed connection, the timer) sees the shifted clocks: the clocks that measure how long
+        a peer has been silent or busy (heartbeats, probes, lockstep grace) move by the stall;
+        the callers' deadlines (votes, connects, sync rounds) do not, and one that passed
+        during the stall is answered ``CoordinatorUnavailable`` (:meth:`_stalled_error`)."""
+        gap = now - self._last_input
+        self._last_input = now
         stall = gap - self.cfg.heartbeat_interval
         if stall <= self.cfg.heartbeat_interval:
             return
+        self.stall = (now - gap, now)
         for peer in self.peers.values():
             peer.last_seen = min(now, peer.last_seen + stall)
+            peer.activity_since = min(now, peer.activity_since + stall)
         for probe in self.probes.values():
             probe.deadline += stall
             probe.started += stall
+        if self.vote_opened is not None:
+            self.vote_opened = min(now, self.vote_opened + stall)
         self._why(f"coordinator did not run for {gap:.2f} s; peers' heartbeat clocks shifted by {stall:.2f} s")
+
+    def _stalled_error(self, req: int, what: str, deadline: float) -> Msg | None:
+        """The error for a call whose ``deadline`` passed while the coordinator did not run
+        (None if it passed while it ran): its silence, not the other peers, failed the call."""
+        if self.stall is None or not self.stall[0] < deadline <= self.stall[1]:
+            return None
+        return _error(
+            req,
+            "CoordinatorUnavailable",
+            f"{what}: the deadline passed while the coordinator was not running "
+            f"({self.stall[1] - self.stall[0]:.1f} s: paused, swapped out or suspended); nothing was "
+            f"decided; call {what} again",
+        )
 
     # ------------------------------------------------------------------ handlers
 
