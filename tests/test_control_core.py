@@ -60,12 +60,12 @@ def welcome(state: str = "accepted", instance: str = "c1", peer_id: str = "p1", 
                heartbeat_deadline=3.0, reason="registered")
 
 
-def topology(epoch: int = 1, peers: tuple[str, ...] = ("p1",), instance: str = "c1", round_done: bool = False,
+def topology(epoch: int = 1, peers: tuple[str, ...] = ("p1",), instance: str = "c1", req: int = 0,
              world_size: int | None = None) -> dict:
     rows = [[p, "127.0.0.1", 7000 + i] for i, p in enumerate(peers)]
     return msg("topology", instance=instance, epoch=epoch, group=3, peers=rows,
                world_size=len(peers) if world_size is None else world_size, num_groups=1,
-               round_done=round_done, reason="test")
+               req=req, reason="test")
 
 
 def apply(core: ControlCore, topo_msg: dict) -> tuple[Actions, Actions]:
@@ -242,7 +242,7 @@ def test_wait_expired_blames_the_coordinator_only_when_it_is_silent():
 def test_new_instance_gets_a_member_hello_then_the_requests_in_flight():
     core = joined(epoch=6, peers=("p0", "p1"))
     core.revision = 7
-    vote = core.vote(10.0)
+    vote = core.vote(NOW, 10.0)
     query = core.pending_query()
     sync = offer(30.0, revision=8)
     core.sync_send(NOW, sync)
@@ -261,7 +261,7 @@ def test_new_instance_gets_a_member_hello_then_the_requests_in_flight():
     d = core.on_message(NOW + 1.2, welcome(state="recovering", instance="c2"))
     assert core.state is S.RECOVERING and core.instance == "c2"
     assert wire(d) == [
-        {"type": "vote", "req": 1, "timeout": 10.0},
+        {"type": "vote", "req": 1, "timeout": pytest.approx(8.8)},  # what its caller has left
         {"type": "pending_q", "req": 2},
         protocol.decode(protocol.encode_msg(sync)),
     ]
@@ -269,13 +269,71 @@ def test_new_instance_gets_a_member_hello_then_the_requests_in_flight():
     assert core.on_message(NOW + 1.3, welcome(state="recovering", instance="c2")).out == []  # duplicate
 
     assert core.connect(NOW + 1.3, 5.0).wait == JOIN  # a member waits for the rebuilt topology
-    d = core.on_message(NOW + 2, topology(7, ("p0", "p1"), instance="c2", round_done=True))
+    d = core.on_message(NOW + 2, topology(7, ("p0", "p1"), instance="c2", req=1))
     adopt, done = apply(core, d.topology)
     assert core.state is S.ACCEPTED and adopt.apply is not None and adopt.apply.epoch == 7
     assert (1, adopt.apply) in done.settle and (JOIN, adopt.apply) in done.settle
     assert 2 in core.requests and 1 not in core.requests  # the question still waits for its answer
     d = core.on_message(NOW + 2, msg("pending_a", req=2, pending=False))
     assert d.settle == [(2, False)] and core.requests == {}
+
+
+def test_a_closed_connection_resends_the_requests_in_flight_with_the_time_left():
+    """What went out on a connection that closed may be lost (a paused coordinator's zmq drops
+    it, and the answers it sends to a connection being replaced), and the coordinator
+    answers a repeat as it answered the first: so everything in flight goes out again."""
+    core = joined()
+    vote = core.vote(NOW, 8.0)
+    forever = core.vote(NOW, 0.0)  # no deadline
+    query = core.pending_query()
+    d = core.connection_lost(NOW + 2)
+    assert wire(d) == [
+        {"type": "vote", "req": vote.wait, "timeout": 6.0},
+        {"type": "vote", "req": forever.wait, "timeout": 0.0},
+        {"type": "pending_q", "req": query.wait},
+    ]
+    assert d.level == logging.INFO and "connection closed" in d.reason
+    assert core.instance == "c1" and core.state is S.ACCEPTED  # no re-introduction needed
+    d = core.connection_lost(NOW + 8)  # past the first vote's deadline: its caller gives up now
+    assert [m["req"] for m in wire(d)] == [forever.wait, query.wait]
+    core.forget(forever.wait)
+    core.forget(query.wait)
+    core.forget(vote.wait)
+    d = core.connection_lost(NOW + 9)
+    assert d.out == [] and "nothing in flight" in d.reason
+    core.close()
+    assert core.connection_lost(NOW + 9).out == []
+
+
+def test_a_reintroduction_to_the_same_instance_resends_the_requests_once():
+    """The coordinator drops what comes on a connection it cannot place (zmq renames the old
+    connection of a peer that reconnected) and asks for a re-introduction: what it dropped may
+    have been a request, so the welcome that answers the hello resends them, once per hello."""
+    core = joined()
+    vote = core.vote(NOW, 4.0)
+    d = core.on_message(NOW + 1, msg("reset", instance="c1", reason="unknown connection"))
+    assert [h["claim"] for h in hellos(d)] == ["accepted"]
+    d = core.on_message(NOW + 1, welcome())
+    assert wire(d) == [{"type": "vote", "req": vote.wait, "timeout": 3.0}] and "welcomed again" in d.reason
+    assert core.on_message(NOW + 1, welcome()).out == []  # a second welcome for the same hello
+    core.forget(vote.wait)
+    core.on_message(NOW + 2, msg("reset", instance="c1", reason="unknown connection"))
+    assert core.on_message(NOW + 2, welcome()).out == []  # nothing in flight
+
+
+def test_an_answer_completes_its_vote_and_older_ones_never_a_later_one():
+    core = joined()
+    first = core.vote(NOW, 5.0)
+    _, done = apply(core, core.on_message(NOW, topology(1, req=first.wait)).topology)
+    assert (first.wait, core.topology) in done.settle
+    # the first vote was resent before its answer came; the coordinator answers the repeat
+    # too, and that answer arrives while the next update_topology waits: it is not its answer
+    second = core.vote(NOW, 5.0)
+    _, done = apply(core, core.on_message(NOW, topology(1, req=first.wait)).topology)
+    assert done.settle == [(JOIN, core.topology)] and second.wait in core.requests
+    third = core.vote(NOW, 5.0)  # two threads voting: the coordinator keeps the later vote
+    _, done = apply(core, core.on_message(NOW, topology(1, req=third.wait)).topology)
+    assert {key for key, _ in done.settle} == {JOIN, second.wait, third.wait} and core.requests == {}
 
 
 def test_expired_sync_offer_is_not_resent_and_a_plan_ends_the_offer():
@@ -294,7 +352,7 @@ def test_expired_sync_offer_is_not_resent_and_a_plan_ends_the_offer():
 
 def test_member_welcomed_as_pending_after_the_window_is_aborted_and_its_votes_fail():
     core = joined()
-    vote = core.vote(10.0)
+    vote = core.vote(NOW, 10.0)
     core.pending_query()
     d = core.on_message(NOW + 5, welcome(state="pending", instance="c2"))
     assert core.state is S.PENDING and d.level == logging.WARNING
@@ -302,7 +360,7 @@ def test_member_welcomed_as_pending_after_the_window_is_aborted_and_its_votes_fa
     [(key, exc)] = d.fail
     assert key == vote.wait and isinstance(exc, Aborted)
     assert wire(d) == [{"type": "pending_q", "req": 2}]  # the vote is not resent, the question is
-    d = core.vote(10.0)  # update_topology now waits for admission
+    d = core.vote(NOW, 10.0)  # update_topology now waits for admission
     assert d.wait == JOIN and d.out == []
 
 
@@ -311,7 +369,7 @@ def test_member_welcomed_as_pending_after_the_window_is_aborted_and_its_votes_fa
 
 def test_removed_fails_everything_then_connect_takes_a_new_peer_id():
     core = joined()
-    vote = core.vote(10.0)
+    vote = core.vote(NOW, 10.0)
     text = "peer p1 was removed from the run (silent); connect again as a new member"
     d = core.on_message(NOW, msg("removed", peer_id="p1", reason=text))
     assert core.state is S.REMOVED and d.removed == text and d.level == logging.WARNING
@@ -322,7 +380,7 @@ def test_removed_fails_everything_then_connect_takes_a_new_peer_id():
     d = core.on_message(NOW, msg("removed", peer_id="p1", reason=text))  # duplicate
     assert d.fail == [] and d.removed is None and "already removed" in d.reason
     with pytest.raises(PeerLost, match="connect again"):
-        core.vote(1.0)
+        core.vote(NOW, 1.0)
     with pytest.raises(PeerLost):
         core.sync_send(NOW, DONE)
     assert core.report_failure("p0", "x", 1).out == []
@@ -338,7 +396,7 @@ def test_removed_fails_everything_then_connect_takes_a_new_peer_id():
 
 def test_leave_fails_the_waits_and_the_removal_confirms_it():
     core = joined()
-    vote = core.vote(10.0)
+    vote = core.vote(NOW, 10.0)
     d = core.leave()
     assert core.state is S.LEFT and d.wait == LEAVE
     assert wire(d) == [{"type": "leave", "reason": "graceful leave"}]
@@ -377,7 +435,7 @@ def test_close_is_final():
 )
 def test_error_fails_its_request_with_the_named_exception(name, cls):
     core = joined()
-    vote = core.vote(10.0)
+    vote = core.vote(NOW, 10.0)
     d = core.on_message(NOW, msg("error", req=vote.wait, error=name, message="lockstep mismatch"))
     [(key, exc)] = d.fail
     assert key == vote.wait and type(exc) is cls and str(exc) == "lockstep mismatch"
@@ -399,20 +457,20 @@ def test_abort_is_handed_to_the_daemon_and_changes_no_state():
 def test_votes_complete_only_when_the_round_is_done_and_unvotes_withdraw():
     core = make()
     with pytest.raises(InvalidUsage, match="before connect"):
-        core.vote(1.0)
+        core.vote(NOW, 1.0)
     with pytest.raises(InvalidUsage, match="before connect"):
         core.pending_query()
     joined(core)
-    d = core.vote(-1.0)
+    d = core.vote(NOW, -1.0)
     assert wire(d) == [{"type": "vote", "req": 1, "timeout": 0.0}] and d.wait == 1
-    second = core.vote(4.0)
+    second = core.vote(NOW, 4.0)
     assert second.wait == 2
 
     _, done = apply(core, core.on_message(NOW, topology(2, ("p1", "p2"))).topology)
     assert done.settle == [(JOIN, core.topology)]  # a new epoch, but not the end of the round
     d = core.unvote(2)
     assert wire(d) == [{"type": "unvote", "req": 2}] and 2 not in core.requests
-    _, done = apply(core, core.on_message(NOW, topology(2, ("p1", "p2"), round_done=True)).topology)
+    _, done = apply(core, core.on_message(NOW, topology(2, ("p1", "p2"), req=1)).topology)
     assert (1, core.topology) in done.settle and all(key != 2 for key, _ in done.settle)
     d = core.on_message(NOW + 1, welcome(instance="c2"))
     assert d.out == []  # nothing left in flight to resend
@@ -422,7 +480,7 @@ def test_votes_complete_only_when_the_round_is_done_and_unvotes_withdraw():
     assert d.settle == [(query.wait, True)]
     d = core.on_message(NOW, msg("pending_a", req=query.wait, pending=True))  # duplicate
     assert d.settle == [] and "ignored" in d.reason
-    vote = core.vote(1.0)
+    vote = core.vote(NOW, 1.0)
     d = core.on_message(NOW, msg("pending_a", req=vote.wait, pending=True))  # not a question
     assert d.settle == [] and vote.wait in core.requests
 
@@ -448,7 +506,7 @@ def test_stale_and_foreign_messages_are_ignored_with_a_reason():
     d = core.on_message(NOW, msg("ping", nonce=77))
     assert wire(d) == [{"type": "pong", "nonce": 77}]
 
-    vote = core.vote(1.0)
+    vote = core.vote(NOW, 1.0)
     bad = core.on_message(NOW, topology(6, ("p0", "p2"))).topology  # without this peer: stale
     d = core.adopt(bad)
     assert d.apply is None and d.fail == [] and "does not include this peer" in d.reason

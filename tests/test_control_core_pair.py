@@ -1,13 +1,16 @@
 """Daemon control cores paired with the coordinator's membership core: no sockets, no loop.
 
 A coordinator restart, end to end: the daemons' heartbeats meet a new instance, its reset
-makes them re-introduce themselves, and the ring is rebuilt from what they claim.
+makes them re-introduce themselves, and the ring is rebuilt from what they claim. A paused
+coordinator: what was in flight is lost with the connections that closed meanwhile, and
+the daemons' resends complete the round.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.membership import Membership, MembershipConfig
 from pccl_py.daemon.control_core import JOIN, Actions, ChannelState, ControlCore
 from pccl_py.retry import Backoff
@@ -52,6 +55,8 @@ class Pair:
 
     def to_daemons(self, d) -> None:
         for pid, m in d.out:
+            if pid not in self.cores:  # a connection that is gone: nobody reads it
+                continue
             m = protocol.decode(protocol.encode_msg(m))
             step = self.cores[pid].on_message(self.now, m, wall=WALL)
             self.to_coord(pid, step)
@@ -74,7 +79,7 @@ def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
     for pid in ("b", "c"):
         pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0, wall=WALL))
         for voter in [p for p, core in pair.cores.items() if core.state is S.ACCEPTED]:
-            pair.to_coord(voter, pair.cores[voter].vote(5.0))
+            pair.to_coord(voter, pair.cores[voter].vote(pair.now, 5.0))
     epoch = pair.cores["a"].topology.epoch
     assert all(core.state is S.ACCEPTED for core in pair.cores.values())
     assert [p.peer_id for p in pair.cores["c"].topology.peers] == ["a", "b", "c"]
@@ -82,7 +87,7 @@ def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
         core.revision = rev
 
     pair.restart(grace=1.0)  # a new instance knows nobody: the daemons' heartbeats get a reset
-    pending = pair.cores["b"].vote(20.0)  # in flight across the restart
+    pending = pair.cores["b"].vote(pair.now, 20.0)  # in flight across the restart
     pair.tick(0.25)
     assert all(core.state is S.RECOVERING and core.instance == "c2" for core in pair.cores.values())
     assert {pid: p.revision for pid, p in pair.coord.peers.items()} == {"a": 3, "b": 3, "c": 2}
@@ -96,7 +101,7 @@ def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
     assert pair.coord.accepted() == ["a", "b", "c"]
     assert pending.wait in pair.cores["b"].requests  # still waits: the others have not voted
     for pid in ("a", "c"):
-        pair.to_coord(pid, pair.cores[pid].vote(5.0))
+        pair.to_coord(pid, pair.cores[pid].vote(pair.now, 5.0))
     assert (pending.wait, pair.cores["b"].topology) in pair.settled["b"]
 
 
@@ -104,7 +109,7 @@ def test_peer_that_misses_the_window_rejoins_as_pending_and_is_voted_in():
     pair = Pair("a", "b")
     pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0, wall=WALL))
     pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0, wall=WALL))
-    pair.to_coord("a", pair.cores["a"].vote(5.0))
+    pair.to_coord("a", pair.cores["a"].vote(pair.now, 5.0))
     assert pair.cores["b"].state is S.ACCEPTED
 
     pair.restart(grace=0.5)
@@ -114,7 +119,81 @@ def test_peer_that_misses_the_window_rejoins_as_pending_and_is_voted_in():
     pair.cores["b"] = late
     pair.tick(0.25)
     assert late.state is S.PENDING and pair.coord.pending() == ["b"]
-    assert late.vote(5.0).wait == JOIN  # its update_topology waits for admission
-    pair.to_coord("a", pair.cores["a"].vote(5.0))
+    assert late.vote(pair.now, 5.0).wait == JOIN  # its update_topology waits for admission
+    pair.to_coord("a", pair.cores["a"].vote(pair.now, 5.0))
     assert late.state is S.ACCEPTED and (JOIN, late.topology) in pair.settled["b"]
     assert [p.peer_id for p in late.topology.peers] == ["a", "b"]
+
+
+def formed(*pids: str) -> Pair:
+    pair = Pair(*pids)
+    pair.to_coord(pids[0], pair.cores[pids[0]].connect(pair.now, 5.0, wall=WALL))
+    for pid in pids[1:]:
+        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0, wall=WALL))
+        for voter in [p for p, core in pair.cores.items() if core.state is S.ACCEPTED]:
+            pair.to_coord(voter, pair.cores[voter].vote(pair.now, 5.0))
+    assert all(core.state is S.ACCEPTED for core in pair.cores.values())
+    pair.settled.clear()
+    return pair
+
+
+def test_answers_lost_with_the_closed_connections_come_again_after_the_resends():
+    """The issue, without sockets: a paused coordinator reads the votes queued in its
+    socket when it runs again and completes the round, but its answers to a and b go to
+    connections that zmq is replacing, and are lost (c's arrives). a and b resend on their
+    closed connections and are answered again: every vote completes, in that one round (c
+    has moved on and will not vote again), at the same epoch."""
+    pair = formed("a", "b", "c")
+    epoch = pair.coord.epoch
+    votes = {pid: core.vote(pair.now, 30.0) for pid, core in pair.cores.items()}
+    pair.to_coord("c", votes["c"])
+    for pid in ("a", "b"):
+        for m in wire(votes[pid]):
+            d = pair.coord.on_message(pair.now, pid, m, wall=WALL)
+    pair.to_daemons(Decision([(conn, m) for conn, m in d.out if conn == "c"], ""))
+    assert not pair.coord.votes  # the round is complete on the coordinator's side
+    assert pair.settled["c"] == [(JOIN, pair.cores["c"].topology), (votes["c"].wait, pair.cores["c"].topology)]
+    assert all(votes[pid].wait in pair.cores[pid].requests for pid in ("a", "b"))  # a and b do not know
+    pair.now += 0.25
+    for pid in ("a", "b"):
+        pair.to_coord(pid, pair.cores[pid].connection_lost(pair.now))
+    for pid, v in votes.items():
+        assert (v.wait, pair.cores[pid].topology) in pair.settled[pid]
+        assert pair.cores[pid].requests == {} and pair.cores[pid].topology.epoch == epoch
+    assert not pair.coord.votes and pair.coord.epoch == epoch  # no second round was opened
+
+
+def test_a_vote_lost_on_the_way_counts_when_it_is_resent():
+    pair = formed("a", "b")
+    lost = pair.cores["a"].vote(pair.now, 30.0)  # written to a connection that closed unread
+    other = pair.cores["b"].vote(pair.now, 30.0)
+    pair.to_coord("b", other)
+    assert set(pair.coord.votes) == {"b"}
+    pair.to_coord("a", pair.cores["a"].connection_lost(pair.now + 0.25))
+    assert (lost.wait, pair.cores["a"].topology) in pair.settled["a"]
+    assert (other.wait, pair.cores["b"].topology) in pair.settled["b"]
+    assert not pair.coord.votes
+
+
+def test_what_comes_under_a_renamed_connection_is_asked_for_again():
+    """zmq hands a reconnecting peer's routing id to its new connection and renames the old
+    one: what the old one still carries arrives under a name the coordinator cannot place (a
+    vote is dropped with a reset nobody reads), and a hello there even moves the peer to it.
+    The peer's next message on its own connection gets a reset; its re-introduction is
+    welcomed, and the welcome resends the vote."""
+    pair = formed("a", "b")
+    lost = pair.cores["a"].vote(pair.now, 30.0)
+    for m in wire(lost):
+        assert pair.coord.on_message(pair.now, "tmp-a", m, wall=WALL).out[0][1]["type"] == "reset"
+    pair.now += 1.0
+    hello = pair.cores["a"].on_message(pair.now, {"type": "reset", "instance": "c1", "reason": "test"}, wall=WALL)
+    for m in wire(hello):  # an earlier hello, also on the old connection
+        pair.coord.on_message(pair.now, "tmp-a", m, wall=WALL)
+    assert pair.coord.peers["a"].conn == "tmp-a"
+    other = pair.cores["b"].vote(pair.now, 30.0)
+    pair.to_coord("b", other)
+    assert set(pair.coord.votes) == {"b"}
+    pair.tick(0.25)  # a's heartbeat on its own connection: reset, hello, welcome, the vote again
+    assert pair.coord.peers["a"].conn == "a"
+    assert (lost.wait, pair.cores["a"].topology) in pair.settled["a"]
+    assert (other.wait, pair.cores["b"].topology) in pair.settled["b"]

@@ -388,23 +388,60 @@ async def test_claims_after_the_recovery_window_rejoin_as_pending(coordinator, l
 
 
 @on_uvloop
-async def test_frozen_coordinator_resumes_without_removing_anyone(coordinator, links):
+async def test_frozen_coordinator_loop_resumes_at_once_and_short_calls_fail_unavailable(coordinator, links):
+    """SIGSTOP the coordinator for 5 s under an update_topology loop of three peers. Both
+    sides' zmq heartbeats close the connections meanwhile, so the votes in flight and the
+    answers to them are lost; the daemons resend, the coordinator answers again, and the loop
+    goes on within a heartbeat interval of SIGCONT, nobody removed. A call whose deadline
+    passes during the freeze fails with CoordinatorUnavailable."""
     coord = coordinator("--recovery-grace", "0.2", "--heartbeat-deadline", "2")
     ls = await form(links, coord.addr, 3)
     epoch = ls[0].topology.epoch
-    os.kill(coord.proc.pid, signal.SIGSTOP)
+    rounds: list[float] = []  # when a peer's update_topology returned
+    counts = [0] * len(ls)
+    last: list[int | None] = [None]  # the round after which the loops stop (all at the same one)
+
+    async def training(i: int, link: ControlChannel) -> None:
+        while last[0] is None or counts[i] < last[0]:
+            assert (await link.update_topology(20)).epoch == epoch
+            counts[i] += 1
+            rounds.append(time.monotonic())
+            await asyncio.sleep(0.02)  # a training step
+
+    loops = [asyncio.create_task(training(i, link)) for i, link in enumerate(ls)]
     try:
-        await asyncio.sleep(4.0)  # longer than every deadline on both sides
+        await until(lambda: min(counts) >= 3 or any(t.done() for t in loops), 10, "three rounds")
+        os.kill(coord.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)
+            t0 = time.monotonic()
+            with pytest.raises(CoordinatorUnavailable, match="no answer from the coordinator"):
+                await ls[1].are_peers_pending(1.0)
+            assert 0.9 < time.monotonic() - t0 < 2.0
+            await asyncio.sleep(5.0 - (time.monotonic() - t0) - 1.5)
+            frozen = len(rounds)
+        finally:
+            os.kill(coord.proc.pid, signal.SIGCONT)
+        t_cont = time.monotonic()
+        await until(lambda: len(rounds) >= frozen + 9 or any(t.done() for t in loops), 5, "three more rounds")
+        resumed = rounds[frozen] - t_cont
+        print(f"\ncoordinator frozen 5 s: the update_topology loop resumed {resumed * 1000:.0f} ms after SIGCONT")
+        log.info("frozen coordinator: loop resumed %.3f s after SIGCONT", resumed)
+        assert resumed < 1.5, coord.log_text()
+        last[0] = max(counts) + 1
+        await asyncio.wait(loops, timeout=5)
+        for t in loops:
+            t.result()  # done, without an error
     finally:
-        os.kill(coord.proc.pid, signal.SIGCONT)
-    await asyncio.sleep(1.5)
+        for t in loops:
+            t.cancel()
+        await asyncio.wait(loops, timeout=2)
     st = await query_status(coord.addr, 5)
     assert st["epoch"] == epoch, coord.log_text()
     assert sorted(m["peer_id"] for m in st["members"] if m["state"] == "accepted") == ["p0", "p1", "p2"]
-    assert all(link.state == "accepted" and link.topology.epoch == epoch for link in ls)
-    votes = [asyncio.create_task(link.update_topology(10)) for link in ls]
-    for v in votes:
-        assert (await v).epoch == epoch
+    assert all(link.state == "accepted" and link.topology.epoch == epoch and not link.aborts for link in ls)
+    text = coord.log_path.read_text()
+    assert "removed" not in text and "did not run" in text
 
 
 @on_uvloop

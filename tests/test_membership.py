@@ -30,6 +30,7 @@ class Sim:
         self.conn_of: dict[str, object] = {}
         self.reasons: list[str] = []
         self._n = 0
+        self._req = 100
 
     def _deliver(self, decision) -> None:
         self.reasons.append(decision.reason)
@@ -58,7 +59,11 @@ class Sim:
                          port=20000 + self._n, ts=ts, proof=proof, claim=claim, epoch=epoch,
                          ring_pos=ring_pos, revision=revision, instance="", timeout=timeout)
 
-    def vote(self, pid: str, req: int = 1, timeout: float = 0.0) -> list[dict]:
+    def vote(self, pid: str, req: int | None = None, timeout: float = 0.0) -> list[dict]:
+        """``req``: by default the next of a counter, as a daemon numbers its requests upwards."""
+        if req is None:
+            self._req += 1
+            req = self._req
         return self.send(pid, "vote", req=req, timeout=timeout)
 
     def hb(self, pid: str, activity: str | None = None) -> list[dict]:
@@ -107,7 +112,7 @@ def test_first_peer_accepted_at_once_then_others_wait_for_a_vote():
     assert sim.core.pending() == ["b"]
     assert sim.send("a", "pending_q", req=7) == [{"type": "pending_a", "req": 7, "pending": True}]
     out = sim.vote("a")
-    assert out[-1]["type"] == "topology" and out[-1]["round_done"] and out[-1]["epoch"] == 2
+    assert out[-1]["type"] == "topology" and out[-1]["req"] and out[-1]["epoch"] == 2
     assert sim.members("a") == ["a", "b"] == sim.members("b")
     assert sim.last_topo("b")["world_size"] == 2
 
@@ -118,7 +123,7 @@ def test_all_pending_admitted_together_ring_order_kept():
     for pid in ("c", "d", "e"):
         sim.hello(pid)
     sim.vote("a")
-    assert not sim.topos["a"][-1]["round_done"] or sim.core.pending()  # one vote is not enough
+    assert not sim.topos["a"][-1]["req"] or sim.core.pending()  # one vote is not enough
     assert sim.core.pending() == ["c", "d", "e"]
     sim.vote("b")
     assert sim.core.pending() == []
@@ -132,8 +137,8 @@ def test_vote_with_nobody_pending_completes_round_epoch_unchanged():
     epoch = sim.core.epoch
     assert sim.vote("a", req=5) == []
     out = sim.vote("b", req=6)
-    assert out[-1]["type"] == "topology" and out[-1]["round_done"] and out[-1]["epoch"] == epoch
-    assert sim.last_topo("a")["round_done"]
+    assert out[-1]["type"] == "topology" and out[-1]["req"] == 6 and out[-1]["epoch"] == epoch
+    assert sim.last_topo("a")["req"] == 5  # each voter's topology names its own vote
 
 
 def test_vote_is_run_wide_across_groups():
@@ -141,7 +146,7 @@ def test_vote_is_run_wide_across_groups():
     sim.hello("a", group=0)
     sim.hello("x", group=1)
     assert sim.core.pending() == ["x"]
-    sim.vote("a")
+    sim.vote("a", req=3)
     assert sim.core.accepted() == ["a", "x"] and sim.last_topo("x")["group"] == 1
     assert sim.last_topo("x")["world_size"] == 2 and sim.last_topo("x")["num_groups"] == 2
     assert sim.members("x") == ["x"] and sim.members("a") == ["a"]
@@ -195,6 +200,103 @@ def test_coordinator_stall_does_not_remove_everyone():
     assert "did not run" in sim.reasons[-1]
     sim.tick(3.5, beat=("a",))  # afterwards, real silence still counts
     assert sim.core.accepted() == ["a"]
+
+
+def test_a_stall_seen_first_as_closed_connections_keeps_the_probes_short():
+    """zmq closes the connections a paused coordinator could not serve; the monitor may report
+    that before the timer ticks. The stall is compensated by whichever input comes first, so
+    the probes start after it with their normal deadline: a peer that is really gone is still
+    found at the usual pace, the live ones are kept."""
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    epoch = sim.core.epoch
+    sim.tick(0.5)
+    sim.now += 10.0  # stopped; the first thing it sees when it runs again: three closed connections
+    for pid in ("a", "b", "c"):
+        sim._deliver(sim.core.on_disconnect(sim.now, f"conn-{pid}"))
+    assert "did not run" in sim.reasons[-3]
+    assert sim.core.probes["c"].deadline == pytest.approx(sim.now + 1.4)
+    sim.tick(1.3, beat=("a", "b"))  # a and b talk again on their new connections; c does not
+    assert sim.core.accepted() == ["a", "b", "c"] and sim.core.epoch == epoch
+    sim.tick(0.2, beat=("a", "b"))
+    assert sim.core.accepted() == ["a", "b"]
+    assert any("no answer to a probe" in r for r in sim.reasons)
+
+
+def test_a_stall_does_not_count_toward_the_lockstep_grace():
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.hb("b", "all_reduce tag=3")
+    sim.vote("a", req=9)
+    sim.tick(1.0)
+    sim.now += 10.0
+    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0)
+    sim.tick(0.5)  # 1.5 s of the 2 s grace seen by a running coordinator
+    assert "error" not in sim.types("a")
+    sim.tick(0.6)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err and err[0]["error"] == "InvalidUsage" and "lockstep" in err[0]["message"]
+
+
+def test_deadlines_that_pass_during_a_stall_blame_the_coordinator():
+    """The callers' deadlines are real time and are not shifted; a vote or a connect whose
+    deadline passed while the coordinator did not run fails with CoordinatorUnavailable (the
+    other peers may well have voted: their votes were waiting in its socket)."""
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.vote("a", req=4, timeout=2.0)  # passes during the stall
+    sim.hello("c", timeout=3.0)  # likewise
+    sim.tick(0.5)
+    sim.now += 5.0
+    sim.tick(0.1)
+    [err] = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert err["req"] == 4 and err["error"] == "CoordinatorUnavailable" and "not running" in err["message"]
+    [err] = [m for m in sim.inbox["conn-c"] if m["type"] == "error"]
+    assert err["req"] == 0 and err["error"] == "CoordinatorUnavailable" and "c" not in sim.core.peers
+    sim.vote("a", req=5, timeout=1.0)  # passes while it runs: the other peers' fault
+    sim.tick(1.1)
+    err = [m for m in sim.inbox["conn-a"] if m["type"] == "error"][-1]
+    assert err["req"] == 5 and err["error"] == "DeadlineExceeded" and "b" in err["message"]
+
+
+def test_a_repeated_vote_is_answered_again_not_counted_again():
+    """A daemon resends its votes in flight when its connection closes; the answer may have
+    gone down with that connection, so a vote already answered is answered again (with the
+    current topology, or the same error), and nothing is counted twice."""
+    sim = Sim()
+    grow(sim, "a", "b")
+    sim.hello("c")
+    sim.vote("a", req=5)
+    sim.vote("b", req=6)
+    epoch = sim.core.epoch
+    assert sim.core.accepted() == ["a", "b", "c"]
+    out = sim.vote("a", req=5)  # again
+    assert [(m["type"], m["req"], m["epoch"]) for m in out] == [("topology", 5, epoch)]
+    assert not sim.core.votes and sim.core.epoch == epoch and "answered again" in sim.reasons[-1]
+    out = sim.vote("a", req=7)  # a new vote opens a round
+    assert out == [] and "a" in sim.core.votes
+    sim.vote("a", req=7)  # and its repeat does not count twice
+    assert sim.core.votes["a"].req == 7
+    sim.vote("b", req=8)
+    sim.vote("c", req=1)
+    assert not sim.core.votes and sim.last_topo("c")["req"] == 1
+    assert sim.vote("a", req=5) == [] and not sim.core.votes  # older than vote 7: stale, dropped
+
+    sim.vote("a", req=9, timeout=0.5)
+    sim.tick(0.6)
+    first = [m for m in sim.inbox["conn-a"] if m["type"] == "error"]
+    assert [m["error"] for m in first] == ["DeadlineExceeded"]
+    assert sim.vote("a", req=9) == first and not sim.core.votes  # the same error again
+    # the same peer_id on another socket (a restarted daemon counts its requests from 1): a new vote
+    sim.send("b", "hello", conn="conn-b2", **_hello_fields(sim, "b"))
+    sim.send("b", "vote", conn="conn-b2", req=8, timeout=0.0)
+    assert sim.core.votes["b"].req == 8
+
+
+def _hello_fields(sim: Sim, pid: str) -> dict:
+    proof = protocol.hello_proof(sim.secret, pid, sim.now)
+    return dict(peer_id=pid, group=0, host="127.0.0.1", port=20099, ts=sim.now, proof=proof, claim="accepted",
+                epoch=sim.core.epoch, ring_pos=-1, revision=-1, instance=sim.core.instance, timeout=0.0)
 
 
 def test_failure_report_probe_removes_silent_peer_fast():
@@ -308,7 +410,7 @@ def test_a_frozen_peer_is_not_a_lockstep_mismatch():
     errors = [m for pid in ("a", "b") for m in sim.inbox[f"conn-{pid}"] if m.get("error") == "InvalidUsage"]
     assert not errors, errors
     sim.tick(0.5, beat=("a", "b"))  # past the 3 s deadline: c is removed, the round completes
-    assert sim.core.accepted() == ["a", "b"] and sim.last_topo("a")["round_done"]
+    assert sim.core.accepted() == ["a", "b"] and sim.last_topo("a")["req"]
 
 
 def test_a_thawed_peer_gets_the_grace_again():
@@ -335,7 +437,7 @@ def test_death_of_last_non_voter_completes_the_round():
     sim.tick(3.2, beat=("a", "b", "d"))  # c dies while the vote is open
     assert "c" not in sim.core.peers
     assert sim.members("a") == ["a", "b", "d"]
-    assert sim.last_topo("a")["round_done"] and sim.last_topo("b")["round_done"]
+    assert sim.last_topo("a")["req"] and sim.last_topo("b")["req"]
 
 
 def test_first_peers_of_empty_run_accepted_after_all_died():
@@ -500,7 +602,7 @@ class MembershipMachine(RuleBasedStateMachine):
                 assert m["epoch"] > ep or inst == m["instance"], "new instance reused an epoch"
                 self.view[pid] = (m["instance"], m["epoch"])
                 self.last[pid] = m
-                if m["round_done"]:
+                if m["req"]:
                     self.votes_open.pop(pid, None)
                 self.connects.pop(pid, None)
             msgs.clear()

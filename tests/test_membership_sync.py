@@ -188,8 +188,8 @@ def test_pending_peer_is_refused_and_late_member_waits_for_next_round():
     assert err["status"] == "error" and err["error"] == "InvalidUsage" and "connect first" in err["message"]
     # a round is collecting when p is admitted: p's offer waits for the next round
     sim.offer("a", 0, rows(H1))
-    sim.send("a", "vote", req=1, timeout=0.0)
-    sim.send("b", "vote", req=2, timeout=0.0)
+    sim.send("a", "vote", req=2001, timeout=0.0)  # (after the votes of join(): a daemon counts up)
+    sim.send("b", "vote", req=2002, timeout=0.0)
     assert "p" in sim.core.accepted()
     sim.offer("p", 0, rows(H2))
     assert sim.take("p", "sync_plan") == []

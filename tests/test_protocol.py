@@ -38,7 +38,7 @@ def test_roundtrip_every_type_from_schema():
         "welcome": dict(instance="i", peer_id="a", state="pending", heartbeat_interval=0.5,
                         heartbeat_deadline=3, reason="r"),
         "topology": dict(instance="i", epoch=2, group=0, peers=[["a", "h", 1], ["b", "h", 2]],
-                         world_size=2, num_groups=1, round_done=True, reason=""),
+                         world_size=2, num_groups=1, req=3, reason=""),
         "hb": dict(instance="i", epoch=1),
         "ping": dict(nonce=1),
         "pending_a": dict(req=1, pending=False),
@@ -91,7 +91,7 @@ def test_roundtrip_every_type_from_schema():
         (raw("vote", req=2**64 - 1, timeout=1), "above"),
         (raw("vote", req=1, timeout=None), "missing a value"),
         (raw("topology", instance="i", epoch=1, group=0, peers=[["a", "h"]], world_size=1, num_groups=1,
-             round_done=True, reason=""), "must have 3 items"),
+             req=3, reason=""), "must have 3 items"),
         (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": "x" * 5000}), "undecodable"),  # over MAX_STR
         (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": ["x"] * 9000}), "undecodable"),  # over MAX_ARRAY
         (msgpack.packb({"type": "pong", "v": protocol.VERSION, "nonce": 1, **{f"k{i}": i for i in range(40)}}), "undecodable"),

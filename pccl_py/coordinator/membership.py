@@ -106,7 +106,7 @@ class _Step:
     out: list[tuple[Conn, Msg]] = field(default_factory=list)
     why: list[str] = field(default_factory=list)
     changed: bool = False
-    round_done: set[str] = field(default_factory=set)
+    round_done: dict[str, int] = field(default_factory=dict)  # voter -> the req its topology answers
 
 
 class Membership:
@@ -134,6 +134,9 @@ class Membership:
         self.removed_conns: dict[Conn, str] = {}
         self.votes: dict[str, Vote] = {}
         self.vote_opened: float | None = None
+        # per peer, the last vote answered: (its connection, req, the error it got or None when
+        # its round completed); a repeat of that vote is answered again, not counted again
+        self.answers: dict[str, tuple[Conn, int, Msg | None]] = {}
         self.probes: dict[str, Probe] = {}
         self.link_breaks: list[tuple[float, str, str]] = []  # (when, reporter, target), re-keyed
         self.rekeys: dict[str, tuple[float, str, int]] = {}  # target -> (when, reporter, epoch then)
@@ -141,7 +144,8 @@ class Membership:
         self.recover_until = now + self.cfg.recovery_grace
         self.recovering = self.cfg.recovery_grace > 0
         self._next_hb = now
-        self._last_tick = now
+        self._last_input = now  # when the core last ran (every input is a proof that it did)
+        self.stall: tuple[float, float] | None = None  # the last span in which the core did not run
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
         self.sync = SyncHost(self.accepted)  # shared-state rounds (coordinator/state_sync.py)
@@ -166,7 +170,8 @@ class Membership:
     def num_groups(self) -> int:
         return sum(1 for r in self.rings.values() if r)
 
-    def topology_msg(self, peer_id: str, *, round_done: bool, reason: str) -> Msg:
+    def topology_msg(self, peer_id: str, *, reason: str, req: int = 0) -> Msg:
+        """``peer_id``'s group at the current epoch; ``req``: the vote of that peer it answers."""
         group = self.peers[peer_id].group
         ring = self.rings.get(group, [])
         rows = [[pid, self.peers[pid].host, self.peers[pid].port] for pid in ring]
@@ -178,7 +183,7 @@ class Membership:
             "peers": rows,
             "world_size": self.world_size,
             "num_groups": self.num_groups,
-            "round_done": round_done,
+            "req": req,
             "reason": reason[:1024],
         }
 
@@ -219,6 +224,7 @@ class Membership:
     def on_message(self, now: float, conn: Conn, msg: Msg, *, wall: float | None = None) -> Decision:
         """A validated message from ``conn``. ``wall`` is wall-clock time (for hello freshness)."""
         self._step = _Step()
+        self._compensate_stall(now)
         mtype = msg["type"]
         if mtype == "status_q":
             self._send(conn, self.status(now, msg["req"]))
@@ -248,6 +254,7 @@ class Membership:
     def on_disconnect(self, now: float, conn: Conn) -> Decision:
         """The transport saw ``conn``'s connection close: probe that peer at once."""
         self._step = _Step()
+        self._compensate_stall(now)
         pid = self.by_conn.get(conn)
         peer = self.peers.get(pid) if pid is not None else None
         if peer is not None and peer.conn == conn:
@@ -258,6 +265,7 @@ class Membership:
     def on_bad_input(self, now: float, conn: Conn, why: str) -> Decision:
         """``conn`` sent something :func:`protocol.decode` refused: a member is removed."""
         self._step = _Step()
+        self._compensate_stall(now)
         pid = self.by_conn.get(conn)
         peer = self.peers.get(pid) if pid is not None else None
         if peer is not None and peer.conn == conn:
@@ -283,15 +291,12 @@ class Membership:
                 )
             elif peer.state is PeerState.PENDING and now >= peer.join_deadline:
                 self._remove(now, peer, "not admitted before its connect deadline", tell=False)
-                self._send(
-                    peer.conn,
-                    _error(
-                        0,
-                        "DeadlineExceeded",
-                        "not admitted before the connect deadline: the accepted peers did not call "
-                        "update_topology in time; connect again to retry",
-                    ),
-                )
+                self._send(peer.conn, self._stalled_error(0, "connect", peer.join_deadline) or _error(
+                    0,
+                    "DeadlineExceeded",
+                    "not admitted before the connect deadline: the accepted peers did not call "
+                    "update_topology in time; connect again to retry",
+                ))
         for pid, (when, reporter, epoch) in list(self.rekeys.items()):
             if now < when:
                 continue
@@ -313,15 +318,12 @@ class Membership:
         for pid, vote in list(self.votes.items()):
             if now >= vote.deadline:
                 del self.votes[pid]
-                self._send(
-                    self.peers[pid].conn,
-                    _error(
-                        vote.req,
-                        "DeadlineExceeded",
-                        f"update_topology timed out: still waiting for {self._missing_voters()}",
-                    ),
-                )
-                self._why(f"{pid}: vote timed out")
+                err = self._stalled_error(vote.req, "update_topology", vote.deadline)
+                if err is None:
+                    missing = self._missing_voters()
+                    err = _error(vote.req, "DeadlineExceeded", f"update_topology timed out: still waiting for {missing}")
+                self._answer(self.peers[pid], vote.req, err)
+                self._why(f"{pid}: vote timed out ({err['error']})")
         self._check_mismatch(now)
         self._sync_out(self.sync.tick(now))
         if now >= self._next_hb:
@@ -334,18 +336,41 @@ class Membership:
 
     def _compensate_stall(self, now: float) -> None:
         """If the coordinator itself did not run for a while (paused, swapped, suspended VM),
-        the peers' silence is its own: shift their clocks instead of removing everyone."""
-        gap = now - self._last_tick
-        self._last_tick = now
+        the peers' silence is its own: shift their clocks instead of removing everyone.
+
+        Called first by every input, so whatever comes first after the stall (a message, a
+        closed connection, the timer) sees the shifted clocks: the clocks that measure how long
+        a peer has been silent or busy (heartbeats, probes, lockstep grace) move by the stall;
+        the callers' deadlines (votes, connects, sync rounds) do not, and one that passed
+        during the stall is answered ``CoordinatorUnavailable`` (:meth:`_stalled_error`)."""
+        gap = now - self._last_input
+        self._last_input = now
         stall = gap - self.cfg.heartbeat_interval
         if stall <= self.cfg.heartbeat_interval:
             return
+        self.stall = (now - gap, now)
         for peer in self.peers.values():
             peer.last_seen = min(now, peer.last_seen + stall)
+            peer.activity_since = min(now, peer.activity_since + stall)
         for probe in self.probes.values():
             probe.deadline += stall
             probe.started += stall
+        if self.vote_opened is not None:
+            self.vote_opened = min(now, self.vote_opened + stall)
         self._why(f"coordinator did not run for {gap:.2f} s; peers' heartbeat clocks shifted by {stall:.2f} s")
+
+    def _stalled_error(self, req: int, what: str, deadline: float) -> Msg | None:
+        """The error for a call whose ``deadline`` passed while the coordinator did not run
+        (None if it passed while it ran): its silence, not the other peers, failed the call."""
+        if self.stall is None or not self.stall[0] < deadline <= self.stall[1]:
+            return None
+        return _error(
+            req,
+            "CoordinatorUnavailable",
+            f"{what}: the deadline passed while the coordinator was not running "
+            f"({self.stall[1] - self.stall[0]:.1f} s: paused, swapped out or suspended); nothing was "
+            f"decided; call {what} again",
+        )
 
     # ------------------------------------------------------------------ handlers
 
@@ -376,7 +401,7 @@ class Membership:
                 peer.host, peer.port = msg["host"], msg["port"]
             self._welcome(peer, "re-introduced")
             if peer.state is PeerState.ACCEPTED:
-                self._send(conn, self.topology_msg(pid, round_done=False, reason="re-introduced"))
+                self._send(conn, self.topology_msg(pid, reason="re-introduced"))
             return
         if len(self.peers) >= self.cfg.max_peers:
             self._send(conn, {"type": "refused", "reason": f"run is full ({self.cfg.max_peers} peers)"})
@@ -434,6 +459,8 @@ class Membership:
         vote = self.votes.get(peer.peer_id)
         if vote is not None and vote.req == msg["req"]:
             return  # a resend after a reconnect
+        if self._vote_came_again(peer, msg["req"]):
+            return
         deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
         self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now)
         if self.vote_opened is None:
@@ -567,6 +594,7 @@ class Membership:
         self.probes.pop(pid, None)
         self.rekeys.pop(pid, None)
         self.votes.pop(pid, None)
+        self.answers.pop(pid, None)
         ring = self.rings.get(peer.group)
         if ring is not None and pid in ring:
             ring.remove(pid)
@@ -607,6 +635,32 @@ class Membership:
         self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
         self._sync_out(self.sync.recovered(now))
 
+    def _answer(self, peer: Peer, req: int, error: Msg) -> None:
+        """Fail vote ``req`` of ``peer`` with ``error``, and remember it in case the vote comes again."""
+        self._send(peer.conn, error)
+        self.answers[peer.peer_id] = (peer.conn, req, error)
+
+    def _vote_came_again(self, peer: Peer, req: int) -> bool:
+        """A vote that was already answered came again: its daemon resends what is in flight
+        when its connection closed or it re-introduced itself, and the answer may have been
+        lost. Answer as before (its round's topology, now at the current epoch, or the same
+        error) and count nothing; an older one than that is stale and only dropped (a daemon
+        numbers its requests upwards, so it answered that call long ago)."""
+        conn, answered, error = self.answers.get(peer.peer_id, (None, 0, None))
+        if conn != peer.conn or req > answered:  # (a new socket: a restarted daemon counts from 1)
+            return False
+        if req < answered:
+            self._why(f"{peer.peer_id}: vote {req} came again after vote {answered} was answered; dropped")
+        elif error is not None:
+            self._send(peer.conn, error)
+            self._why(f"{peer.peer_id}: vote {req} came again after its answer; answered again")
+        elif peer.state is PeerState.ACCEPTED:
+            self._send(peer.conn, self.topology_msg(peer.peer_id, reason="vote answered again", req=req))
+            self._why(f"{peer.peer_id}: vote {req} came again after its answer; answered again")
+        else:
+            return False
+        return True
+
     def _missing_voters(self) -> str:
         if self.recovering:
             return "the recovery window to close"
@@ -637,7 +691,7 @@ class Membership:
             f"update_topology at the same point of the program"
         )
         for pid in voters:
-            self._send(self.peers[pid].conn, _error(self.votes[pid].req, "InvalidUsage", text))
+            self._answer(self.peers[pid], self.votes[pid].req, _error(self.votes[pid].req, "InvalidUsage", text))
         for peer in busy:
             self._send(peer.conn, {"type": "abort", "error": "InvalidUsage", "message": text[:1024]})
         self.votes.clear()
@@ -652,7 +706,7 @@ class Membership:
             if pend and not self.accepted():
                 self._admit(pend, "run was empty")
             elif self.votes and set(self.accepted()) <= set(self.votes):
-                st.round_done = set(self.votes)
+                st.round_done = {pid: vote.req for pid, vote in self.votes.items()}
                 self.votes.clear()
                 self.vote_opened = None
                 pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
@@ -666,17 +720,14 @@ class Membership:
             self.epoch = max(self.epoch, self._epoch_floor) + 1
             reason = "; ".join(st.why)[-1024:]
             for pid in self.accepted():
-                self._send(
-                    self.peers[pid].conn,
-                    self.topology_msg(pid, round_done=pid in st.round_done, reason=reason),
-                )
+                self._send(self.peers[pid].conn, self.topology_msg(pid, reason=reason, req=st.round_done.get(pid, 0)))
             self._why(f"epoch {self.epoch}: world size {self.world_size}, {self.num_groups} group(s)")
         else:
             for pid in sorted(st.round_done):
-                self._send(
-                    self.peers[pid].conn,
-                    self.topology_msg(pid, round_done=True, reason="vote round complete"),
-                )
+                self._send(self.peers[pid].conn,
+                           self.topology_msg(pid, reason="vote round complete", req=st.round_done[pid]))
+        for pid, req in st.round_done.items():
+            self.answers[pid] = (self.peers[pid].conn, req, None)
         return Decision(st.out, "; ".join(st.why))
 
     def _admit(self, pend: list[Peer], why: str) -> None:

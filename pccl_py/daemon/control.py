@@ -10,8 +10,9 @@ Every call has a deadline; a call made while the coordinator is away either
 succeeds after it returns or raises :class:`CoordinatorUnavailable`.
 
 Every one of those decisions is taken by :class:`~pccl_py.daemon.control_core.ControlCore`
-(sans I/O); this module is its shell: the socket, the heartbeat and apply tasks, the
-futures the calls wait on, and the daemon's callbacks.
+(sans I/O); this module is its shell: the socket (and its monitor, which reports a closed
+connection to the core: requests in flight may have been lost with it), the heartbeat and
+apply tasks, the futures the calls wait on, and the daemon's callbacks.
 
 Sockets are plain (synchronous) zmq sockets pumped by the event loop's reader
 callback (:class:`~pccl_py.transport.zmq_io.ZmqPump`), which works the same on asyncio and uvloop.
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from pccl_py.daemon.control_core import (
     JOIN,
@@ -93,6 +95,8 @@ class ControlChannel:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
+        self._mon: zmq.Socket | None = None  # the socket's monitor: closed connections
+        self._mon_pump: ZmqPump | None = None
         self._tasks: list[asyncio.Task] = []
         self._topo_q: asyncio.Queue[dict] = asyncio.Queue()
         self._waits: dict[int, asyncio.Future] = {}  # JOIN, LEAVE or a request id -> its future
@@ -147,6 +151,8 @@ class ControlChannel:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)  # a restarted coordinator is found within 0.5 s
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.coordinator_timeout * 1000))
+        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._mon_pump = ZmqPump(self._mon, self._on_monitor, copy=True)
         sock.connect(self.endpoint)
         self._sock = sock
         self._pump = ZmqPump(sock, self._on_frames)
@@ -162,11 +168,17 @@ class ControlChannel:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        if self._pump is not None:
-            self._pump.close()
+        for pump in (self._pump, self._mon_pump):
+            if pump is not None:
+                pump.close()
         if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
             self._sock.close(linger=200)
             self._sock = None
+        if self._mon is not None:
+            self._mon.close(linger=0)
+            self._mon = None
 
     # ------------------------------------------------------------------ calls
 
@@ -193,7 +205,7 @@ class ControlChannel:
         self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        d = self.core.vote(timeout)
+        d = self.core.vote(loop.time(), timeout)
         fut = self._future(d.wait)
         self._carry_out(d)
         if d.wait == JOIN:  # pending again after a coordinator restart: wait for admission
@@ -346,6 +358,14 @@ class ControlChannel:
                 self._carry_out(self.core.applied())
             except Exception as exc:  # keep the channel alive; the waiters learn why
                 self._carry_out(self.core.apply_failed(msg, exc), exc_info=True)
+
+    def _on_monitor(self, frames: list) -> None:
+        try:
+            event = parse_monitor_message(frames)
+        except Exception:  # a monitor frame we do not understand is not worth a crash
+            return
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self._carry_out(self.core.connection_lost(asyncio.get_running_loop().time()))
 
     def _on_frames(self, frames: list) -> None:
         if len(frames) != 1:

@@ -14,6 +14,14 @@ The session is one :class:`ChannelState`; ``_set_state`` rejects transitions not
 ``_ALLOWED``. Whether the coordinator is silent is not a state of the session but a timer
 on the last message received: while it is, the core re-introduces itself at the pace of
 one :class:`~pccl_py.retry.Backoff`, whatever state the session is in.
+
+Requests in flight (votes, ``pending_q``) are sent again whenever they or their answers may
+have been lost: when the shell reports that the control connection closed
+(:meth:`ControlCore.connection_lost`: a coordinator that was paused, a reconnect), and when
+the coordinator welcomes a re-introduction (a new instance never saw them; the same instance
+asks for one when it got a message on a connection it could not place, and dropped it). The
+coordinator answers a repeated request as it answered the first one, and every answer names
+its request, so a late answer never completes a later call.
 """
 
 from __future__ import annotations
@@ -144,12 +152,14 @@ class ControlCore:
         self.revision = -1  # shared-state revision, reported with heartbeats and hellos
         self.instance = ""  # the coordinator instance that welcomed this peer last
         self.removed_reason = ""
-        self.requests: dict[int, Msg] = {}  # in flight: resent to a new coordinator instance
+        self.requests: dict[int, Msg] = {}  # in flight: resent when it may have been lost
+        self._until: dict[int, float] = {}  # a vote's deadline (its caller's), for its resends
         self.sync_offer: tuple[Msg, float] | None = None  # offer waiting for its plan, until when
         self.last_rx: float | None = None  # when the coordinator last sent anything (None: never)
         self.last_hello = float("-inf")
         self.coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
         self.reintro: _Reintroduction | None = None  # set while the coordinator is silent
+        self._reintroduced = False  # a hello went out: the next welcome resends the requests
         self._join_timeout = 0.0
         self._next_req = 0
         self._adopting: Msg | None = None  # between adopt() and applied()
@@ -224,7 +234,7 @@ class ControlCore:
             self._why(f"connect() failed: {exc}")
         return self._step
 
-    def vote(self, timeout: float) -> Actions:
+    def vote(self, now: float, timeout: float) -> Actions:
         """update_topology(): vote to admit the pending peers; ``wait`` says what to await."""
         self._begin()
         self.require_member("update_topology")
@@ -234,13 +244,15 @@ class ControlCore:
             return self._step
         # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
         self._step.wait = self._request({"type": "vote", "timeout": max(0.0, timeout)})
+        if timeout > 0:
+            self._until[self._step.wait] = now + timeout
         self._why(f"vote {self._step.wait} sent")
         return self._step
 
     def unvote(self, req: int) -> Actions:
         """The caller of update_topology gave up waiting for vote ``req``."""
         self._begin()
-        self.requests.pop(req, None)
+        self.forget(req)
         self._send({"type": "unvote", "req": req})
         self._why(f"vote {req} withdrawn")
         return self._step
@@ -309,6 +321,19 @@ class ControlCore:
     def forget(self, key: int) -> None:
         """The wait ``key`` ended in the shell (completed, timed out, cancelled)."""
         self.requests.pop(key, None)
+        self._until.pop(key, None)
+
+    def connection_lost(self, now: float) -> Actions:
+        """The control connection closed (the shell's socket reconnects by itself): what went
+        out on it may not have arrived, and the answers sent back on it are lost. The requests
+        in flight go out again on the next connection; the coordinator answers a request it
+        already answered once more (a vote is not counted twice)."""
+        self._begin()
+        if self.registered and self.requests:
+            self._resend(now, "the control connection closed")
+        else:
+            self._why("the control connection closed; nothing in flight")
+        return self._step
 
     # ------------------------------------------------------------------ timers
 
@@ -369,16 +394,16 @@ class ControlCore:
                 self._step.abort = Aborted(text)
                 for req, sent in list(self.requests.items()):
                     if sent["type"] == "vote":
-                        del self.requests[req]
+                        self.forget(req)
                         self._step.fail.append((req, Aborted(text)))
             self._set_state(_S.PENDING)
         else:
             self._why(f"welcomed by {self.instance} ({msg['state']})")
-        if new_instance:  # the new coordinator never saw the requests in flight
-            for sent in self.requests.values():
-                self._send(sent)
+        if new_instance or self._reintroduced:  # requests may have been dropped (or never seen)
+            self._reintroduced = False
             if self.requests:
-                self._why(f"resent requests {sorted(self.requests)}")
+                self._resend(now, "a new coordinator instance" if new_instance else "welcomed again")
+        if new_instance:
             offer = self.sync_offer  # nor the sync offer waiting for its plan (if still wanted)
             if offer is not None and now < offer[1]:
                 self._send(offer[0])
@@ -420,9 +445,10 @@ class ControlCore:
                 self._set_state(_S.IDLE)
             self._why(f"registration failed: {exc}", logging.INFO)
             return
-        if self.requests.pop(msg["req"], None) is None:
+        if msg["req"] not in self.requests:
             self._why(f"error for request {msg['req']} ignored: not in flight ({exc})")
             return
+        self.forget(msg["req"])
         self._step.fail.append((msg["req"], exc))
         self._why(f"request {msg['req']} failed: {exc}")
 
@@ -491,18 +517,19 @@ class ControlCore:
         return self._step
 
     def applied(self) -> Actions:
-        """on_topology returned: admission and (round_done) the votes in flight complete."""
+        """on_topology returned: admission completes, and so does the vote the topology answers
+        (and any older vote still in flight: the coordinator keeps one vote per peer, the last)."""
         self._begin()
         msg, self._adopting = self._adopting, None
         if msg is None:
             return self._step
         self._step.settle.append((JOIN, self.topology))
-        if msg["round_done"]:
-            votes = [req for req, sent in self.requests.items() if sent["type"] == "vote"]
+        if msg["req"]:
+            votes = [req for req, sent in self.requests.items() if sent["type"] == "vote" and req <= msg["req"]]
             for req in votes:
-                del self.requests[req]
+                self.forget(req)
                 self._step.settle.append((req, self.topology))
-            self._why(f"update_topology round done (votes {votes})")
+            self._why(f"update_topology round done (vote {msg['req']}; completes {votes or 'none in flight'})")
         return self._step
 
     def apply_failed(self, msg: Msg, exc: BaseException) -> Actions:
@@ -533,6 +560,7 @@ class ControlCore:
             self._why(f"{why}: hello held back (one went out {now - self.last_hello:.2f} s ago)")
             return
         self.last_hello = now
+        self._reintroduced = True
         topo = self.topology
         member = self.state in (_S.ACCEPTED, _S.RECOVERING) and topo is not None
         ts = now if wall is None else wall
@@ -557,10 +585,27 @@ class ControlCore:
         self._send(msg)
         return self._next_req
 
+    def _resend(self, now: float, why: str) -> None:
+        """Send the requests in flight again; a vote with the time its caller has left."""
+        sent = []
+        for req, msg in self.requests.items():
+            until = self._until.get(req)
+            if until is not None:
+                if until <= now:  # its caller gives up now: no vote behind its back
+                    continue
+                msg = {**msg, "timeout": until - now}
+            self._send(msg)
+            sent.append(req)
+        if sent:
+            self._why(f"{why}: resent requests {sent}", logging.INFO)
+        else:
+            self._why(f"{why}: no request to resend")
+
     def _fail_all(self, exc: PcclError, *, sync: bool = False) -> None:
         for req in self.requests:
             self._step.fail.append((req, exc))
         self.requests.clear()
+        self._until.clear()
         self._step.fail.append((JOIN, exc))
         if sync:
             self._step.sync.append(exc)

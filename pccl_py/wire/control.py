@@ -24,7 +24,7 @@ import msgpack
 
 from pccl_py.errors import ProtocolError
 
-VERSION = 2  # 2: report_failure carries the epoch of the broken link
+VERSION = 3  # 2: report_failure carries the epoch of the broken link; 3: topology names the vote it answers
 MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
 MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
 MAX_BIN = 256
@@ -131,7 +131,7 @@ SCHEMA: dict[str, dict[str, F]] = {
         "peers": F(list, max_len=MAX_PEERS, items=PEER_ROW),
         "world_size": _i((0, 1 << 20)),
         "num_groups": _i((0, 1 << 20)),
-        "round_done": F(bool),  # this push completes the receiver's update_topology
+        "req": REQ,  # the vote (update_topology) of the receiver this push answers; 0: none
         "reason": REASON,
     },
     "hb": {"instance": INSTANCE, "epoch": EPOCH},
