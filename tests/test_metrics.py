@@ -82,3 +82,38 @@ def test_a_daemon_serves_its_calls_and_epoch(coordinator):
         assert value(body, "pccl_epoch") >= 1 and value(body, "pccl_world_size") == 1
     finally:
         stop_process(proc)
+
+
+def test_the_coordinator_serves_its_members_and_epoch(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port, stop_process
+
+    from pccl_py import Client
+
+    addr, mport = f"127.0.0.1:{free_port()}", free_port()
+    coord = subprocess.Popen([sys.executable, "-m", "pccl_py.coordinator", "--listen", addr, "--metrics-port",
+                              str(mport), "--log-format", "json"], stdout=subprocess.DEVNULL,
+                             stderr=open(tmp_path / "coord.log", "w"))
+    try:
+        with Client(coordinator=addr) as c:
+            c.connect()
+            deadline = time.monotonic() + 20
+            body = ""
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                        body = r.read().decode()
+                except OSError:
+                    body = ""
+                if 'pccl_members{state="accepted"} 1.0' in body:
+                    break
+                time.sleep(0.2)
+            assert value(body, 'pccl_members{state="accepted"}') == 1 and value(body, "pccl_epoch") >= 1
+            assert f'pccl_heartbeat_age_seconds{{peer="{c.refresh()["peer_id"]}"}}' in body
+    finally:
+        stop_process(coord)
+    first = (tmp_path / "coord.log").read_text().splitlines()[0]
+    assert '"role": "coordinator"' in first  # --log-format json: one object per line

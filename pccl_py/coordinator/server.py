@@ -25,15 +25,18 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from pccl_py import logs
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.membership import Membership, MembershipConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
+from pccl_py.metrics import Metrics
 from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, parse_addr
 from pccl_py.wire import control as protocol
 
 log = logging.getLogger("pccl.coordinator")
 
 TICK = 0.05  # seconds between timer ticks of the core
+METRICS_EVERY = 1.0  # seconds between updates of the served metrics
 MAX_BAD_CONNS = 4096  # connections remembered as sending garbage
 MAX_FD_MAP = 65536
 
@@ -41,7 +44,10 @@ MAX_FD_MAP = 65536
 class Coordinator:
     """One coordinator process's I/O around a :class:`Membership` core."""
 
-    def __init__(self, listen: str, *, secret: bytes = b"", config: MembershipConfig | None = None):
+    def __init__(self, listen: str, *, secret: bytes = b"", config: MembershipConfig | None = None,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics  # None: nothing is counted
+        self._metrics_at = 0.0
         self.host, self.port = parse_addr(listen)
         self.secret = secret
         self.config = config or MembershipConfig()
@@ -165,6 +171,10 @@ class Coordinator:
                 self._apply(self.core.tick(self.loop.time()))
             except Exception:
                 log.exception("membership tick failed")
+            now = self.loop.time()
+            if self.metrics is not None and now - self._metrics_at >= METRICS_EVERY:
+                self._metrics_at = now
+                self.metrics.status(self.core.status(now))
             for pump in (self._pump, self._mon_pump):  # a missed edge costs at most one tick
                 if pump is not None:
                     pump.kick()
@@ -203,12 +213,13 @@ async def serve(
     config: MembershipConfig | None = None,
     ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Run a coordinator until ``stop`` is set (or the task is cancelled)."""
     cfg = config or MembershipConfig()
     if heartbeat_deadline is not None:
         cfg = MembershipConfig(**{**cfg.__dict__, "heartbeat_deadline": heartbeat_deadline})
-    coord = Coordinator(listen, secret=secret, config=cfg)
+    coord = Coordinator(listen, secret=secret, config=cfg, metrics=metrics)
     bound = await coord.start()
     try:
         if ready is not None:
@@ -234,12 +245,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-grace", type=float, default=d.recovery_grace,
                    help="after a start, time for accepted peers to re-introduce themselves")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="text, or json: one object per line")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0: any free one; it is logged)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics port listens on (default 127.0.0.1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup("coordinator", args.log_level, args.log_format)
     secret = (args.secret if args.secret is not None else os.environ.get("PCCL_SECRET", "")).encode()
     cfg = MembershipConfig(
         heartbeat_interval=args.heartbeat_interval,
@@ -260,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         def ready(addr: str) -> None:
             print(f"pccl coordinator listening on {addr}", flush=True)
 
-        await serve(args.listen, secret=secret, config=cfg, ready=ready, stop=stop)
+        metrics = None
+        if args.metrics_port is not None:
+            metrics = Metrics("coordinator")
+            port = metrics.serve(args.metrics_port, args.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        try:
+            await serve(args.listen, secret=secret, config=cfg, ready=ready, stop=stop, metrics=metrics)
+        finally:
+            if metrics is not None:
+                metrics.close()
 
     try:
         import uvloop
