@@ -255,3 +255,27 @@ def test_restart_rebuilds_the_revision_book_from_reintroductions():
     for p in "ab":  # same content: b is in sync (nothing moves) and both are at 9
         assert sim.take(p, "sync_plan")[0]["status"] == "in_sync"
     assert sim.core.sync.book == {"a": 9, "b": 9}
+
+
+def test_a_repeated_sync_whose_answers_were_lost_is_told_in_sync_at_once():
+    """A peer whose sync completed at the coordinator but whose plan or completion was lost
+    (the coordinator was stopped while they travelled) offers the same revision again: it
+    is in sync at that revision, alone and at once, and the run goes on to the next one.
+    The same revision with other content is still a revision error."""
+    sim = Sim()
+    sim.join("a", "b")
+    sync_all(sim, {"a": (0, rows(H1)), "b": (0, rows(H2))})  # a tie: one of them fetched
+    plans = sync_all(sim, {"a": (1, rows(H1)), "b": (1, rows(H1))})
+    assert {p["status"] for p in plans.values()} == {"in_sync"}
+    sim.offer("a", 1, rows(H1))  # a's answers for revision 1 never arrived
+    (plan,) = sim.take("a", "sync_plan")
+    (done,) = sim.take("a", "sync_complete")
+    assert plan["status"] == "in_sync" and plan["revision"] == 1
+    assert done["status"] == "ok" and done["round"] == plan["round"] and done["revision"] == 1
+    assert sim.take("b", "sync_plan") == [] and sim.core.sync.book == {"a": 1, "b": 1}
+    plans = sync_all(sim, {"a": (2, rows(H1)), "b": (2, rows(H1))})  # both go on, in step
+    assert {p["status"] for p in plans.values()} == {"in_sync"}
+    sim.offer("b", 2, rows(H3))  # revision 2 again, but not the state elected for it
+    sim.offer("a", 3, rows(H1))
+    (err,) = sim.take("b", "sync_plan")
+    assert err["error"] == "RevisionError"

@@ -65,6 +65,10 @@ restarted rebuilds it from the ``revision`` field of ``hello``, -1 meaning unkno
 - A peer with a known last revision ``L`` must offer exactly ``L + 1``; otherwise its
   plan is error RevisionError ("expected revision L+1, offered R") and the round goes
   on without it.
+- A peer that offers ``L`` again with exactly the state elected for ``L`` repeats a sync
+  whose answers it lost (the coordinator stopped while they travelled): the coordinator
+  (:class:`~pccl_py.coordinator.state_sync.SyncHost`) tells it at once, outside any round,
+  that it is in sync at ``L``.
 - A peer with no known revision (a newcomer, or one whose previous syncs all failed)
   may offer any revision >= 0. It learns the elected revision from its plan.
 - Established offers (known revision) outrank newcomers': if any peer with a known

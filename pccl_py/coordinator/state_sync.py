@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pccl_py.coordinator.decision import Decision
-from pccl_py.coordinator.election import SyncRound
+from pccl_py.coordinator.election import SyncRound, _complete, _plan, normalize_rows
 
 DEFAULT_TIMEOUT = 600.0  # round deadline when an offer carries no timeout
 
@@ -58,6 +58,7 @@ class SyncHost:
         self.held: dict[int, dict[str, Msg]] = {}  # group -> peer -> offer for the next round
         self.recovering: dict[str, tuple[int, Msg]] = {}  # peer -> (group, offer) until rebuild
         self.book: dict[str, int] = {}
+        self.state_of: dict[str, tuple] = {}  # peer -> the elected (revision, rows) it last synced to
         self._next_round = 1
 
     # ------------------------------------------------------------------ inputs
@@ -66,6 +67,9 @@ class SyncHost:
         """A ``sync_offer`` of an accepted peer of ``group``."""
         out: list[tuple[str, Msg]] = []
         why: list[str] = []
+        repeat = self._repeat(peer_id, msg)
+        if repeat is not None:
+            return repeat
         self._route(now, group, peer_id, msg, out, why)
         return Decision(out, "; ".join(w for w in why if w))
 
@@ -80,6 +84,7 @@ class SyncHost:
     def gone(self, now: float, group: int, peer_id: str) -> Decision:
         """``peer_id`` is no longer a member (death, leave, removal)."""
         self.book.pop(peer_id, None)
+        self.state_of.pop(peer_id, None)
         self.recovering.pop(peer_id, None)
         held = self.held.get(group)
         if held is not None:
@@ -122,6 +127,26 @@ class SyncHost:
 
     # ------------------------------------------------------------------ internals
 
+    def _repeat(self, peer_id: str, msg: Msg) -> Decision | None:
+        """An offer of the revision this peer last completed, with the very state it was
+        elected to: the peer repeats a sync whose answers it lost (the coordinator was
+        stopped or restarted while they were on their way). It is told, at once and alone,
+        that it is in sync at that revision; anything else goes to a round as usual."""
+        last = self.book.get(peer_id)
+        if last is None or msg["revision"] != last or self.state_of.get(peer_id) is None:
+            return None
+        try:
+            rows = normalize_rows(msg["tensors"])
+        except ValueError:
+            return None
+        if self.state_of[peer_id] != (last, rows):
+            return None
+        rid = self._next_round
+        self._next_round += 1
+        return Decision([(peer_id, _plan(rid, "in_sync", last)), (peer_id, _complete(rid, last))],
+                        f"sync offer of {peer_id} repeats revision {last}, which it completed: "
+                        f"in sync (round {rid}, its answers were lost)")
+
     def _route(self, now: float, group: int, peer_id: str, msg: Msg, out: list, why: list) -> None:
         rnd = self.rounds.get(group)
         if rnd is not None and (rnd.phase != "collecting" or peer_id not in rnd.members):
@@ -149,6 +174,8 @@ class SyncHost:
         out = list(d.out)
         why = [_tag(rnd, d.reason)]
         self.book.update(rnd.synced)
+        for peer_id in rnd.synced:
+            self.state_of[peer_id] = rnd.winner
         del self.rounds[group]
         for peer_id, msg in self.held.pop(group, {}).items():
             if peer_id in self.members(group):
