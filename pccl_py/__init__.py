@@ -12,6 +12,7 @@ from pccl_py.errors import (
     ProtocolError,
     RemoteError,
     RevisionError,
+    SegmentLost,
 )
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RevisionError",
+    "SegmentLost",
     "__version__",
 ]
 

@@ -2,16 +2,16 @@
 
 Families:
   * remote failure: something outside this process failed (``PeerLost``, ``Aborted``,
-    ``CoordinatorUnavailable``, ``DeadlineExceeded``). Retrying on the new membership
-    is the usual answer.
+    ``SegmentLost``, ``CoordinatorUnavailable``, ``DeadlineExceeded``). Retrying on the
+    new membership is the usual answer.
   * caller misuse: ``InvalidUsage`` (and ``RevisionError``). Retrying the same call fails
     the same way.
   * bad input from the wire: ``ProtocolError``.
   * internal bug: ``InternalError``.
 
 Errors cross process boundaries (daemon -> client, coordinator -> daemon) as
-``{"error": <class name>, "message": <text>}``; :func:`to_wire` and :func:`from_wire`
-are the one place that mapping lives.
+``{"error": <class name>, "message": <text>}`` (``SegmentLost`` adds ``"segment"``: which
+segment); :func:`to_wire` and :func:`from_wire` are the one place that mapping lives.
 """
 
 from __future__ import annotations
@@ -31,6 +31,17 @@ class PeerLost(RemoteError):
 
 class Aborted(RemoteError):
     """The operation was aborted (membership changed, a peer failed, or the run stopped)."""
+
+
+class SegmentLost(Aborted):
+    """A shared-memory segment the operation named is gone from /dev/shm (another process or
+    a tmpfs cleaner removed its name, or its owner retired it after a failed call), or could
+    not be mapped by name. ``segment`` names it. The membership did not change: the client
+    that owns the segment replaces it, so a retry runs at once on a fresh one."""
+
+    def __init__(self, message: str = "", segment: str | None = None) -> None:
+        super().__init__(message)
+        self.segment = segment
 
 
 class CoordinatorUnavailable(RemoteError):
@@ -71,6 +82,7 @@ _BY_NAME: dict[str, type[PcclError]] = {
         RemoteError,
         PeerLost,
         Aborted,
+        SegmentLost,
         CoordinatorUnavailable,
         DeadlineExceeded,
         InvalidUsage,
@@ -86,13 +98,20 @@ def to_wire(exc: BaseException) -> dict[str, str]:
     """Describe ``exc`` as a msgpack-able map; non-pccl errors travel as ``InternalError``."""
     name = type(exc).__name__ if isinstance(exc, PcclError) else "InternalError"
     text = str(exc) if isinstance(exc, PcclError) else f"{type(exc).__name__}: {exc}"
-    return {"error": name, "message": text}
+    out = {"error": name, "message": text}
+    if isinstance(exc, SegmentLost) and exc.segment is not None:
+        out["segment"] = exc.segment
+    return out
 
 
 def from_wire(obj: dict) -> PcclError:
     """Rebuild an exception from :func:`to_wire`'s map (unknown names become ``PcclError``)."""
     cls = _BY_NAME.get(str(obj.get("error")), PcclError)
-    return cls(str(obj.get("message", "")))
+    text = str(obj.get("message", ""))
+    if cls is SegmentLost:
+        segment = obj.get("segment")
+        return SegmentLost(text, segment=segment if isinstance(segment, str) else None)
+    return cls(text)
 
 
 # ---- in data-plane ERROR frames: one number per family (pccl_py/wire/frames.py) ----------

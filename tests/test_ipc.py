@@ -59,6 +59,14 @@ def test_error_wire_round_trip():
     assert type(errors.from_wire({"error": "NoSuchThing", "message": "m"})) is errors.PcclError
 
 
+def test_a_lost_segment_travels_with_its_name_and_is_retryable():
+    back = errors.from_wire(errors.to_wire(errors.SegmentLost("gone", segment="pccl_abc")))
+    assert type(back) is errors.SegmentLost and back.segment == "pccl_abc" and str(back) == "gone"
+    assert isinstance(back, errors.Aborted)  # retry=True repeats it
+    assert errors.error_code(back) == errors.ERR_ABORTED  # to the other peers of the call: an abort
+    assert errors.from_wire({"error": "SegmentLost", "message": "m", "segment": 3}).segment is None
+
+
 def test_backoff_respects_deadline_and_grows():
     b = Backoff(initial=0.01, maximum=0.08, factor=2.0, jitter=0.0, deadline=0.5)
     delays = list(itertools.islice(b.delays(), 5))

@@ -8,6 +8,9 @@ Tensors of one dtype travel as one bucket, one request each. A bucket's bytes go
   * nowhere in, when they lie in an ``alloc()`` array: the result is copied back from a
     pool segment;
   * otherwise into one region of a pool segment, reduced in place and copied back.
+An ``alloc()`` array whose file lost its name in /dev/shm (``Alloc.lost``: peers cannot
+map it) is copied into its twin when the call covers it whole (it then moves into the
+twin's named file), else treated as a plain array.
 Results land only once every bucket of the call succeeded: a failed call leaves all the
 caller's tensors untouched.
 """
@@ -28,6 +31,8 @@ from pccl_py.errors import DeadlineExceeded, PcclError
 from pccl_py.wire import ipc
 
 TWIN = "twin"  # a part whose result lands in an alloc() array's twin (see segments.Alloc)
+TWIN_COPIED = "twin copied"  # the same, its input copied into the twin first (the array's file was lost)
+TWINS = (TWIN, TWIN_COPIED)
 
 
 def request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeout: float) -> dict:
@@ -74,12 +79,20 @@ def post(rpc: Rpc, pool: Pool, allocs: list[Alloc], dtype: str, group: list[Flat
         return rpc.send(msg), None, members, None
     span = -(-max(nbytes, 1) // PAGE) * PAGE
     found = resident(allocs, group)
+    if found is not None:
+        found[0].refresh()  # names still in /dev/shm? (peers map them by name)
     if found is not None and found[1] == 0 and nbytes == found[0].nbytes and found[0].take():
         # the whole of an alloc() array: the result goes into its twin, which then
         # takes the array's pages (Handle._finish): no copy in, no copy back
         rec = found[0]
+        if rec.lost:  # peers cannot map the array: its bytes go into the twin, reduced there in place
+            copy_into(rec.twin_buf[:nbytes], rec.buf[:nbytes])
+            msg.update(shm=rec.spare, in_shm=rec.spare, in_off=0, out_off=0)
+            return rpc.send(msg), rec, members, TWIN_COPIED
         msg.update(shm=rec.spare, in_shm=rec.cur, in_off=0, out_off=0)
         return rpc.send(msg), rec, members, TWIN
+    if found is not None and found[0].lost:
+        found = None  # copied through a pool segment, like a plain array
     if found is not None:
         # the input already lives in a segment the daemon maps: no copy in
         rec, in_off = found
@@ -156,7 +169,7 @@ class Handle:
                 # co-located peers may still write their chunks into this segment's output
                 # region for a moment (see collectives/shm.py): never reuse it
                 error = error or exc
-                if layout is TWIN:
+                if layout in TWINS:
                     seg.retire()
                 elif seg is not None:
                     self._pool.retire(seg)
@@ -166,7 +179,7 @@ class Handle:
         # results land only once every part (one per dtype) succeeded: a failed call
         # leaves all the caller's tensors untouched
         for seg, members, layout, info in done:
-            if layout is TWIN:  # the result is in the twin: it takes the array's pages
+            if layout in TWINS:  # the result is in the twin: it takes the array's pages
                 if error is None:
                     seg.swap()
                     for f, _ in members:
@@ -194,8 +207,9 @@ class Handle:
             self._error = error
             return
         total = infos[0] if infos else {"world_size": self._world_size()}  # each reply is a fresh dict
-        total["input_copied"] = any(layout is None or (layout is not TWIN and layout[2]) for *_, layout in self._parts)
-        total["result_copied"] = any(layout is not TWIN for *_, layout in self._parts)
+        total["input_copied"] = any(layout is None or layout is TWIN_COPIED or (layout is not TWIN and layout[2])
+                                    for *_, layout in self._parts)
+        total["result_copied"] = any(layout not in TWINS for *_, layout in self._parts)
         for extra in infos[1:]:
             for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
                 if k in extra:

@@ -35,6 +35,7 @@ from pccl_py.errors import (
     InvalidUsage,
     PcclError,
     PeerLost,
+    SegmentLost,
 )
 from pccl_py.retry import Backoff
 from pccl_py.wire import ipc
@@ -177,7 +178,9 @@ class Client:
 
         On failure the tensors are untouched. With ``retry`` the call is repeated on the new
         membership after ``PeerLost``/``Aborted`` until it succeeds; when this peer is left
-        alone, the result is its own input (the reduction over a world of one).
+        alone, the result is its own input (the reduction over a world of one). After
+        ``SegmentLost`` (an ``Aborted``: a shared-memory segment of the call vanished from
+        /dev/shm; its owner replaces it) the retry comes at once, on the same membership.
         """
         if type(tensors) is np.ndarray and tensors.nbytes <= ipc.INLINE_BYTES:
             once = lambda: self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)  # noqa: E731
@@ -188,7 +191,8 @@ class Client:
 
     def _retrying(self, once: Callable[[], Any], retry: bool | Backoff, what: str):
         """``once()``; with ``retry``, again on the new membership after ``PeerLost``,
-        ``Aborted`` or ``CoordinatorUnavailable`` until it succeeds or the backoff's deadline."""
+        ``Aborted`` or ``CoordinatorUnavailable`` until it succeeds or the backoff's deadline.
+        ``SegmentLost`` changes no membership: its retry waits for no new epoch."""
         backoff = delays = None  # made at the first retry
         while True:
             try:
@@ -204,7 +208,8 @@ class Client:
                 if pause is None:
                     raise DeadlineExceeded(f"{what} kept failing until the retry deadline: {exc}") from exc
                 time.sleep(pause)
-                self._wait_new_epoch(failed_epoch, backoff)
+                if not isinstance(exc, SegmentLost):
+                    self._wait_new_epoch(failed_epoch, backoff)
 
     def _small_all_reduce(self, x: np.ndarray, op, quant, algorithm, tag, timeout) -> dict:
         timeout = self.timeout if timeout is None else float(timeout)

@@ -4,6 +4,15 @@ and the arrays of :meth:`~pccl_py.client.Client.alloc` with their twins.
 Every segment is mapped by the daemon (request ``map``) before a call names it. A segment
 of a failed call is never used again (co-located peers may still be writing into it): it
 is unlinked here and the daemon is asked to unmap it (:func:`unmap`).
+
+A segment's name can vanish from /dev/shm while it is mapped here and in the daemon (a
+tmpfs cleaner, another process): the daemon can no longer map it, nor can co-located
+peers. So a segment is checked before each call: a pool segment without a name is dropped
+for a fresh one; an ``alloc()`` array's twin is replaced; an ``alloc()`` array whose own
+file lost its name is copied through the pool (warned once) until a call over the whole
+array moves it into its twin (:meth:`Alloc.refresh`). A segment that vanishes before the
+daemon maps it (``SegmentLost`` in the reply to ``map``) is replaced once
+(:func:`fresh_segment`).
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ import numpy as np
 
 from pccl_py.client.copies import copy_into
 from pccl_py.client.rpc import Rpc
-from pccl_py.errors import PcclError
-from pccl_py.transport.segments import create_segment
+from pccl_py.errors import InvalidUsage, PcclError, SegmentLost
+from pccl_py.transport.segments import create_segment, discard, named, unlinked
 from pccl_py.wire import ipc
 
 try:
@@ -48,16 +57,38 @@ def release(seg: shared_memory.SharedMemory) -> None:
         seg.close()
     except BufferError:
         pass
-    try:
-        seg.unlink()
-    except FileNotFoundError:
-        pass
+    discard(seg)
 
 
 def map_segment(rpc: Rpc, name: str, size: int) -> None:
     """Have the daemon map segment ``name`` of at least ``size`` bytes (calls may name it
     from then on)."""
     rpc.call({"op": "map", "name": name, "size": size}, timeout=MAP_TIMEOUT)
+
+
+def fresh_segment(rpc: Rpc, size: int) -> shared_memory.SharedMemory:
+    """A new segment of ``size`` bytes that the daemon has mapped. If its name vanished from
+    /dev/shm before the daemon got to it (``SegmentLost``), it is dropped and a second one
+    made; if that one vanishes too, the daemon evidently cannot see this process's
+    /dev/shm: ``InvalidUsage``."""
+    for attempt in range(2):
+        seg = create_segment(size)
+        try:
+            map_segment(rpc, seg.name, size)
+            return seg
+        except SegmentLost as exc:
+            release(seg)
+            if attempt:
+                raise InvalidUsage(
+                    f"the daemon cannot map the shared memory this trainer creates (twice in a row the "
+                    f"segment was not in its /dev/shm: {exc}). Do the trainer and its daemon share /dev/shm?"
+                ) from exc
+            log.warning("shared-memory segment %s vanished from /dev/shm before the daemon mapped it; "
+                        "making a fresh one", seg.name)
+        except BaseException:
+            release(seg)
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def unmap(rpc: Rpc, name: str) -> None:
@@ -78,16 +109,25 @@ class Pool:
         self._lock = threading.Lock()  # calls of several threads take and give segments
 
     def take(self, nbytes: int) -> shared_memory.SharedMemory:
+        """A mapped segment of at least ``nbytes``: a free one whose name is still in
+        /dev/shm (others are dropped), else a fresh one."""
         size = MIN_SEGMENT
         while size < nbytes:
             size *= 2
+        while True:
+            with self._lock:
+                bucket = self.free.setdefault(size, [])
+                seg = bucket.pop() if bucket else None
+            if seg is None:
+                break
+            if not unlinked(seg):
+                return seg
+            log.warning("shared-memory segment %s was removed from /dev/shm (peers could not map it); "
+                        "using a fresh one", seg.name)
+            self.retire(seg)
+        seg = fresh_segment(self.rpc, size)
         with self._lock:
-            bucket = self.free.setdefault(size, [])
-            if bucket:
-                return bucket.pop()
-            seg = create_segment(size)
             self.all.append(seg)
-        map_segment(self.rpc, seg.name, size)
         return seg
 
     def give(self, seg: shared_memory.SharedMemory) -> None:
@@ -119,19 +159,19 @@ class Alloc:
     two files swap roles. On failure the array is untouched; the twin, which co-located
     peers may still be writing into, is replaced by a fresh segment. The two
     ``SharedMemory`` objects made first keep owning the two address ranges (they unmap
-    them when closed); which file is mapped in each is tracked by name here."""
+    them when closed); which file is mapped in each is tracked by name here.
+
+    If the name of ``cur`` vanishes from /dev/shm, peers cannot map the array (``lost``):
+    a call over the whole array then copies it into the twin and is reduced in place
+    there, and on success the twin's pages take the array's address as usual, so the array
+    lives in a named file again and a fresh twin is made; other calls copy through a pool
+    segment, like a plain array's."""
 
     @classmethod
     def create(cls, rpc: Rpc, nbytes: int, double_buffer: bool) -> Alloc:
         """A fresh, mapped allocation of ``nbytes``; with ``double_buffer`` a twin too, when
         the extension can move pages and the array is too large to travel inline."""
-        seg = create_segment(max(nbytes, 1))
-        try:
-            map_segment(rpc, seg.name, seg.size)
-        except BaseException:
-            seg.close()
-            seg.unlink()
-            raise
+        seg = fresh_segment(rpc, max(nbytes, 1))
         rec = cls(rpc, seg, nbytes)
         if double_buffer and remap is not None and nbytes > ipc.INLINE_BYTES:
             try:
@@ -152,6 +192,7 @@ class Alloc:
         self.spare: str | None = None
         self.spare_addr = 0
         self.busy = False  # a call is writing the twin (or it is unusable)
+        self.lost = False  # the name of ``cur`` is gone from /dev/shm: peers cannot map the array
         self._lock = threading.Lock()
 
     @property
@@ -159,16 +200,31 @@ class Alloc:
         """The array's memory."""
         return self.owners[0].buf
 
+    @property
+    def twin_buf(self) -> memoryview:
+        """The memory at the twin's address."""
+        return self.owners[1].buf
+
     def add_twin(self) -> None:
-        twin = create_segment(self.owners[0].size)
-        try:
-            map_segment(self.rpc, twin.name, twin.size)
-        except BaseException:
-            release(twin)
-            raise
+        twin = fresh_segment(self.rpc, self.owners[0].size)
         self.owners.append(twin)
         self.segs[twin.name] = twin
         self.spare, self.spare_addr = twin.name, address(twin.buf)
+
+    def refresh(self) -> None:
+        """Before a call: replace a twin whose name is gone from /dev/shm (peers write the
+        result into it by name), and notice an array file whose name is gone (``lost``,
+        warned once)."""
+        if self.spare is not None and not named(self.spare) and self.take():
+            log.warning("alloc(): the twin %s of an array was removed from /dev/shm; making a fresh one",
+                        self.spare)
+            self.retire()
+        if not self.lost and not named(self.cur):
+            self.lost = True
+            log.warning("alloc(): the shared memory %s of a %d-byte array was removed from /dev/shm, so "
+                        "peers cannot map it; its calls copy it through a fresh segment%s", self.cur,
+                        self.nbytes, " until a call over the whole array moves it into its twin"
+                        if self.spare is not None else "")
 
     def take(self) -> bool:
         """Reserve the twin for one call (False: none, or another call uses it)."""
@@ -186,14 +242,18 @@ class Alloc:
             copy_into(self.owners[0].buf[:self.nbytes], self.owners[1].buf[:self.nbytes])
             self.busy = False
             return
+        old, self.cur, self.lost = self.cur, self.spare, False  # the array is the twin's file now
         try:
-            self._map(self.cur, self.spare_addr)
+            self._map(old, self.spare_addr)
         except OSError:
-            log.warning("alloc(): cannot map the old buffer where the twin was; this array's calls copy "
-                        "their results from now on")
-            self.spare = None  # (busy stays set: nothing is mapped at spare_addr any more)
+            # The old file has no name left (or cannot be mapped): a fresh twin takes its
+            # place. Until then the range stays ours, else the fresh segment's own mapping
+            # could land there and take the range with it when closed.
+            self._hold(self.spare_addr)
+            self.spare = old
+            self.retire()
             return
-        self.cur, self.spare = self.spare, self.cur
+        self.spare = old
         self.busy = False
 
     def release(self) -> None:
@@ -202,20 +262,33 @@ class Alloc:
 
     def retire(self) -> None:
         """The call failed: a peer may still write into the twin, so it is dropped (unlinked
-        here and unmapped by the daemon) and a fresh segment takes its place."""
+        here and unmapped by the daemon) and a fresh segment takes its place. (Also for a
+        twin, or a file that was to become one, whose name is gone from /dev/shm.)"""
         old = self.spare
         try:
-            fresh = create_segment(self.owners[0].size)
-            map_segment(self.rpc, fresh.name, fresh.size)
+            fresh = fresh_segment(self.rpc, self.owners[0].size)
             self.segs[fresh.name] = fresh
             self._map(fresh.name, self.spare_addr)
             fresh.close()  # its own mapping; the file stays mapped where the twin was (and named, for unlink)
             self.spare = fresh.name
             self.busy = False
         except (PcclError, OSError) as exc:
-            log.warning("alloc(): no fresh twin after a failed call (%s); results are copied from now on", exc)
+            log.warning("alloc(): no fresh twin (%s); results are copied from now on", exc)
             self.spare = None
         self._drop(old)
+
+    def _hold(self, addr: int) -> None:
+        """Keep the range at ``addr`` mapped (zero pages that cost nothing until touched)."""
+        try:
+            fd = os.open("/dev/zero", os.O_RDWR)
+        except OSError:  # pragma: no cover - no /dev/zero
+            return
+        try:
+            map_at(addr, self.span, fd)
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(fd)
 
     def _map(self, name: str, addr: int) -> None:
         fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
@@ -228,18 +301,12 @@ class Alloc:
         seg = self.segs.pop(name, None) if name is not None else None
         if seg is None:
             return
-        try:
-            seg.unlink()
-        except FileNotFoundError:
-            pass
+        discard(seg)
         unmap(self.rpc, name)
 
     def close(self) -> None:
         for seg in self.segs.values():
-            try:
-                seg.unlink()
-            except FileNotFoundError:
-                pass
+            discard(seg)
         for seg in self.owners:
             try:
                 seg.close()

@@ -32,6 +32,12 @@ mask of another call (the slot may serve one by then).
 Writes can land in the output of a call that has already failed: the client never reuses
 the segment of a failed call (it retires it), so such writes reach nobody.
 
+Segments are mapped by name, and a name can vanish from /dev/shm (a tmpfs cleaner, another
+process, or the owner retiring the segment of a call that failed there). A peer that
+cannot find a segment named in a READY fails the call with ``SegmentLost``, retryable:
+the owner replaces it (a trainer its pool segment, a daemon its lease segment at the next
+call, :meth:`ShmContext.acquire`), so the retry maps fresh names.
+
 Heavy loops (the fold and the copies, which release the GIL) run on one worker thread so
 the event loop keeps serving heartbeats and other calls; small ones run inline.
 """
@@ -49,8 +55,8 @@ import msgpack
 
 from pccl_py import kernels as K
 from pccl_py.collectives.base import Collective, Rx, expect, split
-from pccl_py.errors import Aborted, InvalidUsage, PcclError, ProtocolError
-from pccl_py.transport.segments import Mapping, create_segment
+from pccl_py.errors import Aborted, InvalidUsage, PcclError, ProtocolError, SegmentLost
+from pccl_py.transport.segments import Mapping, create_segment, discard, unlinked
 from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl.dataplane")
@@ -81,6 +87,8 @@ class ShmContext:
     def __init__(self) -> None:
         self._lease_seg: shared_memory.SharedMemory | None = None
         self._free: list[int] = []
+        # lease segments replaced while calls still held slots in them: name -> (segment, slots held)
+        self._old_leases: dict[str, tuple[shared_memory.SharedMemory, int]] = {}
         self._maps: dict[str, collections.OrderedDict[tuple[str, bool], Mapping]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
@@ -89,17 +97,34 @@ class ShmContext:
         self._scratch = (memoryview(bytearray(_BLOCK)), memoryview(bytearray(_BLOCK)))
 
     # -- leases --------------------------------------------------------------------------
-    @property
-    def lease_buf(self) -> memoryview:
+    def lease_buf(self, name: str) -> memoryview:
+        """The buffer of our lease segment ``name`` (the current one, or one replaced while a
+        call held a slot in it)."""
+        if name in self._old_leases:
+            return self._old_leases[name][0].buf
         return self._lease_seg.buf
 
     @property
     def lease_name(self) -> str:
+        if self._lease_seg is not None and unlinked(self._lease_seg):
+            # its name is gone from /dev/shm: peers could not map it by name any more
+            self._replace_lease()
         if self._lease_seg is None:
             # zero-filled, and its pages reserved (a full /dev/shm is an error, not a SIGBUS)
             self._lease_seg = create_segment(LEASE_SLOTS * SLOT, prefix="pccl_lease_")
             self._free = list(range(LEASE_SLOTS - 1, -1, -1))
         return self._lease_seg.name.lstrip("/")
+
+    def _replace_lease(self) -> None:
+        """Give up the current lease segment (a fresh one is made next); calls holding a slot
+        in it keep using it until they end."""
+        seg, held = self._lease_seg, LEASE_SLOTS - len(self._free)
+        self._lease_seg, self._free = None, []
+        log.warning("lease segment %s was removed from /dev/shm; using a fresh one", seg.name.lstrip("/"))
+        if held:
+            self._old_leases[seg.name.lstrip("/")] = (seg, held)
+        else:
+            _close_lease(seg)
 
     def acquire(self) -> tuple[str, int, int]:
         name = self.lease_name
@@ -111,21 +136,33 @@ class ShmContext:
         K.store_u64(self._lease_seg.buf, slot * SLOT, nonce)
         return name, slot, nonce
 
-    def release(self, slot: int) -> None:
-        if self._lease_seg is not None and not self._closed:
+    def release(self, slot: int, name: str | None = None) -> None:
+        """Clear the lease in ``slot`` of lease segment ``name`` (the current one if None)."""
+        if self._closed:
+            return
+        old = self._old_leases.get(name) if name is not None else None
+        if old is not None:
+            seg, held = old
+            K.store_u64(seg.buf, slot * SLOT, 0)
+            if held > 1:
+                self._old_leases[name] = (seg, held - 1)
+            else:
+                del self._old_leases[name]
+                _close_lease(seg)
+            return
+        if self._lease_seg is not None and (name is None or name == self._lease_seg.name.lstrip("/")):
             # the arrivals stay: a peer that lost the one who completed them still reads them
             # (a new call on this slot replaces them with its own ident)
             K.store_u64(self._lease_seg.buf, slot * SLOT, 0)
             self._free.append(slot)
 
     # -- peers' segments -----------------------------------------------------------------
-    def view(self, peer_id: str, name: str, offset: int, nbytes: int, writable: bool = False,
-             of_call: bool = True) -> memoryview:
+    def view(self, peer_id: str, name: str, offset: int, nbytes: int, writable: bool = False) -> memoryview:
         """View of ``nbytes`` at ``offset`` of a peer's segment (mapped once, cached).
-        ``of_call``: the segment holds one call's tensors, and its client retires it when
-        the call fails there, so a missing one means that call ended (``Aborted``). A
-        missing segment that lives as long as its daemon (a lease) means the daemons do
-        not share /dev/shm (``InvalidUsage``)."""
+        A name missing from /dev/shm fails the call with ``SegmentLost`` (retryable): a
+        client retires the segment of a call that failed there, and anything may remove a
+        name from /dev/shm (its owner then replaces the segment). Only if it happens on
+        every call do the daemons not share /dev/shm (the message says so)."""
         maps = self._maps.setdefault(peer_id, collections.OrderedDict())
         key = (name, writable)
         mm = maps.get(key)
@@ -133,8 +170,12 @@ class ShmContext:
             try:
                 mm = attach_peer(name, writable)
             except (OSError, ValueError, ProtocolError) as e:
-                if of_call and isinstance(e, FileNotFoundError):
-                    raise Aborted(f"peer {peer_id}'s shared memory {name} is gone: its call has ended") from None
+                if isinstance(e, FileNotFoundError):
+                    raise SegmentLost(
+                        f"peer {peer_id}'s shared memory {name} is not in /dev/shm (its call ended there, or "
+                        f"something removed it): this call fails; a retry maps the fresh one that replaces it. "
+                        f"If every call fails so, the daemons do not share /dev/shm: start them with --no-shm",
+                        segment=name) from None
                 raise InvalidUsage(
                     f"cannot map peer {peer_id}'s shared memory {name}: {e}. Daemons that share an "
                     f"address but not /dev/shm need the TCP path: start them with --no-shm") from None
@@ -178,14 +219,22 @@ class ShmContext:
             self._pool.shutdown(wait=False)
         if self._lease_seg is not None:
             seg, self._lease_seg = self._lease_seg, None
-            try:
-                seg.unlink()
-            except OSError:
-                pass
-            try:
-                seg.close()
-            except BufferError:  # a view is still alive: unmapped with it
-                pass
+            _close_lease(seg)
+        for seg, _ in self._old_leases.values():
+            _close_lease(seg)
+        self._old_leases.clear()
+
+
+def _close_lease(seg: shared_memory.SharedMemory) -> None:
+    """Unlink (if still named) and unmap one of our lease segments."""
+    try:
+        discard(seg)
+    except OSError:
+        pass
+    try:
+        seg.close()
+    except BufferError:  # a view is still alive: unmapped with it
+        pass
 
 
 class ShmAllReduce(Collective):
@@ -243,7 +292,7 @@ class ShmAllReduce(Collective):
         self.peers[src] = (self.ctx.view(pid, sname, soff, self.nbytes),
                            self.ctx.view(pid, dname, doff, self.nbytes, writable=True),
                            # rank 0's lease segment holds the arrival mask every peer marks
-                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * SLOT, writable=src == 0, of_call=False),
+                           self.ctx.view(pid, lname, 0, LEASE_SLOTS * SLOT, writable=src == 0),
                            slot * SLOT, nonce)
         self._maybe_fold()
 
@@ -284,7 +333,7 @@ class ShmAllReduce(Collective):
     def _arrivals(self) -> tuple[memoryview, int, int]:
         """Rank 0's arrival word for this call: (buffer, offset, ident)."""
         if self.link.rank == 0:
-            return self.ctx.lease_buf, self.lease[1] * SLOT + 8, self.lease[2] & _IDENT
+            return self.ctx.lease_buf(self.lease[0]), self.lease[1] * SLOT + 8, self.lease[2] & _IDENT
         _, _, lease, off, nonce = self.peers[0]
         return lease, off + 8, nonce & _IDENT
 
@@ -331,5 +380,5 @@ class ShmAllReduce(Collective):
     def finished(self) -> None:
         """The call ended (either way): give the lease back, so readers stop trusting our memory."""
         if self.lease is not None:
-            self.ctx.release(self.lease[1])
+            self.ctx.release(self.lease[1], self.lease[0])
             self.lease = None

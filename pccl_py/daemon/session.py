@@ -4,7 +4,10 @@ over the daemon's Unix socket, checked and turned into calls on the :class:`Daem
 A request is checked here before anything runs (:mod:`pccl_py.calls`): a client may be
 buggy or of another version, and a bad request must fail alone, with ``InvalidUsage``,
 never take the daemon down. The session also owns the shared-memory segments its trainer
-had mapped: a request names them, and they are unmapped when the trainer goes. The
+had mapped: a request names them, and they are unmapped when the trainer goes. A segment
+whose name is gone from /dev/shm (removed by another process or a tmpfs cleaner) is
+reported as ``SegmentLost`` naming it, so the client replaces it (see :meth:`TrainerSession.map`
+and :func:`own_segment_lost`). The
 session that asks ``connect`` holds the daemon's lease on its membership: when its
 connection closes, the daemon leaves the run (see :mod:`pccl_py.daemon.service`).
 
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pccl_py import calls
-from pccl_py.errors import InvalidUsage, PcclError, ProtocolError, to_wire
+from pccl_py.errors import Aborted, InvalidUsage, PcclError, ProtocolError, SegmentLost, to_wire
 from pccl_py.transport import segments
 from pccl_py.wire import ipc
 
@@ -30,6 +33,22 @@ if TYPE_CHECKING:
     from pccl_py.daemon.service import Daemon
 
 log = logging.getLogger("pccl.daemon")
+
+
+def own_segment_lost(exc: PcclError, names: tuple[str, ...]) -> PcclError:
+    """The error a failed all-reduce reports to its trainer: when it was aborted (a peer could
+    not map our segment, or stopped in the middle) and one of ``names``, the trainer's own
+    segments that the call used, is gone from /dev/shm, a ``SegmentLost`` naming it, so the
+    trainer replaces that segment before the retry. Otherwise ``exc`` itself."""
+    if not isinstance(exc, Aborted):
+        return exc
+    for name in dict.fromkeys(names):
+        if not segments.named(name):
+            err = SegmentLost(f"this trainer's shared memory {name} is gone from /dev/shm (another process "
+                              f"or a cleaner removed it), so the peers could not map it: {exc}", segment=name)
+            err.__cause__ = exc
+            return err
+    return exc
 
 
 class TrainerSession(asyncio.Protocol):
@@ -160,6 +179,8 @@ class TrainerSession(asyncio.Protocol):
         def done(info: dict | None, exc: PcclError | None) -> None:
             if info is not None and inline is not None:
                 info["data"] = dst
+            if exc is not None and refs is not None:
+                exc = own_segment_lost(exc, (refs[0], refs[2]))
             finish(info, exc)
 
         self.daemon.start_all_reduce(
@@ -204,10 +225,15 @@ class TrainerSession(asyncio.Protocol):
 
     # -- shared-memory segments ------------------------------------------------------
     def map(self, name: str, size: int) -> None:
+        """Map the trainer's segment ``name``. One whose name is not in /dev/shm (removed
+        before we got to it) raises ``SegmentLost``: the client makes a fresh one."""
         if name in self.segments:
             return
         try:
             seg = segments.attach_segment(name)
+        except FileNotFoundError:
+            raise SegmentLost(f"shared-memory segment {name!r} is not in /dev/shm (removed before the daemon "
+                              f"mapped it)", segment=name) from None
         except OSError as exc:
             raise InvalidUsage(f"cannot map shared-memory segment {name!r}: {exc}") from None
         if seg.size < size:

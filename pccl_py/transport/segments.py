@@ -2,6 +2,9 @@
 daemons of one host (:mod:`pccl_py.collectives.shm`), without passing through a socket.
 
 The client creates (and owns) every segment; daemons attach to it without owning it.
+Anything may remove a segment's name from /dev/shm while its processes keep it mapped (a
+tmpfs cleaner, another process): nobody else can map it by name then. Owners check with
+:func:`unlinked` and replace such a segment; :func:`named` asks by name.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import errno
 import mmap
 import os
 import uuid
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 try:
     import _posixshmem
@@ -88,3 +91,40 @@ def create_segment(size: int, name: str | None = None, prefix: str = "pccl_") ->
 def attach_segment(name: str) -> Mapping:
     """Map a segment created by the client (the client owns its lifetime)."""
     return Mapping(name)
+
+
+def unlinked(seg: shared_memory.SharedMemory) -> bool:
+    """Whether the name of ``seg``, a segment this process created and still holds open, is
+    gone from /dev/shm (one fstat: the file has no link left)."""
+    fd = getattr(seg, "_fd", -1)
+    try:
+        return fd >= 0 and os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+def named(name: str) -> bool:
+    """Whether /dev/shm has a segment called ``name`` (an open and a close)."""
+    if _posixshmem is None:  # pragma: no cover - not POSIX
+        return True
+    try:
+        fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDONLY, mode=0)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # there, whatever else is wrong with it
+    os.close(fd)
+    return True
+
+
+def discard(seg: shared_memory.SharedMemory) -> None:
+    """Unlink a segment this process created, if its name is still there, and untrack it
+    either way (else Python's resource tracker warns at exit about a segment someone else
+    removed). The mapping stays until ``seg.close()`` and the last view."""
+    try:
+        seg.unlink()
+    except FileNotFoundError:
+        try:
+            resource_tracker.unregister(getattr(seg, "_name", "/" + seg.name), "shared_memory")
+        except Exception:  # pragma: no cover - best effort
+            pass
