@@ -93,6 +93,24 @@ class Metrics:
             self.recovery_seconds.observe(now - self._failed_at)
             self._failed_at = None
 
+    def link_traffic(self, source) -> None:
+        """Serve ``pccl_link_bytes_total{peer,direction}`` from ``source()``: peer id ->
+        [bytes sent, bytes received] (the data plane's ``traffic``), read at each scrape.
+        Rates per link (throughput) are ``rate()`` of it in the monitoring system."""
+        _lib()
+        from prometheus_client.core import CounterMetricFamily
+
+        class _Links:
+            def collect(self):
+                fam = CounterMetricFamily("pccl_link_bytes", "bytes to and from each peer, headers included",
+                                          labels=["peer", "direction"])
+                for pid, (tx, rx) in list(source().items()):
+                    fam.add_metric([pid, "tx"], tx)
+                    fam.add_metric([pid, "rx"], rx)
+                yield fam
+
+        self.registry.register(_Links())
+
     # -- serving ---------------------------------------------------------------------
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` (0: any free port) from a thread; the port."""

@@ -117,3 +117,36 @@ def test_the_coordinator_serves_its_members_and_epoch(tmp_path):
         stop_process(coord)
     first = (tmp_path / "coord.log").read_text().splitlines()[0]
     assert '"role": "coordinator"' in first  # --log-format json: one object per line
+
+
+def test_bytes_per_link_and_direction(coordinator):
+    import concurrent.futures as cf
+
+    import numpy as np
+    from conftest import free_port, stop_process
+    from test_lease import join, start_daemon
+
+    from pccl_py import Client
+
+    ports = [free_port(), free_port()]
+    daemons = [start_daemon(coordinator, "--metrics-port", str(p), "--tcp-only") for p in ports]
+    try:
+        clients = [Client(daemon=path) for _, path in daemons]
+        try:
+            with cf.ThreadPoolExecutor(2) as ex:
+                join(ex, clients, 2)
+                x = [np.ones(1 << 18, np.float32) for _ in clients]
+                list(ex.map(lambda i: clients[i].all_reduce(x[i], algorithm="ring"), range(2)))
+            ids = [c.refresh()["peer_id"] for c in clients]
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5) as r:
+                body = r.read().decode()
+        finally:
+            for c in clients:
+                c.close()
+        sent = value(body, f'pccl_link_bytes_total{{direction="tx",peer="{ids[1]}"}}')
+        got = value(body, f'pccl_link_bytes_total{{direction="rx",peer="{ids[1]}"}}')
+        assert 1 << 20 <= sent < 2 << 20 and 1 << 20 <= got < 2 << 20  # half of 1 MiB twice, plus headers
+        assert f'peer="{ids[0]}"' not in body  # no link to itself
+    finally:
+        for proc, _ in daemons:
+            stop_process(proc)

@@ -140,6 +140,7 @@ class DataPlane:
         self.epoch = 0
         self._view: GroupView | None = None
         self._peers: dict[str, PeerStreams] = {}
+        self.traffic: dict[str, list[int]] = {}  # peer id -> [bytes sent, bytes received]
         self._lost: dict[str, str] = {}
         self._conns: set[Stream] = set()
         self._stalled: set[Stream] = set()
@@ -242,6 +243,9 @@ class DataPlane:
             if pid not in members:
                 peer = self._peers.pop(pid)
                 peer.close("peer left the topology")
+        for pid in list(self.traffic):
+            if pid not in members:  # a peer that left: its counts go with it
+                del self.traffic[pid]
         self._shm.forget(members)
         waits = []
         for p in topo.peers:

@@ -41,6 +41,9 @@ class PeerStreams:
         self._up = 0
         self._eofs = 0
         self._eof_timer: asyncio.TimerHandle | None = None
+        # [bytes sent, bytes received] to and from this peer, headers included; kept by the
+        # data plane per peer id, so it adds up across the links of successive epochs
+        self.traffic = dp.traffic.setdefault(peer_id, [0, 0])
 
     def attach(self, conn: Stream, stream: int) -> None:
         if self.lost is not None:
@@ -77,6 +80,7 @@ class PeerStreams:
     def send(self, stream: int, header: bytes, payload) -> None:
         if self.lost is not None:
             return
+        self.traffic[0] += len(header) + len(payload)
         if self._up == self.nstreams:
             self.conns[stream % self.nstreams].write(header, payload)
         else:

@@ -131,6 +131,7 @@ class Daemon:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics  # None: nothing is counted
+        self._links_served = False
         self.lease = Lease(Mode.of(exit_with_client=exit_with_client, serve_successive=serve_successive))
         self.coordinator = coordinator
         self.group = group
@@ -171,6 +172,9 @@ class Daemon:
         makes one per trainer: a successor joins the run as a new member."""
         self.peer_id = uuid.uuid4().hex
         self.data = DataPlane(self.peer_id, on_peer_failure=self._on_peer_failure, **self._dp_kwargs)
+        if self.metrics is not None and not self._links_served:
+            self._links_served = True  # the source reads whichever data plane is current
+            self.metrics.link_traffic(lambda: self.data.traffic)
         self.state_server = StateServer(self.peer_id, secret=self.secret, host=self._listen_host, port=0)
         self.control: ControlChannel | None = None
         self.topology: Topology | None = None

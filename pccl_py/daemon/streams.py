@@ -321,6 +321,7 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
+        self.peer_streams.traffic[1] += F.HEADER_SIZE + h.length
         v = self.dp.route(h, self.peer_streams)
         verdict, op, src = v.action, v.op, v.src
         if verdict == STALL:
