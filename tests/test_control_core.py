@@ -181,7 +181,7 @@ def test_heartbeats_only_while_registered_with_epoch_revision_and_activity():
     joined(core, epoch=4)
     core.revision = 9
     [hb] = wire(core.tick(NOW + 0.5, "x" * 300))
-    assert hb == {"type": "heartbeat", "activity": "x" * 256, "epoch": 4, "revision": 9}
+    assert hb == {"type": "heartbeat", "activity": "x" * 256, "epoch": 4, "revision": 9, "tx": 0, "rx": 0}
     [hb] = wire(core.tick(NOW + 1.0, None))
     assert hb["activity"] is None
 

@@ -518,7 +518,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
         b"", b"\x00\xff garbage", good[:-2], good + b"tail", raw("status_q", req="one"),
         raw("hello", peer_id=["x"], group=0), raw("launch_missiles", req=1), raw("status_q", v=99, req=1),
         b"\xdb\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": "x" * 100000}),
-        msgpack.packb([[[[[[[[[[[[]]]]]]]]]]]] * 1000), raw("heartbeat", activity=None, epoch=-5, revision=0),
+        msgpack.packb([[[[[[[[[[[[]]]]]]]]]]]] * 1000), raw("heartbeat", activity=None, epoch=-5, revision=0, tx=0, rx=0),
         raw("report_failure", peer_id="p0", reason="x", epoch=1),  # well-formed but from a stranger
         protocol.encode("hello", **hello_as_p1),  # a stolen id without the secret
     ]
@@ -589,7 +589,7 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     b._send_msg = lambda msg: None
     await until(lambda: world(a) == 1, 4, "b removed")
     b._send_msg = ControlChannel._send_msg.__get__(b)
-    b._send_msg({"type": "heartbeat", "activity": None, "epoch": 0, "revision": -1})
+    b._send_msg({"type": "heartbeat", "activity": None, "epoch": 0, "revision": -1, "tx": 0, "rx": 0})
     await until(lambda: removed, 3, "b told it was removed")
     with pytest.raises(PeerLost, match="connect again"):
         await b.update_topology(1)
@@ -615,3 +615,19 @@ def test_module_entry_points_exit_with_the_status_of_main():
     for cmd in bad:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode != 0, (cmd, out.stdout, out.stderr)
+
+
+def test_status_table_shows_each_members_throughput_between_snapshots():
+    from pccl_py.tools.status import format_status
+
+    def snap(tx, rx):
+        return {"instance": "c", "epoch": 2, "world_size": 1, "num_groups": 1, "uptime": 3.0, "recovering": False,
+                "vote_open": False, "voters": [],
+                "members": [{"peer_id": "p1", "group": 0, "state": "accepted", "ring_pos": 0, "host": "h",
+                             "port": 1, "epoch": 2, "revision": 0, "hb_age": 0.1, "activity": None,
+                             "tx": tx, "rx": rx}]}
+
+    plain = format_status(snap(0, 0))
+    assert "SENT/RECEIVED" not in plain
+    table = format_status(snap(30_000_000, 10_000_000), prev=snap(10_000_000, 0), seconds=2.0)
+    assert "SENT/RECEIVED" in table and "10.0/5.0 MB/s" in table

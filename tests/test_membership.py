@@ -67,7 +67,7 @@ class Sim:
         return self.send(pid, "vote", req=req, timeout=timeout)
 
     def hb(self, pid: str, activity: str | None = None) -> list[dict]:
-        return self.send(pid, "heartbeat", activity=activity, epoch=self.core.epoch, revision=0)
+        return self.send(pid, "heartbeat", activity=activity, epoch=self.core.epoch, revision=0, tx=0, rx=0)
 
     def tick(self, dt: float = 0.0, beat: tuple[str, ...] | None = None) -> None:
         """Advance time in small steps; peers in ``beat`` (default: all live) heartbeat."""
@@ -78,7 +78,7 @@ class Sim:
             live = list(self.core.peers) if beat is None else [p for p in beat if p in self.core.peers]
             for pid in live:
                 self.send(pid, "heartbeat", activity=self.core.peers[pid].activity,
-                          epoch=self.core.epoch, revision=0)
+                          epoch=self.core.epoch, revision=0, tx=0, rx=0)
             self._deliver(self.core.tick(self.now))
             if self.now >= end - 1e-9:
                 return
@@ -173,7 +173,7 @@ def test_graceful_leave_pushes_new_epoch_at_once():
     out = sim.send("b", "leave", reason="done")
     assert out[-1]["type"] == "removed"
     assert sim.core.epoch == epoch + 1 and sim.members("a") == ["a", "c"] == sim.members("c")
-    assert sim.send("b", "heartbeat", activity=None, epoch=0, revision=0)[0]["type"] == "removed"
+    assert sim.send("b", "heartbeat", activity=None, epoch=0, revision=0, tx=0, rx=0)[0]["type"] == "removed"
     assert sim.hello("b")[0]["type"] == "removed"  # same peer_id stays gone
     assert sim.hello("b2", conn="conn-b")[0]["type"] == "welcome"  # new id, same connection: fine
 
@@ -230,7 +230,7 @@ def test_a_stall_does_not_count_toward_the_lockstep_grace():
     sim.vote("a", req=9)
     sim.tick(1.0)
     sim.now += 10.0
-    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0)
+    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0, tx=0, rx=0)
     sim.tick(0.5)  # 1.5 s of the 2 s grace seen by a running coordinator
     assert "error" not in sim.types("a")
     sim.tick(0.6)

@@ -70,7 +70,7 @@ class Sim:
         while self.now < end - 1e-9:
             self.now = min(end, self.now + 0.1)
             for pid in list(self.core.peers):
-                self.send(pid, "heartbeat", activity=None, epoch=self.core.epoch, revision=0)
+                self.send(pid, "heartbeat", activity=None, epoch=self.core.epoch, revision=0, tx=0, rx=0)
             self.deliver(self.core.tick(self.now))
 
 
@@ -151,7 +151,7 @@ def test_member_dies_mid_round_round_resolves():
     while sim.now < end:
         sim.now += 0.1
         for p in "ab":
-            sim.send(p, "heartbeat", activity="sync_shared_state", epoch=sim.core.epoch, revision=0)
+            sim.send(p, "heartbeat", activity="sync_shared_state", epoch=sim.core.epoch, revision=0, tx=0, rx=0)
         sim.deliver(sim.core.tick(sim.now))
     assert "c" not in sim.core.peers
     for p in "ab":

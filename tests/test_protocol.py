@@ -27,7 +27,7 @@ def raw(mtype, v=protocol.VERSION, **fields):
 def test_roundtrip_every_type_from_schema():
     samples = {
         "hello": good_hello(),
-        "heartbeat": dict(activity=None, epoch=3, revision=-1),
+        "heartbeat": dict(activity=None, epoch=3, revision=-1, tx=5, rx=7),
         "vote": dict(req=1, timeout=2),
         "unvote": dict(req=1),
         "pending_q": dict(req=1),
@@ -50,7 +50,7 @@ def test_roundtrip_every_type_from_schema():
         "status_a": dict(req=1, instance="i", epoch=1, recovering=False, uptime=1.0, world_size=1,
                          num_groups=1, vote_open=False, voters=[],
                          members=[dict(peer_id="a", group=0, state="accepted", host="h", port=1,
-                                       ring_pos=0, epoch=1, revision=-1, hb_age=0.1, activity=None)]),
+                                       ring_pos=0, epoch=1, revision=-1, hb_age=0.1, activity=None, tx=0, rx=0)]),
         "sync_offer": dict(round_hint=0, revision=3, strategy="send_only", tensors=[["w", 8, b"h" * 16]],
                            host="h", port=5, timeout=10.0),
         "sync_done": dict(round=2, ok=False, rx_bytes=0, error="PeerLost", message="m"),
@@ -87,7 +87,7 @@ def test_roundtrip_every_type_from_schema():
         (raw("hello", **good_hello(proof=b"x" * 65)), "longer"),
         (raw("hello", **good_hello(extra=1)), "unknown fields"),
         (raw("heartbeat", activity=None, epoch=1), "missing field"),
-        (raw("heartbeat", activity=None, epoch=-1, revision=0), "below"),
+        (raw("heartbeat", activity=None, epoch=-1, revision=0, tx=0, rx=0), "below"),
         (raw("vote", req=2**64 - 1, timeout=1), "above"),
         (raw("vote", req=1, timeout=None), "missing a value"),
         (raw("topology", instance="i", epoch=1, group=0, peers=[["a", "h"]], world_size=1, num_groups=1,

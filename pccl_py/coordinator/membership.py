@@ -80,6 +80,8 @@ class Peer:
     revision: int = -1
     activity: str | None = None
     activity_since: float = 0.0
+    tx: int = 0  # data-plane bytes the peer reported sent / received, as of its last heartbeat
+    rx: int = 0
 
 
 @dataclass
@@ -203,6 +205,8 @@ class Membership:
                     "revision": p.revision,
                     "hb_age": max(0.0, now - p.last_seen),
                     "activity": p.activity,
+                    "tx": p.tx,
+                    "rx": p.rx,
                 }
             )
         return {
@@ -443,6 +447,7 @@ class Membership:
         if msg["activity"] != peer.activity:
             peer.activity, peer.activity_since = msg["activity"], now
         peer.epoch, peer.revision = msg["epoch"], msg["revision"]
+        peer.tx, peer.rx = msg["tx"], msg["rx"]
 
     def _on_vote(self, now: float, peer: Peer, msg: Msg) -> None:
         if peer.state is PeerState.PENDING:

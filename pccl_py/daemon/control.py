@@ -92,6 +92,7 @@ class ControlChannel:
         )
         # what this peer is doing (e.g. "all_reduce tag=5"), asked at each heartbeat
         self.activity_source: Callable[[], str | None] = lambda: None
+        self.traffic_source: Callable[[], tuple[int, int]] = lambda: (0, 0)  # data-plane bytes so far
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
@@ -345,7 +346,8 @@ class ControlChannel:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             activity = self.activity_source() if self.core.registered else None
-            self._carry_out(self.core.tick(loop.time(), activity, wall=time.time()))
+            traffic = self.traffic_source() if self.core.registered else (0, 0)
+            self._carry_out(self.core.tick(loop.time(), activity, wall=time.time(), traffic=traffic))
 
     async def _apply_loop(self) -> None:
         while True:

@@ -337,14 +337,16 @@ class ControlCore:
 
     # ------------------------------------------------------------------ timers
 
-    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None) -> Actions:
-        """Heartbeat period: a heartbeat, and hellos while the coordinator is silent."""
+    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None,
+             traffic: tuple[int, int] = (0, 0)) -> Actions:
+        """Heartbeat period: a heartbeat (with ``activity`` and ``traffic``, the data-plane
+        bytes sent and received so far), and hellos while the coordinator is silent."""
         self._begin()
         if not self.registered:
             return self._step
         epoch = self.topology.epoch if self.topology is not None else 0
         self._send({"type": "heartbeat", "activity": activity and activity[:256], "epoch": epoch,
-                    "revision": self.revision})
+                    "revision": self.revision, "tx": traffic[0], "rx": traffic[1]})
         silent_since = self.last_rx if self.last_rx is not None else self.last_hello
         if now - silent_since > self.coordinator_timeout:
             if self.reintro is None:

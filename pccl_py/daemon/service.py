@@ -208,6 +208,7 @@ class Daemon:
             **self._control_kwargs,
         )
         self.control.activity_source = self._describe_activity
+        self.control.traffic_source = self._traffic
         await self.control.start()
         return addr
 
@@ -472,6 +473,12 @@ class Daemon:
                 return result
             finally:
                 self._in_flight.pop(-2, None)
+
+    def _traffic(self) -> tuple[int, int]:
+        """Data-plane bytes sent and received so far, over the peers of this membership
+        (reported with heartbeats: ``pccl status --watch`` shows the rates)."""
+        rows = list(self.data.traffic.values())
+        return sum(r[0] for r in rows), sum(r[1] for r in rows)
 
     def _count(self, op: str, info: dict | None, exc: BaseException | None, t0: float) -> None:
         if self.metrics is not None:

@@ -55,7 +55,19 @@ async def query_status(addr: str, timeout: float = 3.0) -> dict:
     return msg
 
 
-def format_status(st: dict) -> str:
+def _rate(m: dict, before: dict | None, seconds: float | None) -> str:
+    """A member's data-plane throughput since ``before`` (its row of the last snapshot):
+    sent / received, from the byte counts its heartbeats carry."""
+    if before is None or not seconds or seconds <= 0:
+        return "-"
+    tx = max(0, m.get("tx", 0) - before.get("tx", 0)) / seconds / 1e6
+    rx = max(0, m.get("rx", 0) - before.get("rx", 0)) / seconds / 1e6
+    return f"{tx:.1f}/{rx:.1f} MB/s"
+
+
+def format_status(st: dict, prev: dict | None = None, seconds: float | None = None) -> str:
+    """The status as a table; with the snapshot of ``seconds`` ago (``prev``) it adds each
+    member's throughput (``pccl status --watch``)."""
     lines = [
         f"coordinator {st['instance']}  epoch {st['epoch']}  world size {st['world_size']}  "
         f"groups {st['num_groups']}  uptime {st['uptime']:.1f} s"
@@ -63,13 +75,19 @@ def format_status(st: dict) -> str:
         + (f"  vote open: {', '.join(st['voters'])}" if st["vote_open"] else ""),
     ]
     header = ("PEER", "GROUP", "STATE", "RING", "DATA ADDRESS", "EPOCH", "REV", "HB AGE", "ACTIVITY")
+    if prev is not None:
+        header = (*header[:-1], "SENT/RECEIVED", header[-1])
+    before = {m["peer_id"]: m for m in prev["members"]} if prev is not None else {}
     rows = [header]
     for m in st["members"]:
-        rows.append((
+        row = [
             m["peer_id"], str(m["group"]), m["state"], str(m["ring_pos"]) if m["ring_pos"] >= 0 else "-",
             f"{m['host']}:{m['port']}", str(m["epoch"]), str(m["revision"]), f"{m['hb_age']:.2f}s",
             m["activity"] or "-",
-        ))
+        ]
+        if prev is not None:
+            row.insert(-1, _rate(m, before.get(m["peer_id"]), seconds))
+        rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -86,12 +104,15 @@ def watch(addr: str, interval: float, timeout: float, count: int | None = None, 
     tty = out.isatty()
     shown = 0
     last_epoch = None
+    last: tuple[dict, float] | None = None
     try:
         while count is None or shown < count:
             started = time.monotonic()
             try:
                 st = asyncio.run(query_status(addr, timeout))
-                text = format_status(st)
+                at = time.monotonic()
+                text = format_status(st, *(last[0], at - last[1]) if last is not None else (None, None))
+                last = (st, at)
                 if last_epoch is not None and st["epoch"] != last_epoch:
                     text += f"\n(epoch {last_epoch} -> {st['epoch']} since the last refresh)"
                 last_epoch = st["epoch"]

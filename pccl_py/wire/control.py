@@ -87,6 +87,8 @@ STATUS_MEMBER = F(
         "revision": _i(),
         "hb_age": _f(0.0, 1e9),
         "activity": ACTIVITY,
+        "tx": _i(U63),
+        "rx": _i(U63),
     },
 )
 
@@ -107,7 +109,8 @@ SCHEMA: dict[str, dict[str, F]] = {
         "instance": INSTANCE,  # last coordinator instance seen ("": none)
         "timeout": TIMEOUT,  # how long a pending peer waits to be accepted
     },
-    "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i()},
+    # tx, rx: data-plane bytes this daemon sent and received so far (for throughput views)
+    "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i(), "tx": _i(U63), "rx": _i(U63)},
     "vote": {"req": REQ, "timeout": TIMEOUT},  # update_topology
     "unvote": {"req": REQ},  # the caller gave up waiting
     "pending_q": {"req": REQ},  # are_peers_pending
