@@ -279,3 +279,26 @@ def test_a_repeated_sync_whose_answers_were_lost_is_told_in_sync_at_once():
     sim.offer("a", 3, rows(H1))
     (err,) = sim.take("b", "sync_plan")
     assert err["error"] == "RevisionError"
+
+
+def test_a_lockstep_mismatch_ends_the_sync_that_waits_for_the_voter():
+    """a and b sync while c votes in update_topology: the coordinator aborts them for the
+    mismatch, and their syncs end with Aborted at once instead of at the round's deadline
+    (a round cannot complete while one of its members waits elsewhere)."""
+    from pccl_py.coordinator.membership import UPDATE_TOPOLOGY
+
+    sim = Sim()
+    sim.join("a", "b", "c")
+    sim.offer("a", 0, rows(H1), timeout=60.0)
+    sim.offer("b", 0, rows(H1), timeout=60.0)
+    sim.send("c", "vote", req=7, timeout=30.0)
+    for _ in range(40):  # 4 s of heartbeats saying what each peer does
+        sim.now += 0.1
+        for pid, act in (("a", "sync_shared_state"), ("b", "sync_shared_state"), ("c", UPDATE_TOPOLOGY)):
+            sim.send(pid, "heartbeat", activity=act, epoch=sim.core.epoch, revision=0, tx=0, rx=0)
+        sim.deliver(sim.core.tick(sim.now))
+    for p in "ab":
+        assert sim.take(p, "abort"), p
+        (plan,) = sim.take(p, "sync_plan")
+        assert plan["status"] == "error" and plan["error"] == "Aborted" and "lockstep mismatch" in plan["message"]
+    assert sim.core.sync.rounds == {}  # within 4 s, where the round's own deadline was 60 s

@@ -699,6 +699,8 @@ class Membership:
             self._answer(self.peers[pid], self.votes[pid].req, _error(self.votes[pid].req, "InvalidUsage", text))
         for peer in busy:
             self._send(peer.conn, {"type": "abort", "error": "InvalidUsage", "message": text[:1024]})
+        for group in sorted({p.group for p in busy}):  # syncs waiting for a voter would wait out their deadline
+            self._sync_out(self.sync.abort(now, group, text))
         self.votes.clear()
         self.vote_opened = None
         self._why(text)

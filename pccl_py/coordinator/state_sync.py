@@ -104,6 +104,27 @@ class SyncHost:
                 why.append(d.reason)
         return Decision(out, "; ".join(why))
 
+    def abort(self, now: float, group: int, reason: str) -> Decision:
+        """End ``group``'s sync now: the coordinator aborted its peers (a lockstep mismatch),
+        so a round that waits for a peer elsewhere would only end at its deadline. Every
+        peer still waiting in it (or with an offer held for the next round) gets the error
+        ``Aborted`` at once and comes back through ``update_topology``."""
+        out: list[tuple[str, Msg]] = []
+        text = f"sync aborted: {reason}"[:1024]
+        rnd = self.rounds.pop(group, None)
+        if rnd is not None and not rnd.done:
+            for peer_id in sorted(rnd.offers):
+                plan = rnd.plans.get(peer_id)
+                if plan is not None and plan.get("status") != "error":
+                    out.append((peer_id, _complete(rnd.round_id, plan["revision"], "Aborted", text)))
+                elif plan is None:
+                    out.append((peer_id, {**refusal(text, "Aborted"), "round": rnd.round_id}))
+        for peer_id in sorted(self.held.pop(group, {})):
+            out.append((peer_id, refusal(text, "Aborted")))
+        if not out:
+            return Decision([], "")
+        return Decision(out, f"sync of group {group} aborted for {len(out)} peer(s)")
+
     def hold_recovering(self, group: int, peer_id: str, msg: Msg) -> None:
         """An offer of a peer that claims membership while the coordinator recovers."""
         self.recovering[peer_id] = (group, msg)
