@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 from pccl_py import Aborted, Client, InvalidUsage, PeerLost
-from pccl_py.daemon.service import advertised_host
+from pccl_py.transport.addresses import advertised_host
 
 sys.path.insert(0, os.path.join(REPO, "stress"))
 import hosts as H  # noqa: E402
@@ -242,3 +242,10 @@ def test_blackholed_link_between_live_peers_is_replaced_then_a_member_dropped():
         finally:
             for c in clients:
                 c.close()
+
+
+def test_a_client_refuses_a_loopback_listen_with_a_remote_coordinator_before_spawning():
+    from pccl_py import Client
+
+    with pytest.raises(InvalidUsage, match=r"loopback.*0\.0\.0\.0:PORT"):
+        Client(coordinator="10.9.9.9:48148")  # the default listen is 127.0.0.1:0: no daemon starts

@@ -38,6 +38,8 @@ from pccl_py.errors import (
     SegmentLost,
 )
 from pccl_py.retry import Backoff
+from pccl_py.transport.addresses import refuse_unreachable
+from pccl_py.transport.zmq_io import parse_addr
 from pccl_py.wire import ipc
 
 __all__ = ["Client", "Handle"]
@@ -80,6 +82,8 @@ class Client:
         # segment; start it now, not in the middle of the first timed calls
         resource_tracker.ensure_running()
         if daemon is None:
+            # a setting its daemon would refuse: said here, before a process is spawned
+            refuse_unreachable(parse_addr(listen, 0)[0], coordinator, advertise)
             self._proc, daemon = spawn_daemon(
                 coordinator, group, secret=secret, streams=streams, listen=listen, log_level=daemon_log_level,
                 shm=shm, advertise=advertise, tcp_only=tcp_only)

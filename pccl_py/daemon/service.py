@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,55 +41,12 @@ from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import DeadlineExceeded, Diverged, InvalidUsage, PcclError
 from pccl_py.metrics import Metrics
+from pccl_py.transport.addresses import advertised_host
 from pccl_py.transport.zmq_io import parse_addr
 
 log = logging.getLogger("pccl.daemon")
 
 DEPARTURE_GRACE = 0.3  # seconds calls in flight may finish after a peer leaves the topology
-WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-
-
-def advertised_host(listen_host: str, coordinator: str, advertise: str | None = None) -> str:
-    """The data-plane host the coordinator hands to the other peers.
-
-    ``advertise`` wins; a specific listen address is its own answer; a daemon bound to every
-    interface (0.0.0.0, ::) advertises the local address its traffic to the coordinator
-    leaves from: the address of the interface that faces the other machines of the run.
-    """
-    if advertise:
-        return advertise
-    if listen_host not in WILDCARD_HOSTS:
-        if _is_loopback(listen_host) and not _is_loopback(parse_addr(coordinator)[0]):
-            raise InvalidUsage(
-                f"this daemon listens on {listen_host}, a loopback address, but the coordinator "
-                f"{coordinator} is not on this machine's loopback: peers on other machines could "
-                f"never reach it. Listen on an address they can reach (Client(listen=\"0.0.0.0:PORT\"), "
-                f"pccl daemon --listen 0.0.0.0:PORT) or name the address they dial "
-                f"(Client(advertise=HOST), --advertise HOST)")
-        return listen_host
-    host, port = parse_addr(coordinator)
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(addr)  # a UDP connect only picks the route: nothing is sent
-            return s.getsockname()[0]
-    except OSError as exc:
-        raise InvalidUsage(
-            f"listening on {listen_host or 'every interface'!r}, the daemon cannot tell which address "
-            f"the other peers reach it at (no route to the coordinator {coordinator}: {exc}); "
-            f"pass --advertise HOST") from None
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) means this machine's loopback. A name that
-    does not resolve counts as not loopback: the check then stays out of the way."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
-
-
 def topology_summary(topo: Topology | None, peer_id: str) -> dict:
     if topo is None:
         return {"peer_id": peer_id, "connected": False}
