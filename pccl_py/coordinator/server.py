@@ -30,7 +30,7 @@ from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.membership import Membership, MembershipConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
 from pccl_py.metrics import Metrics
-from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, parse_addr
+from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, close_monitored, parse_addr
 from pccl_py.wire import control as protocol
 
 log = logging.getLogger("pccl.coordinator")
@@ -102,14 +102,8 @@ class Coordinator:
         for pump in (self._pump, self._mon_pump):
             if pump is not None:
                 pump.close()
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._mon is not None:
-            self._mon.close(linger=0)
-            self._mon = None
+        close_monitored(self._sock, self._mon, 0)
+        self._sock = self._mon = None
 
     # ------------------------------------------------------------------ input
 

@@ -47,7 +47,7 @@ from pccl_py.errors import (
     ProtocolError,
 )
 from pccl_py.retry import Backoff
-from pccl_py.transport.zmq_io import ZmqPump, zmq_endpoint
+from pccl_py.transport.zmq_io import ZmqPump, close_monitored, zmq_endpoint
 from pccl_py.wire import control as protocol
 
 log = logging.getLogger("pccl.control")
@@ -172,14 +172,8 @@ class ControlChannel:
         for pump in (self._pump, self._mon_pump):
             if pump is not None:
                 pump.close()
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._sock.close(linger=200)
-            self._sock = None
-        if self._mon is not None:
-            self._mon.close(linger=0)
-            self._mon = None
+        close_monitored(self._sock, self._mon, 200)
+        self._sock = self._mon = None
 
     # ------------------------------------------------------------------ calls
 

@@ -37,6 +37,16 @@ def zmq_endpoint(addr: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def close_monitored(sock: zmq.Socket | None, monitor: zmq.Socket | None, linger_ms: int) -> None:
+    """Close a socket that has a monitor, and its monitor socket (either may be None)."""
+    if sock is not None:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        sock.close(linger=linger_ms)
+    if monitor is not None:
+        monitor.close(linger=0)
+
+
 class ZmqPump:
     """Feed every frame set a zmq socket receives to ``on_frames``, from the event loop.
 
