@@ -213,6 +213,7 @@ def test_a_daemon_serving_successive_trainers_takes_the_next_one_as_a_new_member
             clients.append(second)
             topos = join(ex, [a, second], 2)
             assert topos[1]["peer_id"] != first_id and first_id not in topos[0]["peers"]
+            assert second.peer_id == topos[1]["peer_id"]  # the membership it connected, not the last one
             xs = all_reduce_ones(ex, [a, second])
             assert all(np.all(x == 2.0) for x in xs)
 

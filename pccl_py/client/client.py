@@ -101,6 +101,8 @@ class Client:
 
     def _remember(self, info: dict) -> dict:
         self._info = info
+        if info.get("peer_id"):  # a daemon serving successive trainers: the membership connected
+            self.peer_id = info["peer_id"]
         return info
 
     # -- membership ------------------------------------------------------------------

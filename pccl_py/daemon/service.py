@@ -356,17 +356,25 @@ class Daemon:
     def summary(self) -> dict:
         return topology_summary(self.topology, self.peer_id)
 
+    async def settled(self, timeout: float) -> bool:
+        """Waits (up to ``timeout``) for the last trainer's departure, and with it the next
+        membership, to complete; False if it is still under way."""
+        if self._departure is None or self._departure.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._departure), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def connect(self, timeout: float, session: TrainerSession | None = None) -> dict:
         """Join the run (``session``, the trainer's connection, takes the lease on it)."""
         if self._stopping:
             raise InvalidUsage("this daemon is stopping")
         if session is not None:
             self.lease.take(session)
-        if self._departure is not None and not self._departure.done():  # the last trainer's
-            try:
-                await asyncio.wait_for(asyncio.shield(self._departure), timeout)
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded("connect: the previous trainer's membership was still being closed") from None
+        if not await self.settled(timeout):
+            raise DeadlineExceeded("connect: the previous trainer's membership was still being closed")
         self._removed = None
         topo = await self.control.connect(timeout)
         await self._wait_topology(topo.epoch, timeout)

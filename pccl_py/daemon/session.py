@@ -114,6 +114,7 @@ class TrainerSession(asyncio.Protocol):
         timeout = calls.request_timeout(req.get("timeout"))
         daemon = self.daemon
         if op == "hello":
+            await daemon.settled(timeout)  # the last trainer's membership closed: the next one's id
             return {"peer_id": daemon.peer_id, "pid": os.getpid()}
         if op == "connect":
             return await daemon.connect(timeout, session=self)
