@@ -14,6 +14,7 @@ setup(
             "pccl_py.kernels._native",
             sources=SOURCES,
             include_dirs=["native"],
+            libraries=["dl", "pthread"],  # libcrypto is loaded at run time (native/seal.c)
             # Same bits on every machine: no FMA contraction, no fast-math, no -march
             # (baseline ISA; the loops are auto-vectorised for SSE2 / NEON).
             extra_compile_args=[

@@ -32,11 +32,13 @@ static int wait_for(int fd, short events, int timeout_ms) {
 }
 
 int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pccl_reduce_job *red,
-                   const unsigned char *stop) {
+                   pccl_seal *seal, const unsigned char *stop) {
     while (*pos < n) {
         if (stopped(stop)) return 1;
         ssize_t r = recv(fd, buf + *pos, n - *pos, 0);
         if (r > 0) {
+            /* into the frame's tag before anything reads the bytes */
+            if (seal != NULL && pccl_seal_absorb(seal, buf + *pos, (size_t)r) < 0) return -3;
             *pos += (size_t)r;
             if (red != NULL) reduce_upto(red, *pos, n);
             continue;
@@ -51,9 +53,21 @@ int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pcc
     return 0;
 }
 
+/* the bytes [from, to) of header + payload, into the frame's tag */
+static int absorb_sent(pccl_seal *seal, const char *h, size_t hn, const char *p, size_t from, size_t to) {
+    if (from < hn) {
+        size_t k = (to < hn ? to : hn) - from;
+        if (pccl_seal_absorb(seal, h + from, k) < 0) return -1;
+        from += k;
+    }
+    if (from < to && pccl_seal_absorb(seal, p + (from - hn), to - from) < 0) return -1;
+    return 0;
+}
+
 int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms,
-                  const unsigned char *stop) {
-    size_t total = hn + pn;
+                  pccl_seal *seal, const unsigned char *stop) {
+    unsigned char tag[PCCL_SEAL_TAG];
+    size_t body = hn + pn, total = body + (seal != NULL ? PCCL_SEAL_TAG : 0);
     while (*sent < total) {
         if (stopped(stop)) return 1;
         struct iovec iov[2];
@@ -65,8 +79,12 @@ int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, si
                 iov[cnt].iov_base = (void *)p;
                 iov[cnt++].iov_len = pn;
             }
-        } else {
+        } else if (*sent < body) {
             iov[cnt].iov_base = (void *)(p + (*sent - hn));
+            iov[cnt++].iov_len = body - *sent;
+        } else {  /* everything absorbed: the tag follows (computed once per frame) */
+            if (pccl_seal_tag(seal, tag) < 0) return -3;
+            iov[cnt].iov_base = (void *)(tag + (*sent - body));
             iov[cnt++].iov_len = total - *sent;
         }
         struct msghdr m = {0};
@@ -74,7 +92,10 @@ int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, si
         m.msg_iovlen = (size_t)cnt;
         ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
         if (r > 0) {
-            *sent += (size_t)r;
+            size_t to = *sent + (size_t)r;
+            if (seal != NULL && *sent < body && absorb_sent(seal, h, hn, p, *sent, to < body ? to : body) < 0)
+                return -3;
+            *sent = to;
             continue;
         }
         if (r == 0) return 1;  /* nothing taken and no error: let the caller look again */

@@ -15,6 +15,7 @@
 #include "dispatch.h"
 #include "io.h"
 #include "kernels.h"
+#include "seal_type.h"
 
 #define GIL_THRESHOLD 65536
 
@@ -471,6 +472,8 @@ static PyObject *py_store_u64(PyObject *self, PyObject *args) {
 static PyObject *io_error(int rc) {
     if (rc == -2) {
         PyErr_SetString(PyExc_ConnectionResetError, "the peer closed the connection in the middle of a frame");
+    } else if (rc == -3) {
+        PyErr_SetString(PyExc_RuntimeError, "the frame's seal failed in libcrypto");
     } else {
         PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -491,18 +494,23 @@ static int get_stop(PyObject *obj, Py_buffer *v) {
 }
 
 /* recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op="sum", dtype="uint8", done=0,
- * stop=None) -> (pos, done). With acc and other (each as long as buf): acc (op)= other as
- * bytes arrive. A nonzero stop[0] makes the loop return before its next system call. */
+ * stop=None, seal=None) -> (pos, done). With acc and other (each as long as buf): acc (op)=
+ * other as bytes arrive. With a seal, each byte is absorbed into the frame's tag first. A
+ * nonzero stop[0] makes the loop return before its next system call. */
 static PyObject *py_recv_fill(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    static char *kwlist[] = {"fd", "buf", "pos", "timeout_ms", "acc", "other", "op", "dtype", "done", "stop", NULL};
+    static char *kwlist[] = {"fd", "buf", "pos", "timeout_ms", "acc", "other", "op", "dtype", "done", "stop",
+                             "seal", NULL};
     int fd, timeout_ms;
-    PyObject *buf_obj, *acc_obj = Py_None, *other_obj = Py_None, *stop_obj = Py_None;
+    PyObject *buf_obj, *acc_obj = Py_None, *other_obj = Py_None, *stop_obj = Py_None, *seal_obj = Py_None;
     Py_ssize_t pos, done = 0;
     const char *op_s = "sum", *dtype_s = "uint8";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOni|OOssnO:recv_fill", kwlist, &fd, &buf_obj, &pos,
-                                     &timeout_ms, &acc_obj, &other_obj, &op_s, &dtype_s, &done, &stop_obj))
+    pccl_seal *seal;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOni|OOssnOO:recv_fill", kwlist, &fd, &buf_obj, &pos,
+                                     &timeout_ms, &acc_obj, &other_obj, &op_s, &dtype_s, &done, &stop_obj,
+                                     &seal_obj))
         return NULL;
+    if (pccl_seal_arg(seal_obj, &seal) < 0) return NULL;
     Py_buffer b, a = {0}, o = {0}, st = {0};
     if (get_buffer(buf_obj, &b, 1, "buf") < 0) return NULL;
     if (get_stop(stop_obj, &st) < 0) { PyBuffer_Release(&b); return NULL; }
@@ -533,7 +541,7 @@ static PyObject *py_recv_fill(PyObject *self, PyObject *args, PyObject *kwargs) 
     size_t p = (size_t)pos;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = pccl_recv_fill(fd, (char *)b.buf, (size_t)b.len, &p, timeout_ms, reducing ? &red : NULL,
+    rc = pccl_recv_fill(fd, (char *)b.buf, (size_t)b.len, &p, timeout_ms, reducing ? &red : NULL, seal,
                         st.obj ? (const unsigned char *)st.buf : NULL);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
@@ -549,28 +557,30 @@ out:
     return res;
 }
 
-/* send_all(fd, header, payload, sent, timeout_ms, stop=None) -> sent (bytes of header +
- * payload written) */
+/* send_all(fd, header, payload, sent, timeout_ms, stop=None, seal=None) -> sent (bytes of
+ * header + payload written, and with a seal the frame's tag after them) */
 static PyObject *py_send_all(PyObject *self, PyObject *args) {
     (void)self;
     int fd, timeout_ms;
-    PyObject *h_obj, *p_obj, *stop_obj = Py_None;
+    PyObject *h_obj, *p_obj, *stop_obj = Py_None, *seal_obj = Py_None;
     Py_ssize_t sent;
-    if (!PyArg_ParseTuple(args, "iOOni|O:send_all", &fd, &h_obj, &p_obj, &sent, &timeout_ms, &stop_obj))
+    pccl_seal *seal;
+    if (!PyArg_ParseTuple(args, "iOOni|OO:send_all", &fd, &h_obj, &p_obj, &sent, &timeout_ms, &stop_obj, &seal_obj))
         return NULL;
+    if (pccl_seal_arg(seal_obj, &seal) < 0) return NULL;
     Py_buffer h, p, st = {0};
     if (get_buffer(h_obj, &h, 0, "header") < 0) return NULL;
     if (get_buffer(p_obj, &p, 0, "payload") < 0) { PyBuffer_Release(&h); return NULL; }
     if (get_stop(stop_obj, &st) < 0) { PyBuffer_Release(&h); PyBuffer_Release(&p); return NULL; }
     PyObject *res = NULL;
-    if (sent < 0 || sent > h.len + p.len) {
+    if (sent < 0 || sent > h.len + p.len + (seal ? PCCL_SEAL_TAG : 0)) {
         PyErr_SetString(PyExc_ValueError, "send_all: sent out of range");
     } else {
         size_t s = (size_t)sent;
         int rc;
         Py_BEGIN_ALLOW_THREADS
         rc = pccl_send_all(fd, (const char *)h.buf, (size_t)h.len, (const char *)p.buf, (size_t)p.len, &s,
-                           timeout_ms, st.obj ? (const unsigned char *)st.buf : NULL);
+                           timeout_ms, seal, st.obj ? (const unsigned char *)st.buf : NULL);
         Py_END_ALLOW_THREADS
         res = rc < 0 ? io_error(rc) : PyLong_FromSsize_t((Py_ssize_t)s);
     }
@@ -625,13 +635,14 @@ static PyMethodDef methods[] = {
      "map_at(addr, size, fd) -> None\n\nMap size bytes of file fd (shared, writable) at addr, replacing "
      "what was there."},
     {"recv_fill", KW py_recv_fill, METH_VARARGS | METH_KEYWORDS,
-     "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0, stop=None) "
+     "recv_fill(fd, buf, pos, timeout_ms, acc=None, other=None, op='sum', dtype='uint8', done=0, stop=None, "
+     "seal=None) "
      "-> (pos, done)"
      "\n\nFill buf[pos:] from a non-blocking socket with the GIL released, waiting at most timeout_ms per "
      "poll; with acc/other, acc (op)= other over the bytes received. Returns early on a poll timeout."},
     {"send_all", py_send_all, METH_VARARGS,
-     "send_all(fd, header, payload, sent, timeout_ms, stop=None) -> sent\n\nWrite header then payload from byte "
-     "`sent` on, GIL released; returns early on a poll timeout."},
+     "send_all(fd, header, payload, sent, timeout_ms, stop=None, seal=None) -> sent\n\nWrite header then payload "
+     "(then, with a seal, the frame's tag) from byte `sent` on, GIL released; returns early on a poll timeout."},
     {"reduce", KW py_reduce, METH_VARARGS | METH_KEYWORDS,
      "reduce(dst, src, op, dtype) -> None\n\ndst = dst (op) src elementwise; op in sum|prod|min|max."},
     {"finish_avg", KW py_finish_avg, METH_VARARGS | METH_KEYWORDS,
@@ -685,6 +696,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         if (level < 0) { Py_DECREF(m); return NULL; }
     }
     pccl_isa_set(level);
+    if (pccl_add_seal_type(m) < 0) { Py_DECREF(m); return NULL; }
     PyObject *names = PyTuple_New(PCCL_NDTYPES);
     if (names == NULL) { Py_DECREF(m); return NULL; }
     for (int i = 0; i < PCCL_NDTYPES; i++) {

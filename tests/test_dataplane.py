@@ -26,7 +26,9 @@ from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, same_host_addre
 from pccl_py.daemon.streams import Stream
 from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import Aborted, DeadlineExceeded, Diverged, InvalidUsage, PeerLost
+from pccl_py.transport.seal import PySeal
 from pccl_py.wire import frames as F
+from pccl_py.wire.keys import link_keys
 
 SECRET = b"test-secret"
 # small segments so sub-chunking, striping and partial reads are exercised by small sizes
@@ -405,7 +407,17 @@ async def _auth(port, secret: bytes, peer_id: str = "intruder"):
     r, w = await _raw(port)
     ch = F.decode_challenge(await r.readexactly(F.CHALLENGE_S.size))
     w.write(F.encode_hello(secret, ch, peer_id, 1, 0, 1, 42, b"n" * 32))
+    w.seal = PySeal(link_keys(secret, ch, b"n" * 32, peer_id, "peer0", 0, 42)[0], True)  # what peer0 expects
+    w.seq = 0
     return r, w
+
+
+def _sealed(w, frame: bytes) -> bytes:
+    """``frame`` with the tag a peer holding the secret sends after it (see _auth)."""
+    w.seal.begin(w.seq)
+    w.seq += 1
+    w.seal.absorb(frame)
+    return frame + w.seal.tag()
 
 
 async def _closed(r: asyncio.StreamReader, within: float = 5.0) -> bool:
@@ -663,11 +675,17 @@ def test_bad_input_on_data_port(listener, caplog):
         # 4. authenticated, then a stale-epoch frame (dropped, connection stays), then an oversized one
         r, w = await _auth(port, SECRET)
         await r.readexactly(F.WELCOME_FIXED.size + len("peer0"))
-        w.write(F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16)  # epoch 0 < 1: stale
-        w.write(F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 16) + b"\0" * 16)  # current epoch, not a member
+        w.write(_sealed(w, F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16))  # epoch 0 < 1: stale
+        w.write(_sealed(w, F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 16) + b"\0" * 16))  # current epoch, not a member
         await asyncio.sleep(0.05)
         assert not r.at_eof()
         w.write(F.pack_header(F.DATA, 0, 1, 1, 0, 0, 0, 0xFFFFFFFF))
+        assert await _closed(r)
+        # 4b. authenticated, then a frame whose tag does not match it (or no tag at all)
+        r, w = await _auth(port, SECRET)
+        await r.readexactly(F.WELCOME_FIXED.size + len("peer0"))
+        frame = _sealed(w, F.pack_header(F.DATA, 0, 0, 1, 0, 0, 0, 16) + b"\0" * 16)
+        w.write(frame[:-1] + bytes([frame[-1] ^ 1]))
         assert await _closed(r)
         # 5. nothing at all: handshake timeout is long; just close it ourselves
         r, w = await _raw(port)
@@ -695,6 +713,7 @@ def test_bad_input_on_data_port(listener, caplog):
     assert "exceeds the maximum" in text
     assert "stale epoch" in text
     assert "not a member" in text  # the intruder authenticated, but its frames go nowhere
+    assert "failed its integrity check" in text
 
 
 # ---------------------------------------------------------------- failures

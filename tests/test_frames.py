@@ -163,20 +163,28 @@ def test_handshake_round_trip_and_wrong_secret():
         F.finish_hello(partial, raw[F.HELLO_FIXED.size:], b"wrong", nonce_a)
     with pytest.raises(ProtocolError, match="authentication"):
         F.finish_hello(partial, raw[F.HELLO_FIXED.size:], b"secret", b"b" * 32)  # replayed on another nonce
-    w = F.encode_welcome(b"secret", nonce_c, "peer-0", 2, 1234)
+    assert hello.seal == F.SEAL_TAG
+    # the seal choice is proved too: flipping it breaks the proof
+    flipped = raw[:5 + 2] + bytes([F.SEAL_NONE]) + raw[8:]
+    n, partial = F.decode_hello_fixed(flipped[:F.HELLO_FIXED.size])
+    with pytest.raises(ProtocolError, match="authentication"):
+        F.finish_hello(partial, flipped[F.HELLO_FIXED.size:], b"secret", nonce_a)
+    w = F.encode_welcome(b"secret", nonce_c, "peer-0", 2, 1234, nonce_a)
     n, mac = F.decode_welcome_fixed(w[:F.WELCOME_FIXED.size])
-    assert F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"secret", nonce_c, 2, 1234, "peer-0") == "peer-0"
+    assert F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"secret", nonce_c, 2, 1234, "peer-0", nonce_a) == "peer-0"
     with pytest.raises(ProtocolError):
-        F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"other", nonce_c, 2, 1234, "peer-0")
+        F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"other", nonce_c, 2, 1234, "peer-0", nonce_a)
+    with pytest.raises(ProtocolError):  # a welcome recorded on another connection (another challenge)
+        F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"secret", nonce_c, 2, 1234, "peer-0", b"z" * 32)
     with pytest.raises(ProtocolError, match="answered"):
-        F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"secret", nonce_c, 2, 1234, "peer-9")
+        F.finish_welcome(mac, w[F.WELCOME_FIXED.size:], b"secret", nonce_c, 2, 1234, "peer-9", nonce_a)
     assert F.decode_challenge(F.encode_challenge(nonce_a)) == nonce_a
 
 
 def test_hello_bounds():
     ok = F.encode_hello(b"", b"n" * 32, "p", 0, 0, 1, 1, b"c" * 32)
     fields = list(F.HELLO_FIXED.unpack(ok[:F.HELLO_FIXED.size]))
-    for i, v, match in [(3, 0, "peer id"), (5, 4, "stream"), (6, 0, "stream"), (6, 65, "stream"),
+    for i, v, match in [(3, 0, "peer id"), (4, 7, "seal"), (5, 4, "stream"), (6, 0, "stream"), (6, 65, "stream"),
                         (0, b"NOPE", "magic"), (2, F.WELCOME, "handshake")]:
         bad = list(fields)
         bad[i] = v

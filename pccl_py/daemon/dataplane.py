@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
+import contextlib
 import logging
 import os
 import socket
@@ -43,6 +43,7 @@ from pccl_py.errors import (
     ProtocolError,
     error_code,
 )
+from pccl_py.transport import local
 from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl.dataplane")
@@ -66,6 +67,8 @@ class DataPlaneConfig:
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
     max_blob: int = 64 << 20  # bound on an all_gather blob
+    # every frame followed by a 16-byte tag (transport/seal.py); every daemon of a run must agree
+    integrity: bool = True
     handshake_timeout: float = 5.0
     connect_timeout: float = 5.0  # set_topology waits at most this long for links
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
@@ -79,14 +82,10 @@ class DataPlaneConfig:
     bulk_min: int = 256 << 10
 
 
-def same_host_address(host: str, port: int) -> str:
-    """The abstract Unix-socket name of the daemon whose data plane peers dial at
-    ``host:port``. Abstract names live in a network namespace, not in the file system:
-    nothing to clean up, and only processes of that namespace can reach them."""
-    name = f"pccl_py.dp.{host}:{port}"
-    if len(name) > 100:  # a long host name: the kernel allows 107 bytes
-        name = "pccl_py.dp." + hashlib.sha256(name.encode()).hexdigest()
-    return "\0" + name
+def same_host_address(host: str, port: int) -> str | None:
+    """The Unix socket of the daemon whose data plane peers dial at ``host:port``, in this
+    user's private directory (transport/local.py); None if this user has none."""
+    return local.socket_path(host, port)
 
 
 def io_threads_on(setting: bool | None) -> bool:
@@ -101,6 +100,10 @@ def io_threads_on(setting: bool | None) -> bool:
     return bool(setting)
 
 
+# A failed call is reported once the frames it had written have left (at most this long;
+# links still holding its frames then are closed): the caller may reuse that memory then,
+# and a frame sent from changed memory would fail its integrity check at the peer.
+FLUSH_GRACE = 1.0
 _SAME_HOST_CONNECT = 1.0  # a same-host listener answers at once; beyond this, try TCP
 
 
@@ -133,6 +136,7 @@ class DataPlane:
         self.config = config or DataPlaneConfig()
         self.io_threads = io_threads_on(self.config.io_threads)
         self.bulk_min = self.config.bulk_min if self.io_threads else 0
+        self.seal = F.SEAL_TAG if self.config.integrity else F.SEAL_NONE
         self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound in start()
         self._server: asyncio.AbstractServer | None = None
@@ -151,6 +155,7 @@ class DataPlane:
         self._workers: list[concurrent.futures.ThreadPoolExecutor] | None = None  # see _offload
         self._shm = ShmContext()
         self._unix = None
+        self._unix_path: tuple[str, int] | None = None
         self._closed = False
 
     @property
@@ -174,17 +179,23 @@ class DataPlane:
         return addr[0], addr[1]
 
     async def _listen_unix(self):
-        """A second listener, on an abstract Unix socket named after the address peers
-        dial: a peer in this network namespace (so on this host) dials it instead of TCP."""
-        name = same_host_address(self.advertise, self.port)
+        """A second listener, on a Unix socket named after the address peers dial, in a
+        directory only this user can enter: a peer of this user in this network namespace
+        (so on this host) dials it instead of TCP."""
+        path = same_host_address(self.advertise, self.port)
+        if path is None:
+            return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a daemon that died on this port (only this user writes here)
+            s.bind(path)
             s.listen(64)
+            self._unix_path = (path, os.stat(path).st_ino)
         except OSError as e:
             s.close()
-            log.warning("no same-host (Unix-socket) listener at %r: %s; peers on this host that find no "
-                        "listener there dial TCP", name[1:], e)
+            log.warning("no same-host (Unix-socket) listener at %s: %s; peers on this host that find no "
+                        "listener there dial TCP", path, e)
             return None
         return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
 
@@ -197,6 +208,11 @@ class DataPlane:
         for srv in (self._server, self._unix):
             if srv is not None:
                 srv.close()
+        if self._unix_path is not None:  # ours still (not a successor's on the same port)
+            path, ino = self._unix_path
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
         for peer in list(self._peers.values()):
             peer.close("data plane closed", graceful=True)
         self._peers.clear()
@@ -290,17 +306,25 @@ class DataPlane:
         return peer
 
     async def _dial_unix(self, p, peer, i: int) -> bool:
-        """Connect stream ``i`` to ``p`` over its same-host Unix socket; False where there is none
-        (another host or network namespace: the name is unknown here, refused at once)."""
+        """Connect stream ``i`` to ``p`` over its same-host Unix socket and complete the
+        handshake; False where there is none (another host, user or network namespace: no
+        such file) or where what answers does not complete the handshake in time."""
+        path = same_host_address(p.host, p.port)
+        if path is None:
+            return False
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            await asyncio.wait_for(self._loop.sock_connect(s, same_host_address(p.host, p.port)), _SAME_HOST_CONNECT)
-            await self._loop.create_unix_connection(lambda: Stream(self, peer, i), sock=s)
+            await asyncio.wait_for(self._loop.sock_connect(s, path), _SAME_HOST_CONNECT)
+            _, stream = await self._loop.create_unix_connection(lambda: Stream(self, peer, i, fallback=True), sock=s)
         except (OSError, asyncio.TimeoutError):
             s.close()
             return False
-        return True
+        if await stream.established(_SAME_HOST_CONNECT):
+            return True
+        log.warning("same-host link to %s at %s: no handshake within %.1fs; using TCP", p.peer_id, path,
+                    _SAME_HOST_CONNECT)
+        return False
 
     def _accept_peer(self, hello: F.Hello) -> PeerStreams | None:
         peer = self._peers.get(hello.peer_id)
@@ -534,11 +558,14 @@ class DataPlane:
         coll = self._launch(make, tag, timeout, f"all_reduce tag={tag}")
 
         def settle(fut: asyncio.Future) -> None:
-            self._settle(coll)
             exc = fut.exception()
             if exc is not None:
-                done(None, exc)
+                def report() -> None:
+                    self._settle(coll)
+                    done(None, exc)
+                self._flushed(coll, report)
             else:
+                self._settle(coll)
                 done(_info(world, algo, t0, coll), None)
 
         coll.future.add_done_callback(settle)
@@ -571,9 +598,34 @@ class DataPlane:
         except asyncio.CancelledError:
             self._fail_op(coll, Aborted(f"{what}: the caller cancelled"), tell_peers=True)
             raise
+        except PcclError:
+            flushed = self._loop.create_future()
+            self._flushed(coll, lambda: flushed.done() or flushed.set_result(None))
+            await flushed
+            raise
         finally:
             self._settle(coll)
         return coll
+
+    def _flushed(self, coll: Collective, then: Callable[[], None]) -> None:
+        """``then()`` once every frame written so far to the failed call's peers has left
+        this process (see FLUSH_GRACE); a link still holding some after the grace is closed.
+        A call that succeeded needs no wait: its peers read all it sent."""
+        marks = [(c, c.mark()) for pid in coll.link.ids if (peer := self._peers.get(pid)) is not None
+                 for c in peer.conns if c is not None]
+        deadline = self._loop.time() + FLUSH_GRACE
+
+        def poll() -> None:
+            nonlocal marks
+            marks = [(c, m) for c, m in marks if not c.flushed(m)]
+            if marks and self._loop.time() < deadline:
+                self._loop.call_later(0.001, poll)
+                return
+            for c, _ in marks:
+                c._close(f"frames of a failed call still unsent after {FLUSH_GRACE}s")
+            then()
+
+        poll()
 
     def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
         """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""

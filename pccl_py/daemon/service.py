@@ -83,6 +83,7 @@ class Daemon:
         link_timeout: float | None = None,
         tcp_only: bool = False,
         io_threads: bool | None = None,
+        integrity: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics  # None: nothing is counted
@@ -95,7 +96,7 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads}
+        tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads, "integrity": integrity}
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -527,6 +528,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    default=os.environ.get("PCCL_IO_THREADS", "auto"),
                    help="move frames of 256 KiB and more on a receive and a send thread per stream "
                         "(auto: when this process may use more than 2 CPUs; env PCCL_IO_THREADS)")
+    p.add_argument("--integrity", choices=["on", "off"], default=os.environ.get("PCCL_INTEGRITY", "on"),
+                   help="follow every data frame with an AES-GCM tag, so a frame changed in transit fails "
+                        "its call instead of changing a result (off: for measuring its cost; every daemon "
+                        "of a run must agree; env PCCL_INTEGRITY)")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
     p.add_argument("--log-format", choices=logs.FORMATS, default=logs.default_format(),
                    help="text, or json: one object per line (env PCCL_LOG_FORMAT)")
@@ -560,6 +565,7 @@ async def _amain(args) -> int:
         link_timeout=args.link_timeout,
         tcp_only=args.tcp_only,
         io_threads={"on": True, "off": False}.get(args.io_threads),
+        integrity=args.integrity == "on",
         metrics=metrics,
     )
     _DAEMON.append(d)  # the log lines name its peer, rank and epoch from now on

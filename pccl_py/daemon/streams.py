@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 from pccl_py.collectives.base import Rx
 from pccl_py.daemon.router import DIVERGED, DROP, PEND, STALL
 from pccl_py.errors import InvalidUsage, PcclError, ProtocolError
+from pccl_py.transport import seal as S
 from pccl_py.transport.pump import Pump
 from pccl_py.wire import frames as F
+from pccl_py.wire import keys
 
 if TYPE_CHECKING:
     from pccl_py.daemon.dataplane import DataPlane
@@ -44,14 +46,16 @@ LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
 
 # connection states
 _HS_CHALLENGE, _HS_HELLO, _HS_HELLO_ID, _HS_WELCOME, _HS_WELCOME_ID = range(5)
-_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN, _PUMPED = range(5, 13)
+_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD, _STALLED, _CLOSED, _DRAIN, _PUMPED, _TAG = range(5, 14)
+_FRAME_BYTES = (_HEADER, _PAYLOAD, _DISCARD, _CTRL_PAYLOAD)  # states whose bytes a frame's tag covers
 
 
 class Stream(asyncio.BufferedProtocol):
     """One data stream: a state machine fed by exact reads (handshake, large payloads) or
     staged reads (headers, small payloads, several frames at once)."""
 
-    def __init__(self, dp: DataPlane, peer_streams: PeerStreams | None = None, stream: int = 0):
+    def __init__(self, dp: DataPlane, peer_streams: PeerStreams | None = None, stream: int = 0,
+                 fallback: bool = False):
         self.dp = dp
         self.peer_streams = peer_streams  # known up front for the connector; after HELLO for the acceptor
         self.stream = stream
@@ -78,7 +82,18 @@ class Stream(asyncio.BufferedProtocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self.drained: asyncio.Future | None = None
         self._nonce = b""
+        self._challenge = b""  # the acceptor's nonce (the connector keeps what it was sent)
         self._partial: F.Hello | None = None
+        # Frame seals (transport/seal.py), set when the handshake completes if the run seals
+        # frames: each direction's tag covers every frame's header and payload; a frame's
+        # bytes are acted on only after its tag checks (_frame_done).
+        self._tx_seal = self._rx_seal = None
+        self._tx_seq = self._rx_seq = 0
+        self._tag = memoryview(bytearray(S.TAG_BYTES))
+        self._then: tuple | None = None  # what the frame whose tag is being read does then
+        # (connector) a way to dial that has another behind it: until the handshake completes,
+        # a failure is not the link's loss (see established())
+        self._up: asyncio.Future | None = dp._loop.create_future() if fallback else None
         self._mac = b""
         # Frames of at least this many payload bytes go through the stream's I/O threads
         # (0: everything on the event loop); see pump.py.
@@ -86,6 +101,9 @@ class Stream(asyncio.BufferedProtocol):
         self._pump: Pump | None = None
         self._pumped_rx = False  # the payload being read goes to the receive thread
         self._tx_busy = False  # the send thread is writing a frame
+        # what went out, so a failed call can wait until its frames have left (flushed)
+        self._written = 0  # bytes handed to the transport
+        self._jobs = [0, 0]  # frames handed to the send thread, and those it finished
 
     # -- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -120,7 +138,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int):
         st = self._state
-        if st == _HEADER or st == _DISCARD or st == _CTRL_PAYLOAD or (
+        if st == _HEADER or st == _DISCARD or st == _CTRL_PAYLOAD or st == _TAG or (
                 st == _PAYLOAD and len(self._view) - self._pos < _DIRECT_MIN):
             # Staged: one recv takes a header with its small payload and whatever frames
             # follow (a 4-byte all-reduce costs one read instead of two or three).
@@ -141,6 +159,8 @@ class Stream(asyncio.BufferedProtocol):
             self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
             return
         else:
+            if self._rx_seal is not None and self._state == _PAYLOAD:
+                self._rx_seal.absorb(self._view[self._pos:self._pos + nbytes])
             self._pos += nbytes
             self._advance()
         if self._pumped_rx:
@@ -158,8 +178,7 @@ class Stream(asyncio.BufferedProtocol):
             if self._pos < len(self._view):
                 return
             rx, self._rx, self._progress = self._rx, None, None
-            self._want(_HEADER, F.HEADER_SIZE)
-            self._finish(rx)
+            self._frame_done(self._finish, rx)
             return
         if self._pos < len(self._view):
             return
@@ -183,6 +202,8 @@ class Stream(asyncio.BufferedProtocol):
             if n <= 0:  # pragma: no cover - every state arms a non-empty view
                 self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
                 return
+            if self._rx_seal is not None and st in _FRAME_BYTES:
+                self._rx_seal.absorb(stage[a:a + n])
             if st != _DISCARD:  # dropped bytes need not land anywhere
                 self._view[self._pos:self._pos + n] = stage[a:a + n]
             self._pos += n
@@ -208,7 +229,8 @@ class Stream(asyncio.BufferedProtocol):
             return False
         self._pumped_rx = False
         try:
-            self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction)
+            self._pump.recv(self._view, self._pos, self._progress, self._pumped_in, self._rx.reduction,
+                            self._rx_seal)
         except (OSError, RuntimeError) as e:  # no thread could be started
             self._close(f"cannot start an I/O thread: {e}")
             return True
@@ -233,6 +255,7 @@ class Stream(asyncio.BufferedProtocol):
         return False  # close
 
     def connection_lost(self, exc) -> None:
+        self._not_up()
         self._state = _CLOSED
         self._stop_pump(hard=True)
         self._cancel_timers()
@@ -254,6 +277,31 @@ class Stream(asyncio.BufferedProtocol):
         self._state = state
         self._view = memoryview(self._small)[:n]
         self._pos = 0
+        if state == _HEADER and self._rx_seal is not None:  # a new frame
+            self._rx_seal.begin(self._rx_seq)
+            self._rx_seq += 1
+
+    def _frame_done(self, then=None, *args) -> None:
+        """The frame's bytes are in: ``then(*args)`` once its tag checks (at once when the
+        run does not seal frames), and the next frame's header is awaited."""
+        if self._rx_seal is None:
+            self._want(_HEADER, F.HEADER_SIZE)
+            if then is not None:
+                then(*args)
+            return
+        self._then = (then, args)
+        self._state = _TAG
+        self._view = self._tag
+        self._pos = 0
+
+    def _tag_in(self) -> None:
+        if not self._rx_seal.check(self._tag):
+            raise ProtocolError(f"frame {self._rx_seq - 1} failed its integrity check: changed in transit "
+                                "(or sent under another run secret)")
+        (then, args), self._then = self._then, None
+        self._want(_HEADER, F.HEADER_SIZE)
+        if then is not None:
+            then(*args)
 
     def _scratch_view(self) -> memoryview:
         if self._scratch is None:
@@ -271,6 +319,8 @@ class Stream(asyncio.BufferedProtocol):
             self._on_header(F.decode_header(self._view, self.dp._limits))
         elif st == _DISCARD:
             self._discard(self._discard_left)
+        elif st == _TAG:
+            self._tag_in()
         elif st == _CTRL_PAYLOAD:
             self._on_error_payload(bytes(self._view))
         elif st == _HS_HELLO:
@@ -279,18 +329,22 @@ class Stream(asyncio.BufferedProtocol):
         elif st == _HS_HELLO_ID:
             self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
         elif st == _HS_CHALLENGE:
-            challenge = F.decode_challenge(self._view)
+            self._challenge = F.decode_challenge(self._view)
             lk = self.peer_streams
             self._nonce = os.urandom(F.NONCE_LEN)
-            self.transport.write(F.encode_hello(self.dp.secret, challenge, self.dp.peer_id, self.dp.epoch,
-                                                self.stream, lk.nstreams, lk.session, self._nonce))
+            self.transport.write(F.encode_hello(self.dp.secret, self._challenge, self.dp.peer_id, self.dp.epoch,
+                                                self.stream, lk.nstreams, lk.session, self._nonce, self.dp.seal))
             self._want(_HS_WELCOME, F.WELCOME_FIXED.size)
         elif st == _HS_WELCOME:
             n, self._mac = F.decode_welcome_fixed(self._view)
             self._want(_HS_WELCOME_ID, n)
         elif st == _HS_WELCOME_ID:
+            lk = self.peer_streams
             F.finish_welcome(self._mac, self._view, self.dp.secret, self._nonce, self.stream,
-                             self.peer_streams.session, self.peer_streams.peer_id)
+                             lk.session, lk.peer_id, self._challenge)
+            c2a, a2c = keys.link_keys(self.dp.secret, self._challenge, self._nonce, self.dp.peer_id, lk.peer_id,
+                                      self.stream, lk.session)
+            self._keys(tx=c2a, rx=a2c)
             self._established()
         else:  # pragma: no cover
             raise ProtocolError(f"bytes in state {st}")
@@ -299,20 +353,50 @@ class Stream(asyncio.BufferedProtocol):
         dp = self.dp
         if hello.peer_id == dp.peer_id:
             raise ProtocolError(f"peer announced our own id {hello.peer_id!r}")
+        if hello.seal != dp.seal:
+            raise ProtocolError(f"peer {hello.peer_id!r} {_SEAL_WORDS[hello.seal]}, this daemon "
+                                f"{_SEAL_WORDS[dp.seal]}: start every daemon of the run with the same "
+                                "--integrity setting (env PCCL_INTEGRITY)")
         peer_streams = dp._accept_peer(hello)
         if peer_streams is None:
             raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
         self.peer_streams = peer_streams
         self.stream = hello.stream
-        self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session))
+        self.transport.write(F.encode_welcome(dp.secret, hello.nonce, dp.peer_id, hello.stream, hello.session,
+                                              self._nonce))
+        c2a, a2c = keys.link_keys(dp.secret, self._nonce, hello.nonce, hello.peer_id, dp.peer_id, hello.stream,
+                                  hello.session)
+        self._keys(tx=a2c, rx=c2a)
         self._established()
+
+    def _keys(self, tx: bytes, rx: bytes) -> None:
+        if self.dp.seal == F.SEAL_TAG:
+            self._tx_seal, self._rx_seal = S.new_seal(tx, True), S.new_seal(rx, False)
 
     def _established(self) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
         self._want(_HEADER, F.HEADER_SIZE)
+        if self._up is not None and not self._up.done():
+            self._up.set_result(True)
         self.peer_streams.attach(self, self.stream)
+
+    async def established(self, timeout: float) -> bool:
+        """(Connector made with ``fallback``) True once the handshake completed; False if it
+        failed or did not complete within ``timeout``: the connection is then dropped
+        without counting as the link's loss (the caller dials another way)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._up), timeout)
+        except asyncio.TimeoutError:
+            self._close("no handshake in time")
+            return False
+
+    def _not_up(self) -> None:
+        """Closing before the handshake completed on a way to dial that has another behind it."""
+        if self._up is not None and not self._up.done():
+            self._up.set_result(False)
+            self.peer_streams = None
 
     def _hs_timeout(self) -> None:
         self._hs_timer = None
@@ -321,7 +405,7 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
-        self.peer_streams.traffic[1] += F.HEADER_SIZE + h.length
+        self.peer_streams.traffic[1] += F.HEADER_SIZE + h.length + (S.TAG_BYTES if self._rx_seal is not None else 0)
         v = self.dp.route(h, self.peer_streams)
         verdict, op, src = v.action, v.op, v.src
         if verdict == STALL:
@@ -344,11 +428,10 @@ class Stream(asyncio.BufferedProtocol):
                 return
             self._receive(rx, op, h.length)
         elif h.kind == F.FIN:
-            self._want(_HEADER, F.HEADER_SIZE)
             if op is None:
-                self.dp._remember_ctrl(h, self.peer_streams.peer_id, "")
+                self._frame_done(self.dp._remember_ctrl, h, self.peer_streams.peer_id, "")
             else:
-                op.on_fin(src, h.fin)
+                self._frame_done(op.on_fin, src, h.fin)
         else:  # ERROR: read the message first
             self._hdr = h
             self._ctrl = (op, src)
@@ -368,9 +451,11 @@ class Stream(asyncio.BufferedProtocol):
 
     def _on_error_payload(self, payload: bytes) -> None:
         h = self._hdr
-        op, src = self._ctrl
         self._hdr = None
-        self._want(_HEADER, F.HEADER_SIZE)
+        self._frame_done(self._error_frame, h, payload)
+
+    def _error_frame(self, h: F.Header, payload: bytes) -> None:
+        op, src = self._ctrl
         msg = F.decode_error_message(payload)
         if op is None:
             self.dp._remember_ctrl(h, self.peer_streams.peer_id, msg)
@@ -379,7 +464,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def _discard(self, n: int) -> None:
         if n <= 0:
-            self._want(_HEADER, F.HEADER_SIZE)
+            self._frame_done()
             return
         self._discard_left = n - min(n, _SCRATCH)
         self._state = _DISCARD
@@ -398,8 +483,7 @@ class Stream(asyncio.BufferedProtocol):
         self._rx, self._progress, self._rx_op = rx, rx.progress, op
         if length == 0:
             self._rx = self._progress = None
-            self._want(_HEADER, F.HEADER_SIZE)
-            self._finish(rx)
+            self._frame_done(self._finish, rx)
             return
         self._state = _PAYLOAD
         self._view = rx.view
@@ -464,6 +548,7 @@ class Stream(asyncio.BufferedProtocol):
         if self._state == _CLOSED:
             return
         log.warning("closing data connection %s: %s", self.peer, reason)
+        self._not_up()
         self._state = _CLOSED
         self._stop_pump(hard=True)
         self._cancel_timers()
@@ -545,8 +630,20 @@ class Stream(asyncio.BufferedProtocol):
             if not self._emit(h, p):
                 return
 
+    def mark(self) -> tuple[int, int]:
+        """Where the stream's output is now: :meth:`flushed` says when all of it has left."""
+        return self._written, self._jobs[0]
+
+    def flushed(self, mark: tuple[int, int]) -> bool:
+        """Every byte written up to ``mark`` is in the kernel (none will be read from the
+        memory it came from any more), or the stream is closed (none will be sent)."""
+        if self._state == _CLOSED or self.transport is None or self.transport.is_closing():
+            return True
+        return self._written - self.transport.get_write_buffer_size() >= mark[0] and self._jobs[1] >= mark[1]
+
     def _pumped_out(self, err: BaseException | None) -> None:
         self._tx_busy = False
+        self._jobs[1] += 1
         if err is not None:
             if self._state != _CLOSED:
                 self._close(f"send failed: {err}")
@@ -573,27 +670,45 @@ class Stream(asyncio.BufferedProtocol):
         tr = self.transport
         if tr.is_closing():
             return True
+        seal = self._tx_seal
         if self._bulk and len(payload) >= self._bulk and self._pump is not None:
             if tr.get_write_buffer_size():  # the transport still writes: after it, in order
                 self._backlog.appendleft((header, payload))
                 if not self._blocked:  # (its limits of 0 pause us whenever it holds bytes)
                     self.dp._loop.call_later(0.0005, self._flush)
                 return False
+            if seal is not None:
+                seal.begin(self._tx_seq)
+                self._tx_seq += 1
+            self._jobs[0] += 1
             try:
-                self._pump.send(header, payload, self._pumped_out)
+                self._pump.send(header, payload, self._pumped_out, seal)
             except (OSError, RuntimeError) as e:  # no thread could be started
                 self._close(f"cannot start an I/O thread: {e}")
                 return True
             self._tx_busy = True
             return True
-        if not len(payload):
-            tr.write(header)
-        elif self._vectored:
-            tr.writelines((header, payload))  # uvloop: one writev, payload referenced, not copied
+        parts = (header, payload) if len(payload) else (header,)
+        if seal is not None:
+            seal.begin(self._tx_seq)
+            self._tx_seq += 1
+            for part in parts:
+                seal.absorb(part)
+            parts += (seal.tag(),)
+        self._written += sum(_nbytes(p) for p in parts)
+        if self._vectored:
+            tr.writelines(parts)  # uvloop: one writev, payload referenced, not copied
         else:  # stock asyncio's writelines joins (copies) its arguments
-            tr.write(header)
-            tr.write(payload)
+            for part in parts:
+                tr.write(part)
         return True
+
+
+def _nbytes(buf) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+_SEAL_WORDS = {F.SEAL_NONE: "sends frames without integrity tags", F.SEAL_TAG: "tags every frame"}
 
 
 def _tune(sock, user_timeout: float) -> None:

@@ -33,6 +33,8 @@ import struct
 import threading
 from collections.abc import Callable
 
+from pccl_py.transport import seal as S
+
 _POLL = 0.5  # seconds a thread waits in one poll before it checks for a stop request
 _POLL_MS = int(_POLL * 1000)
 
@@ -71,23 +73,26 @@ class Pump:
 
     # -- the stream's side ------------------------------------------------------------------
     def recv(self, view: memoryview, pos: int, progress: Callable[[int], None] | None,
-             done: Done, reduction=None) -> None:
+             done: Done, reduction=None, seal=None) -> None:
         """Fill ``view[pos:]`` from the socket, then ``done(None | error)`` on the loop. With
-        a ``reduction`` (``Rx.reduction``: ``.pair() -> (acc, other, op, dtype)`` and ``.done``,
-        the bytes already reduced), ``acc (op)= other`` follows the bytes as they arrive;
-        otherwise ``progress(pos)`` after each read. Either runs on the thread: it must touch
-        only memory of this payload's own. Raises (OSError, RuntimeError) if no thread can
-        be started; the job is then not taken."""
+        a ``seal`` (begun for this frame), each byte is absorbed into the frame's tag as it
+        arrives, before anything else reads it. With a ``reduction`` (``Rx.reduction``:
+        ``.pair() -> (acc, other, op, dtype)`` and ``.done``, the bytes already reduced),
+        ``acc (op)= other`` follows the bytes as they arrive; otherwise ``progress(pos)``
+        after each read. Either runs on the thread: it must touch only memory of this
+        payload's own. Raises (OSError, RuntimeError) if no thread can be started; the job
+        is then not taken."""
         if self._rx is None:
             self._rx = self._start("rx", self._rx_loop)
-        self._rx.put((view, pos, progress, reduction, done))
+        self._rx.put((view, pos, progress, reduction, seal, done))
 
-    def send(self, header: bytes, payload, done: Done) -> None:
-        """Write ``header`` then ``payload`` (no copy); then ``done(None | error)`` on the loop.
-        Raises as :meth:`recv` does."""
+    def send(self, header: bytes, payload, done: Done, seal=None) -> None:
+        """Write ``header`` then ``payload`` (no copy), and with a ``seal`` (begun for this
+        frame) the frame's tag after them; then ``done(None | error)`` on the loop. Raises
+        as :meth:`recv` does."""
         if self._tx is None:
             self._tx = self._start("tx", self._tx_loop)
-        self._tx.put((header, payload, done))
+        self._tx.put((header, payload, seal, done))
 
     def stop(self, hard: bool) -> None:
         """End the threads once their job is over; ``hard``: end the job too (the stream is
@@ -162,14 +167,14 @@ class Pump:
         if self._stopping:
             raise PumpStopped("the stream was closed")
 
-    def _rx_loop(self, sock: socket.socket, view: memoryview, pos: int, progress, reduction) -> None:
+    def _rx_loop(self, sock: socket.socket, view: memoryview, pos: int, progress, reduction, seal) -> None:
         n = len(view)
-        if recv_fill is not None:
+        if recv_fill is not None and (seal is None or S.native(seal)):
             fd = sock.fileno()
             pair = reduction.pair() if reduction is not None else (None, None, "sum", "uint8")
             red = reduction.done if reduction is not None else pos
             while pos < n:
-                pos, red = recv_fill(fd, view, pos, _POLL_MS, *pair, red, self._stop_flag)
+                pos, red = recv_fill(fd, view, pos, _POLL_MS, *pair, red, self._stop_flag, seal)
                 if reduction is not None:
                     reduction.done = red
                 if pos < n:
@@ -187,21 +192,28 @@ class Pump:
                 continue
             if not got:
                 raise ConnectionResetError("the peer closed the connection in the middle of a payload")
+            if seal is not None:
+                seal.absorb(view[pos:pos + got])
             pos += got
             if self._stop_flag[0]:
                 raise PumpStopped("the stream was closed")
             if progress is not None:
                 progress(pos)
 
-    def _tx_loop(self, sock: socket.socket, header: bytes, payload) -> None:
-        if send_all is not None:
-            fd, sent, total = sock.fileno(), 0, len(header) + len(payload)
+    def _tx_loop(self, sock: socket.socket, header: bytes, payload, seal) -> None:
+        if send_all is not None and (seal is None or S.native(seal)):
+            fd, sent = sock.fileno(), 0
+            total = len(header) + len(payload) + (S.TAG_BYTES if seal is not None else 0)
             while sent < total:
-                sent = send_all(fd, header, payload, sent, _POLL_MS, self._stop_flag)
+                sent = send_all(fd, header, payload, sent, _POLL_MS, self._stop_flag, seal)
                 if sent < total:
                     self._check()
             return
         bufs = [memoryview(header), memoryview(payload).cast("B")]
+        if seal is not None:
+            for b in bufs:
+                seal.absorb(b)
+            bufs.append(memoryview(seal.tag()))
         while bufs:
             try:
                 sent = sock.sendmsg(bufs)

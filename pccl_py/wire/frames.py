@@ -23,14 +23,16 @@ is a fixed 68-byte little-endian header followed by ``length`` payload bytes::
 Handshake (acceptor = listening side, connector = dialling side)::
 
     acceptor  -> CHALLENGE: magic, version, kind=CHALLENGE, pad(2), nonce_a(32)
-    connector -> HELLO:     magic, version, kind=HELLO, id_len(B), pad(1), stream(H), nstreams(H),
+    connector -> HELLO:     magic, version, kind=HELLO, id_len(B), seal(B), stream(H), nstreams(H),
                             epoch(Q), session(Q), nonce_c(32), mac(32), peer_id(id_len)
-                            mac = HMAC-SHA256(secret, "hello" | nonce_a | peer_id | epoch | stream | nstreams | session | nonce_c)
+                            mac = HMAC-SHA256(secret, "hello" | nonce_a | peer_id | epoch | stream | nstreams | session | nonce_c | seal)
     acceptor  -> WELCOME:   magic, version, kind=WELCOME, id_len(B), pad(2), mac(32), peer_id(id_len)
-                            mac = HMAC-SHA256(secret, "welcome" | nonce_c | peer_id | stream | session)
+                            mac = HMAC-SHA256(secret, "welcome" | nonce_c | peer_id | stream | session | nonce_a)
 
 Both proofs are checked with a constant-time compare; a wrong proof closes the
-connection with a logged reason. Everything read off the wire goes through the
+connection with a logged reason. ``seal`` is SEAL_TAG (every frame after the handshake is
+followed by a 16-byte tag under keys derived from both nonces, see transport/seal.py) or
+SEAL_NONE; the acceptor refuses a connector whose choice differs from its own. Everything read off the wire goes through the
 ``decode_*`` functions below, which raise :class:`ProtocolError` on anything off.
 """
 
@@ -55,7 +57,8 @@ MAGIC = b"PCDP"
 # 4: FIN_ALL (the shared-memory all-reduce's last finisher speaks for every peer)
 # 5: the direct exchange is named "direct" in the call descriptor (was "tree"), so a call
 # of an older daemon would not match one of this version
-WIRE_VERSION = 5
+# 6: frames carry a 16-byte tag (transport/seal.py); HELLO's former padding byte says so
+WIRE_VERSION = 6
 
 # frame kinds
 DATA = 1
@@ -67,6 +70,10 @@ HELLO = 17
 WELCOME = 18
 
 FRAME_KINDS = (DATA, FIN, ERROR)
+# what follows each frame (HELLO's seal byte)
+SEAL_NONE = 0
+SEAL_TAG = 1
+SEALS = (SEAL_NONE, SEAL_TAG)
 # FIN arguments: this peer is done; or (FIN_ALL) every peer of the call is done
 FIN_ALL = 1
 
@@ -282,21 +289,22 @@ class Hello:
     session: int
     nonce: bytes
     mac: bytes
+    seal: int = SEAL_TAG
 
 
 def hello_mac(secret: bytes, challenge: bytes, peer_id: str, epoch: int, stream: int, nstreams: int,
-              session: int, nonce: bytes) -> bytes:
+              session: int, nonce: bytes, seal: int) -> bytes:
     return _mac(secret, b"hello", challenge, peer_id.encode(), _u64(epoch), _u64(stream), _u64(nstreams),
-                _u64(session), nonce)
+                _u64(session), nonce, _u64(seal))
 
 
 def encode_hello(secret: bytes, challenge: bytes, peer_id: str, epoch: int, stream: int, nstreams: int,
-                 session: int, nonce: bytes) -> bytes:
+                 session: int, nonce: bytes, seal: int = SEAL_TAG) -> bytes:
     pid = peer_id.encode()
     if not 0 < len(pid) <= MAX_PEER_ID:
         raise ValueError("peer_id must be 1..255 bytes of utf-8")
-    mac = hello_mac(secret, challenge, peer_id, epoch, stream, nstreams, session, nonce)
-    return HELLO_FIXED.pack(MAGIC, WIRE_VERSION, HELLO, len(pid), 0, stream, nstreams, epoch, session,
+    mac = hello_mac(secret, challenge, peer_id, epoch, stream, nstreams, session, nonce, seal)
+    return HELLO_FIXED.pack(MAGIC, WIRE_VERSION, HELLO, len(pid), seal, stream, nstreams, epoch, session,
                             nonce, mac) + pid
 
 
@@ -304,15 +312,15 @@ def decode_hello_fixed(buf, limits: Limits = DEFAULT_LIMITS) -> tuple[int, Hello
     """Parse HELLO's fixed part; returns (bytes of peer_id still to read, partial Hello)."""
     if len(buf) != HELLO_FIXED.size:
         raise ProtocolError("short hello")
-    magic, version, kind, id_len, pad, stream, nstreams, epoch, session, nonce, mac = HELLO_FIXED.unpack(buf)
+    magic, version, kind, id_len, seal, stream, nstreams, epoch, session, nonce, mac = HELLO_FIXED.unpack(buf)
     _check_prefix(magic, version, kind, HELLO)
-    if pad:
-        raise ProtocolError("hello padding not zero")
+    if seal not in SEALS:
+        raise ProtocolError(f"unknown frame seal {seal}")
     if not 0 < id_len <= MAX_PEER_ID:
         raise ProtocolError(f"peer id length {id_len} out of range")
     if not 0 < nstreams <= limits.max_streams or stream >= nstreams:
         raise ProtocolError(f"stream {stream} of {nstreams} out of range (max {limits.max_streams})")
-    return id_len, Hello("", epoch, stream, nstreams, session, nonce, mac)
+    return id_len, Hello("", epoch, stream, nstreams, session, nonce, mac, seal)
 
 
 def finish_hello(partial: Hello, id_bytes, secret: bytes, challenge: bytes) -> Hello:
@@ -322,21 +330,22 @@ def finish_hello(partial: Hello, id_bytes, secret: bytes, challenge: bytes) -> H
     except UnicodeDecodeError:
         raise ProtocolError("peer id is not utf-8") from None
     want = hello_mac(secret, challenge, peer_id, partial.epoch, partial.stream, partial.nstreams,
-                     partial.session, partial.nonce)
+                     partial.session, partial.nonce, partial.seal)
     if not hmac.compare_digest(want, partial.mac):
         raise ProtocolError(f"authentication failed for peer {peer_id!r} (wrong secret?)")
     return Hello(peer_id, partial.epoch, partial.stream, partial.nstreams, partial.session,
-                 partial.nonce, partial.mac)
+                 partial.nonce, partial.mac, partial.seal)
 
 
-def welcome_mac(secret: bytes, nonce: bytes, peer_id: str, stream: int, session: int) -> bytes:
-    return _mac(secret, b"welcome", nonce, peer_id.encode(), _u64(stream), _u64(session))
+def welcome_mac(secret: bytes, nonce: bytes, peer_id: str, stream: int, session: int, challenge: bytes) -> bytes:
+    return _mac(secret, b"welcome", nonce, peer_id.encode(), _u64(stream), _u64(session), challenge)
 
 
-def encode_welcome(secret: bytes, nonce: bytes, peer_id: str, stream: int, session: int) -> bytes:
+def encode_welcome(secret: bytes, nonce: bytes, peer_id: str, stream: int, session: int, challenge: bytes) -> bytes:
+    """``nonce``: the connector's (from its hello); ``challenge``: the acceptor's own."""
     pid = peer_id.encode()
     return WELCOME_FIXED.pack(MAGIC, WIRE_VERSION, WELCOME, len(pid), 0,
-                              welcome_mac(secret, nonce, peer_id, stream, session)) + pid
+                              welcome_mac(secret, nonce, peer_id, stream, session, challenge)) + pid
 
 
 def decode_welcome_fixed(buf) -> tuple[int, bytes]:
@@ -352,12 +361,12 @@ def decode_welcome_fixed(buf) -> tuple[int, bytes]:
 
 
 def finish_welcome(mac: bytes, id_bytes, secret: bytes, nonce: bytes, stream: int, session: int,
-                   expected_peer: str | None) -> str:
+                   expected_peer: str | None, challenge: bytes) -> str:
     try:
         peer_id = bytes(id_bytes).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("peer id is not utf-8") from None
-    if not hmac.compare_digest(welcome_mac(secret, nonce, peer_id, stream, session), mac):
+    if not hmac.compare_digest(welcome_mac(secret, nonce, peer_id, stream, session, challenge), mac):
         raise ProtocolError(f"peer {peer_id!r} failed to prove the secret")
     if expected_peer is not None and peer_id != expected_peer:
         raise ProtocolError(f"dialled {expected_peer!r} but {peer_id!r} answered")

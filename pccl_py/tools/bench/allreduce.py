@@ -156,6 +156,8 @@ def run_ours(args) -> list[dict]:
             env = dict(os.environ)
             if args.io_threads != "auto":  # read by the daemons the clients spawn
                 env["PCCL_IO_THREADS"] = args.io_threads
+            if args.integrity is not None:
+                env["PCCL_INTEGRITY"] = args.integrity
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))
             time.sleep(0.05)
         return _collect(procs, args.timeout)
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
                    help="large frames on a receive and a send thread per stream (auto: on with more "
                         "than 2 CPUs); see docs/dataplane.md")
+    p.add_argument("--integrity", choices=["on", "off"], default=None,
+                   help="frame tags on the data links (default: the daemons' default, on); off measures their cost")
     p.add_argument("--compare", choices=["gloo"], default=None)
     p.add_argument("--floor", action="store_true",
                    help="also time a daemon-free shared-memory all-reduce (the least memory traffic "
