@@ -37,8 +37,12 @@ int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pcc
         if (stopped(stop)) return 1;
         ssize_t r = recv(fd, buf + *pos, n - *pos, 0);
         if (r > 0) {
-            /* into the frame's tag before anything reads the bytes */
-            if (seal != NULL && pccl_seal_absorb(seal, buf + *pos, (size_t)r) < 0) return -3;
+            /* into the frame's tag (decrypted in place) before anything reads the bytes */
+            if (seal != NULL) {
+                int bad = pccl_seal_encrypting(seal) ? pccl_seal_crypt(seal, buf + *pos, buf + *pos, (size_t)r)
+                                                     : pccl_seal_absorb(seal, buf + *pos, (size_t)r);
+                if (bad < 0) return -3;
+            }
             *pos += (size_t)r;
             if (red != NULL) reduce_upto(red, *pos, n);
             continue;
@@ -64,8 +68,58 @@ static int absorb_sent(pccl_seal *seal, const char *h, size_t hn, const char *p,
     return 0;
 }
 
+#define CRYPT_CHUNK (256 * 1024)
+
+/* send_all with an encrypting seal: the header in clear (associated data), the payload
+ * encrypted a chunk at a time into the seal's scratch (the caller's memory is never
+ * written), then the tag. */
+static int send_encrypted(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent,
+                          int timeout_ms, pccl_seal *seal, const unsigned char *stop) {
+    unsigned char tag[PCCL_SEAL_TAG];
+    unsigned char *scratch = pccl_seal_scratch(seal, CRYPT_CHUNK);
+    pccl_seal_window *win = pccl_seal_window_of(seal);
+    size_t body = hn + pn, total = body + PCCL_SEAL_TAG;
+    if (scratch == NULL) return -3;
+    while (*sent < total) {
+        if (stopped(stop)) return 1;
+        const unsigned char *base;
+        size_t len;
+        if (*sent < hn) {
+            base = (const unsigned char *)h + *sent;
+            len = hn - *sent;
+        } else if (*sent < body) {
+            size_t off = *sent - hn;
+            if (off == win->to) {  /* all ciphertext so far is out: the next chunk */
+                size_t k = pn - off < CRYPT_CHUNK ? pn - off : CRYPT_CHUNK;
+                if (pccl_seal_crypt(seal, p + off, scratch, k) < 0) return -3;
+                win->from = off;
+                win->to = off + k;
+            }
+            base = scratch + (off - win->from);
+            len = win->to - off;
+        } else {
+            if (pccl_seal_tag(seal, tag) < 0) return -3;
+            base = tag + (*sent - body);
+            len = total - *sent;
+        }
+        ssize_t r = send(fd, base, len, MSG_NOSIGNAL);
+        if (r > 0) {
+            if (*sent < hn && pccl_seal_absorb(seal, base, (size_t)r) < 0) return -3;
+            *sent += (size_t)r;
+            continue;
+        }
+        if (r == 0) return 1;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        int w = wait_for(fd, POLLOUT, timeout_ms);
+        if (w != 0) return w;
+    }
+    return 0;
+}
+
 int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms,
                   pccl_seal *seal, const unsigned char *stop) {
+    if (seal != NULL && pccl_seal_encrypting(seal)) return send_encrypted(fd, h, hn, p, pn, sent, timeout_ms, seal, stop);
     unsigned char tag[PCCL_SEAL_TAG];
     size_t body = hn + pn, total = body + (seal != NULL ? PCCL_SEAL_TAG : 0);
     while (*sent < total) {

@@ -59,21 +59,26 @@ const char *pccl_seal_error(void) {
     return loaded ? NULL : load_error;
 }
 
-enum { IDLE, ABSORBING, DONE };
+enum { IDLE, ABSORBING, CRYPTING, DONE };
 
 struct pccl_seal {
     EVP_CIPHER_CTX *ctx;
     int sending;
+    int encrypting;
     int state;
     unsigned char tag[PCCL_SEAL_TAG];
+    unsigned char *scratch;
+    size_t scratch_len;
+    pccl_seal_window window;
 };
 
-pccl_seal *pccl_seal_new(const unsigned char *key, int sending) {
+pccl_seal *pccl_seal_new(const unsigned char *key, int sending, int encrypting) {
     if (pccl_seal_error() != NULL) return NULL;
     pccl_seal *s = calloc(1, sizeof *s);
     if (s == NULL) return NULL;
     s->ctx = evp.ctx_new();
     s->sending = sending ? 1 : 0;
+    s->encrypting = encrypting ? 1 : 0;
     /* the key schedule once; each frame then sets only its IV */
     if (s->ctx == NULL || evp.init(s->ctx, evp.aes_256_gcm(), NULL, key, NULL, s->sending) != 1) {
         pccl_seal_free(s);
@@ -85,12 +90,28 @@ pccl_seal *pccl_seal_new(const unsigned char *key, int sending) {
 void pccl_seal_free(pccl_seal *s) {
     if (s == NULL) return;
     if (s->ctx != NULL) evp.ctx_free(s->ctx);
+    free(s->scratch);
     free(s);
+}
+
+int pccl_seal_encrypting(const pccl_seal *s) { return s->encrypting; }
+
+pccl_seal_window *pccl_seal_window_of(pccl_seal *s) { return &s->window; }
+
+unsigned char *pccl_seal_scratch(pccl_seal *s, size_t n) {
+    if (s->scratch_len < n) {
+        unsigned char *p = realloc(s->scratch, n);
+        if (p == NULL) return NULL;
+        s->scratch = p;
+        s->scratch_len = n;
+    }
+    return s->scratch;
 }
 
 int pccl_seal_begin(pccl_seal *s, const unsigned char *iv) {
     if (evp.init(s->ctx, NULL, NULL, NULL, iv, s->sending) != 1) return -1;
     s->state = ABSORBING;
+    s->window.from = s->window.to = 0;
     return 0;
 }
 
@@ -106,9 +127,24 @@ int pccl_seal_absorb(pccl_seal *s, const void *data, size_t n) {
     return 0;
 }
 
+int pccl_seal_crypt(pccl_seal *s, const void *in, void *out, size_t n) {
+    if (!s->encrypting || (s->state != ABSORBING && s->state != CRYPTING)) return -1;
+    s->state = CRYPTING;
+    const unsigned char *p = in;
+    unsigned char *q = out;
+    while (n > 0) {
+        int k = n > (1u << 30) ? (1 << 30) : (int)n, got = 0;
+        if (evp.update(s->ctx, q, &got, p, k) != 1 || got != k) return -1;  /* GCM: bytes in, bytes out */
+        p += k;
+        q += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
 int pccl_seal_tag(pccl_seal *s, unsigned char *tag) {
     if (!s->sending) return -1;
-    if (s->state == ABSORBING) {
+    if (s->state == ABSORBING || s->state == CRYPTING) {
         unsigned char none[16];
         int out = 0;
         if (evp.final(s->ctx, none, &out) != 1) return -1;
@@ -121,7 +157,7 @@ int pccl_seal_tag(pccl_seal *s, unsigned char *tag) {
 }
 
 int pccl_seal_check(pccl_seal *s, const unsigned char *tag) {
-    if (s->sending || s->state != ABSORBING) return -1;
+    if (s->sending || (s->state != ABSORBING && s->state != CRYPTING)) return -1;
     unsigned char copy[PCCL_SEAL_TAG], none[16];
     int out = 0;
     memcpy(copy, tag, PCCL_SEAL_TAG);

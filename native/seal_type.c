@@ -16,13 +16,13 @@ typedef struct {
 static PyTypeObject SealType;
 
 static int seal_init(SealObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"key", "sending", NULL};
+    static char *kwlist[] = {"key", "sending", "encrypting", NULL};
     Py_buffer key;
-    int sending;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*p:Seal", kwlist, &key, &sending)) return -1;
+    int sending, encrypting = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*p|p:Seal", kwlist, &key, &sending, &encrypting)) return -1;
     int ok = key.len == PCCL_SEAL_KEY;
     if (ok && self->seal == NULL) {
-        self->seal = pccl_seal_new((const unsigned char *)key.buf, sending);
+        self->seal = pccl_seal_new((const unsigned char *)key.buf, sending, encrypting);
         self->sending = sending;
     }
     PyBuffer_Release(&key);
@@ -73,6 +73,52 @@ static PyObject *seal_absorb(SealObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* crypt(data, out=None): payload bytes encrypted (sending) or decrypted; into `out` (as
+ * long as data; may be data itself), else returned as new bytes */
+static PyObject *seal_crypt(SealObject *self, PyObject *args) {
+    PyObject *data_obj, *out_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:crypt", &data_obj, &out_obj)) return NULL;
+    Py_buffer in, out = {0};
+    if (PyObject_GetBuffer(data_obj, &in, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *res = NULL;
+    unsigned char *dst;
+    if (out_obj == Py_None) {
+        res = PyBytes_FromStringAndSize(NULL, in.len);
+        if (res == NULL) goto done;
+        dst = (unsigned char *)PyBytes_AS_STRING(res);
+    } else {
+        if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) < 0) goto done;
+        if (out.len != in.len) {
+            PyErr_SetString(PyExc_ValueError, "Seal.crypt: out must be as long as data");
+            goto done;
+        }
+        dst = out.buf;
+        res = Py_NewRef(Py_None);
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pccl_seal_crypt(self->seal, in.buf, dst, (size_t)in.len);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        Py_CLEAR(res);
+        fail("crypt");
+    }
+done:
+    PyBuffer_Release(&in);
+    if (out.obj) PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *seal_encrypting(SealObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(pccl_seal_encrypting(self->seal));
+}
+
+static PyGetSetDef seal_getset[] = {
+    {"encrypting", (getter)seal_encrypting, NULL, "whether payload bytes go through crypt()", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyObject *seal_tag(SealObject *self, PyObject *unused) {
     (void)unused;
     unsigned char tag[PCCL_SEAL_TAG];
@@ -97,6 +143,8 @@ static PyObject *seal_check(SealObject *self, PyObject *arg) {
 static PyMethodDef seal_methods[] = {
     {"begin", (PyCFunction)seal_begin, METH_O, "begin(seq) -> None: a new frame, IV = seq (8 bytes LE) + 4 zero bytes."},
     {"absorb", (PyCFunction)seal_absorb, METH_O, "absorb(buffer) -> None: the frame's next bytes."},
+    {"crypt", (PyCFunction)seal_crypt, METH_VARARGS,
+     "crypt(data, out=None) -> bytes | None: payload bytes encrypted or decrypted (an encrypting seal)."},
     {"tag", (PyCFunction)seal_tag, METH_NOARGS, "tag() -> bytes: the frame's 16-byte tag (sending side)."},
     {"check", (PyCFunction)seal_check, METH_O, "check(tag) -> bool: the tag matches (receiving side)."},
     {NULL, NULL, 0, NULL},
@@ -107,12 +155,14 @@ static PyTypeObject SealType = {
     .tp_name = "pccl_py.kernels._native.Seal",
     .tp_basicsize = sizeof(SealObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Seal(key, sending): AES-256-GCM tags (GMAC over header and payload) of one direction "
-              "of one connection, from the system's libcrypto.",
+    .tp_doc = "Seal(key, sending, encrypting=False): AES-256-GCM tags (a GMAC over header and payload, or "
+              "with encrypting the payload encrypted) of one direction of one connection, from the "
+              "system's libcrypto.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)seal_init,
     .tp_dealloc = (destructor)seal_dealloc,
     .tp_methods = seal_methods,
+    .tp_getset = seal_getset,
 };
 
 int pccl_add_seal_type(PyObject *m) {

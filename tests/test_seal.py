@@ -125,3 +125,54 @@ def test_the_native_loops_seal_a_frame_and_check_it_as_it_arrives():
     assert bytes(hdr) == header and bytes(got) == payload
     assert bytes(tag) == AESGCM(KEY).encrypt(S.iv(3), b"", header + payload)
     assert rx.check(tag)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_encrypting_seal_is_aes_gcm_of_the_payload_with_the_header_as_associated_data(kind):
+    header, payload = os.urandom(68), os.urandom(100_003)
+    want = AESGCM(KEY).encrypt(S.iv(9), payload, header)  # ciphertext + tag
+    tx = S.Seal(KEY, True, True) if kind == "native" else S.PySeal(KEY, True, True)
+    assert tx.encrypting
+    tx.begin(9)
+    tx.absorb(header)
+    ct = tx.crypt(payload[:777]) + tx.crypt(payload[777:])
+    assert ct + tx.tag() == want
+    rx = S.Seal(KEY, False, True) if kind == "native" else S.PySeal(KEY, False, True)
+    rx.begin(9)
+    rx.absorb(header)
+    buf = bytearray(ct)
+    rx.crypt(memoryview(buf)[:5000], memoryview(buf)[:5000])  # in place, in pieces
+    rx.crypt(memoryview(buf)[5000:], memoryview(buf)[5000:])
+    assert bytes(buf) == payload and rx.check(want[-16:])
+    rx.begin(9)  # one flipped ciphertext bit: the tag fails
+    rx.absorb(header)
+    bad = bytearray(ct)
+    bad[50_000] ^= 1
+    rx.crypt(bytes(bad))
+    assert not rx.check(want[-16:])
+
+
+@pytest.mark.skipif(send_all is None, reason="no C extension")
+@needs_native
+def test_the_native_send_encrypts_from_its_own_buffer_and_leaves_the_payload_alone():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    header, payload = os.urandom(68), os.urandom((1 << 20) + 5)
+    original = bytes(payload)
+    tx = S.Seal(KEY, True, True)
+    tx.begin(4)
+    wire = bytearray(len(header) + len(payload) + S.TAG_BYTES)
+    sent = pos = 0
+    try:
+        while sent < len(wire) or pos < len(wire):
+            if sent < len(wire):
+                sent = send_all(a.fileno(), header, payload, sent, 1, None, tx)
+            if pos < len(wire):
+                pos, _ = recv_fill(b.fileno(), wire, pos, 1)
+    finally:
+        a.close()
+        b.close()
+    assert payload == original
+    assert bytes(wire[:68]) == header
+    assert bytes(wire[68:]) == AESGCM(KEY).encrypt(S.iv(4), payload, header)

@@ -67,8 +67,10 @@ class DataPlaneConfig:
     quant_block_bytes: int = 1 << 20  # float32 bytes per quantization block (own lo/scale)
     max_payload: int = 64 << 20  # bound on any frame's payload
     max_blob: int = 64 << 20  # bound on an all_gather blob
-    # every frame followed by a 16-byte tag (transport/seal.py); every daemon of a run must agree
+    # every frame followed by a 16-byte tag (transport/seal.py), and with encrypt its payload
+    # encrypted too (encrypt implies integrity); every daemon of a run must agree
     integrity: bool = True
+    encrypt: bool = False
     handshake_timeout: float = 5.0
     connect_timeout: float = 5.0  # set_topology waits at most this long for links
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
@@ -136,7 +138,8 @@ class DataPlane:
         self.config = config or DataPlaneConfig()
         self.io_threads = io_threads_on(self.config.io_threads)
         self.bulk_min = self.config.bulk_min if self.io_threads else 0
-        self.seal = F.SEAL_TAG if self.config.integrity else F.SEAL_NONE
+        self.seal = (F.SEAL_ENCRYPT if self.config.encrypt else F.SEAL_TAG if self.config.integrity
+                     else F.SEAL_NONE)
         self._limits = F.Limits(max_payload=max(self.config.max_payload, self.config.max_blob))
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound in start()
         self._server: asyncio.AbstractServer | None = None

@@ -84,6 +84,7 @@ class Daemon:
         tcp_only: bool = False,
         io_threads: bool | None = None,
         integrity: bool = True,
+        encrypt: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics  # None: nothing is counted
@@ -96,7 +97,8 @@ class Daemon:
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
         if streams is not None:
             dp_kwargs["streams"] = streams
-        tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads, "integrity": integrity}
+        tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads, "integrity": integrity,
+                  "encrypt": encrypt}
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -532,6 +534,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="follow every data frame with an AES-GCM tag, so a frame changed in transit fails "
                         "its call instead of changing a result (off: for measuring its cost; every daemon "
                         "of a run must agree; env PCCL_INTEGRITY)")
+    p.add_argument("--encrypt", action="store_true", default=os.environ.get("PCCL_ENCRYPT", "") not in ("", "0"),
+                   help="also encrypt data payloads (AES-256-GCM); every daemon of a run must agree "
+                        "(env PCCL_ENCRYPT=1)")
     p.add_argument("--log-level", default=os.environ.get("PCCL_LOG", "WARNING"))
     p.add_argument("--log-format", choices=logs.FORMATS, default=logs.default_format(),
                    help="text, or json: one object per line (env PCCL_LOG_FORMAT)")
@@ -566,6 +571,7 @@ async def _amain(args) -> int:
         tcp_only=args.tcp_only,
         io_threads={"on": True, "off": False}.get(args.io_threads),
         integrity=args.integrity == "on",
+        encrypt=args.encrypt,
         metrics=metrics,
     )
     _DAEMON.append(d)  # the log lines name its peer, rank and epoch from now on

@@ -160,7 +160,11 @@ class Stream(asyncio.BufferedProtocol):
             return
         else:
             if self._rx_seal is not None and self._state == _PAYLOAD:
-                self._rx_seal.absorb(self._view[self._pos:self._pos + nbytes])
+                got = self._view[self._pos:self._pos + nbytes]
+                if self._rx_seal.encrypting:
+                    self._rx_seal.crypt(got, got)  # decrypted in place
+                else:
+                    self._rx_seal.absorb(got)
             self._pos += nbytes
             self._advance()
         if self._pumped_rx:
@@ -202,10 +206,17 @@ class Stream(asyncio.BufferedProtocol):
             if n <= 0:  # pragma: no cover - every state arms a non-empty view
                 self._protocol_error(ProtocolError("bytes arrived while nothing was expected"))
                 return
-            if self._rx_seal is not None and st in _FRAME_BYTES:
-                self._rx_seal.absorb(stage[a:a + n])
+            seal = self._rx_seal
+            if seal is not None and st in _FRAME_BYTES:
+                if not seal.encrypting or st == _HEADER:
+                    seal.absorb(stage[a:a + n])
+                elif st == _DISCARD:
+                    seal.crypt(stage[a:a + n])  # (the plaintext is dropped; the tag still counts it)
             if st != _DISCARD:  # dropped bytes need not land anywhere
                 self._view[self._pos:self._pos + n] = stage[a:a + n]
+                if seal is not None and seal.encrypting and (st == _PAYLOAD or st == _CTRL_PAYLOAD):
+                    got = self._view[self._pos:self._pos + n]
+                    seal.crypt(got, got)
             self._pos += n
             a += n
             self._advance()
@@ -356,7 +367,7 @@ class Stream(asyncio.BufferedProtocol):
         if hello.seal != dp.seal:
             raise ProtocolError(f"peer {hello.peer_id!r} {_SEAL_WORDS[hello.seal]}, this daemon "
                                 f"{_SEAL_WORDS[dp.seal]}: start every daemon of the run with the same "
-                                "--integrity setting (env PCCL_INTEGRITY)")
+                                "--integrity and --encrypt settings (env PCCL_INTEGRITY, PCCL_ENCRYPT)")
         peer_streams = dp._accept_peer(hello)
         if peer_streams is None:
             raise ProtocolError(f"peer {hello.peer_id!r}: stream {hello.stream} rejected (duplicate or role clash)")
@@ -370,8 +381,9 @@ class Stream(asyncio.BufferedProtocol):
         self._established()
 
     def _keys(self, tx: bytes, rx: bytes) -> None:
-        if self.dp.seal == F.SEAL_TAG:
-            self._tx_seal, self._rx_seal = S.new_seal(tx, True), S.new_seal(rx, False)
+        if self.dp.seal != F.SEAL_NONE:
+            enc = self.dp.seal == F.SEAL_ENCRYPT
+            self._tx_seal, self._rx_seal = S.new_seal(tx, True, enc), S.new_seal(rx, False, enc)
 
     def _established(self) -> None:
         if self._hs_timer is not None:
@@ -692,8 +704,12 @@ class Stream(asyncio.BufferedProtocol):
         if seal is not None:
             seal.begin(self._tx_seq)
             self._tx_seq += 1
-            for part in parts:
-                seal.absorb(part)
+            seal.absorb(header)
+            if len(parts) > 1:
+                if seal.encrypting:  # ciphertext in a buffer of its own: the caller's memory is not ours
+                    parts = (header, seal.crypt(payload))
+                else:
+                    seal.absorb(payload)
             parts += (seal.tag(),)
         self._written += sum(_nbytes(p) for p in parts)
         if self._vectored:
@@ -708,7 +724,8 @@ def _nbytes(buf) -> int:
     return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
-_SEAL_WORDS = {F.SEAL_NONE: "sends frames without integrity tags", F.SEAL_TAG: "tags every frame"}
+_SEAL_WORDS = {F.SEAL_NONE: "sends frames without integrity tags", F.SEAL_TAG: "tags every frame",
+               F.SEAL_ENCRYPT: "tags every frame and encrypts payloads"}
 
 
 def _tune(sock, user_timeout: float) -> None:

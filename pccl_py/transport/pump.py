@@ -193,7 +193,11 @@ class Pump:
             if not got:
                 raise ConnectionResetError("the peer closed the connection in the middle of a payload")
             if seal is not None:
-                seal.absorb(view[pos:pos + got])
+                got_view = view[pos:pos + got]
+                if seal.encrypting:
+                    seal.crypt(got_view, got_view)
+                else:
+                    seal.absorb(got_view)
             pos += got
             if self._stop_flag[0]:
                 raise PumpStopped("the stream was closed")
@@ -211,8 +215,11 @@ class Pump:
             return
         bufs = [memoryview(header), memoryview(payload).cast("B")]
         if seal is not None:
-            for b in bufs:
-                seal.absorb(b)
+            seal.absorb(bufs[0])
+            if seal.encrypting:
+                bufs[1] = memoryview(seal.crypt(bufs[1]))
+            else:
+                seal.absorb(bufs[1])
             bufs.append(memoryview(seal.tag()))
         while bufs:
             try:

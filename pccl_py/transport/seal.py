@@ -3,10 +3,12 @@
 After the handshake, each direction of a connection has its own key (``wire.keys.link_keys``,
 from the run secret and both sides' fresh nonces) and counts its frames from 0. Frame ``n``
 is followed by a 16-byte tag: AES-256-GCM with IV ``n`` (8 bytes little-endian, 4 zero
-bytes), the frame's header and payload as associated data and nothing encrypted, i.e. a
-GMAC. The receiver absorbs the same bytes as they arrive and checks the tag before it acts
-on the frame, so a changed, dropped, replayed or reordered frame fails the check: its link
-is closed with a logged reason and the call fails with a typed error, never a wrong result.
+bytes) and the frame's header as associated data. The payload is associated data too (the
+tag is then a GMAC and nothing is encrypted), or, with encryption on, the GCM plaintext:
+it travels encrypted. The receiver absorbs (or decrypts) the bytes as they arrive and
+checks the tag before it acts on the frame, so a changed, dropped, replayed or reordered
+frame fails the check: its link is closed with a logged reason and the call fails with a
+typed error, never a wrong result.
 
 :func:`new_seal` gives the C seal of the native extension (OpenSSL's libcrypto, used with
 the GIL released by the I/O threads, see ``native/seal.h``) and otherwise
@@ -33,9 +35,10 @@ def iv(seq: int) -> bytes:
 class PySeal:
     """The seal of one direction through ``cryptography`` (the interface of the C ``Seal``)."""
 
-    def __init__(self, key: bytes, sending: bool):
+    def __init__(self, key: bytes, sending: bool, encrypting: bool = False):
         self._algorithm = algorithms.AES(bytes(key))
         self.sending = sending
+        self.encrypting = encrypting
         self._ctx = None
 
     def begin(self, seq: int) -> None:
@@ -46,6 +49,15 @@ class PySeal:
 
     def absorb(self, data) -> None:
         self._ctx.authenticate_additional_data(data)
+
+    def crypt(self, data, out=None):
+        """Payload bytes encrypted (sending) or decrypted: into ``out`` (as long as
+        ``data``; may be ``data``), else returned."""
+        res = self._ctx.update(bytes(data))
+        if out is None:
+            return res
+        memoryview(out).cast("B")[:] = res
+        return None
 
     def tag(self) -> bytes:
         if self._tag is None:
@@ -62,11 +74,11 @@ class PySeal:
         return True
 
 
-def new_seal(key: bytes, sending: bool):
+def new_seal(key: bytes, sending: bool, encrypting: bool = False):
     """The fastest seal this process has for one direction of a connection."""
     if Seal is not None and SEAL_UNAVAILABLE is None:
-        return Seal(key, sending)
-    return PySeal(key, sending)
+        return Seal(key, sending, encrypting)
+    return PySeal(key, sending, encrypting)
 
 
 def native(seal) -> bool:

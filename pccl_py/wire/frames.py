@@ -31,8 +31,9 @@ Handshake (acceptor = listening side, connector = dialling side)::
 
 Both proofs are checked with a constant-time compare; a wrong proof closes the
 connection with a logged reason. ``seal`` is SEAL_TAG (every frame after the handshake is
-followed by a 16-byte tag under keys derived from both nonces, see transport/seal.py) or
-SEAL_NONE; the acceptor refuses a connector whose choice differs from its own. Everything read off the wire goes through the
+followed by a 16-byte tag under keys derived from both nonces, see transport/seal.py),
+SEAL_ENCRYPT (the same, and payloads encrypted) or SEAL_NONE; the acceptor refuses a
+connector whose choice differs from its own. Everything read off the wire goes through the
 ``decode_*`` functions below, which raise :class:`ProtocolError` on anything off.
 """
 
@@ -72,8 +73,9 @@ WELCOME = 18
 FRAME_KINDS = (DATA, FIN, ERROR)
 # what follows each frame (HELLO's seal byte)
 SEAL_NONE = 0
-SEAL_TAG = 1
-SEALS = (SEAL_NONE, SEAL_TAG)
+SEAL_TAG = 1  # a tag over header and payload
+SEAL_ENCRYPT = 2  # a tag over the header, the payload encrypted
+SEALS = (SEAL_NONE, SEAL_TAG, SEAL_ENCRYPT)
 # FIN arguments: this peer is done; or (FIN_ALL) every peer of the call is done
 FIN_ALL = 1
 

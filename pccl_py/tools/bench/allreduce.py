@@ -158,6 +158,8 @@ def run_ours(args) -> list[dict]:
                 env["PCCL_IO_THREADS"] = args.io_threads
             if args.integrity is not None:
                 env["PCCL_INTEGRITY"] = args.integrity
+            if args.encrypt:
+                env["PCCL_ENCRYPT"] = "1"
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))
             time.sleep(0.05)
         return _collect(procs, args.timeout)
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                         "than 2 CPUs); see docs/dataplane.md")
     p.add_argument("--integrity", choices=["on", "off"], default=None,
                    help="frame tags on the data links (default: the daemons' default, on); off measures their cost")
+    p.add_argument("--encrypt", action="store_true", help="encrypted data payloads (measures their cost)")
     p.add_argument("--compare", choices=["gloo"], default=None)
     p.add_argument("--floor", action="store_true",
                    help="also time a daemon-free shared-memory all-reduce (the least memory traffic "
