@@ -2,6 +2,7 @@
 
 from pccl_py.errors import (
     Aborted,
+    AuthenticationFailed,
     CoordinatorUnavailable,
     DeadlineExceeded,
     Diverged,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aborted",
+    "AuthenticationFailed",
     "CoordinatorUnavailable",
     "DeadlineExceeded",
     "Diverged",

@@ -4,8 +4,8 @@ Families:
   * remote failure: something outside this process failed (``PeerLost``, ``Aborted``,
     ``SegmentLost``, ``CoordinatorUnavailable``, ``DeadlineExceeded``). Retrying on the
     new membership is the usual answer.
-  * caller misuse: ``InvalidUsage`` (and ``RevisionError``). Retrying the same call fails
-    the same way.
+  * caller misuse: ``InvalidUsage`` (and ``RevisionError``, ``AuthenticationFailed``).
+    Retrying the same call fails the same way.
   * bad input from the wire: ``ProtocolError``.
   * internal bug: ``InternalError``.
 
@@ -63,6 +63,13 @@ class Diverged(InvalidUsage):
     step (``sync_shared_state``)."""
 
 
+class AuthenticationFailed(InvalidUsage):
+    """The control plane's CURVE handshake with the coordinator failed: this process and
+    the one at the coordinator's address do not hold the same run secret (``PCCL_SECRET``),
+    or that process is not this run's coordinator. Retrying fails the same way until the
+    secrets match (or the run's coordinator is back on its address)."""
+
+
 class RevisionError(InvalidUsage):
     """A shared-state revision broke the rule 'exactly one more than the last sync'."""
 
@@ -86,6 +93,7 @@ _BY_NAME: dict[str, type[PcclError]] = {
         CoordinatorUnavailable,
         DeadlineExceeded,
         InvalidUsage,
+        AuthenticationFailed,
         Diverged,
         RevisionError,
         ProtocolError,

@@ -52,6 +52,9 @@ class Metrics:
             "pccl_recovery_seconds", "from a failed call to the next call that succeeds",
             buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0), registry=r)
         self.sync_bytes = pc.Counter("pccl_sync_bytes", "shared-state bytes received by syncs", registry=r)
+        self.rejected_connections = pc.Counter(
+            "pccl_rejected_connections", "control connections that failed the CURVE handshake, by reason "
+            "(wrong_secret, denied, no_curve, malformed, incomplete)", ["reason"], registry=r)
         self._failed_at: float | None = None
         self._states: set[str] = set()
         self._peers: set[str] = set()

@@ -14,6 +14,7 @@ import pytest
 from pccl_py.daemon.control_core import JOIN, LEAVE, Actions, ChannelState, ControlCore
 from pccl_py.errors import (
     Aborted,
+    AuthenticationFailed,
     CoordinatorUnavailable,
     DeadlineExceeded,
     InternalError,
@@ -27,16 +28,14 @@ from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s3cret"
 NOW = 1024.0  # powers of two below keep every time sum exact
-WALL = 1.7e9
 # no jitter: the pace of re-introductions is exact (0.125, 0.25, 0.5, 0.5, ...)
 BACKOFF = Backoff(initial=0.125, maximum=0.5, factor=2.0, jitter=0.0, deadline=float("inf"))
 S = ChannelState
 
 
 def make(peer_id: str = "p1", **kw) -> ControlCore:
-    opts = dict(group=3, data_addr=("127.0.0.1", 7001), secret=SECRET, coordinator="127.0.0.1:5555",
+    opts = dict(group=3, data_addr=("127.0.0.1", 7001), coordinator="127.0.0.1:5555",
                 heartbeat_interval=0.5, coordinator_timeout=3.0, backoff=BACKOFF)
     opts.update(kw)
     return ControlCore(peer_id, **opts)
@@ -77,7 +76,7 @@ def joined(core: ControlCore | None = None, now: float = NOW, epoch: int = 1,
            peers: tuple[str, ...] = ("p1",)) -> ControlCore:
     """A member of instance c1 at ``epoch``."""
     core = core or make()
-    core.connect(now, 5.0, wall=WALL)
+    core.connect(now, 5.0)
     core.on_message(now, welcome())
     d = core.on_message(now, topology(epoch, peers))
     apply(core, d.topology)
@@ -102,16 +101,14 @@ def hellos(d: Actions) -> list[dict]:
 
 def test_connect_registers_and_the_first_topology_admits():
     core = make()
-    d = core.connect(NOW, 5.0, wall=WALL)
+    d = core.connect(NOW, 5.0)
     assert core.state is S.PENDING and d.wait == JOIN and d.registering
     [hello] = wire(d)
     assert hello["type"] == "hello" and hello["peer_id"] == "p1" and hello["group"] == 3
     assert (hello["host"], hello["port"]) == ("127.0.0.1", 7001)
     assert hello["claim"] == "new" and hello["epoch"] == 0 and hello["ring_pos"] == -1
     assert hello["timeout"] == 5.0 and hello["revision"] == -1 and hello["instance"] == ""
-    assert hello["ts"] == WALL
-    assert protocol.check_proof(SECRET, "p1", hello["ts"], hello["proof"], WALL, 300.0) is None
-    assert protocol.check_proof(b"other", "p1", hello["ts"], hello["proof"], WALL, 300.0) is not None
+    assert "ts" not in hello and "proof" not in hello  # CURVE authenticates the connection
 
     d = core.on_message(NOW + 0.01, welcome(hb=0.25))
     assert core.instance == "c1" and core.coord_hb == 0.25
@@ -160,10 +157,10 @@ def test_connect_that_gives_up_announces_a_leave_and_goes_idle():
 def test_registration_refused_or_failed_by_the_coordinator():
     core = make()
     core.connect(NOW, 5.0)
-    d = core.on_message(NOW, msg("refused", reason="bad proof"))
+    d = core.on_message(NOW, msg("refused", reason="run is full (4096 peers)"))
     assert core.state is S.IDLE and d.level == logging.ERROR
     [(key, exc)] = d.fail
-    assert key == JOIN and isinstance(exc, InvalidUsage) and "bad proof" in str(exc)
+    assert key == JOIN and isinstance(exc, InvalidUsage) and "full" in str(exc)
 
     core.connect(NOW + 1, 5.0)
     d = core.on_message(NOW + 1, msg("error", req=0, error="DeadlineExceeded", message="not admitted in time"))
@@ -193,7 +190,7 @@ def test_silent_coordinator_is_reintroduced_at_the_pace_of_the_backoff():
     warnings = 0
     for k in range(1, 73):  # 4.5 s of ticks, the coordinator silent throughout
         now = NOW + k * step
-        d = core.tick(now, wall=WALL + k * step)
+        d = core.tick(now)
         assert types(d)[0] == "heartbeat"
         warnings += "re-introducing until it answers" in d.reason
         for h in hellos(d):
@@ -234,6 +231,49 @@ def test_wait_expired_blames_the_coordinator_only_when_it_is_silent():
     exc = core.wait_expired(NOW + 1.0, "are_peers_pending")
     assert type(exc) is DeadlineExceeded and str(exc).startswith("are_peers_pending:")
     assert isinstance(core.wait_expired(NOW + 1.3, "connect"), CoordinatorUnavailable)  # > 2.5 x 0.5 s
+
+
+# ---------------------------------------------------------------------- failed CURVE handshakes
+
+REFUSED = "the coordinator at 127.0.0.1:5555 refused this daemon's credentials: is PCCL_SECRET the same on both?"
+
+
+def test_a_registering_connect_fails_typed_after_two_failed_handshakes_not_at_its_deadline():
+    core = make(redial_backoff=Backoff(initial=0.125, maximum=0.5, factor=2.0, jitter=0.0, deadline=float("inf")))
+    core.connect(NOW, 30.0)
+    d = core.handshake_failed(NOW + 0.01, REFUSED)
+    assert d.fail == [] and core.state is S.PENDING  # one may be a coordinator going down mid-handshake
+    assert d.redial == 0.125 and d.level == logging.WARNING and REFUSED in d.reason
+    d = core.handshake_failed(NOW + 0.2, REFUSED)
+    [(key, exc)] = d.fail
+    assert key == JOIN and type(exc) is AuthenticationFailed and str(exc) == REFUSED
+    assert isinstance(exc, InvalidUsage)  # retrying fails the same way until the secrets match
+    assert core.state is S.IDLE and d.out == [] and d.redial == 0.25
+    assert d.level == logging.INFO  # the warning went out with the first failure
+    # a later connect() fails at the next failed handshake: the count carries over
+    core.connect(NOW + 1, 30.0)
+    assert type(core.handshake_failed(NOW + 1.1, REFUSED).fail[0][1]) is AuthenticationFailed
+    assert isinstance(core.wait_expired(NOW + 2, "connect"), CoordinatorUnavailable)
+    assert REFUSED in str(core.wait_expired(NOW + 2, "connect"))
+
+
+def test_a_member_keeps_its_membership_through_failed_handshakes_and_warns_every_ten_seconds():
+    core = joined(epoch=3, peers=("p0", "p1"))
+    warned = []
+    for k in range(60):  # an impostor on the coordinator's address for 30 s
+        now = NOW + 0.5 * k
+        d = core.handshake_failed(now, REFUSED)
+        assert d.fail == [] and d.redial is not None and d.redial <= 1.2  # 1 s, jittered
+        if d.level >= logging.WARNING:
+            warned.append((now, d.reason))
+    assert core.state is S.ACCEPTED and core.topology.epoch == 3
+    assert [w[0] - NOW for w in warned] == [0.0, 10.0, 20.0]
+    assert warned[1][1].endswith("(20 failed handshakes in the last 10 s)")
+    d = core.handshake_succeeded(NOW + 31)  # the run's coordinator is back
+    assert d.level == logging.INFO and "succeeded after 60" in d.reason
+    assert core.handshake_failures == 0
+    d = core.handshake_failed(NOW + 32, REFUSED)
+    assert d.level == logging.WARNING and d.redial < 0.2  # a new episode: warned at once, dialed soon
 
 
 # ---------------------------------------------------------------------- coordinator restarts
@@ -385,7 +425,7 @@ def test_removed_fails_everything_then_connect_takes_a_new_peer_id():
         core.sync_send(NOW, DONE)
     assert core.report_failure("p0", "x", 1).out == []
 
-    d = core.connect(NOW + 1, 5.0, wall=WALL)
+    d = core.connect(NOW + 1, 5.0)
     assert re.fullmatch(r"p1~[0-9a-f]{6}", core.peer_id) and d.renamed == core.peer_id
     assert core.state is S.PENDING and core.topology is None and core.instance == ""
     [hello] = wire(d)

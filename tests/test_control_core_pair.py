@@ -18,14 +18,12 @@ from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s3cret"
 NOW = 1024.0
-WALL = 1.7e9
 S = ChannelState
 
 
 def make(peer_id: str) -> ControlCore:
-    return ControlCore(peer_id, group=0, data_addr=("127.0.0.1", 7001), secret=SECRET,
+    return ControlCore(peer_id, group=0, data_addr=("127.0.0.1", 7001),
                        backoff=Backoff(initial=0.125, maximum=0.5, jitter=0.0, deadline=float("inf")))
 
 
@@ -44,21 +42,21 @@ class Pair:
 
     def _coordinator(self, instance: str, grace: float) -> Membership:
         cfg = MembershipConfig(recovery_grace=grace, heartbeat_deadline=30.0)
-        return Membership(self.now, secret=SECRET, config=cfg, instance=instance, seed=1)
+        return Membership(self.now, config=cfg, instance=instance, seed=1)
 
     def restart(self, grace: float) -> None:
         self.coord = self._coordinator("c2", grace)
 
     def to_coord(self, pid: str, d: Actions) -> None:
         for m in wire(d):
-            self.to_daemons(self.coord.on_message(self.now, pid, m, wall=WALL))
+            self.to_daemons(self.coord.on_message(self.now, pid, m))
 
     def to_daemons(self, d) -> None:
         for pid, m in d.out:
             if pid not in self.cores:  # a connection that is gone: nobody reads it
                 continue
             m = protocol.decode(protocol.encode_msg(m))
-            step = self.cores[pid].on_message(self.now, m, wall=WALL)
+            step = self.cores[pid].on_message(self.now, m)
             self.to_coord(pid, step)
             if step.topology is not None:  # what the shell's apply loop does
                 self.cores[pid].adopt(step.topology)
@@ -69,15 +67,15 @@ class Pair:
         while self.now < end:
             self.now += 0.125
             for pid, core in self.cores.items():
-                self.to_coord(pid, core.tick(self.now, wall=WALL))
+                self.to_coord(pid, core.tick(self.now))
             self.to_daemons(self.coord.tick(self.now))
 
 
 def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
     pair = Pair("a", "b", "c")
-    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0, wall=WALL))
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0))
     for pid in ("b", "c"):
-        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0, wall=WALL))
+        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0))
         for voter in [p for p, core in pair.cores.items() if core.state is S.ACCEPTED]:
             pair.to_coord(voter, pair.cores[voter].vote(pair.now, 5.0))
     epoch = pair.cores["a"].topology.epoch
@@ -107,8 +105,8 @@ def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
 
 def test_peer_that_misses_the_window_rejoins_as_pending_and_is_voted_in():
     pair = Pair("a", "b")
-    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0, wall=WALL))
-    pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0, wall=WALL))
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0))
+    pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0))
     pair.to_coord("a", pair.cores["a"].vote(pair.now, 5.0))
     assert pair.cores["b"].state is S.ACCEPTED
 
@@ -127,9 +125,9 @@ def test_peer_that_misses_the_window_rejoins_as_pending_and_is_voted_in():
 
 def formed(*pids: str) -> Pair:
     pair = Pair(*pids)
-    pair.to_coord(pids[0], pair.cores[pids[0]].connect(pair.now, 5.0, wall=WALL))
+    pair.to_coord(pids[0], pair.cores[pids[0]].connect(pair.now, 5.0))
     for pid in pids[1:]:
-        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0, wall=WALL))
+        pair.to_coord(pid, pair.cores[pid].connect(pair.now, 5.0))
         for voter in [p for p, core in pair.cores.items() if core.state is S.ACCEPTED]:
             pair.to_coord(voter, pair.cores[voter].vote(pair.now, 5.0))
     assert all(core.state is S.ACCEPTED for core in pair.cores.values())
@@ -149,7 +147,7 @@ def test_answers_lost_with_the_closed_connections_come_again_after_the_resends()
     pair.to_coord("c", votes["c"])
     for pid in ("a", "b"):
         for m in wire(votes[pid]):
-            d = pair.coord.on_message(pair.now, pid, m, wall=WALL)
+            d = pair.coord.on_message(pair.now, pid, m)
     pair.to_daemons(Decision([(conn, m) for conn, m in d.out if conn == "c"], ""))
     assert not pair.coord.votes  # the round is complete on the coordinator's side
     assert pair.settled["c"] == [(JOIN, pair.cores["c"].topology), (votes["c"].wait, pair.cores["c"].topology)]
@@ -184,11 +182,11 @@ def test_what_comes_under_a_renamed_connection_is_asked_for_again():
     pair = formed("a", "b")
     lost = pair.cores["a"].vote(pair.now, 30.0)
     for m in wire(lost):
-        assert pair.coord.on_message(pair.now, "tmp-a", m, wall=WALL).out[0][1]["type"] == "reset"
+        assert pair.coord.on_message(pair.now, "tmp-a", m).out[0][1]["type"] == "reset"
     pair.now += 1.0
-    hello = pair.cores["a"].on_message(pair.now, {"type": "reset", "instance": "c1", "reason": "test"}, wall=WALL)
+    hello = pair.cores["a"].on_message(pair.now, {"type": "reset", "instance": "c1", "reason": "test"})
     for m in wire(hello):  # an earlier hello, also on the old connection
-        pair.coord.on_message(pair.now, "tmp-a", m, wall=WALL)
+        pair.coord.on_message(pair.now, "tmp-a", m)
     assert pair.coord.peers["a"].conn == "tmp-a"
     other = pair.cores["b"].vote(pair.now, 30.0)
     pair.to_coord("b", other)

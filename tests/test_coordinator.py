@@ -26,8 +26,9 @@ import uvloop
 import zmq
 
 from pccl_py.daemon.control import ControlChannel
-from pccl_py.errors import CoordinatorUnavailable, InvalidUsage, PeerLost
+from pccl_py.errors import AuthenticationFailed, CoordinatorUnavailable, InvalidUsage, PeerLost
 from pccl_py.tools.status import query_status
+from pccl_py.transport.zmq_io import curve_client
 from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -187,7 +188,7 @@ def links():
 async def wait_registered(addr: str, peer_ids: list[str], timeout: float = 10) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        st = await query_status(addr, 5)
+        st = await query_status(addr, 5, secret=SECRET.encode())
         if set(peer_ids) <= {m["peer_id"] for m in st["members"]}:
             return st
         assert time.monotonic() < deadline, f"{peer_ids} never registered: {st}"
@@ -364,7 +365,7 @@ async def test_coordinator_restart_keeps_members_and_epoch_moves_on(coordinator,
     for v in votes:
         await v
     assert (await join).world_size == 4
-    st = await query_status(coord.addr, 5)
+    st = await query_status(coord.addr, 5, secret=SECRET.encode())
     assert st["epoch"] == ls[0].topology.epoch and not st["recovering"]
 
 
@@ -436,7 +437,7 @@ async def test_frozen_coordinator_loop_resumes_at_once_and_short_calls_fail_unav
         for t in loops:
             t.cancel()
         await asyncio.wait(loops, timeout=2)
-    st = await query_status(coord.addr, 5)
+    st = await query_status(coord.addr, 5, secret=SECRET.encode())
     assert st["epoch"] == epoch, coord.log_text()
     assert sorted(m["peer_id"] for m in st["members"] if m["state"] == "accepted") == ["p0", "p1", "p2"]
     assert all(link.state == "accepted" and link.topology.epoch == epoch and not link.aborts for link in ls)
@@ -453,7 +454,7 @@ async def test_calls_fail_with_coordinator_unavailable_not_hang(links):
         await link.connect(1.0)
     assert time.monotonic() - t0 < 3
     with pytest.raises(CoordinatorUnavailable):
-        await query_status(addr, 0.5)
+        await query_status(addr, 0.5, secret=SECRET.encode())
 
 
 @on_uvloop
@@ -472,15 +473,21 @@ async def test_calls_while_coordinator_is_gone_fail_at_their_deadline(coordinato
 
 
 @on_uvloop
-async def test_wrong_secret_is_refused(coordinator, links):
+async def test_wrong_secret_is_refused_with_a_typed_error_before_the_deadline(coordinator, links):
     coord = coordinator("--recovery-grace", "0.2")
+    a = await links(coord.addr, "a")
+    await a.connect(10)
     intruder = await links(coord.addr, "intruder", secret="wrong")
-    with pytest.raises(InvalidUsage, match="secret"):
+    t0 = time.monotonic()
+    with pytest.raises(AuthenticationFailed, match=f"coordinator at {coord.addr} refused this daemon's "
+                       "credentials.*is PCCL_SECRET the same on both"):
         await intruder.connect(5)
-    await asyncio.sleep(0.2)
-    assert "refused" in coord.log_text()
-    st = await query_status(coord.addr, 5)
-    assert st["members"] == []
+    assert time.monotonic() - t0 < 2.5, "failed at the deadline, not when the handshake failed"
+    assert intruder.state == "idle"
+    await until(lambda: "failed authentication" in coord.log_text(), 3, "the coordinator's summary")
+    st = await query_status(coord.addr, 5, secret=SECRET.encode())
+    assert [m["peer_id"] for m in st["members"]] == ["a"]
+    assert (await a.update_topology(5)).world_size == 1
 
 
 @on_uvloop
@@ -512,7 +519,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
         return msgpack.packb({"type": mtype, "v": protocol.VERSION, **fields}, use_bin_type=True)
 
     good = protocol.encode("status_q", req=1)
-    hello_as_p1 = dict(peer_id="p1", group=0, host="1.2.3.4", port=1, ts=time.time(), proof=b"\0" * 32,
+    hello_as_p1 = dict(peer_id="p1", group=0, host="1.2.3.4", port=1,
                        claim="accepted", epoch=99, ring_pos=0, revision=0, instance="", timeout=0.0)
     junk = [
         b"", b"\x00\xff garbage", good[:-2], good + b"tail", raw("status_q", req="one"),
@@ -523,9 +530,11 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
         protocol.encode("hello", **hello_as_p1),  # a stolen id without the secret
     ]
     socks = []
-    for i, blob in enumerate(junk):
+    for i, blob in enumerate(junk * 2):
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        if i < len(junk):  # from a process with the secret (a buggy member); then from strangers
+            curve_client(s, SECRET.encode())
         s.connect(f"tcp://{coord.addr}")
         s.send(blob)
         socks.append(s)
@@ -533,6 +542,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
             s.send_multipart([b"a", b"b", b"c"])
     big = ctx.socket(zmq.DEALER)  # over MAXMSGSIZE: zmq closes that connection
     big.setsockopt(zmq.LINGER, 0)
+    curve_client(big, SECRET.encode())
     big.connect(f"tcp://{coord.addr}")
     big.send(b"\x00" * (protocol.MAX_MESSAGE + 10))
     socks.append(big)
@@ -543,24 +553,26 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
     for s in socks:
         s.close(linger=0)
     assert coord.proc.poll() is None and coord.proc.pid == pid_before, coord.log_text()
-    st = await query_status(coord.addr, 5)
+    st = await query_status(coord.addr, 5, secret=SECRET.encode())
     assert st["epoch"] == epoch and sorted(m["peer_id"] for m in st["members"]) == ["p0", "p1"]
     assert a.topology.epoch == epoch and b.topology.epoch == epoch
     v = asyncio.create_task(a.update_topology(10))
     assert (await b.update_topology(10)).epoch == epoch
     await v
     assert "bad input" in coord.log_text()
+    await until(lambda: "failed authentication" in coord.log_text(), 3, "the strangers' summary")
 
 
 def test_status_cli(coordinator):
     coord = coordinator("--recovery-grace", "0.2")
-    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr, "--json"],
+    out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr, "--json",
+                          "--secret", SECRET],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["members"] == [] and "instance" in st
     out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+                         capture_output=True, text=True, env={**ENV, "PCCL_SECRET": SECRET}, cwd=ROOT, timeout=30)
     assert out.returncode == 0 and "epoch" in out.stdout and "(no peers)" in out.stdout
     out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", f"127.0.0.1:{free_port()}",
                           "--timeout", "0.3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
@@ -570,7 +582,8 @@ def test_status_cli(coordinator):
 def test_status_watch_refreshes_and_rides_out_a_silent_coordinator(coordinator):
     coord = coordinator("--recovery-grace", "0.2")
     out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", coord.addr, "--watch",
-                          "0.2", "--count", "3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+                          "0.2", "--count", "3", "--secret", SECRET], capture_output=True, text=True, env=ENV,
+                         cwd=ROOT, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("pccl status --watch 0.2") == 3 and out.stdout.count("(no peers)") == 3
     out = subprocess.run([sys.executable, "-m", "pccl_py.tools.status", "--coordinator", f"127.0.0.1:{free_port()}",

@@ -14,17 +14,15 @@ from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s3cret"
 CFG = MembershipConfig(recovery_grace=0.0)
 
 
 class Sim:
     """A coordinator core plus fake peers; every message crosses the real codec."""
 
-    def __init__(self, cfg: MembershipConfig = CFG, now: float = 1000.0, secret: bytes = SECRET):
+    def __init__(self, cfg: MembershipConfig = CFG, now: float = 1000.0):
         self.now = now
-        self.secret = secret
-        self.core = Membership(now, secret=secret, config=cfg, seed=1)
+        self.core = Membership(now, config=cfg, seed=1)
         self.inbox: dict[object, list[dict]] = {}
         self.topos: dict[str, list[dict]] = {}  # peer_id -> topology messages received
         self.conn_of: dict[str, object] = {}
@@ -50,13 +48,10 @@ class Sim:
         return self.inbox.get(conn, [])[start:]
 
     def hello(self, pid: str, group: int = 0, claim: str = "new", epoch: int = 0, ring_pos: int = -1,
-              revision: int = -1, timeout: float = 0.0, secret: bytes | None = None, conn=None,
-              ts: float | None = None) -> list[dict]:
-        ts = self.now if ts is None else ts
-        proof = protocol.hello_proof(self.secret if secret is None else secret, pid, ts)
+              revision: int = -1, timeout: float = 0.0, conn=None) -> list[dict]:
         self._n += 1
         return self.send(pid, "hello", conn=conn, peer_id=pid, group=group, host="127.0.0.1",
-                         port=20000 + self._n, ts=ts, proof=proof, claim=claim, epoch=epoch,
+                         port=20000 + self._n, claim=claim, epoch=epoch,
                          ring_pos=ring_pos, revision=revision, instance="", timeout=timeout)
 
     def vote(self, pid: str, req: int | None = None, timeout: float = 0.0) -> list[dict]:
@@ -294,8 +289,7 @@ def test_a_repeated_vote_is_answered_again_not_counted_again():
 
 
 def _hello_fields(sim: Sim, pid: str) -> dict:
-    proof = protocol.hello_proof(sim.secret, pid, sim.now)
-    return dict(peer_id=pid, group=0, host="127.0.0.1", port=20099, ts=sim.now, proof=proof, claim="accepted",
+    return dict(peer_id=pid, group=0, host="127.0.0.1", port=20099, claim="accepted",
                 epoch=sim.core.epoch, ring_pos=-1, revision=-1, instance=sim.core.instance, timeout=0.0)
 
 
@@ -488,13 +482,13 @@ def test_pending_connect_deadline():
     assert sim.hello("b")[0]["state"] == "pending"  # may try again with the same id
 
 
-def test_auth_refusals():
-    sim = Sim()
-    out = sim.hello("a", secret=b"wrong")
-    assert out[0]["type"] == "refused" and "secret" in out[0]["reason"]
-    out = sim.hello("a", ts=sim.now - 500)
-    assert out[0]["type"] == "refused" and "timestamp" in out[0]["reason"]
-    assert not sim.core.peers
+def test_refusals():
+    """The transport authenticates (CURVE): the core refuses a hello only when the run is full."""
+    sim = Sim(MembershipConfig(recovery_grace=0.0, max_peers=1))
+    assert sim.hello("a")[0]["type"] == "welcome"
+    out = sim.hello("b")
+    assert out[0]["type"] == "refused" and "full" in out[0]["reason"]
+    assert list(sim.core.peers) == ["a"]
     # a stranger's non-hello is asked to introduce itself
     out = sim.send("zz", "vote", req=1, timeout=0.0)
     assert out[0]["type"] == "reset"
@@ -729,7 +723,7 @@ class MembershipMachine(RuleBasedStateMachine):
     def restart_coordinator(self):
         """A new core; every live peer re-introduces itself with what it knows."""
         old = self.sim.core
-        self.sim.core = Membership(self.sim.now, secret=SECRET, config=self.cfg, seed=2)
+        self.sim.core = Membership(self.sim.now, config=self.cfg, seed=2)
         self.sim.inbox.clear()
         self.votes_open.clear()  # their vote requests are resent by the link; here: dropped
         for s in sorted(self.alive):

@@ -9,7 +9,6 @@ from pccl_py.wire import control as protocol
 
 pytestmark = pytest.mark.timeout(30)
 
-SECRET = b"s"
 H1, H2, H3 = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
 
 
@@ -18,7 +17,7 @@ class Sim:
 
     def __init__(self, cfg: MembershipConfig | None = None):
         self.now = 100.0
-        self.core = Membership(self.now, secret=SECRET, config=cfg or MembershipConfig(recovery_grace=0.0), seed=1)
+        self.core = Membership(self.now, config=cfg or MembershipConfig(recovery_grace=0.0), seed=1)
         self.inbox: dict[str, list[dict]] = {}
         self.port = 30000
 
@@ -33,8 +32,7 @@ class Sim:
 
     def hello(self, pid: str, claim: str = "new", revision: int = -1, epoch: int = 0, ring_pos: int = -1) -> None:
         self.port += 1
-        self.send(pid, "hello", peer_id=pid, group=0, host="127.0.0.1", port=self.port, ts=self.now,
-                  proof=protocol.hello_proof(SECRET, pid, self.now), claim=claim, epoch=epoch,
+        self.send(pid, "hello", peer_id=pid, group=0, host="127.0.0.1", port=self.port, claim=claim, epoch=epoch,
                   ring_pos=ring_pos, revision=revision, instance="", timeout=0.0)
 
     def join(self, *pids: str) -> None:

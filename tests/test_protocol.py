@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def good_hello(**over):
-    fields = dict(peer_id="a", group=0, host="127.0.0.1", port=5, ts=1.5, proof=b"x" * 32, claim="new",
+    fields = dict(peer_id="a", group=0, host="127.0.0.1", port=5, claim="new",
                   epoch=0, ring_pos=-1, revision=-1, instance="", timeout=0.0)
     fields.update(over)
     return fields
@@ -75,7 +75,8 @@ def test_roundtrip_every_type_from_schema():
         (raw("hello", **good_hello()) + b"\x00", "undecodable"),  # trailing bytes
         (msgpack.packb([1, 2, 3]), "must be a map"),
         (raw("nope"), "unknown message type"),
-        (raw("hello", v=1, **good_hello()), "version"),  # the previous version
+        (raw("hello", v=protocol.VERSION - 1, **good_hello()), "version"),  # the previous version
+        (raw("hello", v=3, **good_hello(ts=1.5, proof=b"x" * 32)), "version"),  # v3's hello, proof and all
         (raw("hello", v=protocol.VERSION + 1, **good_hello()), "version"),
         (raw("hello", v=True, **good_hello()), "version"),
         (raw("hello", **good_hello(port="5")), "must be an int"),
@@ -83,8 +84,8 @@ def test_roundtrip_every_type_from_schema():
         (raw("hello", **good_hello(group=True)), "must be an int"),
         (raw("hello", **good_hello(claim="boss")), "not one of"),
         (raw("hello", **good_hello(peer_id="x" * 129)), "longer"),
-        (raw("hello", **good_hello(ts=float("nan"))), "finite"),
-        (raw("hello", **good_hello(proof=b"x" * 65)), "longer"),
+        (raw("hello", **good_hello(timeout=float("nan"))), "finite"),
+        (raw("hello", **good_hello(ts=1.5, proof=b"x" * 32)), "unknown fields"),  # v3's proof is gone
         (raw("hello", **good_hello(extra=1)), "unknown fields"),
         (raw("heartbeat", activity=None, epoch=1), "missing field"),
         (raw("heartbeat", activity=None, epoch=-1, revision=0, tx=0, rx=0), "below"),
@@ -114,14 +115,6 @@ def test_encode_refuses_what_decode_would_refuse():
         protocol.encode("vote", req=-1, timeout=0)
     with pytest.raises(ProtocolError):
         protocol.encode("bogus")
-
-
-def test_hello_proof():
-    p = protocol.hello_proof(b"k", "a", 100.0)
-    assert protocol.check_proof(b"k", "a", 100.0, p, 101.0, 30.0) is None
-    assert "secret" in protocol.check_proof(b"other", "a", 100.0, p, 101.0, 30.0)
-    assert "secret" in protocol.check_proof(b"k", "b", 100.0, p, 101.0, 30.0)
-    assert "timestamp" in protocol.check_proof(b"k", "a", 100.0, p, 200.0, 30.0)
 
 
 @settings(max_examples=400, deadline=None)

@@ -7,8 +7,11 @@ owns no sockets, no tasks and no clocks, so every decision is a pure function of
 the inputs and ``now`` and can be tested exhaustively.
 
 ``conn`` is an opaque hashable id the I/O layer gives each connection (the zmq
-ROUTER routing id). ``peer_id`` is the peer's stable name, which it keeps across
-reconnects and coordinator restarts.
+ROUTER routing id). Only connections that completed the CURVE handshake with the run's
+keys exist for this core (the I/O layer authenticates them), so a routing id, though
+chosen by the client and sent in clear, is claimable only by a holder of the run secret.
+``peer_id`` is the peer's stable name, which it keeps across reconnects and coordinator
+restarts.
 
 States of a peer (one enum, see docs/membership.md):
 
@@ -31,7 +34,6 @@ from typing import Any
 
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost, refusal
-from pccl_py.wire.control import check_proof
 
 Conn = Hashable
 Msg = dict[str, Any]
@@ -55,7 +57,6 @@ class MembershipConfig:
     reconnect_allowance: float = 1.0  # extra time after its connection closed (zmq reconnects)
     mismatch_grace: float = 2.0  # voters vs. a peer busy elsewhere, before InvalidUsage
     recovery_grace: float = 1.5  # after a (re)start: accepted peers re-introduce themselves
-    auth_window: float = 300.0  # allowed |clock skew| of a hello timestamp
     removed_memory: float = 3600.0  # how long a removed peer_id is remembered
     max_peers: int = 4096
     max_removed: int = 65536
@@ -118,13 +119,11 @@ class Membership:
         self,
         now: float,
         *,
-        secret: bytes = b"",
         config: MembershipConfig | None = None,
         instance: str | None = None,
         seed: int | None = None,
     ) -> None:
         self.cfg = config or MembershipConfig()
-        self.secret = secret
         self.instance = instance or secrets.token_hex(8)
         self.started = now
         self.epoch = 0
@@ -225,8 +224,9 @@ class Membership:
 
     # ------------------------------------------------------------------ inputs
 
-    def on_message(self, now: float, conn: Conn, msg: Msg, *, wall: float | None = None) -> Decision:
-        """A validated message from ``conn``. ``wall`` is wall-clock time (for hello freshness)."""
+    def on_message(self, now: float, conn: Conn, msg: Msg) -> Decision:
+        """A validated message from ``conn``, a connection that completed the CURVE handshake
+        with the run's keys (the transport authenticates; this core trusts what arrives)."""
         self._step = _Step()
         self._compensate_stall(now)
         mtype = msg["type"]
@@ -234,7 +234,7 @@ class Membership:
             self._send(conn, self.status(now, msg["req"]))
             self._why("status")
         elif mtype == "hello":
-            self._on_hello(now, conn, msg, now if wall is None else wall)
+            self._on_hello(now, conn, msg)
         else:
             pid = self.by_conn.get(conn)
             peer = self.peers.get(pid) if pid is not None else None
@@ -378,13 +378,8 @@ class Membership:
 
     # ------------------------------------------------------------------ handlers
 
-    def _on_hello(self, now: float, conn: Conn, msg: Msg, wall: float) -> None:
+    def _on_hello(self, now: float, conn: Conn, msg: Msg) -> None:
         pid = msg["peer_id"]
-        bad = check_proof(self.secret, pid, msg["ts"], msg["proof"], wall, self.cfg.auth_window)
-        if bad is not None:
-            self._send(conn, {"type": "refused", "reason": bad})
-            self._why(f"hello from {pid!r} refused: {bad}")
-            return
         if pid in self.removed:
             self._send(conn, _removed(pid, self.removed[pid][1]))
             self._why(f"hello from removed peer {pid}: told it was removed")

@@ -7,6 +7,14 @@ A timer ticks the core; a socket monitor reports closed connections, which the
 core answers with a probe. Malformed input is logged (rate-limited) and dropped;
 the connection that sent it is ignored from then on (a member that does so is
 removed), and nobody else notices.
+
+The ROUTER is a CURVE server with the coordinator key pair derived from the run secret,
+and its ZAP handler (:mod:`pccl_py.transport.zap`) admits only the member key: a process
+without the secret cannot complete a handshake, so nothing it sends reaches the core, and
+every message of a connection that did is authenticated and encrypted with keys of that
+connection. The monitor also reports failed handshakes: they are counted
+(:mod:`pccl_py.coordinator.handshakes`, ``pccl_rejected_connections_total{reason}``) and
+summarised in the log at most once per ``reject_summary_every`` seconds.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -27,11 +35,24 @@ from zmq.utils.monitor import parse_monitor_message
 
 from pccl_py import logs
 from pccl_py.coordinator.decision import Decision
+from pccl_py.coordinator.handshakes import Handshakes
 from pccl_py.coordinator.membership import Membership, MembershipConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
 from pccl_py.metrics import Metrics
-from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, close_monitored, parse_addr
+from pccl_py.transport.addresses import is_loopback
+from pccl_py.transport.zap import ZapHandler
+from pccl_py.transport.zmq_io import (
+    DEFAULT_COORDINATOR_PORT,
+    HANDSHAKE_EVENTS,
+    HANDSHAKE_FAILED,
+    ZmqPump,
+    close_monitored,
+    curve_server,
+    parse_addr,
+    server_reject_reason,
+)
 from pccl_py.wire import control as protocol
+from pccl_py.wire import keys
 
 log = logging.getLogger("pccl.coordinator")
 
@@ -39,21 +60,48 @@ TICK = 0.05  # seconds between timer ticks of the core
 METRICS_EVERY = 1.0  # seconds between updates of the served metrics
 MAX_BAD_CONNS = 4096  # connections remembered as sending garbage
 MAX_FD_MAP = 65536
+REJECT_SUMMARY_EVERY = 10.0  # seconds between log lines about failed handshakes
+MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS
+
+
+def unprotected(host: str, secret: bytes) -> str | None:
+    """The warning for a coordinator listening on ``host`` with ``secret``, if it needs one:
+    with an empty secret every key is public (pccl_py/wire/keys.py), which is only fine on
+    this machine's loopback."""
+    if secret or is_loopback(host):
+        return None
+    return (f"the run secret is empty and this coordinator listens on {host or 'every interface'}, "
+            "not a loopback address: the run is unprotected (anyone who can reach this port or a "
+            "peer's can join the run, pose as its coordinator or read its traffic); give every "
+            "process of the run the same PCCL_SECRET (e.g. openssl rand -hex 16)")
+
+
+def _peer_ip(fd: int) -> str:
+    """The remote address of the TCP connection on ``fd`` (zmq's, just accepted), or "" if
+    it is already gone. A duplicate of the descriptor is asked and closed: zmq's stays open."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            return str(s.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return ""
 
 
 class Coordinator:
     """One coordinator process's I/O around a :class:`Membership` core."""
 
     def __init__(self, listen: str, *, secret: bytes = b"", config: MembershipConfig | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, reject_summary_every: float = REJECT_SUMMARY_EVERY):
         self.metrics = metrics  # None: nothing is counted
         self._metrics_at = 0.0
         self.host, self.port = parse_addr(listen)
         self.secret = secret
         self.config = config or MembershipConfig()
         self.loop = asyncio.get_running_loop()
-        self.core = Membership(self.loop.time(), secret=secret, config=self.config)
-        self._ctx = zmq.Context.instance()
+        self.core = Membership(self.loop.time(), config=self.config)
+        self.handshakes = Handshakes(reject_summary_every)
+        # a context of its own: the ZAP endpoint is per context (pccl_py/transport/zap.py)
+        self._ctx: zmq.Context | None = None
+        self._zap: ZapHandler | None = None
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
@@ -65,7 +113,15 @@ class Coordinator:
 
     async def start(self) -> str:
         """Bind and start; returns the bound 'host:port' (port 0 picks a free one)."""
+        self._ctx = zmq.Context()
+        try:  # the handler first: a CURVE server without one admits any client key
+            self._zap = ZapHandler(self._ctx, keys.curve_keypair(self.secret, "member")[0])
+        except zmq.ZMQError as exc:
+            self._ctx.term()
+            self._ctx = None
+            raise InvalidUsage(f"cannot start the coordinator's authentication handler: {exc}") from None
         sock = self._ctx.socket(zmq.ROUTER)
+        curve_server(sock, self.secret)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer's new socket with the same id takes over
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)  # bigger frames close the connection
@@ -80,9 +136,12 @@ class Coordinator:
                 sock.bind(f"tcp://{self.host}:{self.port}")
         except zmq.ZMQError as exc:
             sock.close()
+            self._zap.close()
+            self._ctx.term()
+            self._zap = self._ctx = None
             raise InvalidUsage(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         self._sock = sock
-        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._mon = sock.get_monitor_socket(MONITORED)
         self._pump = ZmqPump(sock, self._on_frames)
         self._mon_pump = ZmqPump(self._mon, self._on_monitor, copy=True)
         self._ticker = self.loop.create_task(self._tick_loop(), name="pccl-coordinator-tick")
@@ -92,6 +151,9 @@ class Coordinator:
             self.core.instance, self.host, self.port, self.config.heartbeat_interval,
             self.config.heartbeat_deadline, self.config.probe_timeout, self.config.recovery_grace,
         )
+        warning = unprotected(self.host, self.secret)
+        if warning is not None:
+            log.warning("%s", warning)
         return f"{self.host}:{self.port}"
 
     async def close(self) -> None:
@@ -104,6 +166,12 @@ class Coordinator:
                 pump.close()
         close_monitored(self._sock, self._mon, 0)
         self._sock = self._mon = None
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+        if self._ctx is not None:
+            self._ctx.term()  # every socket of it is closed: returns at once
+            self._ctx = None
 
     # ------------------------------------------------------------------ input
 
@@ -115,6 +183,7 @@ class Coordinator:
             return
         with contextlib.suppress(zmq.ZMQError, TypeError, AttributeError):
             fd = frames[-1].get(zmq.SRCFD)
+            self.handshakes.talked(fd)
             if self._fd_conn.get(fd) != conn:
                 self._fd_conn[fd] = conn
                 self._fd_conn.move_to_end(fd)
@@ -129,7 +198,7 @@ class Coordinator:
         except ProtocolError as exc:
             self._reject(now, conn, str(exc))
             return
-        self._apply(self.core.on_message(now, conn, msg, wall=time.time()))
+        self._apply(self.core.on_message(now, conn, msg))
 
     def _reject(self, now: float, conn: bytes, why: str) -> None:
         self.stats["bad"] += 1
@@ -151,10 +220,23 @@ class Coordinator:
             event = parse_monitor_message(frames)
         except Exception:  # a monitor frame we do not understand is not worth a crash
             return
-        if event["event"] == zmq.EVENT_DISCONNECTED:
-            conn = self._fd_conn.pop(event["value"], None)
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            self.handshakes.accepted(value, _peer_ip(value))
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshakes.succeeded()
+        elif kind in HANDSHAKE_FAILED:
+            self.handshakes.failed(server_reject_reason(kind, value))
+        elif kind == zmq.EVENT_DISCONNECTED:
+            now = self.loop.time()
+            rejected = self.handshakes.disconnected(now, value)
+            if rejected is not None:
+                if self.metrics is not None:
+                    self.metrics.rejected_connections.labels(rejected).inc()
+                return
+            conn = self._fd_conn.pop(value, None)
             if conn is not None:
-                self._apply(self.core.on_disconnect(self.loop.time(), conn))
+                self._apply(self.core.on_disconnect(now, conn))
 
     async def _tick_loop(self) -> None:
         while True:
@@ -166,12 +248,17 @@ class Coordinator:
             except Exception:
                 log.exception("membership tick failed")
             now = self.loop.time()
+            line = self.handshakes.summary(now)
+            if line is not None:
+                log.warning("%s", line)
             if self.metrics is not None and now - self._metrics_at >= METRICS_EVERY:
                 self._metrics_at = now
                 self.metrics.status(self.core.status(now))
             for pump in (self._pump, self._mon_pump):  # a missed edge costs at most one tick
                 if pump is not None:
                     pump.kick()
+            if self._zap is not None:
+                self._zap.kick()
 
     # ------------------------------------------------------------------ output
 

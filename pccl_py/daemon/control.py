@@ -9,10 +9,16 @@ epoch, ring position and shared-state revision, then resends requests in flight.
 Every call has a deadline; a call made while the coordinator is away either
 succeeds after it returns or raises :class:`CoordinatorUnavailable`.
 
+The socket is a CURVE client with the member key pair derived from the run secret, and
+completes a handshake only with a coordinator that holds the coordinator's secret key: a
+process on the coordinator's address without the run secret can neither read nor send
+anything this daemon would act on. A failed handshake is reported by the socket's monitor.
+
 Every one of those decisions is taken by :class:`~pccl_py.daemon.control_core.ControlCore`
 (sans I/O); this module is its shell: the socket (and its monitor, which reports a closed
-connection to the core: requests in flight may have been lost with it), the heartbeat and
-apply tasks, the futures the calls wait on, and the daemon's callbacks.
+connection, requests in flight may have been lost with it, and each handshake's outcome to
+the core), the heartbeat and apply tasks, the futures the calls wait on, and the daemon's
+callbacks.
 
 Sockets are plain (synchronous) zmq sockets pumped by the event loop's reader
 callback (:class:`~pccl_py.transport.zmq_io.ZmqPump`), which works the same on asyncio and uvloop.
@@ -24,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,7 +52,15 @@ from pccl_py.errors import (
     ProtocolError,
 )
 from pccl_py.retry import Backoff
-from pccl_py.transport.zmq_io import ZmqPump, close_monitored, zmq_endpoint
+from pccl_py.transport.zmq_io import (
+    HANDSHAKE_EVENTS,
+    HANDSHAKE_FAILED,
+    ZmqPump,
+    client_handshake_failure,
+    close_monitored,
+    curve_client,
+    zmq_endpoint,
+)
 from pccl_py.wire import control as protocol
 
 log = logging.getLogger("pccl.control")
@@ -80,11 +93,11 @@ class ControlChannel:
         self.on_abort = on_abort
         self.on_removed = on_removed
         self.on_peer_id = on_peer_id  # called when connect() after a removal takes a new peer_id
+        self.secret = secret  # the CURVE keys of the socket derive from it
         self.core = ControlCore(
             peer_id or f"peer-{secrets.token_hex(6)}",
             group=group,
             data_addr=data_addr,
-            secret=secret,
             coordinator=coordinator,
             heartbeat_interval=heartbeat_interval,
             coordinator_timeout=coordinator_timeout,
@@ -96,8 +109,9 @@ class ControlChannel:
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
-        self._mon: zmq.Socket | None = None  # the socket's monitor: closed connections
+        self._mon: zmq.Socket | None = None  # the socket's monitor: closed connections, handshakes
         self._mon_pump: ZmqPump | None = None
+        self._redial: asyncio.TimerHandle | None = None  # dialing again after a failed handshake
         self._tasks: list[asyncio.Task] = []
         self._topo_q: asyncio.Queue[dict] = asyncio.Queue()
         self._waits: dict[int, asyncio.Future] = {}  # JOIN, LEAVE or a request id -> its future
@@ -143,6 +157,7 @@ class ControlChannel:
 
     def _open_socket(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
+        curve_client(sock, self.secret)
         rid = f"{self.peer_id[:100]}#{secrets.token_hex(4)}".encode()
         sock.setsockopt(zmq.ROUTING_ID, rid)
         sock.setsockopt(zmq.LINGER, 200)
@@ -152,7 +167,7 @@ class ControlChannel:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)  # a restarted coordinator is found within 0.5 s
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.coordinator_timeout * 1000))
-        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS)
         self._mon_pump = ZmqPump(self._mon, self._on_monitor, copy=True)
         sock.connect(self.endpoint)
         self._sock = sock
@@ -169,6 +184,9 @@ class ControlChannel:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        if self._redial is not None:
+            self._redial.cancel()
+            self._redial = None
         for pump in (self._pump, self._mon_pump):
             if pump is not None:
                 pump.close()
@@ -182,7 +200,7 @@ class ControlChannel:
         self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        d = self.core.connect(loop.time(), timeout, wall=time.time())
+        d = self.core.connect(loop.time(), timeout)
         if d.wait is None:  # already a member
             self._carry_out(d)
             return self.core.topology
@@ -322,6 +340,26 @@ class ControlChannel:
             self._topo_q.put_nowait(d.topology)
         if d.removed is not None and self.on_removed is not None:
             self.on_removed(d.removed)
+        if d.redial is not None:
+            self._drop_and_redial(d.redial)
+
+    def _drop_and_redial(self, delay: float) -> None:
+        """Drop the connection (and what is queued on it) and dial again after ``delay``: zmq
+        itself gives up for good after some failed handshakes (a refusal, a peer without
+        CURVE), and a coordinator that can prove the run secret may come back to the address."""
+        if self._sock is None or self._redial is not None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disconnect(self.endpoint)
+        self._redial = asyncio.get_running_loop().call_later(delay, self._dial)
+
+    def _dial(self) -> None:
+        self._redial = None
+        if self._sock is not None:
+            try:
+                self._sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:  # the heartbeat's silence check re-introduces later
+                log.warning("%s: cannot dial the coordinator at %s again: %s", self.peer_id, self.coordinator, exc)
 
     def _send_msg(self, msg: dict) -> None:
         if self._sock is None:
@@ -341,7 +379,7 @@ class ControlChannel:
             await asyncio.sleep(self.heartbeat_interval)
             activity = self.activity_source() if self.core.registered else None
             traffic = self.traffic_source() if self.core.registered else (0, 0)
-            self._carry_out(self.core.tick(loop.time(), activity, wall=time.time(), traffic=traffic))
+            self._carry_out(self.core.tick(loop.time(), activity, traffic=traffic))
 
     async def _apply_loop(self) -> None:
         while True:
@@ -360,8 +398,14 @@ class ControlChannel:
             event = parse_monitor_message(frames)
         except Exception:  # a monitor frame we do not understand is not worth a crash
             return
-        if event["event"] == zmq.EVENT_DISCONNECTED:
-            self._carry_out(self.core.connection_lost(asyncio.get_running_loop().time()))
+        kind, now = event["event"], asyncio.get_running_loop().time()
+        if kind == zmq.EVENT_DISCONNECTED:
+            self._carry_out(self.core.connection_lost(now))
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._carry_out(self.core.handshake_succeeded(now))
+        elif kind in HANDSHAKE_FAILED:
+            text = client_handshake_failure(kind, event["value"], self.coordinator)
+            self._carry_out(self.core.handshake_failed(now, text))
 
     def _on_frames(self, frames: list) -> None:
         if len(frames) != 1:
@@ -372,7 +416,7 @@ class ControlChannel:
         except ProtocolError as exc:
             log.warning("%s: dropped a malformed control message: %s", self.peer_id, exc)
             return
-        self._carry_out(self.core.on_message(asyncio.get_running_loop().time(), msg, wall=time.time()))
+        self._carry_out(self.core.on_message(asyncio.get_running_loop().time(), msg))
 
 
 class _SyncEnd:

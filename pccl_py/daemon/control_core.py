@@ -10,6 +10,15 @@ A wait is named by a key: a request id (> 0) for ``vote`` and ``pending_q``, :da
 for admission (``connect()``, or ``update_topology()`` of a peer pending again after a
 coordinator restart), :data:`LEAVE` for the coordinator's confirmation of a leave.
 
+The transport authenticates: the shell's socket completes a CURVE handshake with the run's
+keys before any message passes. A handshake that fails (a coordinator with another run
+secret, or a process on its address that cannot prove the run secret) reaches the core as
+:meth:`ControlCore.handshake_failed`: it is logged (at most once per
+:data:`HANDSHAKE_LOG_EVERY` seconds), the shell dials again after a backoff, and a
+``connect()`` still registering fails with :class:`~pccl_py.errors.AuthenticationFailed`
+after :data:`HANDSHAKE_FAILURES_TO_FAIL` failures in a row, instead of at its deadline.
+Nothing else changes: a member keeps its membership while an impostor holds the address.
+
 The session is one :class:`ChannelState`; ``_set_state`` rejects transitions not in
 ``_ALLOWED``. Whether the coordinator is silent is not a state of the session but a timer
 on the last message received: while it is, the core re-introduces itself at the pace of
@@ -36,6 +45,7 @@ from typing import Any
 from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import (
     Aborted,
+    AuthenticationFailed,
     CoordinatorUnavailable,
     DeadlineExceeded,
     InternalError,
@@ -56,6 +66,10 @@ LEAVE = -1  # the wait for the coordinator's confirmation of a leave
 # pace of re-introductions while the coordinator is silent: until one answers
 REINTRODUCE_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
 HELLO_SPACING = 0.2  # a hello asked for by a message waits this long after the last one
+# pace of dialing again after a failed CURVE handshake (zmq gives up on some failures for good)
+REDIAL_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
+HANDSHAKE_FAILURES_TO_FAIL = 2  # failed handshakes in a row that end a registering connect()
+HANDSHAKE_LOG_EVERY = 10.0  # seconds between warnings about failed handshakes
 SYNC_OFFER_LIFETIME = 600.0  # an offer without a timeout is resent to a new coordinator this long
 
 
@@ -104,6 +118,7 @@ class Actions:
     abort: PcclError | None = None  # for on_abort
     removed: str | None = None  # for on_removed: the coordinator's reason
     renamed: str | None = None  # for on_peer_id: the new peer_id
+    redial: float | None = None  # drop the connection (and what is queued on it), dial again after this
 
 
 def topology_from(msg: Msg, peer_id: str) -> Topology:
@@ -133,20 +148,20 @@ class ControlCore:
         *,
         group: int,
         data_addr: tuple[str, int],
-        secret: bytes = b"",
         coordinator: str = "",
         heartbeat_interval: float = 0.5,
         coordinator_timeout: float = 3.0,
         backoff: Backoff = REINTRODUCE_BACKOFF,
+        redial_backoff: Backoff = REDIAL_BACKOFF,
     ) -> None:
         self.peer_id = peer_id
         self.base_id = peer_id  # new identities after a removal derive from it
         self.group = group
         self.data_addr = data_addr
-        self.secret = secret
         self.coordinator = coordinator  # its address, for error messages
         self.coordinator_timeout = coordinator_timeout
         self.backoff = backoff
+        self.redial_backoff = redial_backoff
         self.state = _S.IDLE
         self.topology: Topology | None = None
         self.revision = -1  # shared-state revision, reported with heartbeats and hellos
@@ -163,6 +178,11 @@ class ControlCore:
         self._join_timeout = 0.0
         self._next_req = 0
         self._adopting: Msg | None = None  # between adopt() and applied()
+        self.handshake_failures = 0  # failed CURVE handshakes since the last one that succeeded
+        self.handshake_error = ""  # what the last one means
+        self._redials: Iterator[float] | None = None
+        self._hs_logged: float | None = None  # when a failed handshake was last logged
+        self._hs_unlogged = 0  # failed handshakes since then
         self._step = Actions()
 
     # ------------------------------------------------------------------ queries
@@ -182,6 +202,9 @@ class ControlCore:
 
     def wait_expired(self, now: float, what: str) -> PcclError:
         """The exception for a call whose wait reached its deadline at ``now``."""
+        if self.handshake_failures:
+            return CoordinatorUnavailable(
+                f"{what}: no answer from the coordinator before the deadline: {self.handshake_error}")
         if self.last_rx is None or self.reintro is not None or now - self.last_rx > 2.5 * self.coord_hb:
             return CoordinatorUnavailable(
                 f"{what}: no answer from the coordinator at {self.coordinator} before the "
@@ -196,7 +219,7 @@ class ControlCore:
 
     # ------------------------------------------------------------------ calls
 
-    def connect(self, now: float, timeout: float, *, wall: float | None = None) -> Actions:
+    def connect(self, now: float, timeout: float) -> Actions:
         """Register (or wait for the topology of a member whose coordinator restarted)."""
         self._begin()
         if self.state is _S.CLOSED:
@@ -218,7 +241,7 @@ class ControlCore:
         self._set_state(_S.PENDING)
         self._join_timeout = timeout
         self._step.registering = True
-        self._hello(now, wall, force=True, why="registering")
+        self._hello(now, force=True, why="registering")
         return self._step
 
     def connect_failed(self, exc: PcclError) -> Actions:
@@ -335,10 +358,46 @@ class ControlCore:
             self._why("the control connection closed; nothing in flight")
         return self._step
 
+    def handshake_failed(self, now: float, text: str) -> Actions:
+        """The CURVE handshake with the coordinator failed; ``text`` says what that means and
+        what to do. The shell drops the connection and dials again after ``redial``."""
+        self._begin()
+        self.handshake_failures += 1
+        self.handshake_error = text
+        self._hs_unlogged += 1
+        if self._hs_logged is None or now - self._hs_logged >= HANDSHAKE_LOG_EVERY:
+            n, self._hs_unlogged = self._hs_unlogged, 0
+            since = ("" if self._hs_logged is None
+                     else f" ({n} failed handshakes in the last {now - self._hs_logged:.0f} s)")
+            self._hs_logged = now
+            self._why(f"{text}{since}", logging.WARNING)
+        if self._redials is None:
+            self._redials = self.redial_backoff.delays()
+        self._step.redial = next(self._redials, self.redial_backoff.maximum)
+        if (self.state is _S.PENDING and self.topology is None
+                and self.handshake_failures >= HANDSHAKE_FAILURES_TO_FAIL):
+            # a registering connect(): it would only wait out its deadline
+            self._step.fail.append((JOIN, AuthenticationFailed(text)))
+            self._set_state(_S.IDLE)
+            self._why(f"connect() fails after {self.handshake_failures} failed handshakes", logging.INFO)
+        return self._step
+
+    def handshake_succeeded(self, now: float) -> Actions:
+        self._begin()
+        if self.handshake_failures:
+            self._why(f"CURVE handshake with the coordinator at {self.coordinator} succeeded after "
+                      f"{self.handshake_failures} that failed", logging.INFO)
+        else:
+            self._why("CURVE handshake with the coordinator succeeded")
+        self.handshake_failures = 0
+        self.handshake_error = ""
+        self._redials = None
+        self._hs_logged, self._hs_unlogged = None, 0
+        return self._step
+
     # ------------------------------------------------------------------ timers
 
-    def tick(self, now: float, activity: str | None = None, *, wall: float | None = None,
-             traffic: tuple[int, int] = (0, 0)) -> Actions:
+    def tick(self, now: float, activity: str | None = None, *, traffic: tuple[int, int] = (0, 0)) -> Actions:
         """Heartbeat period: a heartbeat (with ``activity`` and ``traffic``, the data-plane
         bytes sent and received so far), and hellos while the coordinator is silent."""
         self._begin()
@@ -354,14 +413,14 @@ class ControlCore:
                 self._why(f"no message from the coordinator for {now - silent_since:.1f} s; "
                           "re-introducing until it answers", logging.WARNING)
             if now >= self.reintro.due:
-                self._hello(now, wall, force=True, why="the coordinator is silent")
+                self._hello(now, force=True, why="the coordinator is silent")
                 self.reintro.due = now + next(self.reintro.delays, self.backoff.maximum)
         return self._step
 
     # ------------------------------------------------------------------ coordinator messages
 
-    def on_message(self, now: float, msg: Msg, *, wall: float | None = None) -> Actions:
-        """A validated message from the coordinator. ``wall`` is wall-clock time (for hello)."""
+    def on_message(self, now: float, msg: Msg) -> Actions:
+        """A validated message from the coordinator (over a connection that proved the run secret)."""
         self._begin()
         self.last_rx = now
         if self.reintro is not None:
@@ -371,10 +430,10 @@ class ControlCore:
         if handler is None:
             self._why(f"unexpected {msg['type']} from the coordinator dropped", logging.WARNING)
         else:
-            handler(now, msg, wall)
+            handler(now, msg)
         return self._step
 
-    def _on_welcome(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_welcome(self, now: float, msg: Msg) -> None:
         if not self.registered or msg["peer_id"] != self.peer_id:
             self._why(f"welcome of {msg['peer_id']} ignored (this peer is {self.peer_id}, {self.state.value})")
             return
@@ -411,27 +470,27 @@ class ControlCore:
                 self._send(offer[0])
                 self._why("resent the sync offer")
 
-    def _on_topology(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_topology(self, now: float, msg: Msg) -> None:
         if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
-            self._check_instance(now, wall, "topology", msg["instance"])
+            self._check_instance(now, "topology", msg["instance"])
             return
         self._step.topology = msg
         self._why(f"topology of epoch {msg['epoch']} queued")
 
-    def _on_hb(self, now: float, msg: Msg, wall: float | None) -> None:
-        self._check_instance(now, wall, "hb", msg["instance"])
+    def _on_hb(self, now: float, msg: Msg) -> None:
+        self._check_instance(now, "hb", msg["instance"])
 
-    def _on_reset(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_reset(self, now: float, msg: Msg) -> None:
         if self.registered:
             self._why(f"coordinator {msg['instance']} asks for a re-introduction: {msg['reason']}", logging.INFO)
-            self._hello(now, wall, force=False, why="asked to")
+            self._hello(now, force=False, why="asked to")
         else:
             self._why(f"reset ignored: not registered ({self.state.value})")
 
-    def _on_ping(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_ping(self, now: float, msg: Msg) -> None:
         self._send({"type": "pong", "nonce": msg["nonce"]})
 
-    def _on_pending_a(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_pending_a(self, now: float, msg: Msg) -> None:
         sent = self.requests.get(msg["req"])
         if sent is None or sent["type"] != "pending_q":
             self._why(f"pending_a for request {msg['req']} ignored: no such question in flight")
@@ -439,7 +498,7 @@ class ControlCore:
         del self.requests[msg["req"]]
         self._step.settle.append((msg["req"], msg["pending"]))
 
-    def _on_error(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_error(self, now: float, msg: Msg) -> None:
         exc = from_wire({"error": msg["error"], "message": msg["message"]})
         if msg["req"] == 0:  # about the registration
             self._step.fail.append((JOIN, exc))
@@ -454,12 +513,12 @@ class ControlCore:
         self._step.fail.append((msg["req"], exc))
         self._why(f"request {msg['req']} failed: {exc}")
 
-    def _on_abort(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_abort(self, now: float, msg: Msg) -> None:
         exc = from_wire({"error": msg["error"], "message": msg["message"]})
         self._step.abort = exc
         self._why(f"coordinator aborts: {exc}", logging.WARNING)
 
-    def _on_removed(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_removed(self, now: float, msg: Msg) -> None:
         if msg["peer_id"] != self.peer_id:  # about an identity this peer no longer uses
             self._why(f"removal of {msg['peer_id']} ignored (this peer is now {self.peer_id})")
             return
@@ -473,14 +532,14 @@ class ControlCore:
         self._step.removed = msg["reason"]
         self._why(msg["reason"], logging.WARNING)
 
-    def _on_sync_plan(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_sync_plan(self, now: float, msg: Msg) -> None:
         self.sync_offer = None
         self._step.sync.append(msg)
 
-    def _on_sync_complete(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_sync_complete(self, now: float, msg: Msg) -> None:
         self._step.sync.append(msg)
 
-    def _on_refused(self, now: float, msg: Msg, wall: float | None) -> None:
+    def _on_refused(self, now: float, msg: Msg) -> None:
         text = f"the coordinator refused this peer: {msg['reason']}"
         self._step.fail.append((JOIN, InvalidUsage(text)))
         if self.state is _S.PENDING:
@@ -550,14 +609,14 @@ class ControlCore:
                                 f"{self.state.value} -> {new.value}")
         self.state = new
 
-    def _check_instance(self, now: float, wall: float | None, what: str, instance: str) -> None:
+    def _check_instance(self, now: float, what: str, instance: str) -> None:
         if not self.registered:
             self._why(f"{what} ignored: not registered ({self.state.value})")
         elif instance != self.instance:
-            self._hello(now, wall, force=False,
+            self._hello(now, force=False,
                         why=f"{what} from coordinator instance {instance!r}, welcomed by {self.instance!r}")
 
-    def _hello(self, now: float, wall: float | None, *, force: bool, why: str) -> None:
+    def _hello(self, now: float, *, force: bool, why: str) -> None:
         if not force and now - self.last_hello < HELLO_SPACING:
             self._why(f"{why}: hello held back (one went out {now - self.last_hello:.2f} s ago)")
             return
@@ -565,11 +624,9 @@ class ControlCore:
         self._reintroduced = True
         topo = self.topology
         member = self.state in (_S.ACCEPTED, _S.RECOVERING) and topo is not None
-        ts = now if wall is None else wall
         self._send({
             "type": "hello", "peer_id": self.peer_id, "group": self.group,
             "host": self.data_addr[0], "port": self.data_addr[1],
-            "ts": ts, "proof": protocol.hello_proof(self.secret, self.peer_id, ts),
             # what a restarted coordinator rebuilds its table from
             "claim": "accepted" if member else "new",
             "epoch": topo.epoch if topo is not None else 0,

@@ -1,30 +1,53 @@
-"""``pccl status``: what the coordinator knows (members, groups, epoch, heartbeats, activity)."""
+"""``pccl status``: what the coordinator knows (members, groups, epoch, heartbeats, activity).
+
+It talks to the coordinator over the control plane, as a daemon does: a CURVE client with the
+keys of the run secret (``--secret``, else the environment variable ``PCCL_SECRET``). With a
+wrong secret the handshake fails and the query ends at once with
+:class:`~pccl_py.errors.AuthenticationFailed`, not at its deadline.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from pccl_py.errors import CoordinatorUnavailable, PcclError, ProtocolError
-from pccl_py.transport.zmq_io import DEFAULT_COORDINATOR_PORT, ZmqPump, zmq_endpoint
+from pccl_py.errors import AuthenticationFailed, CoordinatorUnavailable, PcclError, ProtocolError
+from pccl_py.transport.zmq_io import (
+    DEFAULT_COORDINATOR_PORT,
+    HANDSHAKE_EVENTS,
+    HANDSHAKE_FAILED,
+    ZmqPump,
+    client_handshake_failure,
+    close_monitored,
+    curve_client,
+    zmq_endpoint,
+)
 from pccl_py.wire import control as protocol
 
 
-async def query_status(addr: str, timeout: float = 3.0) -> dict:
-    """Ask the coordinator at ``addr`` for its status (no secret needed; read-only)."""
+async def query_status(addr: str, timeout: float = 3.0, *, secret: bytes = b"") -> dict:
+    """Ask the coordinator at ``addr`` for its status, proving the run ``secret``.
+
+    Raises :class:`AuthenticationFailed` as soon as the handshake fails (another secret, or
+    not this run's coordinator), :class:`CoordinatorUnavailable` when nothing answers in time.
+    """
     loop = asyncio.get_running_loop()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)
+    curve_client(sock, secret)
     req = secrets.randbits(62)
     answer: asyncio.Future[dict] = loop.create_future()
+    handshake = {"ok": False, "failed": 0}
 
     def on_frames(frames: list) -> None:
         try:
@@ -34,22 +57,43 @@ async def query_status(addr: str, timeout: float = 3.0) -> dict:
         if msg["type"] == "status_a" and msg["req"] == req and not answer.done():
             answer.set_result(msg)
 
-    pump = None
+    def on_monitor(frames: list) -> None:
+        try:
+            event = parse_monitor_message(frames)
+        except Exception:  # a monitor frame we do not understand is not worth a crash
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            handshake["ok"] = True
+        elif event["event"] in HANDSHAKE_FAILED and not answer.done():
+            handshake["failed"] += 1
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake["failed"] < 2:
+                return  # zmq dials again by itself: one hang-up may be a coordinator going down
+            answer.set_exception(AuthenticationFailed(client_handshake_failure(
+                event["event"], event["value"], addr, who="pccl status",
+                secret_name="the secret (--secret, PCCL_SECRET)")))
+
+    mon = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+    pumps = []
     try:
+        pumps.append(ZmqPump(mon, on_monitor, copy=True))
         sock.connect(zmq_endpoint(addr))
-        pump = ZmqPump(sock, on_frames)
+        pumps.append(ZmqPump(sock, on_frames))
         sock.send(protocol.encode("status_q", req=req), zmq.NOBLOCK)
-        pump.kick()
+        pumps[-1].kick()
         try:
             msg = await asyncio.wait_for(answer, timeout)
         except asyncio.TimeoutError:
+            if handshake["ok"]:
+                raise CoordinatorUnavailable(
+                    f"no status from the coordinator at {addr} within {timeout:g} s (it proved the run "
+                    "secret but did not answer: is it overloaded or paused?)") from None
             raise CoordinatorUnavailable(
                 f"no status from the coordinator at {addr} within {timeout:g} s; is it running?"
             ) from None
     finally:
-        if pump is not None:
+        for pump in pumps:
             pump.close()
-        sock.close(linger=0)
+        close_monitored(sock, mon, 0)
     msg.pop("type", None)
     msg.pop("req", None)
     return msg
@@ -96,7 +140,8 @@ def format_status(st: dict, prev: dict | None = None, seconds: float | None = No
     return "\n".join(lines)
 
 
-def watch(addr: str, interval: float, timeout: float, count: int | None = None, out=None) -> int:
+def watch(addr: str, interval: float, timeout: float, count: int | None = None, out=None,
+          secret: bytes = b"") -> int:
     """Print the status every ``interval`` seconds until interrupted (or ``count`` times): the
     screen is redrawn on a terminal, snapshots follow each other otherwise. A coordinator that
     does not answer is reported and asked again at the next refresh."""
@@ -109,7 +154,7 @@ def watch(addr: str, interval: float, timeout: float, count: int | None = None, 
         while count is None or shown < count:
             started = time.monotonic()
             try:
-                st = asyncio.run(query_status(addr, timeout))
+                st = asyncio.run(query_status(addr, timeout, secret=secret))
                 at = time.monotonic()
                 text = format_status(st, *(last[0], at - last[1]) if last is not None else (None, None))
                 last = (st, at)
@@ -137,18 +182,20 @@ def watch(addr: str, interval: float, timeout: float, count: int | None = None, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pccl status", description="Show what the coordinator knows.")
     p.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_COORDINATOR_PORT}", help="HOST:PORT")
+    p.add_argument("--secret", default=None, help="run secret (default: env PCCL_SECRET, else empty)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 1) until Ctrl-C")
     p.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # stop after N refreshes
     args = p.parse_args(argv)
+    secret = (args.secret if args.secret is not None else os.environ.get("PCCL_SECRET", "")).encode()
     if args.watch is not None:
         if args.watch <= 0:
             p.error("--watch takes a positive number of seconds")
-        return watch(args.coordinator, args.watch, args.timeout, args.count)
+        return watch(args.coordinator, args.watch, args.timeout, args.count, secret=secret)
     try:
-        st = asyncio.run(query_status(args.coordinator, args.timeout))
+        st = asyncio.run(query_status(args.coordinator, args.timeout, secret=secret))
     except PcclError as exc:
         print(f"pccl status: {exc}", file=sys.stderr)
         return 1

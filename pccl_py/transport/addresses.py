@@ -19,9 +19,9 @@ def refuse_unreachable(listen_host: str, coordinator: str, advertise: str | None
     """A loopback listen address (and nothing advertised instead) with a coordinator that is
     not on this machine's loopback cannot work: no peer on another machine could dial it.
     ``InvalidUsage`` saying what to set."""
-    if advertise or listen_host in WILDCARD_HOSTS or not _is_loopback(listen_host):
+    if advertise or listen_host in WILDCARD_HOSTS or not is_loopback(listen_host):
         return
-    if _is_loopback(parse_addr(coordinator)[0]):
+    if is_loopback(parse_addr(coordinator)[0]):
         return
     raise InvalidUsage(
         f"this daemon listens on {listen_host}, a loopback address, but the coordinator "
@@ -56,7 +56,7 @@ def advertised_host(listen_host: str, coordinator: str, advertise: str | None = 
             f"pass --advertise HOST") from None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) means this machine's loopback. A name that
     does not resolve counts as not loopback: the check then stays out of the way."""
     try:

@@ -9,13 +9,15 @@ bytes, truncated data, trailing data, wrong version, unknown type, missing or ex
 fields, wrong types, out-of-range numbers, oversized strings, bytes or lists.
 Lengths are bounded inside the unpacker, before it allocates.
 
-The run secret is proved in ``hello`` with :func:`hello_proof` (HMAC-SHA256).
+No message carries a credential: the transport authenticates. Both ends of every control
+connection complete a zmq CURVE handshake with keys derived from the run secret
+(:func:`pccl_py.wire.keys.curve_keypair`) before a message passes, and CURVE encrypts and
+authenticates each message under keys of that connection, so nothing can be replayed
+from one connection into another.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,9 @@ import msgpack
 
 from pccl_py.errors import ProtocolError
 
-VERSION = 3  # 2: report_failure carries the epoch of the broken link; 3: topology names the vote it answers
+# 2: report_failure carries the epoch of the broken link; 3: topology names the vote it answers;
+# 4: CURVE authenticates the connection, hello lost its timestamped proof (ts, proof)
+VERSION = 4
 MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
 MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
 MAX_BIN = 256
@@ -100,8 +104,6 @@ SCHEMA: dict[str, dict[str, F]] = {
         "group": _i(U31),
         "host": _s(255),
         "port": _i((0, 65535)),
-        "ts": _f(0.0, 1e11),  # wall-clock seconds, part of the proof
-        "proof": F(bytes, max_len=64),
         "claim": _s(16, choices=("new", "accepted")),
         "epoch": EPOCH,  # last epoch seen (0: none)
         "ring_pos": _i((-1, MAX_PEERS)),  # -1: none
@@ -117,7 +119,7 @@ SCHEMA: dict[str, dict[str, F]] = {
     "report_failure": {"peer_id": PEER_ID, "reason": REASON, "epoch": EPOCH},
     "leave": {"reason": REASON},
     "pong": {"nonce": _i(U63)},
-    "status_q": {"req": REQ},  # no auth needed, read-only
+    "status_q": {"req": REQ},  # read-only; any authenticated connection (pccl status)
     # coordinator -> daemon
     "welcome": {
         "instance": INSTANCE,
@@ -144,7 +146,7 @@ SCHEMA: dict[str, dict[str, F]] = {
     "abort": {"error": ERROR_NAME, "message": REASON},  # fails what the daemon is doing
     "removed": {"peer_id": PEER_ID, "reason": REASON},  # about peer_id (not some later id)
     "reset": {"instance": INSTANCE, "reason": REASON},  # "introduce yourself again"
-    "refused": {"reason": REASON},  # hello refused (bad proof, stale timestamp, full)
+    "refused": {"reason": REASON},  # hello refused (the run is full)
     "status_a": {
         "req": REQ,
         "instance": INSTANCE,
@@ -262,21 +264,6 @@ def encode_msg(msg: dict) -> bytes:
     """Encode a dict holding ``type`` and fields (the form the membership core returns)."""
     fields = {k: v for k, v in msg.items() if k != "type"}
     return encode(msg["type"], **fields)
-
-
-def hello_proof(secret: bytes, peer_id: str, ts: float) -> bytes:
-    """HMAC-SHA256(secret, "pccl-hello|<peer_id>|<ts with 6 decimals>")."""
-    text = f"pccl-hello|{peer_id}|{ts:.6f}".encode()
-    return hmac.new(secret, text, hashlib.sha256).digest()
-
-
-def check_proof(secret: bytes, peer_id: str, ts: float, proof: bytes, now_wall: float, window: float) -> str | None:
-    """None if the proof is good and fresh, else why not."""
-    if abs(now_wall - ts) > window:
-        return f"hello timestamp is {now_wall - ts:+.1f} s off (window {window:g} s): check the clocks"
-    if not hmac.compare_digest(hello_proof(secret, peer_id, ts), proof):
-        return "hello proof does not match the run secret"
-    return None
 
 
 # Shared-state sync messages (sync_offer, sync_done: daemon -> coordinator; sync_plan,
