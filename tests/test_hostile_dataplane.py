@@ -283,3 +283,52 @@ def test_encrypted_links_give_exact_results(links, io_threads):
                         assert all(d.tobytes() == want.tobytes() for d in dsts), (dtype, count, algorithm)
 
     run(body())
+
+
+@pytest.mark.parametrize("kind", ["idle", "garbage", "slow"])
+def test_a_flood_of_strangers_on_a_data_port_costs_the_run_nothing_and_the_log_little(kind, caplog):
+    """300 connections that never authenticate (idle, garbage, or a byte now and then)
+    while two peers all-reduce: every call is exact, and the log has a few summary lines,
+    not one per connection."""
+    caplog.set_level(logging.INFO, logger="pccl.dataplane")
+    cfg = DataPlaneConfig(handshake_timeout=1.0, same_host_links=False)
+    srcs = make_inputs(2, 200_000, "float32", "sum", seed=5)
+    want = reference(srcs, "float32", "sum")
+
+    async def body():
+        dps = [DataPlane(f"peer{i}", secret=SECRET, streams=2, config=cfg) for i in range(2)]
+        for d in dps:
+            await d.start()
+        flood: list[asyncio.StreamWriter] = []
+        try:
+            async def stranger():
+                with contextlib.suppress(OSError, RuntimeError):  # (closed by the listener meanwhile)
+                    r, w = await asyncio.open_connection("127.0.0.1", dps[1].port)
+                    flood.append(w)
+                    if kind == "garbage":
+                        w.write(os.urandom(300))
+                    elif kind == "slow":
+                        for _ in range(3):
+                            w.write(b"P")
+                            await asyncio.sleep(0.5)
+            strangers = asyncio.ensure_future(asyncio.gather(*(stranger() for _ in range(300))))
+            await asyncio.sleep(0.2)
+            topos = topologies(dps, 1, dps[1].port)
+            await asyncio.gather(*(d.set_topology(t) for d, t in zip(dps, topos)))
+            for tag in range(1, 6):
+                dsts, res = await reduce_all(dps, srcs, tag=tag)
+                assert not any(isinstance(r, BaseException) for r in res), res
+                assert all(d.tobytes() == want.tobytes() for d in dsts)
+            await strangers
+            await asyncio.sleep(1.5)  # the handshake timeout ends those still waiting
+            assert sum(dps[1].gate.total.values()) >= 100, dps[1].gate.total  # (some never got past the backlog)
+        finally:
+            for w in flood:
+                w.close()
+            for d in dps:
+                await d.close()
+
+    run(body())
+    lines = [r.getMessage() for r in caplog.records if "data connection" in r.getMessage() or "refused in" in
+             r.getMessage()]
+    assert 1 <= len(lines) <= 6, lines

@@ -44,6 +44,7 @@ from pccl_py.errors import (
     error_code,
 )
 from pccl_py.transport import local
+from pccl_py.transport.limits import Gate
 from pccl_py.wire import frames as F
 
 log = logging.getLogger("pccl.dataplane")
@@ -72,6 +73,7 @@ class DataPlaneConfig:
     integrity: bool = True
     encrypt: bool = False
     handshake_timeout: float = 5.0
+    max_pending_per_address: int = 8  # accepted connections from one address not yet authenticated
     connect_timeout: float = 5.0  # set_topology waits at most this long for links
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
     user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
@@ -159,6 +161,11 @@ class DataPlane:
         self._shm = ShmContext()
         self._unix = None
         self._unix_path: tuple[str, int] | None = None
+        # Accepted connections that have not proved the secret: a few per address, each for
+        # at most handshake_timeout, and their ends told in summaries (transport/limits.py).
+        # The daemon sets gate.count to its metrics counter.
+        self.gate = Gate(f"data port {peer_id[:8]}", max_pending=self.config.max_pending_per_address)
+        self._gate_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -202,10 +209,37 @@ class DataPlane:
             return None
         return await self._loop.create_unix_server(lambda: Stream(self), sock=s)
 
+    # -- strangers (connections that have not proved the secret) -----------------------------
+    def admit(self, stream: Stream, addr: str) -> bool:
+        """An accepted connection from ``addr`` may start its handshake (False: close it now)."""
+        ok, evict = self.gate.admit(addr, stream, self._loop.time())
+        if evict is not None:
+            evict._close("too many connections from its address wait for their handshake", why="too_many")
+        self._tell_refusals()
+        return ok
+
+    def stranger_failed(self, stream: Stream, why: str) -> None:
+        self.gate.failed(stream, why, self._loop.time())
+        self._tell_refusals()
+
+    def _tell_refusals(self, force: bool = False) -> None:
+        for line in self.gate.summary(self._loop.time(), force=force):
+            log.warning("%s", line)
+        at = self.gate.wake_at
+        if at is not None and self._gate_timer is None and not self._closed:
+            def due() -> None:
+                self._gate_timer = None
+                self._tell_refusals()
+            self._gate_timer = self._loop.call_at(at + 0.001, due)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        self._tell_refusals(force=True)
         self.abort(Aborted("the data plane was closed"))
         self._drop_held()
         for srv in (self._server, self._unix):
@@ -295,18 +329,40 @@ class DataPlane:
         async def go(i: int) -> None:
             if self.config.same_host_links and await self._dial_unix(p, peer, i):
                 return
-            try:
-                await asyncio.wait_for(self._loop.create_connection(lambda: Stream(self, peer, i), p.host, p.port),
-                                       self.config.connect_timeout)
-            except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
-                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: no answer within "
-                                      f"{self.config.connect_timeout:.0f} s")
-            except OSError as e:
-                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: {e}")
+            await self._dial_tcp(p, peer, i)
 
         for i in range(self.streams):
             self._loop.create_task(go(i))
         return peer
+
+    async def _dial_tcp(self, p, peer: PeerStreams, i: int) -> None:
+        """Connect stream ``i`` to ``p`` over TCP and complete the handshake within
+        connect_timeout. A listener that closes before its challenge has turned us away
+        (too many strangers wait there from our address): dial again, backing off."""
+        deadline = self._loop.time() + self.config.connect_timeout
+        delay = 0.05
+        while True:
+            left = deadline - self._loop.time()
+            try:
+                _, stream = await asyncio.wait_for(self._loop.create_connection(
+                    lambda: Stream(self, peer, i, fallback=True), p.host, p.port), max(left, 0.001))
+            except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
+                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: no answer within "
+                                      f"{self.config.connect_timeout:.0f} s")
+                return
+            except OSError as e:
+                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: {e}")
+                return
+            if await stream.established(max(deadline - self._loop.time(), 0.001)):
+                return
+            if peer.lost is not None:
+                return
+            if not stream.refused or self._loop.time() + delay >= deadline:
+                self._peer_lost(peer, stream.close_reason or f"no handshake with {p.host}:{p.port} within "
+                                                             f"{self.config.connect_timeout:.0f} s")
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
     async def _dial_unix(self, p, peer, i: int) -> bool:
         """Connect stream ``i`` to ``p`` over its same-host Unix socket and complete the

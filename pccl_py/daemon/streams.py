@@ -94,6 +94,11 @@ class Stream(asyncio.BufferedProtocol):
         # (connector) a way to dial that has another behind it: until the handshake completes,
         # a failure is not the link's loss (see established())
         self._up: asyncio.Future | None = dp._loop.create_future() if fallback else None
+        # (acceptor) the connector proved the secret: from then on its failures are news,
+        # before that they are a stranger's, counted by the data plane's gate (limits.py)
+        self._proved = False
+        self.refused = False  # (see _not_up)
+        self.close_reason = ""
         self._mac = b""
         # Frames of at least this many payload bytes go through the stream's I/O threads
         # (0: everything on the event loop); see pump.py.
@@ -128,6 +133,11 @@ class Stream(asyncio.BufferedProtocol):
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else "this host (Unix socket)"
         self.dp._conns.add(self)
+        if not self.connector and not self.dp.admit(self, pn[0] if isinstance(pn, tuple) else "this host"):
+            self._state = _CLOSED  # refused (counted by the data plane's gate): no more of it
+            self.dp._conns.discard(self)
+            transport.abort()
+            return
         self._hs_timer = self.dp._loop.call_later(self.dp.config.handshake_timeout, self._hs_timeout)
         if self.connector:
             self._want(_HS_CHALLENGE, F.CHALLENGE_S.size)
@@ -266,7 +276,9 @@ class Stream(asyncio.BufferedProtocol):
         return False  # close
 
     def connection_lost(self, exc) -> None:
-        self._not_up()
+        self._not_up(f"connection closed ({exc or 'EOF'})")
+        if self._state != _CLOSED:
+            self._stranger_failed("closed")
         self._state = _CLOSED
         self._stop_pump(hard=True)
         self._cancel_timers()
@@ -338,7 +350,10 @@ class Stream(asyncio.BufferedProtocol):
             n, self._partial = F.decode_hello_fixed(self._view, self.dp._limits)
             self._want(_HS_HELLO_ID, n)
         elif st == _HS_HELLO_ID:
-            self._on_hello(F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce))
+            hello = F.finish_hello(self._partial, self._view, self.dp.secret, self._nonce)
+            self._proved = True
+            self.dp.gate.passed(self)
+            self._on_hello(hello)
         elif st == _HS_CHALLENGE:
             self._challenge = F.decode_challenge(self._view)
             lk = self.peer_streams
@@ -404,16 +419,20 @@ class Stream(asyncio.BufferedProtocol):
             self._close("no handshake in time")
             return False
 
-    def _not_up(self) -> None:
-        """Closing before the handshake completed on a way to dial that has another behind it."""
+    def _not_up(self, reason: str) -> None:
+        """Closing before the handshake completed, on a dial that may try again or another
+        way: the dialler decides (``refused``, ``close_reason``), the link is not lost here."""
         if self._up is not None and not self._up.done():
+            # closed before a byte of the challenge: the listener turned us away (its gate)
+            self.refused = self._state == _HS_CHALLENGE and self._pos == 0
+            self.close_reason = reason
             self._up.set_result(False)
             self.peer_streams = None
 
     def _hs_timeout(self) -> None:
         self._hs_timer = None
         if self._state < _HEADER:
-            self._close(f"handshake not finished within {self.dp.config.handshake_timeout}s")
+            self._close(f"handshake not finished within {self.dp.config.handshake_timeout}s", why="timeout")
 
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
@@ -550,17 +569,29 @@ class Stream(asyncio.BufferedProtocol):
     # -- errors and closing ---------------------------------------------------------------
     def _protocol_error(self, e: ProtocolError) -> None:
         who = self.peer_streams.peer_id if self.peer_streams is not None and self._state >= _HEADER else self.peer
-        self._close(f"protocol error from {who}: {e}")
+        self._close(f"protocol error from {who}: {e}",
+                    why="bad_proof" if self._state == _HS_HELLO_ID else "malformed")
 
     def _internal_error(self, e: BaseException) -> None:
         log.exception("internal error on a data stream")
         self._close(f"internal error: {type(e).__name__}: {e}")
 
-    def _close(self, reason: str) -> None:
+    def _stranger_failed(self, why: str) -> bool:
+        """An accepted connection that ends before it proved the secret: the gate counts it
+        and summarises such ends (one log line per address and interval, not one each)."""
+        if self.connector or self._proved:
+            return False
+        self.dp.stranger_failed(self, why)
+        return True
+
+    def _close(self, reason: str, why: str = "malformed") -> None:
         if self._state == _CLOSED:
             return
-        log.warning("closing data connection %s: %s", self.peer, reason)
-        self._not_up()
+        if self._stranger_failed(why):
+            log.debug("closing data connection %s: %s", self.peer, reason)
+        else:
+            log.warning("closing data connection %s: %s", self.peer, reason)
+        self._not_up(reason)
         self._state = _CLOSED
         self._stop_pump(hard=True)
         self._cancel_timers()
