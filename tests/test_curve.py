@@ -54,10 +54,11 @@ def secured():
 
 
 @contextlib.asynccontextmanager
-async def served(*, every: float = 10.0, metrics: Metrics | None = None):
+async def served(*, every: float = 10.0, metrics: Metrics | None = None, handshake_timeout: float = 5.0):
     """A coordinator in this process (its log lines reach caplog)."""
     coord = CoordinatorServer("127.0.0.1:0", secret=SECRET.encode(), metrics=metrics, reject_summary_every=every,
-                              config=MembershipConfig(recovery_grace=0.0, heartbeat_deadline=3.0))
+                              config=MembershipConfig(recovery_grace=0.0, heartbeat_deadline=3.0,
+                                                      handshake_timeout=handshake_timeout))
     addr = await coord.start()
     try:
         yield coord, addr
@@ -325,6 +326,32 @@ def test_garbage_on_the_port_is_counted_and_summarised_never_logged_per_connecti
     assert 1 <= len(lines) <= took / 0.5 + 1, lines  # one per window at most, not one per connection
     assert sum(int(re.match(r"(\d+) connections?", line).group(1)) for line in lines) == n, lines
     assert all("127.0.0.1" in line or "unknown address" in line for line in lines), lines
+
+
+@pytest.mark.timeout(30)
+def test_a_stranger_that_never_finishes_its_handshake_is_hung_up_on_within_the_handshake_timeout():
+    """Half-open control connections (a greeting, then silence; or nothing at all) are
+    closed after handshake_timeout instead of libzmq's 30 s, and the run is unaffected."""
+    async def body():
+        async with served(handshake_timeout=0.5) as (coord, addr), channels() as make:
+            a = await make(addr, "a")
+            await a.connect(5)
+            port = int(addr.rsplit(":", 1)[1])
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+            for i, (_, w) in enumerate(conns[:10]):
+                w.write(_garbage(i)[:64])  # the greeting alone: a handshake that never goes on
+            t0 = time.monotonic()
+            for r, _ in conns:
+                with contextlib.suppress(ConnectionError):
+                    while await asyncio.wait_for(r.read(4096), 5):
+                        pass
+            took = time.monotonic() - t0
+            for _, w in conns:
+                w.close()
+            assert took < 3.0, took  # all of them, well before libzmq's 30 s
+            assert (await a.update_topology(5)).world_size == 1
+
+    uvloop.run(body())
 
 
 def test_an_empty_secret_off_loopback_is_warned_about():

@@ -63,6 +63,7 @@ class MembershipConfig:
     rekey_delay: float = 0.5  # a live pair's fresh links wait this long: a peer leaving closes links first
     link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
     link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
+    handshake_timeout: float = 5.0  # a control connection that has not finished its CURVE handshake is closed
 
 
 @dataclass

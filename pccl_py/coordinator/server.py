@@ -129,6 +129,8 @@ class Coordinator:
         sock.setsockopt(zmq.RCVHWM, 10000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.config.heartbeat_deadline * 1000))
+        # a stranger holds a half-open connection this long at most (libzmq's default: 30 s)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(self.config.handshake_timeout * 1000)))
         try:
             if self.port == 0:
                 self.port = sock.bind_to_random_port(f"tcp://{self.host}")
