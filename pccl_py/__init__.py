@@ -14,6 +14,7 @@ from pccl_py.errors import (
     RemoteError,
     RevisionError,
     SegmentLost,
+    Unauthenticated,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "RemoteError",
     "RevisionError",
     "SegmentLost",
+    "Unauthenticated",
     "__version__",
 ]
 

@@ -6,7 +6,7 @@ Families:
     new membership is the usual answer.
   * caller misuse: ``InvalidUsage`` (and ``RevisionError``, ``AuthenticationFailed``).
     Retrying the same call fails the same way.
-  * bad input from the wire: ``ProtocolError``.
+  * bad input from the wire: ``ProtocolError`` (and ``Unauthenticated``).
   * internal bug: ``InternalError``.
 
 Errors cross process boundaries (daemon -> client, coordinator -> daemon) as
@@ -78,6 +78,17 @@ class ProtocolError(PcclError):
     """Malformed or unexpected input arrived from the wire."""
 
 
+class Unauthenticated(ProtocolError):
+    """A peer did not prove the run secret, proved it under another identity than the one
+    expected (a shared-state source that is not the peer the sync plan named), or sent a
+    message whose authentication tag does not verify. Nothing it sent was used; the message
+    names it. A fetch goes on with its other sources and fails with this error only when
+    none is left: check that every daemon of the run has the same secret (``PCCL_SECRET``)
+    and that nothing else answers on the source's address. (``AuthenticationFailed`` is
+    this daemon failing to authenticate to the coordinator: a setting to fix, not a peer's
+    bad input.)"""
+
+
 class InternalError(PcclError):
     """A bug in pccl_py; please report it with the log."""
 
@@ -97,6 +108,7 @@ _BY_NAME: dict[str, type[PcclError]] = {
         Diverged,
         RevisionError,
         ProtocolError,
+        Unauthenticated,
         InternalError,
     )
 }

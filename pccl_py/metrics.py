@@ -52,9 +52,17 @@ class Metrics:
             "pccl_recovery_seconds", "from a failed call to the next call that succeeds",
             buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0), registry=r)
         self.sync_bytes = pc.Counter("pccl_sync_bytes", "shared-state bytes received by syncs", registry=r)
-        self.rejected_connections = pc.Counter(
-            "pccl_rejected_connections", "control connections that failed the CURVE handshake, by reason "
-            "(wrong_secret, denied, no_curve, malformed, incomplete)", ["reason"], registry=r)
+        # connections a listener refused or that failed before their handshake: the
+        # coordinator's control port by {reason} (coordinator/handshakes.py); a daemon's
+        # listeners by {port, reason} (port "state": the state server, transport/limits.py)
+        if role == "coordinator":
+            self.rejected_connections = pc.Counter(
+                "pccl_rejected_connections", "control connections that failed the CURVE handshake, by reason "
+                "(wrong_secret, denied, no_curve, malformed, incomplete)", ["reason"], registry=r)
+        else:
+            self.rejected_connections = pc.Counter(
+                "pccl_rejected_connections", "connections a listener refused or closed before or for bad "
+                "input, by listener and reason (transport/limits.py)", ["port", "reason"], registry=r)
         self._failed_at: float | None = None
         self._states: set[str] = set()
         self._peers: set[str] = set()
@@ -113,6 +121,11 @@ class Metrics:
                 yield fam
 
         self.registry.register(_Links())
+
+    def rejected(self, port: str):
+        """A ``count(reason)`` for a listener's :class:`~pccl_py.transport.limits.Gate`:
+        ``pccl_rejected_connections_total{port=port,reason}``."""
+        return lambda reason: self.rejected_connections.labels(port, reason).inc()
 
     # -- serving ---------------------------------------------------------------------
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

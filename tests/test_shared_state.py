@@ -199,7 +199,7 @@ async def test_newcomer_with_source_dying_mid_sync_retries():
         res = await asyncio.gather(a.sync(), b.sync(), new.sync(progress=lambda d, t: seen.append((d, t))),
                                    return_exceptions=True)
         assert res[2]["status"] == "fetched" and np.array_equal(new.state["w"], base["w"]), res
-        assert list(res[2]["fetch"]["sources_failed"]) == [f"127.0.0.1:{a.server.port}"]
+        assert list(res[2]["fetch"]["sources_failed"]) == [a.server.source.label]
         assert seen[-1] == (base["w"].nbytes, base["w"].nbytes)
         coord.gone("a")  # the coordinator notices the death; the next sync goes on without a
         res = await asyncio.gather(b.sync(), new.sync())
@@ -207,4 +207,69 @@ async def test_newcomer_with_source_dying_mid_sync_retries():
         assert [r["revision"] for r in res] == [2, 2]
     finally:
         for p in (a, b, new):
+            await p.close()
+
+
+async def test_a_forged_offer_cannot_make_a_peer_take_the_attackers_state():
+    """The attack: an offer in member b's name (forged, or sent by another member) names a
+    state server at the attacker's address, holding the attacker's state, whose hashes are in
+    the offer, so they match. The newcomer's fetch must refuse that server: it cannot prove
+    the run secret as b. The newcomer's sync fails with Unauthenticated naming it, and none of
+    the attacker's bytes land."""
+    from pccl_py.errors import Unauthenticated
+
+    evil = {"w": np.full(1 << 16, 0x66, np.uint8)}
+    for holder in ("outsider", "member"):
+        coord = InProcessSyncHost(["b", "new"])
+        new = Peer("new", {"w": np.zeros_like(evil["w"])}, coord)
+        # the attacker's server: without the secret, or a member's with it but another id
+        attacker = StateServer("b" if holder == "outsider" else "mallory",
+                               secret=b"guess" if holder == "outsider" else SECRET)
+        await new.server.start()
+        await attacker.start()
+        attacker.publish(1, {"w": memoryview(evil["w"])})
+        try:
+            forged = {"type": "sync_offer", "round_hint": 0, "revision": 1, "strategy": "enforce_popular",
+                      "tensors": [["w", evil["w"].nbytes, hash_buffer(evil["w"])]], "host": "127.0.0.1",
+                      "port": attacker.port, "timeout": 30.0}
+            await coord.channel("b").send(forged)
+            with pytest.raises(Unauthenticated) as ei:
+                await new.sync(timeout=10)
+            assert f"b@127.0.0.1:{attacker.port}" in str(ei.value)
+            assert not new.state["w"].any() and attacker.tx_bytes == 0 and new.state.revision == 0
+        finally:
+            await attacker.close()
+            await new.close()
+
+
+async def test_an_idle_connection_flood_does_not_stop_a_real_sync(caplog):
+    """200 idle connections from 127.0.0.1 on the source's state server, then a sync between
+    two peers (on 127.0.0.1 too): it succeeds, and the log has summaries, not 200 lines."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pccl.state_transfer")
+    coord = InProcessSyncHost(["a", "new"])
+    coord.known = {"a": 0}  # a is established: its state wins, the newcomer fetches from it
+    base = model(5)
+    a = Peer("a", base, coord)
+    new = Peer("new", {k: np.zeros_like(v) for k, v in base.items()}, coord)
+    a.server.gate.interval = 1.0
+    for p in (a, new):
+        await p.server.start()
+    flood = []
+    try:
+        for _ in range(200):
+            flood.append((await asyncio.wait_for(asyncio.open_connection(*a.server.address), 5))[1])
+        assert a.server.gate.pending("127.0.0.1") <= 8
+        res = await sync_all([a, new])
+        assert res["new"]["status"] == "fetched", res
+        assert all(hash_buffer(new.state[k]) == hash_buffer(base[k]) for k in base)
+        assert a.server.gate.total["too_many"] >= 192
+        lines = [r.getMessage() for r in caplog.records if r.name == "pccl.state_transfer"
+                 and r.levelno >= logging.WARNING]
+        assert 1 <= len(lines) <= 4 and all("refused in the last" in m for m in lines), lines
+    finally:
+        for w in flood:
+            w.close()
+        for p in (a, new):
             await p.close()

@@ -16,7 +16,14 @@ from pccl_py.daemon.transfer_plan import (
     cut,
     refusal,
 )
-from pccl_py.errors import DeadlineExceeded, InternalError, InvalidUsage, PeerLost, ProtocolError
+from pccl_py.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidUsage,
+    PeerLost,
+    ProtocolError,
+    Unauthenticated,
+)
 from pccl_py.wire.state_transfer import Request
 
 pytestmark = pytest.mark.timeout(30)
@@ -194,6 +201,31 @@ def test_every_source_failing_ends_with_peer_lost_naming_them():
     assert "every state source failed with 900 of 1000 bytes left" in text
     assert "a: closed the connection" in text and "b: refused: it serves revision 6" in text
     assert "retry sync_shared_state" in text
+
+
+def test_sources_that_failed_authentication_are_named_by_a_typed_error():
+    plan = TransferPlan({"w": 1000}, 100, ["a", "b", "c"])
+    plan.take(("a", 0), 2)
+    plan.release(("a", 0), "it did not prove the run secret as peer 'a'", unauthenticated=True)
+    plan.take(("b", 0), 2)
+    plan.release(("b", 0), "closed the connection")
+    plan.release(("a", 1), "refused this peer's proof", unauthenticated=True)  # a's other stream
+    assert plan.unauthenticated == {"a"}
+    # another source can still move everything: nothing is wrong then
+    while plan.queue:
+        plan.take(("c", 0), 1)
+        plan.landed(("c", 0))
+    assert plan.finished and plan.verdict() is None and plan.per_source["a"] == 0
+    # none can: the error names the source that failed authentication, and why the others failed
+    plan = TransferPlan({"w": 1000}, 100, ["a", "b"])
+    plan.release(("a", 0), "it introduced itself as peer 'm'", unauthenticated=True)
+    plan.release(("b", 0), "closed the connection")
+    err = plan.verdict()
+    assert type(err) is Unauthenticated and isinstance(err, ProtocolError)
+    assert "['a'] failed authentication" in str(err) and "b: closed the connection" in str(err)
+    assert "1000 of 1000 bytes left" in str(err)
+    # out of time first: the deadline is what ended it
+    assert type(plan.verdict(timed_out=True, timeout=1.0)) is DeadlineExceeded
 
 
 def test_a_pass_out_of_time_ends_with_deadline_exceeded():

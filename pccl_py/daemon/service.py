@@ -133,7 +133,8 @@ class Daemon:
         if self.metrics is not None and not self._links_served:
             self._links_served = True  # the source reads whichever data plane is current
             self.metrics.link_traffic(lambda: self.data.traffic)
-        self.state_server = StateServer(self.peer_id, secret=self.secret, host=self._listen_host, port=0)
+        self.state_server = StateServer(self.peer_id, secret=self.secret, host=self._listen_host, port=0,
+                                        count=None if self.metrics is None else self.metrics.rejected("state"))
         self.control: ControlChannel | None = None
         self.topology: Topology | None = None
         self._tags = AutoTags()

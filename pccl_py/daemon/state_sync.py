@@ -18,7 +18,9 @@ Steps of one sync:
 2. plan "error": unpublish, raise the named error (RevisionError, InvalidUsage, ...).
    plan "in_sync": keep serving until ``sync_complete``; 0 bytes received.
    plan "fetch": unpublish (this content lost), fetch the listed tensors striped over the
-   sources into the tensors' own memory, verify, send ``sync_done`` (ok or not), await
+   sources into the tensors' own memory (each source proves the run secret as the peer
+   the plan names; the plan came over the authenticated control channel), verify, send
+   ``sync_done`` (ok or not), await
    ``sync_complete`` (it comes when every fetcher of the round has reported), then
    return or raise.
 3. return {"revision", "status", "tx_bytes", "rx_bytes", "seconds", "hash_seconds",
@@ -32,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pccl_py.daemon.state_hash import hash_buffers_async
-from pccl_py.daemon.state_transfer import StateServer, fetch
+from pccl_py.daemon.state_transfer import Source, StateServer, fetch
 from pccl_py.errors import DeadlineExceeded, InvalidUsage, PcclError, from_wire, to_wire
 
 
@@ -97,7 +99,8 @@ async def daemon_sync(
                 if view is None or len(view) != nbytes:
                     raise InvalidUsage(f"elected tensor {name!r} ({nbytes} bytes) does not match the local layout")
                 want[name] = (view, bytes(digest))
-            sources = [(h, p) for _, h, p in plan["sources"]]
+            # each source must prove itself as the peer the plan names (state_transfer.fetch)
+            sources = [Source(pid, h, p) for pid, h, p in plan["sources"]]
             st = await fetch(sources, want, secret=secret, peer_id=peer_id, revision=plan["revision"],
                              timeout=max(0.001, deadline - loop.time()), progress=progress,
                              **(fetch_options or {}))

@@ -1,4 +1,4 @@
-"""Peer-to-peer shared-state transfer: a :class:`StateServer` per daemon and :func:`fetch`.
+"""Peer-to-peer shared-state transfer: :func:`fetch` (a daemon's :class:`StateServer` is the other end).
 
 An outdated peer pulls the elected state from several up-to-date peers at once. All
 bytes to move are cut into chunks held in one shared queue; every source gets
@@ -10,30 +10,33 @@ published view (``transport.write(memoryview)`` then drain), so no Python copy o
 is made on either side. After the last chunk the receiver hashes every tensor and
 refuses content whose xxh3-128 differs from the elected hash (:class:`HashMismatch`).
 
-This module is the I/O: sockets, deadlines, the event loop. The byte format (HELLO,
-AUTH, REQ, RESP and their bounds) is :mod:`pccl_py.wire.state_transfer`; the decisions
-(chunks, the shared queue, what a failed stream's chunks become, which error ends a
-fetch, the hash verdict and repair, what a server refuses) are
-:mod:`pccl_py.daemon.transfer_plan`.
+Every connection first authenticates its source (:mod:`pccl_py.wire.state_transfer`):
+the source must prove the run secret under the peer id the sync plan named. A source that
+cannot is dropped before any request goes to it, like a dead one (its share goes to the
+other sources), and a fetch that no other source can finish fails with
+:class:`~pccl_py.errors.Unauthenticated` naming it. After the handshake every request,
+reply header and refusal carries a tag under the connection's session keys; payload is
+checked by the content hashes (the wire module says why).
 
-A request is answered only for a published tensor at the published revision and with
-``offset + length`` inside the tensor; anything else malformed (bad magic, oversized
-lengths, wrong proof, out-of-range ranges, garbage) closes the connection with a logged
-reason, and the server goes on serving everyone else. Requests on one connection are
-answered in order; a client may keep several in flight (``pipeline``).
+This module is the fetcher's I/O: sockets, deadlines, the event loop. The byte format is
+:mod:`pccl_py.wire.state_transfer`; the decisions (chunks, the shared queue, what a failed
+stream's chunks become, which error ends a fetch, the hash verdict and repair, what a
+server refuses) are :mod:`pccl_py.daemon.transfer_plan`; the server is
+:mod:`pccl_py.daemon.state_server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pccl_py.calls import byte_view
 from pccl_py.daemon.state_hash import hash_buffers_async
+from pccl_py.daemon.state_server import Source, StateServer
 from pccl_py.daemon.transfer_plan import (
     DEFAULT_CHUNK,
     HashMismatch,
@@ -42,176 +45,49 @@ from pccl_py.daemon.transfer_plan import (
     Stream,
     TransferPlan,
     Verification,
-    refusal,
 )
-from pccl_py.errors import InvalidUsage, PeerLost, ProtocolError
+from pccl_py.errors import InvalidUsage, PeerLost, ProtocolError, Unauthenticated
+from pccl_py.retry import Backoff
 from pccl_py.wire import state_transfer as wire
 
-__all__ = ["DEFAULT_CHUNK", "HashMismatch", "SourceRefused", "StateServer", "fetch"]
+__all__ = ["DEFAULT_CHUNK", "HashMismatch", "Source", "SourceRefused", "StateServer", "fetch"]
 
 log = logging.getLogger("pccl.state_transfer")
 
-
-# ---------------------------------------------------------------------------------------
-# server
-
-
-class StateServer:
-    """Serves the published shared state to authenticated peers.
-
-    ``StateServer(peer_id, secret=b"", host="127.0.0.1", port=0, idle_timeout=300.0,
-    auth_timeout=10.0, max_connections=1024)``;
-    ``await start()`` returns the bound ``(host, port)``; ``publish(revision, {name: view})``
-    makes the views servable (they must stay valid and unchanged until ``unpublish()``,
-    which also drops every open connection); ``tx_bytes`` counts payload bytes handed
-    to the transport since the last ``publish``; ``await close()``.
-    """
-
-    def __init__(self, peer_id: str = "", *, secret: bytes = b"", host: str = "127.0.0.1", port: int = 0,
-                 idle_timeout: float = 300.0, auth_timeout: float = 10.0, max_connections: int = 1024) -> None:
-        self.peer_id = peer_id
-        self.secret = secret
-        self.host = host
-        self.port = port
-        self.idle_timeout = idle_timeout
-        self.auth_timeout = auth_timeout
-        self.max_connections = max_connections
-        self.revision: int | None = None
-        self.views: dict[str, memoryview] = {}
-        self.tx_bytes = 0
-        self.refused = 0  # connections closed for bad input (for tests and status)
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._die_at: int | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.address
-
-    def publish(self, revision: int, views: Mapping[str, Any]) -> None:
-        self.views = {n: byte_view(v, f"shared-state tensor {n!r}") for n, v in views.items()}
-        self.revision = revision
-        self.tx_bytes = 0
-
-    def inject_death_after(self, nbytes: int) -> None:
-        """Fault injection: after serving ``nbytes`` more payload bytes (mid-chunk), stop
-        listening and drop every connection, as a crashed daemon would."""
-        self._die_at = self.tx_bytes + nbytes
-
-    def _crash(self) -> None:
-        log.info("state server %s: injected crash after %d bytes", self.peer_id, self.tx_bytes)
-        self._die_at = None
-        if self._server is not None:
-            self._server.close()
-        self.unpublish()
-
-    def unpublish(self) -> None:
-        self.views = {}
-        self.revision = None
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    async def close(self) -> None:
-        self.unpublish()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self._writers) >= self.max_connections:
-            self.refused += 1
-            log.warning("state server %s: refusing %s: %d connections open", self.peer_id, who, len(self._writers))
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
-        graceful = False  # close after a refusal (lets the text arrive); abort otherwise
-        try:
-            nonce = os.urandom(wire.NONCE_LEN)
-            writer.write(wire.encode_hello(nonce))
-            n = wire.decode_auth_head(await asyncio.wait_for(reader.readexactly(wire.AUTH.size), self.auth_timeout))
-            rest = await asyncio.wait_for(reader.readexactly(n + wire.PROOF_LEN), self.auth_timeout)
-            client_id, mac = wire.decode_auth_rest(rest, n)
-            if not wire.proof_matches(self.secret, nonce, client_id, mac):
-                writer.write(wire.encode_refusal("proof does not match the run secret"))
-                await asyncio.wait_for(writer.drain(), self.auth_timeout)
-                graceful = True
-                raise ProtocolError(f"peer {client_id!r} failed the run-secret proof")
-            who = f"{client_id}@{who}"
-            writer.write(wire.encode_reply_head(0))
-            while True:
-                head = await asyncio.wait_for(reader.readexactly(wire.REQ.size), self.idle_timeout)
-                n, req = wire.decode_request_head(head)
-                req = wire.finish_request(req, await asyncio.wait_for(reader.readexactly(n), self.auth_timeout))
-                if writer.transport.is_closing():
-                    return  # dropped by unpublish() while the request was read
-                text = refusal(self.peer_id, self.revision, self.views, req)
-                if text is not None:
-                    writer.write(wire.encode_refusal(text))
-                    await asyncio.wait_for(writer.drain(), self.auth_timeout)
-                    log.info("state server %s: refused %s: %s", self.peer_id, who, text)
-                    graceful = True
-                    return
-                view = self.views[req.name]
-                wire.check_range(req, len(view))
-                offset, length = req.offset, req.length
-                if self._die_at is not None and self.tx_bytes + length > self._die_at:
-                    part = max(0, self._die_at - self.tx_bytes)
-                    writer.write(wire.encode_reply_head(length) + bytes(view[offset:offset + part]))
-                    self.tx_bytes += part
-                    self._crash()
-                    return
-                writer.write(wire.encode_reply_head(length))
-                if length:
-                    writer.write(view[offset:offset + length])
-                self.tx_bytes += length  # handed to the transport
-                await asyncio.wait_for(writer.drain(), self.idle_timeout)  # a frozen reader ends here
-        except ProtocolError as exc:
-            self.refused += 1
-            log.warning("state server %s: closing connection from %s: %s", self.peer_id, who, exc)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError):
-            pass
-        except RuntimeError:
-            if not writer.transport.is_closing():  # uvloop raises on writes after close
-                raise
-        finally:
-            self._writers.discard(writer)
-            if graceful:
-                writer.close()
-            else:
-                writer.transport.abort()
+# A source that closes a connection before its HELLO holds too many unauthenticated
+# connections from this address (a flood, or a burst of fetchers): try again like this,
+# for at most the stall timeout.
+BUSY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2, deadline=10.0)
 
 
-# ---------------------------------------------------------------------------------------
-# client
+class SourceBusy(PeerLost):
+    """A source closed the connection before its HELLO (it refuses connections for now)."""
 
 
 class _SourceConn(asyncio.BufferedProtocol):
-    """One connection to a state source; reads reply payloads straight into destination views.
+    """One connection to a state source; authenticates it, then reads reply payloads straight
+    into destination views.
 
-    The framing is :class:`~pccl_py.wire.state_transfer.ReplyReader`'s; this class only
-    points the transport's reads at the scratch buffer or the destination and settles the
-    futures of the requests it sent, in order.
+    The framing is :class:`~pccl_py.wire.state_transfer.ReplyReader`'s and the handshake
+    :class:`~pccl_py.wire.state_transfer.ClientHandshake`'s; this class only points the
+    transport's reads at the scratch buffer or the destination, answers the HELLO, settles
+    ``ready`` when the source has proved itself and the futures of the requests it sent,
+    in order.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, label: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: Source, secret: bytes, peer_id: str) -> None:
         self.loop = loop
-        self.label = label
+        self.label = source.label
+        self.handshake = wire.ClientHandshake(secret, peer_id, source.peer_id)
+        self.session: wire.Session | None = None
         self.transport: asyncio.Transport | None = None
         self.reader = wire.ReplyReader()
         self.scratch = bytearray(wire.ReplyReader.SCRATCH)
         self.got = 0
+        self.heard = False  # any byte came from the source
         self.dest: memoryview | None = None
-        self.pending: collections.deque[tuple[memoryview | None, asyncio.Future]] = collections.deque()
-        self.hello: asyncio.Future = loop.create_future()
+        self.pending: collections.deque[tuple[memoryview, asyncio.Future]] = collections.deque()
+        self.ready: asyncio.Future = loop.create_future()  # the handshake is done
         self.error: BaseException | None = None
         self.progress_at = loop.time()
 
@@ -228,23 +104,32 @@ class _SourceConn(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.got += nbytes
+        self.heard = True
         self.progress_at = self.loop.time()
         if self.error is not None:
             self.got = 0
             return
         if self.got < self.reader.need:
             return
-        data = None if self.reader.mode == "payload" else memoryview(self.scratch)[:self.reader.need]
+        mode = self.reader.mode
+        data = None if mode == "payload" else memoryview(self.scratch)[:self.reader.need]
         self.got = 0
         try:
             event, value = self.reader.complete(data)
+            if event == "hello":
+                self.transport.write(self.handshake.auth(*value))  # type: ignore[union-attr,misc]
+            elif event == "proof":
+                self.session = self.handshake.finish(value)
+                self.reader.keyed(self.session.recv)
+                if not self.ready.done():
+                    self.ready.set_result(None)
+        except Unauthenticated as exc:
+            self.fail(Unauthenticated(f"state source {self.label}: {exc}"))
+            return
         except ProtocolError as exc:
             self.fail(ProtocolError(f"state source {self.label}: {exc}"))
             return
-        if event == "nonce":
-            if not self.hello.done():
-                self.hello.set_result(value)
-        elif event == "payload":
+        if event == "payload":
             self.dest = self.pending[0][0]
         elif event == "answered":
             _, fut = self.pending.popleft()
@@ -252,19 +137,25 @@ class _SourceConn(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_result(value)
         elif event == "refused":
-            self.fail(SourceRefused(f"state source {self.label} refused: {value}"))
-        # "text": the refusal's text is read next
+            if not self.reader.authenticated:  # it refused our proof: it does not hold the run's secret
+                self.fail(Unauthenticated(f"state source {self.label} refused this peer's proof: {value}"))
+            else:
+                self.fail(SourceRefused(f"state source {self.label} refused: {value}"))
+        # "more": the rest of the message is read next
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(PeerLost(f"state source {self.label} closed the connection" + (f": {exc}" if exc else "")))
+        if not self.heard:
+            self.fail(SourceBusy(f"state source {self.label} closed the connection before its hello"))
+        else:
+            self.fail(PeerLost(f"state source {self.label} closed the connection" + (f": {exc}" if exc else "")))
 
     def fail(self, exc: BaseException) -> None:
-        """The connection is over: every request on it fails with the first cause."""
+        """The connection is over: the handshake and every request on it fail with the first cause."""
         if self.error is None:
             self.error = exc
-        if not self.hello.done():
-            self.hello.set_exception(self.error)
-            self.hello.exception()  # mark retrieved
+        if not self.ready.done():
+            self.ready.set_exception(self.error)
+            self.ready.exception()  # mark retrieved
         while self.pending:
             _, fut = self.pending.popleft()
             if not fut.done():
@@ -276,24 +167,21 @@ class _SourceConn(asyncio.BufferedProtocol):
             self.transport.abort()
 
     # calls
-    def _send(self, data: bytes, dest: memoryview | None) -> asyncio.Future:
+    def request(self, name: str, revision: int, offset: int, dest: memoryview) -> asyncio.Future:
+        """Ask for ``len(dest)`` bytes of ``name`` at ``offset``, to land in ``dest`` (after ``ready``)."""
         fut = self.loop.create_future()
         if self.error is None and (self.transport is None or self.transport.is_closing()):
             self.error = PeerLost(f"stream to state source {self.label} is closed")
+        if self.error is None and self.session is None:
+            self.error = ProtocolError(f"a request to {self.label} before its handshake")
         if self.error is not None:
             fut.set_exception(self.error)
             fut.exception()
             return fut
         self.pending.append((dest, fut))
-        self.reader.asked(0 if dest is None else len(dest))
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.reader.asked(len(dest))
+        self.transport.write(wire.encode_request(name, revision, offset, len(dest), self.session.send))  # type: ignore
         return fut
-
-    def auth(self, nonce: bytes, secret: bytes, peer_id: str) -> asyncio.Future:
-        return self._send(wire.encode_auth(secret, nonce, peer_id), None)
-
-    def request(self, name: str, revision: int, offset: int, dest: memoryview) -> asyncio.Future:
-        return self._send(wire.encode_request(name, revision, offset, len(dest)), dest)
 
 
 class _Wake:
@@ -310,12 +198,18 @@ class _Wake:
         return self._event.wait()
 
 
-def _label(src: tuple[str, int]) -> str:
-    return f"{src[0]}:{src[1]}"
+def _sources(sources: Sequence[Source | tuple[str, str, int]]) -> list[Source]:
+    out = []
+    for s in sources:
+        if len(s) != 3:
+            raise InvalidUsage(f"a state source is (peer_id, host, port), got {s!r}: the fetcher "
+                               "authenticates every source as the peer it expects")
+        out.append(Source(str(s[0]), str(s[1]), int(s[2])))
+    return list(dict.fromkeys(out))
 
 
 async def fetch(
-    sources: Sequence[tuple[str, int]],
+    sources: Sequence[Source | tuple[str, str, int]],
     tensors: Mapping[str, tuple[Any, bytes]],
     *,
     secret: bytes = b"",
@@ -333,12 +227,16 @@ async def fetch(
 ) -> dict[str, Any]:
     """Pull ``tensors`` ({name: (writable dest buffer, expected xxh3-128)}) at ``revision``.
 
-    Bytes are striped over ``sources`` ((host, port) of StateServers). A source that fails
-    or stalls for ``stall_timeout`` s is dropped and its chunks go to the others. If the
+    Bytes are striped over ``sources`` (:class:`Source`: the peer id each StateServer must
+    prove, its host and port). A source that fails, stalls for ``stall_timeout`` s or
+    fails authentication is dropped and its chunks go to the others (a source that closes
+    connections before its HELLO is busy: its streams reconnect with backoff for up to
+    ``stall_timeout`` s). If the
     striped content does not hash right and ``repair`` is set, the bad tensors are
     fetched again from one source at a time until one delivers the elected bytes
     (sources that deliver other bytes are listed in ``rejected_sources``).
-    Raises PeerLost (every source failed; the reasons are in the message),
+    Raises PeerLost (every source failed; the reasons are in the message), Unauthenticated
+    (every source failed and some failed authentication; it names them),
     DeadlineExceeded (``timeout`` s end to end), HashMismatch (no source delivered the
     elected content), InvalidUsage (bad arguments). On any failure the destinations hold
     partial data and the call may be retried. Returns {"rx_bytes", "seconds",
@@ -351,8 +249,8 @@ async def fetch(
     if chunk <= 0 or streams_per_source <= 0 or pipeline <= 0:
         raise InvalidUsage("chunk, streams_per_source and pipeline must be positive")
     dests = {n: (byte_view(buf, f"fetch destination {n!r}", writable=True), bytes(h)) for n, (buf, h) in tensors.items()}
-    srcs = list(dict.fromkeys((str(h), int(p)) for h, p in sources))
-    by_label = {_label(s): s for s in srcs}
+    srcs = _sources(sources)
+    by_label = {s.label: s for s in srcs}
     opts = (revision, secret, peer_id, streams_per_source, chunk, pipeline, deadline, stall_timeout,
             connect_timeout, timeout)
     plan = await _transfer(srcs, dests, opts, progress)
@@ -390,12 +288,13 @@ async def _mismatches(dests: Mapping[str, tuple[memoryview, bytes]]) -> list[Mis
     return [Mismatch(n, h, got[n]) for n, (_, h) in sorted(dests.items()) if got[n] != h]
 
 
-async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memoryview, bytes]], opts: tuple,
+async def _transfer(srcs: list[Source], dests: Mapping[str, tuple[memoryview, bytes]], opts: tuple,
                     progress: Callable[[int, int], None] | None) -> TransferPlan:
-    """Move every byte of ``dests`` from ``srcs``; raise PeerLost / DeadlineExceeded if that fails."""
+    """Move every byte of ``dests`` from ``srcs``; raise PeerLost / Unauthenticated /
+    DeadlineExceeded if that fails."""
     revision, secret, peer_id, streams, chunk, pipeline, deadline, stall_timeout, connect_timeout, timeout = opts
     loop = asyncio.get_running_loop()
-    plan = TransferPlan({n: len(v) for n, (v, _) in dests.items()}, chunk, [_label(s) for s in srcs])
+    plan = TransferPlan({n: len(v) for n, (v, _) in dests.items()}, chunk, [s.label for s in srcs])
     if plan.finished or not srcs:
         err = plan.verdict()
         if err is not None:
@@ -404,7 +303,7 @@ async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memor
     views = {n: v for n, (v, _) in dests.items()}
     wake = _Wake()
     workers = [
-        asyncio.ensure_future(_worker(plan, wake, (_label(src), k), src, views, revision, secret, peer_id,
+        asyncio.ensure_future(_worker(plan, wake, (src.label, k), src, views, revision, secret, peer_id,
                                       pipeline, deadline, stall_timeout, connect_timeout, progress))
         for src in srcs
         for k in range(streams)
@@ -425,7 +324,7 @@ async def _transfer(srcs: list[tuple[str, int]], dests: Mapping[str, tuple[memor
     return plan
 
 
-async def _worker(plan: TransferPlan, wake: _Wake, stream: Stream, src: tuple[str, int],
+async def _worker(plan: TransferPlan, wake: _Wake, stream: Stream, src: Source,
                   views: Mapping[str, memoryview], revision: int, secret: bytes, peer_id: str, depth: int,
                   deadline: float, stall_timeout: float, connect_timeout: float,
                   progress: Callable[[int, int], None] | None) -> None:
@@ -436,18 +335,11 @@ async def _worker(plan: TransferPlan, wake: _Wake, stream: Stream, src: tuple[st
     conn: _SourceConn | None = None
     asked: collections.deque[asyncio.Future] = collections.deque()  # plan.held(stream)'s requests
     failure: str | None = None
+    unauthenticated = False
     try:
         if plan.finished:
             return
-        left = max(0.001, min(connect_timeout, deadline - loop.time()))
-        try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _SourceConn(loop, label), *src), left)
-            nonce = await asyncio.wait_for(conn.hello, left)
-            await asyncio.wait_for(conn.auth(nonce, secret, peer_id), left)
-        except asyncio.TimeoutError:
-            raise PeerLost(f"no answer from {label} within {left:.1f} s") from None
-        except OSError as exc:
-            raise PeerLost(f"cannot connect to {label}: {exc}") from None
+        conn = await _connect(src, secret, peer_id, deadline, connect_timeout, stall_timeout)
         while True:
             for c in plan.take(stream, depth - len(asked)):
                 asked.append(conn.request(c.name, revision, c.offset, views[c.name][c.offset:c.offset + c.length]))
@@ -472,13 +364,43 @@ async def _worker(plan: TransferPlan, wake: _Wake, stream: Stream, src: tuple[st
                 wake.notify()
     except (PeerLost, ProtocolError) as exc:
         failure = str(exc)
-        log.info("fetch: dropping a stream to %s: %s", label, exc)
+        unauthenticated = isinstance(exc, Unauthenticated)
+        (log.warning if unauthenticated else log.info)("fetch: dropping a stream to %s: %s", label, exc)
     finally:
         # unanswered chunks go back to the front of the queue for the other streams
-        if plan.release(stream, failure):
+        if plan.release(stream, failure, unauthenticated=unauthenticated):
             wake.notify()
         for fut in asked:
             if not fut.done():
                 fut.cancel()
         if conn is not None:
             conn.fail(PeerLost(f"stream to {label} closed by the fetcher"))
+
+
+async def _connect(src: Source, secret: bytes, peer_id: str, deadline: float, connect_timeout: float,
+                   busy_for: float) -> _SourceConn:
+    """A connection to ``src`` past its handshake: ``src`` proved the secret as ``src.peer_id``.
+    A source that is busy (it closes before its HELLO) is tried again with BUSY_BACKOFF for
+    up to ``busy_for`` seconds; every other failure raises at once (PeerLost,
+    Unauthenticated, ProtocolError)."""
+    loop = asyncio.get_running_loop()
+    delays = dataclasses.replace(BUSY_BACKOFF, deadline=busy_for).delays()
+    while True:
+        left = max(0.001, min(connect_timeout, deadline - loop.time()))
+        conn: _SourceConn | None = None
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _SourceConn(loop, src, secret, peer_id), src.host, src.port), left)
+            await asyncio.wait_for(asyncio.shield(conn.ready), left)
+            return conn
+        except SourceBusy:
+            pause = next(delays, None)
+            if pause is None or loop.time() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+        except asyncio.TimeoutError:
+            if conn is not None:
+                conn.fail(PeerLost(f"no handshake with {src.label}"))
+            raise PeerLost(f"no answer from {src.label} within {left:.1f} s") from None
+        except OSError as exc:
+            raise PeerLost(f"cannot connect to {src.label}: {exc}") from None

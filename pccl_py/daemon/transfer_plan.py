@@ -9,8 +9,9 @@ their connections; nothing here touches a socket, a clock or an event loop.
   takes the next chunks whenever it has room, so a faster source takes more of them
   (work stealing). A stream that ends gives its unanswered chunks back to the front of
   the queue, in order, for any other stream; if it ended by a failure, the reason is
-  recorded against its source. :meth:`TransferPlan.verdict` says whether the pass
-  moved every byte and, if not, which error ends it.
+  recorded against its source (and a source that failed authentication is marked so).
+  :meth:`TransferPlan.verdict` says whether the pass moved every byte and, if not, which
+  error ends it.
 * :class:`Verification` -- after the pass every tensor is hashed; the mismatches decide
   what comes next: refetch them from one source at a time (each source tried once,
   sources that already failed skipped) until one delivers the elected bytes, list the
@@ -32,6 +33,7 @@ from pccl_py.errors import (
     PcclError,
     PeerLost,
     ProtocolError,
+    Unauthenticated,
 )
 from pccl_py.wire.control import short
 from pccl_py.wire.state_transfer import Request
@@ -47,7 +49,7 @@ class HashMismatch(ProtocolError):
 
 
 class SourceRefused(ProtocolError):
-    """A source answered a request with a refusal (wrong revision, unknown tensor, bad proof)."""
+    """A source answered a request with a refusal (wrong revision, unknown tensor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ class TransferPlan:
     Counters: ``total`` bytes to move, ``done_bytes`` moved, ``chunks`` cut, ``inflight``
     chunks asked for and not yet answered, ``retried`` chunks given back to the queue,
     ``per_source`` bytes each source delivered, ``failures`` the last reason each failed
-    source gave.
+    source gave, ``unauthenticated`` the sources that failed authentication.
     """
 
     def __init__(self, sizes: Mapping[str, int], chunk: int, sources: Sequence[str]) -> None:
@@ -88,6 +90,7 @@ class TransferPlan:
         self.retried = 0
         self.per_source: dict[str, int] = {s: 0 for s in self.sources} if self.queue else {}
         self.failures: dict[str, str] = {}
+        self.unauthenticated: set[str] = set()
         self._held: dict[Stream, collections.deque[Chunk]] = {}
 
     @property
@@ -121,13 +124,16 @@ class TransferPlan:
         self.per_source[stream[0]] = self.per_source.get(stream[0], 0) + c.length
         return c
 
-    def release(self, stream: Stream, reason: str | None = None) -> int:
+    def release(self, stream: Stream, reason: str | None = None, *, unauthenticated: bool = False) -> int:
         """``stream`` ends: its unanswered chunks go back to the front of the queue, in their
-        order, for any stream to take. ``reason``: it ended by this failure of its source.
+        order, for any stream to take. ``reason``: it ended by this failure of its source
+        (``unauthenticated``: the source did not prove itself; it delivered nothing).
         Returns how many chunks went back (wake the waiting streams if any did)."""
         held = self._held.pop(stream, collections.deque())
         if reason is not None:
             self.failures[stream[0]] = reason
+        if unauthenticated:
+            self.unauthenticated.add(stream[0])
         self.queue.extendleft(reversed(held))
         self.inflight -= len(held)
         self.retried += len(held)
@@ -146,6 +152,11 @@ class TransferPlan:
             return DeadlineExceeded(
                 f"shared-state fetch of {self.total} bytes did not finish within {timeout:g} s "
                 f"({left} bytes left; failures: {why})")
+        if self.unauthenticated:
+            return Unauthenticated(
+                f"shared-state sources {sorted(self.unauthenticated)} failed authentication and no other "
+                f"source delivered the state ({left} of {self.total} bytes left: {why}); nothing they sent "
+                "was used. Check that every daemon runs with the run's secret")
         return PeerLost(f"every state source failed with {left} of {self.total} bytes left: {why}; "
                         "retry sync_shared_state")
 

@@ -28,7 +28,7 @@ from pccl_py.client.progress import ProgressBar
 from pccl_py.coordinator.in_process import InProcessSyncHost
 from pccl_py.daemon.state_hash import hash_buffer, hash_buffers
 from pccl_py.daemon.state_sync import daemon_sync
-from pccl_py.daemon.state_transfer import StateServer, fetch
+from pccl_py.daemon.state_transfer import Source, StateServer, fetch
 
 SECRET = b"bench-secret"
 REVISION = 1
@@ -70,13 +70,13 @@ async def _serve(nbytes: int) -> None:
     server = StateServer(f"src{os.getpid()}", secret=SECRET)
     host, port = await server.start()
     server.publish(REVISION, {"state": memoryview(state)})
-    print(f"PORT {port}", flush=True)
+    print(f"PORT {port} {server.peer_id}", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
     await server.close()
 
 
-def _start_sources(n: int, nbytes: int) -> tuple[list[subprocess.Popen], list[tuple[str, int]]]:
+def _start_sources(n: int, nbytes: int) -> tuple[list[subprocess.Popen], list[Source]]:
     procs, addrs = [], []
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
@@ -87,9 +87,9 @@ def _start_sources(n: int, nbytes: int) -> tuple[list[subprocess.Popen], list[tu
     try:
         for p in procs:
             line = p.stdout.readline().split()
-            if len(line) != 2 or line[0] != "PORT":
+            if len(line) != 3 or line[0] != "PORT":
                 raise RuntimeError(f"source process {p.pid} did not start")
-            addrs.append(("127.0.0.1", int(line[1])))
+            addrs.append(Source(line[2], "127.0.0.1", int(line[1])))
     except BaseException:
         _stop_sources(procs)
         raise
