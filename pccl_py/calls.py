@@ -15,6 +15,9 @@ carry (:mod:`pccl_py.wire.control`), the largest tag the one a frame header hold
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Any
 
 from pccl_py import kernels as K
@@ -48,7 +51,9 @@ __all__ = [
     "check_tag",
     "check_timeout",
     "check_whole_elements",
+    "call_timeout",
     "request_timeout",
+    "shape_of",
     "user_tag",
 ]
 
@@ -173,6 +178,18 @@ def byte_view(buf: Any, name: str = "buffer", writable: bool = False) -> memoryv
         raise InvalidUsage(f"{name}: {e}") from None
 
 
+def shape_of(shape: Any) -> tuple[int, ...]:
+    """An array shape a caller passed (an integer, or a sequence of them), each >= 0."""
+    dims = [shape] if _integer(shape) is not None else shape
+    try:
+        out = tuple(_integer(d) for d in dims)
+    except TypeError:
+        out = (None,)
+    if any(d is None or d < 0 for d in out):
+        raise InvalidUsage(f"shape must be an int or a sequence of ints >= 0, got {shape!r}")
+    return out  # type: ignore[return-value]
+
+
 def check_blob(blob: Any) -> None:
     """What an all-gather contributes: bytes (or a buffer of bytes)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -180,12 +197,30 @@ def check_blob(blob: Any) -> None:
 
 
 # -- tags and timeouts -------------------------------------------------------------------
-def user_tag(tag: Any) -> int:
-    """A caller's tag as an int: below ``AUTO_TAG`` (2**62)."""
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is one (numpy integers too; never a bool, a float or a string)."""
+    if isinstance(value, bool):
+        return None
     try:
-        n = int(tag)
-    except (TypeError, ValueError, OverflowError):
-        n = None
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _seconds(value: Any) -> float | None:
+    """``value`` as finite seconds if it is a real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def user_tag(tag: Any) -> int:
+    """A caller's tag as an int: an integer below ``AUTO_TAG`` (2**62)."""
+    n = _integer(tag)
     if n is None or not 0 <= n < AUTO_TAG:
         raise InvalidUsage(f"tag must be in [0, 2**62), got {tag!r}; pass a smaller int, or no tag to have "
                            f"calls tagged in call order")
@@ -199,22 +234,24 @@ def check_tag(tag: Any) -> None:
 
 
 def check_timeout(timeout: Any) -> None:
-    """A deadline in seconds: a number above 0."""
-    try:
-        ok = timeout > 0
-    except TypeError:
-        ok = False
-    if not ok:
+    """A deadline in seconds: a finite number above 0."""
+    seconds = _seconds(timeout)
+    if seconds is None or seconds <= 0:
         raise InvalidUsage(f"timeout must be a number of seconds > 0, got {timeout!r}")
+
+
+def call_timeout(value: Any) -> float:
+    """A caller's timeout for one call, as the daemon will take it: a number of seconds in
+    (0, ``MAX_TIMEOUT``]. The client checks it before it sends (and before it waits)."""
+    seconds = _seconds(value)
+    if seconds is None or not 0 < seconds <= MAX_TIMEOUT:
+        raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got {value!r}")
+    return seconds
 
 
 def request_timeout(value: Any) -> float:
     """The timeout of a request that arrived from a client: none (or 0) means
-    ``DEFAULT_TIMEOUT``; it must be in (0, ``MAX_TIMEOUT``]."""
-    try:
-        timeout = float(value or DEFAULT_TIMEOUT)
-    except (TypeError, ValueError, OverflowError):
-        timeout = None
-    if timeout is None or not 0 < timeout <= MAX_TIMEOUT:
-        raise InvalidUsage(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got {value!r}")
-    return timeout
+    ``DEFAULT_TIMEOUT``; else as :func:`call_timeout`."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0):
+        return DEFAULT_TIMEOUT
+    return call_timeout(value)

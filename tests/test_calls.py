@@ -120,8 +120,11 @@ def test_blob_must_be_bytes():
 def test_a_callers_tag_is_below_the_automatic_ones():
     assert calls.user_tag(0) == 0
     assert calls.user_tag(AUTO_TAG - 1) == AUTO_TAG - 1
-    assert calls.user_tag(7.0) == 7  # as the daemon always took it: int(tag)
-    for bad in (-1, AUTO_TAG, AUTO_TAG | 3, "seven", None, [1], math.inf, math.nan):
+    import numpy as np
+
+    assert calls.user_tag(np.int64(7)) == 7 and type(calls.user_tag(np.int64(7))) is int
+    # an integer, nothing that only converts to one (7.9 would have been tag 7)
+    for bad in (-1, AUTO_TAG, AUTO_TAG | 3, "seven", "7", None, [1], math.inf, math.nan, 7.0, 7.9, True):
         with pytest.raises(InvalidUsage, match=r"tag must be in \[0, 2\*\*62\)"):
             calls.user_tag(bad)
 
@@ -135,9 +138,11 @@ def test_any_tag_fits_a_frame_header():
 
 
 def test_timeouts():
-    for ok in (0.001, 1, 1e9):
+    import numpy as np
+
+    for ok in (0.001, 1, 1e9, np.float32(2.5)):
         calls.check_timeout(ok)
-    for bad in (0, -1, math.nan, None, "5"):
+    for bad in (0, -1, math.nan, math.inf, None, "5", True, [1], 10**400):
         with pytest.raises(InvalidUsage, match="timeout must be a number of seconds > 0"):
             calls.check_timeout(bad)
 
@@ -147,9 +152,24 @@ def test_a_requests_timeout_has_a_default_and_a_bound():
     assert calls.request_timeout(0) == calls.DEFAULT_TIMEOUT  # as the daemon always read it
     assert calls.request_timeout(2) == 2.0 and isinstance(calls.request_timeout(2), float)
     assert calls.request_timeout(calls.MAX_TIMEOUT) == calls.MAX_TIMEOUT
-    for bad in (-1, calls.MAX_TIMEOUT * 2, math.nan, math.inf, "soon", [1], 10**400):
+    for bad in (-1, calls.MAX_TIMEOUT * 2, math.nan, math.inf, -math.inf, "soon", "5", b"5", True, False, [1],
+                10**400):
         with pytest.raises(InvalidUsage, match=r"timeout must be in \(0, 86400.0\] seconds"):
             calls.request_timeout(bad)
+        with pytest.raises(InvalidUsage, match=r"timeout must be in \(0, 86400.0\] seconds"):
+            calls.call_timeout(bad)
+    with pytest.raises(InvalidUsage):
+        calls.call_timeout(0)  # a caller's own timeout has no default
+    assert calls.call_timeout(3) == 3.0
+
+
+def test_shapes():
+    import numpy as np
+
+    assert calls.shape_of(3) == (3,) and calls.shape_of((2, np.int64(3))) == (2, 3) and calls.shape_of([]) == ()
+    for bad in (-1, (2, -1), 2.5, (2.0,), "ab", None, (True,), object()):
+        with pytest.raises(InvalidUsage, match="shape must be an int or a sequence of ints >= 0"):
+            calls.shape_of(bad)
 
 
 def test_byte_view_is_a_flat_view_without_a_copy_or_a_clear_refusal():

@@ -22,6 +22,7 @@ from conftest import REPO, stop_process
 from pccl_py import Client, InvalidUsage
 from pccl_py.daemon import service
 from pccl_py.daemon.lease import Lease, Mode
+from pccl_py.wire import ipc
 
 TRAINER = os.path.join(REPO, "tests", "_trainer_proc.py")
 SEEN_WITHIN = 2.0  # seconds a survivor may take to see the new epoch after the trainer went
@@ -43,6 +44,22 @@ def test_connect_takes_the_lease_and_only_its_end_counts():
     assert ended is not None and ended.exit and "connection closed" in ended.reason
     with pytest.raises(InvalidUsage, match="--serve-successive"):
         lease.take("second")  # it left the run and exits: no successor
+
+
+def test_only_the_holder_runs_calls_on_the_membership():
+    lease = Lease(Mode.EXIT)
+    with pytest.raises(InvalidUsage, match="does not hold"):
+        lease.require("trainer")  # nobody connected yet
+    lease.take("trainer")
+    lease.require("trainer")
+    with pytest.raises(InvalidUsage, match="does not hold"):
+        lease.require("probe")
+    spawned = Lease(Mode.SPAWNED)
+    spawned.opened("client")
+    spawned.opened("stray")
+    spawned.require("client")  # the spawning client holds it from the start
+    with pytest.raises(InvalidUsage, match="does not hold"):
+        spawned.require("stray")
 
 
 def test_serving_successive_trainers_frees_the_lease_for_the_next():
@@ -134,6 +151,16 @@ def all_reduce_ones(ex, clients) -> list[np.ndarray]:
     infos = list(ex.map(lambda p: p[0].all_reduce(p[1], timeout=10.0), zip(clients, xs)))
     assert all(i["world_size"] == len(clients) for i in infos)
     return xs
+
+
+def read_replies(sock: socket.socket, n: int) -> list[dict]:
+    """The next ``n`` messages the daemon sends on ``sock`` (its timeout bounds each wait)."""
+    frames, out = ipc.FrameBuffer(), []
+    while len(out) < n:
+        data = sock.recv(1 << 16)
+        assert data, "the daemon closed the connection"
+        out += frames.feed(data)
+    return out
 
 
 def close_all(clients) -> None:
@@ -244,11 +271,30 @@ def test_stray_connections_end_no_lease_and_no_daemon(coordinator):
             for where in (path, a.daemon_path):  # a hand-started daemon, a client-spawned one
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # a probe that says nothing
                     s.connect(where)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # garbage: a length over the limit
+                    s.connect(where)
+                    s.sendall(b"\xff\xfe garbage \x00" * 64)
+                    s.settimeout(10.0)
+                    assert s.recv(1 << 16) == b""  # that connection is closed, nothing else
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # framed garbage, then a request
+                    s.connect(where)
+                    s.settimeout(10.0)
+                    s.sendall(ipc.LEN.pack(3) + b"\xc1\xc1\xc1" + ipc.pack({"op": "info", "id": 9}))
+                    replies = read_replies(s, 2)
+                    assert replies[0]["error"] == "InvalidUsage" and replies[1]["id"] == 9 and replies[1]["ok"]
+                    # a connection that does not hold the lease runs nothing on the membership: no
+                    # vote, no call that would take the trainer's next automatic tag
+                    s.sendall(ipc.pack({"op": "all_reduce", "id": 10, "nbytes": 4, "dtype": "float32",
+                                        "data": bytes(4)}) + ipc.pack({"op": "update_topology", "id": 11}))
+                    for r in read_replies(s, 2):
+                        assert r["error"] == "InvalidUsage" and "does not hold" in r["message"], r
             probe = Client(daemon=path, timeout=5.0)  # a second client that reads the view
             try:
                 assert probe.refresh()["world_size"] == 2
                 with pytest.raises(InvalidUsage, match="another trainer"):
                     probe.connect()
+                with pytest.raises(InvalidUsage, match="does not hold"):
+                    probe.all_reduce(np.ones(4, np.float32))
             finally:
                 probe.close()  # its leave leaves nothing: it never connected
             time.sleep(1.0)  # a lease that ended would have moved the run on by now

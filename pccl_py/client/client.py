@@ -12,6 +12,7 @@ started and stopped by :mod:`~pccl_py.client.spawn`.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections.abc import Callable
@@ -74,7 +75,7 @@ class Client:
     ) -> None:
         self.coordinator = coordinator
         self.group = group
-        self.timeout = timeout
+        self.timeout = calls.call_timeout(timeout)
         self._proc: subprocess.Popen | None = None
         self._info: dict = {"connected": False}
         self._rpc: Rpc | None = None
@@ -96,8 +97,13 @@ class Client:
         self._states: list[SharedState] = []
         self._allocs: list[Alloc] = []  # alloc() arrays
 
+    def _timeout(self, timeout: Any) -> float:
+        """A call's timeout: this client's when None, else checked as the daemon checks it
+        (a finite number of seconds in (0, a day])."""
+        return self.timeout if timeout is None else calls.call_timeout(timeout)
+
     def _call(self, msg: dict, timeout: float | None = None) -> dict:
-        return self._rpc.call(msg, self.timeout if timeout is None else timeout)
+        return self._rpc.call(msg, self._timeout(timeout))
 
     def _remember(self, info: dict) -> dict:
         self._info = info
@@ -157,7 +163,8 @@ class Client:
         Calls in flight at once need distinct ``tag`` values (or none: tags are then assigned
         in call order, which every peer must share).
         """
-        timeout = self.timeout if timeout is None else float(timeout)
+        timeout = self._timeout(timeout)
+        tag = None if tag is None else calls.user_tag(tag)
         items = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
         buckets: dict[str, list[Flat]] = {}
         for f in [flat(t) for t in items]:
@@ -218,7 +225,8 @@ class Client:
                     self._wait_new_epoch(failed_epoch, backoff)
 
     def _small_all_reduce(self, x: np.ndarray, op, quant, algorithm, tag, timeout) -> dict:
-        timeout = self.timeout if timeout is None else float(timeout)
+        timeout = self._timeout(timeout)
+        tag = None if tag is None else calls.user_tag(tag)
         return allreduce.small(self._rpc, x, op, quant, algorithm, tag, timeout)
 
     def _wait_new_epoch(self, epoch: int, backoff: Backoff) -> dict:
@@ -235,7 +243,7 @@ class Client:
         ``retry`` as for :meth:`all_reduce`: after ``PeerLost``/``Aborted`` the gather runs
         again on the new membership (so the list then has the survivors' blobs)."""
         calls.check_blob(blob)
-        msg = {"op": "all_gather", "data": bytes(blob), "tag": tag}
+        msg = {"op": "all_gather", "data": bytes(blob), "tag": None if tag is None else calls.user_tag(tag)}
         return self._retrying(lambda: list(self._call(msg, timeout)["blobs"]), retry, "all_gather")
 
     def alloc(self, shape, dtype="float32", *, as_torch: bool = False, double_buffer: bool = True):
@@ -254,8 +262,11 @@ class Client:
         if bf16 and not as_torch:
             raise InvalidUsage("bfloat16 allocations need as_torch=True")
         np_dtype = np.dtype(np.int16 if bf16 else dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        shape = calls.shape_of(shape)
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        if not 0 < nbytes <= ipc.MAX_BYTES:
+            raise InvalidUsage(f"alloc of shape {shape} ({nbytes} bytes): an allocation holds 1 to "
+                               f"{ipc.MAX_BYTES} bytes")
         rec = Alloc.create(self._rpc, nbytes, double_buffer)
         self._allocs.append(rec)
         arr = np.ndarray(shape, np_dtype, buffer=rec.buf)
@@ -301,9 +312,10 @@ class Client:
         """
         if not isinstance(state, SharedState):
             raise InvalidUsage("sync_shared_state takes the object returned by shared_state()")
+        calls.check_strategy(strategy)
+        timeout = self._timeout(timeout)
         msg = {"op": "sync_shared_state", "state": state.describe(), "strategy": strategy,
                "progress": progress is not None}
-        timeout = self.timeout if timeout is None else timeout
         msg["timeout"] = timeout
         rid = self._rpc.send(msg, progress)
         try:

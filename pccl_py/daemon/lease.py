@@ -3,7 +3,8 @@
 The trainer's IPC connection is the daemon's lease on its membership in the run. The
 session that asks ``connect`` takes it; a daemon spawned by its client
 (:attr:`Mode.SPAWNED`) gives it to its first session, the spawning client's, from the
-start. While the holder's connection is open no other session may connect. When it ends
+start. While the holder's connection is open no other session may connect, nor run calls
+on the membership (collectives, votes, syncs: :meth:`Lease.require`). When it ends
 (the connection closes for any reason, or the holder asks ``leave``) the daemon leaves the
 run, then exits or, in :attr:`Mode.SERVE_SUCCESSIVE`, opens a new membership for the next
 trainer. Sessions that hold nothing (status probes, a second client reading ``info``) end
@@ -71,6 +72,15 @@ class Lease:
             raise InvalidUsage("this daemon is in the run for another trainer, whose IPC connection is still "
                                "open: a daemon serves one trainer at a time (start one daemon per trainer)")
         self.holder = session
+
+    def require(self, session: Hashable) -> None:
+        """``session`` runs calls on the membership (collectives, votes, syncs): only the
+        holder may, so a probe or a stray connection can neither take a call's automatic
+        tag from the trainer nor vote for it. ``InvalidUsage`` otherwise."""
+        if session != self.holder:
+            raise InvalidUsage("this connection does not hold the daemon's membership: only the trainer that "
+                               "connected it runs calls on it (others may read info); a daemon serves one trainer "
+                               "at a time")
 
     def end(self, session: Hashable, why: str) -> Ended | None:
         """``session`` closed its connection or asked to leave (``why``); None when it held

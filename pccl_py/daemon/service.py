@@ -339,6 +339,13 @@ class Daemon:
             raise InvalidUsage("not connected: call connect() before collectives")
         return self.topology
 
+    def require_holder(self, session: TrainerSession) -> Topology:
+        """The membership, for a call of ``session``: it must be connected and ``session``
+        must hold the lease (``InvalidUsage`` otherwise)."""
+        topo = self.require_connected()
+        self.lease.require(session)
+        return topo
+
     def _describe_activity(self) -> str | None:
         """What this peer is doing, for the coordinator's lockstep check (sent with heartbeats)."""
         acts = sorted({f"{what} tag={k & ~AUTO_TAG}" if k >= 0 else what for k, what in self._in_flight.items()})

@@ -1,9 +1,14 @@
 """One trainer's session with its daemon: the IPC requests (:mod:`pccl_py.wire.ipc`) it sends
 over the daemon's Unix socket, checked and turned into calls on the :class:`Daemon`.
 
-A request is checked here before anything runs (:mod:`pccl_py.calls`): a client may be
-buggy or of another version, and a bad request must fail alone, with ``InvalidUsage``,
-never take the daemon down. The session also owns the shared-memory segments its trainer
+A request is checked here before anything runs: its shape against the one table of what
+each request may carry (:func:`pccl_py.wire.ipc.check_request`), then the meaning of its
+values (:mod:`pccl_py.calls`). A client may be buggy or of another version, or not our
+client at all, and a bad request must fail alone, answered with ``InvalidUsage``, never
+take the daemon down, end the session or use up a call's automatic tag. Only the session
+that holds the lease runs calls on the membership (``MEMBER_OPS``): a probe cannot. A message that
+is not even a msgpack map is answered the same way (with no ``id``); only a broken
+framing (a length over the limit) closes the connection. The session also owns the shared-memory segments its trainer
 had mapped: a request names them, and they are unmapped when the trainer goes. A segment
 whose name is gone from /dev/shm (removed by another process or a tmpfs cleaner) is
 reported as ``SegmentLost`` naming it, so the client replaces it (see :meth:`TrainerSession.map`
@@ -34,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pccl.daemon")
 
+# requests that run calls on the membership: only the session holding the lease may send them
+MEMBER_OPS = frozenset({"update_topology", "are_peers_pending", "all_reduce", "all_gather", "sync_shared_state"})
+
 
 def own_segment_lost(exc: PcclError, names: tuple[str, ...]) -> PcclError:
     """The error a failed all-reduce reports to its trainer: when it was aborted (a peer could
@@ -56,7 +64,7 @@ class TrainerSession(asyncio.Protocol):
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.frames = ipc.FrameBuffer()
+        self.frames = ipc.FrameBuffer(lenient=True)
         self.transport: asyncio.Transport | None = None
         self.segments: dict = {}
         self.tasks: set[asyncio.Task] = set()
@@ -74,14 +82,22 @@ class TrainerSession(asyncio.Protocol):
             self.transport.close()
             return
         for msg in msgs:
-            if msg.get("op") == "all_reduce":  # the hot path: no task
-                rid = msg.get("id")
+            if isinstance(msg, ProtocolError):  # framed, but not a msgpack map: no id to answer to
+                self._reply(None, None, None, InvalidUsage(f"bad request: {msg}"))
+                continue
+            try:
+                req = ipc.check_request(msg)
+            except InvalidUsage as exc:
+                self._reply(ipc.request_id(msg), msg.get("op"), None, exc)
+                continue
+            if req["op"] == "all_reduce":  # the hot path: no task
+                rid = req["id"]
                 try:
-                    self._all_reduce(msg, lambda info, exc, rid=rid: self._reply(rid, "all_reduce", info, exc))
+                    self._all_reduce(req, lambda info, exc, rid=rid: self._reply(rid, "all_reduce", info, exc))
                 except Exception as exc:
                     self._reply(rid, "all_reduce", None, exc)
                 continue
-            t = asyncio.ensure_future(self._serve(msg))
+            t = asyncio.ensure_future(self._serve(req))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
@@ -100,19 +116,20 @@ class TrainerSession(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------
     async def _serve(self, req: dict) -> None:
+        """Answer ``req`` (``ipc.check_request``'s: every field there, of its type)."""
         try:
-            if req.get("op") not in ipc.OPS:
-                raise InvalidUsage(f"unknown request {req.get('op')!r}")
             reply = await self._handle(req)
         except Exception as exc:
-            self._reply(req.get("id"), req.get("op"), None, exc)
+            self._reply(req["id"], req["op"], None, exc)
             return
-        self._reply(req.get("id"), req.get("op"), reply, None)
+        self._reply(req["id"], req["op"], reply, None)
 
     async def _handle(self, req: dict) -> dict:
-        op = req.get("op")
-        timeout = calls.request_timeout(req.get("timeout"))
+        op = req["op"]
+        timeout = calls.request_timeout(req["timeout"])
         daemon = self.daemon
+        if op in MEMBER_OPS:
+            daemon.require_holder(self)
         if op == "hello":
             await daemon.settled(timeout)  # the last trainer's membership closed: the next one's id
             return {"peer_id": daemon.peer_id, "pid": os.getpid()}
@@ -125,16 +142,14 @@ class TrainerSession(asyncio.Protocol):
         if op == "info":
             return daemon.summary()
         if op == "map":
-            self.map(str(req["name"]), int(req["size"]))
+            self.map(req["name"], req["size"])
             return {}
         if op == "unmap":
-            self.unmap(str(req["name"]))
+            self.unmap(req["name"])
             return {}
         if op == "all_gather":
-            daemon.require_connected()
-            blob = req.get("data")
-            calls.check_blob(blob)
-            return await daemon.all_gather(blob, user_tag=req.get("tag"), timeout=timeout)
+            tag = None if req["tag"] is None else calls.user_tag(req["tag"])
+            return await daemon.all_gather(req["data"], user_tag=tag, timeout=timeout)
         if op == "sync_shared_state":
             return await self._sync(req, timeout)
         if op == "leave":  # a session that never connected holds nothing to leave
@@ -142,36 +157,35 @@ class TrainerSession(asyncio.Protocol):
         raise InvalidUsage(f"unknown request {op!r}")
 
     async def _sync(self, req: dict, timeout: float) -> dict:
-        self.daemon.require_connected()
-        desc = req.get("state")
-        if not isinstance(desc, dict):
-            raise InvalidUsage("sync_shared_state needs a state description")
-        strategy = str(req.get("strategy", "enforce_popular"))
+        desc = req["state"]
+        strategy = req["strategy"] or "enforce_popular"
         calls.check_strategy(strategy)
-        seg = self.segment(str(desc.get("segment")))
+        seg = self.segment(desc["segment"])
         views = ipc.layout_views(desc, seg.buf)
-        progress = self.progress_reporter(req.get("id")) if req.get("progress") else None
-        return await self.daemon.sync_shared_state(views, revision=int(desc["revision"]), strategy=strategy,
+        progress = self.progress_reporter(req["id"]) if req["progress"] else None
+        return await self.daemon.sync_shared_state(views, revision=desc["revision"], strategy=strategy,
                                                    timeout=timeout, progress=progress)
 
     def _all_reduce(self, req: dict, finish: Callable[[dict | None, PcclError | None], None]) -> None:
         """Post a client's all-reduce; ``finish(info, None)`` or ``finish(None, error)`` when it
         ends. No task per call: small all-reduces are latency-bound and every loop iteration
-        counts. Bad requests raise here."""
-        timeout = calls.request_timeout(req.get("timeout"))
-        self.daemon.require_connected()
-        dtype = str(req.get("dtype"))
-        calls.check_dtype(dtype)
-        nbytes = int(req["nbytes"])
+        counts. Bad requests raise here, before the call takes a tag."""
+        timeout = calls.request_timeout(req["timeout"])
+        self.daemon.require_holder(self)
+        dtype, op = req["dtype"], req["reduce"] or "sum"
+        quant, algorithm = req["quant"], req["algorithm"] or "auto"
+        calls.check_all_reduce(dtype, op, quant, algorithm)
+        tag = None if req["tag"] is None else calls.user_tag(req["tag"])
+        nbytes = req["nbytes"]
         calls.check_whole_elements(nbytes, dtype)
-        inline = req.get("data")
+        inline = req["data"]
         if inline is not None:  # a small call carries its bytes; the result goes back in the reply
             calls.check_inline(inline, nbytes)
             src, dst, refs = inline, bytearray(nbytes), None
         else:
-            seg = self.segment(str(req["shm"]))
-            in_seg = self.segment(str(req.get("in_shm") or req["shm"]))
-            in_off, out_off = int(req["in_off"]), int(req["out_off"])
+            seg = self.segment(req["shm"])
+            in_seg = self.segment(req["in_shm"] or req["shm"])
+            in_off, out_off = req["in_off"], req["out_off"]
             calls.check_shm_ranges(nbytes, (in_seg.size, in_off), (seg.size, out_off), in_seg is seg)
             src = in_seg.buf[in_off:in_off + nbytes]
             dst = seg.buf[out_off:out_off + nbytes]
@@ -188,10 +202,10 @@ class TrainerSession(asyncio.Protocol):
             src,
             dst,
             dtype=dtype,
-            op=str(req.get("reduce", "sum")),
-            quant=req.get("quant"),
-            algorithm=str(req.get("algorithm", "auto")),
-            user_tag=req.get("tag"),
+            op=op,
+            quant=quant,
+            algorithm=algorithm,
+            user_tag=tag,
             timeout=timeout,
             shm_refs=refs,
             done=done,
@@ -203,10 +217,8 @@ class TrainerSession(asyncio.Protocol):
             reply["ok"] = True
         elif isinstance(exc, PcclError):
             reply = {"ok": False, **to_wire(exc)}
-        elif isinstance(exc, (KeyError, TypeError, ValueError)):
-            reply = {"ok": False, **to_wire(InvalidUsage(f"bad request: {exc!r}"))}
-        else:  # never let one request kill the daemon
-            log.error("request %s failed", op, exc_info=exc)
+        else:  # a bug (every bad request is an InvalidUsage): logged, and never kills the daemon
+            log.error("request %s failed", str(op)[:40], exc_info=exc)
             reply = {"ok": False, **to_wire(exc)}
         reply["id"] = rid
         if self.transport is not None and not self.transport.is_closing():
