@@ -66,7 +66,6 @@ class StateServer:
                  idle_timeout: float = 300.0, handshake_timeout: float = 5.0, max_connections: int = 1024,
                  max_pending_per_address: int = 8, log_interval: float = 10.0,
                  count: Callable[[str], None] | None = None) -> None:
-        self.peer_id = peer_id
         self.secret = secret
         self.host = host
         self.port = port
@@ -78,13 +77,23 @@ class StateServer:
         self.tx_bytes = 0
         self.bad_requests = 0  # authenticated connections closed for bad input
         self._count = count
-        self.gate = Gate("state server" + (f" {peer_id[:8]}" if peer_id else ""),
-                         max_pending=max_pending_per_address, evict_after=min(1.0, handshake_timeout / 2),
-                         interval=log_interval, count=count)
+        self.gate = Gate("state server", max_pending=max_pending_per_address,
+                         evict_after=min(1.0, handshake_timeout / 2), interval=log_interval, count=count)
+        self.peer_id = peer_id
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._summary_timer: asyncio.TimerHandle | None = None
         self._die_at: int | None = None
+
+    @property
+    def peer_id(self) -> str:
+        """The id this server proves itself as (a daemon that rejoins the run changes it)."""
+        return self._peer_id
+
+    @peer_id.setter
+    def peer_id(self, peer_id: str) -> None:
+        self._peer_id = peer_id
+        self.gate.name = "state server" + (f" {peer_id[:8]}" if peer_id else "")
 
     @property
     def address(self) -> tuple[str, int]:
