@@ -152,14 +152,14 @@ def test_a_float_version_is_refused():
         control.decode(msgpack.packb({"type": "pong", "v": float(control.VERSION), "nonce": 1}))
 
 
-@pytest.mark.timeout(timeout_for(N_ALL, 0.003))
+@pytest.mark.timeout(timeout_for(N_ALL, 0.008))
 @fuzz_settings(N_ALL)
 @given(messages(control.SCHEMA))
 def test_every_control_message_is_validated_or_refused(case):
     check(*case)
 
 
-@pytest.mark.timeout(timeout_for(N_SYNC, 0.003))
+@pytest.mark.timeout(timeout_for(N_SYNC, 0.008))
 @fuzz_settings(N_SYNC)
 @given(messages(control.SYNC_SCHEMA))
 def test_every_sync_message_is_validated_or_refused(case):

@@ -216,7 +216,10 @@ def _value(name: str, f: Field, v: Any, present: bool) -> Any:
     if kind is float:
         if not isinstance(v, numbers.Real):
             raise InvalidUsage(f"{name} must be {_what(f)}, got {type(v).__name__}")
-        v = float(v) if isinstance(v, float) or -(1 << 63) <= v < 1 << 63 else math.inf
+        try:
+            v = float(v)
+        except OverflowError:  # an int past any float (msgpack carries none)
+            v = math.inf
         if not math.isfinite(v):
             raise InvalidUsage(f"{name} must be a finite number, got {v!r}")
     elif not isinstance(v, kind):
