@@ -30,11 +30,15 @@ request, reply header and refusal text carries a GMAC tag under its direction's 
 Payload bytes carry no tag: they are checked against the content hashes the coordinator
 elected over the authenticated control plane (``fetch`` hashes every tensor on arrival,
 refetches from one source at a time on a mismatch, and never accepts other content), so
-bytes altered in flight can only make a fetch fail, never get accepted. A GMAC over every
+bytes altered in flight make a fetch fail rather than get accepted. A GMAC over every
 payload was measured: AES-GCM runs at ~9 GB/s over memory not in cache here, one more
 pass over the state on each side, and it cost the loopback transfer bench (``pccl bench
-sync``, 256 MiB, 2 cores) 25-30% of its throughput (2.7 -> 2.0 GB/s), past the 10% it
-may cost.
+sync``, 256 MiB, 2 cores, 6 interleaved runs) 20-27% of its throughput (median 2.73 ->
+2.18 GB/s from one source, 2.84 -> 2.08 from two), past the 10% it may cost; without it
+this version is as fast as version 1 (2.72 and 2.87 GB/s). The limit of that choice:
+xxh3-128 is not collision-resistant, so someone who can alter the TCP stream *and* craft
+bytes with the elected digest could slip them in; a cryptographic content hash (or
+payload tags where the throughput allows) would close that.
 
 Bounds: a peer id is at most ``MAX_ID`` bytes, a tensor name 1..``MAX_NAME`` bytes, a
 refusal text at most ``MAX_TEXT`` bytes, one request or payload at most ``MAX_REQUEST``
