@@ -253,6 +253,12 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default=None):
+        return self.extra.get(name, default) if hasattr(self, "extra") else default
+
 
 class FakeDaemon:
     """Records every call the session makes and checks each argument it is handed; nothing
@@ -278,6 +284,7 @@ class FakeDaemon:
 
     def session_opened(self, session) -> None:
         self.session = session
+        self.opened = True
 
     def session_closed(self, session) -> None:
         pass
@@ -414,6 +421,22 @@ def test_a_framed_body_that_is_not_a_map_is_answered_and_the_session_goes_on(bod
     assert out[-1]["id"] == 5 and out[-1]["ok"]  # the next request is served
     for m in out[:-1]:  # whatever the body was, it got an InvalidUsage or was itself a request
         assert m["ok"] or m["error"] in ALLOWED_ERRORS
+
+
+def test_a_process_of_another_user_is_refused_at_once(monkeypatch):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for trusted, refused in ((frozenset({os.geteuid()}), False), (frozenset({os.geteuid() + 12345}), True)):
+            monkeypatch.setattr(session_mod, "trusted_uids", lambda trusted=trusted: trusted)
+            daemon, transport = FakeDaemon(True), FakeTransport()
+            transport.extra = {"socket": a}
+            sess = TrainerSession(daemon)
+            sess.connection_made(transport)
+            assert transport.closed is refused and getattr(daemon, "opened", False) is not refused
+            sess.connection_lost(None)  # a refused one touches no lease
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_broken_framing_closes_only_that_connection():

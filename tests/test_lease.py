@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,7 @@ def test_stray_connections_end_no_lease_and_no_daemon(coordinator):
             join(ex, [a, trainer], 2)
             epoch = a.refresh()["epoch"]
             for where in (path, a.daemon_path):  # a hand-started daemon, a client-spawned one
+                assert stat.S_IMODE(os.stat(where).st_mode) == 0o600  # other users cannot connect
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # a probe that says nothing
                     s.connect(where)
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # garbage: a length over the limit

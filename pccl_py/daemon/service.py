@@ -150,6 +150,7 @@ class Daemon:
             os.unlink(self.ipc_path)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: TrainerSession(self), path=self.ipc_path)
+        os.chmod(self.ipc_path, 0o600)  # this user's processes only (a session also checks the peer's uid)
         log.info("daemon %s ready: IPC %s, data %s:%d (advertised as %s)", self.peer_id[:8],
                  self.ipc_path, *addr, self.data_host)
 

@@ -6,7 +6,9 @@ each request may carry (:func:`pccl_py.wire.ipc.check_request`), then the meanin
 values (:mod:`pccl_py.calls`). A client may be buggy or of another version, or not our
 client at all, and a bad request must fail alone, answered with ``InvalidUsage``, never
 take the daemon down, end the session or use up a call's automatic tag. Only the session
-that holds the lease runs calls on the membership (``MEMBER_OPS``): a probe cannot. A message that
+that holds the lease runs calls on the membership (``MEMBER_OPS``): a probe cannot. A
+process of another user (not root) is refused at once (SO_PEERCRED); the socket file is
+mode 0600 besides. A message that
 is not even a msgpack map is answered the same way (with no ``id``); only a broken
 framing (a length over the limit) closes the connection. The session also owns the shared-memory segments its trainer
 had mapped: a request names them, and they are unmapped when the trainer goes. A segment
@@ -25,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -59,6 +63,25 @@ def own_segment_lost(exc: PcclError, names: tuple[str, ...]) -> PcclError:
     return exc
 
 
+def trusted_uids() -> frozenset[int]:
+    """The users whose processes may talk to this daemon: its own, and root."""
+    return frozenset({os.geteuid(), 0})
+
+
+def peer_uid(transport) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), None where
+    the system cannot tell."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    except (OSError, struct.error):
+        return None
+    return uid
+
+
 class TrainerSession(asyncio.Protocol):
     """One trainer's connection on the daemon's IPC socket."""
 
@@ -68,10 +91,19 @@ class TrainerSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.segments: dict = {}
         self.tasks: set[asyncio.Task] = set()
+        self.refused = False  # a connection from another user, closed at once
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        uid = peer_uid(transport)
+        if uid is not None and uid not in trusted_uids():
+            # another user of this host: it gets nothing, not even the lease of a daemon
+            # whose first connection holds it (the socket file's mode already keeps it out)
+            log.warning("refusing an IPC connection from uid %d: only this daemon's user may connect", uid)
+            self.refused = True
+            transport.abort()
+            return
         self.daemon.session_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -102,6 +134,9 @@ class TrainerSession(asyncio.Protocol):
             t.add_done_callback(self.tasks.discard)
 
     def connection_lost(self, exc) -> None:
+        if self.refused:
+            self.transport = None
+            return
         for t in self.tasks:
             t.cancel()
         for name in list(self.segments):
