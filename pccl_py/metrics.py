@@ -123,8 +123,8 @@ class Metrics:
         self.registry.register(_Links())
 
     def rejected(self, port: str):
-        """A ``count(reason)`` for a listener's :class:`~pccl_py.transport.limits.Gate`:
-        ``pccl_rejected_connections_total{port=port,reason}``."""
+        """A ``count(reason)`` for a daemon listener's :class:`~pccl_py.transport.limits.Gate`
+        (``port`` "state" or "data"): ``pccl_rejected_connections_total{port=port,reason}``."""
         return lambda reason: self.rejected_connections.labels(port, reason).inc()
 
     # -- serving ---------------------------------------------------------------------

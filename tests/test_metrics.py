@@ -150,3 +150,16 @@ def test_bytes_per_link_and_direction(coordinator):
     finally:
         for proc, _ in daemons:
             stop_process(proc)
+
+
+def test_rejected_connections_are_counted_per_listener():
+    d = Metrics("daemon")
+    d.rejected("state")("bad_proof")
+    d.rejected("state")("bad_proof")
+    d.rejected("data")("timeout")
+    t = d.text()
+    assert value(t, 'pccl_rejected_connections_total{port="state",reason="bad_proof"}') == 2
+    assert value(t, 'pccl_rejected_connections_total{port="data",reason="timeout"}') == 1
+    c = Metrics("coordinator")  # its one listener, the control port: by reason alone
+    c.rejected_connections.labels("wrong_secret").inc()
+    assert value(c.text(), 'pccl_rejected_connections_total{reason="wrong_secret"}') == 1

@@ -135,6 +135,8 @@ class Daemon:
             self.metrics.link_traffic(lambda: self.data.traffic)
         self.state_server = StateServer(self.peer_id, secret=self.secret, host=self._listen_host, port=0,
                                         count=None if self.metrics is None else self.metrics.rejected("state"))
+        if self.metrics is not None:  # the data port's strangers, counted like the state port's
+            self.data.gate.count = self.metrics.rejected("data")
         self.control: ControlChannel | None = None
         self.topology: Topology | None = None
         self._tags = AutoTags()
