@@ -288,20 +288,21 @@ class Replay(Once):
 
 class Splice(Once):
     """Put another frame in place of frame n: ``frame`` (recorded in another run), or else
-    frame ``n`` of the same direction on the connection of stream ``other`` of this run
-    (waited for)."""
+    frame ``n`` of direction ``source`` (default: the same) on the connection of stream
+    ``other`` of this run (waited for). With ``other`` the same stream and the other
+    direction, the peer's own frame is reflected back at it."""
 
-    def __init__(self, frame: Frame | None = None, other: int = 1, **kw):
+    def __init__(self, frame: Frame | None = None, other: int = 1, source: str | None = None, **kw):
         super().__init__(**kw)
-        self.frame, self.other = frame, other
+        self.frame, self.other, self.source = frame, other, source
 
     def act(self, f, relay):
         if self.frame is not None:
             return [self.frame.wire]
 
         async def later():
-            other = await relay.frame(self.other, f.direction, f.n)
-            assert other.conn != f.conn
+            other = await relay.frame(self.other, self.source or f.direction, f.n)
+            assert (other.conn, other.direction) != (f.conn, f.direction)
             self.frame = other
             return [other.wire]
         return later()

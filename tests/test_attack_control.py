@@ -325,7 +325,7 @@ def test_a_replayed_coordinator_cannot_make_members_act_during_a_restart():
 
 def test_a_flood_of_failed_handshakes_under_a_members_routing_id_removes_no_one(caplog):
     """For one and a half heartbeat deadlines, 40 attacker sockets at a time (no CURVE, another
-    run's keys, the member public key with a wrong secret key) dial with member b's routing
+    run's keys, the member public key with a wrong secret key, a key pair of their own) dial with member b's routing
     id, send as b, and hang up. Nobody is removed or probed out, the epoch stays, votes still
     complete, and the coordinator's log gets summaries, not a line per connection."""
     caplog.set_level(logging.INFO, logger="pccl.coordinator")
@@ -338,7 +338,8 @@ def test_a_flood_of_failed_handshakes_under_a_members_routing_id_removes_no_one(
             member_pub, _ = keys.curve_keypair(SECRET.encode(), "member")
             coord_pub, _ = keys.curve_keypair(SECRET.encode(), "coordinator")
             other = (keys.curve_keypair(OTHER, "coordinator")[0], *keys.curve_keypair(OTHER, "member"))
-            creds = [None, other, (coord_pub, member_pub, zmq.curve_keypair()[1])]
+            creds = [None, other, (coord_pub, member_pub, zmq.curve_keypair()[1]),
+                     (coord_pub, *zmq.curve_keypair())]  # (the last: a key pair of its own, refused by ZAP)
             ctx = zmq.Context.instance()
             sent = 0
             t_end = time.monotonic() + 1.5 * 3.0  # the served coordinator's heartbeat deadline is 3 s
@@ -348,7 +349,7 @@ def test_a_flood_of_failed_handshakes_under_a_members_routing_id_removes_no_one(
                     s = ctx.socket(zmq.DEALER)
                     s.setsockopt(zmq.LINGER, 0)
                     s.setsockopt(zmq.ROUTING_ID, rid_b)
-                    cred = creds[i % 3]
+                    cred = creds[i % len(creds)]
                     if cred is not None:
                         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = cred
                     s.connect(f"tcp://{addr}")

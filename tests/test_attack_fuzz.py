@@ -38,11 +38,11 @@ from pccl_py.transport.seal import PySeal
 from pccl_py.wire import frames as F
 from pccl_py.wire.keys import link_keys
 
-pytestmark = pytest.mark.timeout(120)
-
 FUZZ = int(os.environ.get("PCCL_FUZZ_EXAMPLES", "1500"))
 STREAM_FUZZ = max(50, FUZZ // 3)
 LIVE_FUZZ = max(30, FUZZ // 10)
+
+pytestmark = pytest.mark.timeout(max(120, FUZZ // 100))  # (about 1-2 ms an example at most)
 
 
 def fuzz(n: int):

@@ -144,6 +144,7 @@ ATTACKS = {
     "replay-earlier-frame": lambda: Replay(source=0, direction=UP, n=2),
     "splice-other-stream": lambda: Splice(other=1, direction=UP, n=1),
     "splice-other-run": lambda: Splice(direction=UP, n=1),  # its frame is recorded in a first run
+    "reflect": lambda: Splice(other=0, source=UP, direction=DOWN, n=1),  # peer0 gets its own frame back
 }
 
 
@@ -356,10 +357,7 @@ def test_after_a_dropped_fin_the_link_is_replaced_one_epoch_later():
         async with Pair("loop") as pair:
             await pair.through(Drop(direction=DOWN, n=0, kind=F.FIN))
             for tag in (1, 2):  # the FIN-less call, then the first call of the next epoch
-                if tag == 2:
-                    await pair.epoch_up()
-                else:
-                    await pair.epoch_up()
+                await pair.epoch_up()
                 dsts, res = await pair.reduce(srcs, tag=tag, timeout=1.5)
                 never_wrong(dsts, res, want)
             assert await pair.reported(within=3.0)
