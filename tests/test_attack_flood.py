@@ -48,6 +48,7 @@ async def attacker(kind: str, target, stop: asyncio.Event, closed: list) -> None
     except OSError:
         closed.append(("refused", 0.0))
         return
+    t0 = time.monotonic()  # (a connect beyond the listen backlog waits for a SYN retry first)
     try:
         if kind == "garbage":
             await r.readexactly(F.CHALLENGE_S.size)
@@ -139,19 +140,16 @@ def test_a_flood_of_unauthenticated_connections_leaves_the_run_working(caplog, c
               f"{worst * 1000:.0f} ms), {extra_fds} extra fds at the peak over {fd0}, {len(lines)} "
               f"'closing data connection' log lines")
     assert calls >= 10
-    assert len(lines) <= n, "more than one log line per flood connection"
+    warned = [r for r in lines if r.levelno >= logging.WARNING]
+    summaries = [r for r in caplog.records if r.name == "pccl.dataplane" and "refused in the last" in r.getMessage()]
+    assert not warned, "a warning per flood connection"
+    assert 1 <= len(summaries) <= 8, [r.getMessage() for r in summaries]
 
 
-@pytest.mark.parametrize("io_threads", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="with I/O threads on, every accepted connection dup()s its socket for its I/O threads "
-        "before the handshake: an unauthenticated connection holds two descriptors, so about 500 of them exhaust "
-        "the common 1024 soft limit for handshake_timeout (seen: a new member's links then never came up)")),
-], ids=["loop", "threads"])
+@pytest.mark.parametrize("io_threads", [False, True], ids=["loop", "threads"])
 def test_an_unauthenticated_connection_holds_one_descriptor(io_threads):
     n = 100
-    cfg = DataPlaneConfig(io_threads=io_threads, bulk_min=64 << 10)
+    cfg = DataPlaneConfig(io_threads=io_threads, bulk_min=64 << 10, max_pending_per_address=n + 10)  # all wait
 
     async def body():
         async with cluster(1, config=cfg) as dps:

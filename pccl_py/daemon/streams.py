@@ -91,6 +91,7 @@ class Stream(asyncio.BufferedProtocol):
         self._tx_seq = self._rx_seq = 0
         self._tag = memoryview(bytearray(S.TAG_BYTES))
         self._then: tuple | None = None  # what the frame whose tag is being read does then
+        self._discard_then = None  # what a frame being dropped does once its tag checks
         # (connector) a way to dial that has another behind it: until the handshake completes,
         # a failure is not the link's loss (see established())
         self._up: asyncio.Future | None = dp._loop.create_future() if fallback else None
@@ -115,19 +116,8 @@ class Stream(asyncio.BufferedProtocol):
         self.transport = transport
         self._vectored = type(transport).__module__.startswith("uvloop")
         sock = transport.get_extra_info("socket")
-        if self._bulk and sock is not None:
-            try:
-                self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
-            except OSError as e:  # out of file descriptors: this stream keeps frames on the loop
-                log.warning("data stream without I/O threads: %s", e)
-                self._bulk = 0
-        if self._pump is not None:
-            # The send thread may only write while the transport holds nothing: limits of 0
-            # make every buffered byte pause us, and resume_writing say the buffer is empty.
-            transport.set_write_buffer_limits(high=0, low=0)
-        else:
-            self._bulk = 0
-            transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
+        # (the I/O threads come with the handshake's end: a stranger costs one descriptor)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         if sock is not None and sock.family != socket.AF_UNIX:
             _tune(sock, self.dp.config.user_timeout)
         pn = transport.get_extra_info("peername")
@@ -400,10 +390,26 @@ class Stream(asyncio.BufferedProtocol):
             enc = self.dp.seal == F.SEAL_ENCRYPT
             self._tx_seal, self._rx_seal = S.new_seal(tx, True, enc), S.new_seal(rx, False, enc)
 
+    def _start_pump(self) -> None:
+        """The stream's I/O threads (pump.py), if it moves large frames off the loop."""
+        sock = self.transport.get_extra_info("socket")
+        if self._bulk and sock is not None:
+            try:
+                self._pump = Pump(self.dp._loop, sock, f"{id(self):x}")
+            except OSError as e:  # out of file descriptors: this stream keeps frames on the loop
+                log.warning("data stream without I/O threads: %s", e)
+        if self._pump is not None:
+            # The send thread may only write while the transport holds nothing: limits of 0
+            # make every buffered byte pause us, and resume_writing say the buffer is empty.
+            self.transport.set_write_buffer_limits(high=0, low=0)
+        else:
+            self._bulk = 0
+
     def _established(self) -> None:
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
+        self._start_pump()
         self._want(_HEADER, F.HEADER_SIZE)
         if self._up is not None and not self._up.done():
             self._up.set_result(True)
@@ -453,9 +459,9 @@ class Stream(asyncio.BufferedProtocol):
         if h.kind == F.DATA:
             try:
                 rx = op.on_data(src, h, self)
-            except InvalidUsage as e:
-                self.dp._fail_op(op, e, tell_peers=True)
-                self._discard(h.length)
+            except InvalidUsage as e:  # acted on once the frame's tag checks: a changed header
+                self._discard(h.length,  # fails its tag (PeerLost), not the call as misuse
+                              lambda e=e: op.done or self.dp._fail_op(op, e, tell_peers=True))
                 return
             self._receive(rx, op, h.length)
         elif h.kind == F.FIN:
@@ -493,9 +499,13 @@ class Stream(asyncio.BufferedProtocol):
         else:
             self.dp._remote_error(op, src, h.error_code, msg)
 
-    def _discard(self, n: int) -> None:
+    def _discard(self, n: int, then=None) -> None:
+        """Drop the next ``n`` payload bytes, then ``then()`` once the frame's tag checks."""
+        if then is not None:
+            self._discard_then = then
         if n <= 0:
-            self._frame_done()
+            then, self._discard_then = self._discard_then, None
+            self._frame_done(then)
             return
         self._discard_left = n - min(n, _SCRATCH)
         self._state = _DISCARD
@@ -714,6 +724,8 @@ class Stream(asyncio.BufferedProtocol):
         if tr.is_closing():
             return True
         seal = self._tx_seal
+        if len(header) > F.HEADER_SIZE:  # an ERROR frame comes whole: its message is its payload
+            header, payload = header[:F.HEADER_SIZE], header[F.HEADER_SIZE:]
         if self._bulk and len(payload) >= self._bulk and self._pump is not None:
             if tr.get_write_buffer_size():  # the transport still writes: after it, in order
                 self._backlog.appendleft((header, payload))
