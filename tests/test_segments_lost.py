@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 import time
 
 import numpy as np
@@ -135,11 +136,14 @@ def test_a_segment_removed_before_the_daemon_maps_it_is_made_again(coordinator, 
     fresh one and maps that; nothing reaches the peers, so the call never fails (nor does
     ``alloc()``)."""
     with joined_pair(coordinator) as (a, b):
-        original, used = CS.create_segment, []
+        original, used, callers = CS.create_segment, [], set()
 
         def created_then_removed(size, *args, **kw):
             seg = original(size, *args, **kw)
-            if len(used) < 2:  # the first segment of each side's call, or of alloc()
+            # the first segment of each side's call (each runs in a thread of its own), or of
+            # alloc(): not "the first two made", which under load may both be one side's
+            if threading.get_ident() not in callers:
+                callers.add(threading.get_ident())
                 used.append(seg.name)
                 remove(seg.name)
             return seg
