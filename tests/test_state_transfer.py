@@ -11,7 +11,7 @@ import pytest
 
 from pccl_py.daemon.state_hash import hash_buffer
 from pccl_py.daemon.state_transfer import HashMismatch, Source, StateServer, fetch
-from pccl_py.errors import DeadlineExceeded, PeerLost, ProtocolError, Unauthenticated
+from pccl_py.errors import DeadlineExceeded, PcclError, PeerLost, ProtocolError, Unauthenticated
 from pccl_py.wire import state_transfer as wire
 
 pytestmark = pytest.mark.timeout(60)
@@ -594,3 +594,31 @@ async def test_refused_connections_are_counted_in_the_metrics():
         assert 'pccl_rejected_connections_total{port="state",reason="bad_request"} 1.0' in text
     finally:
         await srv.close()
+
+
+async def test_a_payload_bit_flipped_on_the_way_is_never_accepted():
+    """A relay in front of one source flips one payload bit: that source's connection
+    fails its payload tag and its share comes from the other source; alone, the fetch
+    fails with a typed error and nothing changed is accepted."""
+    from test_hostile_dataplane import Relay
+
+    state = make_state(21, {"w": 4 << 20})
+    servers = await start_servers(state, 2)
+    relay = Relay(servers[0].address[1], flip=("down", 5000))  # past the handshake, in the first payload
+    try:
+        port = await relay.start_tcp()
+        relayed = Source(servers[0].source.peer_id, "127.0.0.1", port)
+        out = {"w": np.zeros_like(state["w"])}
+        stats = await fetch([relayed, servers[1].source], dests_for(state, out), secret=SECRET, peer_id="p",
+                            revision=REV, chunk=1 << 20, streams_per_source=1, timeout=20)
+        assert relay.flipped and np.array_equal(out["w"], state["w"])
+        assert relayed.label in stats["sources_failed"], stats
+        relay.flip, relay.flipped = ("down", 5000), False
+        out = {"w": np.zeros_like(state["w"])}
+        with pytest.raises(PcclError):
+            await fetch([relayed], dests_for(state, out), secret=SECRET, peer_id="p", revision=REV,
+                        chunk=1 << 20, streams_per_source=1, timeout=10)
+        assert relay.flipped
+    finally:
+        await relay.close()
+        await close_all(servers)

@@ -354,8 +354,11 @@ class Conversation:
             self.session = self.srv.check(*w.decode_auth_rest(auth[w.AUTH.size:], 2))
             self.stream += self.srv.answer()
 
-    def reply(self, payload: bytes) -> None:
+    def reply(self, payload: bytes, tag: bytes | None = None) -> None:
         self.stream += w.encode_reply_head(len(payload), self.session.send) + payload
+        if payload:  # its own tag (or a given one: a payload changed on the way)
+            real = self.session.send.tag(payload)
+            self.stream += real if tag is None else tag
 
     def refuse(self, text: str, tagged: bool = True) -> None:
         self.stream += w.encode_refusal(text, self.session.send if tagged else None)
@@ -383,6 +386,8 @@ def drive(reader: w.ReplyReader, conv: Conversation, dests: list[bytearray], spl
             dests[dest_i][:] = got
             event = reader.complete(None)
             dest_i += 1
+        elif reader.mode == "ptag":
+            event = reader.complete(bytes(got), payload=dests[dest_i - 1])
         else:
             event = reader.complete(bytes(got))
         if event[0] == "hello":
@@ -405,9 +410,23 @@ def test_reader_follows_a_whole_conversation():
     dests = [bytearray(5), bytearray(3)]
     events = drive(r, conv, dests)
     assert events == [("more", 3), ("hello", (NONCE, "src")), ("more", 32), ("proof", conv.srv.answer()[-32:]),
-                      ("payload", 5), ("answered", 5), ("answered", 0), ("payload", 3), ("answered", 3)]
+                      ("payload", 5), ("more", 16), ("answered", 5), ("answered", 0), ("payload", 3), ("more", 16),
+                      ("answered", 3)]
     assert dests == [bytearray(b"hello"), bytearray(b"abc")]
     assert r.unanswered == 0 and r.authenticated and (r.mode, r.need) == ("head", w.RESP.size + w.TAG_LEN)
+
+
+def test_a_payload_changed_on_the_way_fails_its_tag():
+    """The elected hashes are not the only check: xxh3 is not collision-resistant, so a
+    payload's own tag must fail when its bytes changed in transit."""
+    conv = Conversation()
+    conv.reply(b"hello")
+    good_tag = conv.stream[-w.TAG_LEN:]
+    conv.stream = conv.stream[:-w.TAG_LEN - 5] + b"jello" + good_tag
+    r = w.ReplyReader()
+    r.asked(5)
+    with pytest.raises(ProtocolError):
+        drive(r, conv, [bytearray(5)])
 
 
 def test_reader_with_a_server_of_empty_id():

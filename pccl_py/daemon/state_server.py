@@ -260,7 +260,9 @@ class StateServer:
                     return False
                 writer.write(wire.encode_reply_head(length, session.send))
                 if length:
-                    writer.write(view[offset:offset + length])  # untagged: the content hashes check it
+                    part = view[offset:offset + length]
+                    writer.write(part)
+                    writer.write(session.send.tag(part))  # (the published view does not change)
                 self.tx_bytes += length  # handed to the transport
                 await asyncio.wait_for(writer.drain(), self.idle_timeout)  # a frozen reader ends here
         except ProtocolError as exc:

@@ -15,8 +15,8 @@ the source must prove the run secret under the peer id the sync plan named. A so
 cannot is dropped before any request goes to it, like a dead one (its share goes to the
 other sources), and a fetch that no other source can finish fails with
 :class:`~pccl_py.errors.Unauthenticated` naming it. After the handshake every request,
-reply header and refusal carries a tag under the connection's session keys; payload is
-checked by the content hashes (the wire module says why).
+reply header, payload and refusal carries a tag under the connection's session keys, and
+payload is checked by the elected content hashes as well.
 
 This module is the fetcher's I/O: sockets, deadlines, the event loop. The byte format is
 :mod:`pccl_py.wire.state_transfer`; the decisions (chunks, the shared queue, what a failed
@@ -115,7 +115,7 @@ class _SourceConn(asyncio.BufferedProtocol):
         data = None if mode == "payload" else memoryview(self.scratch)[:self.reader.need]
         self.got = 0
         try:
-            event, value = self.reader.complete(data)
+            event, value = self.reader.complete(data, payload=self.dest if mode == "ptag" else None)
             if event == "hello":
                 self.transport.write(self.handshake.auth(*value))  # type: ignore[union-attr,misc]
             elif event == "proof":

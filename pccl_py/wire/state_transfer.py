@@ -10,7 +10,7 @@ are little-endian; the last character of each magic is the format version (2)::
     ---- from here on every message is followed by a 16-byte tag (see Mac) ----
     client -> server  REQ    b"PXQ2" u16 name_len, i64 revision, u64 offset, u64 length, name[name_len]
     server -> client  RESP   b"PXR2" u8 status, u64 length; then `length` bytes:
-                             status OK (0): payload (not tagged: see below)
+                             status OK (0): payload, its own tag after it
                              status REFUSED (1): refusal text (UTF-8), its own tag after
                              it; the server closes
 
@@ -27,18 +27,16 @@ session keys of :func:`pccl_py.wire.keys.transfer_keys` (one per direction) and 
 request, reply header and refusal text carries a GMAC tag under its direction's key
 (:class:`Mac`), so no one else can ask, answer or refuse on an authenticated connection.
 
-Payload bytes carry no tag: they are checked against the content hashes the coordinator
-elected over the authenticated control plane (``fetch`` hashes every tensor on arrival,
-refetches from one source at a time on a mismatch, and never accepts other content), so
-bytes altered in flight make a fetch fail rather than get accepted. A GMAC over every
-payload was measured: AES-GCM runs at ~9 GB/s over memory not in cache here, one more
-pass over the state on each side, and it cost the loopback transfer bench (``pccl bench
-sync``, 256 MiB, 2 cores, 6 interleaved runs) 20-27% of its throughput (median 2.73 ->
-2.18 GB/s from one source, 2.84 -> 2.08 from two), past the 10% it may cost; without it
-this version is as fast as version 1 (2.72 and 2.87 GB/s). The limit of that choice:
-xxh3-128 is not collision-resistant, so someone who can alter the TCP stream *and* craft
-bytes with the elected digest could slip them in; a cryptographic content hash (or
-payload tags where the throughput allows) would close that.
+Payload bytes carry a tag of their own too (a GMAC over the payload, the next count of
+the direction's MAC), checked before the reply counts as answered, and the fetch then
+also checks the content hashes the coordinator elected. The hashes alone would not do
+against someone who can alter the TCP stream: xxh3-128 is not collision-resistant, so
+bytes crafted to the elected digest could slip in. The tag costs one more pass over the
+state on each side (AES-GCM at ~9 GB/s over memory not in cache on the 2-core VM): the
+loopback transfer bench (``pccl bench sync``, 256 MiB, 2 cores, 6 interleaved runs) lost
+20-27% of its throughput to it (median 2.73 -> 2.18 GB/s from one source, 2.84 -> 2.08
+from two); a sync is rare next to the all-reduces of a run, and state is what a run
+must never take from a stranger.
 
 Bounds: a peer id is at most ``MAX_ID`` bytes, a tensor name 1..``MAX_NAME`` bytes, a
 refusal text at most ``MAX_TEXT`` bytes, one request or payload at most ``MAX_REQUEST``
@@ -382,7 +380,10 @@ class ReplyReader:
     * ``("proof", proof_s)``: check it (``ClientHandshake.finish``) and hand the session's
       receiving MAC to :meth:`keyed`; requests may be sent from then on;
     * ``("payload", n)``: the oldest request's ``n`` payload bytes come next;
-    * ``("answered", n)``: the oldest request is answered, ``n`` bytes are in place;
+    * ``("more", TAG_LEN)`` after the payload: its tag (complete it with ``payload=`` the
+      destination the payload was read into);
+    * ``("answered", n)``: the oldest request is answered, ``n`` bytes are in place and
+      their tag checked;
     * ``("refused", text)``: the server refused the proof (``authenticated`` still False) or
       the oldest request, and closes.
 
@@ -419,10 +420,17 @@ class ReplyReader:
     def _expect(self, mode: str, need: int) -> None:
         self.mode, self.need = mode, need
 
-    def complete(self, data=None) -> tuple[str, object]:
-        """``data``: the ``need`` bytes just read (ignored for payload, read in place)."""
+    def complete(self, data=None, payload=None) -> tuple[str, object]:
+        """``data``: the ``need`` bytes just read (ignored for payload, read in place);
+        ``payload``: with the payload's tag, the bytes the payload was read into."""
         mode = self.mode
         if mode == "payload":
+            self._expect("ptag", TAG_LEN)
+            return "more", TAG_LEN
+        if mode == "ptag":
+            if payload is None or data is None or len(payload) != self._asked[0]:
+                raise ProtocolError("a payload's tag without that payload")
+            self._mac.check(payload, data)  # type: ignore[union-attr]
             length = self._asked.popleft()
             self._expect("head", RESP.size + TAG_LEN)
             return "answered", length
