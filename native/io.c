@@ -70,9 +70,10 @@ static int absorb_sent(pccl_seal *seal, const char *h, size_t hn, const char *p,
 
 #define CRYPT_CHUNK (256 * 1024)
 
-/* send_all with an encrypting seal: the header in clear (associated data), the payload
- * encrypted a chunk at a time into the seal's scratch (the caller's memory is never
- * written), then the tag. */
+/* send_all with an encrypting seal, which has taken the header already (its caller made
+ * it associated data and encrypted its quantization fields): the header as given, the
+ * payload encrypted a chunk at a time into the seal's scratch (the caller's memory is
+ * never written), then the tag. */
 static int send_encrypted(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent,
                           int timeout_ms, pccl_seal *seal, const unsigned char *stop) {
     unsigned char tag[PCCL_SEAL_TAG];
@@ -104,7 +105,6 @@ static int send_encrypted(int fd, const char *h, size_t hn, const char *p, size_
         }
         ssize_t r = send(fd, base, len, MSG_NOSIGNAL);
         if (r > 0) {
-            if (*sent < hn && pccl_seal_absorb(seal, base, (size_t)r) < 0) return -3;
             *sent += (size_t)r;
             continue;
         }

@@ -34,8 +34,9 @@ int pccl_recv_fill(int fd, char *buf, size_t n, size_t *pos, int timeout_ms, pcc
                    pccl_seal *seal, const unsigned char *stop);
 
 /* Send h[0, hn) then p[0, pn) (one writev per attempt); *sent counts both; MSG_NOSIGNAL.
- * With a `seal` (begun for this frame), every byte sent is absorbed (an encrypting seal:
- * the payload is sent encrypted, from the seal's own buffer), and the frame's tag
+ * With a `seal` (begun for this frame), every byte sent is absorbed (an encrypting seal
+ * has taken the header already, and the payload is sent encrypted from the seal's own
+ * buffer), and the frame's tag
  * (PCCL_SEAL_TAG bytes, kept by the seal across calls) follows the payload; *sent then
  * counts it too. */
 int pccl_send_all(int fd, const char *h, size_t hn, const char *p, size_t pn, size_t *sent, int timeout_ms,

@@ -21,6 +21,7 @@ import dataclasses
 import struct
 from collections.abc import Callable
 
+from pccl_py.errors import ProtocolError
 from pccl_py.transport.seal import TAG_BYTES
 from pccl_py.wire import frames as F
 
@@ -40,7 +41,15 @@ class Frame:
 
     @property
     def h(self) -> F.Header:
-        return F.decode_header(self.header)
+        """The header as the wire shows it: with encryption on, lo and scale are ciphertext
+        (read here as the floats those bytes would be)."""
+        try:
+            return F.decode_header(self.header)
+        except ProtocolError:
+            a, b = F.QUANT_AT, F.QUANT_AT + F.QUANT_LEN
+            lo, scale = struct.unpack("<ff", self.header[a:b])
+            blank = self.header[:a] + struct.pack("<ff", 0.0, 1.0) + self.header[b:]
+            return dataclasses.replace(F.decode_header(blank), lo=lo, scale=scale)
 
     @property
     def wire(self) -> bytes:

@@ -581,8 +581,6 @@ def test_an_eavesdropper_sees_no_payload_plaintext_when_encrypting(path, encrypt
         assert found_words >= total_words // 2 and matched_windows > 0, (found_words, matched_windows)
 
 
-@pytest.mark.xfail(strict=True, reason="with encrypt=True a quantized all-reduce still sends each block's minimum "
-                   "and step (lo, scale: functions of the sender's data) in the clear frame header")
 def test_an_eavesdropper_learns_nothing_about_quantized_data_when_encrypting():
     """Each quantized contribution's header carries lo = the minimum of the sender's block
     (and scale = its range / 255): compared with the sender's input over that block."""

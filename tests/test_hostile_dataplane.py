@@ -332,3 +332,24 @@ def test_a_flood_of_strangers_on_a_data_port_costs_the_run_nothing_and_the_log_l
     lines = [r.getMessage() for r in caplog.records if "data connection" in r.getMessage() or "refused in" in
              r.getMessage()]
     assert 1 <= len(lines) <= 6, lines
+
+
+@pytest.mark.parametrize("io_threads", [False, True], ids=["loop", "threads"])
+def test_encrypted_quantized_calls_decode_their_hidden_block_parameters(io_threads):
+    """With encryption a quantized frame's lo and scale travel encrypted (the header's only
+    fields that say something of the data): the peers decode them and agree."""
+    from test_dataplane import all_reduce_all
+    from test_dataplane import cluster as dp_cluster
+
+    cfg = DataPlaneConfig(encrypt=True, io_threads=io_threads, bulk_min=64 << 10, same_host_links=False)
+    rng = np.random.default_rng(3)
+    srcs = [(rng.standard_normal(300_000) * 3 + 11).astype(np.float32) for _ in range(3)]
+
+    async def body():
+        async with dp_cluster(3, config=cfg) as dps:
+            dsts, _ = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="ring", quant="uint8")
+            assert all(d.tobytes() == dsts[0].tobytes() for d in dsts)
+            exact = np.sum(np.stack(srcs).astype(np.float64), axis=0)
+            assert np.max(np.abs(dsts[0] - exact)) < 0.5  # uint8 steps of a block's range / 255, three peers
+
+    run(body())

@@ -208,7 +208,7 @@ class Stream(asyncio.BufferedProtocol):
                 return
             seal = self._rx_seal
             if seal is not None and st in _FRAME_BYTES:
-                if not seal.encrypting or st == _HEADER:
+                if not seal.encrypting:
                     seal.absorb(stage[a:a + n])
                 elif st == _DISCARD:
                     seal.crypt(stage[a:a + n])  # (the plaintext is dropped; the tag still counts it)
@@ -329,6 +329,8 @@ class Stream(asyncio.BufferedProtocol):
     def _complete(self) -> None:
         st = self._state
         if st == _HEADER:
+            if self._rx_seal is not None and self._rx_seal.encrypting:
+                self._open_header()
             self._on_header(F.decode_header(self._view, self.dp._limits))
         elif st == _DISCARD:
             self._discard(self._discard_left)
@@ -717,6 +719,30 @@ class Stream(asyncio.BufferedProtocol):
         if self._backlog:
             self._backlog = collections.deque(x for x in self._backlog if x[0][F.CALL_KEY_AT] != key)
 
+    def _begin_frame(self, seal, header: bytes) -> bytes:
+        """Start the frame's seal; the header as it goes out. An encrypting seal takes the
+        header now (the quantization fields zeroed as associated data, then encrypted as
+        the first bytes of the frame's ciphertext); otherwise the header is absorbed with
+        the payload, here or on the send thread."""
+        seal.begin(self._tx_seq)
+        self._tx_seq += 1
+        if not seal.encrypting:
+            return header
+        a, b = F.QUANT_AT, F.QUANT_AT + F.QUANT_LEN
+        aad = header[:a] + bytes(F.QUANT_LEN) + header[b:]
+        seal.absorb(aad)
+        return header[:a] + seal.crypt(header[a:b]) + header[b:]
+
+    def _open_header(self) -> None:
+        """(An encrypting seal) the header just read: its associated data, then its
+        quantization fields decrypted in place (see _begin_frame)."""
+        seal, view = self._rx_seal, self._view
+        a, b = F.QUANT_AT, F.QUANT_AT + F.QUANT_LEN
+        aad = bytearray(view)
+        aad[a:b] = bytes(F.QUANT_LEN)
+        seal.absorb(aad)
+        seal.crypt(view[a:b], view[a:b])
+
     def _emit(self, header: bytes, payload) -> bool:
         """Write a frame (or hand it to the send thread); False if it went back to the
         backlog because the transport still holds bytes."""
@@ -733,8 +759,7 @@ class Stream(asyncio.BufferedProtocol):
                     self.dp._loop.call_later(0.0005, self._flush)
                 return False
             if seal is not None:
-                seal.begin(self._tx_seq)
-                self._tx_seq += 1
+                header = self._begin_frame(seal, header)
             self._jobs[0] += 1
             try:
                 self._pump.send(header, payload, self._pumped_out, seal)
@@ -745,9 +770,13 @@ class Stream(asyncio.BufferedProtocol):
             return True
         parts = (header, payload) if len(payload) else (header,)
         if seal is not None:
-            seal.begin(self._tx_seq)
-            self._tx_seq += 1
-            seal.absorb(header)
+            if not seal.encrypting:
+                seal.begin(self._tx_seq)
+                self._tx_seq += 1
+                seal.absorb(header)
+            else:
+                header = self._begin_frame(seal, header)
+                parts = (header,) + parts[1:]
             if len(parts) > 1:
                 if seal.encrypting:  # ciphertext in a buffer of its own: the caller's memory is not ours
                     parts = (header, seal.crypt(payload))

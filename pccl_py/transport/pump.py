@@ -88,8 +88,8 @@ class Pump:
 
     def send(self, header: bytes, payload, done: Done, seal=None) -> None:
         """Write ``header`` then ``payload`` (no copy), and with a ``seal`` (begun for this
-        frame) the frame's tag after them; then ``done(None | error)`` on the loop. Raises
-        as :meth:`recv` does."""
+        frame; an encrypting one has taken the header already) the frame's tag after them;
+        then ``done(None | error)`` on the loop. Raises as :meth:`recv` does."""
         if self._tx is None:
             self._tx = self._start("tx", self._tx_loop)
         self._tx.put((header, payload, seal, done))
@@ -215,10 +215,10 @@ class Pump:
             return
         bufs = [memoryview(header), memoryview(payload).cast("B")]
         if seal is not None:
-            seal.absorb(bufs[0])
-            if seal.encrypting:
+            if seal.encrypting:  # (its header was taken by the stream: _begin_frame)
                 bufs[1] = memoryview(seal.crypt(bufs[1]))
             else:
+                seal.absorb(bufs[0])
                 seal.absorb(bufs[1])
             bufs.append(memoryview(seal.tag()))
         while bufs:
