@@ -52,17 +52,13 @@ class Metrics:
             "pccl_recovery_seconds", "from a failed call to the next call that succeeds",
             buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0), registry=r)
         self.sync_bytes = pc.Counter("pccl_sync_bytes", "shared-state bytes received by syncs", registry=r)
-        # connections a listener refused or that failed before their handshake: the
-        # coordinator's control port by {reason} (coordinator/handshakes.py); a daemon's
-        # listeners by {port, reason} (port "state": the state server, transport/limits.py)
-        if role == "coordinator":
-            self.rejected_connections = pc.Counter(
-                "pccl_rejected_connections", "control connections that failed the CURVE handshake, by reason "
-                "(wrong_secret, denied, no_curve, malformed, incomplete)", ["reason"], registry=r)
-        else:
-            self.rejected_connections = pc.Counter(
-                "pccl_rejected_connections", "connections a listener refused or closed before or for bad "
-                "input, by listener and reason (transport/limits.py)", ["port", "reason"], registry=r)
+        # connections a listener refused or that failed before their handshake, by listener
+        # and reason: the coordinator's port "control" (coordinator/handshakes.py: wrong_secret,
+        # denied, no_curve, malformed, incomplete); a daemon's "state" and "data" ports
+        # (transport/limits.py)
+        self.rejected_connections = pc.Counter(
+            "pccl_rejected_connections", "connections a listener refused or closed before or for bad input, "
+            "by listener and reason", ["port", "reason"], registry=r)
         self._failed_at: float | None = None
         self._states: set[str] = set()
         self._peers: set[str] = set()

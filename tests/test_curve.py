@@ -105,7 +105,7 @@ async def pair(make, addr: str) -> tuple[ControlChannel, ControlChannel]:
 
 def rejected(metrics: Metrics) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'pccl_rejected_connections_total\{reason="(\w+)"\} ([0-9.e+]+)', metrics.text())}
+            re.finditer(r'pccl_rejected_connections_total\{port="control",reason="(\w+)"\} ([0-9.e+]+)', metrics.text())}
 
 
 def join_all(ex, clients, timeout=20.0):

@@ -161,5 +161,5 @@ def test_rejected_connections_are_counted_per_listener():
     assert value(t, 'pccl_rejected_connections_total{port="state",reason="bad_proof"}') == 2
     assert value(t, 'pccl_rejected_connections_total{port="data",reason="timeout"}') == 1
     c = Metrics("coordinator")  # its one listener, the control port: by reason alone
-    c.rejected_connections.labels("wrong_secret").inc()
-    assert value(c.text(), 'pccl_rejected_connections_total{reason="wrong_secret"}') == 1
+    c.rejected("control")("wrong_secret")
+    assert value(c.text(), 'pccl_rejected_connections_total{port="control",reason="wrong_secret"}') == 1

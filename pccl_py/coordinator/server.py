@@ -13,7 +13,7 @@ and its ZAP handler (:mod:`pccl_py.transport.zap`) admits only the member key: a
 without the secret cannot complete a handshake, so nothing it sends reaches the core, and
 every message of a connection that did is authenticated and encrypted with keys of that
 connection. The monitor also reports failed handshakes: they are counted
-(:mod:`pccl_py.coordinator.handshakes`, ``pccl_rejected_connections_total{reason}``) and
+(:mod:`pccl_py.coordinator.handshakes`, ``pccl_rejected_connections_total{port="control",reason}``) and
 summarised in the log at most once per ``reject_summary_every`` seconds.
 """
 
@@ -234,7 +234,7 @@ class Coordinator:
             rejected = self.handshakes.disconnected(now, value)
             if rejected is not None:
                 if self.metrics is not None:
-                    self.metrics.rejected_connections.labels(rejected).inc()
+                    self.metrics.rejected("control")(rejected)
                 return
             conn = self._fd_conn.pop(value, None)
             if conn is not None:

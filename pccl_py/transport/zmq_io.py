@@ -96,7 +96,7 @@ def client_handshake_failure(event: int, value: int, addr: str, who: str = "this
 
 
 def server_reject_reason(event: int, value: int) -> str:
-    """The coordinator's label (``pccl_rejected_connections_total{reason}``) for a client's
+    """The coordinator's label (``pccl_rejected_connections_total{port="control",reason}``) for a client's
     failed handshake."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return "denied"  # it knew the coordinator's public key but not the member key pair
