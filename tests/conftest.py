@@ -11,8 +11,16 @@ import sys
 import time
 
 import pytest
+from hypothesis import settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Property tests draw the same cases on every run (a CI run that passes once passes again);
+# HYPOTHESIS_PROFILE=explore draws new ones, as does a long fuzz run (PCCL_FUZZ_EXAMPLES).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
+                                     "explore" if os.environ.get("PCCL_FUZZ_EXAMPLES") else "repeatable"))
 
 
 def free_port() -> int:
