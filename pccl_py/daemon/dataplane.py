@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ from pccl_py.errors import (
     ProtocolError,
     error_code,
 )
+from pccl_py.retry import Backoff
 from pccl_py.transport import local
 from pccl_py.transport.limits import Gate
 from pccl_py.wire import frames as F
@@ -104,6 +106,9 @@ def io_threads_on(setting: bool | None) -> bool:
     return bool(setting)
 
 
+# A dial turned away before the challenge (too many strangers wait at that port from our
+# address) is tried again after these pauses, within connect_timeout.
+TURNED_AWAY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2)
 # A failed call is reported once the frames it had written have left (at most this long;
 # links still holding its frames then are closed): the caller may reuse that memory then,
 # and a frame sent from changed memory would fail its integrity check at the peer.
@@ -340,12 +345,12 @@ class DataPlane:
         connect_timeout. A listener that closes before its challenge has turned us away
         (too many strangers wait there from our address): dial again, backing off."""
         deadline = self._loop.time() + self.config.connect_timeout
-        delay = 0.05
+        pauses = dataclasses.replace(TURNED_AWAY_BACKOFF, deadline=self.config.connect_timeout).delays()
         while True:
             left = deadline - self._loop.time()
             try:
                 _, stream = await asyncio.wait_for(self._loop.create_connection(
-                    lambda: Stream(self, peer, i, fallback=True), p.host, p.port), max(left, 0.001))
+                    lambda: Stream(self, peer, i), p.host, p.port), max(left, 0.001))
             except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
                 self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: no answer within "
                                       f"{self.config.connect_timeout:.0f} s")
@@ -357,12 +362,12 @@ class DataPlane:
                 return
             if peer.lost is not None:
                 return
-            if not stream.refused or self._loop.time() + delay >= deadline:
+            pause = next(pauses, None) if stream.refused else None
+            if pause is None:
                 self._peer_lost(peer, stream.close_reason or f"no handshake with {p.host}:{p.port} within "
                                                              f"{self.config.connect_timeout:.0f} s")
                 return
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 0.5)
+            await asyncio.sleep(pause)
 
     async def _dial_unix(self, p, peer, i: int) -> bool:
         """Connect stream ``i`` to ``p`` over its same-host Unix socket and complete the
@@ -375,7 +380,7 @@ class DataPlane:
         s.setblocking(False)
         try:
             await asyncio.wait_for(self._loop.sock_connect(s, path), _SAME_HOST_CONNECT)
-            _, stream = await self._loop.create_unix_connection(lambda: Stream(self, peer, i, fallback=True), sock=s)
+            _, stream = await self._loop.create_unix_connection(lambda: Stream(self, peer, i), sock=s)
         except (OSError, asyncio.TimeoutError):
             s.close()
             return False

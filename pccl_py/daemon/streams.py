@@ -54,8 +54,7 @@ class Stream(asyncio.BufferedProtocol):
     """One data stream: a state machine fed by exact reads (handshake, large payloads) or
     staged reads (headers, small payloads, several frames at once)."""
 
-    def __init__(self, dp: DataPlane, peer_streams: PeerStreams | None = None, stream: int = 0,
-                 fallback: bool = False):
+    def __init__(self, dp: DataPlane, peer_streams: PeerStreams | None = None, stream: int = 0):
         self.dp = dp
         self.peer_streams = peer_streams  # known up front for the connector; after HELLO for the acceptor
         self.stream = stream
@@ -92,9 +91,9 @@ class Stream(asyncio.BufferedProtocol):
         self._tag = memoryview(bytearray(S.TAG_BYTES))
         self._then: tuple | None = None  # what the frame whose tag is being read does then
         self._discard_then = None  # what a frame being dropped does once its tag checks
-        # (connector) a way to dial that has another behind it: until the handshake completes,
-        # a failure is not the link's loss (see established())
-        self._up: asyncio.Future | None = dp._loop.create_future() if fallback else None
+        # (connector) until the handshake completes, a failure is not the link's loss: the
+        # dialler decides (another way, another try, or the loss; see established())
+        self._up: asyncio.Future | None = dp._loop.create_future() if self.connector else None
         # (acceptor) the connector proved the secret: from then on its failures are news,
         # before that they are a stranger's, counted by the data plane's gate (limits.py)
         self._proved = False
@@ -418,7 +417,7 @@ class Stream(asyncio.BufferedProtocol):
         self.peer_streams.attach(self, self.stream)
 
     async def established(self, timeout: float) -> bool:
-        """(Connector made with ``fallback``) True once the handshake completed; False if it
+        """(Connector) True once the handshake completed; False if it
         failed or did not complete within ``timeout``: the connection is then dropped
         without counting as the link's loss (the caller dials another way)."""
         try:

@@ -201,7 +201,36 @@ def _rows(size_mib: int, repeat: int) -> list[dict]:
     # the copy back of a large all-reduce result (client): an array larger than the cache
     # shows what streaming stores save; one that fits shows what they cost
     row("copy_stream", lambda: N.copy_stream(dst, x), "numpy np.copyto(dst, src)", lambda: np.copyto(dst, x))
+    _seal_rows(row, x, dst)
     return rows
+
+
+def _seal_rows(row, x: np.ndarray, out: np.ndarray) -> None:
+    """A data frame's tag (GMAC) and its encryption, one core, from the system's libcrypto
+    (transport/seal.py) against the same cipher through ``cryptography``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from pccl_py.transport import seal as S
+
+    if S.Seal is None or S.SEAL_UNAVAILABLE is not None:
+        return
+    key, iv = bytes(32), S.iv(0)
+    x = memoryview(x).cast("B")  # (cryptography takes bytes-like objects, not arrays)
+    gmac, enc, ref = S.Seal(key, True), S.Seal(key, True, True), AESGCM(key)
+
+    def tag(seal, data) -> None:
+        seal.begin(0)
+        seal.absorb(data)
+        seal.tag()
+
+    def encrypt() -> None:
+        enc.begin(0)
+        enc.crypt(x, out)
+        enc.tag()
+
+    row("seal_gmac", lambda: tag(gmac, x), "cryptography AESGCM.encrypt(iv, b'', aad=data)",
+        lambda: ref.encrypt(iv, b"", x))
+    row("seal_encrypt", encrypt, "cryptography AESGCM.encrypt(iv, data, None)", lambda: ref.encrypt(iv, x, None))
 
 
 def _table(rows: list[dict], size_mib: int, repeat: int) -> str:
