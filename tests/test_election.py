@@ -178,6 +178,22 @@ def test_newcomers_cannot_outvote_established_peers():
     assert r.done and r.synced == {"old": 10, "n1": 10}
 
 
+def test_a_restored_state_wins_the_first_sync_of_a_run_over_more_fresh_peers():
+    """No established peer: the highest revision wins before the most peers, so a run
+    restarted from a saved state (one peer offers revision 7) resumes from it."""
+    r = SyncRound(["saved", "f1", "f2"], 0.0, 10.0)
+    got = run_offers(r, [
+        ("saved", 7, rows(A), "enforce_popular"),
+        ("f1", 0, rows(B), "enforce_popular"),
+        ("f2", 0, rows(B), "enforce_popular"),
+    ])
+    assert got["saved"][0]["status"] == "in_sync" and got["saved"][0]["revision"] == 7
+    for p in ("f1", "f2"):
+        assert got[p][0]["status"] == "fetch" and got[p][0]["revision"] == 7
+    assert rank((7, (("a", 1, A),)), 1, established=False) < rank((0, (("a", 1, B),)), 2, established=False)
+    assert rank((0, (("a", 1, B),)), 2) < rank((7, (("a", 1, A),)), 1)  # established: most peers first
+
+
 def test_same_content_older_revision_is_in_sync():
     r = SyncRound(["p1", "p2"], 0.0, 10.0, known={"p1": 4, "p2": 3})
     got = run_offers(r, [("p1", 5, rows(A), "enforce_popular"), ("p2", 4, rows(A), "enforce_popular")])

@@ -74,12 +74,14 @@ restarted rebuilds it from the ``revision`` field of ``hello``, -1 meaning unkno
 - Established offers (known revision) outrank newcomers': if any peer with a known
   revision offers a state that can win, only such offers are candidates, so a crowd of
   freshly initialised newcomers cannot out-vote the run. If no established peer takes
-  part (the first sync of a run) every eligible offer is a candidate.
+  part (the first sync of a run) every eligible offer is a candidate, and the highest
+  revision wins before the most peers: a run restarted from a saved state (a peer offers
+  the saved revision, the others a fresh one at 0) resumes from the save.
 
 Election. Candidates are the valid offers of peers whose strategy is not receive_only
 (restricted to established peers as above). Offers are grouped by their key
 (revision, sorted tensor rows); the winning group has the most peers, then the higher
-revision, then the smallest key bytes (concatenated name, size and hash of each row) -
+revision (among newcomers only: the higher revision, then the most peers), then the smallest key bytes (concatenated name, size and hash of each row) -
 a deterministic order whatever the arrival order of the offers.
 Then for each valid offer:
 - same key as the winner -> "in_sync";
@@ -121,8 +123,12 @@ def _key_bytes(key: Key) -> bytes:
     return b"".join(n.encode() + b"\0" + s.to_bytes(8, "big") + h for n, s, h in key[1])
 
 
-def rank(key: Key, count: int) -> tuple:
-    """Sort key of a candidate group: smallest is best (most peers, higher revision, smallest bytes)."""
+def rank(key: Key, count: int, established: bool = True) -> tuple:
+    """Sort key of a candidate group: smallest is best (most peers, higher revision, smallest
+    bytes). Among newcomers alone (no established candidate) the higher revision comes first:
+    a peer restoring a saved state offers its revision, fresh peers offer 0."""
+    if not established:
+        return (-key[0], -count, _key_bytes(key))
     return (-count, -key[0], _key_bytes(key))
 
 
@@ -344,7 +350,8 @@ class SyncRound:
     def _elect(self, now: float, out: list, reason: str) -> Decision:
         self.elected_at = now
         eligible = [o for o in self.offers.values() if o.strategy != "receive_only"]
-        if any(o.established for o in eligible):
+        established = any(o.established for o in eligible)
+        if established:
             eligible = [o for o in eligible if o.established]
         groups: dict[Key, int] = {}
         for o in eligible:
@@ -357,7 +364,7 @@ class SyncRound:
             self.offers.clear()
             self.phase = "done"
             return Decision(out, reason + "; election: no candidate")
-        winner = min(groups, key=lambda k: rank(k, groups[k]))
+        winner = min(groups, key=lambda k: rank(k, groups[k], established))
         self.winner = winner
         self.revision = winner[0]
         wrows = {n: (s, h) for n, s, h in winner[1]}
