@@ -31,7 +31,6 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------- worker
 def worker(args) -> int:
-    import numpy as np
     import torch
 
     from pccl_py.client.client import Client
@@ -56,52 +55,39 @@ def worker(args) -> int:
 
     with Client(coordinator=args.coordinator, timeout=30.0) as client:
         topo = client.connect()
-        diloco = DiLoCo(client, list(model.parameters()), outer_lr=0.7, outer_momentum=0.9)
         inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        # the outer parameters, their momentum and the step counter are the shared state:
-        # DiLoCo updates them in place in shared memory, the daemon hashes and serves them
-        state = client.shared_state({**diloco.named_state(), "step": torch.zeros(1, dtype=torch.float64)})
-        diloco.use_state(state)
-        step = state["step"]
-        # Every peer syncs right after connect(): the first peer of the run alone, a newcomer
-        # together with the members whose update_topology() admitted it (they sync right
-        # after it). A newcomer offers its fresh state and takes the elected one.
+        diloco = DiLoCo(client, model, outer_lr=0.7, outer_momentum=0.9, inner_optimizer=inner, timeout=30.0)
+        # join() registers the run's state (outer parameters, momentum, step counter) as a
+        # shared state and syncs it: the first peer alone, a newcomer together with the
+        # members whose outer_step() admitted it. The model then holds the run's parameters
+        # (and a newcomer's AdamW the state of an established peer).
         bar = ProgressBar(f"[trainer {args.worker_id}] receiving the run's state")
-        res = client.sync_shared_state(state, timeout=30.0, progress=bar)
-        if res["status"] == "fetched":
-            diloco.load_outer()
+        res = diloco.join(progress=bar)
         parity = same_everywhere(client, diloco)
-        emit(event="joined", epoch=topo["epoch"], world=topo["world_size"], step=int(step.item()),
-             rx=res["rx_bytes"], revision=state.revision, parity=parity)
-        while step.item() < args.outer_steps:
+        emit(event="joined", epoch=topo["epoch"], world=topo["world_size"], step=diloco.step,
+             rx=res["rx_bytes"], revision=diloco.state.revision, parity=parity)
+        while diloco.step < args.outer_steps:
             for _ in range(args.inner_steps):
                 x, y = batch()
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 inner.zero_grad()
                 loss.backward()
                 inner.step()
+            # average, outer step, vote (a newcomer's join() returns here), sync
             info = diloco.outer_step()
-            if info.get("diverged"):  # not applied here; the sync below brings this peer in step
-                emit(event="diverged", step=int(step.item()), message=info["error"])
-            step += 1
-            # every peer votes here; a newcomer's connect() returns at this same point and
-            # its first sync joins the one below
-            client.update_topology()
-            state.revision += 1
-            res = client.sync_shared_state(state, timeout=30.0)
-            if res["status"] == "fetched":  # only if this peer had diverged
-                diloco.load_outer()
+            if info.get("diverged"):  # not applied here; the sync brought this peer in step
+                emit(event="diverged", step=diloco.step, message=info["error"])
             parity = same_everywhere(client, diloco)
             emit(
-                event="step", step=int(step.item()), loss=round(loss.item(), 5), world=info.get("world_size"),
-                epoch=info.get("epoch"), parity=parity, ms=round(info.get("seconds", 0.0) * 1e3, 2),
-                sync_ms=round(res["seconds"] * 1e3, 2),
+                event="step", step=diloco.step, loss=round(loss.item(), 5), world=info.get("world_size"),
+                members=info.get("members"), epoch=info.get("epoch"), parity=parity,
+                ms=round(info.get("seconds", 0.0) * 1e3, 2), bytes=int(info.get("tx_bytes", 0)),
+                sync_ms=round(info.get("sync_seconds", 0.0) * 1e3, 2),
             )
             if not parity:
                 emit(event="error", message="outer parameters differ between peers")
                 return 3
-        emit(event="done", step=int(step.item()))
-    del np
+        emit(event="done", step=diloco.step)
     return 0
 
 
@@ -112,7 +98,7 @@ def same_everywhere(client, diloco) -> bool:
     from pccl_py.errors import Aborted, PeerLost
 
     digest = xxhash.xxh64()
-    for t in diloco.state_tensors():
+    for t in diloco.outer + diloco.momentum:
         digest.update(t.numpy().tobytes())
     deadline = time.monotonic() + 30.0
     while True:

@@ -1,0 +1,103 @@
+"""One-step-delayed DiLoCo: the all-reduce of an outer step's pseudo-gradients runs while
+the next inner steps do, and is applied at the end of them.
+
+At ``outer_step()``: wait for the exchange started at the previous one and apply it to the
+outer parameters; measure this phase's progress (the parameters the phase started from
+minus the local ones); vote and sync (nothing is in flight there); start the exchange of
+that progress; load the outer parameters into the model and train on. Each phase trains
+from outer parameters that lack the one exchange in flight, which is what the delay
+costs. The first phase's progress is applied at the end of the second.
+
+A newcomer joins at the vote and starts the next exchange with the others, with nothing
+to give yet: the exchange is a sum, divided by the peers that gave something (every peer
+knows how many joined), so its zeros do not dilute the average.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pccl_py.errors import Diverged
+
+from .base import STEP, OuterLoop
+from .rules import contributors
+from .sync import pseudo_gradient_buffers
+
+log = logging.getLogger("pccl.diloco")
+
+
+class DelayedDiLoCo(OuterLoop):
+    """One-step-delayed DiLoCo (see the module docstring); used as :class:`DiLoCo` is."""
+
+    def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
+                 inner_optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
+                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer)
+        self._deltas: list[torch.Tensor] | None = None
+        self._base: list[torch.Tensor] = []  # the parameters this phase started from
+        self._pending = None  # (handle, peers that gave zeros)
+
+    def join(self, **kw) -> dict:
+        res = super().join(**kw)
+        # the established peers start an exchange right after this sync point: so does a
+        # newcomer, with no progress to give
+        self._deltas = pseudo_gradient_buffers(self.client, self.params)
+        for d in self._deltas:
+            d.zero_()
+        self._start(empty=self.newcomers)
+        self._base = [o.clone() for o in self.outer]
+        return res
+
+    def _start(self, empty: int) -> None:
+        handle = self.client.all_reduce_async(self._deltas, op="sum", quant=self.quant, timeout=self.timeout,
+                                              retry=True)
+        self._pending = (handle, empty)
+
+    @torch.no_grad()
+    def _finish(self) -> dict:
+        """Wait for the exchange in flight and apply it: the info of the call."""
+        handle, empty = self._pending
+        self._pending = None
+        try:
+            info = handle.wait()
+        except Diverged as exc:
+            log.warning("delayed outer step not applied: %s", exc)
+            return {"diverged": True, "error": str(exc)}
+        n = contributors(int(info.get("world_size", 1)), empty)
+        info["contributors"] = n
+        if n == 0:  # only newcomers took part: nothing to apply
+            return info
+        for o, m, d in zip(self.outer, self.momentum, self._deltas, strict=True):
+            d.div_(n)
+            self.outer_opt.apply(o, m, d)
+        self.state[STEP][0] += 1
+        return info
+
+    @torch.no_grad()
+    def outer_step(self) -> dict:
+        """Apply the exchange started at the previous outer step, vote and sync, start this
+        phase's exchange; returns the applied call's info (``sync``, ``step``, ``members``)."""
+        self._joined()
+        info = self._finish()
+        for d, b, p in zip(self._deltas, self._base, self.params, strict=True):
+            torch.sub(b, p.detach().to("cpu"), out=d)
+        res = self._vote_and_sync()
+        self._start(empty=self.newcomers)
+        self.load_model()
+        self._base = [o.clone() for o in self.outer]
+        info.update(sync=res["status"], sync_rx_bytes=res.get("rx_bytes", 0), sync_seconds=res.get("seconds", 0.0), step=self.step,
+                    members=res["world_size"], epoch=res["epoch"])
+        self.last_info = info
+        return info
+
+    def finish(self) -> dict:
+        """Wait for and apply the exchange in flight (at the end of training); the model then
+        holds the outer parameters with every phase's progress applied."""
+        self._joined()
+        info = self._finish() if self._pending is not None else {}
+        self.load_model()
+        return info
