@@ -46,6 +46,7 @@ from pccl_py.wire import ipc
 __all__ = ["Client", "Handle", "Retrying"]
 
 LEAVE_TIMEOUT = 3.0  # seconds the daemon has to close its links and announce the leave
+WAIT_VOTE = 5.0  # longest vote of wait_for_peers before it looks again whether anyone is pending
 
 
 class Client:
@@ -122,6 +123,38 @@ class Client:
 
     def are_peers_pending(self, timeout: float | None = None) -> bool:
         return bool(self._call({"op": "are_peers_pending"}, timeout)["pending"])
+
+    def wait_for_peers(self, n: int, *, timeout: float | None = None, poll: float = 0.05) -> dict:
+        """Return this member's view (as :meth:`refresh`) once the run has at least ``n``
+        peers. Meanwhile it admits newcomers: whenever peers are pending it votes
+        (:meth:`update_topology`). Like ``update_topology``, every member must call it at
+        the same point (a vote completes only once every member has voted), newcomers
+        right after their ``connect()``; all then leave it at the same epoch.
+        ``DeadlineExceeded`` after ``timeout`` says how many peers there are."""
+        n = calls.peer_count(n)
+        poll = calls.poll_interval(poll)
+        timeout = self._timeout(timeout)
+        deadline = time.monotonic() + timeout
+        info = self.refresh()
+        if not info.get("connected"):
+            raise InvalidUsage("wait_for_peers: not connected; call connect() first")
+        while info["world_size"] < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"wait_for_peers: {info['world_size']} of the {n} peers awaited are in the run after "
+                    f"{timeout:g} s (epoch {info['epoch']}); start the others, or wait longer")
+            if self.are_peers_pending(timeout=min(left, 10.0)):
+                try:
+                    # bounded: a newcomer that gave up its connect() after another member saw it
+                    # pending leaves that member's vote alone; it is withdrawn and taken again
+                    info = self.update_topology(timeout=min(left, WAIT_VOTE))
+                except DeadlineExceeded:
+                    info = self.refresh()
+                continue
+            time.sleep(min(poll, left))
+            info = self.refresh()
+        return info
 
     def refresh(self) -> dict:
         return self._remember(self._call({"op": "info"}, 10.0))
