@@ -196,6 +196,22 @@ def check_blob(blob: Any) -> None:
         raise InvalidUsage(f"all_gather takes bytes, got {type(blob).__name__}; encode the data first")
 
 
+def peer_count(n: Any) -> int:
+    """How many peers ``wait_for_peers`` waits for: an integer >= 1."""
+    value = _integer(n)
+    if value is None or value < 1:
+        raise InvalidUsage(f"wait_for_peers takes a number of peers >= 1, got {n!r}")
+    return value
+
+
+def poll_interval(value: Any) -> float:
+    """A pause between two polls: a number of seconds in (0, 60]."""
+    seconds = _seconds(value)
+    if seconds is None or not 0 < seconds <= 60.0:
+        raise InvalidUsage(f"poll must be in (0, 60] seconds, got {value!r}")
+    return seconds
+
+
 # -- tags and timeouts -------------------------------------------------------------------
 def _integer(value: Any) -> int | None:
     """``value`` as an int if it is one (numpy integers too; never a bool, a float or a string)."""

@@ -6,7 +6,8 @@ Families:
     new membership is the usual answer.
   * caller misuse: ``InvalidUsage`` (and ``RevisionError``, ``AuthenticationFailed``).
     Retrying the same call fails the same way.
-  * bad input from the wire: ``ProtocolError`` (and ``Unauthenticated``).
+  * bad input from the wire: ``ProtocolError`` (and ``Unauthenticated``; a corrupted
+    saved state, ``CorruptStateFile``).
   * internal bug: ``InternalError``.
 
 Errors cross process boundaries (daemon -> client, coordinator -> daemon) as
@@ -89,6 +90,13 @@ class Unauthenticated(ProtocolError):
     bad input.)"""
 
 
+class CorruptStateFile(ProtocolError):
+    """A saved shared state (``SharedState.save``) cannot be used: the file is truncated,
+    its bytes do not match their SHA-256, or it is not a state file of this format. The
+    message names the file and what failed; the state it was to fill is untouched. Load an
+    older copy, or start the state afresh."""
+
+
 class InternalError(PcclError):
     """A bug in pccl_py; please report it with the log."""
 
@@ -109,6 +117,7 @@ _BY_NAME: dict[str, type[PcclError]] = {
         RevisionError,
         ProtocolError,
         Unauthenticated,
+        CorruptStateFile,
         InternalError,
     )
 }

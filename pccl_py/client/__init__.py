@@ -10,8 +10,9 @@ into and out of shared memory:
 * :mod:`~pccl_py.client.segments`: the segment pool and the ``alloc()`` arrays with their twins;
 * :mod:`~pccl_py.client.copies`: copies into and out of shared memory (kernel, threads);
 * :mod:`~pccl_py.client.spawn`: starting and stopping a private daemon;
-* :mod:`~pccl_py.client.tensors`, :mod:`~pccl_py.client.shared_state`,
-  :mod:`~pccl_py.client.progress`.
+* :mod:`~pccl_py.client.shared_state` and :mod:`~pccl_py.client.state_file` (a shared
+  state saved to disk and loaded back);
+* :mod:`~pccl_py.client.tensors`, :mod:`~pccl_py.client.progress`.
 """
 
 from pccl_py.client.client import Client, Handle

@@ -215,3 +215,43 @@ class Handle:
                 if k in extra:
                     total[k] = total.get(k, 0) + extra[k]
         self._result = total
+
+
+class Retrying:
+    """An all-reduce posted with ``retry``: the same ``wait()`` and ``done()`` as a
+    :class:`Handle`. ``wait()`` waits for the attempt in flight; after a failure that the
+    client's retry rule covers (``retrying``, the one loop ``all_reduce`` uses too: it
+    waits for the new membership and gives up at the backoff's deadline), it posts the
+    call again (``post``) and waits for that attempt. ``timeout`` bounds each attempt's
+    wait. Every attempt leaves the tensors untouched when it fails."""
+
+    def __init__(self, first: Handle, post: Callable[[], Handle],
+                 retrying: Callable[[Callable[[], dict]], dict]) -> None:
+        self._attempt: Handle | None = first
+        self._post = post
+        self._retrying = retrying
+        self.attempts = 1  # calls posted so far, the first included
+        self._result: dict | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> dict:
+        if not self._done:
+            def once() -> dict:
+                if self._attempt is None:
+                    self.attempts += 1
+                    self._attempt = self._post()
+                attempt, self._attempt = self._attempt, None  # a failed one is not waited for again
+                return attempt.wait(timeout)
+
+            try:
+                self._result = self._retrying(once)
+            except PcclError as exc:
+                self._error = exc
+            self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._result

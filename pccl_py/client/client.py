@@ -23,7 +23,7 @@ import numpy as np
 
 from pccl_py import calls
 from pccl_py.client import allreduce
-from pccl_py.client.allreduce import Handle
+from pccl_py.client.allreduce import Handle, Retrying
 from pccl_py.client.rpc import SLACK, Rpc
 from pccl_py.client.segments import Alloc, Pool, map_segment
 from pccl_py.client.shared_state import SharedState
@@ -43,9 +43,10 @@ from pccl_py.transport.addresses import refuse_unreachable
 from pccl_py.transport.zmq_io import parse_addr
 from pccl_py.wire import ipc
 
-__all__ = ["Client", "Handle"]
+__all__ = ["Client", "Handle", "Retrying"]
 
 LEAVE_TIMEOUT = 3.0  # seconds the daemon has to close its links and announce the leave
+WAIT_VOTE = 5.0  # longest vote of wait_for_peers before it looks again whether anyone is pending
 
 
 class Client:
@@ -123,6 +124,38 @@ class Client:
     def are_peers_pending(self, timeout: float | None = None) -> bool:
         return bool(self._call({"op": "are_peers_pending"}, timeout)["pending"])
 
+    def wait_for_peers(self, n: int, *, timeout: float | None = None, poll: float = 0.05) -> dict:
+        """Return this member's view (as :meth:`refresh`) once the run has at least ``n``
+        peers. Meanwhile it admits newcomers: whenever peers are pending it votes
+        (:meth:`update_topology`). Like ``update_topology``, every member must call it at
+        the same point (a vote completes only once every member has voted), newcomers
+        right after their ``connect()``; all then leave it at the same epoch.
+        ``DeadlineExceeded`` after ``timeout`` says how many peers there are."""
+        n = calls.peer_count(n)
+        poll = calls.poll_interval(poll)
+        timeout = self._timeout(timeout)
+        deadline = time.monotonic() + timeout
+        info = self.refresh()
+        if not info.get("connected"):
+            raise InvalidUsage("wait_for_peers: not connected; call connect() first")
+        while info["world_size"] < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"wait_for_peers: {info['world_size']} of the {n} peers awaited are in the run after "
+                    f"{timeout:g} s (epoch {info['epoch']}); start the others, or wait longer")
+            if self.are_peers_pending(timeout=min(left, 10.0)):
+                try:
+                    # bounded: a newcomer that gave up its connect() after another member saw it
+                    # pending leaves that member's vote alone; it is withdrawn and taken again
+                    info = self.update_topology(timeout=min(left, WAIT_VOTE))
+                except DeadlineExceeded:
+                    info = self.refresh()
+                continue
+            time.sleep(min(poll, left))
+            info = self.refresh()
+        return info
+
     def refresh(self) -> dict:
         return self._remember(self._call({"op": "info"}, 10.0))
 
@@ -156,25 +189,37 @@ class Client:
         algorithm: str = "auto",
         tag: int | None = None,
         timeout: float | None = None,
-    ) -> Handle:
+        retry: bool | Backoff = False,
+    ) -> Handle | Retrying:
         """Start an all-reduce of one tensor or a list of tensors; returns a :class:`Handle`.
 
         Tensors of one dtype travel as one flat bucket; each dtype is a separate collective.
         Calls in flight at once need distinct ``tag`` values (or none: tags are then assigned
-        in call order, which every peer must share).
+        in call order, which every peer must share). With ``retry`` (as for
+        :meth:`all_reduce`) the handle's ``wait()`` posts the call again on the new
+        membership after a failure the retry rule covers, and returns the info of the
+        attempt that succeeded; peers must wait their handles in the same order.
         """
         timeout = self._timeout(timeout)
         tag = None if tag is None else calls.user_tag(tag)
         items = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
-        buckets: dict[str, list[Flat]] = {}
-        for f in [flat(t) for t in items]:
-            buckets.setdefault(f.dtype, []).append(f)
-        if tag is not None and len(buckets) > 1:
-            raise InvalidUsage("a tagged call takes tensors of one dtype")
-        parts = [allreduce.post(self._rpc, self._pool, self._allocs, dtype, group, op=op, quant=quant,
-                                algorithm=algorithm, tag=tag, timeout=timeout)
-                 for dtype, group in buckets.items()]
-        return Handle(self._rpc, self._pool, parts, timeout, lambda: self.world_size)
+
+        def post() -> Handle:  # every attempt views the tensors afresh: a failed one left them untouched
+            buckets: dict[str, list[Flat]] = {}
+            for f in [flat(t) for t in items]:
+                buckets.setdefault(f.dtype, []).append(f)
+            if tag is not None and len(buckets) > 1:
+                raise InvalidUsage("a tagged call takes tensors of one dtype")
+            parts = [allreduce.post(self._rpc, self._pool, self._allocs, dtype, group, op=op, quant=quant,
+                                    algorithm=algorithm, tag=tag, timeout=timeout)
+                     for dtype, group in buckets.items()]
+            return Handle(self._rpc, self._pool, parts, timeout, lambda: self.world_size)
+
+        epoch = self._info.get("epoch", -1)  # what this client knew when the first attempt went out
+        first = post()
+        if not retry:
+            return first
+        return Retrying(first, post, lambda once: self._retrying(once, retry, "all_reduce", epoch=epoch))
 
     def all_reduce(
         self,
@@ -197,23 +242,26 @@ class Client:
         """
         if type(tensors) is np.ndarray and tensors.nbytes <= ipc.INLINE_BYTES:
             once = lambda: self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)  # noqa: E731
-        else:
-            once = lambda: self.all_reduce_async(  # noqa: E731
-                tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout).wait()
-        return self._retrying(once, retry, "all_reduce")
+            return self._retrying(once, retry, "all_reduce")
+        return self.all_reduce_async(tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout,
+                                     retry=retry).wait()
 
-    def _retrying(self, once: Callable[[], Any], retry: bool | Backoff, what: str):
+    def _retrying(self, once: Callable[[], Any], retry: bool | Backoff, what: str, *, epoch: int | None = None):
         """``once()``; with ``retry``, again on the new membership after ``PeerLost``,
         ``Aborted`` or ``CoordinatorUnavailable`` until it succeeds or the backoff's deadline.
-        ``SegmentLost`` changes no membership: its retry waits for no new epoch."""
+        A retry waits for an epoch newer than the one this client knew when the failed
+        attempt was posted (``epoch`` for a first attempt posted before this call: an
+        asynchronous one). ``SegmentLost`` changes no membership: its retry waits for no new
+        epoch."""
         backoff = delays = None  # made at the first retry
         while True:
+            posted_at = self._info.get("epoch", -1) if epoch is None else epoch
+            epoch = None
             try:
                 return once()
             except (PeerLost, Aborted, CoordinatorUnavailable) as exc:
                 if not retry:
                     raise
-                failed_epoch = self._info.get("epoch", -1)
                 if backoff is None:
                     backoff = retry if isinstance(retry, Backoff) else Backoff(deadline=self.timeout)
                     delays = backoff.delays()
@@ -222,7 +270,7 @@ class Client:
                     raise DeadlineExceeded(f"{what} kept failing until the retry deadline: {exc}") from exc
                 time.sleep(pause)
                 if not isinstance(exc, SegmentLost):
-                    self._wait_new_epoch(failed_epoch, backoff)
+                    self._wait_new_epoch(posted_at, backoff)
 
     def _small_all_reduce(self, x: np.ndarray, op, quant, algorithm, tag, timeout) -> dict:
         timeout = self._timeout(timeout)

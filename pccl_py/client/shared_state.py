@@ -4,6 +4,7 @@
                         allow_content_inequality={"rng_state"})
     state["w"]            # a view backed by the segment, same kind as given (numpy / torch CPU)
     state.describe()      # msgpack-able description the daemon maps (see below)
+    state.save(path)      # the tensors and revision on disk, atomically; state.load(path) fills them back
     state.close()         # unmaps and unlinks the segment
 
 The constructor copies each tensor's content into the segment once; from then on the
@@ -22,12 +23,14 @@ when it returns.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
 
+from pccl_py.client import state_file
 from pccl_py.errors import InvalidUsage
 from pccl_py.transport import segments
 from pccl_py.wire import ipc
@@ -132,6 +135,29 @@ class SharedState:
 
     def describe(self) -> dict[str, Any]:
         return ipc.describe_state(self._shm.name, self._shm.size, self.revision, self._layout)
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the tensors and ``revision`` to ``path`` atomically (a temporary file in the
+        same directory, fsync, rename): an error or a crash leaves the previous file intact.
+        Call it between syncs, when no sync writes into the tensors. Returns the file's size.
+        Format: :mod:`pccl_py.client.state_file`."""
+        self._require_open()
+        return state_file.save(path, self.revision, state_file.entries_of(self._layout), list(self.views().values()))
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Fill the tensors in place from a file :meth:`save` wrote and set ``revision`` to the
+        saved one (returned). The file must hold the same tensors in the same order, with
+        the same dtypes, shapes and ``allow_content_inequality`` (``InvalidUsage`` naming the
+        first that differs); a truncated or corrupted file raises ``CorruptStateFile``.
+        Either way nothing is changed. Meant for a state that has not synced in this run:
+        the next ``sync_shared_state`` may then offer ``revision`` (or one more)."""
+        self._require_open()
+        self.revision = state_file.load_into(path, state_file.entries_of(self._layout), list(self.views().values()))
+        return self.revision
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise InvalidUsage("this shared state is closed")
 
     def close(self) -> None:
         """Drop the views and unlink the segment (the tensors must no longer be used)."""
