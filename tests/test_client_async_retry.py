@@ -148,7 +148,7 @@ def test_a_final_failure_after_a_repost_leaves_the_tensors_untouched(coordinator
         h = a.all_reduce_async(x, timeout=2.0, retry=Backoff(initial=0.01, deadline=15.0))
         assert a.refresh()["epoch"] == topos[0]["epoch"]  # posted at the first epoch
         os.kill(victim._proc.pid, signal.SIGKILL)
-        with pytest.raises((DeadlineExceeded, PeerLost, Aborted)):
+        with pytest.raises(DeadlineExceeded):  # the re-post waited for b, which never posts
             h.wait()
         assert h.attempts >= 2
         assert np.array_equal(x, np.arange(500_000, dtype=np.float32))
