@@ -109,17 +109,23 @@ def test_round_trip_matches_reference(case):
 
 
 def test_selection_is_deterministic_where_topk_is_free_to_choose():
-    # many equal magnitudes straddling the k-th place: only the lower indices may win
+    # chunk 0: many equal magnitudes straddle the k-th place, only the lower indices may
+    # win; chunk 1: no ties; chunk 2: all zero; chunk 3 (short): ties again
     x = torch.tensor(([1.0, -1.0] * 2048)[:4096])
     x[[5, 900, 3000]] = 2.0
-    blob = SparseCodec(4096, chunk=4096, density=0.02).encode(x)
+    x = torch.cat([x, torch.randn(4096, generator=torch.Generator().manual_seed(0)),
+                   torch.zeros(4096), torch.ones(1000)])
+    blob = SparseCodec(x.numel(), chunk=4096, density=0.02).encode(x)
     idx, _ = SparseCodec.decode(blob)
-    assert idx.tolist() == sorted([5, 900, 3000] + [i for i in range(82) if i != 5][:79])
+    assert idx.tolist() == reference_pick(x.numpy(), 4096, 82).tolist()
+    assert idx[:82].tolist() == sorted([5, 900, 3000] + [i for i in range(82) if i != 5][:79])
+    assert idx[164:246].tolist() == list(range(8192, 8192 + 82))
+    assert idx[246:].tolist() == list(range(12288, 12288 + 20))
     # the same input gives the same bytes on a fresh codec, whatever the thread count
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        again = SparseCodec(4096, chunk=4096, density=0.02).encode(x)
+        again = SparseCodec(x.numel(), chunk=4096, density=0.02).encode(x)
     finally:
         torch.set_num_threads(threads)
     assert again == blob
