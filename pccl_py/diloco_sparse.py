@@ -298,7 +298,8 @@ class SparseCodec:
         if delta.numel() != self.numel:
             raise InvalidUsage(f"encode: delta has {delta.numel()} elements, the codec {self.numel}")
         acc = delta.detach().reshape(-1).to("cpu", torch.float32)
-        acc = acc + self.error if self.error_feedback else acc.clone()
+        if self.error_feedback:
+            acc = acc + self.error  # a new tensor: the delta itself is never written
         if not bool(torch.isfinite(acc).all()):
             raise InvalidUsage("encode: the delta (plus residual) holds NaN or infinity")
         lay = self.layout

@@ -154,6 +154,16 @@ def test_encode_rejects_bad_input():
             SparseCodec(10, **kw)
 
 
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_encode_leaves_the_delta_alone(error_feedback):
+    x = torch.randn(1000)
+    before = x.clone()
+    codec = SparseCodec(1000, chunk=100, error_feedback=error_feedback)
+    codec.encode(x)
+    codec.encode(x)
+    assert torch.equal(x, before)
+
+
 def test_other_float_dtypes_and_shapes_are_flattened_to_float32():
     x = torch.randn(4, 25)
     a = SparseCodec(100, chunk=32).encode(x.to(torch.bfloat16))
