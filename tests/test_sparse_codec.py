@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pccl_py.diloco_sparse import HEADER, SparseCodec, decode_parts, parse_header
+from pccl_py.diloco.sparse import HEADER, SparseCodec, decode_parts, parse_header
 from pccl_py.errors import InvalidUsage
 
 pytestmark = pytest.mark.timeout(120)

@@ -182,12 +182,24 @@ def _unpack(data: bytes | memoryview, n: int, bits: int) -> np.ndarray:
 
 
 def _select(absx: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest entries of each row of ``absx``, ties to the lower index."""
-    kth = torch.topk(absx, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-    above = absx > kth
+    """Columns of the k largest entries of each row of ``absx``, ties to the lower index,
+    rising along each row (int64, rows x k).
+
+    ``topk``'s set is the answer wherever the k-th largest value is not shared with an entry
+    it left out; only rows where it is (ties across the cut) take the slower exact path."""
+    top = torch.topk(absx, k, dim=1, sorted=False)
+    kth = top.values.min(dim=1, keepdim=True).values
     at = absx == kth
-    room = k - above.sum(dim=1, keepdim=True)
-    return above | (at & (torch.cumsum(at, dim=1) <= room))
+    tied = at.sum(dim=1) > (top.values == kth).sum(dim=1)
+    cols = top.indices
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        sub, sub_at = absx[rows], at[rows]
+        room = k - (sub > kth[rows]).sum(dim=1, keepdim=True)
+        mask = (sub > kth[rows]) | (sub_at & (torch.cumsum(sub_at, dim=1) <= room))
+        cols = cols.clone()
+        cols[rows] = mask.nonzero(as_tuple=True)[1].view(-1, k)
+    return cols.sort(dim=1).values
 
 
 def _fractions(bits: int) -> torch.Tensor:
@@ -286,7 +298,8 @@ class SparseCodec:
         if delta.numel() != self.numel:
             raise InvalidUsage(f"encode: delta has {delta.numel()} elements, the codec {self.numel}")
         acc = delta.detach().reshape(-1).to("cpu", torch.float32)
-        acc = acc + self.error if self.error_feedback else acc.clone()
+        if self.error_feedback:
+            acc = acc + self.error  # a new tensor: the delta itself is never written
         if not bool(torch.isfinite(acc).all()):
             raise InvalidUsage("encode: the delta (plus residual) holds NaN or infinity")
         lay = self.layout
@@ -298,9 +311,9 @@ class SparseCodec:
         for rows, k in parts:
             if not rows.numel():
                 continue
-            r, c = _select(rows.abs(), k).nonzero(as_tuple=True)  # row-major: rising in a chunk
-            chosen = rows[r, c].view(-1, k)
-            local.append(c)
+            c = _select(rows.abs(), k)
+            chosen = rows.gather(1, c)
+            local.append(c.reshape(-1))
             vals.append(chosen.reshape(-1))
             mags = chosen.abs()
             los.append(mags.amin(dim=1))
