@@ -23,12 +23,15 @@ Rules:
   over subsets (vectorised with numpy) that finds the largest total among rings whose
   links are all at least that fast; of the optimal rings, the lexicographically smallest
   is returned.
-* Above it, a heuristic runs within ``budget_s``: a greedy ring, then iterated local
-  search (segment exchanges, a 3-opt move that keeps every link's direction, found
-  through each peer's fastest links) that first raises the bottleneck step by step and
-  then the total at the best bottleneck found. It draws from ``random.Random(seed)`` and
-  stops on fixed amounts of work, so the same input and seed give the same ring unless the
-  clock cut the search short (``Solution.timed_out``).
+* Above it, a heuristic (:mod:`pccl_py.coordinator.ring_search`) runs within
+  ``budget_s``. From a greedy ring (always the fastest link to a peer not yet in it) it
+  binary-searches the bottleneck over the rates between that ring's bottleneck and the
+  bound: each threshold is tried by a depth-first search for a ring over faster links,
+  then by iterated local search that removes the slower links one by one; the total is
+  then raised at the best bottleneck found, by iterated local search and a final polish of
+  short windows. It draws from ``random.Random(seed)`` and stops after fixed amounts of
+  work, so the same input and seed give the same ring unless the clock cut the search
+  short (``Solution.timed_out``).
 * Determinism: peers are handled in sorted order of their ids, so the order of the
   ``peers`` argument does not matter, and every ring starts at the smallest id.
 """
@@ -38,21 +41,19 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
+from pccl_py.coordinator.ring_search import Heuristic, bottleneck_of
 from pccl_py.errors import InvalidUsage
 
 EXACT_MAX = 12  # up to this many peers the ring is proven optimal
 _BITS = 40  # resolution of the comparison: 2**-_BITS of the largest bandwidth
 _NEG = -(1 << 60)  # "no such path" in the dynamic programme
 _HALF = _NEG // 2  # anything below is no path (a sum of valid links is far above)
-_CANDIDATES = 10  # fastest links per peer tried by the local search
-_KICK_PLAN = 60_000  # the heuristic's planned work (see _Heuristic.__init__)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,11 @@ def solve(
         how = f"exact over {n} peers ({steps} Held-Karp passes)"
     else:
         rng = random.Random(seed)
-        order, timed_out, how = _Heuristic(q, bound, budget_s, start + budget_s, clock, rng).run()
+        order, timed_out, how = Heuristic(q, bound, budget_s, start + budget_s, clock, rng).run()
         optimal = False
     ring = tuple(ids[i] for i in order)
     bottleneck, total = _score(m, order)
-    top = bottleneck if optimal or _bottleneck(q, order) == bound else float(_upper_bound(m))
+    top = bottleneck if optimal or bottleneck_of(q, order) == bound else float(_upper_bound(m))
     took = clock() - start
     reason = (f"ring order: bottleneck {bottleneck:.4g}, total {total:.4g}"
               f"{'' if top == bottleneck else f', bound {top:.4g}'}; {how}; {took * 1e3:.0f} ms")
@@ -172,10 +173,6 @@ def _quantize(m: np.ndarray) -> np.ndarray:
 def _score(m: np.ndarray, order: Sequence[int]) -> tuple[float, float]:
     links = [float(m[a, b]) for a, b in zip(order, [*order[1:], order[0]])]
     return min(links), math.fsum(links)
-
-
-def _bottleneck(q: np.ndarray, order: Sequence[int]) -> int:
-    return int(min(q[a, b] for a, b in zip(order, [*order[1:], order[0]])))
 
 
 def _upper_bound(q: np.ndarray):
@@ -259,190 +256,3 @@ def _exact(q: np.ndarray, bound: int) -> tuple[list[int], int]:
         else:  # pragma: no cover - the table says a completion exists
             raise AssertionError("ring order: no optimal completion found")
     return order, passes
-
-
-# ---------------------------------------------------------------------- heuristic
-
-
-class _Heuristic:
-    """Iterated local search over rings of more than EXACT_MAX peers.
-
-    At a threshold t a link's value is its rate if >= t, and its rate minus ``big`` (more
-    than any ring's total) if not: maximising a ring's value first removes links below t,
-    then raises the total. The bottleneck phase raises t past the current bottleneck while
-    a ring without links below t is found; the total phase then keeps the best t."""
-
-    def __init__(self, q: np.ndarray, bound: int, budget_s: float, deadline: float,
-                 clock: Callable[[], float], rng: random.Random) -> None:
-        self.q = q
-        self.n = len(q)
-        self.w = q.tolist()
-        self.bound = bound
-        self.deadline = deadline
-        self.clock = clock
-        self.rng = rng
-        self.big = int(q.max()) * self.n + 1
-        self.timed_out = False
-        k = min(_CANDIDATES, self.n - 1)
-        off = np.where(np.eye(self.n, dtype=bool), -1, q)
-        # fastest outgoing links of each peer, and fastest incoming; ties: smaller id first
-        self.outs = np.argsort(-off, axis=1, kind="stable")[:, :k].tolist()
-        self.ins = np.argsort(-off.T, axis=1, kind="stable")[:, :k].tolist()
-        self.values = np.unique(off[off >= 0])
-        self.kicks = 0
-        # kicks in a row without progress before a search gives up, planned so that the
-        # whole search takes about half of budget_s on one core whatever n (a kick and its
-        # local search took about 30 + n microseconds here); the clock only stops a slower
-        # or busier machine
-        self.pa = self.pb = max(20, min(2000, int(budget_s * _KICK_PLAN / (30 + self.n))))
-
-    def run(self) -> tuple[list[int], bool, str]:
-        order = self._greedy()
-        t = _bottleneck(self.q, order)
-        # bottleneck phase: binary search over the rates between the ring's bottleneck and
-        # the bound; a threshold counts as reachable when the search finds a ring without a
-        # link below it
-        values = self.values[(self.values > t) & (self.values <= self.bound)]
-        lo, hi, rounds = 0, len(values), 0  # values[:lo] reached (and more), values[hi:] not
-        while lo < hi and not self._late():
-            mid = (lo + hi) // 2
-            goal = int(values[mid])
-            found = self._search(order, self._shortfall(goal), stop_at_clean=True, patience=self.pa)
-            rounds += 1
-            if self._bad(found, goal):
-                hi = mid
-            else:
-                order, t = found, _bottleneck(self.q, found)
-                lo = int(np.searchsorted(values, t, side="right"))
-        # total phase: the best ring at bottleneck t
-        if not self._late():
-            order = self._search(order, self._costs(t), stop_at_clean=False, patience=self.pb)
-        how = (f"heuristic over {self.n} peers ({rounds} bottleneck rounds, {self.kicks} kicks"
-               f"{', stopped at the budget' if self.timed_out else ''})")
-        return _rotate(order), self.timed_out, how
-
-    def _late(self) -> bool:
-        if self.clock() >= self.deadline:
-            self.timed_out = True
-        return self.timed_out
-
-    def _greedy(self) -> list[int]:
-        """From peer 0, always over the fastest link to a peer not yet in the ring."""
-        order, seen = [0], {0}
-        for _ in range(self.n - 1):
-            row = self.w[order[-1]]
-            nxt = max((u for u in range(self.n) if u not in seen), key=lambda u: (row[u], -u))
-            order.append(nxt)
-            seen.add(nxt)
-        return order
-
-    def _costs(self, t: int) -> list[list[int]]:
-        """Links >= t are worth their rate; one below t costs more than any ring's total."""
-        return np.where(self.q >= t, self.q, self.q - self.big).tolist()
-
-    def _shortfall(self, t: int) -> list[list[int]]:
-        """Links >= t are worth 0, one below t costs ``big`` plus its shortfall: fewer links
-        below t first, then nearer to t (the rates themselves would pull towards rings with
-        a high total instead of a ring without a link below t)."""
-        return np.where(self.q >= t, 0, self.q - t - self.big).tolist()
-
-    def _bad(self, order: list[int], t: int) -> bool:
-        w = self.w
-        return any(w[a][b] < t for a, b in zip(order, order[1:] + order[:1]))
-
-    def _value(self, order: list[int], cost: list[list[int]]) -> int:
-        return sum(cost[a][b] for a, b in zip(order, order[1:] + order[:1]))
-
-    def _search(self, order: list[int], cost: list[list[int]], *,
-                stop_at_clean: bool, patience: int) -> list[int]:
-        """Local search, then kicks (a random segment exchange) each followed by local
-        search around it; the best ring wins. Stops after ``patience`` kicks in a row
-        without a better ring, at the first ring without a bad link (``stop_at_clean``),
-        or at the deadline."""
-        best = self._improve(list(order), cost, list(order))
-        value = self._value(best, cost)
-        quiet = 0
-        while quiet < patience and not self._late():
-            if stop_at_clean and value >= 0:
-                break
-            cand, touched = self._kick(best)
-            cand = self._improve(cand, cost, touched)
-            self.kicks += 1
-            v = self._value(cand, cost)
-            if v > value:
-                best, value, quiet = cand, v, 0
-            else:
-                quiet += 1
-                if v == value:
-                    best = cand  # drift across equal rings
-        return best
-
-    def _kick(self, order: list[int]) -> tuple[list[int], list[int]]:
-        n = self.n
-        span = min(n - 1, 3 + self.rng.randrange(max(1, min(n // 2, 30))))
-        i = self.rng.randrange(n)
-        cuts = sorted(self.rng.sample(range(1, span + 1), 2)) if span >= 2 else [1, 1]
-        seq = order[i:] + order[:i]
-        j, k = cuts
-        new = seq[:1] + seq[j:k + 1] + seq[1:j] + seq[k + 1:]
-        touched = [seq[0], seq[1], seq[j - 1], seq[j], seq[k], seq[(k + 1) % n]]
-        return new, touched
-
-    def _improve(self, order: list[int], cost: list[list[int]], start: list[int]) -> list[int]:
-        """Apply improving segment exchanges until none of those tried from the peers in the
-        queue improves. The move cuts links a->a1, b->d and c->e (in ring order) and joins
-        a->d, c->a1, b->e: the segment a1..b and the segment d..c change places, every link
-        keeps its direction. Tried: d among a's fastest outgoing links, c among a1's fastest
-        incoming ones."""
-        n = self.n
-        pos = [0] * n
-        for i, v in enumerate(order):
-            pos[v] = i
-        queue = deque(dict.fromkeys(start))
-        queued = [False] * n
-        for v in queue:
-            queued[v] = True
-        outs, ins = self.outs, self.ins
-        checks = 0
-        while queue:
-            a = queue.popleft()
-            queued[a] = False
-            checks += 1
-            if checks % 64 == 0 and self._late():
-                break
-            i = pos[a]
-            a1 = order[(i + 1) % n]
-            base = cost[a][a1]
-            done = False
-            for d in outs[a]:
-                if cost[a][d] <= base:
-                    break  # the first new link must beat the link it replaces
-                rd = (pos[d] - i) % n
-                if rd < 2:
-                    continue
-                b = order[(pos[d] - 1) % n]
-                g1 = cost[a][d] - base - cost[b][d]
-                for c in ins[a1]:
-                    rc = (pos[c] - i) % n
-                    if rc < rd:
-                        continue
-                    e = order[(pos[c] + 1) % n]
-                    if g1 + cost[c][a1] - cost[c][e] + cost[b][e] > 0:
-                        seq = order[i:] + order[:i]
-                        order = seq[:1] + seq[rd:rc + 1] + seq[1:rd] + seq[rc + 1:]
-                        for p, v in enumerate(order):
-                            pos[v] = p
-                        for v in (a, a1, b, d, c, e):
-                            if not queued[v]:
-                                queued[v] = True
-                                queue.append(v)
-                        done = True
-                        break
-                if done:
-                    break
-        return order
-
-
-def _rotate(order: list[int]) -> list[int]:
-    i = order.index(0)
-    return order[i:] + order[:i]
