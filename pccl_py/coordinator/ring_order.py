@@ -47,7 +47,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pccl_py.coordinator.ring_search import Heuristic, bottleneck_of
+from pccl_py.coordinator.ring_search import Heuristic, bottleneck_of, distinct
 from pccl_py.errors import InvalidUsage
 
 EXACT_MAX = 12  # up to this many peers the ring is proven optimal
@@ -228,7 +228,7 @@ def _exact(q: np.ndarray, bound: int) -> tuple[list[int], int]:
     """The lexicographically smallest of the optimal rings, and how many passes it took."""
     n = len(q)
     off = q[~np.eye(n, dtype=bool)]
-    values = np.unique(off[off <= bound])  # the bottleneck is one of these
+    values = distinct(off[off <= bound])  # the bottleneck is one of these
     lo, hi = 0, len(values) - 1  # values[lo] is always feasible: the graph is complete
     best, table = _held_karp(q, int(values[lo]))
     passes = 1

@@ -28,6 +28,23 @@ _WINDOW = 6  # peers per window of the final polish
 _KICK_PLAN = 60_000  # the planned work (see Heuristic.__init__)
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, ascending (np.unique by sorting: its hashing is slow here)."""
+    v = np.sort(values, axis=None)
+    return v[np.concatenate(([True], v[1:] != v[:-1]))] if len(v) else v
+
+
+def _fastest(q: np.ndarray, k: int) -> list[list[int]]:
+    """Per row, the columns of its k largest values, largest first, the smaller column first
+    on a tie."""
+    n = q.shape[1]
+    # order by (-value, column): one key per element, value above column
+    key = -q * n + np.arange(n)
+    top = np.argpartition(key, k - 1, axis=1)[:, :k] if k < n else np.argsort(key, axis=1)
+    rows = np.arange(len(q))[:, None]
+    return np.take_along_axis(top, np.argsort(key[rows, top], axis=1), axis=1).tolist()
+
+
 def bottleneck_of(q: np.ndarray, order: Sequence[int]) -> int:
     """The slowest link of the ring ``order`` in the integer rates ``q``."""
     return int(min(q[a, b] for a, b in zip(order, [*order[1:], order[0]])))
@@ -56,9 +73,9 @@ class Heuristic:
         k = min(_CANDIDATES, self.n - 1)
         off = np.where(np.eye(self.n, dtype=bool), -1, q)
         # fastest outgoing links of each peer, and fastest incoming; ties: smaller id first
-        self.outs = np.argsort(-off, axis=1, kind="stable")[:, :k].tolist()
-        self.ins = np.argsort(-off.T, axis=1, kind="stable")[:, :k].tolist()
-        self.values = np.unique(off[off >= 0])
+        self.outs = _fastest(off, k)
+        self.ins = _fastest(off.T, k)
+        self.values = distinct(off[off >= 0])
         self.kicks = 0
         # kicks in a row without progress before a search gives up, planned so that the
         # whole search takes about half of budget_s on one core whatever n (a kick and its
@@ -173,13 +190,16 @@ class Heuristic:
         return self.timed_out
 
     def _greedy(self) -> list[int]:
-        """From peer 0, always over the fastest link to a peer not yet in the ring."""
-        order, seen = [0], {0}
+        """From peer 0, always over the fastest link to a peer not yet in the ring (the
+        smallest such peer on a tie)."""
+        order = [0]
+        taken = np.zeros(self.n, dtype=bool)
+        taken[0] = True
         for _ in range(self.n - 1):
-            row = self.w[order[-1]]
-            nxt = max((u for u in range(self.n) if u not in seen), key=lambda u: (row[u], -u))
+            row = np.where(taken, -1, self.q[order[-1]])
+            nxt = int(row.argmax())
             order.append(nxt)
-            seen.add(nxt)
+            taken[nxt] = True
         return order
 
     def _costs(self, t: int) -> list[list[int]]:
