@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pccl_py.coordinator.ring_order import EXACT_MAX, score, solve
+from pccl_py.coordinator.ring_order import EXACT_MAX, propose, score, solve
 from pccl_py.errors import InvalidUsage
 
 pytestmark = pytest.mark.timeout(120)
@@ -300,3 +300,28 @@ def test_heuristic_reaches_exact_on_small_worlds():
         assert (sol.bottleneck, sol.total) <= best
         misses += (sol.bottleneck, sol.total) != best
     assert misses <= 3
+
+
+# ---------------------------------------------------------------------- proposals
+
+
+def test_propose_moves_off_slow_links_only():
+    join = ["a1", "b1", "a2", "b2", "a3"]
+    site = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B"}
+    bw = {(x, y): (500 if site[x] == site[y] else 50) * MBIT for x, y in itertools.permutations(join, 2)}
+    bw[("a3", "b1")] = bw[("b1", "a3")] = bw[("a1", "b2")] = bw[("b2", "a1")] = 500 * MBIT
+    ring, why = propose(bw, join)
+    assert ring == ("a1", "a2", "a3", "b1", "b2") and "bottleneck 6.25e+06 -> 6.25e+07" in why
+    # the best ring itself, in any rotation, stays
+    assert propose(bw, ["a3", "b1", "b2", "a1", "a2"])[0] is None
+    # a ring whose bottleneck is within min_gain of the best stays
+    noisy = dict(bw)
+    for x, y in itertools.permutations(join, 2):
+        noisy[(x, y)] = 100.0 + (5.0 if (x, y) == ("a1", "a2") else 0.0)
+    kept, why = propose(noisy, join)
+    assert kept is None and "kept" in why
+    assert propose(noisy, join, min_gain=0.0)[0] is None  # same bottleneck: the total alone never moves it
+    # nothing measured on the current ring: any measured ring is a gain
+    sparse = {("a", "c"): 1.0, ("c", "b"): 1.0, ("b", "a"): 1.0}
+    assert propose(sparse, ["a", "b", "c"])[0] == ("a", "c", "b")
+    assert propose(sparse, ["a", "b"])[0] is None

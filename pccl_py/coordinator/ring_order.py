@@ -127,6 +127,36 @@ def score(bw: Bandwidths, ring: Sequence[str]) -> tuple[float, float]:
     return _score(m, [index[p] for p in ring])
 
 
+def propose(
+    bw: Bandwidths,
+    current: Sequence[str],
+    *,
+    min_gain: float = 0.1,
+    budget_s: float = 0.5,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[tuple[str, ...] | None, str]:
+    """Whether to leave the ring ``current`` (in its order) for :func:`solve`'s ring: that
+    ring, or None to keep ``current``, and why (one line for the log).
+
+    A new ring costs a new epoch (every call in flight restarts) and measured rates are
+    noisy, so it is proposed only when its bottleneck beats the current one by more than
+    ``min_gain`` of it (any gain over a bottleneck of 0); a better total alone never moves
+    the ring."""
+    if len(current) < 3:
+        return None, f"ring of {len(current)} peers: one order only"
+    now_b, _ = score(bw, current)
+    sol = solve(bw, current, budget_s=budget_s, seed=seed, clock=clock)
+    start = list(current).index(sol.ring[0])
+    if tuple(current[start:]) + tuple(current[:start]) == sol.ring:
+        return None, f"current ring is the best found (bottleneck {now_b:.4g}); {sol.reason}"
+    gain = sol.bottleneck > (now_b * (1.0 + min_gain) if now_b > 0 else 0.0)
+    if gain:
+        return sol.ring, f"bottleneck {now_b:.4g} -> {sol.bottleneck:.4g}; {sol.reason}"
+    return None, (f"kept: bottleneck {now_b:.4g}, best found {sol.bottleneck:.4g} "
+                  f"(a move needs more than {min_gain:.0%} more); {sol.reason}")
+
+
 def matrix(bw: Bandwidths, peers: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """The sorted peer ids and the float matrix over them: missing pairs 0, diagonal 0."""
     ids = sorted(peers)
