@@ -34,6 +34,9 @@ Rules:
   short (``Solution.timed_out``).
 * Determinism: peers are handled in sorted order of their ids, so the order of the
   ``peers`` argument does not matter, and every ring starts at the smallest id.
+
+:func:`propose` says whether a coordinator should leave its current ring for the solver's
+(only for a clearly better bottleneck: a new ring costs an epoch).
 """
 
 from __future__ import annotations
