@@ -15,7 +15,7 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 	$(VPY) -m pip install -q numpy
 	$(VPY) -m pip install -q "$(TORCH_PIN)"
-	$(VPY) -m pip install -q -e ".[test,dev,torch,metrics]"
+	$(VPY) -m pip install -q -e ".[test,dev,torch,metrics,plot]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,13 +34,11 @@ bench: $(STAMP)
 # back to update_topology, then retried as a trainer does (small calls, another schedule).
 # Each prints its schedule (the same --seed draws it again) and a report; non-zero on a violation.
 stress: $(STAMP)
-	$(VPY) -m pip install -q matplotlib
 	$(VPY) stress/churn.py --minutes 3 --seed 1 --png churn-1.png --json churn-1.json
 	$(VPY) stress/churn.py --minutes 3 --seed 2 --retry --size 500 --png churn-2.png --json churn-2.json
 
 # the same with every peer in its own network namespace (needs root), link cuts included
 stress-hosts: $(STAMP)
-	$(VPY) -m pip install -q matplotlib
 	$(VPY) stress/churn.py --minutes 3 --hosts --png churn-hosts.png --json churn-hosts.json
 
 lint: $(STAMP)

@@ -64,8 +64,9 @@ class OuterLoop:
 
     def __init__(self, client: Any, model: Any, *, outer_lr: float, outer_momentum: float,
                  nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None) -> None:
+                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
         self.client = client
+        self.algorithm = algorithm
         self._named = named_parameters(model)
         self.params = [p for _, p in self._named]
         self.outer_opt = OuterSGD(outer_lr, outer_momentum, nesterov)

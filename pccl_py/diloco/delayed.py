@@ -34,9 +34,10 @@ class DelayedDiLoCo(OuterLoop):
 
     def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None) -> None:
+                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
         super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer)
+                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
+                         algorithm=algorithm)
         self._deltas: list[torch.Tensor] | None = None
         self._base: list[torch.Tensor] = []  # the parameters this phase started from
         self._pending = None  # (handle, peers that gave zeros)
@@ -53,8 +54,8 @@ class DelayedDiLoCo(OuterLoop):
         return res
 
     def _start(self, empty: int) -> None:
-        handle = self.client.all_reduce_async(self._deltas, op="sum", quant=self.quant, timeout=self.timeout,
-                                              retry=True)
+        handle = self.client.all_reduce_async(self._deltas, op="sum", quant=self.quant, algorithm=self.algorithm,
+                                              timeout=self.timeout, retry=True)
         self._pending = (handle, empty)
 
     @torch.no_grad()

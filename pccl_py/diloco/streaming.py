@@ -39,9 +39,10 @@ class StreamingDiLoCo(OuterLoop):
     def __init__(self, client: Any, model: Any, *, fragments: int = 4, sync_every: int = 64, overlap: int = 1,
                  mix: float = 0.5, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None) -> None:
+                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
         super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer)
+                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
+                         algorithm=algorithm)
         if not 0 <= mix <= 1:
             raise InvalidUsage(f"mix must be in [0, 1], got {mix}")
         self.schedule = StreamingSchedule(fragments, sync_every, overlap)
@@ -63,7 +64,7 @@ class StreamingDiLoCo(OuterLoop):
             for d, i in zip(self._deltas[f], self.fragments[f], strict=True):
                 torch.sub(self.outer[i], self.params[i].detach().to("cpu"), out=d)
             handle = self.client.all_reduce_async(self._deltas[f], op="sum", quant=self.quant,
-                                                  timeout=self.timeout, retry=True)
+                                                  algorithm=self.algorithm, timeout=self.timeout, retry=True)
             # newcomers joined at this step's sync and trained nothing: fragment 0, started
             # right there, has their zeros
             self._pending[f] = (handle, empty if f == 0 else 0)

@@ -53,9 +53,10 @@ class DiLoCo(OuterLoop):
 
     def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None) -> None:
+                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
         super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer)
+                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
+                         algorithm=algorithm)
         self._deltas: list[torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -73,8 +74,8 @@ class DiLoCo(OuterLoop):
         for d, o, p in zip(self._deltas, self.outer, self.params, strict=True):
             torch.sub(o, p.detach().to("cpu"), out=d)
         try:
-            info = self.client.all_reduce(self._deltas, op="avg", quant=self.quant, timeout=self.timeout,
-                                          retry=True)
+            info = self.client.all_reduce(self._deltas, op="avg", quant=self.quant, algorithm=self.algorithm,
+                                          timeout=self.timeout, retry=True)
         except Diverged as exc:
             log.warning("outer step not applied: %s", exc)
             info = {"diverged": True, "error": str(exc)}

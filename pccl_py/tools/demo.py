@@ -13,20 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 WORKER_FLAG = "--worker"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- worker
@@ -112,150 +102,57 @@ def same_everywhere(client, diloco) -> bool:
 
 
 # ----------------------------------------------------------------------- orchestrator
-class Run:
-    def __init__(self, args) -> None:
-        self.args = args
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.coordinator: subprocess.Popen | None = None
-        self.last_step: dict[int, int] = {}
-        self.buffers: dict[int, bytes] = {}
-        self.failed: list[str] = []
-
-    def start_coordinator(self, addr: str) -> None:
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "pccl_py.coordinator", "--listen", addr, "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL
-        )
-
-    def start_worker(self, wid: int, addr: str) -> None:
-        cmd = [sys.executable, "-m", "pccl_py.tools.demo", WORKER_FLAG, "--worker-id", str(wid),
-               "--coordinator", addr, "--outer-steps", str(self.args.outer_steps),
-               "--inner-steps", str(self.args.inner_steps)]
-        # A SIGKILLed trainer's resource tracker unlinks the trainer's shared memory and warns
-        # about "leaked" segments: that is the cleanup working, not a leak worth showing here.
-        env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker"}
-        self.procs[wid] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
-        os.set_blocking(self.procs[wid].stdout.fileno(), False)
-        self.buffers[wid] = b""
-        print(f"[demo] started trainer {wid} (pid {self.procs[wid].pid})", flush=True)
-
-    def poll(self, timeout: float) -> list[dict]:
-        live = {p.stdout.fileno(): wid for wid, p in self.procs.items() if p.stdout and not p.stdout.closed}
-        if not live:
-            time.sleep(timeout)
-            return []
-        r, _, _ = select.select(list(live), [], [], timeout)
-        events = []
-        for fd in r:
-            wid = live[fd]
-            chunk = self.procs[wid].stdout.read() or b""
-            self.buffers[wid] += chunk
-            *lines, self.buffers[wid] = self.buffers[wid].split(b"\n")
-            for line in lines:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    print(f"[trainer {wid}] {line.decode(errors='replace')}")
-        return events
-
-    def stop_all(self, grace: float = 0.0) -> None:
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
-            time.sleep(0.05)
-        for p in list(self.procs.values()) + ([self.coordinator] if self.coordinator else []):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in list(self.procs.values()) + ([self.coordinator] if self.coordinator else []):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-
-
 def orchestrate(args) -> int:
-    addr = f"127.0.0.1:{free_port()}"
-    run = Run(args)
-    print(f"[demo] coordinator on {addr}; {args.peers} trainers, {args.outer_steps} outer steps "
-          f"of {args.inner_steps} inner steps; kill one at step {args.kill_at}, add one at step {args.join_at}")
-    run.start_coordinator(addr)
-    time.sleep(0.3)
-    next_id = 0
-    for _ in range(args.peers):
-        run.start_worker(next_id, addr)
-        next_id += 1
-    killed = joined = False
-    newcomer = -1
-    kill_time = None
-    done: set[int] = set()
-    deadline = time.monotonic() + args.deadline
-    last_progress = time.monotonic()
-    try:
-        while time.monotonic() < deadline:
-            for ev in run.poll(0.2):
-                wid = ev["worker"]
-                if ev["event"] == "step":
-                    last_progress = time.monotonic()
-                    run.last_step[wid] = ev["step"]
-                    recovered = ""
-                    if kill_time is not None and ev["world"] == args.peers - 1:
-                        recovered = f"  (recovered {time.monotonic() - kill_time:.2f}s after the kill)"
-                        kill_time = None
-                    if wid == min(w for w, p in run.procs.items() if p.poll() is None):
-                        print(f"[demo] step {ev['step']:3d}  loss {ev['loss']:.5f}  world {ev['world']}  "
-                              f"epoch {ev['epoch']}  all-reduce {ev['ms']:.1f} ms  parity "
-                              f"{'ok' if ev['parity'] else 'BROKEN'}{recovered}", flush=True)
-                    if not ev["parity"]:
-                        run.failed.append(f"parity broken at step {ev['step']}")
-                elif ev["event"] == "joined":
-                    if wid == newcomer and ev["world"] < 2:
-                        run.failed.append("the newcomer was not admitted while the others trained")
-                    print(f"[demo] trainer {wid} accepted at epoch {ev['epoch']} (world {ev['world']}), "
-                          f"starting from step {ev['step']} (shared state revision {ev['revision']}, "
-                          f"{ev['rx']} bytes received)", flush=True)
-                    if not ev["parity"]:
-                        run.failed.append(f"trainer {wid} joined with state that differs from the others")
-                elif ev["event"] == "diverged":
-                    print(f"[demo] trainer {wid} did not apply step {ev['step']} (the others completed it "
-                          f"without it); the next sync brings it in step: {ev['message']}", flush=True)
-                elif ev["event"] == "done":
-                    done.add(wid)
-                elif ev["event"] == "error":
-                    run.failed.append(f"trainer {wid}: {ev['message']}")
-            lead = max(run.last_step.values(), default=0)
-            if not killed and lead >= args.kill_at:
-                victim = max(w for w, p in run.procs.items() if p.poll() is None)
-                print(f"[demo] SIGKILL trainer {victim} (pid {run.procs[victim].pid})", flush=True)
-                run.procs[victim].kill()
-                run.procs[victim].wait()
-                run.procs.pop(victim)
-                killed, kill_time = True, time.monotonic()
-            if killed and not joined and lead >= args.join_at:
-                newcomer = next_id
-                run.start_worker(next_id, addr)
-                next_id += 1
-                joined = True
-            for wid, p in list(run.procs.items()):
-                if p.poll() is not None and wid not in done:
-                    run.failed.append(f"trainer {wid} exited with code {p.returncode}")
-                    run.procs.pop(wid)
-            if run.procs and all(w in done for w in run.procs):
-                break
-            if time.monotonic() - last_progress > args.stall:
-                run.failed.append(f"no progress for {args.stall:.0f}s")
-                break
-            if run.failed:
-                break
-        else:
-            run.failed.append(f"did not finish within {args.deadline:.0f}s")
-    finally:
-        # trainers that finished are leaving gracefully; give them time before SIGTERM
-        run.stop_all(grace=10.0 if not run.failed else 0.0)
-    if run.failed:
-        print("[demo] FAILED: " + "; ".join(run.failed))
+    from pccl_py.tools import launch
+
+    def worker_cmd(wid: int, addr: str) -> list[str]:
+        return [sys.executable, "-m", "pccl_py.tools.demo", WORKER_FLAG, "--worker-id", str(wid),
+                "--coordinator", addr, "--outer-steps", str(args.outer_steps),
+                "--inner-steps", str(args.inner_steps)]
+
+    state = {"kill_time": None, "seen_kill": False}
+
+    def show(ev: dict, run: launch.LocalRun) -> None:
+        wid, kind = ev["worker"], ev["event"]
+        if run.last_kill is not None and not state["seen_kill"]:
+            state["kill_time"], state["seen_kill"] = run.last_kill, True
+        if kind == "step":
+            recovered = ""
+            if state["kill_time"] is not None and ev["world"] == args.peers - 1:
+                recovered = f"  (recovered {ev['t'] - state['kill_time']:.2f}s after the kill)"
+                state["kill_time"] = None
+            live = [w for w, p in run.procs.items() if p.poll() is None]
+            if live and wid == min(live):
+                print(f"[demo] step {ev['step']:3d}  loss {ev['loss']:.5f}  world {ev['world']}  "
+                      f"epoch {ev['epoch']}  all-reduce {ev['ms']:.1f} ms  parity "
+                      f"{'ok' if ev['parity'] else 'BROKEN'}{recovered}", flush=True)
+        elif kind == "joined":
+            print(f"[demo] trainer {wid} accepted at epoch {ev['epoch']} (world {ev['world']}), "
+                  f"starting from step {ev['step']} (shared state revision {ev['revision']}, "
+                  f"{ev['rx']} bytes received)", flush=True)
+        elif kind == "diverged":
+            print(f"[demo] trainer {wid} did not apply step {ev['step']} (the others completed it "
+                  f"without it); the next sync brings it in step: {ev['message']}", flush=True)
+
+    print(f"[demo] {args.peers} trainers, {args.outer_steps} outer steps of {args.inner_steps} inner "
+          f"steps; kill one at step {args.kill_at}, add one at step {args.join_at}")
+    plan = launch.Plan(peers=args.peers, kill_at=args.kill_at, join_at=args.join_at, deadline=args.deadline,
+                       stall=args.stall, name="demo")
+    out = launch.run(worker_cmd, plan, show)
+    if out.failed:
+        print("[demo] FAILED: " + "; ".join(out.failed))
         return 1
-    print(f"[demo] done: {len(done)} trainers finished {args.outer_steps} outer steps with identical "
+    print(f"[demo] done: {len(out.done)} trainers finished {args.outer_steps} outer steps with identical "
           f"parameters; one was killed and one joined mid-run")
+    if args.png:
+        try:
+            from pccl_py.tools.plot import draw
+        except ImportError:  # pragma: no cover - matplotlib is in the demo's install
+            print("[demo] no PNG: matplotlib is not installed (pip install matplotlib)")
+            return 0
+        path = draw(out.events, out.faults, args.png,
+                    f"pccl demo: DiLoCo, {args.peers} trainers, one killed, one joined")
+        print(f"[demo] loss, world size and bytes per outer step: {os.path.abspath(path)}")
     return 0
 
 
@@ -268,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--join-at", type=int, default=12)
     p.add_argument("--deadline", type=float, default=300.0, help="give up after this many seconds")
     p.add_argument("--stall", type=float, default=60.0, help="fail when no step completes for this long")
+    p.add_argument("--png", default="pccl-demo.png", help="where to draw the run (empty: no picture)")
     p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)

@@ -237,7 +237,7 @@ class Run:
             self.hosts = H.Hosts(self.sched.peers + 3, rate=a.rate)
             self.coord = Coordinator(a.coordinator_log or os.path.join(self.log_dir, "coordinator.log"), self.hosts)
         else:
-            from pccl_py.tools.demo import free_port
+            from pccl_py.tools.launch import free_port
 
             self.coord = Coordinator(a.coordinator_log or os.path.join(self.log_dir, "coordinator.log"),
                                      address=f"127.0.0.1:{free_port()}")

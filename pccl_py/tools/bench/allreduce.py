@@ -23,7 +23,7 @@ import time
 
 from pccl_py import calls
 from pccl_py.tools.bench import floor
-from pccl_py.tools.demo import free_port
+from pccl_py.tools.launch import free_port
 
 UNITS = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
 
