@@ -42,7 +42,7 @@ stress-hosts: $(STAMP)
 	$(VPY) stress/churn.py --minutes 3 --hosts --png churn-hosts.png --json churn-hosts.json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pccl_py tests stress
+	$(VENV)/bin/ruff check pccl_py tests stress examples
 
 clean:
 	rm -rf build dist *.egg-info churn-*.png churn-*.json pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis

@@ -122,7 +122,7 @@ def trainer(make, args) -> int:
                 if mode.step % per_outer:
                     continue
             else:
-                sent = int(info.get("tx_bytes", info.get("bytes_sent", 0)))
+                sent = int(info.get("tx_bytes", 0))
             digest = xxhash.xxh64()
             for t in mode.outer:
                 digest.update(t.numpy().tobytes())

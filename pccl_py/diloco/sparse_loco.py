@@ -42,7 +42,8 @@ class SparseLoCo(OuterLoop):
     @torch.no_grad()
     def outer_step(self) -> dict:
         """Exchange the compressed pseudo-gradients, apply their average, vote and sync;
-        returns ``bytes_sent`` (this peer's blob), ``bytes_received``, ``sync``, ``step``."""
+        returns ``bytes_sent`` (this peer's blob), ``tx_bytes`` (the blob times the other
+        peers), ``bytes_received``, ``sync``, ``step``."""
         self._joined()
         off = 0
         for o, p in zip(self.outer, self.params, strict=True):
@@ -64,7 +65,9 @@ class SparseLoCo(OuterLoop):
                 self.outer_opt.apply(o, m, avg[off:off + n].view(o.shape))
                 off += n
             self.state[STEP][0] += 1
-            info.update(world_size=len(blobs), bytes_received=sum(len(b) for b in blobs) - len(blob))
+            # an all-gather hands each peer's blob to each other peer: what this peer sends
+            info.update(world_size=len(blobs), tx_bytes=len(blob) * (len(blobs) - 1),
+                        bytes_received=sum(len(b) for b in blobs) - len(blob))
         res = self._vote_and_sync()
         self.load_model()
         info.update(sync=res["status"], sync_rx_bytes=res.get("rx_bytes", 0), sync_seconds=res.get("seconds", 0.0), step=self.step,
