@@ -108,3 +108,40 @@ def test_every_mode_keeps_peers_identical_and_hands_a_newcomer_the_run(coordinat
     assert new["at_join"]["model_is_outer"] and new["at_join"]["step"] > 0
     # the inner optimiser came from an established peer: Adam has counted its steps
     assert new["at_join"]["adam_steps"] and min(new["at_join"]["adam_steps"]) >= 2 * INNER
+
+
+def test_a_run_whose_peers_all_went_resumes_from_a_saved_state(coordinator, tmp_path):
+    path = str(tmp_path / "run.pccl")
+
+
+    def peer(seed, restore, steps):
+        client = Client(coordinator=coordinator.addr, timeout=30.0)
+        try:
+            client.connect()
+            client.wait_for_peers(2, timeout=30.0)
+            torch.manual_seed(seed)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+            mode = DiLoCo(client, model, timeout=30.0)
+            mode.join(restore=restore)
+            at_join = (mode.step, torch.cat([o.reshape(-1) for o in mode.outer]).clone())
+            with torch.no_grad():
+                while mode.step < steps:
+                    for p in model.parameters():
+                        p.add_(0.01 * seed)
+                    mode.outer_step()
+            if restore is None and seed == 1:
+                mode.save(path)
+            return at_join, torch.cat([o.reshape(-1) for o in mode.outer]).clone(), mode.step
+        finally:
+            client.close()
+
+    with cf.ThreadPoolExecutor(2) as ex:
+        a, b = ex.map(lambda s: peer(s, None, 3), [1, 2])
+    assert torch.equal(a[1], b[1]) and a[2] == 3
+    # everyone went; a new run: only one peer has the file, the other starts fresh
+    with cf.ThreadPoolExecutor(2) as ex:
+        c, d = ex.map(lambda args: peer(*args), [(3, path, 5), (4, str(tmp_path / "none.pccl"), 5)])
+    for at_join, _outer, step in (c, d):
+        assert at_join[0] == 3 and torch.equal(at_join[1], a[1])  # resumed where the first run saved
+        assert step == 5
+    assert torch.equal(c[1], d[1])

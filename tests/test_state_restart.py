@@ -40,7 +40,7 @@ def run(coordinator: Coordinator, n: int, body) -> list:
             c.close()
 
 
-@pytest.mark.parametrize("world, others", [(2, "enforce_popular"), (3, "receive_only")])
+@pytest.mark.parametrize("world, others", [(2, "enforce_popular"), (3, "receive_only"), (4, "enforce_popular")])
 def test_a_saved_state_restarts_a_run_after_everyone_went(tmp_path, world, others):
     path = tmp_path / "state.pccl"
 
