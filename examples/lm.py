@@ -97,6 +97,8 @@ def trainer(make, args) -> int:
         print(json.dumps({"worker": args.worker_id, **kw}), flush=True)
 
     with Client(coordinator=args.coordinator, timeout=60.0) as client:
+        if args.hold:  # started early by the launcher: join when it says so
+            sys.stdin.readline()
         topo = client.connect()
         if args.wait_for:
             topo = client.wait_for_peers(args.wait_for, timeout=60.0)
@@ -161,6 +163,7 @@ def main(mode_name: str, make, describe: str, options=None) -> int:
     p.add_argument("--save", default=None, help="save the run's state here every 5 outer steps")
     p.add_argument("--wait-for", type=int, default=0, help="wait for this many peers before training")
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.coordinator:
         return trainer(make, args)

@@ -44,6 +44,8 @@ def worker(args) -> int:
         print(json.dumps({"worker": args.worker_id, **kw}), flush=True)
 
     with Client(coordinator=args.coordinator, timeout=30.0) as client:
+        if args.hold:  # started early by the launcher: join when it says so
+            sys.stdin.readline()
         topo = client.connect()
         inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
         diloco = DiLoCo(client, model, outer_lr=0.7, outer_momentum=0.9, inner_optimizer=inner, timeout=30.0)
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default="pccl-demo.png", help="where to draw the run (empty: no picture)")
     p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -2,6 +2,10 @@
 stdout, with one trainer SIGKILLed and a new one started at given steps. ``pccl demo`` and
 the programs in ``examples/`` are built on it.
 
+A trainer started to join later gets ``--hold`` on its command line: it gets ready (imports,
+its daemon) and waits for a line on stdin before ``connect()``, so that it joins at the
+planned step however long a process takes to start on a loaded machine.
+
 A trainer prints one JSON object per line with ``worker`` (its id) and ``event``:
 ``joined`` (``epoch``, ``world``, ``step``, ``rx``, ``revision``, ``parity``), ``step``
 (``step``, ``world``, ``parity``, and whatever else it measures), ``diverged``
@@ -62,14 +66,24 @@ class LocalRun:
             [sys.executable, "-m", "pccl_py.coordinator", "--listen", addr, "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL)
 
-    def start_worker(self, wid: int, addr: str) -> None:
+    def start_worker(self, wid: int, addr: str, hold: bool = False) -> None:
         # A SIGKILLed trainer's resource tracker unlinks the trainer's shared memory and warns
         # about "leaked" segments: that is the cleanup working, not a leak worth showing here.
         env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning:multiprocessing.resource_tracker"}
-        self.procs[wid] = subprocess.Popen(self.worker_cmd(wid, addr), stdout=subprocess.PIPE, env=env)
+        cmd = self.worker_cmd(wid, addr) + (["--hold"] if hold else [])
+        self.procs[wid] = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env,
+                                           stdin=subprocess.PIPE if hold else subprocess.DEVNULL)
         os.set_blocking(self.procs[wid].stdout.fileno(), False)
         self.buffers[wid] = b""
-        print(f"[{self.name}] started trainer {wid} (pid {self.procs[wid].pid})", flush=True)
+        print(f"[{self.name}] started trainer {wid} (pid {self.procs[wid].pid})"
+              f"{', held until it is to join' if hold else ''}", flush=True)
+
+    def release(self, wid: int) -> None:
+        """Let a held trainer go on to connect()."""
+        p = self.procs[wid]
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        print(f"[{self.name}] trainer {wid} joins now", flush=True)
 
     def poll(self, timeout: float) -> list[dict]:
         live = {p.stdout.fileno(): wid for wid, p in self.procs.items() if p.stdout and not p.stdout.closed}
@@ -159,11 +173,18 @@ def run(worker_cmd: Callable[[int, str], list[str]], plan: Plan,
                 killed = True
                 lr.last_kill = time.monotonic() - t0
                 out.faults.append({"t": time.monotonic() - t0, "kind": "kill", "worker": victim})
+                if not joined:  # the newcomer gets ready now and joins at join_at
+                    newcomer = next_id
+                    next_id += 1
+                    lr.start_worker(newcomer, addr, hold=True)
             if killed and not joined and lead >= plan.join_at:
-                newcomer = next_id
-                lr.start_worker(next_id, addr)
-                out.faults.append({"t": time.monotonic() - t0, "kind": "join", "worker": next_id})
-                next_id += 1
+                if newcomer < 0:  # no kill planned: start it now
+                    newcomer = next_id
+                    next_id += 1
+                    lr.start_worker(newcomer, addr)
+                else:
+                    lr.release(newcomer)
+                out.faults.append({"t": time.monotonic() - t0, "kind": "join", "worker": newcomer})
                 joined = True
             for wid, p in list(lr.procs.items()):
                 if p.poll() is not None and wid not in out.done:
