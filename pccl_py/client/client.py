@@ -251,6 +251,7 @@ class Client:
         for quantized float32 calls, else as ``"pinned"``) quantizes them on the GPU so only
         codes cross PCIe. ``info["cuda_staging"]`` says which ran. CPU tensors ignore it.
         """
+        stage = cuda.stage_of(stage)
         if type(tensors) is np.ndarray and tensors.nbytes <= ipc.INLINE_BYTES:
             once = lambda: self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)  # noqa: E731
             return self._retrying(once, retry, "all_reduce")

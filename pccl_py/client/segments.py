@@ -132,12 +132,15 @@ class Pins:
     are then staged through pageable host memory, as without it. In a forked child the
     parent's registrations are forgotten, never unregistered (CUDA is not usable there)."""
 
-    def __init__(self, cudart=_torch_cudart) -> None:
-        self._cudart = cudart  # () -> the CUDA runtime module (torch.cuda.cudart())
+    def __init__(self, cudart=None) -> None:
+        self._rt = cudart  # () -> the CUDA runtime module; None: torch.cuda.cudart()
         self._addr: dict[str, int] = {}  # segment name -> registered address
         self._gen = _forks
         self.off = False  # registration failed once: not tried again
         self._lock = threading.Lock()
+
+    def _cudart(self):
+        return (self._rt or _torch_cudart)()
 
     def _fork_check(self) -> None:
         if self._gen != _forks:

@@ -47,7 +47,7 @@ class Flat:
         """Stage a device tensor through a pageable host copy (the path without pinning)."""
         if self.data is None:
             other = _host_staged(self.obj, self.dtype)
-            self.data, self.staged, self.dev, self.how = other.data, other.staged, None, "host"
+            self.data, self.staged, self.dev, self.how = other.data, other.staged, None, other.how
 
     def finish(self) -> None:
         if self.staged is not None:
@@ -92,7 +92,9 @@ def _host_staged(t, name: str) -> Flat:
     import torch
 
     host = t.detach().to("cpu", copy=True).contiguous()
-    return _view(torch, t, host, name, (t, host))
+    f = _view(torch, t, host, name, (t, host))
+    f.how = "host" if on_device(t) else None
+    return f
 
 
 def _view(torch, t, work, name: str, staged) -> Flat:
@@ -119,7 +121,9 @@ def _flat_torch(torch, t, device: bool = False) -> Flat:
     if name is None:
         raise InvalidUsage(f"unsupported torch dtype {t.dtype}")
     work = t.detach()
-    if device and on_device(work):
+    if on_device(work):
+        if not device:
+            return _host_staged(t, name)
         dev = work.contiguous()
         return Flat(t, None, name, dev=dev, dev_copy=not work.is_contiguous(), how="pinned")
     if work.device.type != "cpu" or not work.is_contiguous():
