@@ -317,3 +317,24 @@ def test_cuda_tensors_through_page_locked_shared_memory(coordinator):
         assert qi["cuda_staging"] == "gpu_quant"
         ref = torch.linspace(-1, 1, 2_000_000) * 1.5
         assert float((q - ref).abs().max()) < 2 * 3.0 / 255
+
+
+@pytest.mark.parametrize("quant", ["uint8", "uint4"])
+def test_decoding_over_copy_threads_gives_the_same_bytes(quant, monkeypatch):
+    from pccl_py.client import copies
+
+    n = (copies.PARALLEL_COPY_MIN // 4) + 12_345  # above the threshold; odd chunk bounds for 3 peers
+    x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    bl = G.blocks(n, 3)
+    codes, lo, scale = G.quantize(torch, torch.from_numpy(x), bl, quant)
+    codes = codes.numpy()
+    one, many = np.empty(n, np.float32), np.empty(n, np.float32)
+    monkeypatch.setattr(copies, "_copy_threads", lambda: 0)
+    G.dequantize_into(codes, lo, scale, bl, quant, one)
+    monkeypatch.setattr(copies, "_copy_threads", lambda: 3)
+    used = []
+    real = copies._pool
+    monkeypatch.setattr(copies, "_pool", lambda t: used.append(t) or real(t))
+    G.dequantize_into(codes, lo, scale, bl, quant, many)
+    assert used and np.array_equal(one, many)
+    assert np.max(np.abs(one - x)) <= float(scale.max()) / 2 * 1.001

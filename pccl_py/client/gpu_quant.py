@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from pccl_py import kernels as K
+from pccl_py.client.copies import run_all
 from pccl_py.collectives.base import pieces, split
 
 BLOCK_BYTES = 1 << 20  # the daemon's default quant_block_bytes (DataPlaneConfig)
@@ -108,12 +109,19 @@ def quantize(torch, x, bl: list[tuple[int, int]], quant: str):
 
 def dequantize_into(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray, bl: list[tuple[int, int]],
                     quant: str, dst: np.ndarray) -> None:
-    """dst (float32, one per value) = code * scale + lo per block, with the native kernel."""
-    if quant == "uint4":
-        n = dst.size
-        full = np.empty(2 * codes.size, np.uint8)
-        np.bitwise_and(codes, 15, out=full[0::2])
-        np.right_shift(codes, 4, out=full[1::2])
-        codes = full[:n]
-    for i, (a, b) in enumerate(bl):
-        K.dequantize_u8(codes[a:b], float(lo[i]), float(scale[i]), dst[a:b])
+    """dst (float32, one per value) = code * scale + lo per block, with the native kernel,
+    blocks over the copy threads when large (the kernel releases the GIL)."""
+
+    def job(i: int, a: int, b: int):
+        def run() -> None:
+            c = codes[a:b]
+            if quant == "uint4":  # this block's nibbles (the tensor is packed as a whole)
+                packed = codes[a // 2:(b + 1) // 2]
+                full = np.empty(2 * packed.size, np.uint8)
+                np.bitwise_and(packed, 15, out=full[0::2])
+                np.right_shift(packed, 4, out=full[1::2])
+                c = full[a % 2:a % 2 + b - a]
+            K.dequantize_u8(c, float(lo[i]), float(scale[i]), dst[a:b])
+        return run
+
+    run_all([job(i, a, b) for i, (a, b) in enumerate(bl)], 4 * dst.size)
