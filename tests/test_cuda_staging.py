@@ -338,3 +338,26 @@ def test_decoding_over_copy_threads_gives_the_same_bytes(quant, monkeypatch):
     G.dequantize_into(codes, lo, scale, bl, quant, many)
     assert used and np.array_equal(one, many)
     assert np.max(np.abs(one - x)) <= float(scale.max()) / 2 * 1.001
+
+
+def test_without_page_locking_device_tensors_take_the_host_path(coordinator, fake, monkeypatch, caplog):
+    monkeypatch.setattr(tensors, "on_device", lambda t: True)
+    fake.fail = True
+
+    def body(c, rank):
+        infos = []
+        x = torch.full((300_001,), float(rank + 1))
+        for _ in range(2):
+            infos.append(c.all_reduce(x, stage="pinned")["cuda_staging"])
+        q = torch.linspace(-1, 1, 300_001) * (rank + 1)
+        infos.append(c.all_reduce(q, op="avg", quant="uint8", stage="gpu_quant")["cuda_staging"])
+        return infos, x[:2].tolist(), float((q - 1.5 * torch.linspace(-1, 1, 300_001)).abs().max())
+
+    with caplog.at_level(logging.INFO, logger="pccl.client"):
+        results = _pair(coordinator, body)
+    for infos, x, qerr in results:
+        assert infos == ["host"] * 3
+        assert x == [6.0, 6.0]  # 1 + 2, then 3 + 3
+        assert qerr <= 2 * 3.0 / 255
+    assert sum("pageable" in r.getMessage() for r in caplog.records) == 2  # once per client
+    assert not fake.live

@@ -114,7 +114,9 @@ def post(rpc: Rpc, pool: Pool, allocs: list[Alloc], dtype: str, group: list[Flat
         # It starts a quarter page past the user's buffer (mod 4096): copies between
         # addresses a few bytes apart modulo the page run at a third of the speed
         # on some CPUs (4K aliasing)
-        seg = pool.take(span + PAGE)
+        # (device tensors start the region at 0: page-locking pins every page of the
+        # segment, so it is not made a power of two larger for the quarter-page shift)
+        seg = pool.take(span if all(f.data is None for f in group) else span + PAGE)
         try:
             in_off = out_off = _fill(pool, seg, dtype, members, quant, stage, world)
         except BaseException:
@@ -133,7 +135,8 @@ def _fill(pool: Pool, seg, dtype: str, members: list, quant, stage: str, world: 
             f.to_host()
         devs = []
     first = members[0][0]
-    off = offset_near(first.data, seg, PAGE // 4) if first.data is not None else 0
+    room = seg.size - sum(f.nbytes for f, _ in members)
+    off = offset_near(first.data, seg, PAGE // 4) if first.data is not None and room >= PAGE else 0
     if (stage == "gpu_quant" and quant is not None and dtype == "float32" and len(devs) == len(members)
             and len({f.dev.device for f in devs}) == 1):
         nbytes = sum(f.nbytes for f in devs)
