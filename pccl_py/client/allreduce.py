@@ -7,7 +7,9 @@ Tensors of one dtype travel as one bucket, one request each. A bucket's bytes go
     the result goes into the array's twin, which then takes the array's pages;
   * nowhere in, when they lie in an ``alloc()`` array: the result is copied back from a
     pool segment;
-  * otherwise into one region of a pool segment, reduced in place and copied back.
+  * otherwise into one region of a pool segment, reduced in place and copied back; CUDA
+    tensors are copied there and back by the GPU, the segment page-locked
+    (:mod:`~pccl_py.client.cuda`).
 An ``alloc()`` array whose file lost its name in /dev/shm (``Alloc.lost``: peers cannot
 map it) is copied into its twin when the call covers it whole (it then moves into the
 twin's named file), else treated as a plain array.
