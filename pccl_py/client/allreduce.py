@@ -7,7 +7,9 @@ Tensors of one dtype travel as one bucket, one request each. A bucket's bytes go
     the result goes into the array's twin, which then takes the array's pages;
   * nowhere in, when they lie in an ``alloc()`` array: the result is copied back from a
     pool segment;
-  * otherwise into one region of a pool segment, reduced in place and copied back.
+  * otherwise into one region of a pool segment, reduced in place and copied back; CUDA
+    tensors are copied there and back by the GPU, the segment page-locked
+    (:mod:`~pccl_py.client.cuda`).
 An ``alloc()`` array whose file lost its name in /dev/shm (``Alloc.lost``: peers cannot
 map it) is copied into its twin when the call covers it whole (it then moves into the
 twin's named file), else treated as a plain array.
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pccl_py import calls
+from pccl_py.client import cuda
 from pccl_py.client.copies import STREAM_MIN, copy_into
 from pccl_py.client.rpc import SLACK, NoAnswer, Rpc
 from pccl_py.client.segments import PAGE, Alloc, Pool, offset_near
@@ -49,7 +52,7 @@ def request(nbytes: int, dtype: str, op: str, quant, algorithm: str, tag, timeou
 
 def resident(allocs: list[Alloc], group: list[Flat]) -> tuple[Alloc, int] | None:
     """(allocation, offset) when the group's bytes are one run inside an ``alloc()`` array."""
-    if not allocs or any(f.staged is not None for f in group):
+    if not allocs or any(f.staged is not None or f.data is None for f in group):
         return None
     start = group[0].data.__array_interface__["data"][0]
     end = start
@@ -64,10 +67,18 @@ def resident(allocs: list[Alloc], group: list[Flat]) -> tuple[Alloc, int] | None
 
 
 def post(rpc: Rpc, pool: Pool, allocs: list[Alloc], dtype: str, group: list[Flat], *,
-         op: str, quant, algorithm: str, tag, timeout: float) -> tuple:
+         op: str, quant, algorithm: str, tag, timeout: float, stage: str = "pinned", world: int = 1) -> tuple:
     """Send the request for one bucket; returns its part for :class:`Handle`:
-    (request id, segment or allocation or None, [(Flat, offset)], layout)."""
+    (request id, segment or allocation or None, [(Flat, offset)], layout).
+
+    Device tensors (``Flat.dev``) are copied straight into a page-locked pool segment
+    (:mod:`~pccl_py.client.cuda`; ``stage`` "gpu_quant": quantized on the device for
+    ``world`` peers), or staged through host copies when the call travels inline or the
+    segment cannot be page-locked."""
     nbytes = sum(f.nbytes for f in group)
+    if nbytes <= ipc.INLINE_BYTES:
+        for f in group:
+            f.to_host()
     members, off = [], 0
     for f in group:
         members.append((f, off))
@@ -105,13 +116,53 @@ def post(rpc: Rpc, pool: Pool, allocs: list[Alloc], dtype: str, group: list[Flat
         # It starts a quarter page past the user's buffer (mod 4096): copies between
         # addresses a few bytes apart modulo the page run at a third of the speed
         # on some CPUs (4K aliasing)
-        seg = pool.take(span + PAGE)
+        # (device tensors start the region at 0: page-locking pins every page of the
+        # segment, so it is not made a power of two larger for the quarter-page shift)
+        seg = pool.take(span if all(f.data is None for f in group) else span + PAGE)
+        try:
+            in_off = out_off = _fill(pool, seg, dtype, members, quant, stage, world)
+        except BaseException:
+            pool.give(seg)
+            raise
         in_name = seg.name
-        in_off = out_off = offset_near(group[0].data, seg, PAGE // 4)
-        for f, moff in members:
-            copy_into(seg.buf[in_off + moff : in_off + moff + f.nbytes], f.data)
     msg.update(shm=seg.name, in_shm=in_name, in_off=in_off, out_off=out_off)
     return rpc.send(msg), seg, members, (in_off, out_off, found is None)
+
+
+def _fill(pool: Pool, seg, dtype: str, members: list, quant, stage: str, world: int) -> int:
+    """Copy a bucket into its region of the pool segment ``seg``; returns the region's offset."""
+    devs = [f for f, _ in members if f.data is None]
+    if devs and not pool.pins.pin(seg):
+        for f in devs:
+            f.to_host()
+        devs = []
+    first = members[0][0]
+    room = seg.size - sum(f.nbytes for f, _ in members)
+    off = offset_near(first.data, seg, PAGE // 4) if first.data is not None and room >= PAGE else 0
+    if (stage == "gpu_quant" and quant is not None and dtype == "float32" and len(devs) == len(members)
+            and len({f.dev.device for f in devs}) == 1):
+        nbytes = sum(f.nbytes for f in devs)
+        cseg = pool.take(cuda.code_bytes(nbytes, quant))
+        try:
+            if pool.pins.pin(cseg):
+                codes = np.frombuffer(cseg.buf, np.uint8, cuda.code_bytes(nbytes, quant))
+                dst = np.frombuffer(seg.buf, np.uint8, nbytes, off)
+                cuda.quantized_to_segment([f.dev for f in devs], quant, world, codes, dst)
+                del codes, dst
+                for f in devs:
+                    f.how = "gpu_quant"
+                return off
+        finally:
+            pool.give(cseg)
+    on_dev = []
+    for f, moff in members:
+        if f.data is None:
+            on_dev.append((f.dev, np.frombuffer(seg.buf, np.uint8, f.nbytes, off + moff)))
+        else:
+            copy_into(seg.buf[off + moff : off + moff + f.nbytes], f.data)
+    if on_dev:
+        cuda.to_segment(on_dev)
+    return off
 
 
 def small(rpc: Rpc, x: np.ndarray, op, quant, algorithm, tag, timeout: float) -> dict:
@@ -196,11 +247,26 @@ class Handle:
                 continue
             if error is None:
                 _, out_off, _ = layout
-                for f, off in members:
-                    src = seg.buf[out_off + off:out_off + off + f.nbytes]
-                    # a large result: stores that bypass the cache, over several threads
-                    copy_into(f.data, src, stream=f.nbytes >= STREAM_MIN)
-                    f.finish()
+                on_dev = []
+                try:
+                    for f, off in members:
+                        if f.data is None:  # a device tensor: copied back from the page-locked segment
+                            on_dev.append((f.dev, np.frombuffer(seg.buf, np.uint8, f.nbytes, out_off + off)))
+                            continue
+                        src = seg.buf[out_off + off:out_off + off + f.nbytes]
+                        # a large result: stores that bypass the cache, over several threads
+                        copy_into(f.data, src, stream=f.nbytes >= STREAM_MIN)
+                        f.finish()
+                    if on_dev:
+                        cuda.from_segment(on_dev)
+                        on_dev.clear()
+                        for f, _ in members:
+                            if f.data is None:
+                                f.finish()
+                finally:
+                    on_dev.clear()
+                    self._pool.give(seg)
+                continue
             self._pool.give(seg)
         self._done = True
         if error is not None:
@@ -210,6 +276,9 @@ class Handle:
         total["input_copied"] = any(layout is None or layout is TWIN_COPIED or (layout is not TWIN and layout[2])
                                     for *_, layout in self._parts)
         total["result_copied"] = any(layout not in TWINS for *_, layout in self._parts)
+        hows = sorted({f.how for _, _, members, _ in self._parts for f, _ in members if f.how})
+        if hows:  # how CUDA tensors travelled: "host", "pinned", "gpu_quant"
+            total["cuda_staging"] = ",".join(hows)
         for extra in infos[1:]:
             for k in ("seconds", "tx_bytes", "rx_bytes", "tx_logical", "rx_logical"):
                 if k in extra:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pccl_py import calls
-from pccl_py.client import allreduce
+from pccl_py.client import allreduce, cuda
 from pccl_py.client.allreduce import Handle, Retrying
 from pccl_py.client.rpc import SLACK, Rpc
 from pccl_py.client.segments import Alloc, Pool, map_segment
@@ -190,6 +190,7 @@ class Client:
         tag: int | None = None,
         timeout: float | None = None,
         retry: bool | Backoff = False,
+        stage: str | None = None,
     ) -> Handle | Retrying:
         """Start an all-reduce of one tensor or a list of tensors; returns a :class:`Handle`.
 
@@ -199,19 +200,22 @@ class Client:
         :meth:`all_reduce`) the handle's ``wait()`` posts the call again on the new
         membership after a failure the retry rule covers, and returns the info of the
         attempt that succeeded; peers must wait their handles in the same order.
+        ``stage`` (CUDA tensors only, see :meth:`all_reduce`).
         """
         timeout = self._timeout(timeout)
+        stage = cuda.stage_of(stage)
         tag = None if tag is None else calls.user_tag(tag)
         items = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
 
         def post() -> Handle:  # every attempt views the tensors afresh: a failed one left them untouched
             buckets: dict[str, list[Flat]] = {}
-            for f in [flat(t) for t in items]:
+            for f in [flat(t, device=stage != "host") for t in items]:
                 buckets.setdefault(f.dtype, []).append(f)
             if tag is not None and len(buckets) > 1:
                 raise InvalidUsage("a tagged call takes tensors of one dtype")
             parts = [allreduce.post(self._rpc, self._pool, self._allocs, dtype, group, op=op, quant=quant,
-                                    algorithm=algorithm, tag=tag, timeout=timeout)
+                                    algorithm=algorithm, tag=tag, timeout=timeout, stage=stage,
+                                    world=int(self._info.get("world_size") or 1))
                      for dtype, group in buckets.items()]
             return Handle(self._rpc, self._pool, parts, timeout, lambda: self.world_size)
 
@@ -231,6 +235,7 @@ class Client:
         tag: int | None = None,
         timeout: float | None = None,
         retry: bool | Backoff = False,
+        stage: str | None = None,
     ) -> dict:
         """All-reduce in place; returns per-call info (world size, algorithm, seconds, bytes).
 
@@ -239,12 +244,19 @@ class Client:
         alone, the result is its own input (the reduction over a world of one). After
         ``SegmentLost`` (an ``Aborted``: a shared-memory segment of the call vanished from
         /dev/shm; its owner replaces it) the retry comes at once, on the same membership.
+
+        ``stage`` says how CUDA tensors reach the daemon (default ``$PCCL_CUDA_STAGE``, else
+        ``"pinned"``): ``"pinned"`` copies them by DMA straight into page-locked shared
+        memory and back; ``"host"`` through a pageable host copy; ``"gpu_quant"`` (only
+        for quantized float32 calls, else as ``"pinned"``) quantizes them on the GPU so only
+        codes cross PCIe. ``info["cuda_staging"]`` says which ran. CPU tensors ignore it.
         """
+        stage = cuda.stage_of(stage)
         if type(tensors) is np.ndarray and tensors.nbytes <= ipc.INLINE_BYTES:
             once = lambda: self._small_all_reduce(tensors, op, quant, algorithm, tag, timeout)  # noqa: E731
             return self._retrying(once, retry, "all_reduce")
         return self.all_reduce_async(tensors, op, quant=quant, algorithm=algorithm, tag=tag, timeout=timeout,
-                                     retry=retry).wait()
+                                     retry=retry, stage=stage).wait()
 
     def _retrying(self, once: Callable[[], Any], retry: bool | Backoff, what: str, *, epoch: int | None = None):
         """``once()``; with ``retry``, again on the new membership after ``PeerLost``,

@@ -40,21 +40,40 @@ def _copy_threads() -> int:
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _copiers
+    with _copiers_lock:
+        if _copiers is None:
+            _copiers = ThreadPoolExecutor(threads, thread_name_prefix="pccl-copy")
+        return _copiers
+
+
+def run_all(jobs: list, nbytes: int) -> None:
+    """Run the callables ``jobs`` (kernels that release the GIL), over the copy threads when
+    they write ``nbytes`` >= PARALLEL_COPY_MIN in all, else one after another here."""
+    threads = _copy_threads() if nbytes >= PARALLEL_COPY_MIN and len(jobs) > 1 else 0
+    if not threads:
+        for j in jobs:
+            j()
+        return
+    futs = [_pool(threads).submit(j) for j in jobs[1:]]
+    jobs[0]()
+    for f in futs:
+        f.result()
+
+
 def copy_into(dst, src, stream: bool = False) -> None:
     """dst[:] = src for byte buffers of one size: large ones split over a few threads."""
-    global _copiers
     fn = K.copy_stream if stream else K.copy
     n = len(dst)
     threads = _copy_threads() if n >= PARALLEL_COPY_MIN else 0
     if not threads:
         fn(dst, src)
         return
-    with _copiers_lock:
-        if _copiers is None:
-            _copiers = ThreadPoolExecutor(threads, thread_name_prefix="pccl-copy")
+    pool = _pool(threads)
     d, s_ = memoryview(dst).cast("B"), memoryview(src).cast("B")
     step = max(_COPY_PIECE, -(-n // threads))
-    jobs = [_copiers.submit(fn, d[a:a + step], s_[a:a + step]) for a in range(step, n, step)]
+    jobs = [pool.submit(fn, d[a:a + step], s_[a:a + step]) for a in range(step, n, step)]
     fn(d[:step], s_[:step])  # the caller's thread takes the first piece
     for j in jobs:
         j.result()

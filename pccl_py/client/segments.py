@@ -13,6 +13,11 @@ file lost its name is copied through the pool (warned once) until a call over th
 array moves it into its twin (:meth:`Alloc.refresh`). A segment that vanishes before the
 daemon maps it (``SegmentLost`` in the reply to ``map``) is replaced once
 (:func:`fresh_segment`).
+
+Pool segments that CUDA tensors are copied into are page-locked once for the GPU
+(:class:`Pins`, ``cudaHostRegister``) and stay so while the pool reuses them; a segment is
+unregistered before it is unmapped (``retire``, ``close``). ``alloc()`` arrays are never
+registered: their pages move (``Alloc.swap``).
 """
 
 from __future__ import annotations
@@ -99,11 +104,117 @@ def unmap(rpc: Rpc, name: str) -> None:
         pass  # the daemon is gone or stuck: the caller's error says so already
 
 
+CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process, not only the current one
+_forks = 0  # bumped in a forked child: registrations made by the parent are not the child's
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def _torch_cudart():
+    import torch
+
+    return torch.cuda.cudart()
+
+
+class Pins:
+    """Which pool segments are page-locked for CUDA copies (``cudaHostRegister``), so each
+    is registered once and unregistered exactly once, before it is unmapped.
+
+    The first failure to register (no CUDA, a kernel or ulimit that refuses to lock the
+    pages) is logged once at INFO and turns registration off for this pool: CUDA tensors
+    are then staged through pageable host memory, as without it. In a forked child the
+    parent's registrations are forgotten, never unregistered (CUDA is not usable there)."""
+
+    def __init__(self, cudart=None) -> None:
+        self._rt = cudart  # () -> the CUDA runtime module; None: torch.cuda.cudart()
+        self._addr: dict[str, int] = {}  # segment name -> registered address
+        self._gen = _forks
+        self.off = False  # registration failed once: not tried again
+        self._lock = threading.Lock()
+
+    def _cudart(self):
+        return (self._rt or _torch_cudart)()
+
+    def _fork_check(self) -> None:
+        if self._gen != _forks:
+            self._addr.clear()
+            self._gen = _forks
+
+    def pin(self, seg: shared_memory.SharedMemory) -> bool:
+        """Page-lock ``seg`` (once); False when registration is off or fails."""
+        with self._lock:
+            self._fork_check()
+            if seg.name in self._addr:
+                return True
+            if self.off:
+                return False
+            addr = address(seg.buf)
+            try:
+                rt = self._cudart()
+                rc = int(rt.cudaHostRegister(addr, seg.size, CUDA_HOST_REGISTER_PORTABLE))
+            except Exception as exc:  # no CUDA runtime in this torch, or it cannot start
+                rc, why = -1, repr(exc)
+            else:
+                why = f"cudaHostRegister returned error {rc}"
+            if rc != 0:
+                self.off = True
+                log.info("CUDA tensors are staged through pageable memory: the shared memory could not be "
+                         "page-locked (%s)", why)
+                _clear_cuda_error()
+                return False
+            self._addr[seg.name] = addr
+            return True
+
+    def pinned(self, seg: shared_memory.SharedMemory) -> bool:
+        with self._lock:
+            self._fork_check()
+            return seg.name in self._addr
+
+    def unpin(self, seg: shared_memory.SharedMemory) -> None:
+        """Unregister ``seg`` if it is registered (before it is unmapped)."""
+        with self._lock:
+            self._fork_check()
+            addr = self._addr.pop(seg.name, None)
+            if addr is None:
+                return
+            try:
+                rc = int(self._cudart().cudaHostUnregister(addr))
+            except Exception as exc:  # pragma: no cover - the runtime went away
+                rc = repr(exc)
+            if rc != 0:
+                log.warning("cudaHostUnregister of shared-memory segment %s failed (%s)", seg.name, rc)
+
+    def count(self) -> int:
+        with self._lock:
+            self._fork_check()
+            return len(self._addr)
+
+
+def _clear_cuda_error() -> None:
+    """A failed runtime call is also CUDA's "last error", which torch's next kernel launch
+    would report as its own: one harmless launch takes it here."""
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.zeros(1, device="cuda")
+    except Exception:
+        pass
+
+
 class Pool:
     """Shared-memory segments reused across calls (a fresh segment costs page faults)."""
 
-    def __init__(self, rpc: Rpc) -> None:
+    def __init__(self, rpc: Rpc, pins: Pins | None = None) -> None:
         self.rpc = rpc
+        self.pins = pins if pins is not None else Pins()
         self.free: dict[int, list[shared_memory.SharedMemory]] = {}
         self.all: list[shared_memory.SharedMemory] = []
         self._lock = threading.Lock()  # calls of several threads take and give segments
@@ -138,12 +249,14 @@ class Pool:
         """Drop the segment of a failed call: unlinked here and unmapped by the daemon."""
         with self._lock:
             self.all.remove(seg)
+        self.pins.unpin(seg)
         release(seg)
         unmap(self.rpc, seg.name)
 
     def close(self) -> None:
         with self._lock:
             for seg in self.all:
+                self.pins.unpin(seg)
                 release(seg)
             self.all.clear()
             self.free.clear()
