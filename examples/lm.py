@@ -89,7 +89,7 @@ def trainer(make, args) -> int:
     from pccl_py.diloco import StreamingDiLoCo
 
     torch.set_num_threads(1)
-    net = model()
+    net = model().to(args.device)
     inner = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     data = Text(seed=1000 + args.worker_id)
 
@@ -111,10 +111,11 @@ def trainer(make, args) -> int:
         per_outer = args.inner_steps
         until = args.outer_steps * (per_outer if streaming else 1)
         sent = 0
+        t_start, steps_here = time.monotonic(), 0
         while mode.step < until:
             for _ in range(1 if streaming else per_outer):
                 x, y = data.batch()
-                loss = torch.nn.functional.cross_entropy(net(x), y)
+                loss = torch.nn.functional.cross_entropy(net(x.to(args.device)), y.to(args.device))
                 inner.zero_grad()
                 loss.backward()
                 inner.step()
@@ -130,6 +131,7 @@ def trainer(make, args) -> int:
                 digest.update(t.numpy().tobytes())
             hashes = client.all_gather(digest.digest(), timeout=60.0, retry=True)
             step = mode.step // per_outer if streaming else mode.step
+            steps_here += 1
             emit(event="step", step=step, loss=round(loss.item(), 5), world=info.get("members", len(hashes)),
                  members=len(hashes), parity=len(set(hashes)) == 1, bytes=sent)
             sent = 0
@@ -137,7 +139,8 @@ def trainer(make, args) -> int:
                 mode.save(args.save)
         if hasattr(mode, "finish"):
             mode.finish()
-        emit(event="done", step=mode.step, eval=round(evaluate(net), 5))
+        emit(event="done", step=mode.step, eval=round(evaluate(net.to("cpu")), 5),
+             seconds_per_outer_step=round((time.monotonic() - t_start) / max(1, steps_here), 4))
     return 0
 
 
@@ -162,6 +165,7 @@ def main(mode_name: str, make, describe: str, options=None) -> int:
     p.add_argument("--restore", default=None, help="a file written by --save: resume the run from it if present")
     p.add_argument("--save", default=None, help="save the run's state here every 5 outer steps")
     p.add_argument("--wait-for", type=int, default=0, help="wait for this many peers before training")
+    p.add_argument("--device", default="cpu", help="where the model trains (cuda: the outer state stays on the host)")
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,6 +206,8 @@ def launch(mode_name: str, args) -> int:
                "loss_floor": round(entropy(), 5),
                "bytes_sent_per_peer_per_outer_step": sorted(sent)[len(sent) // 2] if sent else 0,
                "parity_breaks": sum(1 for e in steps if not e.get("parity", True)),
+               "seconds_per_outer_step": sorted(e.get("seconds_per_outer_step", 0) for e in out.events
+                                                if e.get("event") == "done")[len(evals) // 2] if evals else None,
                "seconds": round(time.monotonic() - t0, 1), "failed": out.failed}
     if args.json:
         with open(args.json, "w") as f:
