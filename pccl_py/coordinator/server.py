@@ -286,6 +286,26 @@ class Coordinator:
                 self.stats["dropped_tx"] += 1
         if decision.out and self._pump is not None:
             self._pump.kick()
+        if decision.work is not None:
+            self._offload(*decision.work)
+
+    def _offload(self, fn: Callable, then: Callable) -> None:
+        """Run ``fn()`` (the ring solver for large groups) on a worker thread, so heartbeats
+        and deadlines go on meanwhile; its result goes to the core through ``then``."""
+        def done(fut: asyncio.Future) -> None:
+            if fut.cancelled() or self._sock is None:
+                return
+            result = {}  # (a failed solver moves no ring: the round still ends)
+            if fut.exception() is not None:
+                log.error("optimize_topology: the solver failed: %r", fut.exception())
+            else:
+                result = fut.result()
+            try:
+                self._apply(then(self.loop.time(), result))
+            except Exception:
+                log.exception("applying the solver's result failed")
+
+        self.loop.run_in_executor(None, fn).add_done_callback(done)
 
 
 async def serve(
