@@ -762,7 +762,7 @@ class Membership:
             self.vote_opened = None
         if st.changed:
             self.epoch = max(self.epoch, self._epoch_floor) + 1
-            reason = "; ".join(st.why)[-1024:]
+            reason = st.done_reason[:1024] or "; ".join(st.why)[-1024:]
             for pid in self.accepted():
                 self._send(self.peers[pid].conn, self.topology_msg(pid, reason=reason, req=st.round_done.get(pid, 0)))
             self._why(f"epoch {self.epoch}: world size {self.world_size}, {self.num_groups} group(s)")

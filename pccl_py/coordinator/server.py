@@ -37,6 +37,7 @@ from pccl_py import logs
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.handshakes import Handshakes
 from pccl_py.coordinator.membership import Membership, MembershipConfig
+from pccl_py.coordinator.topology_opt import OptimizeConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
 from pccl_py.metrics import Metrics
 from pccl_py.transport.addresses import is_loopback
@@ -347,6 +348,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatch-grace", type=float, default=d.mismatch_grace)
     p.add_argument("--recovery-grace", type=float, default=d.recovery_grace,
                    help="after a start, time for accepted peers to re-introduce themselves")
+    p.add_argument("--probe-bytes", type=int, default=d.optimize.probe_bytes,
+                   help="optimize_topology: bytes per bandwidth probe (one directed pair)")
+    p.add_argument("--probe-bytes-timeout", type=float, default=d.optimize.probe_timeout,
+                   help="optimize_topology: seconds one bandwidth probe may take")
+    p.add_argument("--min-gain", type=float, default=d.optimize.min_gain,
+                   help="optimize_topology: a ring moves only for a bottleneck this much faster (0.1: 10%%)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", choices=logs.FORMATS, default="text",
                    help="text, or json: one object per line")
@@ -368,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         reconnect_allowance=args.reconnect_allowance,
         mismatch_grace=args.mismatch_grace,
         recovery_grace=args.recovery_grace,
+        optimize=OptimizeConfig(probe_bytes=args.probe_bytes, probe_timeout=args.probe_bytes_timeout,
+                                min_gain=args.min_gain),
     )
 
     async def run() -> None:
