@@ -82,8 +82,10 @@ Proposals = dict[int, tuple[tuple[str, ...] | None, str]]
 
 def matchings(pairs: Iterable[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     """The directed ``pairs`` split into steps in which every peer sends at most once and
-    receives at most once. Pairs are taken by their offset in the sorted peer order
-    (``(j - i) mod n``), so all pairs of n peers take n - 1 steps (one rotation each)."""
+    receives at most once, and no pair is probed both ways at once (the receipt of a -> b
+    travels b -> a, on the same link, and would queue behind b's own probe). Pairs are taken
+    by their offset in the sorted peer order (``(j - i) mod n``), so all pairs of n peers
+    take n - 1 steps for odd n (one rotation each), n for even n."""
     pairs = sorted(set(pairs))
     ids = sorted({p for pair in pairs for p in pair})
     index = {p: i for i, p in enumerate(ids)}
@@ -93,12 +95,15 @@ def matchings(pairs: Iterable[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     while rest:
         senders: set[str] = set()
         receivers: set[str] = set()
-        step, later = [], []
+        step: list[tuple[str, str]] = []
+        chosen: set[tuple[str, str]] = set()
+        later = []
         for a, b in rest:
-            if a in senders or b in receivers:
+            if a in senders or b in receivers or (b, a) in chosen:
                 later.append((a, b))
             else:
                 step.append((a, b))
+                chosen.add((a, b))
                 senders.add(a)
                 receivers.add(b)
         steps.append(step)
