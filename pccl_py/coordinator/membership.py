@@ -832,7 +832,7 @@ class Membership:
         text = (f"lockstep mismatch: peer {peer.peer_id} called {_CALLS[msg['type']]} while peers "
                 f"{', '.join(sorted(self.votes))} wait in {_CALLS[next(iter(self.votes.values())).kind]}; "
                 "every accepted peer must make the same call at the same point of the program")
-        self._send(peer.conn, _error(msg["req"], "InvalidUsage", text))
+        self._answer(peer, msg["req"], _error(msg["req"], "InvalidUsage", text))
         for pid, vote in self.votes.items():
             self._answer(self.peers[pid], vote.req, _error(vote.req, "InvalidUsage", text))
         self.votes.clear()
