@@ -17,9 +17,12 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.mark.parametrize("streams", [1, 3])
 @pytest.mark.parametrize("encrypt", [False, True])
-def test_probe_measures_and_collectives_still_work(streams, encrypt):
+@pytest.mark.parametrize("io_threads", [False, True])
+def test_probe_measures_and_collectives_still_work(streams, encrypt, io_threads):
+    config = DataPlaneConfig(encrypt=encrypt, io_threads=io_threads)
+
     async def main():
-        async with cluster(3, streams=streams, config=DataPlaneConfig(encrypt=encrypt)) as dps:
+        async with cluster(3, streams=streams, config=config) as dps:
             before = dps[1].traffic[dps[0].peer_id][1]
             rate, seconds = await dps[0].probe(dps[1].peer_id, 3 << 20, 10.0)
             assert rate > 1e6 and 0 < seconds < 10
