@@ -621,3 +621,28 @@ def test_a_welcome_for_a_peer_that_is_not_registered_moves_nothing():
     for state in ("accepted", "pending", "recovering"):
         d = core.on_message(NOW, welcome(state=state))
         assert core.state is S.IDLE and core.instance == "" and "ignored" in d.reason
+
+
+def test_optimize_vote_probes_on_request_and_settles_with_the_reason():
+    core = joined(epoch=4, peers=("p0", "p1", "p2"))
+    d = core.vote(NOW, 10.0, kind="optimize")
+    assert wire(d) == [{"type": "optimize", "req": d.wait, "timeout": 10.0}]
+    probe = msg("bw_probe", round=3, epoch=4, targets=["p2"], bytes=4096, timeout=2.0)
+    a = core.on_message(NOW + 0.1, probe)
+    assert a.probe == probe and a.out == []  # the shell runs it on the data plane
+    r = core.probe_done(probe, [["p2", 1.5e8, 0.01]])
+    assert wire(r) == [{"type": "bw_report", "round": 3, "epoch": 4, "rows": [["p2", 1.5e8, 0.01]]}]
+    answer = core.on_message(NOW + 0.2, {**topology(5, ("p1", "p0", "p2"), req=d.wait),
+                                         "reason": "optimize_topology: moved"})
+    _, done = apply(core, answer.topology)
+    [(req, (topo, reason))] = done.settle[1:]
+    assert req == d.wait and topo.epoch == 5 and topo.rank == 0 and reason == "optimize_topology: moved"
+    assert core.requests == {}
+
+
+def test_bw_probe_is_ignored_unless_accepted():
+    core = make()
+    core.connect(NOW, 5.0)
+    core.on_message(NOW, welcome(state="pending"))
+    d = core.on_message(NOW, msg("bw_probe", round=1, epoch=1, targets=["p2"], bytes=10, timeout=1.0))
+    assert d.probe is None and "ignored" in d.reason

@@ -121,6 +121,16 @@ class Client:
         """Vote to admit pending peers; every accepted peer of the run must call it."""
         return self._remember(self._call({"op": "update_topology"}, timeout))
 
+    def optimize_topology(self, timeout: float | None = None) -> dict:
+        """Measure the data links of this peer's group and reorder its ring for bandwidth.
+
+        Like :meth:`update_topology` every accepted peer must call it at the same point (no
+        collective in flight); it admits nobody. The coordinator probes the directed pairs
+        it has not measured yet, then moves the ring only for a clearly faster one (a new
+        epoch). Returns this member's view (as :meth:`refresh`) plus ``changed`` (whether
+        the ring order changed) and ``reason`` (the coordinator's)."""
+        return self._remember(self._call({"op": "optimize_topology"}, timeout))
+
     def are_peers_pending(self, timeout: float | None = None) -> bool:
         return bool(self._call({"op": "are_peers_pending"}, timeout)["pending"])
 

@@ -32,8 +32,15 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pccl_py.coordinator.bandwidth import BandwidthMatrix
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost, refusal
+from pccl_py.coordinator.topology_opt import (
+    OPTIMIZE_TOPOLOGY,
+    OptimizeConfig,
+    OptimizeRound,
+    bandwidth_rows,
+)
 
 Conn = Hashable
 Msg = dict[str, Any]
@@ -64,6 +71,8 @@ class MembershipConfig:
     link_break_window: float = 60.0  # data-link breaks between live peers counted over this...
     link_break_limit: int = 3  # ...a pair breaking this often loses a member instead of a re-key
     handshake_timeout: float = 5.0  # a control connection that has not finished its CURVE handshake is closed
+    optimize: OptimizeConfig = OptimizeConfig()  # optimize_topology: probes and ring moves
+    bandwidth_max_age: float = 600.0  # a measured rate older than this is probed again
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Vote:
     req: int
     deadline: float  # inf: no deadline
     since: float
+    kind: str = "vote"  # the message: "vote" (update_topology) or "optimize" (optimize_topology)
 
 
 @dataclass
@@ -111,6 +121,8 @@ class _Step:
     why: list[str] = field(default_factory=list)
     changed: bool = False
     round_done: dict[str, int] = field(default_factory=dict)  # voter -> the req its topology answers
+    done_reason: str = ""  # what the topology answering round_done says when the epoch stays
+    work: tuple | None = None  # see Decision.work
 
 
 class Membership:
@@ -151,6 +163,9 @@ class Membership:
         self._nonce = (seed if seed is not None else secrets.randbits(32)) << 16
         self._step = _Step()
         self.sync = SyncHost(self.accepted)  # shared-state rounds (coordinator/state_sync.py)
+        self.bw = BandwidthMatrix(max_age=self.cfg.bandwidth_max_age)  # measured link rates
+        self.opt: OptimizeRound | None = None  # optimize_topology (coordinator/topology_opt.py)
+        self._opt_rounds = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -221,6 +236,8 @@ class Membership:
             "vote_open": bool(self.votes),
             "voters": sorted(self.votes),
             "members": members,
+            "bandwidth": bandwidth_rows(self.bw, now, 4096),
+            "optimizing": self.opt is not None,
         }
 
     # ------------------------------------------------------------------ inputs
@@ -326,11 +343,14 @@ class Membership:
                 err = self._stalled_error(vote.req, "update_topology", vote.deadline)
                 if err is None:
                     missing = self._missing_voters()
-                    err = _error(vote.req, "DeadlineExceeded", f"update_topology timed out: still waiting for {missing}")
+                    err = _error(vote.req, "DeadlineExceeded",
+                                 f"{_CALLS[vote.kind]} timed out: still waiting for {missing}")
                 self._answer(self.peers[pid], vote.req, err)
                 self._why(f"{pid}: vote timed out ({err['error']})")
         self._check_mismatch(now)
         self._sync_out(self.sync.tick(now))
+        if self.opt is not None:
+            self._opt_out(now, self.opt.tick(now))
         if now >= self._next_hb:
             self._next_hb = now + self.cfg.heartbeat_interval
             hb = {"type": "hb", "instance": self.instance, "epoch": self.epoch}
@@ -460,13 +480,27 @@ class Membership:
         vote = self.votes.get(peer.peer_id)
         if vote is not None and vote.req == msg["req"]:
             return  # a resend after a reconnect
+        if self.opt is not None and self.opt.voters.get(peer.peer_id) == msg["req"]:
+            return  # (a resend while its optimize round runs)
         if self._vote_came_again(peer, msg["req"]):
             return
+        other = next((v.kind for v in self.votes.values() if v.kind != msg["type"]), None)
+        if other is not None:
+            self._mixed_votes(peer, msg)
+            return
         deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
-        self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now)
+        self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now, kind=msg["type"])
         if self.vote_opened is None:
             self.vote_opened = now
         self._why(f"{peer.peer_id}: voted (waiting for {self._missing_voters()})")
+
+    _on_optimize = _on_vote  # optimize_topology: the same vote, another round when complete
+
+    def _on_bw_report(self, now: float, peer: Peer, msg: Msg) -> None:
+        if self.opt is not None:
+            self._opt_out(now, self.opt.report(now, peer.peer_id, msg))
+        else:
+            self._why(f"{peer.peer_id}: bw_report of round {msg['round']} ignored (no optimize round)")
 
     def _on_unvote(self, now: float, peer: Peer, msg: Msg) -> None:
         vote = self.votes.get(peer.peer_id)
@@ -604,6 +638,9 @@ class Membership:
         if peer.state is PeerState.ACCEPTED:
             self._step.changed = True
         self._sync_out(self.sync.gone(now, peer.group, pid))
+        self.bw.forget(pid)
+        if self.opt is not None:
+            self._opt_out(now, self.opt.gone(now, pid))
         if tell:
             self._send(peer.conn, _removed(pid, why))
         self._why(f"removed {pid} ({peer.state.value}): {why}")
@@ -676,7 +713,7 @@ class Membership:
             if pid in self.votes:
                 continue
             peer = self.peers[pid]
-            if peer.activity is None or peer.activity == UPDATE_TOPOLOGY:
+            if peer.activity is None or peer.activity in (UPDATE_TOPOLOGY, OPTIMIZE_TOPOLOGY):
                 continue
             if now - peer.last_seen > self._quiet:
                 continue  # silent: its heartbeat deadline decides, not its last reported activity
@@ -687,9 +724,9 @@ class Membership:
         voters = sorted(self.votes)
         doing = "; ".join(f"peer {p.peer_id} is in {p.activity!r}" for p in busy)
         text = (
-            f"lockstep mismatch: peers {', '.join(voters)} wait in update_topology while {doing} "
-            f"(for more than {self.cfg.mismatch_grace:g} s); every accepted peer must call "
-            f"update_topology at the same point of the program"
+            f"lockstep mismatch: peers {', '.join(voters)} wait in {_CALLS[next(iter(self.votes.values())).kind]} "
+            f"while {doing} (for more than {self.cfg.mismatch_grace:g} s); every accepted peer must call "
+            f"it at the same point of the program"
         )
         for pid in voters:
             self._answer(self.peers[pid], self.votes[pid].req, _error(self.votes[pid].req, "InvalidUsage", text))
@@ -709,29 +746,98 @@ class Membership:
             if pend and not self.accepted():
                 self._admit(pend, "run was empty")
             elif self.votes and set(self.accepted()) <= set(self.votes):
-                st.round_done = {pid: vote.req for pid, vote in self.votes.items()}
+                if next(iter(self.votes.values())).kind == "optimize":
+                    self._open_optimize(now)  # admits nobody: answered when the round ends
+                else:
+                    st.round_done = {pid: vote.req for pid, vote in self.votes.items()}
                 self.votes.clear()
                 self.vote_opened = None
                 pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
-                if pend:
+                if st.round_done and pend:
                     self._admit(pend, "every accepted peer voted")
-                else:
+                elif st.round_done:
                     self._why("vote round complete; nobody pending")
+        self._settle_optimize()
         if not self.votes:
             self.vote_opened = None
         if st.changed:
             self.epoch = max(self.epoch, self._epoch_floor) + 1
-            reason = "; ".join(st.why)[-1024:]
+            reason = st.done_reason[:1024] or "; ".join(st.why)[-1024:]
             for pid in self.accepted():
                 self._send(self.peers[pid].conn, self.topology_msg(pid, reason=reason, req=st.round_done.get(pid, 0)))
             self._why(f"epoch {self.epoch}: world size {self.world_size}, {self.num_groups} group(s)")
         else:
             for pid in sorted(st.round_done):
                 self._send(self.peers[pid].conn,
-                           self.topology_msg(pid, reason="vote round complete", req=st.round_done[pid]))
+                           self.topology_msg(pid, reason=st.done_reason or "vote round complete",
+                                             req=st.round_done[pid]))
         for pid, req in st.round_done.items():
             self.answers[pid] = (self.peers[pid].conn, req, None)
-        return Decision(st.out, "; ".join(st.why))
+        return Decision(st.out, "; ".join(st.why), st.work)
+
+    # ------------------------------------------------------------------ optimize_topology
+
+    def _open_optimize(self, now: float) -> None:
+        """Every accepted peer voted ``optimize``: measure and order (coordinator/topology_opt.py)."""
+        self._opt_rounds += 1
+        self.opt = OptimizeRound(
+            self._opt_rounds, now, voters={pid: v.req for pid, v in self.votes.items()},
+            deadline=min(v.deadline for v in self.votes.values()), rings=self.rings, matrix=self.bw,
+            epoch=self.epoch, config=self.cfg.optimize)
+        self._opt_out(now, self.opt.start(now))
+
+    def _opt_out(self, now: float, d: Decision) -> None:
+        """Send what the round returned; once probing is over, solve (inline, or as work)."""
+        self._sync_out(d)
+        job = self.opt.solve_job() if self.opt is not None else None
+        if job is None or self._step.work is not None:
+            return
+        if self.opt.inline:
+            self._sync_out(self.opt.solved(now, job()))
+        else:
+            rid = self.opt.round_id
+            self._step.work = (job, lambda t, result: self.on_solved(t, rid, result))
+
+    def on_solved(self, now: float, round_id: int, result: Any) -> Decision:
+        """The solver's result for optimize round ``round_id``, computed off the loop."""
+        self._step = _Step()
+        self._compensate_stall(now)
+        if self.opt is not None and self.opt.round_id == round_id:
+            self._sync_out(self.opt.solved(now, result))
+        return self._finish(now)
+
+    def _settle_optimize(self) -> None:
+        """A finished round: move the rings it chose and answer its voters."""
+        opt = self.opt
+        if opt is None or opt.outcome is None:
+            return
+        self.opt = None
+        out = opt.outcome
+        for group, ring in out.moves.items():
+            if set(ring) == set(self.rings.get(group, ())):  # (nobody joined meanwhile)
+                self.rings[group] = list(ring)
+                self._step.changed = True
+        for pid, req in out.answers.items():
+            peer = self.peers.get(pid)
+            if peer is None:
+                continue
+            if out.error is not None:
+                self._answer(peer, req, _error(req, *out.error))
+            else:
+                self._step.round_done[pid] = req
+        self._step.done_reason = out.reason
+        self._why(out.reason or (out.error[1] if out.error else ""))
+
+    def _mixed_votes(self, peer: Peer, msg: Msg) -> None:
+        text = (f"lockstep mismatch: peer {peer.peer_id} called {_CALLS[msg['type']]} while peers "
+                f"{', '.join(sorted(self.votes))} wait in {_CALLS[next(iter(self.votes.values())).kind]}; "
+                "every accepted peer must make the same call at the same point of the program")
+        self._answer(peer, msg["req"], _error(msg["req"], "InvalidUsage", text))
+        for pid, vote in self.votes.items():
+            self._answer(self.peers[pid], vote.req, _error(vote.req, "InvalidUsage", text))
+        self.votes.clear()
+        self.vote_opened = None
+        self._why(text)
 
     def _admit(self, pend: list[Peer], why: str) -> None:
         for peer in sorted(pend, key=lambda p: (p.since, p.peer_id)):
@@ -756,6 +862,9 @@ class Membership:
 
     def _why(self, text: str) -> None:
         self._step.why.append(text)
+
+
+_CALLS = {"vote": UPDATE_TOPOLOGY, "optimize": OPTIMIZE_TOPOLOGY}
 
 
 def _error(req: int, name: str, message: str) -> Msg:

@@ -37,6 +37,7 @@ from pccl_py import logs
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.handshakes import Handshakes
 from pccl_py.coordinator.membership import Membership, MembershipConfig
+from pccl_py.coordinator.topology_opt import OptimizeConfig
 from pccl_py.errors import InvalidUsage, ProtocolError
 from pccl_py.metrics import Metrics
 from pccl_py.transport.addresses import is_loopback
@@ -286,6 +287,26 @@ class Coordinator:
                 self.stats["dropped_tx"] += 1
         if decision.out and self._pump is not None:
             self._pump.kick()
+        if decision.work is not None:
+            self._offload(*decision.work)
+
+    def _offload(self, fn: Callable, then: Callable) -> None:
+        """Run ``fn()`` (the ring solver for large groups) on a worker thread, so heartbeats
+        and deadlines go on meanwhile; its result goes to the core through ``then``."""
+        def done(fut: asyncio.Future) -> None:
+            if fut.cancelled() or self._sock is None:
+                return
+            result = {}  # (a failed solver moves no ring: the round still ends)
+            if fut.exception() is not None:
+                log.error("optimize_topology: the solver failed: %r", fut.exception())
+            else:
+                result = fut.result()
+            try:
+                self._apply(then(self.loop.time(), result))
+            except Exception:
+                log.exception("applying the solver's result failed")
+
+        self.loop.run_in_executor(None, fn).add_done_callback(done)
 
 
 async def serve(
@@ -327,6 +348,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatch-grace", type=float, default=d.mismatch_grace)
     p.add_argument("--recovery-grace", type=float, default=d.recovery_grace,
                    help="after a start, time for accepted peers to re-introduce themselves")
+    p.add_argument("--probe-bytes", type=int, default=d.optimize.probe_bytes,
+                   help="optimize_topology: bytes per bandwidth probe (one directed pair)")
+    p.add_argument("--probe-bytes-timeout", type=float, default=d.optimize.probe_timeout,
+                   help="optimize_topology: seconds one bandwidth probe may take")
+    p.add_argument("--min-gain", type=float, default=d.optimize.min_gain,
+                   help="optimize_topology: a ring moves only for a bottleneck this much faster (0.1: 10%%)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", choices=logs.FORMATS, default="text",
                    help="text, or json: one object per line")
@@ -348,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         reconnect_allowance=args.reconnect_allowance,
         mismatch_grace=args.mismatch_grace,
         recovery_grace=args.recovery_grace,
+        optimize=OptimizeConfig(probe_bytes=args.probe_bytes, probe_timeout=args.probe_bytes_timeout,
+                                min_gain=args.min_gain),
     )
 
     async def run() -> None:

@@ -106,6 +106,10 @@ class ControlChannel:
         # what this peer is doing (e.g. "all_reduce tag=5"), asked at each heartbeat
         self.activity_source: Callable[[], str | None] = lambda: None
         self.traffic_source: Callable[[], tuple[int, int]] = lambda: (0, 0)  # data-plane bytes so far
+        # measures the data link to a peer: (target, bytes, timeout) -> (bytes_per_s, seconds)
+        # (DataPlane.probe); None: bw_probe requests are answered with no rates
+        self.on_probe: Callable[[str, int, float], Awaitable[tuple[float, float]]] | None = None
+        self._probing: set[asyncio.Task] = set()
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pump: ZmqPump | None = None
@@ -178,9 +182,9 @@ class ControlChannel:
         if self.core.state is ChannelState.CLOSED:
             return
         self._carry_out(self.core.close())
-        for task in self._tasks:
+        for task in [*self._tasks, *self._probing]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._probing]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -228,6 +232,35 @@ class ControlChannel:
         except (DeadlineExceeded, CoordinatorUnavailable):
             self._carry_out(self.core.unvote(d.wait))
             raise
+
+    async def optimize_topology(self, timeout: float) -> tuple[Topology, str]:
+        """Vote to measure the data links and reorder the ring (every accepted peer must call
+        it); returns the topology that answers the vote and the coordinator's reason."""
+        self._require_started()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        d = self.core.vote(loop.time(), timeout, kind="optimize")
+        fut = self._future(d.wait)
+        self._carry_out(d)
+        try:
+            return await self._wait(fut, d.wait, deadline + 0.25, "optimize_topology")
+        except (DeadlineExceeded, CoordinatorUnavailable):
+            self._carry_out(self.core.unvote(d.wait))
+            raise
+
+    async def _probe(self, msg: dict) -> None:
+        """Run a bw_probe: its targets one after another, then report what was measured."""
+        rows = []
+        for target in msg["targets"]:
+            if self.on_probe is None:
+                break
+            try:
+                rate, seconds = await self.on_probe(target, msg["bytes"], msg["timeout"])
+            except PcclError as exc:
+                log.info("%s: probe to %s failed: %s", self.peer_id, target[:8], exc)
+                continue
+            rows.append([target, float(rate), float(seconds)])
+        self._carry_out(self.core.probe_done(msg, rows))
 
     async def are_peers_pending(self, timeout: float) -> bool:
         self._require_started()
@@ -342,6 +375,10 @@ class ControlChannel:
             self.on_removed(d.removed)
         if d.redial is not None:
             self._drop_and_redial(d.redial)
+        if d.probe is not None:
+            task = asyncio.get_running_loop().create_task(self._probe(d.probe), name=f"pccl-probe-{self.peer_id}")
+            self._probing.add(task)
+            task.add_done_callback(self._probing.discard)
 
     def _drop_and_redial(self, delay: float) -> None:
         """Drop the connection (and what is queued on it) and dial again after ``delay``: zmq

@@ -84,6 +84,7 @@ class ChannelState(enum.Enum):
 
 
 _S = ChannelState
+_VOTES = ("vote", "optimize")  # requests the coordinator answers with a topology
 REGISTERED = frozenset({_S.PENDING, _S.RECOVERING, _S.ACCEPTED})
 
 _ALLOWED: dict[ChannelState, frozenset[ChannelState]] = {
@@ -119,6 +120,7 @@ class Actions:
     removed: str | None = None  # for on_removed: the coordinator's reason
     renamed: str | None = None  # for on_peer_id: the new peer_id
     redial: float | None = None  # drop the connection (and what is queued on it), dial again after this
+    probe: Msg | None = None  # a bw_probe to run on the data plane, then report with probe_done()
 
 
 def topology_from(msg: Msg, peer_id: str) -> Topology:
@@ -257,16 +259,22 @@ class ControlCore:
             self._why(f"connect() failed: {exc}")
         return self._step
 
-    def vote(self, now: float, timeout: float) -> Actions:
-        """update_topology(): vote to admit the pending peers; ``wait`` says what to await."""
+    def vote(self, now: float, timeout: float, *, kind: str = "vote") -> Actions:
+        """update_topology() (``kind`` "vote": admit the pending peers) or optimize_topology()
+        (``kind`` "optimize": measure the links and reorder the ring); ``wait`` says what to
+        await: the topology (for "optimize": the topology and the coordinator's reason)."""
         self._begin()
-        self.require_member("update_topology")
+        what = "optimize_topology" if kind == "optimize" else "update_topology"
+        self.require_member(what)
         if self.state is _S.PENDING:  # rejoined as pending after a coordinator restart
+            if kind == "optimize":
+                raise Aborted("optimize_topology: this peer is pending again after a coordinator restart; "
+                              "call update_topology to be admitted")
             self._step.wait = JOIN
             self._why("pending again after a coordinator restart: update_topology waits for admission")
             return self._step
         # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
-        self._step.wait = self._request({"type": "vote", "timeout": max(0.0, timeout)})
+        self._step.wait = self._request({"type": kind, "timeout": max(0.0, timeout)})
         if timeout > 0:
             self._until[self._step.wait] = now + timeout
         self._why(f"vote {self._step.wait} sent")
@@ -454,7 +462,7 @@ class ControlCore:
                 self._why(text, logging.WARNING)
                 self._step.abort = Aborted(text)
                 for req, sent in list(self.requests.items()):
-                    if sent["type"] == "vote":
+                    if sent["type"] in _VOTES:
                         self.forget(req)
                         self._step.fail.append((req, Aborted(text)))
             self._set_state(_S.PENDING)
@@ -489,6 +497,24 @@ class ControlCore:
 
     def _on_ping(self, now: float, msg: Msg) -> None:
         self._send({"type": "pong", "nonce": msg["nonce"]})
+
+    def _on_bw_probe(self, now: float, msg: Msg) -> None:
+        if self.state is not _S.ACCEPTED:
+            self._why(f"bw_probe of round {msg['round']} ignored ({self.state.value})")
+            return
+        self._step.probe = msg
+        self._why(f"bw_probe of round {msg['round']}: {len(msg['targets'])} target(s), {msg['bytes']} bytes")
+
+    def probe_done(self, msg: Msg, rows: list[list]) -> Actions:
+        """The probes of ``msg`` (a bw_probe) ran: report ``rows`` ([dst, bytes_per_s, seconds]
+        of each target reached)."""
+        self._begin()
+        if self.state is _S.ACCEPTED:
+            self._send({"type": "bw_report", "round": msg["round"], "epoch": msg["epoch"], "rows": rows})
+            self._why(f"bw_report of round {msg['round']}: {len(rows)} of {len(msg['targets'])} measured")
+        else:
+            self._why(f"bw_report of round {msg['round']} not sent ({self.state.value})")
+        return self._step
 
     def _on_pending_a(self, now: float, msg: Msg) -> None:
         sent = self.requests.get(msg["req"])
@@ -586,10 +612,11 @@ class ControlCore:
             return self._step
         self._step.settle.append((JOIN, self.topology))
         if msg["req"]:
-            votes = [req for req, sent in self.requests.items() if sent["type"] == "vote" and req <= msg["req"]]
+            votes = [req for req, sent in self.requests.items() if sent["type"] in _VOTES and req <= msg["req"]]
             for req in votes:
+                optimize = self.requests[req]["type"] == "optimize"
                 self.forget(req)
-                self._step.settle.append((req, self.topology))
+                self._step.settle.append((req, (self.topology, msg["reason"]) if optimize else self.topology))
             self._why(f"update_topology round done (vote {msg['req']}; completes {votes or 'none in flight'})")
         return self._step
 

@@ -32,6 +32,7 @@ from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.shm import ShmContext
 from pccl_py.daemon.allreduce_plan import plan_all_reduce
 from pccl_py.daemon.peers import GroupView, PeerStreams
+from pccl_py.daemon.probe import Probes
 from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
 from pccl_py.daemon.streams import LINGER, Stream
 from pccl_py.daemon.topology import Topology
@@ -172,6 +173,7 @@ class DataPlane:
         self.gate = Gate(f"data port {peer_id[:8]}", max_pending=self.config.max_pending_per_address)
         self._gate_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self.probes = Probes(self)  # bandwidth probes (probe.py)
 
     @property
     def behind(self) -> Callable[[int], bool] | None:
@@ -241,6 +243,7 @@ class DataPlane:
         if self._closed:
             return
         self._closed = True
+        self.probes.close()
         if self._gate_timer is not None:
             self._gate_timer.cancel()
             self._gate_timer = None
@@ -417,6 +420,7 @@ class DataPlane:
         pid = peer.peer_id
         if self._peers.get(pid) is peer:
             del self._peers[pid]
+        self.probes.lost(pid, reason)
         if self._closed:
             return
         member = pid in self.router.rank_of
@@ -435,6 +439,21 @@ class DataPlane:
                 self.on_peer_failure(pid, reason)
             except Exception:
                 log.exception("on_peer_failure callback failed")
+
+    # -- bandwidth probes (probe.py) ----------------------------------------------------------
+    async def probe(self, target: str, nbytes: int, timeout: float) -> tuple[float, float]:
+        """Measure the link to ``target`` (this peer -> it): ``(bytes_per_s, seconds)`` for
+        ``nbytes`` striped over its streams, timed until the receiver acknowledges them."""
+        if self._closed:
+            raise Aborted("the data plane is closed")
+        return await self.probes.probe(target, nbytes, timeout)
+
+    def probe_bytes_in(self, peer: PeerStreams, h: F.Header) -> None:
+        if peer is self._peers.get(peer.peer_id):
+            self.probes.bytes_in(peer, h)
+
+    def probe_acked(self, peer: PeerStreams, h: F.Header) -> None:
+        self.probes.acked(peer, h)
 
     # -- routing (the decisions are the router's: router.py) -----------------------------------
     def route(self, h: F.Header, peer: PeerStreams):

@@ -171,6 +171,7 @@ class Daemon:
         )
         self.control.activity_source = self._describe_activity
         self.control.traffic_source = self._traffic
+        self.control.on_probe = self.data.probe  # bw_probe of optimize_topology
         await self.control.start()
         return addr
 
@@ -403,6 +404,20 @@ class Daemon:
             self._in_flight.pop(-1, None)
         await self._wait_topology(topo.epoch, timeout)
         return self.summary()
+
+    async def optimize_topology(self, timeout: float) -> dict:
+        """Vote to measure the links and reorder the ring: this peer's view afterwards, with
+        ``changed`` (its group's ring order differs from before the call) and ``reason``."""
+        before = self.require_connected()
+        self._in_flight[-3] = "optimize_topology"
+        try:
+            topo, reason = await self.control.optimize_topology(timeout)
+        finally:
+            self._in_flight.pop(-3, None)
+        await self._wait_topology(topo.epoch, timeout)
+        summary = self.summary()
+        order = [p.peer_id for p in before.peers]
+        return {**summary, "changed": summary.get("peers") != order, "reason": reason}
 
     async def are_peers_pending(self, timeout: float) -> bool:
         self.require_connected()

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pccl.daemon")
 
 # requests that run calls on the membership: only the session holding the lease may send them
-MEMBER_OPS = frozenset({"update_topology", "are_peers_pending", "all_reduce", "all_gather", "sync_shared_state"})
+MEMBER_OPS = frozenset({"update_topology", "optimize_topology", "are_peers_pending", "all_reduce", "all_gather", "sync_shared_state"})
 
 
 def own_segment_lost(exc: PcclError, names: tuple[str, ...]) -> PcclError:
@@ -172,6 +172,8 @@ class TrainerSession(asyncio.Protocol):
             return await daemon.connect(timeout, session=self)
         if op == "update_topology":
             return await daemon.update_topology(timeout)
+        if op == "optimize_topology":
+            return await daemon.optimize_topology(timeout)
         if op == "are_peers_pending":
             return {"pending": await daemon.are_peers_pending(timeout)}
         if op == "info":

@@ -444,6 +444,12 @@ class Stream(asyncio.BufferedProtocol):
     # -- frames ---------------------------------------------------------------------------
     def _on_header(self, h: F.Header) -> None:
         self.peer_streams.traffic[1] += F.HEADER_SIZE + h.length + (S.TAG_BYTES if self._rx_seal is not None else 0)
+        if h.kind == F.PROBE:  # filler of a bandwidth probe: counted once its tag checks, dropped
+            self._discard(h.length, lambda ps=self.peer_streams: self.dp.probe_bytes_in(ps, h))
+            return
+        if h.kind == F.PROBE_ACK:
+            self._frame_done(self.dp.probe_acked, self.peer_streams, h)
+            return
         v = self.dp.route(h, self.peer_streams)
         verdict, op, src = v.action, v.op, v.src
         if verdict == STALL:

@@ -137,7 +137,38 @@ def format_status(st: dict, prev: dict | None = None, seconds: float | None = No
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if not st["members"]:
         lines.append("(no peers)")
+    lines.extend(format_rings(st))
     return "\n".join(lines)
+
+
+def format_rings(st: dict) -> list[str]:
+    """Each group's ring order and, where measured (optimize_topology), the rate of each
+    ring link, then the bandwidth matrix (MB/s, row: sender, column: receiver)."""
+    rates = {(r[0], r[1]): r[2] for r in st.get("bandwidth", [])}
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for m in st["members"]:
+        if m["ring_pos"] >= 0:
+            groups.setdefault(m["group"], []).append((m["ring_pos"], m["peer_id"]))
+    out = []
+    for g, pos in sorted(groups.items()):
+        ring = [pid for _, pid in sorted(pos)]
+        if len(ring) < 2:
+            continue
+        links = [rates.get((a, b)) for a, b in zip(ring, ring[1:] + ring[:1], strict=True)]
+        known = [x for x in links if x is not None]
+        slowest = f"  (slowest link {min(known) / 1e6:.1f} MB/s)" if len(known) == len(links) else ""
+        steps = "".join(f" -{'?' if x is None else f'{x / 1e6:.0f}'}-> {b[:8]}"
+                        for x, b in zip(links, ring[1:] + ring[:1], strict=True))
+        out.append(f"ring of group {g}: {ring[0][:8]}{steps}{slowest}")
+    if rates:
+        ids = sorted({p for pair in rates for p in pair})
+        out.append("bandwidth (MB/s, row sends to column)" + (" [optimizing]" if st.get("optimizing") else ""))
+        width = max(8, *(len(f"{v / 1e6:.1f}") for v in rates.values()))
+        out.append(" " * 9 + " ".join(p[:8].rjust(width) for p in ids))
+        for a in ids:
+            cells = ["-" if a == b else (f"{rates[(a, b)] / 1e6:.1f}" if (a, b) in rates else "?") for b in ids]
+            out.append(a[:8].ljust(9) + " ".join(c.rjust(width) for c in cells))
+    return out
 
 
 def watch(addr: str, interval: float, timeout: float, count: int | None = None, out=None,

@@ -28,7 +28,8 @@ from pccl_py.errors import ProtocolError
 
 # 2: report_failure carries the epoch of the broken link; 3: topology names the vote it answers;
 # 4: CURVE authenticates the connection, hello lost its timestamped proof (ts, proof)
-VERSION = 4
+# 5: optimize_topology (optimize, bw_probe, bw_report); status_a carries the bandwidth matrix
+VERSION = 5
 MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
 MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
 MAX_BIN = 256
@@ -114,6 +115,11 @@ SCHEMA: dict[str, dict[str, F]] = {
     # tx, rx: data-plane bytes this daemon sent and received so far (for throughput views)
     "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i(), "tx": _i(U63), "rx": _i(U63)},
     "vote": {"req": REQ, "timeout": TIMEOUT},  # update_topology
+    "optimize": {"req": REQ, "timeout": TIMEOUT},  # optimize_topology (a vote; unvote withdraws it)
+    # the rates measured for a bw_probe: [dst, bytes_per_s, seconds] per target it reached
+    "bw_report": {"round": _i(U63), "epoch": EPOCH,
+                  "rows": F(list, max_len=MAX_PEERS, items=F(list, max_len=3, items=(PEER_ID, _f(0.0, 1e15),
+                                                                                    _f(0.0, 1e7))))},
     "unvote": {"req": REQ},  # the caller gave up waiting
     "pending_q": {"req": REQ},  # are_peers_pending
     "report_failure": {"peer_id": PEER_ID, "reason": REASON, "epoch": EPOCH},
@@ -141,6 +147,9 @@ SCHEMA: dict[str, dict[str, F]] = {
     },
     "hb": {"instance": INSTANCE, "epoch": EPOCH},
     "ping": {"nonce": _i(U63)},
+    # measure the data links to targets (in order): send `bytes` to each, time the acknowledgement
+    "bw_probe": {"round": _i(U63), "epoch": EPOCH, "targets": F(list, max_len=MAX_PEERS, items=PEER_ID),
+                 "bytes": _i((1, 1 << 34)), "timeout": _f(0.001, 3600.0)},
     "pending_a": {"req": REQ, "pending": F(bool)},
     "error": {"req": REQ, "error": ERROR_NAME, "message": REASON},  # fails request `req`
     "abort": {"error": ERROR_NAME, "message": REASON},  # fails what the daemon is doing
@@ -158,6 +167,10 @@ SCHEMA: dict[str, dict[str, F]] = {
         "vote_open": F(bool),
         "voters": F(list, max_len=MAX_PEERS, items=PEER_ID),
         "members": F(list, max_len=MAX_PEERS, items=STATUS_MEMBER),
+        # the measured rates: [src, dst, bytes_per_s, samples, age in seconds]
+        "bandwidth": F(list, max_len=MAX_ARRAY, items=F(list, max_len=5, items=(
+            PEER_ID, PEER_ID, _f(0.0, 1e15), _i(U63), _f(0.0, 1e11)))),
+        "optimizing": F(bool),  # an optimize_topology round is measuring or solving
     },
 }
 

@@ -5,7 +5,7 @@ is a fixed 68-byte little-endian header followed by ``length`` payload bytes::
 
     magic    4s  b"PCDP"
     version  B   WIRE_VERSION
-    kind     B   DATA | FIN | ERROR
+    kind     B   DATA | FIN | ERROR | PROBE | PROBE_ACK
     quant    B   QUANT_NONE | QUANT_U8 | QUANT_U4   (DATA only)
     flags    B   0 (reserved)
     group    I   peer group
@@ -13,7 +13,8 @@ is a fixed 68-byte little-endian header followed by ``length`` payload bytes::
     tag      Q   operation tag (< 2**63)
     attempt  I   attempt number of this tag within the epoch
     arg      I   by kind: the schedule step (DATA), the error code (ERROR), 0 or FIN_ALL (FIN)
-    offset   Q   byte offset into the operation's buffer
+    offset   Q   byte offset into the operation's buffer (DATA); the probe's total bytes
+                 (PROBE) or the bytes received of it (PROBE_ACK)
     length   I   payload bytes that follow
     elems    I   elements the payload represents (DATA)
     lo       f   quantization minimum (float32)
@@ -59,18 +60,25 @@ MAGIC = b"PCDP"
 # 5: the direct exchange is named "direct" in the call descriptor (was "tree"), so a call
 # of an older daemon would not match one of this version
 # 6: frames carry a 16-byte tag (transport/seal.py); HELLO's former padding byte says so
-WIRE_VERSION = 6
+# 7: PROBE / PROBE_ACK (bandwidth probes: filler bytes, and their receipt)
+WIRE_VERSION = 7
 
 # frame kinds
 DATA = 1
 FIN = 2
 ERROR = 3
+# A bandwidth probe (DataPlane.probe): PROBE frames carry filler (tag: the probe's id, epoch:
+# the sender's, offset: the probe's total bytes) over every stream of a link; the receiver
+# discards them and, once it has counted the total, answers one PROBE_ACK (same tag).
+PROBE = 4
+PROBE_ACK = 5
+MAX_PROBE = 1 << 34  # bytes of one probe
 # handshake kinds
 CHALLENGE = 16
 HELLO = 17
 WELCOME = 18
 
-FRAME_KINDS = (DATA, FIN, ERROR)
+FRAME_KINDS = (DATA, FIN, ERROR, PROBE, PROBE_ACK)
 # what follows each frame (HELLO's seal byte)
 SEAL_NONE = 0
 SEAL_TAG = 1  # a tag over header and payload
@@ -205,6 +213,13 @@ def decode_header(buf, limits: Limits = DEFAULT_LIMITS) -> Header:
             need = elems if quant == QUANT_U8 else (elems + 1) // 2
             if need != length:
                 raise ProtocolError(f"{elems} quantized elements need {need} bytes, frame has {length}")
+    elif kind in (PROBE, PROBE_ACK):
+        if quant != QUANT_NONE or elems != 0 or arg != 0:
+            raise ProtocolError(f"probe frame kind {kind} with data fields set")
+        if offset > MAX_PROBE or (kind == PROBE and (length == 0 or length > offset)):
+            raise ProtocolError(f"probe frame of {length} bytes in a probe of {offset}")
+        if kind == PROBE_ACK and length != 0:
+            raise ProtocolError("PROBE_ACK frame with a payload")
     else:
         if quant != QUANT_NONE or elems != 0 or offset != 0:
             raise ProtocolError(f"control frame kind {kind} with data fields set")

@@ -144,6 +144,7 @@ REQUESTS: dict[str, dict[str, Field]] = {
     "hello": {"timeout": TIMEOUT},
     "connect": {"timeout": TIMEOUT},
     "update_topology": {"timeout": TIMEOUT},
+    "optimize_topology": {"timeout": TIMEOUT},
     "are_peers_pending": {"timeout": TIMEOUT},
     "info": {"timeout": TIMEOUT},
     "map": {"name": SEGMENT, "size": SIZE, "timeout": TIMEOUT},
