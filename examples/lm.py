@@ -112,7 +112,13 @@ def trainer(make, args) -> int:
         until = args.outer_steps * (per_outer if streaming else 1)
         sent = 0
         t_start, steps_here = time.monotonic(), 0
-        while mode.step < until:
+        members = client.world_size
+        # with --until-world every peer also goes on until the world after a vote is back
+        # to that size (all see the same world at the same step, so all stop together)
+        while mode.step < until or members < args.until_world:
+            if time.monotonic() - t_start > args.deadline:
+                emit(event="error", message=f"the world did not reach {args.until_world} within {args.deadline}s")
+                return 2
             for _ in range(1 if streaming else per_outer):
                 x, y = data.batch()
                 loss = torch.nn.functional.cross_entropy(net(x.to(args.device)), y.to(args.device))
@@ -120,6 +126,7 @@ def trainer(make, args) -> int:
                 loss.backward()
                 inner.step()
             info = mode.inner_step() if streaming else mode.outer_step()
+            members = info.get("members", members)
             if streaming:
                 sent += sum(int(f.get("tx_bytes", 0)) for f in info["finished"])
                 if mode.step % per_outer:
@@ -165,6 +172,8 @@ def main(mode_name: str, make, describe: str, options=None) -> int:
     p.add_argument("--restore", default=None, help="a file written by --save: resume the run from it if present")
     p.add_argument("--save", default=None, help="save the run's state here every 5 outer steps")
     p.add_argument("--wait-for", type=int, default=0, help="wait for this many peers before training")
+    p.add_argument("--until-world", type=int, default=0, help="go on past --outer-steps until the world is this big")
+    p.add_argument("--deadline", type=float, default=300.0, help="give up training after this many seconds")
     p.add_argument("--device", default="cpu", help="where the model trains (cuda: the outer state stays on the host)")
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
@@ -186,6 +195,8 @@ def launch(mode_name: str, args) -> int:
         cmd = [sys.executable, here, *sys.argv[1:], "--coordinator", addr, "--worker-id", str(wid)]
         if wid < args.peers:  # the first trainers start together
             cmd += ["--wait-for", str(args.peers)]
+        if args.join_at is not None:  # the run ends back at full strength
+            cmd += ["--until-world", str(args.peers)]
         return cmd
 
     def show(ev: dict, run) -> None:
