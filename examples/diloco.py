@@ -12,13 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lm import main  # noqa: E402
+from lm import main, outer  # noqa: E402
 
 
 def make(client, model, inner, args):
     from pccl_py.diloco import DiLoCo
 
-    return DiLoCo(client, model, outer_lr=0.7, outer_momentum=0.9, quant=args.quant, algorithm=args.algorithm,
+    return DiLoCo(client, model, **outer(args, 0.7, 0.9), quant=args.quant, algorithm=args.algorithm,
                   inner_optimizer=inner)
 
 

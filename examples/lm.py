@@ -152,6 +152,12 @@ def trainer(make, args) -> int:
 
 
 # ----------------------------------------------------------------------------- command
+def outer(args, lr: float, momentum: float) -> dict:
+    """The outer optimiser's settings: the command line's, else the mode's defaults."""
+    return {"outer_lr": lr if args.outer_lr is None else args.outer_lr,
+            "outer_momentum": momentum if args.outer_momentum is None else args.outer_momentum}
+
+
 def main(mode_name: str, make, describe: str, options=None) -> int:
     """The command line of an example: ``make(client, model, inner_optimizer, args)`` builds
     its mode; ``options(parser)`` adds the mode's own options."""
@@ -162,6 +168,8 @@ def main(mode_name: str, make, describe: str, options=None) -> int:
     p.add_argument("--outer-steps", type=int, default=30)
     p.add_argument("--inner-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3, help="the inner AdamW's learning rate")
+    p.add_argument("--outer-lr", type=float, default=None, help="the outer optimiser's rate (default: the mode's)")
+    p.add_argument("--outer-momentum", type=float, default=None, help="its momentum (default: the mode's)")
     p.add_argument("--quant", choices=["uint8", "uint4"], default=None, help="quantize the exchange")
     p.add_argument("--algorithm", default="auto", help="all-reduce algorithm (ring: over TCP on one host too)")
     p.add_argument("--kill-at", type=int, default=None, help="SIGKILL a trainer at this outer step")

@@ -10,20 +10,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lm import main  # noqa: E402
+from lm import main, outer  # noqa: E402
 
 
 def options(p):
     p.add_argument("--density", type=float, default=0.02)
     p.add_argument("--bits", type=int, choices=[2, 4], default=4)
-    p.add_argument("--outer-lr", type=float, default=1.0)
 
 
 def make(client, model, inner, args):
     from pccl_py.diloco import SparseLoCo
 
-    return SparseLoCo(client, model, density=args.density, bits=args.bits, chunk=4096, outer_lr=args.outer_lr,
-                      outer_momentum=0.0, inner_optimizer=inner)
+    return SparseLoCo(client, model, density=args.density, bits=args.bits, chunk=4096, **outer(args, 1.0, 0.0),
+                      inner_optimizer=inner)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lm import main  # noqa: E402
+from lm import main, outer  # noqa: E402
 
 
 def options(p):
@@ -23,7 +23,7 @@ def make(client, model, inner, args):
     from pccl_py.diloco import StreamingDiLoCo
 
     return StreamingDiLoCo(client, model, fragments=args.fragments, sync_every=args.inner_steps,
-                           overlap=args.overlap, mix=args.mix, outer_lr=0.7, outer_momentum=0.9,
+                           overlap=args.overlap, mix=args.mix, **outer(args, 0.7, 0.9),
                            quant=args.quant, algorithm=args.algorithm, inner_optimizer=inner)
 
 
