@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from pccl_py import Client  # noqa: E402
-from pccl_py.tools.demo import free_port  # noqa: E402
+from pccl_py.tools.launch import free_port  # noqa: E402
 
 MODES = [("sum", None, "host"), ("sum", None, "pinned"), ("avg", "uint8", "pinned"), ("avg", "uint8", "gpu_quant")]
 

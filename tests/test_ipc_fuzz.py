@@ -308,6 +308,11 @@ class FakeDaemon:
         self.calls.append("update_topology")
         return {"epoch": 1}
 
+    async def optimize_topology(self, timeout) -> dict:
+        self.check_timeout(timeout)
+        self.calls.append("optimize_topology")
+        return {"epoch": 1, "changed": False, "reason": "no gain"}
+
     async def are_peers_pending(self, timeout) -> bool:
         self.check_timeout(timeout)
         return False
