@@ -41,7 +41,8 @@ from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import DeadlineExceeded, Diverged, InvalidUsage, PcclError
 from pccl_py.metrics import Metrics
-from pccl_py.transport.addresses import advertised_host
+from pccl_py.transport.addresses import advertised_host, is_loopback
+from pccl_py.transport.host_settings import slow_start_advice
 from pccl_py.transport.zmq_io import parse_addr
 
 log = logging.getLogger("pccl.daemon")
@@ -605,6 +606,9 @@ async def _amain(args) -> int:
         port = metrics.serve(args.metrics_port, args.metrics_host)
         log.warning("metrics on http://%s:%d/metrics", args.metrics_host, port)
     await d.start()
+    advice = slow_start_advice(is_loopback(parse_addr(args.coordinator)[0]))
+    if advice:
+        log.warning("%s", advice)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(d.stop()))
