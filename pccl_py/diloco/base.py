@@ -62,7 +62,7 @@ class OuterLoop:
     :meth:`_vote_and_sync`, after which the model holds the run's parameters again.
     """
 
-    def __init__(self, client: Any, model: Any, *, outer_lr: float, outer_momentum: float,
+    def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
                  inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
         self.client = client
@@ -79,6 +79,7 @@ class OuterLoop:
         self.last_info: dict = {}
         self.newcomers = 0  # peers that joined at the last sync point (0 when nobody did)
         self._peers: set[str] = set()
+        self._deltas: Any = None  # a mode's exchange buffers, made at its first use
 
     # -- the run's state -----------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:

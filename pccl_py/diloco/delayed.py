@@ -37,13 +37,8 @@ log = logging.getLogger("pccl.diloco")
 class DelayedDiLoCo(OuterLoop):
     """One-step-delayed DiLoCo (see the module docstring); used as :class:`DiLoCo` is."""
 
-    def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.0,
-                 nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
-        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
-                         algorithm=algorithm)
-        self._deltas: list[torch.Tensor] | None = None
+    def __init__(self, client: Any, model: Any, *, outer_momentum: float = 0.0, **options: Any) -> None:
+        super().__init__(client, model, outer_momentum=outer_momentum, **options)
         self._base: list[torch.Tensor] = []  # the parameters this phase started from
         self._pending = None  # (handle, peers that gave zeros)
 

@@ -29,10 +29,10 @@ log = logging.getLogger("pccl.diloco")
 
 class SparseLoCo(OuterLoop):
     def __init__(self, client: Any, model: Any, *, density: float = 0.02, bits: int = 4, chunk: int = 4096,
-                 outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = True,
-                 timeout: float = 60.0, inner_optimizer: torch.optim.Optimizer | None = None) -> None:
-        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         timeout=timeout, inner_optimizer=inner_optimizer)
+                 outer_lr: float = 1.0, outer_momentum: float = 0.0, **options: Any) -> None:
+        if options.get("quant") is not None:
+            raise InvalidUsage("SparseLoCo quantizes its own blobs (bits=2 or 4); quant does not apply")
+        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, **options)
         if any(p.dtype != torch.float32 for p in self.params):
             raise InvalidUsage("SparseLoCo takes float32 parameters")
         self.numel = sum(p.numel() for p in self.params)

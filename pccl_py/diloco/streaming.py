@@ -37,18 +37,13 @@ log = logging.getLogger("pccl.diloco")
 
 class StreamingDiLoCo(OuterLoop):
     def __init__(self, client: Any, model: Any, *, fragments: int = 4, sync_every: int = 64, overlap: int = 1,
-                 mix: float = 0.5, outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-                 quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
-        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
-                         algorithm=algorithm)
+                 mix: float = 0.5, **options: Any) -> None:
+        super().__init__(client, model, **options)
         if not 0 <= mix <= 1:
             raise InvalidUsage(f"mix must be in [0, 1], got {mix}")
         self.schedule = StreamingSchedule(fragments, sync_every, overlap)
         self.mix = float(mix)
         self.fragments = split_fragments([p.numel() for p in self.params], fragments)
-        self._deltas: list[list[torch.Tensor]] = []
         self._pending: dict[int, tuple[Any, int]] = {}  # fragment -> (handle, peers that gave zeros)
         self._fresh = 0  # newcomers of the last sync point, until fragment 0 started
 

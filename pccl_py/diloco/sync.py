@@ -51,14 +51,6 @@ class DiLoCo(OuterLoop):
     the run's state there (and, with ``inner_optimizer``, the optimiser state of one peer).
     """
 
-    def __init__(self, client: Any, model: Any, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, quant: str | None = None, timeout: float = 60.0,
-                 inner_optimizer: torch.optim.Optimizer | None = None, algorithm: str = "auto") -> None:
-        super().__init__(client, model, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov,
-                         quant=quant, timeout=timeout, inner_optimizer=inner_optimizer,
-                         algorithm=algorithm)
-        self._deltas: list[torch.Tensor] | None = None
-
     @torch.no_grad()
     def outer_step(self) -> dict:
         """Average the pseudo-gradients, apply the outer step, vote and sync; returns the
