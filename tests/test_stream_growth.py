@@ -1,0 +1,147 @@
+"""Streams added to live links on 127.0.0.1 (DataPlane.add_streams, adapt_streams): results
+stay bit-exact before, during and after; both sides stripe over the new streams; a peer
+that dies while a stream is being added fails the link promptly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from pccl_py.daemon.dataplane import DataPlaneConfig
+from pccl_py.errors import InvalidUsage, PcclError, PeerLost
+from tests.test_dataplane import cluster, run
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def inputs(world: int, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(count).astype(np.float32) for _ in range(world)]
+
+
+async def ring_all(dps, xs, tag: int) -> list[np.ndarray]:
+    outs = [np.full_like(x, np.nan) for x in xs]
+    await asyncio.gather(*(d.all_reduce(x, o, dtype="float32", op="sum", algorithm="ring", tag=tag, timeout=30)
+                           for d, x, o in zip(dps, xs, outs, strict=True)))
+    return outs
+
+
+def links(dps):
+    """(connector, acceptor) PeerStreams of every link."""
+    out = []
+    for d in dps:
+        for pid, p in d._peers.items():
+            if p.connector:
+                other = next(e for e in dps if e.peer_id == pid)
+                out.append((d, p, other._peers[d.peer_id]))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("same_host", [False, True])
+def test_link_grows_between_calls_and_results_stay_bit_exact(world, same_host):
+    config = DataPlaneConfig(io_threads=False, same_host_links=same_host)
+
+    async def main():
+        async with cluster(world, streams=1, config=config) as dps:
+            xs = inputs(world, 1 << 20, seed=world)
+            first = await ring_all(dps, xs, 1)
+            for o in first[1:]:
+                assert o.tobytes() == first[0].tobytes()
+            assert all(p.nstreams == 1 and q.nstreams == 1 for _, p, q in links(dps))
+            # to 2 streams between calls, then to 4 while a call runs
+            for d, p, _ in links(dps):
+                assert await d.add_streams(p.peer_id, 2, 5.0) == 2
+            assert all(p.nstreams == 2 and q.nstreams == 2 for _, p, q in links(dps))
+            assert (await ring_all(dps, xs, 2))[0].tobytes() == first[0].tobytes()
+            grows = [d.add_streams(p.peer_id, 4, 5.0) for d, p, _ in links(dps)]
+            during, got = await asyncio.gather(ring_all(dps, xs, 3), asyncio.gather(*grows))
+            assert got == [4] * len(grows)
+            for o in during:
+                assert o.tobytes() == first[0].tobytes()
+            for _, p, q in links(dps):  # in use on both sides once no call runs
+                assert p.nstreams == q.nstreams == 4 and p.attached == q.attached == 4
+            written = {id(c): c._written for _, p, q in links(dps) for c in p.conns + q.conns}
+            after = await ring_all(dps, xs, 4)
+            for o in after:
+                assert o.tobytes() == first[0].tobytes()
+            for _, p, q in links(dps):  # a side that sends data stripes over all four
+                sides = [[c._written - written[id(c)] for c in side.conns] for side in (p, q)]
+                data = [s for s in sides if sum(s) > 1 << 20]
+                assert len(data) == (2 if world == 2 else 1), sides  # (a ring of 3 sends one way per link)
+                assert all(n > 0 for s in data for n in s), sides
+            np.testing.assert_allclose(first[0], np.sum(xs, axis=0), rtol=1e-5, atol=1e-5)
+    run(main())
+
+
+def test_add_streams_misuse():
+    async def main():
+        async with cluster(2, streams=1, config=DataPlaneConfig(same_host_links=False)) as dps:
+            with pytest.raises(InvalidUsage, match="does not dial"):
+                await dps[1].add_streams(dps[0].peer_id, 2, 1.0)  # peer0 dials this link
+            with pytest.raises(InvalidUsage):
+                await dps[0].add_streams(dps[1].peer_id, 65, 1.0)
+            assert await dps[0].add_streams(dps[1].peer_id, 1, 1.0) == 1  # nothing to add
+    run(main())
+
+
+def test_adapting_link_grows_from_one_and_stays_bit_exact():
+    config = DataPlaneConfig(io_threads=False, same_host_links=False, adapt_streams=True, max_streams=4)
+
+    async def main():
+        async with cluster(2, streams=1, config=config) as dps:
+            sc = dps[0].stream_count
+            sc.config = type(sc.config)(initial=1, maximum=4, samples=1, min_bytes=1 << 20)
+            xs = inputs(2, 1 << 20, seed=5)  # 4 MiB each way per call
+            ref = None
+            seen = set()
+            for tag in range(1, 13):
+                outs = await ring_all(dps, xs, tag)
+                ref = ref if ref is not None else outs[0].tobytes()
+                assert all(o.tobytes() == ref for o in outs)
+                peer = dps[0]._peers[dps[1].peer_id]
+                seen.add(len(peer.conns))
+            assert max(seen) >= 2  # it tried more streams than it started with
+            assert sc.best(dps[1].peer_id) is not None
+            # the acceptor was never asked: the count it stripes over followed the connector's dials
+            assert dps[1]._peers[dps[0].peer_id].attached == len(dps[0]._peers[dps[1].peer_id].conns)
+    run(main())
+
+
+@pytest.mark.parametrize("same_host", [False, True])
+def test_peer_killed_while_a_stream_is_added(same_host):
+    config = DataPlaneConfig(io_threads=False, same_host_links=same_host)
+
+    async def main():
+        async with cluster(2, streams=1, config=config) as dps:
+            victim = dps[1]
+            task = asyncio.ensure_future(dps[0].add_streams(victim.peer_id, 8, 4.0))
+            await asyncio.sleep(0)  # the dials are under way
+            # the victim dies: nothing listens, every connection it had ends at once
+            victim._server.close()
+            if victim._unix is not None:
+                victim._unix.close()
+            for c in list(victim._conns):
+                c.transport.abort()
+            t0 = time.monotonic()
+            try:
+                n = await asyncio.wait_for(task, 10.0)
+            except PeerLost:
+                n = None
+            assert time.monotonic() - t0 < 6.0
+            assert n is None or n < 8
+            # the link is down on the survivor, and its next call fails at once
+            for _ in range(300):
+                if victim.peer_id not in dps[0]._peers:
+                    break
+                await asyncio.sleep(0.01)
+            assert victim.peer_id not in dps[0]._peers
+            x = np.ones(1000, np.float32)
+            t0 = time.monotonic()
+            with pytest.raises(PcclError):
+                await dps[0].all_reduce(x, np.empty_like(x), dtype="float32", op="sum", tag=9, timeout=10)
+            assert time.monotonic() - t0 < 3.0
+    run(main())
