@@ -5,12 +5,16 @@ that dies while a stream is being added fails the link promptly."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import time
 
 import numpy as np
 import pytest
+from test_client import join_all
 
+from pccl_py import Client
 from pccl_py.daemon.dataplane import DataPlaneConfig
+from pccl_py.daemon.service import Daemon
 from pccl_py.errors import InvalidUsage, PcclError, PeerLost
 from tests.test_dataplane import cluster, run
 
@@ -145,3 +149,37 @@ def test_peer_killed_while_a_stream_is_added(same_host):
                 await dps[0].all_reduce(x, np.empty_like(x), dtype="float32", op="sum", tag=9, timeout=10)
             assert time.monotonic() - t0 < 3.0
     run(main())
+
+
+def test_daemons_choose_streams_by_default_and_take_a_fixed_count(coordinator, capfd):
+    """Two daemons (processes) with the default --streams auto: ring all-reduces through the
+    public API stay bit-exact while the dialling daemon grows its link; --streams 3 fixes K."""
+    clients = [Client(coordinator=coordinator.addr, timeout=30.0, tcp_only=True, daemon_log_level="INFO")
+               for _ in range(2)]
+    try:
+        with cf.ThreadPoolExecutor(2) as ex:
+            topos = join_all(ex, clients)
+            rng = np.random.default_rng(3)
+            xs = {t["rank"]: rng.standard_normal(2 << 20).astype(np.float32) for t in topos}
+
+            def calls(c, rank):
+                outs = []
+                for _ in range(6):
+                    y = xs[rank].copy()
+                    c.all_reduce(y, algorithm="ring", timeout=30.0)
+                    outs.append(y.tobytes())
+                return outs
+
+            results = [f.result(60) for f in [ex.submit(calls, c, t["rank"]) for c, t in zip(clients, topos)]]
+    finally:
+        for c in clients:
+            c.close()
+    first = results[0][0]
+    assert all(r == first for outs in results for r in outs)  # every call, both peers, bit for bit
+    err = capfd.readouterr().err
+    assert "streams to" in err and "trying 8" in err, err[-3000:]  # it measured 4 and dialled 4 more
+    with pytest.raises(Exception, match="streams must be"):
+        Daemon(coordinator=coordinator.addr, streams="many")
+    assert Daemon(coordinator=coordinator.addr, streams="3")._dp_kwargs["streams"] == 3
+    assert not Daemon(coordinator=coordinator.addr, streams=3)._dp_kwargs["config"].adapt_streams
+    assert Daemon(coordinator=coordinator.addr)._dp_kwargs["config"].adapt_streams

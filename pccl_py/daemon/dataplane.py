@@ -186,6 +186,7 @@ class DataPlane:
             initial=streams, maximum=max(streams, min(self.config.max_streams, self._limits.max_streams)))) \
             if self.config.adapt_streams else None
         self._sampling: tuple[float, dict[str, tuple[int, int]]] | None = None  # see _launch
+        self._growing: set[asyncio.Task] = set()  # add_streams started by the controller
 
     @property
     def behind(self) -> Callable[[int], bool] | None:
@@ -256,6 +257,8 @@ class DataPlane:
             return
         self._closed = True
         self.probes.close()
+        for task in self._growing:
+            task.cancel()
         if self._gate_timer is not None:
             self._gate_timer.cancel()
             self._gate_timer = None
@@ -472,15 +475,22 @@ class DataPlane:
         if peer.lost is not None or not peer.ready.done():
             raise PeerLost(f"add_streams: the link to {target} is not up: {peer.lost or 'connecting'}")
         peer.limit = n
-        have = len(peer.conns)
-        if n > have:
-            p = next(q for q in self.topology.peers if q.peer_id == target)
+        # the streams missing below n, except those another add_streams is dialling
+        missing = [i for i in range(n) if (i >= len(peer.conns) or peer.conns[i] is None) and i not in peer.dialing]
+        if missing:
+            p = next((q for q in self.topology.peers if q.peer_id == target), None)
+            if p is None:
+                raise PeerLost(f"add_streams: {target} left the topology")
             peer.announced = max(peer.announced, n)
+            peer.dialing.update(missing)
             deadline = self._loop.time() + timeout
-            got = await asyncio.gather(*(self._dial_more(p, peer, i, deadline) for i in range(have, n)))
+            try:
+                got = await asyncio.gather(*(self._dial_more(p, peer, i, deadline) for i in missing))
+            finally:
+                peer.dialing.difference_update(missing)
             if peer.lost is not None:
                 raise PeerLost(f"add_streams: the link to {target} was lost: {peer.lost}")
-            log.info("link to %s: %d of %d new streams up", target, sum(got), n - have)
+            log.info("link to %s: %d of %d new streams up", target, sum(got), len(missing))
         if not self._ops:
             peer.use_streams()
         return min(peer.attached, n)
@@ -519,11 +529,14 @@ class DataPlane:
             (log.debug if d.action == "hold" else log.info)("streams to %s: %s %d (%s)", pid, d.action,
                                                               d.streams, d.reason)
             if d.action == GROW:
-                self._loop.create_task(self._grow(pid, d.streams))
+                task = self._loop.create_task(self._grow(pid, d.streams))
+                self._growing.add(task)
+                task.add_done_callback(self._growing.discard)
             else:
                 peer.limit = d.streams
 
     async def _grow(self, pid: str, n: int) -> None:
+        """The controller's grow: dial; where fewer streams came up, settle there."""
         try:
             got = await self.add_streams(pid, n, self.config.connect_timeout)
         except PcclError as e:

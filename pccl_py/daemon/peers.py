@@ -40,6 +40,7 @@ class PeerStreams:
         self.conns: list[Stream | None] = [None] * nstreams
         self.announced = nstreams  # the count a HELLO from this side names (grows with add_streams)
         self.limit: int | None = None  # stripe over at most this many (None: every stream up)
+        self.dialing: set[int] = set()  # (connector) stream indices add_streams is dialling
         self.ready = dp._loop.create_future()
         self.lost: str | None = None
         self._queue: list[tuple[int, bytes, object]] = []

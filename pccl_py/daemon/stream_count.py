@@ -28,6 +28,21 @@ import statistics
 from dataclasses import dataclass, field
 
 GROW, HOLD, SHRINK = "grow", "hold", "shrink"
+AUTO = "auto"
+
+
+def streams_setting(value: int | str | None) -> int | None:
+    """A daemon's ``--streams``: ``None`` or ``"auto"`` (chosen by measurement, the
+    default) gives None; a count from 1 to 64 gives that count, fixed for every link."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or not 1 <= n <= 64:
+        raise ValueError(f"streams must be 'auto' or a count from 1 to 64, not {value!r}")
+    return n
 
 
 @dataclass(frozen=True)
