@@ -15,6 +15,7 @@ from test_client import join_all
 from pccl_py import Client
 from pccl_py.daemon.dataplane import DataPlaneConfig
 from pccl_py.daemon.service import Daemon
+from pccl_py.daemon.stream_count import GROW, HOLD, SHRINK, Decision, StreamCountConfig
 from pccl_py.errors import InvalidUsage, PcclError, PeerLost
 from tests.test_dataplane import cluster, run
 
@@ -92,13 +93,56 @@ def test_add_streams_misuse():
     run(main())
 
 
+class Scripted:
+    """A stand-in for StreamCount that decides the counts it is given, one per call."""
+
+    def __init__(self, counts):
+        self.counts, self.k = iter(counts), 1
+
+    def streams(self, link):
+        return self.k
+
+    def sample(self, link, now, nbytes, seconds, streams):
+        k = next(self.counts, self.k)
+        action = GROW if k > self.k else SHRINK if k < self.k else HOLD
+        self.k = k
+        return Decision(action, k, "scripted")
+
+    def reached(self, link, streams, now):
+        self.k = streams
+        return Decision(HOLD, streams, "scripted")
+
+
+def test_both_ends_follow_a_grow_and_a_shrink():
+    config = DataPlaneConfig(io_threads=False, same_host_links=False, adapt_streams=True)
+
+    async def main():
+        async with cluster(2, streams=1, config=config) as dps:
+            for d in dps:
+                d.stream_count = Scripted([4, 4, 2])
+            xs = inputs(2, 1 << 20, seed=9)
+            ref = (await ring_all(dps, xs, 1))[0].tobytes()  # -> grow to 4
+            await asyncio.gather(*dps[0]._growing)
+            (_, p, q), = links(dps)
+            assert p.nstreams == q.nstreams == 4
+            assert all(o.tobytes() == ref for o in await ring_all(dps, xs, 2))  # -> hold 4
+            assert all(o.tobytes() == ref for o in await ring_all(dps, xs, 3))  # -> shrink to 2
+            assert p.nstreams == q.nstreams == 2 and p.attached == q.attached == 4
+            written = [[c._written for c in side.conns] for side in (p, q)]
+            assert all(o.tobytes() == ref for o in await ring_all(dps, xs, 4))
+            for side, w in zip((p, q), written, strict=True):
+                moved = [c._written - w0 for c, w0 in zip(side.conns, w, strict=True)]
+                assert moved[0] > 0 and moved[1] > 0 and moved[2] == moved[3] == 0, moved
+    run(main())
+
+
 def test_adapting_link_grows_from_one_and_stays_bit_exact():
     config = DataPlaneConfig(io_threads=False, same_host_links=False, adapt_streams=True, max_streams=4)
 
     async def main():
         async with cluster(2, streams=1, config=config) as dps:
-            sc = dps[0].stream_count
-            sc.config = type(sc.config)(initial=1, maximum=4, samples=1, min_bytes=1 << 20)
+            for d in dps:
+                d.stream_count.config = StreamCountConfig(initial=1, maximum=4, samples=1, min_bytes=1 << 20)
             xs = inputs(2, 1 << 20, seed=5)  # 4 MiB each way per call
             ref = None
             seen = set()
@@ -106,12 +150,12 @@ def test_adapting_link_grows_from_one_and_stays_bit_exact():
                 outs = await ring_all(dps, xs, tag)
                 ref = ref if ref is not None else outs[0].tobytes()
                 assert all(o.tobytes() == ref for o in outs)
-                peer = dps[0]._peers[dps[1].peer_id]
-                seen.add(len(peer.conns))
+                seen.add(len(dps[0]._peers[dps[1].peer_id].conns))
             assert max(seen) >= 2  # it tried more streams than it started with
-            assert sc.best(dps[1].peer_id) is not None
-            # the acceptor was never asked: the count it stripes over followed the connector's dials
-            assert dps[1]._peers[dps[0].peer_id].attached == len(dps[0]._peers[dps[1].peer_id].conns)
+            for d, other in ((dps[0], dps[1]), (dps[1], dps[0])):
+                peer = d._peers[other.peer_id]
+                assert d.stream_count.best(other.peer_id) is not None
+                assert peer.nstreams == min(peer.attached, d.stream_count.streams(other.peer_id))
     run(main())
 
 

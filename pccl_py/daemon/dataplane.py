@@ -515,25 +515,27 @@ class DataPlane:
             peer.use_streams()
 
     def _sample_streams(self, coll: Collective) -> None:
-        """A call that ran alone succeeded: one sample per link this peer dials, and the
-        controller's decision applied (a grow dials in the background)."""
+        """A call that ran alone succeeded: one sample per link, and the controller's
+        decision applied to the streams this side stripes over (``limit``, in use from the
+        next call). Both ends of a link run the controller on the same calls; the dialling
+        end adds the streams a grow needs (in the background), the accepting end uses what
+        it is given, up to its own decision."""
         t0, before = self._sampling
         seconds = time.perf_counter() - t0
         now = self._loop.time()
         for pid, (tx0, rx0) in before.items():
             peer = self._peers.get(pid)
-            if peer is None or not peer.connector or not peer.is_up:
+            if peer is None or not peer.is_up:
                 continue
             tx, rx = peer.traffic
             d = self.stream_count.sample(pid, now, max(tx - tx0, rx - rx0), seconds, peer.nstreams)
             (log.debug if d.action == "hold" else log.info)("streams to %s: %s %d (%s)", pid, d.action,
                                                               d.streams, d.reason)
-            if d.action == GROW:
+            peer.limit = d.streams
+            if d.action == GROW and peer.connector:
                 task = self._loop.create_task(self._grow(pid, d.streams))
                 self._growing.add(task)
                 task.add_done_callback(self._growing.discard)
-            else:
-                peer.limit = d.streams
 
     async def _grow(self, pid: str, n: int) -> None:
         """The controller's grow: dial; where fewer streams came up, settle there."""
@@ -827,7 +829,7 @@ class DataPlane:
         self.router.add(coll)
         if self.stream_count is not None:  # sampled only if it runs alone (see _settle)
             self._sampling = (time.perf_counter(), {pid: tuple(p.traffic) for pid in view.ids
-                                                    if (p := self._peers.get(pid)) is not None and p.connector}) \
+                                                    if (p := self._peers.get(pid)) is not None}) \
                 if len(self._ops) == 1 else None
         lost = [pid for pid in view.ids if pid in self._lost]
         if not coll.agree:

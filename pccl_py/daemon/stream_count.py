@@ -19,7 +19,9 @@ The search, per link:
 
 Calls that move fewer than ``min_bytes`` over a link say little about its bandwidth
 (latency dominates) and are ignored, as are samples taken with another K than the one
-decided (a grow that has not taken effect yet).
+decided (a grow that has not taken effect yet); after ``2 * samples`` calls in a row with
+fewer streams than decided, the link settles at what it has (its dials failed, or, on the
+side that accepts the link, the dialling side decided otherwise).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class _Link:
     prev: int | None = None  # the K the current one is compared with (exploring)
     best: int | None = None
     settled_at: float | None = None  # None: exploring
+    behind: int = 0  # samples in a row taken with fewer streams than decided
 
 
 class StreamCount:
@@ -105,7 +108,7 @@ class StreamCount:
         st = self._state(link)
         st.k = max(1, min(streams, self.config.maximum))
         st.best = st.k if st.best is None else min(st.best, st.k)
-        st.prev = None
+        st.prev, st.behind = None, 0
         st.settled_at = now
         return Decision(HOLD, st.k, f"link reached {st.k} streams only; settled there")
 
@@ -117,7 +120,14 @@ class StreamCount:
             return Decision(HOLD, st.k, f"ignored: {nbytes} bytes is below min_bytes {cfg.min_bytes}"
                             if nbytes < cfg.min_bytes else "ignored: no duration")
         if streams != st.k:
+            st.behind = st.behind + 1 if streams < st.k else 0
+            if st.behind >= 2 * cfg.samples:  # the link never got the streams decided: settle there
+                decided = st.k
+                self.reached(link, streams, now)
+                return Decision(SHRINK, st.k, f"{st.behind} calls with {streams} streams, not the {decided} "
+                                              f"decided: settled at {st.k}")
             return Decision(HOLD, st.k, f"ignored: measured with {streams} streams, {st.k} decided")
+        st.behind = 0
         window = st.rates.setdefault(st.k, [])
         window.append(nbytes / seconds)
         del window[:-cfg.samples]
