@@ -593,8 +593,7 @@ class DataPlane:
         a call the peer has not posted, and the frame must not wait behind it."""
         peer = self._peers.get(pid)
         if peer is not None:
-            for stream in range(peer.nstreams):
-                peer.send(stream, frame, b"")
+            peer.send_all(frame)
 
     def stall_expired(self, h: F.Header, pid: str) -> None:
         """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted

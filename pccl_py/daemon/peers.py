@@ -113,6 +113,20 @@ class PeerStreams:
         else:
             self._queue.append((stream, header, payload))
 
+    def send_all(self, frame: bytes) -> None:
+        """A control frame on every stream up, those this side does not stripe over too:
+        the peer may stripe over more, and any of them may be stalled."""
+        if self.lost is not None:
+            return
+        if not self.ready.done():
+            for stream in range(self.nstreams):
+                self.send(stream, frame, b"")
+            return
+        for c in self.conns:
+            if c is not None:
+                self.traffic[0] += len(frame)
+                c.write(frame, b"")
+
     def close(self, reason: str, graceful: bool = False) -> None:
         if self.lost is None:
             self.lost = reason
