@@ -17,7 +17,7 @@ from pccl_py.daemon.dataplane import DataPlaneConfig
 from pccl_py.daemon.service import Daemon
 from pccl_py.daemon.stream_count import GROW, HOLD, SHRINK, Decision, StreamCountConfig
 from pccl_py.errors import InvalidUsage, PcclError, PeerLost
-from tests.test_dataplane import cluster, run
+from tests.test_dataplane import cluster, families, run
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -48,10 +48,10 @@ def links(dps):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("same_host", [False, True])
 def test_link_grows_between_calls_and_results_stay_bit_exact(world, same_host):
-    config = DataPlaneConfig(io_threads=False, same_host_links=same_host)
+    config = DataPlaneConfig(io_threads=False)
 
     async def main():
-        async with cluster(world, streams=1, config=config) as dps:
+        async with cluster(world, streams=1, config=config, tcp_only=() if same_host else range(world)) as dps:
             xs = inputs(world, 1 << 20, seed=world)
             first = await ring_all(dps, xs, 1)
             for o in first[1:]:
@@ -69,6 +69,8 @@ def test_link_grows_between_calls_and_results_stay_bit_exact(world, same_host):
                 assert o.tobytes() == first[0].tobytes()
             for _, p, q in links(dps):  # in use on both sides once no call runs
                 assert p.nstreams == q.nstreams == 4 and p.attached == q.attached == 4
+            family = "AF_UNIX" if same_host else "AF_INET"
+            assert all(f == {family} for d in dps for f in families(d).values())  # added the same way
             written = {id(c): c._written for _, p, q in links(dps) for c in p.conns + q.conns}
             after = await ring_all(dps, xs, 4)
             for o in after:
@@ -84,7 +86,7 @@ def test_link_grows_between_calls_and_results_stay_bit_exact(world, same_host):
 
 def test_add_streams_misuse():
     async def main():
-        async with cluster(2, streams=1, config=DataPlaneConfig(same_host_links=False)) as dps:
+        async with cluster(2, streams=1, tcp_only=(0, 1)) as dps:
             with pytest.raises(InvalidUsage, match="does not dial"):
                 await dps[1].add_streams(dps[0].peer_id, 2, 1.0)  # peer0 dials this link
             with pytest.raises(InvalidUsage):
@@ -114,10 +116,10 @@ class Scripted:
 
 
 def test_both_ends_follow_a_grow_and_a_shrink():
-    config = DataPlaneConfig(io_threads=False, same_host_links=False, adapt_streams=True)
+    config = DataPlaneConfig(io_threads=False, adapt_streams=True)
 
     async def main():
-        async with cluster(2, streams=1, config=config) as dps:
+        async with cluster(2, streams=1, config=config, tcp_only=(0, 1)) as dps:
             for d in dps:
                 d.stream_count = Scripted([4, 4, 2])
             xs = inputs(2, 1 << 20, seed=9)
@@ -137,10 +139,10 @@ def test_both_ends_follow_a_grow_and_a_shrink():
 
 
 def test_adapting_link_grows_from_one_and_stays_bit_exact():
-    config = DataPlaneConfig(io_threads=False, same_host_links=False, adapt_streams=True, max_streams=4)
+    config = DataPlaneConfig(io_threads=False, adapt_streams=True, max_streams=4)
 
     async def main():
-        async with cluster(2, streams=1, config=config) as dps:
+        async with cluster(2, streams=1, config=config, tcp_only=(0, 1)) as dps:
             for d in dps:
                 d.stream_count.config = StreamCountConfig(initial=1, maximum=4, samples=1, min_bytes=1 << 20)
             xs = inputs(2, 1 << 20, seed=5)  # 4 MiB each way per call
@@ -161,10 +163,10 @@ def test_adapting_link_grows_from_one_and_stays_bit_exact():
 
 @pytest.mark.parametrize("same_host", [False, True])
 def test_peer_killed_while_a_stream_is_added(same_host):
-    config = DataPlaneConfig(io_threads=False, same_host_links=same_host)
+    config = DataPlaneConfig(io_threads=False)
 
     async def main():
-        async with cluster(2, streams=1, config=config) as dps:
+        async with cluster(2, streams=1, config=config, tcp_only=() if same_host else (0, 1)) as dps:
             victim = dps[1]
             task = asyncio.ensure_future(dps[0].add_streams(victim.peer_id, 8, 4.0))
             await asyncio.sleep(0)  # the dials are under way
@@ -227,3 +229,29 @@ def test_daemons_choose_streams_by_default_and_take_a_fixed_count(coordinator, c
     assert Daemon(coordinator=coordinator.addr, streams="3")._dp_kwargs["streams"] == 3
     assert not Daemon(coordinator=coordinator.addr, streams=3)._dp_kwargs["config"].adapt_streams
     assert Daemon(coordinator=coordinator.addr)._dp_kwargs["config"].adapt_streams
+
+
+def test_a_dial_that_gets_no_handshake_ends_at_its_deadline_and_the_link_lives_on():
+    config = DataPlaneConfig(io_threads=False)
+
+    async def main():
+        async with cluster(2, streams=1, config=config, tcp_only=(0, 1)) as dps:
+            other = dps[1]
+            # the peer's port now accepts and says nothing (a frozen process's backlog)
+            other._server.close()
+            await other._server.wait_closed()
+            loop = asyncio.get_running_loop()
+            silent = await loop.create_server(asyncio.Protocol, "127.0.0.1", other.port)
+            try:
+                t0 = time.monotonic()
+                assert await asyncio.wait_for(dps[0].add_streams(other.peer_id, 3, 1.0), 5.0) == 1
+                assert time.monotonic() - t0 < 2.5
+            finally:
+                silent.close()
+            (_, p, q), = links(dps)
+            assert p.nstreams == q.nstreams == 1 and p.lost is None
+            xs = inputs(2, 1 << 18, seed=2)
+            outs = await ring_all(dps, xs, 1)
+            assert outs[0].tobytes() == outs[1].tobytes()
+            np.testing.assert_allclose(outs[0], xs[0] + xs[1], rtol=1e-6)
+    run(main())
