@@ -109,7 +109,7 @@ def test_bound_and_failed_grow():
 def test_links_are_independent_and_config_checked():
     sc = StreamCount(StreamCountConfig(initial=1, samples=1))
     assert sc.sample("x", 0, CALL, 1.0, 1).streams == 2
-    assert sc.streams("y") == 1
+    assert sc.streams("y") == 1 and sc.links() == {"x"}
     sc.forget("x")
     assert sc.streams("x") == 1
     with pytest.raises(ValueError):

@@ -161,21 +161,39 @@ def test_adapting_link_grows_from_one_and_stays_bit_exact():
     run(main())
 
 
+def kill(dp) -> None:
+    """``dp`` dies: nothing listens any more, every connection it had ends at once."""
+    dp._server.close()
+    if dp._unix is not None:
+        dp._unix.close()
+    for c in list(dp._conns):
+        if c.transport is not None:
+            c.transport.abort()
+
+
+@pytest.mark.parametrize("when", ["dialling", "handshake"])
 @pytest.mark.parametrize("same_host", [False, True])
-def test_peer_killed_while_a_stream_is_added(same_host):
+def test_peer_killed_while_a_stream_is_added(same_host, when):
     config = DataPlaneConfig(io_threads=False)
 
     async def main():
         async with cluster(2, streams=1, config=config, tcp_only=() if same_host else (0, 1)) as dps:
             victim = dps[1]
+            hellos = []
+            if when == "handshake":  # dies as the first added stream's HELLO is read
+                accept = victim._accept_peer
+
+                def dying(hello):
+                    if hello.stream == 0:
+                        return accept(hello)
+                    hellos.append(hello.stream)
+                    kill(victim)
+                    return None
+                victim._accept_peer = dying
             task = asyncio.ensure_future(dps[0].add_streams(victim.peer_id, 8, 4.0))
-            await asyncio.sleep(0)  # the dials are under way
-            # the victim dies: nothing listens, every connection it had ends at once
-            victim._server.close()
-            if victim._unix is not None:
-                victim._unix.close()
-            for c in list(victim._conns):
-                c.transport.abort()
+            if when == "dialling":
+                await asyncio.sleep(0)  # the dials are under way
+                kill(victim)
             t0 = time.monotonic()
             try:
                 n = await asyncio.wait_for(task, 10.0)
@@ -183,6 +201,7 @@ def test_peer_killed_while_a_stream_is_added(same_host):
                 n = None
             assert time.monotonic() - t0 < 6.0
             assert n is None or n < 8
+            assert when == "dialling" or hellos  # it did die mid-handshake
             # the link is down on the survivor, and its next call fails at once
             for _ in range(300):
                 if victim.peer_id not in dps[0]._peers:

@@ -319,6 +319,9 @@ class DataPlane:
             if pid not in members:
                 peer = self._peers.pop(pid)
                 peer.close("peer left the topology")
+        if self.stream_count is not None:
+            for pid in self.stream_count.links() - members:  # a peer that left: its counts go with it
+                self.stream_count.forget(pid)
         for pid in list(self.traffic):
             if pid not in members:  # a peer that left: its counts go with it
                 del self.traffic[pid]
@@ -496,11 +499,15 @@ class DataPlane:
         return min(peer.attached, n)
 
     async def _dial_more(self, p, peer: PeerStreams, i: int, deadline: float) -> bool:
-        """Dial stream ``i`` of a live link (same host first, as its first streams); False
-        when it is not up by ``deadline``, without failing the link."""
-        if self.config.same_host_links and await self._dial_unix(p, peer, i):
-            return True
+        """Dial stream ``i`` of a live link the way its first stream went (Unix socket or
+        TCP); False when it is not up by ``deadline``, without failing the link."""
+        first = peer.conns[0].transport if peer.conns and peer.conns[0] is not None else None
+        sock = first.get_extra_info("socket") if first is not None else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            return await self._dial_unix(p, peer, i)
         left = deadline - self._loop.time()
+        if peer.lost is not None or left <= 0:
+            return False
         try:
             _, stream = await asyncio.wait_for(self._loop.create_connection(
                 lambda: Stream(self, peer, i), p.host, p.port), max(left, 0.001))

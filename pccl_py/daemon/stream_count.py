@@ -98,6 +98,9 @@ class StreamCount:
         st = self._links.get(link)
         return st.best if st is not None else None
 
+    def links(self) -> set[str]:
+        return set(self._links)
+
     def forget(self, link: str) -> None:
         """The link is gone; a new one to the same peer starts over."""
         self._links.pop(link, None)
