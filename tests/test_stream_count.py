@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from pccl_py.daemon.stream_count import GROW, HOLD, SHRINK, StreamCount, StreamCountConfig
+from pccl_py.daemon.stream_count import (
+    GROW,
+    HOLD,
+    SHRINK,
+    StreamCount,
+    StreamCountConfig,
+    streams_setting,
+)
 
 CALL = 64 << 20  # bytes one call moves over the link
 
@@ -128,3 +135,11 @@ def test_a_grow_that_never_arrives_settles_at_what_the_link_has():
     assert [d.action for d in ds] == [HOLD, HOLD, HOLD, SHRINK] and ds[-1].streams == 4
     assert "settled at 4" in ds[-1].reason and sc.streams("b") == 4
     assert sc.sample("b", 10, CALL, 1.0, 4).action == HOLD  # settled: no retry before reprobe_after
+
+
+def test_the_streams_setting():
+    assert streams_setting(None) is None and streams_setting("auto") is None and streams_setting(" AUTO ") is None
+    assert streams_setting(3) == 3 and streams_setting("64") == 64
+    for bad in (0, 65, "x", "", True, 2.5j):
+        with pytest.raises(ValueError, match="'auto' or a count"):
+            streams_setting(bad)
