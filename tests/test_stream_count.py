@@ -133,7 +133,7 @@ def test_a_grow_that_never_arrives_settles_at_what_the_link_has():
     # the streams never come (the other side did not dial them): ignored, then settled at 4
     ds = [sc.sample("b", 2 + t, CALL, 1.0, 4) for t in range(4)]
     assert [d.action for d in ds] == [HOLD, HOLD, HOLD, SHRINK] and ds[-1].streams == 4
-    assert "settled at 4" in ds[-1].reason and sc.streams("b") == 4
+    assert ds[-1].reason == "4 calls with 4 streams, not the 8 decided: settled at 4" and sc.streams("b") == 4
     assert sc.sample("b", 10, CALL, 1.0, 4).action == HOLD  # settled: no retry before reprobe_after
 
 

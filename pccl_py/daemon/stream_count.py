@@ -125,9 +125,9 @@ class StreamCount:
         if streams != st.k:
             st.behind = st.behind + 1 if streams < st.k else 0
             if st.behind >= 2 * cfg.samples:  # the link never got the streams decided: settle there
-                decided = st.k
+                decided, calls = st.k, st.behind
                 self.reached(link, streams, now)
-                return Decision(SHRINK, st.k, f"{st.behind} calls with {streams} streams, not the {decided} "
+                return Decision(SHRINK, st.k, f"{calls} calls with {streams} streams, not the {decided} "
                                               f"decided: settled at {st.k}")
             return Decision(HOLD, st.k, f"ignored: measured with {streams} streams, {st.k} decided")
         st.behind = 0
