@@ -67,7 +67,7 @@ class Client:
         *,
         timeout: float = 60.0,
         secret: str | None = None,
-        streams: int | None = None,
+        streams: int | str | None = None,
         listen: str = "127.0.0.1:0",
         daemon_log_level: str | None = None,
         shm: bool = True,

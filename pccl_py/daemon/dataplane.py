@@ -34,6 +34,7 @@ from pccl_py.daemon.allreduce_plan import plan_all_reduce
 from pccl_py.daemon.peers import GroupView, PeerStreams
 from pccl_py.daemon.probe import Probes
 from pccl_py.daemon.router import DELIVER, DIVERGED, STALL, Router
+from pccl_py.daemon.stream_count import GROW, StreamCount, StreamCountConfig
 from pccl_py.daemon.streams import LINGER, Stream
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import (
@@ -87,6 +88,12 @@ class DataPlaneConfig:
     # kernel's copies already use both, and a thread hand-off only adds latency).
     io_threads: bool | None = None
     bulk_min: int = 256 << 10
+    # Streams per link chosen by measurement (stream_count.py): the link starts at the
+    # data plane's ``streams`` and its connector adds streams between calls, doubling while
+    # the calls' throughput over the link gains more than 10 %, up to max_streams.
+    # False: every link keeps ``streams`` (the --streams N override).
+    adapt_streams: bool = False
+    max_streams: int = 16
 
 
 def same_host_address(host: str, port: int) -> str | None:
@@ -174,6 +181,12 @@ class DataPlane:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.probes = Probes(self)  # bandwidth probes (probe.py)
+        # streams per link by measurement (stream_count.py); None: fixed at ``streams``
+        self.stream_count = StreamCount(StreamCountConfig(
+            initial=streams, maximum=max(streams, min(self.config.max_streams, self._limits.max_streams)))) \
+            if self.config.adapt_streams else None
+        self._sampling: tuple[float, dict[str, tuple[int, int]]] | None = None  # see _launch
+        self._growing: set[asyncio.Task] = set()  # add_streams started by the controller
 
     @property
     def behind(self) -> Callable[[int], bool] | None:
@@ -244,6 +257,8 @@ class DataPlane:
             return
         self._closed = True
         self.probes.close()
+        for task in self._growing:
+            task.cancel()
         if self._gate_timer is not None:
             self._gate_timer.cancel()
             self._gate_timer = None
@@ -304,6 +319,9 @@ class DataPlane:
             if pid not in members:
                 peer = self._peers.pop(pid)
                 peer.close("peer left the topology")
+        if self.stream_count is not None:
+            for pid in self.stream_count.links() - members:  # a peer that left: its counts go with it
+                self.stream_count.forget(pid)
         for pid in list(self.traffic):
             if pid not in members:  # a peer that left: its counts go with it
                 del self.traffic[pid]
@@ -331,15 +349,17 @@ class DataPlane:
                             len(waits) - len(done), len(waits), self.config.connect_timeout)
 
     def _dial(self, p) -> PeerStreams:
+        # adapting: a new link to a peer measured before starts at the count decided for it
+        k = self.stream_count.streams(p.peer_id) if self.stream_count is not None else self.streams
         peer = PeerStreams(self, p.peer_id, connector=True, session=int.from_bytes(os.urandom(8), "little"),
-                     nstreams=self.streams)
+                           nstreams=k)
 
         async def go(i: int) -> None:
             if self.config.same_host_links and await self._dial_unix(p, peer, i):
                 return
             await self._dial_tcp(p, peer, i)
 
-        for i in range(self.streams):
+        for i in range(k):
             self._loop.create_task(go(i))
         return peer
 
@@ -399,7 +419,7 @@ class DataPlane:
             return None  # we dial this peer; it must not dial us
         if peer is not None and peer.session is None:  # placeholder from set_topology
             peer.session = hello.session
-            peer.nstreams = hello.nstreams
+            peer.nstreams = peer.announced = hello.nstreams
             peer.conns = [None] * hello.nstreams
         elif peer is None or peer.session != hello.session:
             if peer is not None:  # it is alive and dialling us: nothing to report
@@ -407,8 +427,10 @@ class DataPlane:
             peer = PeerStreams(self, hello.peer_id, connector=False, session=hello.session, nstreams=hello.nstreams)
             self._peers[hello.peer_id] = peer
             self._lost.pop(hello.peer_id, None)
-        if peer.nstreams != hello.nstreams or peer.conns[hello.stream] is not None:
+        if hello.stream < len(peer.conns) and peer.conns[hello.stream] is not None:
             return None
+        if not peer.ready.done() and peer.nstreams != hello.nstreams:
+            return None  # (a live link may gain streams: add_streams)
         log.debug("peer %s stream %d/%d up (its epoch %d)", hello.peer_id, hello.stream, hello.nstreams,
                   hello.epoch)
         return peer
@@ -439,6 +461,103 @@ class DataPlane:
                 self.on_peer_failure(pid, reason)
             except Exception:
                 log.exception("on_peer_failure callback failed")
+
+    # -- streams per link (stream_count.py) ----------------------------------------------------
+    async def add_streams(self, target: str, n: int, timeout: float) -> int:
+        """Bring the link to ``target`` to ``n`` streams: dial the missing ones (this peer
+        dials that link) with the link's handshake, within ``timeout`` seconds; the count
+        this side stripes over once no call runs (at most ``n``; fewer where a dial failed).
+        A dial that fails does not fail the link. Raises ``InvalidUsage`` for a link this
+        peer does not dial, ``PeerLost`` for a link that is down."""
+        peer = self._peers.get(target)
+        if peer is None or not peer.connector:
+            raise InvalidUsage(f"add_streams: this peer does not dial a link to {target} in epoch {self.epoch} "
+                               "(the peer with the smaller id dials)")
+        if not 1 <= n <= self._limits.max_streams:
+            raise InvalidUsage(f"add_streams: 1 to {self._limits.max_streams} streams, not {n}")
+        if peer.lost is not None or not peer.ready.done():
+            raise PeerLost(f"add_streams: the link to {target} is not up: {peer.lost or 'connecting'}")
+        peer.limit = n
+        # the streams missing below n, except those another add_streams is dialling
+        missing = [i for i in range(n) if (i >= len(peer.conns) or peer.conns[i] is None) and i not in peer.dialing]
+        if missing:
+            p = next((q for q in self.topology.peers if q.peer_id == target), None)
+            if p is None:
+                raise PeerLost(f"add_streams: {target} left the topology")
+            peer.announced = max(peer.announced, n)
+            peer.dialing.update(missing)
+            deadline = self._loop.time() + timeout
+            try:
+                got = await asyncio.gather(*(self._dial_more(p, peer, i, deadline) for i in missing))
+            finally:
+                peer.dialing.difference_update(missing)
+            if peer.lost is not None:
+                raise PeerLost(f"add_streams: the link to {target} was lost: {peer.lost}")
+            log.info("link to %s: %d of %d new streams up", target, sum(got), len(missing))
+        if not self._ops:
+            peer.use_streams()
+        return min(peer.attached, n)
+
+    async def _dial_more(self, p, peer: PeerStreams, i: int, deadline: float) -> bool:
+        """Dial stream ``i`` of a live link the way its first stream went (Unix socket or
+        TCP); False when it is not up by ``deadline``, without failing the link."""
+        first = peer.conns[0].transport if peer.conns and peer.conns[0] is not None else None
+        sock = first.get_extra_info("socket") if first is not None else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            return await self._dial_unix(p, peer, i)
+        left = deadline - self._loop.time()
+        if peer.lost is not None or left <= 0:
+            return False
+        try:
+            _, stream = await asyncio.wait_for(self._loop.create_connection(
+                lambda: Stream(self, peer, i), p.host, p.port), max(left, 0.001))
+        except (OSError, asyncio.TimeoutError) as e:
+            log.info("link to %s: stream %d not added: %s", p.peer_id, i, e or "no answer in time")
+            return False
+        return await stream.established(max(deadline - self._loop.time(), 0.001))
+
+    def _streams_added(self, peer: PeerStreams) -> None:
+        """A stream joined a live link: striped over once no call runs (see _settle)."""
+        if not self._ops:
+            peer.use_streams()
+
+    def _sample_streams(self, coll: Collective) -> None:
+        """A call that ran alone succeeded: one sample per link, and the controller's
+        decision applied to the streams this side stripes over (``limit``, in use from the
+        next call). Both ends of a link run the controller on the same calls; the dialling
+        end adds the streams a grow needs (in the background), the accepting end uses what
+        it is given, up to its own decision."""
+        t0, before = self._sampling
+        seconds = time.perf_counter() - t0
+        now = self._loop.time()
+        for pid, (tx0, rx0) in before.items():
+            peer = self._peers.get(pid)
+            if peer is None or not peer.is_up:
+                continue
+            tx, rx = peer.traffic
+            d = self.stream_count.sample(pid, now, max(tx - tx0, rx - rx0), seconds, peer.nstreams)
+            (log.debug if d.action == "hold" else log.info)("streams to %s: %s %d (%s)", pid, d.action,
+                                                              d.streams, d.reason)
+            peer.limit = d.streams
+            if d.action == GROW and peer.connector:
+                task = self._loop.create_task(self._grow(pid, d.streams))
+                self._growing.add(task)
+                task.add_done_callback(self._growing.discard)
+
+    async def _grow(self, pid: str, n: int) -> None:
+        """The controller's grow: dial; where fewer streams came up, settle there."""
+        try:
+            got = await self.add_streams(pid, n, self.config.connect_timeout)
+        except PcclError as e:
+            log.info("streams to %s: not grown to %d: %s", pid, n, e)
+            return
+        if got < n and self.stream_count is not None:
+            d = self.stream_count.reached(pid, got, self._loop.time())
+            peer = self._peers.get(pid)
+            if peer is not None:
+                peer.limit = d.streams
+                if not self._ops:
+                    peer.use_streams()
 
     # -- bandwidth probes (probe.py) ----------------------------------------------------------
     async def probe(self, target: str, nbytes: int, timeout: float) -> tuple[float, float]:
@@ -481,8 +600,7 @@ class DataPlane:
         a call the peer has not posted, and the frame must not wait behind it."""
         peer = self._peers.get(pid)
         if peer is not None:
-            for stream in range(peer.nstreams):
-                peer.send(stream, frame, b"")
+            peer.send_all(frame)
 
     def stall_expired(self, h: F.Header, pid: str) -> None:
         """A DATA frame from ``pid`` waited ``stall_timeout`` for a call that was not posted
@@ -715,6 +833,10 @@ class DataPlane:
         view = self._view
         coll = make(self.router.post(tag))
         self.router.add(coll)
+        if self.stream_count is not None:  # sampled only if it runs alone (see _settle)
+            self._sampling = (time.perf_counter(), {pid: tuple(p.traffic) for pid in view.ids
+                                                    if (p := self._peers.get(pid)) is not None}) \
+                if len(self._ops) == 1 else None
         lost = [pid for pid in view.ids if pid in self._lost]
         if not coll.agree:
             # Without a FIN round, a lost peer's frame held here is all this call needs from
@@ -743,6 +865,14 @@ class DataPlane:
         coll.timer.cancel()
         coll.finished()
         self.router.finish(coll)
+        if self._ops:
+            return
+        if self._sampling is not None and self.stream_count is not None:
+            if coll.future.done() and not coll.future.cancelled() and coll.future.exception() is None:
+                self._sample_streams(coll)
+            self._sampling = None
+        for peer in self._peers.values():  # streams added (or limited) during the call: in use now
+            peer.use_streams()
 
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)

@@ -1,7 +1,10 @@
 """The K streams to one peer, and the ``Link`` a collective sees (:mod:`pccl_py.collectives.base`).
 
 * :class:`PeerStreams` -- the K streams to one peer (``session`` groups them), with a queue for
-  frames sent before the link is up, and the clean-EOF grace across its streams.
+  frames sent before the link is up, and the clean-EOF grace across its streams. The
+  connector may add streams to a live link (``DataPlane.add_streams``); a receiver places
+  every frame by its header, whatever stream brought it, so each side stripes over the
+  streams it has without the other agreeing on a count.
 * :class:`GroupView` -- ranks of one topology mapped to links: what a collective sends on.
 
 Routing decisions, failures and deadlines belong to :class:`pccl_py.daemon.dataplane.DataPlane`;
@@ -33,8 +36,11 @@ class PeerStreams:
         self.peer_id = peer_id
         self.connector = connector
         self.session = session
-        self.nstreams = nstreams
+        self.nstreams = nstreams  # the streams this side stripes over (all of them until up)
         self.conns: list[Stream | None] = [None] * nstreams
+        self.announced = nstreams  # the count a HELLO from this side names (grows with add_streams)
+        self.limit: int | None = None  # stripe over at most this many (None: every stream up)
+        self.dialing: set[int] = set()  # (connector) stream indices add_streams is dialling
         self.ready = dp._loop.create_future()
         self.lost: str | None = None
         self._queue: list[tuple[int, bytes, object]] = []
@@ -49,8 +55,13 @@ class PeerStreams:
         if self.lost is not None:
             conn._close(f"link to {self.peer_id} already lost")
             return
+        if stream >= len(self.conns):
+            self.conns.extend([None] * (stream + 1 - len(self.conns)))
         self.conns[stream] = conn
         self._up += 1
+        if self.ready.done():  # a stream added to the live link: in use once no call runs
+            self.dp._streams_added(self)
+            return
         if self._up == self.nstreams:
             q, self._queue = self._queue, []
             for s, h, p in q:
@@ -62,14 +73,30 @@ class PeerStreams:
         """One stream ended cleanly: lost once all have (their data read), or after a grace."""
         self._eofs += 1
         reason = "connection closed by the peer"
-        if self._eofs >= self.nstreams:
+        if self._eofs >= self._up:
             self.dp._peer_lost(self, reason)
         elif self._eof_timer is None:
             self._eof_timer = self.dp._loop.call_later(_EOF_GRACE, self.dp._peer_lost, self, reason)
 
     @property
     def is_up(self) -> bool:
-        return self._up == self.nstreams and self.lost is None
+        return self.ready.done() and self.lost is None
+
+    @property
+    def attached(self) -> int:
+        """Streams up from index 0 without a gap (the ones a sender may stripe over)."""
+        n = 0
+        while n < len(self.conns) and self.conns[n] is not None:
+            n += 1
+        return n
+
+    def use_streams(self) -> int:
+        """Take the streams up (at most ``limit``) for striping from now on; the count. Only
+        between calls: a call stripes over one count from start to end."""
+        if self.ready.done() and self.lost is None:
+            n = self.attached
+            self.nstreams = max(1, min(n, self.limit) if self.limit is not None else n)
+        return self.nstreams
 
     def purge(self, key: bytes) -> None:
         self._queue = [x for x in self._queue if x[1][F.CALL_KEY_AT] != key]
@@ -81,10 +108,24 @@ class PeerStreams:
         if self.lost is not None:
             return
         self.traffic[0] += len(header) + len(payload)
-        if self._up == self.nstreams:
+        if self.ready.done():
             self.conns[stream % self.nstreams].write(header, payload)
         else:
             self._queue.append((stream, header, payload))
+
+    def send_all(self, frame: bytes) -> None:
+        """A control frame on every stream up, those this side does not stripe over too:
+        the peer may stripe over more, and any of them may be stalled."""
+        if self.lost is not None:
+            return
+        if not self.ready.done():
+            for stream in range(self.nstreams):
+                self.send(stream, frame, b"")
+            return
+        for c in self.conns:
+            if c is not None:
+                self.traffic[0] += len(frame)
+                c.write(frame, b"")
 
     def close(self, reason: str, graceful: bool = False) -> None:
         if self.lost is None:

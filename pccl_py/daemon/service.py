@@ -37,6 +37,7 @@ from pccl_py.daemon.lease import Ended, Lease, Mode
 from pccl_py.daemon.session import TrainerSession
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
+from pccl_py.daemon.stream_count import AUTO, streams_setting
 from pccl_py.daemon.tags import AUTO_TAG, AutoTags
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import DeadlineExceeded, Diverged, InvalidUsage, PcclError
@@ -74,7 +75,8 @@ class Daemon:
         data_port: int = 0,
         ipc_path: str | None = None,
         secret: bytes = b"",
-        streams: int | None = None,
+        streams: int | str | None = None,
+        max_streams: int | None = None,
         heartbeat_interval: float = 0.5,
         coordinator_timeout: float = 3.0,
         exit_with_client: bool = False,
@@ -96,10 +98,18 @@ class Daemon:
         self.data_host = advertised_host(data_host, coordinator, advertise)  # what peers dial
         self._listen_host = data_host
         dp_kwargs = {"secret": secret, "host": data_host, "port": data_port, "advertise": self.data_host}
-        if streams is not None:
-            dp_kwargs["streams"] = streams
+        try:  # a count fixes every link's streams; None or "auto": chosen per link by measurement
+            fixed = streams_setting(streams)
+        except ValueError as e:
+            raise InvalidUsage(str(e)) from None
+        if fixed is not None:
+            dp_kwargs["streams"] = fixed
         tuning = {"shm": shm, "same_host_links": not tcp_only, "io_threads": io_threads, "integrity": integrity,
-                  "encrypt": encrypt}
+                  "encrypt": encrypt, "adapt_streams": fixed is None}
+        if max_streams is not None:
+            if not 1 <= max_streams <= 64:
+                raise InvalidUsage(f"max_streams must be between 1 and 64, got {max_streams}")
+            tuning["max_streams"] = max_streams
         if link_timeout is not None:
             if link_timeout < 0:
                 raise InvalidUsage(f"link_timeout must be >= 0 seconds, got {link_timeout}")
@@ -525,6 +535,14 @@ class Daemon:
             raise
 
 
+def _streams_arg(value: str) -> str:
+    try:
+        streams_setting(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="pccl daemon", description="Run a pccl peer daemon.")
     p.add_argument("--coordinator", default="127.0.0.1:48148", help="coordinator HOST:PORT")
@@ -535,7 +553,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "listening on 0.0.0.0 or ::, this machine's address on the route to the "
                         "coordinator)")
     p.add_argument("--ipc", default=None, metavar="PATH", help="Unix socket path its trainer (Client) connects to")
-    p.add_argument("--streams", type=int, default=None, help="TCP streams per neighbour link")
+    p.add_argument("--streams", default=AUTO, metavar="auto|K", type=_streams_arg,
+                   help="TCP streams per neighbour link: auto (default) starts at 4 and adds streams while "
+                        "that raises a link's measured throughput, up to --max-streams; K fixes every link at K")
+    p.add_argument("--max-streams", type=int, default=None, metavar="K",
+                   help="with --streams auto, at most K streams per link (default 16)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--coordinator-timeout", type=float, default=3.0)
     p.add_argument("--exit-with-client", action="store_true",
@@ -588,6 +610,7 @@ async def _amain(args) -> int:
         ipc_path=args.ipc,
         secret=secret,
         streams=args.streams,
+        max_streams=args.max_streams,
         heartbeat_interval=args.heartbeat_interval,
         coordinator_timeout=args.coordinator_timeout,
         exit_with_client=args.exit_with_client,

@@ -350,7 +350,7 @@ class Stream(asyncio.BufferedProtocol):
             lk = self.peer_streams
             self._nonce = os.urandom(F.NONCE_LEN)
             self.transport.write(F.encode_hello(self.dp.secret, self._challenge, self.dp.peer_id, self.dp.epoch,
-                                                self.stream, lk.nstreams, lk.session, self._nonce, self.dp.seal))
+                                                self.stream, lk.announced, lk.session, self._nonce, self.dp.seal))
             self._want(_HS_WELCOME, F.WELCOME_FIXED.size)
         elif st == _HS_WELCOME:
             n, self._mac = F.decode_welcome_fixed(self._view)

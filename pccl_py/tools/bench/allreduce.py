@@ -184,7 +184,8 @@ def run_gloo(args) -> list[dict]:
 
 
 def inspect_default_streams(cls) -> int:
-    """The K a daemon uses when --streams is not given (DataPlane's default)."""
+    """The K a daemon's links start at when --streams is not given (DataPlane's default;
+    the daemon then adds streams by measurement, see daemon/stream_count.py)."""
     import inspect
     return int(inspect.signature(cls.__init__).parameters["streams"].default)
 
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be at least 1")
 
     from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, io_threads_on
-    streams = args.streams or inspect_default_streams(DataPlane)
+    streams = args.streams or f"auto (from {inspect_default_streams(DataPlane)})"
     threads = io_threads_on({"on": True, "off": False}.get(args.io_threads))
     io = (f"I/O threads: 2 per stream for frames >= {DataPlaneConfig().bulk_min >> 10} KiB" if threads
           else "I/O threads: none (the event loop moves every frame)")

@@ -1,0 +1,184 @@
+"""How many TCP streams a peer link should use, chosen by measurement (sans-I/O).
+
+One TCP flow on an internet path is held back by its socket windows (a ~6 MiB receive
+buffer moves ~0.5 Gbit/s at 100 ms round trip) or by per-flow policing; K flows move up
+to K times as much, until the path itself is the limit. :class:`StreamCount` is fed one
+sample per call and link -- the bytes the call moved over the link, its seconds, and the
+streams in use -- and answers a :class:`Decision`: grow, hold or shrink, with a reason.
+
+The search, per link:
+
+* measure the current K over ``samples`` calls (their median rate: one slow call does
+  not decide);
+* then try the next K (``K * factor``, at most ``maximum``) and measure it the same way;
+* keep growing while each step gains more than ``gain`` (10 %: a gain of a few percent is
+  noise, and every stream costs sockets, buffers and threads); at the first step that
+  does not, go back to the best K and stay there (settled);
+* a settled link tries one step up again after ``reprobe_after`` seconds (a path may
+  change), and otherwise never moves: no oscillation between two counts.
+
+Calls that move fewer than ``min_bytes`` over a link say little about its bandwidth
+(latency dominates) and are ignored, as are samples taken with another K than the one
+decided (a grow that has not taken effect yet); after ``2 * samples`` calls in a row with
+fewer streams than decided, the link settles at what it has (its dials failed, or, on the
+side that accepts the link, the dialling side decided otherwise).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+GROW, HOLD, SHRINK = "grow", "hold", "shrink"
+AUTO = "auto"
+
+
+def streams_setting(value: int | str | None) -> int | None:
+    """A daemon's ``--streams``: ``None`` or ``"auto"`` (chosen by measurement, the
+    default) gives None; a count from 1 to 64 gives that count, fixed for every link."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or not 1 <= n <= 64:
+        raise ValueError(f"streams must be 'auto' or a count from 1 to 64, not {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class StreamCountConfig:
+    initial: int = 4  # K of a new link
+    maximum: int = 16  # never more streams than this per link
+    factor: int = 2  # a grow multiplies K by this
+    gain: float = 0.10  # a grow is kept when the median rate rose by more than this
+    samples: int = 3  # calls measured at each K before judging it
+    min_bytes: int = 4 << 20  # calls moving fewer bytes over a link are ignored
+    reprobe_after: float = 600.0  # seconds a settled link waits before trying one step up again
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.initial <= self.maximum:
+            raise ValueError(f"initial streams {self.initial} must be between 1 and maximum {self.maximum}")
+        if self.factor < 2 or self.samples < 1 or self.gain < 0 or self.reprobe_after <= 0:
+            raise ValueError("factor >= 2, samples >= 1, gain >= 0 and reprobe_after > 0 are required")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # GROW, HOLD or SHRINK
+    streams: int  # the K to use from now on
+    reason: str
+
+
+@dataclass
+class _Link:
+    k: int
+    rates: dict[int, list[float]] = field(default_factory=dict)  # K -> recent rates (bytes/s)
+    prev: int | None = None  # the K the current one is compared with (exploring)
+    best: int | None = None
+    settled_at: float | None = None  # None: exploring
+    behind: int = 0  # samples in a row taken with fewer streams than decided
+
+
+class StreamCount:
+    """Per-link stream counts (see module docstring). Deterministic: the same samples give
+    the same decisions."""
+
+    def __init__(self, config: StreamCountConfig | None = None) -> None:
+        self.config = config or StreamCountConfig()
+        self._links: dict[str, _Link] = {}
+
+    def streams(self, link: str) -> int:
+        """The K decided for ``link`` (``initial`` for a link not seen yet)."""
+        st = self._links.get(link)
+        return st.k if st is not None else self.config.initial
+
+    def best(self, link: str) -> int | None:
+        st = self._links.get(link)
+        return st.best if st is not None else None
+
+    def links(self) -> set[str]:
+        return set(self._links)
+
+    def forget(self, link: str) -> None:
+        """The link is gone; a new one to the same peer starts over."""
+        self._links.pop(link, None)
+
+    def reached(self, link: str, streams: int, now: float) -> Decision:
+        """The I/O layer could only bring ``link`` to ``streams`` (a dial failed): settle
+        there, so the same grow is not tried again before ``reprobe_after``."""
+        st = self._state(link)
+        st.k = max(1, min(streams, self.config.maximum))
+        st.best = st.k if st.best is None else min(st.best, st.k)
+        st.prev, st.behind = None, 0
+        st.settled_at = now
+        return Decision(HOLD, st.k, f"link reached {st.k} streams only; settled there")
+
+    def sample(self, link: str, now: float, nbytes: int, seconds: float, streams: int) -> Decision:
+        """One call moved ``nbytes`` over ``link`` in ``seconds`` with ``streams`` streams."""
+        cfg = self.config
+        st = self._state(link)
+        if nbytes < cfg.min_bytes or seconds <= 0:
+            return Decision(HOLD, st.k, f"ignored: {nbytes} bytes is below min_bytes {cfg.min_bytes}"
+                            if nbytes < cfg.min_bytes else "ignored: no duration")
+        if streams != st.k:
+            st.behind = st.behind + 1 if streams < st.k else 0
+            if st.behind >= 2 * cfg.samples:  # the link never got the streams decided: settle there
+                decided, calls = st.k, st.behind
+                self.reached(link, streams, now)
+                return Decision(SHRINK, st.k, f"{calls} calls with {streams} streams, not the {decided} "
+                                              f"decided: settled at {st.k}")
+            return Decision(HOLD, st.k, f"ignored: measured with {streams} streams, {st.k} decided")
+        st.behind = 0
+        window = st.rates.setdefault(st.k, [])
+        window.append(nbytes / seconds)
+        del window[:-cfg.samples]
+        if st.settled_at is not None:
+            return self._settled(st, now)
+        if len(window) < cfg.samples:
+            return Decision(HOLD, st.k, f"measuring {st.k} streams ({len(window)}/{cfg.samples} calls)")
+        rate = statistics.median(window)
+        if st.prev is None:  # the first K measured: the baseline
+            st.best = st.k
+            return self._try_up(st, now, f"{_rate(rate)} with {st.k} streams")
+        before = statistics.median(st.rates[st.prev])
+        if rate > before * (1 + cfg.gain):
+            st.best = st.k
+            return self._try_up(st, now, f"{_rate(rate)} with {st.k} streams, {rate / before - 1:+.0%} "
+                                         f"over {st.prev}")
+        best = st.best if st.best is not None else st.prev
+        st.k, st.prev, st.settled_at = best, None, now
+        return Decision(SHRINK, best, f"{_rate(rate)} with {streams} streams is {rate / before - 1:+.0%} over "
+                                      f"{_rate(before)} with {best} (gain {cfg.gain:.0%} needed): settled at {best}")
+
+    # -- internals --------------------------------------------------------------------------
+    def _state(self, link: str) -> _Link:
+        st = self._links.get(link)
+        if st is None:
+            st = self._links[link] = _Link(k=self.config.initial)
+        return st
+
+    def _try_up(self, st: _Link, now: float, what: str) -> Decision:
+        cfg = self.config
+        if st.k >= cfg.maximum:
+            st.prev, st.settled_at = None, now
+            return Decision(HOLD, st.k, f"{what}: settled at the bound of {cfg.maximum} streams")
+        nxt = min(cfg.maximum, st.k * cfg.factor)
+        st.prev, st.k = st.k, nxt
+        st.rates.pop(nxt, None)  # measured afresh (an old window may be from another path)
+        return Decision(GROW, nxt, f"{what}: trying {nxt}")
+
+    def _settled(self, st: _Link, now: float) -> Decision:
+        cfg = self.config
+        if now - st.settled_at < cfg.reprobe_after or st.k >= cfg.maximum:
+            return Decision(HOLD, st.k, f"settled at {st.k} streams")
+        if len(st.rates[st.k]) < cfg.samples:  # a fresh baseline before the step up
+            return Decision(HOLD, st.k, f"settled at {st.k} streams; measuring before a re-probe")
+        elapsed, st.settled_at = now - st.settled_at, None
+        return self._try_up(st, now, f"re-probe after {elapsed:.0f} s settled: "
+                                     f"{_rate(statistics.median(st.rates[st.k]))} with {st.k} streams")
+
+
+def _rate(bps: float) -> str:
+    return f"{bps * 8 / 1e9:.2f} Gbit/s"

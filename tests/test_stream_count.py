@@ -1,0 +1,145 @@
+"""The per-link stream-count controller (daemon/stream_count.py), fed synthetic paths."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pccl_py.daemon.stream_count import (
+    GROW,
+    HOLD,
+    SHRINK,
+    StreamCount,
+    StreamCountConfig,
+    streams_setting,
+)
+
+CALL = 64 << 20  # bytes one call moves over the link
+
+
+def drive(rate_of, config: StreamCountConfig, calls: int, *, every: float = 1.0, link: str = "b"):
+    """Run ``calls`` calls, each at ``rate_of(k, i)`` bytes/s with the decided K; the
+    decisions and the K after each call."""
+    sc = StreamCount(config)
+    out = []
+    for i in range(calls):
+        k = sc.streams(link)
+        d = sc.sample(link, i * every, CALL, CALL / rate_of(k, i), k)
+        assert d.reason and d.streams == sc.streams(link)
+        out.append(d)
+    return sc, out
+
+
+def moves(decisions) -> list[tuple[str, int]]:
+    return [(d.action, d.streams) for d in decisions if d.action != HOLD]
+
+
+def test_window_limited_path_grows_to_the_knee_and_stops():
+    # one flow: 0.5 Gbit/s (6 MiB window at 100 ms); the path: 6 Gbit/s -> knee at K=12
+    per_flow, path = 62.5e6, 750e6
+    cfg = StreamCountConfig(initial=1, maximum=32)
+    sc, ds = drive(lambda k, i: min(path, k * per_flow), cfg, 60)
+    # 16 gained 50 % over 8, 32 nothing over 16: back to 16
+    assert moves(ds) == [(GROW, 2), (GROW, 4), (GROW, 8), (GROW, 16), (GROW, 32), (SHRINK, 16)]
+    assert 12 <= sc.streams("b") <= 24 and sc.best("b") == 16
+    assert all(d.action == HOLD for d in ds[-20:])  # settled: nothing moves
+
+
+def test_policed_path_grows_to_at_least_eight():
+    link = 1.25e9  # 10 Gbit/s, each 5-tuple capped at link/8
+    sc, ds = drive(lambda k, i: min(link, k * link / 8), StreamCountConfig(), 40)
+    assert sc.streams("b") >= 8
+    assert moves(ds)[-1] == (SHRINK, 8)  # 16 gained nothing over 8: back to 8
+
+
+def test_lan_path_stays_at_the_initial_count():
+    sc, ds = drive(lambda k, i: 1.1e9, StreamCountConfig(initial=4), 50)
+    assert sc.streams("b") == 4
+    assert moves(ds) == [(GROW, 8), (SHRINK, 4)]  # one try, then settled
+    assert "settled at 4" in ds[-1].reason
+
+
+def test_noisy_samples_do_not_oscillate():
+    rng = random.Random(7)
+    cfg = StreamCountConfig(initial=4, reprobe_after=1e9)
+    sc, ds = drive(lambda k, i: 1e9 * rng.uniform(0.9, 1.1), cfg, 300)
+    assert len(moves(ds)) <= 2  # at most one try and one return
+    assert sc.streams("b") in (4, 8)
+    assert all(d.action == HOLD for d in ds[20:])
+
+
+def test_one_slow_call_does_not_decide():
+    # the K=8 window holds one call slowed by a straggler: the median ignores it
+    def rate(k, i):
+        return 1e9 * k / 8 if i != 4 else 1e6
+    sc, ds = drive(rate, StreamCountConfig(initial=4, maximum=8), 12)
+    assert sc.streams("b") == 8 and (SHRINK, 4) not in moves(ds)
+
+
+def test_tiny_calls_and_stale_samples_are_ignored():
+    sc = StreamCount(StreamCountConfig(initial=2, samples=1))
+    d = sc.sample("b", 0.0, 1000, 1e-4, 2)
+    assert d.action == HOLD and "min_bytes" in d.reason and sc.streams("b") == 2
+    d = sc.sample("b", 0.0, CALL, 1.0, 5)  # measured with a K that was not decided
+    assert d.action == HOLD and "ignored" in d.reason
+    assert sc.sample("b", 0.0, CALL, 1.0, 2).action == GROW
+
+
+def test_reprobe_after_a_while_finds_a_changed_path():
+    cfg = StreamCountConfig(initial=4, reprobe_after=100.0)
+    sc = StreamCount(cfg)
+    t = 0.0
+    rate = 1e9  # flat at first
+    seen = []
+    for _ in range(400):
+        k = sc.streams("b")
+        r = rate if t < 150 else min(2e9, k * 2e9 / 16)  # from t=150 each flow is capped at link/16
+        seen.append(sc.sample("b", t, CALL, CALL / r, k))
+        t += 1.0
+    assert moves(seen)[:2] == [(GROW, 8), (SHRINK, 4)]
+    assert sc.streams("b") == 16  # the re-probes found the cap and grew through it
+    assert sum(1 for d in seen if "re-probe" in d.reason) >= 1
+
+
+def test_bound_and_failed_grow():
+    sc, ds = drive(lambda k, i: k * 1e8, StreamCountConfig(initial=4, maximum=8), 30)
+    assert sc.streams("b") == 8 and any("bound of 8" in d.reason for d in ds)
+    assert all(d.action == HOLD for d in ds[-10:])
+    sc = StreamCount(StreamCountConfig(initial=2, samples=1))
+    assert sc.sample("b", 0.0, CALL, 1.0, 2).action == GROW
+    d = sc.reached("b", 3, 1.0)  # only one of the two new streams came up
+    assert d.streams == 3 and sc.streams("b") == 3
+    assert sc.sample("b", 2.0, CALL, 0.1, 3).action == HOLD  # settled: no immediate retry
+
+
+def test_links_are_independent_and_config_checked():
+    sc = StreamCount(StreamCountConfig(initial=1, samples=1))
+    assert sc.sample("x", 0, CALL, 1.0, 1).streams == 2
+    assert sc.streams("y") == 1 and sc.links() == {"x"}
+    sc.forget("x")
+    assert sc.streams("x") == 1
+    with pytest.raises(ValueError):
+        StreamCountConfig(initial=0)
+    with pytest.raises(ValueError):
+        StreamCountConfig(initial=8, maximum=4)
+
+
+def test_a_grow_that_never_arrives_settles_at_what_the_link_has():
+    sc = StreamCount(StreamCountConfig(initial=4, samples=2))
+    for t in range(2):
+        d = sc.sample("b", t, CALL, 1.0, 4)
+    assert d.action == GROW and d.streams == 8
+    # the streams never come (the other side did not dial them): ignored, then settled at 4
+    ds = [sc.sample("b", 2 + t, CALL, 1.0, 4) for t in range(4)]
+    assert [d.action for d in ds] == [HOLD, HOLD, HOLD, SHRINK] and ds[-1].streams == 4
+    assert ds[-1].reason == "4 calls with 4 streams, not the 8 decided: settled at 4" and sc.streams("b") == 4
+    assert sc.sample("b", 10, CALL, 1.0, 4).action == HOLD  # settled: no retry before reprobe_after
+
+
+def test_the_streams_setting():
+    assert streams_setting(None) is None and streams_setting("auto") is None and streams_setting(" AUTO ") is None
+    assert streams_setting(3) == 3 and streams_setting("64") == 64
+    for bad in (0, 65, "x", "", True, 2.5j):
+        with pytest.raises(ValueError, match="'auto' or a count"):
+            streams_setting(bad)
