@@ -91,7 +91,7 @@ def trainer(make, args) -> int:
     torch.set_num_threads(1)
     net = model().to(args.device)
     inner = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    data = Text(seed=1000 + args.worker_id)
+    data = Text(seed=1000 + args.worker_id + 100 * args.data_seed)
 
     def emit(**kw):
         print(json.dumps({"worker": args.worker_id, **kw}), flush=True)
@@ -183,6 +183,7 @@ def main(mode_name: str, make, describe: str, options=None) -> int:
     p.add_argument("--until-world", type=int, default=0, help="go on past --outer-steps until the world is this big")
     p.add_argument("--deadline", type=float, default=300.0, help="give up training after this many seconds")
     p.add_argument("--device", default="cpu", help="where the model trains (cuda: the outer state stays on the host)")
+    p.add_argument("--data-seed", type=int, default=0, help="draws other text streams (the run-to-run spread)")
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
