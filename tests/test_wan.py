@@ -1,0 +1,81 @@
+"""Emulated internet paths (stress/wan): the path plan, the delay line's scheduler on a fake
+clock, and, with root, real RTT, rate and per-flow cap between two network namespaces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "stress"))
+import wan  # noqa: E402
+from wan.measure import goodput, rtt  # noqa: E402
+
+WHY = wan.available()
+needs_root = pytest.mark.skipif(WHY is not None, reason=f"emulated paths unavailable: {WHY}")
+CC = "cubic"  # per socket (flows.py --cc): a namespace may only default to the host's allowed list
+
+
+def test_plan_paths_splits_the_rtt_and_sizes_the_queues():
+    specs = {(s.src, s.dst): s for s in wan.plan_paths(3, 20, 200, 1 / 8, per_pair={(0, 2): (100, 400)})}
+    assert sorted(specs) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+    a = specs[(0, 1)]
+    assert a.delay_ns == 10_000_000 and a.rate == 25_000_000
+    assert a.qlimit == 500_000  # one RTT at the rate
+    assert a.flow_rate == 3_125_000 and a.flow_qlimit == 128 << 10  # its share, at least two 64 KiB segments
+    for key in ((0, 2), (2, 0)):  # an override covers both directions
+        assert specs[key].delay_ns == 50_000_000 and specs[key].rate == 50_000_000
+    free = wan.plan_paths(2, 5, None, 1 / 8)[0]
+    assert free.rate == 0 and free.flow_rate == 0  # unlimited: no cap either
+    assert wan.plan_paths(2, 20, 8, queue_ms=1)[0].qlimit == 128 << 10
+    with pytest.raises(ValueError, match="flow_cap_fraction"):
+        wan.plan_paths(2, 20, 100, 0)
+    with pytest.raises(ValueError, match="per_pair"):
+        wan.plan_paths(2, 20, 100, per_pair={(0, 0): (1, 1)})
+
+
+@pytest.mark.skipif(not wan.paths.shutil.which("gcc"), reason="gcc not found")
+def test_the_delay_lines_scheduler_keeps_rates_order_and_delay_on_a_fake_clock():
+    out = subprocess.run([wan.build_delayline(), "--selftest"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "selftest ok" in out.stdout
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_rtt_and_rate_limit_between_two_namespaces():
+    with wan.WanPaths(2, rtt_ms=20, rate_mbit=50, cc=None) as net:
+        names = list(net.names)
+        r = rtt(net, 0, 1, count=15)
+        assert 19.0 <= r["min_ms"] and r["median_ms"] <= 22.0, r
+        g = goodput(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
+        assert g["sender"]["cc"] == CC
+        assert 0.85 * 50e6 <= g["bits_per_s"] <= 1.05 * 50e6, g
+    assert net.final_stats is not None and net.final_stats["paths"][0]["out_pkts"] > 0
+    assert not any(os.path.exists(f"/run/netns/{n}") for n in names)  # torn down
+    assert net.delayline is None  # ended and reaped
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_the_per_flow_cap_holds_one_flow_to_its_share_and_eight_fill_the_link():
+    link = 100e6
+    with wan.WanPaths(2, rtt_ms=20, rate_mbit=link / 1e6, flow_cap_fraction=1 / 8, cc=None) as net:
+        one = goodput(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
+        assert 0.8 * link / 8 <= one["bits_per_s"] <= 1.05 * link / 8, one
+        eight = goodput(net, 0, 1, flows=8, seconds=3.0, warmup=1.0, cc=CC)
+        assert 0.85 * link <= eight["bits_per_s"] <= 1.05 * link, eight
+        assert min(eight["per_flow_bits_per_s"]) >= 0.6 * link / 8, eight  # every flow gets its share
+
+
+@needs_root
+def test_an_exception_inside_tears_everything_down():
+    with pytest.raises(RuntimeError, match="boom"), wan.WanPaths(2, rtt_ms=1, cc=None) as net:
+        names = list(net.names)
+        p = net.popen(1, ["sleep", "30"])
+        raise RuntimeError("boom")
+    assert p.poll() is not None and net.delayline is None
+    assert not any(os.path.exists(f"/run/netns/{n}") for n in names)
