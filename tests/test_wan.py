@@ -25,12 +25,12 @@ def test_plan_paths_splits_the_rtt_and_sizes_the_queues():
     a = specs[(0, 1)]
     assert a.delay_ns == 10_000_000 and a.rate == 25_000_000
     assert a.qlimit == 500_000  # one RTT at the rate
-    assert a.flow_rate == 3_125_000 and a.flow_qlimit == 128 << 10  # its share, at least two 64 KiB segments
+    assert a.flow_rate == 3_125_000 and a.flow_qlimit == 64 << 10  # its share (62.5 kB), at least one 64 KiB segment
     for key in ((0, 2), (2, 0)):  # an override covers both directions
         assert specs[key].delay_ns == 50_000_000 and specs[key].rate == 50_000_000
     free = wan.plan_paths(2, 5, None, 1 / 8)[0]
     assert free.rate == 0 and free.flow_rate == 0  # unlimited: no cap either
-    assert wan.plan_paths(2, 20, 8, queue_ms=1)[0].qlimit == 128 << 10
+    assert wan.plan_paths(2, 20, 8, queue_ms=1)[0].qlimit == 64 << 10
     with pytest.raises(ValueError, match="flow_cap_fraction"):
         wan.plan_paths(2, 20, 100, 0)
     with pytest.raises(ValueError, match="per_pair"):

@@ -364,13 +364,14 @@ static void print_stats(void) {
             if (!p->configured) continue;
             printf("%s{\"src\": %d, \"dst\": %d, \"in_pkts\": %llu, \"in_bytes\": %llu, \"drop_pkts\": %llu, "
                    "\"drop_bytes\": %llu, \"out_pkts\": %llu, \"out_bytes\": %llu, \"write_errors\": %llu, "
-                   "\"max_queued\": %lld, \"late_max_ns\": %lld, \"late_mean_ns\": %lld, "
+                   "\"max_queued\": %lld, \"late_max_ns\": %lld, \"late_mean_ns\": %lld, \"late_sum_ns\": %lld, "
                    "\"late_over_100us\": %lld, \"late_over_1ms\": %lld, \"flows\": %d}",
                    first ? "" : ", ", i, j, (unsigned long long)p->in_pkts, (unsigned long long)p->in_bytes,
                    (unsigned long long)p->drop_pkts, (unsigned long long)p->drop_bytes,
                    (unsigned long long)p->out_pkts, (unsigned long long)p->out_bytes,
                    (unsigned long long)p->write_errors, (long long)p->max_queued, (long long)p->late_max,
                    (long long)(p->out_pkts ? p->late_sum / (int64_t)p->out_pkts : 0),
+                   (long long)p->late_sum,
                    (long long)p->late_over_100us, (long long)p->late_over_1ms, p->nflows);
             first = 0;
         }

@@ -88,7 +88,9 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     pa, pb = path(after), path(before)
     res["drops"] = pa["drop_pkts"] - pb["drop_pkts"]
     res["packets"] = pa["in_pkts"] - pb["in_pkts"]
-    res["late_max_ms"] = pa["late_max_ns"] / 1e6
+    n = pa["out_pkts"] - pb["out_pkts"]
+    res["late_mean_us"] = (pa["late_sum_ns"] - pb["late_sum_ns"]) / max(n, 1) / 1e3
+    res["late_over_1ms"] = (pa["late_over_1ms"] - pb["late_over_1ms"]) / max(n, 1)
     res["wire_bytes"] = pa["out_bytes"] - pb["out_bytes"]
     return res
 
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RTT (TCP 1-byte echo): min {r['min_ms']:.2f} ms, median {r['median_ms']:.2f} ms, "
               f"max {r['max_ms']:.2f} ms; connect {r['connect_ms']:.2f} ms", flush=True)
         rows = [goodput(net, 0, 1, k, a.seconds, warmup, a.cc) for k in dict.fromkeys([1, a.flows])]
+        late = net.stats()["paths"][0]
     print(f"{'flows':>5} {'Mbit/s':>9} {'of rate':>8} {'per flow min..max':>19} {'retrans':>8} "
           f"{'srtt ms':>8} {'drops':>6} {'delay line cores':>17}")
     for g in rows:
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{g['flows']:>5} {g['bits_per_s'] / 1e6:>9.1f} {share:>8} "
               f"{f'{min(pf) / 1e6:.1f}..{max(pf) / 1e6:.1f}':>19} {sum(i['retrans'] for i in infos):>8} "
               f"{srtt:>8.1f} {g['drops']:>6} {g['delayline_cores']:>17.2f}")
+    per_row = ", ".join(f"{g['late_mean_us']:.0f}" for g in rows)
+    print(f"delay line timing, path 0 -> 1, whole run: packets left {late['late_mean_ns'] / 1e3:.0f} us late "
+          f"on average, at most {late['late_max_ns'] / 1e6:.2f} ms; {late['late_over_1ms']} of {late['out_pkts']} "
+          f"over 1 ms; mean per goodput row: {per_row} us")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rtt": r, "goodput": rows}, f, indent=1)

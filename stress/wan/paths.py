@@ -32,7 +32,7 @@ SOURCE = os.path.join(HERE, "delayline.c")
 IFNAME = "wan0"
 PREFIX = "pwan"
 LARGE_WINDOW = 128 << 20  # bytes: a 1 Gbit/s path at 500 ms RTT, twice (the receive window is about half the buffer)
-MIN_QUEUE = 128 << 10     # two 64 KiB segments: a bottleneck queue smaller than that would drop every TSO burst
+MIN_QUEUE = 64 << 10      # one 64 KiB TSO segment: a smaller queue would drop every such segment behind another
 _seq = itertools.count()
 
 
@@ -61,7 +61,7 @@ def plan_paths(n: int, rtt_ms: float, rate_mbit: float | None, flow_cap_fraction
                queue_ms: float | None = None) -> list[PathSpec]:
     """Every ordered pair's path. ``per_pair[(i, j)] = (rtt_ms, rate_mbit)`` overrides both
     directions between i and j. The bottleneck queue holds ``queue_ms`` at the path's rate
-    (default: one RTT, a bandwidth-delay product), at least 128 KiB; a capped flow's queue
+    (default: one RTT, a bandwidth-delay product), at least 64 KiB; a capped flow's queue
     holds its share of that. ``rate_mbit`` None or 0: unlimited (then no per-flow cap)."""
     if n < 2:
         raise ValueError("WanPaths needs at least 2 peers")
@@ -168,9 +168,10 @@ class WanPaths:
     (rtt_ms, rate_mbit)} for the two directions between i and j. windows: 'stock' or
     'large' (socket buffer limits, per namespace). cc: every namespace's default congestion
     control (None: leave the kernel's; a CC outside net.ipv4.tcp_allowed_congestion_control
-    cannot be a namespace's default: WanUnavailable says so). offload: TSO/checksum offload through the TUN devices (up to 64 KiB per
-    packet read; off: one read per MTU-sized packet). The context's exit ends every process
-    started through it (by PID), the delay line, and deletes the namespaces.
+    cannot be a namespace's default: WanUnavailable says so). offload: TSO/checksum offload
+    through the TUN devices (up to 64 KiB per packet read; off: one read per MTU-sized
+    packet). The context's exit ends every process started through it (by PID), the delay
+    line, and deletes the namespaces.
     """
 
     def __init__(self, n_peers: int, rtt_ms: float = 20.0, rate_mbit: float | None = None,
