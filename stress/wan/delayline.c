@@ -16,10 +16,11 @@
  * the kernel hands over TCP segments of up to 64 KiB, which are forwarded unchanged (header
  * included) and charged as the MTU-sized packets they stand for.
  *
- * Usage: delayline [--vnet] --peer NETNS:IFNAME:A.B.C.D ... --path SRC:DST:DELAY_NS:RATE:QLIMIT:FLOWRATE:FLOWQLIMIT ...
+ * Usage: delayline [--vnet] [--watch-stdin] --peer NETNS:IFNAME:A.B.C.D ... --path SRC:DST:DELAY_NS:RATE:QLIMIT:FLOWRATE:FLOWQLIMIT ...
  *   RATE and FLOWRATE in bytes per second (0: unlimited / no per-flow cap), QLIMIT and FLOWQLIMIT in
  *   bytes. Prints "READY" once every device is attached; SIGUSR1 prints a JSON line of counters;
- *   SIGTERM/SIGINT print it and exit 0.
+ *   SIGTERM/SIGINT print it and exit 0, as does the end of stdin with --watch-stdin (the harness
+ *   holds the pipe's other end: if it dies, even by SIGKILL, the delay line ends too).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -268,7 +269,7 @@ static void path_note_late(struct path *p, int64_t late) {
 
 /* ---------------------------------------------------------------- packets */
 
-static int use_vnet;
+static int use_vnet, watch_stdin;
 
 /* Fills key and returns the bytes the packet stands for on the wire; -1 if it is not IPv4. */
 static int64_t classify(const uint8_t *buf, size_t len, uint32_t *dst, struct flow_key *key) {
@@ -401,7 +402,7 @@ static int peer_of(uint32_t addr) {
 
 static void run(void) {
     static uint8_t buf[BUF_SIZE];
-    struct pollfd pfd[MAX_PEERS];
+    struct pollfd pfd[MAX_PEERS + 1];
     sigset_t blocked, during_poll;
     sigemptyset(&blocked);
     sigaddset(&blocked, SIGTERM);
@@ -412,6 +413,7 @@ static void run(void) {
     sigdelset(&during_poll, SIGINT);
     sigdelset(&during_poll, SIGUSR1);
     for (int i = 0; i < npeers; i++) pfd[i] = (struct pollfd){.fd = peers[i].fd, .events = POLLIN};
+    pfd[npeers] = (struct pollfd){.fd = watch_stdin ? 0 : -1, .events = POLLIN};
     int64_t next_gc = now_ns() + 1000000000;
     while (!want_exit) {
         int64_t now = now_ns();
@@ -450,12 +452,16 @@ static void run(void) {
         int64_t wait = next - now_ns();
         if (wait < SPIN_NS) wait = 0;
         struct timespec ts = {.tv_sec = wait / 1000000000, .tv_nsec = wait % 1000000000};
-        int r = ppoll(pfd, (nfds_t)npeers, &ts, &during_poll);
+        int r = ppoll(pfd, (nfds_t)npeers + 1, &ts, &during_poll);
         if (r < 0) {
             if (errno == EINTR) continue;
             die("ppoll");
         }
         if (r == 0) continue;
+        if (pfd[npeers].revents) { /* whoever started us is gone (or closed our stdin): so are we */
+            char c;
+            if (read(0, &c, 1) <= 0) want_exit = 1;
+        }
         for (int i = 0; i < npeers; i++) {
             if (!(pfd[i].revents & POLLIN)) continue;
             int again = 1;
@@ -612,6 +618,8 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--selftest")) return selftest();
         if (!strcmp(argv[i], "--vnet")) {
             use_vnet = 1;
+        } else if (!strcmp(argv[i], "--watch-stdin")) {
+            watch_stdin = 1;
         } else if (!strcmp(argv[i], "--peer") && i + 1 < argc) {
             char ns[256], ifn[IFNAMSIZ], addr[64];
             if (npeers >= MAX_PEERS || sscanf(argv[++i], "%255[^:]:%15[^:]:%63s", ns, ifn, addr) != 3 ||

@@ -213,12 +213,12 @@ class WanPaths:
             self._made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
             self._sysctl(ns)
-        cmd = [self.exe, *(["--vnet"] if self.offload else [])]
+        cmd = [self.exe, "--watch-stdin", *(["--vnet"] if self.offload else [])]
         for ns, a in zip(self.names, self._addrs):
             cmd += ["--peer", f"{ns}:{IFNAME}:{a}"]
         for s in self.specs:
             cmd += ["--path", s.arg()]
-        self.delayline = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        self.delayline = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         line = self._line(10.0)
         if line != "READY":
             raise RuntimeError(f"the delay line did not start: {line!r} {self._stderr()}")
