@@ -64,7 +64,7 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     per flow, the senders' TCP_INFO, and the delay line's CPU use and drops meanwhile. ``cc``:
     the senders' congestion control (per socket; None: the namespace's default)."""
     port = next(_port)
-    before = net.stats()
+    before, dev_before = net.stats(), net.device_drops(src)
     rcv = net.popen(dst, [sys.executable, FLOWS, "recv", "--port", str(port), "--flows", str(flows),
                           "--seconds", str(seconds), "--warmup", str(warmup)], stdout=subprocess.PIPE)
     _ready(rcv)
@@ -75,6 +75,7 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     r_out, _ = rcv.communicate(timeout=30)
     wall = time.monotonic() - t0
     after = net.stats()
+    res_dev = net.device_drops(src) - dev_before
     if out.returncode != 0 or rcv.returncode != 0:
         raise RuntimeError(f"traffic failed: sender {out.returncode} {out.stderr.decode()[-2000:]}, "
                            f"receiver {rcv.returncode}")
@@ -87,6 +88,7 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
 
     pa, pb = path(after), path(before)
     res["drops"] = pa["drop_pkts"] - pb["drop_pkts"]
+    res["device_drops"] = res_dev
     res["packets"] = pa["in_pkts"] - pb["in_pkts"]
     n = pa["out_pkts"] - pb["out_pkts"]
     res["late_mean_us"] = (pa["late_sum_ns"] - pb["late_sum_ns"]) / max(n, 1) / 1e3
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [goodput(net, 0, 1, k, a.seconds, warmup, a.cc) for k in dict.fromkeys([1, a.flows])]
         late = net.stats()["paths"][0]
     print(f"{'flows':>5} {'Mbit/s':>9} {'of rate':>8} {'per flow min..max':>19} {'retrans':>8} "
-          f"{'srtt ms':>8} {'drops':>6} {'delay line cores':>17}")
+          f"{'srtt ms':>8} {'drops':>6} {'dev drops':>9} {'delay line cores':>17}")
     for g in rows:
         pf = g["per_flow_bits_per_s"]
         infos = [i for i in g["sender"]["tcp_info"] if i]
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         share = f"{g['bits_per_s'] / (rate * 1e6):.1%}" if rate else "-"
         print(f"{g['flows']:>5} {g['bits_per_s'] / 1e6:>9.1f} {share:>8} "
               f"{f'{min(pf) / 1e6:.1f}..{max(pf) / 1e6:.1f}':>19} {sum(i['retrans'] for i in infos):>8} "
-              f"{srtt:>8.1f} {g['drops']:>6} {g['delayline_cores']:>17.2f}")
+              f"{srtt:>8.1f} {g['drops']:>6} {g['device_drops']:>9} {g['delayline_cores']:>17.2f}")
     per_row = ", ".join(f"{g['late_mean_us']:.0f}" for g in rows)
     print(f"delay line timing, path 0 -> 1, whole run: packets left {late['late_mean_ns'] / 1e3:.0f} us late "
           f"on average, at most {late['late_max_ns'] / 1e6:.2f} ms; {late['late_over_1ms']} of {late['out_pkts']} "

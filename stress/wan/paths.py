@@ -32,6 +32,7 @@ SOURCE = os.path.join(HERE, "delayline.c")
 IFNAME = "wan0"
 PREFIX = "pwan"
 LARGE_WINDOW = 128 << 20  # bytes: a 1 Gbit/s path at 500 ms RTT, twice (the receive window is about half the buffer)
+TXQUEUELEN = 4096
 MIN_QUEUE = 64 << 10      # one 64 KiB TSO segment: a smaller queue would drop every such segment behind another
 _seq = itertools.count()
 
@@ -224,7 +225,8 @@ class WanPaths:
             raise RuntimeError(f"the delay line did not start: {line!r} {self._stderr()}")
         for ns, a in zip(self.names, self._addrs):
             _ip("-n", ns, "addr", "add", f"{a}/24", "dev", IFNAME)
-            _ip("-n", ns, "link", "set", IFNAME, "mtu", str(self.mtu), "up")
+            # a TUN device drops what its ring (txqueuelen packets) cannot hold while the delay line is late
+            _ip("-n", ns, "link", "set", IFNAME, "mtu", str(self.mtu), "txqueuelen", str(TXQUEUELEN), "up")
 
     def _sysctl(self, ns: str) -> None:
         if self.cc is not None:
@@ -288,6 +290,13 @@ class WanPaths:
     def sysctl(self, i: int, key: str) -> str:
         """A sysctl as peer i's namespace sees it, e.g. 'net/ipv4/tcp_rmem'."""
         return self._read(self.names[i], key)
+
+    def device_drops(self, i: int) -> int:
+        """Packets peer i's TUN device dropped because the delay line did not read them in time
+        (not the emulated path's drops: those are in stats())."""
+        r = subprocess.run(["ip", "-n", self.names[i], "-s", "-j", "link", "show", IFNAME], capture_output=True,
+                           text=True, timeout=10, check=True)
+        return int(json.loads(r.stdout)[0]["stats64"]["tx"]["dropped"])
 
     def stats(self, timeout: float = 5.0) -> dict:
         """The delay line's counters: per directed path packets and bytes in, out and
