@@ -90,6 +90,7 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     res["drops"] = pa["drop_pkts"] - pb["drop_pkts"]
     res["device_drops"] = res_dev
     res["packets"] = pa["in_pkts"] - pb["in_pkts"]
+    res["packets_per_s"] = res["packets"] / wall  # what the delay line read from src for dst
     n = pa["out_pkts"] - pb["out_pkts"]
     res["late_mean_us"] = (pa["late_sum_ns"] - pb["late_sum_ns"]) / max(n, 1) / 1e3
     res["late_over_1ms"] = (pa["late_over_1ms"] - pb["late_over_1ms"]) / max(n, 1)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [goodput(net, 0, 1, k, a.seconds, warmup, a.cc) for k in dict.fromkeys([1, a.flows])]
         late = net.stats()["paths"][0]
     print(f"{'flows':>5} {'Mbit/s':>9} {'of rate':>8} {'per flow min..max':>19} {'retrans':>8} "
-          f"{'srtt ms':>8} {'drops':>6} {'dev drops':>9} {'delay line cores':>17}")
+          f"{'srtt ms':>8} {'drops':>6} {'dev drops':>9} {'pkts/s':>7} {'delay line cores':>17}")
     for g in rows:
         pf = g["per_flow_bits_per_s"]
         infos = [i for i in g["sender"]["tcp_info"] if i]
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         share = f"{g['bits_per_s'] / (rate * 1e6):.1%}" if rate else "-"
         print(f"{g['flows']:>5} {g['bits_per_s'] / 1e6:>9.1f} {share:>8} "
               f"{f'{min(pf) / 1e6:.1f}..{max(pf) / 1e6:.1f}':>19} {sum(i['retrans'] for i in infos):>8} "
-              f"{srtt:>8.1f} {g['drops']:>6} {g['device_drops']:>9} {g['delayline_cores']:>17.2f}")
+              f"{srtt:>8.1f} {g['drops']:>6} {g['device_drops']:>9} {g['packets_per_s']:>7.0f} "
+              f"{g['delayline_cores']:>17.2f}")
     per_row = ", ".join(f"{g['late_mean_us']:.0f}" for g in rows)
     print(f"delay line timing, path 0 -> 1, whole run: packets left {late['late_mean_ns'] / 1e3:.0f} us late "
           f"on average, at most {late['late_max_ns'] / 1e6:.2f} ms; {late['late_over_1ms']} of {late['out_pkts']} "
