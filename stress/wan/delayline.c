@@ -45,7 +45,6 @@
 #define MAX_PEERS 64
 #define BUF_SIZE (65536 + sizeof(struct virtio_net_hdr) + 64)
 #define FLOW_BUCKETS 256
-#define LAG_NS 1000000 /* a bucket may make up for at most 1 ms of missed service (late wake-ups) */
 #define SPIN_NS 20000  /* an event this close is waited for by spinning, not by sleeping */
 #define READ_BATCH 64
 
@@ -61,6 +60,7 @@ static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 struct pkt {
     struct pkt *next;
+    int64_t arr;   /* when it was read */
     int64_t due;   /* when the delay line hands it over */
     uint32_t len;  /* bytes in data (virtio-net header included with --vnet) */
     uint32_t wire; /* bytes it stands for on the wire: IP packets of at most the MTU */
@@ -172,13 +172,15 @@ static void ring_del(struct path *p, struct flow *f) {
     f->prev = f->next = NULL;
 }
 
+static int64_t flow_lag(const struct path *p);
+
 /* Frees idle flows whose bucket is full again (they would start afresh anyway). */
 static void path_gc(struct path *p, int64_t now) {
     for (int h = 0; h < FLOW_BUCKETS; h++) {
         struct flow **pp = &p->flows[h];
         while (*pp) {
             struct flow *f = *pp;
-            if (!f->backlogged && f->vt + LAG_NS < now) {
+            if (!f->backlogged && f->vt + flow_lag(p) < now) {
                 *pp = f->hnext;
                 free(f);
                 p->nflows--;
@@ -211,28 +213,40 @@ static int path_enqueue(struct path *p, struct pkt *pk, const struct flow_key *k
     return 1;
 }
 
-/* Moves every packet the buckets allow at `now` from the flow queues into the delay line. */
+/* How much credit a flow's bucket may hold: 5 ms at its rate, or one 64 KiB segment if more.
+ * Waiting for the bottleneck behind other flows, or for a late wake-up, costs a flow nothing
+ * up to that much; an idle flow starts with at most that burst. */
+static int64_t flow_lag(const struct path *p) {
+    int64_t seg = (int64_t)(65536 * p->flow_ns_per_byte);
+    return seg > 5000000 ? seg : 5000000;
+}
+
+/* When flow f's head packet may leave its bucket: not before it arrived, not before the bucket
+ * has the tokens. */
+static int64_t flow_eligible(const struct path *p, const struct flow *f, int64_t now) {
+    int64_t e = f->q.head->arr;
+    if (p->flow_ns_per_byte > 0) e = max64(e, max64(f->vt, now - flow_lag(p)));
+    return e;
+}
+
+/* Moves every packet the buckets allow by `now` from the flow queues into the delay line. The
+ * bottleneck is a serializer on exact times: a packet starts when it is eligible and the one
+ * before it has left, so a late wake-up delays the write, never the rate. */
 static void path_service(struct path *p, int64_t now) {
-    while (p->ring) {
-        if (p->ns_per_byte > 0 && p->vt > now) return; /* the bottleneck is busy */
+    while (p->ring && p->vt <= now) {
         struct flow *f = p->ring, *start = p->ring;
-        if (p->flow_ns_per_byte > 0) { /* the next backlogged flow, round robin, whose bucket allows it */
-            while (f->vt > now) {
-                f = f->next;
-                if (f == start) return;
-            }
+        int64_t e;
+        while ((e = flow_eligible(p, f, now)) > now) { /* round robin over the flows allowed to send */
+            f = f->next;
+            if (f == start) return;
         }
+        int64_t s = max64(p->vt, e);
         struct pkt *pk = fifo_pop(&f->q);
         f->queued -= pk->wire;
         p->queued -= pk->wire;
-        if (p->flow_ns_per_byte > 0)
-            f->vt = max64(f->vt, now - LAG_NS) + (int64_t)(pk->wire * p->flow_ns_per_byte);
-        int64_t sent = now; /* when its last bit left the bottleneck */
-        if (p->ns_per_byte > 0) {
-            p->vt = max64(p->vt, now - LAG_NS) + (int64_t)(pk->wire * p->ns_per_byte);
-            sent = max64(p->vt, now);
-        }
-        pk->due = sent + p->delay; /* constant delay after a monotonic `sent`: FIFO order holds */
+        if (p->flow_ns_per_byte > 0) f->vt = e + (int64_t)(pk->wire * p->flow_ns_per_byte);
+        p->vt = s + (int64_t)(pk->wire * p->ns_per_byte); /* its last bit has left (monotonic) */
+        pk->due = p->vt + p->delay;                         /* so the delay line stays in order */
         fifo_push(&p->line, pk);
         p->ring = f->next; /* round robin: the next flow goes first next time */
         if (!f->q.head) ring_del(p, f);
@@ -244,16 +258,13 @@ static int64_t path_next_event(const struct path *p, int64_t now) {
     int64_t t = p->line.head ? p->line.head->due : INT64_MAX;
     if (p->ring) {
         int64_t s = INT64_MAX;
-        if (p->flow_ns_per_byte > 0) {
-            const struct flow *f = p->ring;
-            do {
-                if (f->vt < s) s = f->vt;
-                f = f->next;
-            } while (f != p->ring);
-        } else {
-            s = now;
-        }
-        if (p->ns_per_byte > 0) s = max64(s, p->vt);
+        const struct flow *f = p->ring;
+        do {
+            int64_t e = flow_eligible(p, f, now);
+            if (e < s) s = e;
+            f = f->next;
+        } while (f != p->ring);
+        s = max64(s, p->vt);
         if (s < t) t = s;
     }
     return t;
@@ -390,6 +401,7 @@ static struct pkt *read_packet(int fd, uint8_t *buf, int *again) {
     struct pkt *pk = malloc(sizeof *pk + (size_t)n);
     if (!pk) die("malloc");
     pk->len = (uint32_t)n;
+    pk->arr = now_ns();
     memcpy(pk->data, buf, (size_t)n);
     return pk;
 }
@@ -496,27 +508,30 @@ static int failures;
         }                                                    \
     } while (0)
 
-static struct pkt *fake_pkt(uint32_t wire, uint32_t tag) {
+static struct pkt *fake_pkt(uint32_t wire, uint32_t tag, int64_t now) {
     struct pkt *pk = calloc(1, sizeof *pk + 4);
     pk->len = 4;
     pk->wire = wire;
+    pk->arr = now;
     memcpy(pk->data, &tag, 4);
     return pk;
 }
 
-/* Offers `rate_in` bytes/s of 1500-byte packets per flow for `dur` ns; returns delivered bytes per flow. */
-static void simulate(struct path *p, int nf, double rate_in, int64_t dur, uint64_t *got, int64_t *last_due) {
-    int64_t step = 10000, gap = (int64_t)(1500 * 1e9 / rate_in), next_arrival[16] = {0};
+/* Offers `rate_in` bytes/s per flow in packets of `size` bytes for `dur` ns, serving the path
+ * every `every` ns (a late wake-up each time); fills the bytes each flow got by `dur`. */
+static void simulate(struct path *p, int nf, double rate_in, uint32_t size, int64_t dur, int64_t every,
+                     uint64_t *got) {
+    int64_t step = 10000, gap = (int64_t)(size * 1e9 / rate_in), next_arrival[16] = {0}, last_due = INT64_MIN;
     uint32_t seq[16] = {0}, last_seen[16] = {0};
     for (int f = 0; f < nf; f++) got[f] = 0;
-    *last_due = INT64_MIN;
     for (int64_t t = 0; t < dur + p->delay + 100000000; t += step) {
         for (int f = 0; f < nf; f++)
             while (t < dur && next_arrival[f] <= t) {
                 struct flow_key k = {.src = 1, .dst = 2, .proto = 6, .sport = (uint16_t)(1000 + f), .dport = 80};
-                path_enqueue(p, fake_pkt(1500, (uint32_t)f << 24 | ++seq[f]), &k);
+                path_enqueue(p, fake_pkt(size, (uint32_t)f << 24 | ++seq[f], t), &k);
                 next_arrival[f] += gap;
             }
+        if (t % every) continue;
         path_service(p, t);
         while (p->line.head && p->line.head->due <= t) {
             struct pkt *pk = fifo_pop(&p->line);
@@ -525,8 +540,9 @@ static void simulate(struct path *p, int nf, double rate_in, int64_t dur, uint64
             int f = (int)(tag >> 24);
             CHECK((tag & 0xffffff) > last_seen[f], "flow %d reordered", f);
             last_seen[f] = tag & 0xffffff;
-            CHECK(pk->due >= *last_due, "the delay line went back in time");
-            *last_due = pk->due;
+            CHECK(pk->due >= last_due, "the delay line went back in time");
+            CHECK(pk->due >= pk->arr + p->delay, "a packet left before its delay was over");
+            last_due = pk->due;
             if (pk->due <= dur) got[f] += pk->wire;
             free(pk);
         }
@@ -547,58 +563,73 @@ static struct path *fresh_path(int64_t delay, double rate, int64_t qlimit, doubl
     return &p;
 }
 
+static double total(const uint64_t *got, int nf, double secs, double *lo, double *hi) {
+    double sum = 0;
+    *lo = 1e18;
+    *hi = 0;
+    for (int f = 0; f < nf; f++) {
+        double r = got[f] / secs;
+        sum += r;
+        if (r < *lo) *lo = r;
+        if (r > *hi) *hi = r;
+    }
+    return sum;
+}
+
 static int selftest(void) {
     uint64_t got[16];
-    int64_t last;
-    int64_t sec = 1000000000;
+    int64_t sec = 1000000000, us10 = 10000;
+    double lo, hi, r;
     /* unlimited: every packet after exactly the delay */
     struct path *p = fresh_path(10000000, 0, 1 << 20, 0, 0);
     struct flow_key k = {0};
-    path_enqueue(p, fake_pkt(1500, 1), &k);
+    path_enqueue(p, fake_pkt(1500, 1, 3), &k);
     path_service(p, 5);
-    CHECK(p->line.head && p->line.head->due == 10000005, "due %lld", (long long)(p->line.head ? p->line.head->due : -1));
-    CHECK(path_next_event(p, 5) == 10000005, "next event");
+    CHECK(p->line.head && p->line.head->due == 10000003, "due %lld", (long long)(p->line.head ? p->line.head->due : -1));
+    CHECK(path_next_event(p, 5) == 10000003, "next event");
     free(fifo_pop(&p->line));
-    /* 100 Mbit/s bottleneck offered 200 Mbit/s: delivers 12.5 MB/s and drops the rest at the queue */
-    p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
-    simulate(p, 1, 25e6, 2 * sec, got, &last);
-    double r = got[0] / 2.0;
-    printf("bottleneck %.4f of rate, drops %llu\n", r / 12.5e6, (unsigned long long)p->drop_pkts);
-    CHECK(r > 12.5e6 * 0.98 && r < 12.5e6 * 1.005, "bottleneck rate %.0f B/s", r);
-    CHECK(p->drop_pkts > 0 && p->max_queued <= 100000, "drops %llu max_queued %lld",
-          (unsigned long long)p->drop_pkts, (long long)p->max_queued);
-    /* offered below the rate: nothing dropped, delivered as offered */
-    p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
-    simulate(p, 1, 6e6, 2 * sec, got, &last);
-    CHECK(p->drop_pkts == 0 && got[0] / 2.0 > 6e6 * 0.98, "under the rate: drops %llu got %.0f",
-          (unsigned long long)p->drop_pkts, got[0] / 2.0);
-    /* per-flow cap at 1/8: one flow gets 1/8 of the link, eight flows get all of it, fairly */
-    double link = 25e6;
-    p = fresh_path(10000000, link, 400000, link / 8, 50000);
-    simulate(p, 1, link, 2 * sec, got, &last);
-    r = got[0] / 2.0;
-    printf("one capped flow %.4f of link/8\n", r / (link / 8));
-    CHECK(r > link / 8 * 0.97 && r < link / 8 * 1.01, "one capped flow %.0f B/s", r);
-    p = fresh_path(10000000, link, 400000, link / 8, 50000);
-    simulate(p, 8, link / 4, 2 * sec, got, &last);
-    double sum = 0, lo = 1e18, hi = 0;
-    for (int f = 0; f < 8; f++) {
-        sum += got[f] / 2.0;
-        if (got[f] / 2.0 < lo) lo = got[f] / 2.0;
-        if (got[f] / 2.0 > hi) hi = got[f] / 2.0;
+    for (int late = 0; late < 2; late++) {
+        int64_t every = late ? 3000000 : us10; /* served every 10 us, or only every 3 ms */
+        /* 100 Mbit/s bottleneck offered 200 Mbit/s: delivers 12.5 MB/s and drops the rest at the queue */
+        p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
+        simulate(p, 1, 25e6, 1500, 2 * sec, every, got);
+        r = got[0] / 2.0;
+        printf("served every %lld us: bottleneck %.4f of rate, drops %llu\n", (long long)every / 1000, r / 12.5e6,
+               (unsigned long long)p->drop_pkts);
+        CHECK(r > 12.5e6 * 0.98 && r < 12.5e6 * 1.005, "bottleneck rate %.0f B/s", r);
+        CHECK(p->drop_pkts > 0 && p->max_queued <= 100000, "drops %llu max_queued %lld",
+              (unsigned long long)p->drop_pkts, (long long)p->max_queued);
+        /* offered below the rate: nothing dropped, delivered as offered */
+        p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
+        simulate(p, 1, 6e6, 1500, 2 * sec, every, got);
+        CHECK(p->drop_pkts == 0 && got[0] / 2.0 > 6e6 * 0.98, "under the rate: drops %llu got %.0f",
+              (unsigned long long)p->drop_pkts, got[0] / 2.0);
+        /* per-flow cap at 1/8: one flow gets 1/8 of the link, eight get all of it, fairly, also
+         * with segments of 16 KiB (eight flows wait 5 ms for a turn at the bottleneck) */
+        double link = 25e6;
+        p = fresh_path(10000000, link, 400000, link / 8, 50000);
+        simulate(p, 1, link, 1500, 2 * sec, every, got);
+        r = got[0] / 2.0;
+        printf("served every %lld us: one capped flow %.4f of link/8\n", (long long)every / 1000, r / (link / 8));
+        CHECK(r > link / 8 * 0.97 && r < link / 8 * 1.01, "one capped flow %.0f B/s", r);
+        for (uint32_t size = 1500; size <= 16384; size += 16384 - 1500) {
+            p = fresh_path(10000000, link, 400000, link / 8, 50000);
+            simulate(p, 8, link / 4, size, 2 * sec, every, got);
+            double sum = total(got, 8, 2.0, &lo, &hi);
+            printf("served every %lld us, %u-byte packets: eight capped flows %.4f of link (%.0f..%.0f)\n",
+                   (long long)every / 1000, size, sum / link, lo, hi);
+            CHECK(sum > link * 0.97 && sum < link * 1.005, "eight capped flows %.0f B/s", sum);
+            CHECK(lo > hi * 0.95, "eight capped flows unfair: %.0f..%.0f", lo, hi);
+            CHECK(p->nflows <= 8, "flows %d", p->nflows);
+        }
+        /* 16 flows offered under the cap each: the link is shared fairly and stays full */
+        p = fresh_path(10000000, link, 800000, link / 8, 50000);
+        simulate(p, 16, link / 10, 1500, 2 * sec, every, got);
+        CHECK(total(got, 16, 2.0, &lo, &hi) > link * 0.97, "sixteen flows");
+        CHECK(lo > hi * 0.95, "sixteen flows unfair: %.0f..%.0f", lo, hi);
+        path_gc(p, 100 * sec);
+        CHECK(p->nflows == 0, "idle flows not collected: %d", p->nflows);
     }
-    printf("eight capped flows %.4f of link (%.0f..%.0f)\n", sum / link, lo, hi);
-    CHECK(sum > link * 0.97 && sum < link * 1.005, "eight capped flows %.0f B/s", sum);
-    CHECK(lo > hi * 0.97, "eight capped flows unfair: %.0f..%.0f", lo, hi);
-    CHECK(p->nflows <= 8, "flows %d", p->nflows);
-    /* 16 flows offered under the cap each: the link is shared fairly and stays full */
-    p = fresh_path(10000000, link, 800000, link / 8, 50000);
-    simulate(p, 16, link / 10, 2 * sec, got, &last);
-    sum = 0;
-    for (int f = 0; f < 16; f++) sum += got[f] / 2.0;
-    CHECK(sum > link * 0.97, "sixteen flows %.0f B/s", sum);
-    path_gc(p, 100 * sec);
-    CHECK(p->nflows == 0, "idle flows not collected: %d", p->nflows);
     if (!failures) printf("selftest ok\n");
     return failures ? 1 : 0;
 }

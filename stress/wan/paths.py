@@ -33,6 +33,8 @@ IFNAME = "wan0"
 PREFIX = "pwan"
 LARGE_WINDOW = 128 << 20  # bytes: a 1 Gbit/s path at 500 ms RTT, twice (the receive window is about half the buffer)
 TXQUEUELEN = 4096
+HOST_WIDE = ("net/core/rmem_max", "net/core/wmem_max")  # per namespace on some kernels only
+DELAYLINE_NICE = -10  # the delay line stands in for hardware: ahead of the peers' processes for the CPU
 MIN_QUEUE = 64 << 10      # one 64 KiB TSO segment: a smaller queue would drop every such segment behind another
 _seq = itertools.count()
 
@@ -220,6 +222,7 @@ class WanPaths:
         for s in self.specs:
             cmd += ["--path", s.arg()]
         self.delayline = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        os.setpriority(os.PRIO_PROCESS, self.delayline.pid, DELAYLINE_NICE)
         line = self._line(10.0)
         if line != "READY":
             raise RuntimeError(f"the delay line did not start: {line!r} {self._stderr()}")
@@ -242,8 +245,12 @@ class WanPaths:
                     f"setting): allow it there, or pass cc=None and set TCP_CONGESTION per socket as root "
                     f"(flows.py --cc does)")
         # a key the namespace does not show is global on this kernel: left alone (self.skipped)
-        script = "set -e\n" + "".join(f"if [ -e /proc/sys/{k} ]; then echo '{v}' > /proc/sys/{k}; "
-                                        f"else echo {k}; fi\n" for k, v in self.sysctls.items())
+        # (net.core.rmem_max and wmem_max show in a namespace but are read-only there on 6.x kernels)
+        lines = ["set -e"]
+        for k, v in self.sysctls.items():
+            write = f"echo '{v}' > /proc/sys/{k}" + (f" 2>/dev/null || echo {k}" if k in HOST_WIDE else "")
+            lines.append(f"if [ -e /proc/sys/{k} ]; then {write}; else echo {k}; fi")
+        script = "\n".join(lines)
         r = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script], capture_output=True, text=True,
                            timeout=10)
         if r.returncode != 0:
