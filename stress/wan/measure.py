@@ -117,18 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=None, help="seconds left out of the goodput (default: 20%%)")
     ap.add_argument("--queue-ms", type=float, default=None, help="bottleneck queue (default: one RTT)")
     ap.add_argument("--no-offload", action="store_true", help="no TSO through the TUN devices")
+    ap.add_argument("--no-realtime", action="store_true", help="the delay line at nice -10, not SCHED_FIFO")
     ap.add_argument("--json", default=None, help="write the raw results here")
     a = ap.parse_args(argv)
     cap = parse_fraction(a.flow_cap)
     warmup = a.seconds * 0.2 if a.warmup is None else a.warmup
     rate = a.rate_mbit or None
     with WanPaths(2, rtt_ms=a.rtt_ms, rate_mbit=rate, flow_cap_fraction=cap, windows=a.windows, cc=None,
-                  queue_ms=a.queue_ms, offload=not a.no_offload) as net:
+                  queue_ms=a.queue_ms, offload=not a.no_offload, realtime=not a.no_realtime) as net:
         rmem, wmem = net.sysctl(0, "net/ipv4/tcp_rmem"), net.sysctl(0, "net/ipv4/tcp_wmem")
         print(f"path 0 -> 1: rtt {a.rtt_ms} ms, rate {f'{a.rate_mbit:g} Mbit/s' if rate else 'unlimited'}, "
               f"per-flow cap {a.flow_cap or 'none'}, queue {net.specs[0].qlimit} B, windows {a.windows} "
               f"(tcp_rmem {rmem}; tcp_wmem {wmem}), cc {a.cc} (per socket), offload {'off' if a.no_offload else 'on'}; "
-              f"goodput over {a.seconds - warmup:g} s after {warmup:g} s", flush=True)
+              f"delay line {'SCHED_FIFO' if net.realtime else 'nice -10'}; goodput over {a.seconds - warmup:g} s after "
+              f"{warmup:g} s", flush=True)
         r = rtt(net, 0, 1)
         print(f"RTT (TCP 1-byte echo): min {r['min_ms']:.2f} ms, median {r['median_ms']:.2f} ms, "
               f"max {r['max_ms']:.2f} ms; connect {r['connect_ms']:.2f} ms", flush=True)
