@@ -72,6 +72,15 @@ def test_the_per_flow_cap_holds_one_flow_to_its_share_and_eight_fill_the_link():
 
 
 @needs_root
+@pytest.mark.timeout(60)
+def test_each_pair_of_peers_has_its_own_rtt():
+    with wan.WanPaths(3, rtt_ms=10, per_pair={(0, 2): (40, None)}, cc=None) as net:
+        got = {pair: rtt(net, *pair, count=6)["median_ms"] for pair in ((0, 1), (0, 2), (2, 0), (2, 1))}
+    for pair, want in (((0, 1), 10), ((0, 2), 40), ((2, 0), 40), ((2, 1), 10)):
+        assert want - 0.5 <= got[pair] <= want + 2.0, got
+
+
+@needs_root
 def test_an_exception_inside_tears_everything_down():
     with pytest.raises(RuntimeError, match="boom"), wan.WanPaths(2, rtt_ms=1, cc=None) as net:
         names = list(net.names)
