@@ -8,7 +8,9 @@
 Standalone (standard library only): it runs inside a peer's network namespace. The
 receiver measures goodput from the moment all K flows are connected, counting only the
 bytes that arrive between ``warmup`` and ``seconds`` after it, then closes every flow,
-which ends the sender. Every wait has a deadline.
+which ends the sender. It counts what each flow's kernel received (TCP_INFO), so a
+receiver that falls behind in reading does not shift bytes into or out of the window.
+Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import time
 
 CHUNK = 1 << 20
 ACCEPT_S = 15.0
+# tcp_info: 8 bytes of u8 fields, then u32s from tcpi_rto; indices into those
+_TI = struct.Struct("8x24I")
+_RTT, _RTTVAR, _SSTHRESH, _CWND, _MSS, _TOTAL_RETRANS = 15, 16, 17, 18, 2, 23
+_BYTES_RECEIVED = struct.Struct("128xQ")  # tcpi_bytes_received (Linux 4.1+)
 
 
 def _listen(port: int) -> socket.socket:
@@ -33,6 +39,16 @@ def _listen(port: int) -> socket.socket:
     ls.settimeout(ACCEPT_S)
     print("READY", flush=True)
     return ls
+
+
+def _received(conns: list[socket.socket], app: list[int]) -> tuple[float, list[int]]:
+    """(now, bytes each flow's kernel has received): tcpi_bytes_received, which does not lag
+    behind when this process does; what the application read where the kernel lacks it."""
+    got = []
+    for c, a in zip(conns, app):
+        raw = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED.size)
+        got.append(_BYTES_RECEIVED.unpack(raw)[0] if len(raw) >= _BYTES_RECEIVED.size else a)
+    return time.monotonic(), got
 
 
 def recv(port: int, flows: int, seconds: float, warmup: float) -> dict:
@@ -48,7 +64,7 @@ def recv(port: int, flows: int, seconds: float, warmup: float) -> dict:
     t0 = time.monotonic()
     start, end = t0 + warmup, t0 + seconds
     total = [0] * flows
-    at_start: list[int] | None = None
+    at_start: tuple[float, list[int]] | None = None
     buf = bytearray(CHUNK)
     sel = selectors.DefaultSelector()
     for k, c in enumerate(conns):
@@ -59,8 +75,9 @@ def recv(port: int, flows: int, seconds: float, warmup: float) -> dict:
         while True:
             now = time.monotonic()
             if at_start is None and now >= start:
-                at_start = list(total)
+                at_start = _received(conns, total)
             if now >= end:
+                at_end = _received(conns, total)
                 break
             for key, _ in sel.select(timeout=max(0.0, min(end, start if at_start is None else end) - now)):
                 try:
@@ -76,16 +93,11 @@ def recv(port: int, flows: int, seconds: float, warmup: float) -> dict:
     finally:
         for c in conns:
             c.close()
-    at_start = at_start or [0] * flows
-    window = seconds - warmup
-    per_flow = [(b - a) * 8 / window for a, b in zip(at_start, total)]
-    return {"flows": flows, "seconds": seconds, "warmup": warmup, "bits_per_s": sum(per_flow),
-            "per_flow_bits_per_s": per_flow, "bytes": total, "first_byte_s": first}
-
-
-# tcp_info: 8 bytes of u8 fields, then u32s from tcpi_rto; indices into those
-_TI = struct.Struct("8x24I")
-_RTT, _RTTVAR, _SSTHRESH, _CWND, _MSS, _TOTAL_RETRANS = 15, 16, 17, 18, 2, 23
+    assert at_start is not None
+    window = at_end[0] - at_start[0]  # as taken, a little late or not
+    per_flow = [(b - a) * 8 / window for a, b in zip(at_start[1], at_end[1])]
+    return {"flows": flows, "seconds": seconds, "warmup": warmup, "window_s": window, "bits_per_s": sum(per_flow),
+            "per_flow_bits_per_s": per_flow, "bytes_read": total, "first_byte_s": first}
 
 
 def tcp_info(s: socket.socket) -> dict:
