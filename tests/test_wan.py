@@ -47,7 +47,7 @@ def test_the_delay_lines_scheduler_keeps_rates_order_and_delay_on_a_fake_clock()
 @needs_root
 @pytest.mark.timeout(60)
 def test_rtt_and_rate_limit_between_two_namespaces():
-    with wan.WanPaths(2, rtt_ms=20, rate_mbit=50, cc=None) as net:
+    with wan.WanPaths(2, rtt_ms=20, rate_mbit=50) as net:
         names = list(net.names)
         r = rtt(net, 0, 1, count=15)
         assert 19.0 <= r["min_ms"] and r["median_ms"] <= 22.0, r
@@ -63,7 +63,7 @@ def test_rtt_and_rate_limit_between_two_namespaces():
 @pytest.mark.timeout(60)
 def test_the_per_flow_cap_holds_one_flow_to_its_share_and_eight_fill_the_link():
     link = 100e6
-    with wan.WanPaths(2, rtt_ms=20, rate_mbit=link / 1e6, flow_cap_fraction=1 / 8, cc=None) as net:
+    with wan.WanPaths(2, rtt_ms=20, rate_mbit=link / 1e6, flow_cap_fraction=1 / 8) as net:
         one = goodput(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
         assert 0.8 * link / 8 <= one["bits_per_s"] <= 1.05 * link / 8, one
         eight = goodput(net, 0, 1, flows=8, seconds=3.0, warmup=1.0, cc=CC)
@@ -74,15 +74,31 @@ def test_the_per_flow_cap_holds_one_flow_to_its_share_and_eight_fill_the_link():
 @needs_root
 @pytest.mark.timeout(60)
 def test_each_pair_of_peers_has_its_own_rtt():
-    with wan.WanPaths(3, rtt_ms=10, per_pair={(0, 2): (40, None)}, cc=None) as net:
+    with wan.WanPaths(3, rtt_ms=10, per_pair={(0, 2): (40, None)}) as net:
         got = {pair: rtt(net, *pair, count=6)["median_ms"] for pair in ((0, 1), (0, 2), (2, 0), (2, 1))}
     for pair, want in (((0, 1), 10), ((0, 2), 40), ((2, 0), 40), ((2, 1), 10)):
         assert want - 0.5 <= got[pair] <= want + 2.0, got
 
 
 @needs_root
+def test_windows_and_congestion_control_are_set_per_namespace():
+    host = [open(f"/proc/sys/net/ipv4/{k}").read() for k in ("tcp_rmem", "tcp_congestion_control")]
+    with wan.WanPaths(2, windows="large", cc="reno") as net:  # reno is always allowed
+        for i in range(2):
+            assert net.sysctl(i, "net/ipv4/tcp_congestion_control") == "reno"
+            assert net.sysctl(i, "net/ipv4/tcp_rmem").split()[2] == str(wan.paths.LARGE_WINDOW)
+            assert net.sysctl(i, "net/ipv4/tcp_wmem").split()[2] == str(wan.paths.LARGE_WINDOW)
+        avail = set(net.sysctl(0, "net/ipv4/tcp_available_congestion_control").split())
+        restricted = avail - set(net.sysctl(0, "net/ipv4/tcp_allowed_congestion_control").split())
+    assert [open(f"/proc/sys/net/ipv4/{k}").read() for k in ("tcp_rmem", "tcp_congestion_control")] == host
+    if restricted:  # e.g. cubic where the host defaults to bbr: refused with what to do
+        with pytest.raises(wan.WanUnavailable, match="TCP_CONGESTION per socket"):
+            wan.WanPaths(2, cc=sorted(restricted)[0])
+
+
+@needs_root
 def test_an_exception_inside_tears_everything_down():
-    with pytest.raises(RuntimeError, match="boom"), wan.WanPaths(2, rtt_ms=1, cc=None) as net:
+    with pytest.raises(RuntimeError, match="boom"), wan.WanPaths(2, rtt_ms=1) as net:
         names = list(net.names)
         p = net.popen(1, ["sleep", "30"])
         raise RuntimeError("boom")

@@ -175,8 +175,9 @@ class WanPaths:
     path's rate (1/8: one TCP flow gets 12.5 %, eight fill the path). per_pair: {(i, j):
     (rtt_ms, rate_mbit)} for the two directions between i and j. windows: 'stock' or
     'large' (socket buffer limits, per namespace). cc: every namespace's default congestion
-    control (None: leave the kernel's; a CC outside net.ipv4.tcp_allowed_congestion_control
-    cannot be a namespace's default: WanUnavailable says so). offload: TSO/checksum offload
+    control, e.g. 'cubic' or 'bbr' (None: the kernel's, which a namespace takes from the
+    host; a CC outside the host-wide net.ipv4.tcp_allowed_congestion_control cannot be a
+    namespace's default: WanUnavailable says so). offload: TSO/checksum offload
     through the TUN devices (up to 64 KiB per packet read; off: one read per MTU-sized
     packet). realtime: run the delay line SCHED_FIFO (else nice -10 only; also where the
     kernel refuses it: then ``self.realtime`` is False). The context's exit ends every
@@ -184,7 +185,7 @@ class WanPaths:
     """
 
     def __init__(self, n_peers: int, rtt_ms: float = 20.0, rate_mbit: float | None = None,
-                 flow_cap_fraction: float | None = None, windows: str = "stock", cc: str | None = "cubic",
+                 flow_cap_fraction: float | None = None, windows: str = "stock", cc: str | None = None,
                  per_pair: dict[tuple[int, int], tuple[float, float | None]] | None = None,
                  queue_ms: float | None = None, offload: bool = True, mtu: int = 1500,
                  realtime: bool = True) -> None:
