@@ -6,7 +6,7 @@
  * after the configured path has had its way with it:
  *
  *   read -> flow queue (optional per-flow token bucket, keyed on the 5-tuple)
- *        -> bottleneck (token bucket at the path's rate, byte-limited tail-drop queue)
+ *        -> bottleneck (serializes at the path's rate; a byte-limited tail-drop queue before it)
  *        -> delay line (constant one-way delay: a FIFO per directed path)
  *        -> write into the destination peer's TUN device
  *
@@ -56,6 +56,8 @@ static int64_t now_ns(void) {
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
 /* ---------------------------------------------------------------- the scheduler (no I/O) */
 
 struct pkt {
@@ -92,10 +94,10 @@ static struct pkt *fifo_pop(struct fifo *q) {
     return p;
 }
 
-struct flow_key {
+struct flow_key { /* compared with memcmp: no implicit padding */
     uint32_t src, dst;
     uint16_t sport, dport;
-    uint8_t proto;
+    uint8_t proto, pad[3];
 };
 
 struct flow {
@@ -298,14 +300,14 @@ static int64_t classify(const uint8_t *buf, size_t len, uint32_t *dst, struct fl
     *dst = key->dst;
     key->proto = ip[9];
     size_t hlen = ihl;
-    int first_fragment = (ntohs(*(const uint16_t *)(ip + 6)) & 0x1fff) == 0;
+    int first_fragment = (be16(ip + 6) & 0x1fff) == 0;
     if ((key->proto == 6 || key->proto == 17) && first_fragment && iplen >= ihl + 4) {
-        key->sport = ntohs(*(const uint16_t *)(ip + ihl));
-        key->dport = ntohs(*(const uint16_t *)(ip + ihl + 2));
+        key->sport = be16(ip + ihl);
+        key->dport = be16(ip + ihl + 2);
         if (key->proto == 6 && iplen >= ihl + 20) hlen += (size_t)(ip[ihl + 12] >> 4) * 4;
         else if (key->proto == 17) hlen += 8;
     }
-    int64_t wire = (int64_t)iplen;
+    int64_t wire = (int64_t)iplen; /* (the virtio-net header is in host order: TUNSETVNETLE/BE not used) */
     if (use_vnet && vh->gso_type != VIRTIO_NET_HDR_GSO_NONE && vh->gso_size > 0 && iplen > hlen) {
         int64_t segs = ((int64_t)(iplen - hlen) + vh->gso_size - 1) / vh->gso_size;
         wire += (segs - 1) * (int64_t)hlen; /* every segment carries its own headers */
