@@ -10,8 +10,7 @@
  *        -> delay line (constant one-way delay: a FIFO per directed path)
  *        -> write into the destination peer's TUN device
  *
- * The scheduler (path_enqueue, path_service, path_next_event) is written against an explicit
- * clock and no I/O, so `delayline --selftest` checks rates, order and delays with a fake
+ * The scheduler of a path (wanpath.h) has no I/O in it; wanpath_test.c checks it on a fake
  * clock. With --vnet the devices carry virtio-net headers and accept TSO/checksum offload:
  * the kernel hands over TCP segments of up to 64 KiB, which are forwarded unchanged (header
  * included) and charged as the MTU-sized packets they stand for.
@@ -42,9 +41,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wanpath.h"
+
 #define MAX_PEERS 64
 #define BUF_SIZE (65536 + sizeof(struct virtio_net_hdr) + 64)
-#define FLOW_BUCKETS 256
 #define SPIN_NS 20000  /* an event this close is waited for by spinning, not by sleeping */
 #define READ_BATCH 64
 
@@ -54,224 +54,9 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
 static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
-/* ---------------------------------------------------------------- the scheduler (no I/O) */
-
-struct pkt {
-    struct pkt *next;
-    int64_t arr;   /* when it was read */
-    int64_t due;   /* when the delay line hands it over */
-    uint32_t len;  /* bytes in data (virtio-net header included with --vnet) */
-    uint32_t wire; /* bytes it stands for on the wire: IP packets of at most the MTU */
-    uint8_t data[];
-};
-
-struct fifo {
-    struct pkt *head, *tail;
-    uint32_t count;
-};
-
-static void fifo_push(struct fifo *q, struct pkt *p) {
-    p->next = NULL;
-    if (q->tail)
-        q->tail->next = p;
-    else
-        q->head = p;
-    q->tail = p;
-    q->count++;
-}
-
-static struct pkt *fifo_pop(struct fifo *q) {
-    struct pkt *p = q->head;
-    if (p) {
-        q->head = p->next;
-        if (!q->head) q->tail = NULL;
-        q->count--;
-    }
-    return p;
-}
-
-struct flow_key { /* compared with memcmp: no implicit padding */
-    uint32_t src, dst;
-    uint16_t sport, dport;
-    uint8_t proto, pad[3];
-};
-
-struct flow {
-    struct flow_key key;
-    struct flow *hnext;            /* hash chain */
-    struct flow *prev, *next;      /* ring of backlogged flows */
-    struct fifo q;
-    int64_t queued;                /* bytes (wire) waiting here */
-    int64_t vt;                    /* the bucket's virtual clock: may send when vt <= now */
-    int backlogged;
-};
-
-struct path {
-    int src, dst, configured;
-    int64_t delay;                 /* one-way, ns */
-    double ns_per_byte;            /* the bottleneck; 0: unlimited */
-    double flow_ns_per_byte;       /* per-flow cap; 0: none (one queue for the whole path) */
-    int64_t qlimit, flow_qlimit;   /* bytes */
-    int64_t queued;                /* bytes waiting in the flow queues */
-    int64_t vt;                    /* the bottleneck's virtual clock */
-    struct flow *flows[FLOW_BUCKETS];
-    struct flow *ring;             /* a backlogged flow: the round-robin cursor */
-    int nflows;
-    struct fifo line;              /* sent, in flight for `delay` */
-    /* counters */
-    uint64_t in_pkts, in_bytes, drop_pkts, drop_bytes, out_pkts, out_bytes, write_errors;
-    int64_t max_queued, late_max, late_sum, late_over_100us, late_over_1ms;
-};
-
-static uint32_t flow_hash(const struct flow_key *k) {
-    uint32_t h = k->src * 2654435761u;
-    h ^= k->dst + 0x9e3779b9u + (h << 6) + (h >> 2);
-    h ^= ((uint32_t)k->sport << 16 | k->dport) + 0x9e3779b9u + (h << 6) + (h >> 2);
-    h ^= k->proto;
-    return h % FLOW_BUCKETS;
-}
-
-static struct flow *flow_get(struct path *p, const struct flow_key *k) {
-    uint32_t h = flow_hash(k);
-    for (struct flow *f = p->flows[h]; f; f = f->hnext)
-        if (!memcmp(&f->key, k, sizeof *k)) return f;
-    struct flow *f = calloc(1, sizeof *f);
-    if (!f) return NULL;
-    f->key = *k;
-    f->vt = INT64_MIN / 2;
-    f->hnext = p->flows[h];
-    p->flows[h] = f;
-    p->nflows++;
-    return f;
-}
-
-static void ring_add(struct path *p, struct flow *f) {
-    f->backlogged = 1;
-    if (!p->ring) {
-        f->prev = f->next = f;
-        p->ring = f;
-    } else { /* just before the cursor: last in this round */
-        f->next = p->ring;
-        f->prev = p->ring->prev;
-        f->prev->next = f;
-        p->ring->prev = f;
-    }
-}
-
-static void ring_del(struct path *p, struct flow *f) {
-    f->backlogged = 0;
-    if (f->next == f) {
-        p->ring = NULL;
-    } else {
-        f->prev->next = f->next;
-        f->next->prev = f->prev;
-        if (p->ring == f) p->ring = f->next;
-    }
-    f->prev = f->next = NULL;
-}
-
-static int64_t flow_lag(const struct path *p);
-
-/* Frees idle flows whose bucket is full again (they would start afresh anyway). */
-static void path_gc(struct path *p, int64_t now) {
-    for (int h = 0; h < FLOW_BUCKETS; h++) {
-        struct flow **pp = &p->flows[h];
-        while (*pp) {
-            struct flow *f = *pp;
-            if (!f->backlogged && f->vt + flow_lag(p) < now) {
-                *pp = f->hnext;
-                free(f);
-                p->nflows--;
-            } else {
-                pp = &f->hnext;
-            }
-        }
-    }
-}
-
-/* Takes ownership of pk (frees it when dropped). Returns 1 if queued, 0 if dropped. */
-static int path_enqueue(struct path *p, struct pkt *pk, const struct flow_key *key) {
-    static const struct flow_key whole = {0};
-    p->in_pkts++;
-    p->in_bytes += pk->wire;
-    struct flow *f = flow_get(p, p->flow_ns_per_byte > 0 ? key : &whole);
-    int64_t flimit = p->flow_ns_per_byte > 0 ? p->flow_qlimit : p->qlimit;
-    /* tail drop; an empty queue takes any one packet so that a segment larger than the limit still passes */
-    if (!f || (p->queued > 0 && p->queued + pk->wire > p->qlimit) || (f->queued > 0 && f->queued + pk->wire > flimit)) {
-        p->drop_pkts++;
-        p->drop_bytes += pk->wire;
-        free(pk);
-        return 0;
-    }
-    fifo_push(&f->q, pk);
-    f->queued += pk->wire;
-    p->queued += pk->wire;
-    if (p->queued > p->max_queued) p->max_queued = p->queued;
-    if (!f->backlogged) ring_add(p, f);
-    return 1;
-}
-
-/* How much credit a flow's bucket may hold: 5 ms at its rate, or one 64 KiB segment if more.
- * Waiting for the bottleneck behind other flows, or for a late wake-up, costs a flow nothing
- * up to that much; an idle flow starts with at most that burst. */
-static int64_t flow_lag(const struct path *p) {
-    int64_t seg = (int64_t)(65536 * p->flow_ns_per_byte);
-    return seg > 5000000 ? seg : 5000000;
-}
-
-/* When flow f's head packet may leave its bucket: not before it arrived, not before the bucket
- * has the tokens. */
-static int64_t flow_eligible(const struct path *p, const struct flow *f, int64_t now) {
-    int64_t e = f->q.head->arr;
-    if (p->flow_ns_per_byte > 0) e = max64(e, max64(f->vt, now - flow_lag(p)));
-    return e;
-}
-
-/* Moves every packet the buckets allow by `now` from the flow queues into the delay line. The
- * bottleneck is a serializer on exact times: a packet starts when it is eligible and the one
- * before it has left, so a late wake-up delays the write, never the rate. */
-static void path_service(struct path *p, int64_t now) {
-    while (p->ring && p->vt <= now) {
-        struct flow *f = p->ring, *start = p->ring;
-        int64_t e;
-        while ((e = flow_eligible(p, f, now)) > now) { /* round robin over the flows allowed to send */
-            f = f->next;
-            if (f == start) return;
-        }
-        int64_t s = max64(p->vt, e);
-        struct pkt *pk = fifo_pop(&f->q);
-        f->queued -= pk->wire;
-        p->queued -= pk->wire;
-        if (p->flow_ns_per_byte > 0) f->vt = e + (int64_t)(pk->wire * p->flow_ns_per_byte);
-        p->vt = s + (int64_t)(pk->wire * p->ns_per_byte); /* its last bit has left (monotonic) */
-        pk->due = p->vt + p->delay;                         /* so the delay line stays in order */
-        fifo_push(&p->line, pk);
-        p->ring = f->next; /* round robin: the next flow goes first next time */
-        if (!f->q.head) ring_del(p, f);
-    }
-}
-
-/* The earliest time at which path_service or the delay line has something to do (INT64_MAX: nothing). */
-static int64_t path_next_event(const struct path *p, int64_t now) {
-    int64_t t = p->line.head ? p->line.head->due : INT64_MAX;
-    if (p->ring) {
-        int64_t s = INT64_MAX;
-        const struct flow *f = p->ring;
-        do {
-            int64_t e = flow_eligible(p, f, now);
-            if (e < s) s = e;
-            f = f->next;
-        } while (f != p->ring);
-        s = max64(s, p->vt);
-        if (s < t) t = s;
-    }
-    return t;
-}
-
+/* How late packets leave the delay line (its timing accuracy). */
 static void path_note_late(struct path *p, int64_t late) {
     if (late < 0) late = 0;
     p->late_sum += late;
@@ -497,145 +282,6 @@ static void run(void) {
     }
 }
 
-/* ---------------------------------------------------------------- self test (fake clock) */
-
-static int failures;
-#define CHECK(cond, ...)                                     \
-    do {                                                     \
-        if (!(cond)) {                                       \
-            failures++;                                      \
-            fprintf(stderr, "selftest FAILED %s: ", #cond);  \
-            fprintf(stderr, __VA_ARGS__);                    \
-            fputc('\n', stderr);                             \
-        }                                                    \
-    } while (0)
-
-static struct pkt *fake_pkt(uint32_t wire, uint32_t tag, int64_t now) {
-    struct pkt *pk = calloc(1, sizeof *pk + 4);
-    pk->len = 4;
-    pk->wire = wire;
-    pk->arr = now;
-    memcpy(pk->data, &tag, 4);
-    return pk;
-}
-
-/* Offers `rate_in` bytes/s per flow in packets of `size` bytes for `dur` ns, serving the path
- * every `every` ns (a late wake-up each time); fills the bytes each flow got by `dur`. */
-static void simulate(struct path *p, int nf, double rate_in, uint32_t size, int64_t dur, int64_t every,
-                     uint64_t *got) {
-    int64_t step = 10000, gap = (int64_t)(size * 1e9 / rate_in), next_arrival[16] = {0}, last_due = INT64_MIN;
-    uint32_t seq[16] = {0}, last_seen[16] = {0};
-    for (int f = 0; f < nf; f++) got[f] = 0;
-    for (int64_t t = 0; t < dur + p->delay + 100000000; t += step) {
-        for (int f = 0; f < nf; f++)
-            while (t < dur && next_arrival[f] <= t) {
-                struct flow_key k = {.src = 1, .dst = 2, .proto = 6, .sport = (uint16_t)(1000 + f), .dport = 80};
-                path_enqueue(p, fake_pkt(size, (uint32_t)f << 24 | ++seq[f], t), &k);
-                next_arrival[f] += gap;
-            }
-        if (t % every) continue;
-        path_service(p, t);
-        while (p->line.head && p->line.head->due <= t) {
-            struct pkt *pk = fifo_pop(&p->line);
-            uint32_t tag;
-            memcpy(&tag, pk->data, 4);
-            int f = (int)(tag >> 24);
-            CHECK((tag & 0xffffff) > last_seen[f], "flow %d reordered", f);
-            last_seen[f] = tag & 0xffffff;
-            CHECK(pk->due >= last_due, "the delay line went back in time");
-            CHECK(pk->due >= pk->arr + p->delay, "a packet left before its delay was over");
-            last_due = pk->due;
-            if (pk->due <= dur) got[f] += pk->wire;
-            free(pk);
-        }
-        if (t % 1000000000 == 0) path_gc(p, t);
-    }
-}
-
-static struct path *fresh_path(int64_t delay, double rate, int64_t qlimit, double flow_rate, int64_t flow_qlimit) {
-    static struct path p;
-    memset(&p, 0, sizeof p);
-    p.configured = 1;
-    p.delay = delay;
-    p.ns_per_byte = rate > 0 ? 1e9 / rate : 0;
-    p.flow_ns_per_byte = flow_rate > 0 ? 1e9 / flow_rate : 0;
-    p.qlimit = qlimit;
-    p.flow_qlimit = flow_qlimit;
-    p.vt = INT64_MIN / 2;
-    return &p;
-}
-
-static double total(const uint64_t *got, int nf, double secs, double *lo, double *hi) {
-    double sum = 0;
-    *lo = 1e18;
-    *hi = 0;
-    for (int f = 0; f < nf; f++) {
-        double r = got[f] / secs;
-        sum += r;
-        if (r < *lo) *lo = r;
-        if (r > *hi) *hi = r;
-    }
-    return sum;
-}
-
-static int selftest(void) {
-    uint64_t got[16];
-    int64_t sec = 1000000000, us10 = 10000;
-    double lo, hi, r;
-    /* unlimited: every packet after exactly the delay */
-    struct path *p = fresh_path(10000000, 0, 1 << 20, 0, 0);
-    struct flow_key k = {0};
-    path_enqueue(p, fake_pkt(1500, 1, 3), &k);
-    path_service(p, 5);
-    CHECK(p->line.head && p->line.head->due == 10000003, "due %lld", (long long)(p->line.head ? p->line.head->due : -1));
-    CHECK(path_next_event(p, 5) == 10000003, "next event");
-    free(fifo_pop(&p->line));
-    for (int late = 0; late < 2; late++) {
-        int64_t every = late ? 3000000 : us10; /* served every 10 us, or only every 3 ms */
-        /* 100 Mbit/s bottleneck offered 200 Mbit/s: delivers 12.5 MB/s and drops the rest at the queue */
-        p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
-        simulate(p, 1, 25e6, 1500, 2 * sec, every, got);
-        r = got[0] / 2.0;
-        printf("served every %lld us: bottleneck %.4f of rate, drops %llu\n", (long long)every / 1000, r / 12.5e6,
-               (unsigned long long)p->drop_pkts);
-        CHECK(r > 12.5e6 * 0.98 && r < 12.5e6 * 1.005, "bottleneck rate %.0f B/s", r);
-        CHECK(p->drop_pkts > 0 && p->max_queued <= 100000, "drops %llu max_queued %lld",
-              (unsigned long long)p->drop_pkts, (long long)p->max_queued);
-        /* offered below the rate: nothing dropped, delivered as offered */
-        p = fresh_path(20000000, 12.5e6, 100000, 0, 0);
-        simulate(p, 1, 6e6, 1500, 2 * sec, every, got);
-        CHECK(p->drop_pkts == 0 && got[0] / 2.0 > 6e6 * 0.98, "under the rate: drops %llu got %.0f",
-              (unsigned long long)p->drop_pkts, got[0] / 2.0);
-        /* per-flow cap at 1/8: one flow gets 1/8 of the link, eight get all of it, fairly, also
-         * with segments of 16 KiB (eight flows wait 5 ms for a turn at the bottleneck) */
-        double link = 25e6;
-        p = fresh_path(10000000, link, 400000, link / 8, 50000);
-        simulate(p, 1, link, 1500, 2 * sec, every, got);
-        r = got[0] / 2.0;
-        printf("served every %lld us: one capped flow %.4f of link/8\n", (long long)every / 1000, r / (link / 8));
-        CHECK(r > link / 8 * 0.97 && r < link / 8 * 1.01, "one capped flow %.0f B/s", r);
-        for (uint32_t size = 1500; size <= 16384; size += 16384 - 1500) {
-            p = fresh_path(10000000, link, 400000, link / 8, 50000);
-            simulate(p, 8, link / 4, size, 2 * sec, every, got);
-            double sum = total(got, 8, 2.0, &lo, &hi);
-            printf("served every %lld us, %u-byte packets: eight capped flows %.4f of link (%.0f..%.0f)\n",
-                   (long long)every / 1000, size, sum / link, lo, hi);
-            CHECK(sum > link * 0.97 && sum < link * 1.005, "eight capped flows %.0f B/s", sum);
-            CHECK(lo > hi * 0.95, "eight capped flows unfair: %.0f..%.0f", lo, hi);
-            CHECK(p->nflows <= 8, "flows %d", p->nflows);
-        }
-        /* 16 flows offered under the cap each: the link is shared fairly and stays full */
-        p = fresh_path(10000000, link, 800000, link / 8, 50000);
-        simulate(p, 16, link / 10, 1500, 2 * sec, every, got);
-        CHECK(total(got, 16, 2.0, &lo, &hi) > link * 0.97, "sixteen flows");
-        CHECK(lo > hi * 0.95, "sixteen flows unfair: %.0f..%.0f", lo, hi);
-        path_gc(p, 100 * sec);
-        CHECK(p->nflows == 0, "idle flows not collected: %d", p->nflows);
-    }
-    if (!failures) printf("selftest ok\n");
-    return failures ? 1 : 0;
-}
-
 /* ---------------------------------------------------------------- main */
 
 static int parse_addr(const char *s, uint32_t *out) {
@@ -648,7 +294,6 @@ static int parse_addr(const char *s, uint32_t *out) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--selftest")) return selftest();
         if (!strcmp(argv[i], "--vnet")) {
             use_vnet = 1;
         } else if (!strcmp(argv[i], "--watch-stdin")) {

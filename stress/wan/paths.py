@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "delayline.c")
+SOURCES = ("delayline.c", "wanpath.h", "wanpath_test.c")
 IFNAME = "wan0"
 PREFIX = "pwan"
 LARGE_WINDOW = 128 << 20  # bytes: a 1 Gbit/s path at 500 ms RTT, twice (the receive window is about half the buffer)
@@ -107,21 +107,25 @@ def window_sysctls(windows: str) -> dict[str, str]:
     raise ValueError(f"windows {windows!r}: expected 'stock' or 'large'")
 
 
-def build_delayline(cache: str | None = None) -> str:
-    """The delay line's binary, compiled with gcc into a cache directory keyed by the source's hash."""
+def build(program: str = "delayline", cache: str | None = None) -> str:
+    """A C program of this directory ('delayline', or 'wanpath_test': the scheduler on a fake
+    clock), compiled with gcc into a cache directory keyed by the hash of the sources."""
     gcc = shutil.which("gcc")
     if gcc is None:
         raise WanUnavailable("gcc not found (it builds stress/wan/delayline.c)")
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            h.update(f.read())
     cache = cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pccl-wan")
     os.makedirs(cache, exist_ok=True)
-    exe = os.path.join(cache, f"delayline-{digest}")
+    exe = os.path.join(cache, f"{program}-{h.hexdigest()[:16]}")
     if not os.path.exists(exe):
+        src = os.path.join(HERE, f"{program}.c")
         tmp = f"{exe}.{os.getpid()}.tmp"
-        r = subprocess.run([gcc, "-O2", "-Wall", "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([gcc, "-O2", "-Wall", "-o", tmp, src], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise WanUnavailable(f"gcc failed on {SOURCE}:\n{r.stderr}")
+            raise WanUnavailable(f"gcc failed on {src}:\n{r.stderr}")
         os.replace(tmp, exe)
     return exe
 
@@ -200,7 +204,7 @@ class WanPaths:
         why = available()
         if why:
             raise WanUnavailable(why)
-        self.exe = build_delayline()
+        self.exe = build("delayline")
         remove_stale()
         tag = f"{os.getpid()}-{next(_seq)}"
         self.names = [f"{PREFIX}-{tag}-{i}" for i in range(n_peers)]
