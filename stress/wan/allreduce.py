@@ -1,0 +1,122 @@
+"""All-reduce through pccl_py between peers joined by emulated internet paths.
+
+    python stress/wan/allreduce.py --peers 2 --rtt-ms 20 --rate-mbit 200 --flow-cap 1/8 --sizes 1M,4M
+
+Each daemon runs in its own namespace of a WanPaths (docs/wan.md), listening on 0.0.0.0;
+the coordinator runs in peer 0's namespace; the trainers stay in this namespace and reach
+their daemons through unix sockets (as in stress/hosts.py, whose benchmark loop this
+reuses). Prints, per size, the median all-reduce time and the bus bandwidth against the
+path's rate. Needs root and gcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # stress/: wan, hosts
+import hosts as H  # noqa: E402
+
+from wan.measure import parse_fraction  # noqa: E402
+from wan.paths import WanPaths  # noqa: E402
+
+COORD_PORT = H.COORD_PORT
+
+
+class Peers:
+    """What hosts.run_ours needs of a set of hosts, on a WanPaths."""
+
+    def __init__(self, net: WanPaths, log: str | None) -> None:
+        self.net = net
+        self.dir = tempfile.mkdtemp(prefix="pccl-wan-")
+        self.coordinator = f"{net.addr(0)}:{COORD_PORT}"
+        self.log = log
+
+    def start_coordinator(self) -> None:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+        p = self.net.popen(0, [sys.executable, "-m", "pccl_py.coordinator", "--listen", self.coordinator],
+                           stdout=out, stderr=out, cwd=H.REPO)
+        if self.log:
+            out.close()
+        probe = f"import socket; socket.create_connection(('{self.net.addr(0)}', {COORD_PORT}), 0.5)"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the port is inside the namespace: probe from there
+            if self.net.run(0, [sys.executable, "-c", probe], capture_output=True, timeout=10).returncode == 0:
+                return
+            if p.poll() is not None:
+                raise RuntimeError(f"the coordinator exited with code {p.returncode}")
+            time.sleep(0.05)
+        raise TimeoutError("the coordinator did not listen within 15 s")
+
+    def start_daemon(self, i: int, *extra: str) -> tuple[subprocess.Popen, str]:
+        path = os.path.join(self.dir, f"d{i}.sock")
+        p = self.net.popen(i, [sys.executable, "-m", "pccl_py.daemon", "--coordinator", self.coordinator,
+                               "--listen", "0.0.0.0:0", "--ipc", path, *extra], stdout=subprocess.PIPE, cwd=H.REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([p.stdout], [], [], 0.1)
+            line = p.stdout.readline() if ready else b""
+            if line.startswith(b"READY"):
+                return p, path
+            if not line and p.poll() is not None:
+                raise RuntimeError(f"daemon {i} exited with code {p.returncode} while starting")
+        raise TimeoutError(f"daemon {i} did not start within 30 s")
+
+    def close(self) -> None:
+        for f in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, f))
+        os.rmdir(self.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pccl_py.tools.bench.allreduce import parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peers", type=int, default=2)
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--rate-mbit", type=float, default=200.0, help="each path's bottleneck; 0: unlimited")
+    ap.add_argument("--flow-cap", default=None, help="per-flow cap as a share of the rate, e.g. 1/8")
+    ap.add_argument("--windows", choices=["stock", "large"], default="stock")
+    ap.add_argument("--cc", default=None, help="every namespace's default CC (default: the kernel's)")
+    ap.add_argument("--streams", type=int, default=None, help="TCP streams per link (daemon default if unset)")
+    ap.add_argument("--quant", choices=["uint8", "uint4"], default=None)
+    ap.add_argument("--sizes", default="1M,4M", help="float32 elements, comma separated (K/M suffixes)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--log", default=None, help="the coordinator's log")
+    a = ap.parse_args(argv)
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    rate = a.rate_mbit * 1e6 if a.rate_mbit else None
+    n = a.peers
+    with WanPaths(n, rtt_ms=a.rtt_ms, rate_mbit=a.rate_mbit or None, flow_cap_fraction=parse_fraction(a.flow_cap),
+                  windows=a.windows, cc=a.cc) as net:
+        peers = Peers(net, a.log)
+        try:
+            peers.start_coordinator()
+            rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant)
+            st = net.stats()
+        finally:
+            peers.close()
+    cc = a.cc or "kernel default"
+    print(f"{n} peers over emulated paths: rtt {a.rtt_ms:g} ms, "
+          f"{f'{a.rate_mbit:g} Mbit/s' if rate else 'unlimited'} per direction, per-flow cap {a.flow_cap or 'none'}, "
+          f"windows {a.windows}, cc {cc}; streams {a.streams or 'default'}, quant {a.quant}; medians of {a.repeat}; "
+          f"delay line drops {sum(p['drop_pkts'] for p in st['paths'])}, CPU {st['cpu_s']:.1f} s")
+    print(f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}")
+    for row in rows:
+        med = statistics.median(row["times"])
+        busbw = 2 * (n - 1) / n * 4 * row["size"] * 8 / med
+        share = f"{busbw / rate:.0%}" if rate else "-"
+        print(f"{row['size']:>10} {4 * row['size']:>10} {row['algorithm']:>5} {med:>9.3f} {busbw / 1e6:>13.1f} "
+              f"{share:>8}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
