@@ -186,7 +186,9 @@ def join(client, n: int, timeout: float = 30.0) -> dict:
 
 
 def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int | None,
-             quant: str | None) -> list[dict]:
+             quant: str | None, warmup: int = 1, idle: float = 0.0) -> list[dict]:
+    """Per size: ``warmup`` untimed calls, ``repeat`` timed ones (as rank 0 sees them); with
+    ``idle``, one more call after that many seconds without traffic (``idle_time``)."""
     import concurrent.futures as cf
 
     import numpy as np
@@ -208,7 +210,8 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
                     info = clients[i].all_reduce(xs[i], quant=quant)
                     return time.perf_counter() - t0, info
 
-                list(ex.map(one, range(n)))  # warm-up
+                for _ in range(warmup):  # untimed: links set up, stream counts settled
+                    list(ex.map(one, range(n)))
                 times, info = [], {}
                 for _ in range(repeat):
                     for x in xs:
@@ -218,19 +221,22 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
                     info = res[0][1]
                     if not all(np.allclose(x, n, rtol=0.02) for x in xs):
                         raise AssertionError(f"wrong all-reduce result at {count} elements")
-                rows.append({"size": count, "times": times, "algorithm": info["algorithm"],
-                             "tx_bytes": info["tx_bytes"]})
+                row = {"size": count, "times": times, "algorithm": info["algorithm"], "tx_bytes": info["tx_bytes"]}
+                if idle:
+                    time.sleep(idle)
+                    row["idle_time"] = list(ex.map(one, range(n)))[0][0]
+                rows.append(row)
     finally:
         for c in clients:
             c.close()
     return rows
 
 
-def run_gloo(hosts: Hosts, n: int, sizes: list[int], repeat: int) -> list[dict]:
+def run_gloo(hosts: Hosts, n: int, sizes: list[int], repeat: int, ifname: str = "eth0") -> list[dict]:
     from pccl_py.tools.bench.allreduce import _collect
 
     port = COORD_PORT + 1
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": ifname}
     procs = [hosts.spawn(r, [sys.executable, "-m", "pccl_py.tools.bench.allreduce", "--role", "gloo", "--world", str(n),
                              "--sizes", ",".join(map(str, sizes)), "--repeat", str(repeat), "--port", str(port),
                              "--rank", str(r), "--master", hosts.addr[0]],

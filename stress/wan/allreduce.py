@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # stress/: wan, hosts
 import hosts as H  # noqa: E402
 
-from wan.measure import parse_fraction  # noqa: E402
+from wan.measure import goodput, parse_fraction  # noqa: E402
 from wan.paths import WanPaths  # noqa: E402
 
 COORD_PORT = H.COORD_PORT
@@ -38,6 +38,13 @@ class Peers:
         self.dir = tempfile.mkdtemp(prefix="pccl-wan-")
         self.coordinator = f"{net.addr(0)}:{COORD_PORT}"
         self.log = log
+
+    @property
+    def addr(self) -> list[str]:
+        return [self.net.addr(i) for i in range(self.net.n)]
+
+    def spawn(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
+        return self.net.popen(i, argv, cwd=H.REPO, **kw)
 
     def start_coordinator(self) -> None:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
@@ -90,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1M,4M", help="float32 elements, comma separated (K/M suffixes)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--log", default=None, help="the coordinator's log")
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="untimed calls per size first (links set up, stream counts settled; default 10)")
+    ap.add_argument("--idle", type=float, default=0.0,
+                    help="then time one call after this many seconds without traffic")
+    ap.add_argument("--compare", choices=["gloo"], default=None, help="gloo through the same paths")
+    ap.add_argument("--raw", action="store_true", help="raw TCP goodput from peer 0 to 1 with 1 and 8 flows")
     a = ap.parse_args(argv)
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     rate = a.rate_mbit * 1e6 if a.rate_mbit else None
@@ -99,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         peers = Peers(net, a.log)
         try:
             peers.start_coordinator()
-            rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant)
+            rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant, warmup=a.warmup, idle=a.idle)
+            gloo = H.run_gloo(peers, n, sizes, a.repeat, ifname="wan0") if a.compare else None
+            raw = {k: goodput(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
             st = net.stats()
         finally:
             peers.close()
@@ -108,13 +123,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'{a.rate_mbit:g} Mbit/s' if rate else 'unlimited'} per direction, per-flow cap {a.flow_cap or 'none'}, "
           f"windows {a.windows}, cc {cc}; streams {a.streams or 'default'}, quant {a.quant}; medians of {a.repeat}; "
           f"delay line drops {sum(p['drop_pkts'] for p in st['paths'])}, CPU {st['cpu_s']:.1f} s")
-    print(f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}")
-    for row in rows:
+    if raw:
+        for k, r in raw.items():
+            bps = r["bits_per_s"]
+            print(f"raw TCP, {k} flow(s) peer 0 -> 1: {bps / 1e6:.1f} Mbit/s"
+                  f"{f' ({bps / rate:.0%} of the rate)' if rate else ''}")
+    head = f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}"
+    head += f" {'idle s':>7} {'idle x':>6}" if a.idle else ""
+    print(head + (f" {'gloo s':>8} {'gloo Mbit/s':>12} {'ratio':>6}" if gloo else ""))
+    for k, row in enumerate(rows):
         med = statistics.median(row["times"])
         busbw = 2 * (n - 1) / n * 4 * row["size"] * 8 / med
         share = f"{busbw / rate:.0%}" if rate else "-"
-        print(f"{row['size']:>10} {4 * row['size']:>10} {row['algorithm']:>5} {med:>9.3f} {busbw / 1e6:>13.1f} "
-              f"{share:>8}", flush=True)
+        line = (f"{row['size']:>10} {4 * row['size']:>10} {row['algorithm']:>5} {med:>9.3f} {busbw / 1e6:>13.1f} "
+                f"{share:>8}")
+        if a.idle:
+            line += f" {row['idle_time']:>7.3f} {row['idle_time'] / med:>5.2f}x"
+        if gloo:
+            gmed = statistics.median(gloo[k]["times"])
+            gbus = 2 * (n - 1) / n * 4 * row["size"] * 8 / gmed
+            line += f" {gmed:>8.3f} {gbus / 1e6:>12.1f} {gmed / med:>5.2f}x"
+        print(line, flush=True)
     return 0
 
 
