@@ -361,6 +361,26 @@ def test_a_reintroduction_to_the_same_instance_resends_the_requests_once():
     assert core.on_message(NOW + 2, welcome()).out == []  # nothing in flight
 
 
+def test_a_reintroduction_to_the_same_instance_resends_the_sync_offer_and_the_fetch_report():
+    """A sync offer (or a fetch report) sent on a connection the coordinator could not place
+    is dropped there; the round would wait for it until its deadline. The welcome that
+    answers the re-introduction sends it again, until its plan (or sync_complete) came."""
+    core = joined()
+    core.sync_send(NOW, offer(20.0))
+    core.on_message(NOW + 1, msg("reset", instance="c1", reason="unknown connection"))
+    d = core.on_message(NOW + 1, welcome())
+    assert [m["type"] for m in wire(d)] == ["sync_offer"] and "resent the sync offer" in d.reason
+    plan = msg("sync_plan", round=4, status="fetch", revision=1, sources=[], tensors=[], error="", message="")
+    core.on_message(NOW + 2, plan)
+    core.sync_send(NOW + 3, dict(DONE, round=4))
+    core.on_message(NOW + 4, msg("reset", instance="c1", reason="unknown connection"))
+    d = core.on_message(NOW + 4, welcome())
+    assert [m["type"] for m in wire(d)] == ["sync_done"] and "resent the fetch report" in d.reason
+    core.on_message(NOW + 5, msg("sync_complete", round=4, status="ok", revision=1, error="", message=""))
+    core.on_message(NOW + 6, msg("reset", instance="c1", reason="unknown connection"))
+    assert core.on_message(NOW + 6, welcome()).out == []  # nothing waits for an answer any more
+
+
 def test_an_answer_completes_its_vote_and_older_ones_never_a_later_one():
     core = joined()
     first = core.vote(NOW, 5.0)

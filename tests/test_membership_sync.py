@@ -223,6 +223,30 @@ def test_offer_during_transfer_is_held_then_replayed():
         assert plan["status"] == "in_sync" and plan["revision"] == 2
 
 
+def test_an_offer_repeated_while_its_round_transfers_is_ignored_not_held():
+    """A daemon resends its offer after a re-introduction (the coordinator may have dropped
+    it); one the round already has must not be held for the next round as a new offer."""
+    sim = Sim()
+    sim.join("a", "b")
+    sync_all(sim, {"a": (0, rows(H1)), "b": (0, rows(H1))})
+    sim.offer("a", 1, rows(H2))
+    sim.offer("b", 1, rows(H1))
+    pa, pb = sim.take("a", "sync_plan")[0], sim.take("b", "sync_plan")[0]
+    fetcher, plan = ("a", pa) if pa["status"] == "fetch" else ("b", pb)
+    other = "b" if fetcher == "a" else "a"
+    sim.offer(other, 1, rows(H1) if other == "b" else rows(H2))  # the same offer again
+    sim.done(fetcher, plan["round"])
+    for p in "ab":
+        assert sim.take(p, "sync_complete")[0]["status"] == "ok"
+    # nothing was held: the next offers open a fresh round that waits for both
+    sim.offer("a", 2, rows(H1))
+    assert sim.take("a", "sync_plan") == []
+    sim.offer("b", 2, rows(H1))
+    for p in "ab":
+        (nxt,) = sim.take(p, "sync_plan")
+        assert nxt["status"] == "in_sync" and nxt["revision"] == 2
+
+
 def test_timeout_names_the_missing_peer():
     sim = Sim()
     sim.join("a", "b")

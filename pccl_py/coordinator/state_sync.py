@@ -170,6 +170,11 @@ class SyncHost:
 
     def _route(self, now: float, group: int, peer_id: str, msg: Msg, out: list, why: list) -> None:
         rnd = self.rounds.get(group)
+        if rnd is not None and rnd.phase != "collecting" and peer_id in rnd.offers \
+                and rnd.offers[peer_id].revision == msg["revision"]:
+            # the same offer again (resent after a re-introduction): the round has it already
+            why.append(f"sync offer of {peer_id} repeats its offer to round {rnd.round_id}; ignored")
+            return
         if rnd is not None and (rnd.phase != "collecting" or peer_id not in rnd.members):
             self.held.setdefault(group, {})[peer_id] = msg
             why.append(f"sync offer of {peer_id} held for the next round of group {group} "

@@ -172,6 +172,7 @@ class ControlCore:
         self.requests: dict[int, Msg] = {}  # in flight: resent when it may have been lost
         self._until: dict[int, float] = {}  # a vote's deadline (its caller's), for its resends
         self.sync_offer: tuple[Msg, float] | None = None  # offer waiting for its plan, until when
+        self.sync_report: tuple[Msg, float] | None = None  # sync_done waiting for sync_complete, until when
         self.last_rx: float | None = None  # when the coordinator last sent anything (None: never)
         self.last_hello = float("-inf")
         self.coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
@@ -323,6 +324,8 @@ class ControlCore:
         if msg["type"] == "sync_offer":
             timeout = msg["timeout"] if msg["timeout"] > 0 else SYNC_OFFER_LIFETIME
             self.sync_offer = (msg, now + timeout)
+        elif msg["type"] == "sync_done":
+            self.sync_report = (msg, now + SYNC_OFFER_LIFETIME)
         self._send(msg)
         return self._step
 
@@ -472,11 +475,14 @@ class ControlCore:
             self._reintroduced = False
             if self.requests:
                 self._resend(now, "a new coordinator instance" if new_instance else "welcomed again")
-        if new_instance:
-            offer = self.sync_offer  # nor the sync offer waiting for its plan (if still wanted)
-            if offer is not None and now < offer[1]:
-                self._send(offer[0])
-                self._why("resent the sync offer")
+            # so may the sync offer waiting for its plan and the fetch report waiting for the
+            # round's end: a coordinator that dropped one (it came on a connection it could not
+            # place, or before a restart) would wait for it until the round's deadline; one it
+            # had is answered again or ignored as a duplicate
+            for kept, what in ((self.sync_offer, "sync offer"), (self.sync_report, "fetch report")):
+                if kept is not None and now < kept[1]:
+                    self._send(kept[0])
+                    self._why(f"resent the {what}")
 
     def _on_topology(self, now: float, msg: Msg) -> None:
         if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
@@ -563,6 +569,7 @@ class ControlCore:
         self._step.sync.append(msg)
 
     def _on_sync_complete(self, now: float, msg: Msg) -> None:
+        self.sync_report = None
         self._step.sync.append(msg)
 
     def _on_refused(self, now: float, msg: Msg) -> None:
