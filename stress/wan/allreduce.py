@@ -103,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="then time one call after this many seconds without traffic")
     ap.add_argument("--compare", choices=["gloo"], default=None, help="gloo through the same paths")
     ap.add_argument("--raw", action="store_true", help="raw TCP goodput from peer 0 to 1 with 1 and 8 flows")
+    ap.add_argument("--no-idle-restart", action="store_true",
+                    help="net.ipv4.tcp_slow_start_after_idle=0 in every namespace (what operations.md advises)")
     a = ap.parse_args(argv)
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     rate = a.rate_mbit * 1e6 if a.rate_mbit else None
     n = a.peers
     with WanPaths(n, rtt_ms=a.rtt_ms, rate_mbit=a.rate_mbit or None, flow_cap_fraction=parse_fraction(a.flow_cap),
                   windows=a.windows, cc=a.cc) as net:
+        if a.no_idle_restart:
+            for i in range(n):
+                net.run(i, ["sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"], check=True, timeout=10)
         peers = Peers(net, a.log)
         try:
             peers.start_coordinator()
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     cc = a.cc or "kernel default"
     print(f"{n} peers over emulated paths: rtt {a.rtt_ms:g} ms, "
           f"{f'{a.rate_mbit:g} Mbit/s' if rate else 'unlimited'} per direction, per-flow cap {a.flow_cap or 'none'}, "
-          f"windows {a.windows}, cc {cc}; streams {a.streams or 'default'}, quant {a.quant}; medians of {a.repeat}; "
+          f"windows {a.windows}, cc {cc}, slow start after idle {'off' if a.no_idle_restart else 'kernel default'}; streams {a.streams or 'default'}, quant {a.quant}; medians of {a.repeat}; "
           f"delay line drops {sum(p['drop_pkts'] for p in st['paths'])}, CPU {st['cpu_s']:.1f} s")
     if raw:
         for k, r in raw.items():
