@@ -82,6 +82,62 @@ class Peers:
         os.rmdir(self.dir)
 
 
+def run_topology(peers: Peers, n: int, count: int, repeat: int, rates: dict[tuple[int, int], float]) -> dict:
+    """Peers admitted one by one (so the ring is the join order), ``repeat`` timed calls,
+    ``optimize_topology()`` on every peer, ``repeat`` timed calls again."""
+    import concurrent.futures as cf
+    import itertools
+
+    import numpy as np
+
+    from pccl_py.client.client import Client
+
+    paths = [peers.start_daemon(i)[1] for i in range(n)]
+    clients = [Client(daemon=p, timeout=120.0) for p in paths]
+    index = {}
+    try:
+        with cf.ThreadPoolExecutor(n) as ex:
+            clients[0].connect()
+            for k in range(1, n):  # one admission per vote: the ring grows in this order
+                joining = ex.submit(clients[k].connect)
+                while list(ex.map(lambda c: c.update_topology(), clients[:k]))[0]["world_size"] <= k:
+                    pass  # every member votes until the vote that admitted it
+                joining.result()
+            for c in clients:
+                index[c.refresh()["peer_id"]] = len(index)
+            xs = [np.ones(count, np.float32) for _ in clients]
+
+            def timed() -> list[float]:
+                out = []
+                for _ in range(repeat + 1):
+                    t0 = time.perf_counter()
+                    list(ex.map(lambda i: clients[i].all_reduce(xs[i]), range(n)))
+                    out.append(time.perf_counter() - t0)
+                    for x in xs:
+                        x[:] = 1.0
+                return out[1:]  # the first is a warm-up
+
+            ring_before = [index[p] for p in clients[0].refresh()["peers"]]
+            before = timed()
+            t0 = time.perf_counter()
+            views = list(ex.map(lambda c: c.optimize_topology(timeout=120.0), clients))
+            optimize_s = time.perf_counter() - t0
+            ring_after = [index[p] for p in clients[0].refresh()["peers"]]
+            after = timed()
+    finally:
+        for c in clients:
+            c.close()
+
+    def bottleneck(ring):
+        return min(rates[(a, b)] for a, b in zip(ring, ring[1:] + ring[:1]))
+
+    best = max(bottleneck([0, *perm]) for perm in itertools.permutations(range(1, n)))
+    return {"ring_before": ring_before, "ring_after": ring_after, "before": before, "after": after,
+            "changed": views[0].get("changed"), "reason": views[0].get("reason"), "optimize_s": optimize_s,
+            "bottleneck_before": bottleneck(ring_before), "bottleneck_after": bottleneck(ring_after),
+            "best_bottleneck": best}
+
+
 def main(argv: list[str] | None = None) -> int:
     from pccl_py.tools.bench.allreduce import parse_size
 
@@ -103,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="then time one call after this many seconds without traffic")
     ap.add_argument("--compare", choices=["gloo"], default=None, help="gloo through the same paths")
     ap.add_argument("--raw", action="store_true", help="raw TCP goodput from peer 0 to 1 with 1 and 8 flows")
+    ap.add_argument("--slow-ring", type=float, default=None, metavar="MBIT",
+                    help="the join-order ring's pairs (i, i+1) at this rate, the others at --rate-mbit; "
+                         "time the first size, call optimize_topology() on every peer, time it again")
     ap.add_argument("--no-idle-restart", action="store_true",
                     help="net.ipv4.tcp_slow_start_after_idle=0 in every namespace (what operations.md advises)")
     a = ap.parse_args(argv)
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     rate = a.rate_mbit * 1e6 if a.rate_mbit else None
     n = a.peers
+    slow = {(i, (i + 1) % n): (a.rtt_ms, a.slow_ring) for i in range(n)} if a.slow_ring else None
+    if slow:
+        return topology_main(a, n, sizes[0], slow)
     with WanPaths(n, rtt_ms=a.rtt_ms, rate_mbit=a.rate_mbit or None, flow_cap_fraction=parse_fraction(a.flow_cap),
                   windows=a.windows, cc=a.cc) as net:
         if a.no_idle_restart:
@@ -149,6 +211,30 @@ def main(argv: list[str] | None = None) -> int:
             gbus = 2 * (n - 1) / n * 4 * row["size"] * 8 / gmed
             line += f" {gmed:>8.3f} {gbus / 1e6:>12.1f} {gmed / med:>5.2f}x"
         print(line, flush=True)
+    return 0
+
+
+def topology_main(a, n: int, count: int, slow: dict) -> int:
+    rates = {(i, j): a.rate_mbit for i in range(n) for j in range(n) if i != j}
+    for (i, j), (_, mbit) in slow.items():
+        rates[(i, j)] = rates[(j, i)] = mbit
+    with WanPaths(n, rtt_ms=a.rtt_ms, rate_mbit=a.rate_mbit or None, per_pair=slow, windows=a.windows,
+                  cc=a.cc) as net:
+        peers = Peers(net, a.log)
+        try:
+            peers.start_coordinator()
+            r = run_topology(peers, n, count, a.repeat, rates)
+        finally:
+            peers.close()
+    bus = 2 * (n - 1) / n * 4 * count * 8
+    b, f = statistics.median(r["before"]), statistics.median(r["after"])
+    print(f"{n} peers over emulated paths: rtt {a.rtt_ms:g} ms, join-order ring pairs at {a.slow_ring:g} Mbit/s, "
+          f"the others at {a.rate_mbit:g}; {count} float32 elements, medians of {a.repeat}")
+    print(f"ring before {r['ring_before']} (slowest link {r['bottleneck_before']:g} Mbit/s): {b:.3f} s, "
+          f"busbw {bus / b / 1e6:.1f} Mbit/s")
+    print(f"optimize_topology(): {r['optimize_s']:.2f} s, changed {r['changed']}: {r['reason']}")
+    print(f"ring after {r['ring_after']} (slowest link {r['bottleneck_after']:g} Mbit/s; the best ring's "
+          f"{r['best_bottleneck']:g}): {f:.3f} s, busbw {bus / f / 1e6:.1f} Mbit/s; {b / f:.2f}x")
     return 0
 
 
