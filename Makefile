@@ -45,5 +45,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pccl_py tests stress examples
 
 clean:
-	rm -rf build dist *.egg-info churn-*.png churn-*.json pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist *.egg-info churn-*.png churn-*.json pccl-demo.png pccl_py/kernels/*.so .pytest_cache .ruff_cache .hypothesis
 	rm -rf $(VENV)
