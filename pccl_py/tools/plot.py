@@ -1,6 +1,6 @@
 """A PNG of a training run from its trainers' events (see :mod:`pccl_py.tools.launch`):
 loss against step, world size over time (kills and joins marked), bytes each peer sent
-per outer step. Needs matplotlib (``pip install matplotlib``)."""
+over sockets per outer step (on one host the data itself moves through shared memory). Needs matplotlib (``pip install matplotlib``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def draw(events: list[dict], faults: list[dict], path: str, title: str) -> str:
     xs = sorted(sent)
     c.bar(xs, [sum(sent[s]) / len(sent[s]) for s in xs])
     c.set_xlabel("outer step")
-    c.set_ylabel("bytes sent per peer")
+    c.set_ylabel("bytes sent over sockets per peer")
+    c.set_title("(peers on one host exchange their data through shared memory)", fontsize="small")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
