@@ -64,7 +64,7 @@ def main() -> int:
     print("| run | final held-out loss | vs baseline | bytes sent per peer per outer step | vs baseline |")
     print("|---|---|---|---|---|")
     for r in rows:
-        if r.get("failed"):
+        if r.get("failed") or r.get("final_eval_loss") is None:
             print(f"| {r['run']} | failed | | | |")
             continue
         loss, sent = r["final_eval_loss"], r["bytes_sent_per_peer_per_outer_step"]

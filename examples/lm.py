@@ -104,15 +104,26 @@ def trainer(make, args) -> int:
             topo = client.wait_for_peers(args.wait_for, timeout=60.0)
         mode = make(client, net, inner, args)
         streaming = isinstance(mode, StreamingDiLoCo)
+        def same_everywhere() -> tuple[bool, int]:
+            """Every peer's hash of its outer state, gathered: (all equal, how many peers).
+            Every peer calls it at the same points: after join() (where the members' outer
+            step or sync point admitted it) and after each outer step."""
+            digest = xxhash.xxh64()
+            for t in mode.outer:
+                digest.update(t.numpy().tobytes())
+            hashes = client.all_gather(digest.digest(), timeout=60.0, retry=True)
+            return len(set(hashes)) == 1, len(hashes)
+
         res = mode.join(restore=args.restore)
-        emit(event="joined", epoch=topo["epoch"], world=client.world_size, step=mode.step, rx=res["rx_bytes"],
-             revision=mode.state.revision, parity=True)
+        parity, world = same_everywhere()
+        emit(event="joined", epoch=topo["epoch"], world=world, step=mode.step, rx=res["rx_bytes"],
+             revision=mode.state.revision, parity=parity)
         # an outer step is `inner_steps` inner steps; streaming counts inner steps itself
         per_outer = args.inner_steps
         until = args.outer_steps * (per_outer if streaming else 1)
         sent = 0
         t_start, steps_here = time.monotonic(), 0
-        members = client.world_size
+        members = world
         # with --until-world every peer also goes on until the world after a vote is back
         # to that size (all see the same world at the same step, so all stop together)
         while mode.step < until or members < args.until_world:
@@ -133,14 +144,11 @@ def trainer(make, args) -> int:
                     continue
             else:
                 sent = int(info.get("tx_bytes", 0))
-            digest = xxhash.xxh64()
-            for t in mode.outer:
-                digest.update(t.numpy().tobytes())
-            hashes = client.all_gather(digest.digest(), timeout=60.0, retry=True)
+            parity, world = same_everywhere()
             step = mode.step // per_outer if streaming else mode.step
             steps_here += 1
-            emit(event="step", step=step, loss=round(loss.item(), 5), world=info.get("members", len(hashes)),
-                 members=len(hashes), parity=len(set(hashes)) == 1, bytes=sent)
+            emit(event="step", step=step, loss=round(loss.item(), 5), world=info.get("members", world),
+                 members=world, parity=parity, bytes=sent)
             sent = 0
             if args.save and step % 5 == 0:
                 mode.save(args.save)

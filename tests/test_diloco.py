@@ -314,3 +314,23 @@ def test_run_state_names_name_each_parameter():
         assert {"diloco.step", "diloco.outer.0.weight", "diloco.momentum.2.bias"} <= names
     finally:
         c.close()
+
+
+def test_a_newcomer_that_left_during_its_first_exchange_is_not_divided_out():
+    """The zeros of newcomers are divided out of an average only for those still in the call
+    that succeeded: a newcomer that died mid-exchange (the retry ran without it) gave nothing."""
+
+    class Shrunk(FakeClient):
+        def refresh(self):
+            return {"connected": True, "peers": ["p0", "p1"], "world_size": 2, "epoch": 2}
+
+    c = Shrunk(World(1), 0)
+    try:
+        d = DelayedDiLoCo(c, model())
+        new = frozenset({"p2"})
+        assert d._gave_zeros(new, 3, {"world_size": 3}) == 1  # the call ran with the newcomer
+        assert d._gave_zeros(new, 3, {"world_size": 2}) == 0  # the retry ran without it
+        assert d._gave_zeros(frozenset({"p1", "p2"}), 3, {"world_size": 2}) == 1
+        assert d._gave_zeros(frozenset(), 3, {"world_size": 2}) == 0
+    finally:
+        c.close()

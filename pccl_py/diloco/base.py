@@ -25,6 +25,7 @@ from .rules import OuterSGD
 log = logging.getLogger("pccl.diloco")
 
 STEP = "diloco.step"
+MAX_HANDOVER = 60 << 20  # bytes of inner optimiser state one all_gather carries (the daemon's blob limit is 64 MiB)
 RETRYABLE = (PeerLost, Aborted, CoordinatorUnavailable)
 
 
@@ -78,6 +79,7 @@ class OuterLoop:
         self.momentum: list[torch.Tensor] = []
         self.last_info: dict = {}
         self.newcomers = 0  # peers that joined at the last sync point (0 when nobody did)
+        self.newcomer_ids: frozenset[str] = frozenset()
         self._peers: set[str] = set()
         self._deltas: Any = None  # a mode's exchange buffers, made at its first use
 
@@ -139,6 +141,14 @@ class OuterLoop:
         for p, o in zip(self.params, self.outer, strict=True):
             p.copy_(o)
 
+    def _gave_zeros(self, ids: frozenset[str], started_world: int, info: dict) -> int:
+        """How many of the peers ``ids`` that gave zeros to an exchange (newcomers) were in
+        the call that succeeded: all of them, unless the world shrank meanwhile; then those
+        still members (a newcomer that left is no zero to divide out)."""
+        if not ids or int(info.get("world_size", started_world)) >= started_world:
+            return len(ids)
+        return len(ids & set(self.client.refresh().get("peers", ())))
+
     # -- vote and sync -------------------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` again after a peer or the coordinator was lost, until ``timeout``."""
@@ -179,12 +189,14 @@ class OuterLoop:
         joined = newcomer or bool(peers - self._peers)
         self._peers = peers
         self.newcomers = 0
+        self.newcomer_ids = frozenset()
         if not joined:
             return
         me = self.client.peer_id
         flags = self.client.all_gather((b"N" if newcomer else b"E") + me.encode(), timeout=self.timeout,
                                        retry=True)
-        self.newcomers = sum(1 for f in flags if f[:1] == b"N")
+        self.newcomer_ids = frozenset(f[1:].decode() for f in flags if f[:1] == b"N")
+        self.newcomers = len(self.newcomer_ids)
         senders = [f[1:].decode() for f in flags if f[:1] == b"E"]
         if self.inner_optimizer is None or not senders or not self.newcomers:
             return
@@ -193,6 +205,10 @@ class OuterLoop:
             buf = io.BytesIO()
             torch.save(self.inner_optimizer.state_dict(), buf)
             blob = buf.getvalue()
+            if len(blob) > MAX_HANDOVER:
+                log.warning("the inner optimiser's state (%d MiB) is more than one all_gather carries (%d MiB): "
+                            "the newcomers' inner optimisers start afresh", len(blob) >> 20, MAX_HANDOVER >> 20)
+                blob = b""
         blobs = self.client.all_gather(blob, timeout=self.timeout, retry=True)
         if not newcomer:
             return

@@ -49,26 +49,27 @@ class DelayedDiLoCo(OuterLoop):
         self._deltas = pseudo_gradient_buffers(self.client, self.params)
         for d in self._deltas:
             d.zero_()
-        self._start(empty=self.newcomers)
+        self._start()
         self._base = [o.clone() for o in self.outer]
         return res
 
-    def _start(self, empty: int) -> None:
+    def _start(self) -> None:
+        """Start the exchange; the newcomers of the sync point just passed give zeros to it."""
         handle = self.client.all_reduce_async(self._deltas, op="sum", quant=self.quant, algorithm=self.algorithm,
                                               timeout=self.timeout, retry=True)
-        self._pending = (handle, empty)
+        self._pending = (handle, self.newcomer_ids, len(self._peers))
 
     @torch.no_grad()
     def _finish(self) -> dict:
         """Wait for the exchange in flight and apply it: the info of the call."""
-        handle, empty = self._pending
+        handle, zeros, started_world = self._pending
         self._pending = None
         try:
             info = handle.wait()
         except Diverged as exc:
             log.warning("delayed outer step not applied: %s", exc)
             return {"diverged": True, "error": str(exc)}
-        n = contributors(int(info.get("world_size", 1)), empty)
+        n = contributors(int(info.get("world_size", 1)), self._gave_zeros(zeros, started_world, info))
         info["contributors"] = n
         if n == 0:  # only newcomers took part: nothing to apply
             return info
@@ -83,11 +84,11 @@ class DelayedDiLoCo(OuterLoop):
         """Apply the exchange started at the previous outer step, vote and sync, start this
         phase's exchange; returns the applied call's info (``sync``, ``step``, ``members``)."""
         self._joined()
-        info = self._finish()
+        info = self._finish() if self._pending is not None else {}  # none after an exchange that failed
         for d, b, p in zip(self._deltas, self._base, self.params, strict=True):
             torch.sub(b, p.detach().to("cpu"), out=d)
         res = self._vote_and_sync()
-        self._start(empty=self.newcomers)
+        self._start()
         self.load_model()
         self._base = [o.clone() for o in self.outer]
         info.update(sync=res["status"], sync_rx_bytes=res.get("rx_bytes", 0), sync_seconds=res.get("seconds", 0.0), step=self.step,

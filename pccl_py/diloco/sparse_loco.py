@@ -50,12 +50,16 @@ class SparseLoCo(OuterLoop):
             n = p.numel()
             torch.sub(o.reshape(-1), p.detach().to("cpu").reshape(-1), out=self._flat[off:off + n])
             off += n
+        feedback = self.codec.state_tensors()
+        kept = {k: v.clone() for k, v in feedback.items()}  # what encode() takes out, back if not sent
         blob = self.codec.encode(self._flat)
         info: dict = {"bytes_sent": len(blob)}
         try:
             blobs = self.client.all_gather(blob, timeout=self.timeout, retry=True)
         except Diverged as exc:
             log.warning("outer step not applied: %s", exc)
+            for k, v in kept.items():  # the others went on without this blob: keep its entries
+                feedback[k].copy_(v)
             info.update(diverged=True, error=str(exc))
         else:
             avg = SparseCodec.aggregate(blobs, self.numel, op="avg")

@@ -51,10 +51,10 @@ class StreamingDiLoCo(OuterLoop):
         res = super().join(**kw)
         self._deltas = [pseudo_gradient_buffers(self.client, [self.params[i] for i in frag])
                         for frag in self.fragments]
-        self._start_due(self.step, self.newcomers)  # as the established peers do after this sync
+        self._start_due(self.step, self.newcomer_ids)  # as the established peers do after this sync
         return res
 
-    def _start_due(self, step: int, empty: int) -> None:
+    def _start_due(self, step: int, zeros: frozenset[str]) -> None:
         for f in self.schedule.starts(step):
             for d, i in zip(self._deltas[f], self.fragments[f], strict=True):
                 torch.sub(self.outer[i], self.params[i].detach().to("cpu"), out=d)
@@ -62,19 +62,19 @@ class StreamingDiLoCo(OuterLoop):
                                                   algorithm=self.algorithm, timeout=self.timeout, retry=True)
             # newcomers joined at this step's sync and trained nothing: fragment 0, started
             # right there, has their zeros
-            self._pending[f] = (handle, empty if f == 0 else 0)
+            self._pending[f] = (handle, zeros if f == 0 else frozenset(), len(self._peers))
             if self.schedule.overlap == 0:
                 self._finish(f)
 
     @torch.no_grad()
     def _finish(self, f: int) -> dict:
-        handle, empty = self._pending.pop(f)
+        handle, zeros, started_world = self._pending.pop(f)
         try:
             info = handle.wait()
         except Diverged as exc:
             log.warning("fragment %d: outer step not applied: %s", f, exc)
             return {"diverged": True, "error": str(exc)}
-        n = contributors(int(info.get("world_size", 1)), empty)
+        n = contributors(int(info.get("world_size", 1)), self._gave_zeros(zeros, started_world, info))
         if n == 0:
             return info
         for d, i in zip(self._deltas[f], self.fragments[f], strict=True):
@@ -100,10 +100,10 @@ class StreamingDiLoCo(OuterLoop):
             if res["status"] == "fetched":  # a peer that missed an exchange: the run's parameters
                 self.load_model()
             out.update(sync=res["status"], members=res["world_size"], epoch=res["epoch"])
-            empty = self.newcomers
+            zeros = self.newcomer_ids
         else:
-            empty = 0
-        self._start_due(step, empty)
+            zeros = frozenset()
+        self._start_due(step, zeros)
         self.last_info = out
         return out
 
