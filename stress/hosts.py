@@ -37,6 +37,34 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+def wait_ready(p: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    """Until a daemon started with stdout=PIPE prints READY (a hung one must not block us)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([p.stdout], [], [], 0.1)
+        line = p.stdout.readline() if ready else b""
+        if line.startswith(b"READY"):
+            return
+        if not line and p.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {p.returncode} while starting")
+    raise TimeoutError(f"{what} did not start within {timeout:g} s")
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Stop processes we started (woken first: one may be SIGSTOPped), killing any that
+    does not end within 5 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 def available() -> str | None:
     """None when namespaces can be made here, else why not."""
     if os.geteuid() != 0:
@@ -139,27 +167,11 @@ class Hosts:
         p = self.spawn(i, [sys.executable, "-m", "pccl_py.daemon", "--coordinator", self.coordinator,
                            "--listen", "0.0.0.0:0", "--ipc", path, *extra],
                        stdout=subprocess.PIPE, env={**os.environ})
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([p.stdout], [], [], 0.1)  # a hung daemon must not block us
-            line = p.stdout.readline() if ready else b""
-            if line.startswith(b"READY"):
-                return p, path
-            if not line and p.poll() is not None:
-                raise RuntimeError(f"daemon {i} exited with code {p.returncode} while starting")
-        raise TimeoutError(f"daemon {i} did not start within 30 s")
+        wait_ready(p, f"daemon {i}")
+        return p, path
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(self.procs)
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         self._made.clear()

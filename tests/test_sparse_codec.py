@@ -436,3 +436,13 @@ def test_exchange_through_all_gather_with_two_peers(coordinator):
     assert torch.equal(results[0][2], results[1][2]), "both peers hold the same bits"
     want = (dense(*SparseCodec.decode(own[0]), numel) + dense(*SparseCodec.decode(own[1]), numel)) / 2
     assert torch.equal(results[0][2], want)
+
+
+@pytest.mark.parametrize("density,bits,size", [
+    (0.01, 2, 25_688), (0.01, 4, 28_312), (0.02, 2, 49_304), (0.02, 4, 54_552),
+    (0.03, 2, 72_920), (0.03, 4, 80_792)])
+def test_the_wire_cost_table_of_the_docs(density, bits, size):
+    """docs/diloco_sparse.md's table: the blob of 1M elements in chunks of 4096."""
+    codec = SparseCodec(1 << 20, chunk=4096, density=density, bits=bits)
+    assert codec.wire_bytes() == size
+    assert len(codec.encode(torch.randn(1 << 20, generator=torch.Generator().manual_seed(1)))) == size

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import statistics
 import subprocess
 import sys
@@ -66,15 +65,8 @@ class Peers:
         path = os.path.join(self.dir, f"d{i}.sock")
         p = self.net.popen(i, [sys.executable, "-m", "pccl_py.daemon", "--coordinator", self.coordinator,
                                "--listen", "0.0.0.0:0", "--ipc", path, *extra], stdout=subprocess.PIPE, cwd=H.REPO)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([p.stdout], [], [], 0.1)
-            line = p.stdout.readline() if ready else b""
-            if line.startswith(b"READY"):
-                return p, path
-            if not line and p.poll() is not None:
-                raise RuntimeError(f"daemon {i} exited with code {p.returncode} while starting")
-        raise TimeoutError(f"daemon {i} did not start within 30 s")
+        H.wait_ready(p, f"daemon {i}")
+        return p, path
 
     def close(self) -> None:
         for f in os.listdir(self.dir):

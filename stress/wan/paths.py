@@ -27,6 +27,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from hosts import stop_all  # stress/ is on sys.path wherever wan is imported
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("delayline.c", "wanpath.h", "wanpath_test.c")
 IFNAME = "wan0"
@@ -331,16 +333,7 @@ class WanPaths:
         return json.loads(self._line(timeout))
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(self.procs)
         self.procs.clear()
         if self.delayline is not None:
             if self.delayline.poll() is None:
