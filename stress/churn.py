@@ -37,7 +37,8 @@ The report: per kind of fault, how many, how each ended, and the recovery time (
 p95, max): for kill, crash, leave, freeze and link-cut of a member of the newest epoch, the
 time to the first step a survivor completed in a newer epoch (or, for a freeze or a cut
 that removed no one, the first step after it ended); for the coordinator's faults, the
-first step completed after it came back; for start, the new peer's first step. Then steps
+first step completed after it came back, timed from its return; for start, the new peer's
+first step. Then steps
 and steps/s, errors by type, parity violations (collective and shared state), wrong
 results, hangs (a call past its deadline; calls of a frozen peer are not counted), crashes
 (a trainer that exited non-zero, not killed by the harness), and stalls (no step at all

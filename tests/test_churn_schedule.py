@@ -113,13 +113,14 @@ def test_recovery_rules_and_statistics():
     tr.peer_epoch[7] = 2
     crash = tr.fault(125.0, S.Fault(25.0, S.CRASH, 7))
     assert crash.outcome == T.NOT_TIMED
-    # the coordinator: the first step after it came back
+    # the coordinator: the first step after it came back, timed from its return
     stop = tr.fault(130.0, S.Fault(30.0, S.COORD_STOP, None, 3.0))
     steps(tr, 132.0, 4, [0])
     assert stop.outcome == T.UNRESOLVED
     tr.ended(133.0, stop)
     steps(tr, 134.0, 4, [1])
-    assert (stop.outcome, stop.recovery) == (T.BACK, pytest.approx(4.0))
+    assert (stop.outcome, stop.recovery) == (T.BACK, pytest.approx(1.0))
+    assert stop.row(100.0)["ended_s"] == pytest.approx(33.0)
     # a start: the new peer's first step
     start = tr.fault(140.0, S.Fault(40.0, S.START, 9))
     steps(tr, 141.0, 4, [0])

@@ -23,8 +23,9 @@ def text(summary: dict, header: str, notes: list[str]) -> str:
     head = (f"{'kind':<14}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
             + f"{'median s':>10}{'p95 s':>8}{'max s':>8}")
     lines += ["faults (recovery: kill/crash/leave/freeze/link-cut -> a survivor's step in a newer epoch,",
-              "        or in the same epoch after the fault ended; coord-* -> the first step after it",
-              "        returned; start -> the new peer's first step)", head, "-" * len(head)]
+              "        or in the same epoch after the fault ended, timed from the fault; coord-* -> the",
+              "        first step after it returned, timed from its return; start -> the new peer's",
+              "        first step)", head, "-" * len(head)]
     for kind, row in summary["faults"].items():
         lines.append(f"{kind:<14}" + "".join(f"{row[c]:>{w}}" for c, w in zip(cols, widths))
                      + f"{_s(row['median_s']):>10}{_s(row['p95_s']):>8}{_s(row['max_s']):>8}")

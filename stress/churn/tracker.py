@@ -12,7 +12,8 @@ Recovery of a fault, per kind:
   epoch after the fault ended, when the peer was not removed meanwhile ("same epoch").
   A fault on a peer that was not a member (still joining, already removed while frozen)
   changes no membership, so it is not timed.
-* coordinator restart or stop: the first step completed after the coordinator returned.
+* coordinator restart or stop: the first step completed after the coordinator returned,
+  timed from its return (the outage itself is the harness's choice; the row keeps it).
 * start: the first step of the new peer (its join time).
 A fault not resolved by the end of the run is "unresolved".
 """
@@ -49,7 +50,8 @@ class FaultRecord:
     def row(self, t0: float) -> dict:
         return {"t": round(self.t - t0, 3), "kind": self.fault.kind, "target": self.fault.target,
                 "duration": self.fault.duration, "base_epoch": self.base_epoch, "outcome": self.outcome,
-                "recovery_s": None if self.recovery is None else round(self.recovery, 3), "note": self.note}
+                "recovery_s": None if self.recovery is None else round(self.recovery, 3), "note": self.note,
+                "ended_s": None if self.end is None else round(self.end - t0, 3)}
 
 
 @dataclass
@@ -124,7 +126,7 @@ class Tracker:
                     rec.outcome, rec.recovery = JOINED, now - rec.t
             elif kind in S.COORDINATOR:
                 if rec.end is not None and now > rec.end:
-                    rec.outcome, rec.recovery = BACK, now - rec.t
+                    rec.outcome, rec.recovery = BACK, now - rec.end
             elif peer != target and epoch > rec.base_epoch:
                 rec.outcome, rec.recovery = NEW_EPOCH, now - rec.t
             elif (kind in (S.FREEZE, S.LINK_CUT) and rec.end is not None and now > rec.end
