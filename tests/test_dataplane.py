@@ -995,3 +995,23 @@ def test_failed_call_withdraws_its_queued_frames():
                 await fut
             assert sum(len(c._backlog) for c in streams) <= 1  # only the ERROR frame may wait
     run(body())
+
+
+def test_a_newer_topology_ends_the_wait_for_a_link_that_will_not_come():
+    """Epoch 2 names a peer that died before it dialled us: set_topology would wait its
+    connect_timeout for that link while epoch 3, which removes the peer, queues behind it.
+    supersede() of a newer epoch ends the wait; one of the same epoch does not."""
+    async def body():
+        async with cluster(2) as dps:
+            peers = (PeerInfo("a-dead-peer", "127.0.0.1", 9), *(PeerInfo(d.peer_id, "127.0.0.1", d.port)
+                                                               for d in dps))
+            t0 = time.monotonic()
+            applying = asyncio.ensure_future(dps[0].set_topology(Topology(2, 0, 1, peers, 3)))
+            await asyncio.sleep(0.3)
+            dps[0].supersede(2)  # (the same epoch again: no reason to stop waiting)
+            await asyncio.sleep(0.2)
+            assert not applying.done()
+            dps[0].supersede(3)
+            await asyncio.wait_for(applying, 1.0)
+            assert time.monotonic() - t0 < dps[0].config.connect_timeout - 1
+    run(body())

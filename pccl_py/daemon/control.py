@@ -106,6 +106,9 @@ class ControlChannel:
         # what this peer is doing (e.g. "all_reduce tag=5"), asked at each heartbeat
         self.activity_source: Callable[[], str | None] = lambda: None
         self.traffic_source: Callable[[], tuple[int, int]] = lambda: (0, 0)  # data-plane bytes so far
+        self.calls_source: Callable[[], list[int]] = lambda: []  # automatic tags in flight
+        self.on_newer_topology: Callable[[int], None] | None = None  # a topology of that epoch was queued
+        self.progress_source: Callable[[], tuple[int, list[int]]] = lambda: (0, [])  # AutoTags.progress
         # measures the data link to a peer: (target, bytes, timeout) -> (bytes_per_s, seconds)
         # (DataPlane.probe); None: bw_probe requests are answered with no rates
         self.on_probe: Callable[[str, int, float], Awaitable[tuple[float, float]]] | None = None
@@ -222,7 +225,7 @@ class ControlChannel:
         self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        d = self.core.vote(loop.time(), timeout)
+        d = self.core.vote(loop.time(), timeout, progress=self.progress_source())
         fut = self._future(d.wait)
         self._carry_out(d)
         if d.wait == JOIN:  # pending again after a coordinator restart: wait for admission
@@ -239,7 +242,7 @@ class ControlChannel:
         self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        d = self.core.vote(loop.time(), timeout, kind="optimize")
+        d = self.core.vote(loop.time(), timeout, kind="optimize", progress=self.progress_source())
         fut = self._future(d.wait)
         self._carry_out(d)
         try:
@@ -371,6 +374,8 @@ class ControlChannel:
             self._sync_q.put_nowait(item)
         if d.topology is not None:
             self._topo_q.put_nowait(d.topology)
+            if self.on_newer_topology is not None:
+                self.on_newer_topology(d.topology["epoch"])  # the one being applied need not wait for its links
         if d.removed is not None and self.on_removed is not None:
             self.on_removed(d.removed)
         if d.redial is not None:
@@ -416,7 +421,8 @@ class ControlChannel:
             await asyncio.sleep(self.heartbeat_interval)
             activity = self.activity_source() if self.core.registered else None
             traffic = self.traffic_source() if self.core.registered else (0, 0)
-            self._carry_out(self.core.tick(loop.time(), activity, traffic=traffic))
+            calls = self.calls_source() if self.core.registered else []
+            self._carry_out(self.core.tick(loop.time(), activity, traffic=traffic, calls=calls))
 
     async def _apply_loop(self) -> None:
         while True:

@@ -180,6 +180,7 @@ class DataPlane:
         self.gate = Gate(f"data port {peer_id[:8]}", max_pending=self.config.max_pending_per_address)
         self._gate_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._superseded: asyncio.Future | None = None  # resolved when a newer topology is queued
         self.probes = Probes(self)  # bandwidth probes (probe.py)
         # streams per link by measurement (stream_count.py); None: fixed at ``streams``
         self.stream_count = StreamCount(StreamCountConfig(
@@ -341,12 +342,38 @@ class DataPlane:
                 waits.append(peer.ready)
         self._retry_stalled()
         if waits:
-            done, _ = await asyncio.wait(waits, timeout=self.config.connect_timeout)
-            for f in done:
-                f.exception()
-            if len(done) < len(waits):
-                log.warning("epoch %d: %d of %d links not up after %.1fs", topo.epoch,
-                            len(waits) - len(done), len(waits), self.config.connect_timeout)
+            await self._links_up(topo.epoch, waits)
+
+    def supersede(self, epoch: int) -> None:
+        """The topology of ``epoch`` is queued behind the one being applied: if it is newer,
+        stop waiting for the links of this one (a peer that died meanwhile would hold it for
+        connect_timeout, and the newer epoch, which removes that peer, behind it)."""
+        if self._superseded is not None and not self._superseded.done() and epoch > self.epoch:
+            self._superseded.set_result(None)
+
+    async def _links_up(self, epoch: int, waits: list[asyncio.Future]) -> None:
+        self._superseded = self._loop.create_future()
+        try:
+            pending = set(waits)
+            deadline = self._loop.time() + self.config.connect_timeout
+            while pending and not self._superseded.done():
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    break
+                _, pending = await asyncio.wait([*pending, self._superseded], timeout=left,
+                                                return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(self._superseded)
+            for f in waits:
+                if f.done():
+                    f.exception()
+            if pending and self._superseded.done():
+                log.info("epoch %d: %d of %d links not up when a newer epoch came; applying that one",
+                         epoch, len(pending), len(waits))
+            elif pending:
+                log.warning("epoch %d: %d of %d links not up after %.1fs", epoch,
+                            len(pending), len(waits), self.config.connect_timeout)
+        finally:
+            self._superseded = None
 
     def _dial(self, p) -> PeerStreams:
         # adapting: a new link to a peer measured before starts at the count decided for it
