@@ -38,6 +38,8 @@ __all__ = [
     "QUANT_DTYPES",
     "QUANT_OPS",
     "STRATEGIES",
+    "TAGS_REPORTED",
+    "auto_tag",
     "check_algorithm",
     "check_all_reduce",
     "check_blob",
@@ -52,8 +54,11 @@ __all__ = [
     "check_timeout",
     "check_whole_elements",
     "call_timeout",
+    "never_made",
     "request_timeout",
     "shape_of",
+    "tag_count",
+    "tag_gen",
     "user_tag",
 ]
 
@@ -66,7 +71,43 @@ ALGORITHMS = ("auto", "ring", "direct", "shm")
 
 # Tags. A caller's tag is below AUTO_TAG; tags with that bit set are the ones the daemon
 # gives calls without a tag (pccl_py.daemon.tags). Every tag fits a frame header (MAX_TAG).
+# An automatic tag is AUTO_TAG | generation << 32 | count: the generation names the vote
+# round the count started at (every member of a group starts counting there together).
 AUTO_TAG = 1 << 62
+TAG_GEN_SHIFT = 32
+TAG_GEN_MASK = (1 << 30) - 1
+TAG_COUNT_MASK = (1 << TAG_GEN_SHIFT) - 1
+
+
+def auto_tag(gen: int, count: int) -> int:
+    """The automatic tag of call ``count`` (from 1) of generation ``gen``."""
+    return AUTO_TAG | (gen & TAG_GEN_MASK) << TAG_GEN_SHIFT | count
+
+
+def tag_gen(tag: int) -> int | None:
+    """The generation of an automatic tag; None for a caller's tag."""
+    return (tag >> TAG_GEN_SHIFT) & TAG_GEN_MASK if tag & AUTO_TAG else None
+
+
+def tag_count(tag: int) -> int:
+    return tag & TAG_COUNT_MASK
+
+
+TAGS_REPORTED = 64  # automatic tags a heartbeat or a vote reports at most
+
+
+def never_made(tag: int, below: int, open_tags: list[int]) -> bool | None:
+    """Whether a voter that reported ``(below, open_tags)`` (``AutoTags.progress`` in
+    pccl_py.daemon.tags) leaves call ``tag`` of another peer unmade: it has not made it, or
+    it failed it and now votes instead of retrying. None when that cannot be told (a
+    caller's tag, or the two count in different generations)."""
+    if not below or tag_gen(tag) is None or tag_gen(tag) != tag_gen(below):
+        return None
+    if tag_count(tag) >= tag_count(below) or tag in open_tags:
+        return True
+    if len(open_tags) >= TAGS_REPORTED and tag_count(tag) > tag_count(open_tags[-1]):
+        return None  # beyond the failed tags the vote had room for
+    return False
 
 # Timeouts, in seconds. A request without one (or with 0) gets the default; a day at most,
 # so that a typo cannot park a call for ever.

@@ -156,7 +156,7 @@ def test_the_member_public_key_without_its_secret_key_completes_no_handshake():
                     s.connect(f"tcp://{addr}")
                     for m in (protocol.encode("leave", reason="b leaves (not really)"),
                               protocol.encode("hello", peer_id="mallory", group=0, host="10.9.9.9", port=1,
-                                              claim="new", epoch=0, ring_pos=0, revision=0, instance="",
+                                              claim="new", epoch=0, ring_pos=0, world=0, revision=0, instance="",
                                               timeout=0.0),
                               protocol.encode("status_q", req=1)):
                         s.send(m, zmq.NOBLOCK)

@@ -64,7 +64,7 @@ def topology(epoch: int = 1, peers: tuple[str, ...] = ("p1",), instance: str = "
     rows = [[p, "127.0.0.1", 7000 + i] for i, p in enumerate(peers)]
     return msg("topology", instance=instance, epoch=epoch, group=3, peers=rows,
                world_size=len(peers) if world_size is None else world_size, num_groups=1,
-               req=req, reason="test")
+               req=req, reason="test", round=5)
 
 
 def apply(core: ControlCore, topo_msg: dict) -> tuple[Actions, Actions]:
@@ -178,7 +178,8 @@ def test_heartbeats_only_while_registered_with_epoch_revision_and_activity():
     joined(core, epoch=4)
     core.revision = 9
     [hb] = wire(core.tick(NOW + 0.5, "x" * 300))
-    assert hb == {"type": "heartbeat", "activity": "x" * 256, "epoch": 4, "revision": 9, "tx": 0, "rx": 0}
+    assert hb == {"type": "heartbeat", "activity": "x" * 256, "epoch": 4, "revision": 9, "tx": 0, "rx": 0,
+                  "calls": []}
     [hb] = wire(core.tick(NOW + 1.0, None))
     assert hb["activity"] is None
 
@@ -301,7 +302,7 @@ def test_new_instance_gets_a_member_hello_then_the_requests_in_flight():
     d = core.on_message(NOW + 1.2, welcome(state="recovering", instance="c2"))
     assert core.state is S.RECOVERING and core.instance == "c2"
     assert wire(d) == [
-        {"type": "vote", "req": 1, "timeout": pytest.approx(8.8)},  # what its caller has left
+        {"type": "vote", "req": 1, "timeout": pytest.approx(8.8), "below": 0, "open": []},  # what its caller has left
         {"type": "pending_q", "req": 2},
         protocol.decode(protocol.encode_msg(sync)),
     ]
@@ -328,8 +329,8 @@ def test_a_closed_connection_resends_the_requests_in_flight_with_the_time_left()
     query = core.pending_query()
     d = core.connection_lost(NOW + 2)
     assert wire(d) == [
-        {"type": "vote", "req": vote.wait, "timeout": 6.0},
-        {"type": "vote", "req": forever.wait, "timeout": 0.0},
+        {"type": "vote", "req": vote.wait, "timeout": 6.0, "below": 0, "open": []},
+        {"type": "vote", "req": forever.wait, "timeout": 0.0, "below": 0, "open": []},
         {"type": "pending_q", "req": query.wait},
     ]
     assert d.level == logging.INFO and "connection closed" in d.reason
@@ -354,7 +355,7 @@ def test_a_reintroduction_to_the_same_instance_resends_the_requests_once():
     d = core.on_message(NOW + 1, msg("reset", instance="c1", reason="unknown connection"))
     assert [h["claim"] for h in hellos(d)] == ["accepted"]
     d = core.on_message(NOW + 1, welcome())
-    assert wire(d) == [{"type": "vote", "req": vote.wait, "timeout": 3.0}] and "welcomed again" in d.reason
+    assert wire(d) == [{"type": "vote", "req": vote.wait, "timeout": 3.0, "below": 0, "open": []}] and "welcomed again" in d.reason
     assert core.on_message(NOW + 1, welcome()).out == []  # a second welcome for the same hello
     core.forget(vote.wait)
     core.on_message(NOW + 2, msg("reset", instance="c1", reason="unknown connection"))
@@ -522,7 +523,7 @@ def test_votes_complete_only_when_the_round_is_done_and_unvotes_withdraw():
         core.pending_query()
     joined(core)
     d = core.vote(NOW, -1.0)
-    assert wire(d) == [{"type": "vote", "req": 1, "timeout": 0.0}] and d.wait == 1
+    assert wire(d) == [{"type": "vote", "req": 1, "timeout": 0.0, "below": 0, "open": []}] and d.wait == 1
     second = core.vote(NOW, 4.0)
     assert second.wait == 2
 
@@ -646,7 +647,7 @@ def test_a_welcome_for_a_peer_that_is_not_registered_moves_nothing():
 def test_optimize_vote_probes_on_request_and_settles_with_the_reason():
     core = joined(epoch=4, peers=("p0", "p1", "p2"))
     d = core.vote(NOW, 10.0, kind="optimize")
-    assert wire(d) == [{"type": "optimize", "req": d.wait, "timeout": 10.0}]
+    assert wire(d) == [{"type": "optimize", "req": d.wait, "timeout": 10.0, "below": 0, "open": []}]
     probe = msg("bw_probe", round=3, epoch=4, targets=["p2"], bytes=4096, timeout=2.0)
     a = core.on_message(NOW + 0.1, probe)
     assert a.probe == probe and a.out == []  # the shell runs it on the data plane

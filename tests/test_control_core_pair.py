@@ -87,12 +87,13 @@ def test_restarted_coordinator_rebuilds_the_ring_from_the_reintroductions():
     pair.restart(grace=1.0)  # a new instance knows nobody: the daemons' heartbeats get a reset
     pending = pair.cores["b"].vote(pair.now, 20.0)  # in flight across the restart
     pair.tick(0.25)
-    assert all(core.state is S.RECOVERING and core.instance == "c2" for core in pair.cores.values())
+    assert all(core.instance == "c2" for core in pair.cores.values())
     assert {pid: p.revision for pid, p in pair.coord.peers.items()} == {"a": 3, "b": 3, "c": 2}
     assert {pid: p.claim_ring_pos for pid, p in pair.coord.peers.items()} == {"a": 0, "b": 1, "c": 2}
     assert "b" in pair.coord.votes  # the vote was resent to the new instance
-
-    pair.tick(1.0)  # the window closes: the claims become the ring, in their old order
+    # every member of the last epoch (3 of 3) claimed: the window closed before its end,
+    # and the claims became the ring, in their old order
+    assert not pair.coord.recovering and pair.now < pair.coord.recover_until
     for core in pair.cores.values():
         assert core.state is S.ACCEPTED and core.topology.epoch > epoch
         assert [p.peer_id for p in core.topology.peers] == ["a", "b", "c"]

@@ -520,7 +520,7 @@ async def test_bad_input_leaves_others_unaffected(coordinator, links):
 
     good = protocol.encode("status_q", req=1)
     hello_as_p1 = dict(peer_id="p1", group=0, host="1.2.3.4", port=1,
-                       claim="accepted", epoch=99, ring_pos=0, revision=0, instance="", timeout=0.0)
+                       claim="accepted", epoch=99, ring_pos=0, world=1, revision=0, instance="", timeout=0.0)
     junk = [
         b"", b"\x00\xff garbage", good[:-2], good + b"tail", raw("status_q", req="one"),
         raw("hello", peer_id=["x"], group=0), raw("launch_missiles", req=1), raw("status_q", v=99, req=1),
@@ -602,7 +602,7 @@ async def test_removed_peer_calls_fail_with_peer_lost(coordinator, links):
     b._send_msg = lambda msg: None
     await until(lambda: world(a) == 1, 4, "b removed")
     b._send_msg = ControlChannel._send_msg.__get__(b)
-    b._send_msg({"type": "heartbeat", "activity": None, "epoch": 0, "revision": -1, "tx": 0, "rx": 0})
+    b._send_msg({"type": "heartbeat", "activity": None, "epoch": 0, "revision": -1, "tx": 0, "rx": 0, "calls": []})
     await until(lambda: removed, 3, "b told it was removed")
     with pytest.raises(PeerLost, match="connect again"):
         await b.update_topology(1)

@@ -234,10 +234,10 @@ def test_a_stranger_with_a_members_routing_id_changes_nothing():
             }
             as_b = [
                 protocol.encode("hello", peer_id="b", group=0, host="10.9.9.9", port=1, claim="accepted", epoch=99,
-                                ring_pos=0, revision=0, instance="", timeout=0.0),
+                                ring_pos=0, world=1, revision=0, instance="", timeout=0.0),
                 protocol.encode("leave", reason="b leaves (not really)"),
                 protocol.encode("report_failure", peer_id="a", reason="a is dead (not really)", epoch=epoch),
-                protocol.encode("vote", req=1, timeout=0.0),
+                protocol.encode("vote", req=1, timeout=0.0, below=0, open=[]),
                 protocol.encode("status_q", req=1),
             ]
             ctx = zmq.Context.instance()

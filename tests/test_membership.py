@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from pccl_py.calls import auto_tag
 from pccl_py.coordinator.membership import Membership, MembershipConfig, PeerState
 from pccl_py.wire import control as protocol
 
@@ -48,21 +49,23 @@ class Sim:
         return self.inbox.get(conn, [])[start:]
 
     def hello(self, pid: str, group: int = 0, claim: str = "new", epoch: int = 0, ring_pos: int = -1,
-              revision: int = -1, timeout: float = 0.0, conn=None) -> list[dict]:
+              revision: int = -1, timeout: float = 0.0, conn=None, world: int = 0) -> list[dict]:
         self._n += 1
         return self.send(pid, "hello", conn=conn, peer_id=pid, group=group, host="127.0.0.1",
                          port=20000 + self._n, claim=claim, epoch=epoch,
-                         ring_pos=ring_pos, revision=revision, instance="", timeout=timeout)
+                         ring_pos=ring_pos, world=world, revision=revision, instance="", timeout=timeout)
 
-    def vote(self, pid: str, req: int | None = None, timeout: float = 0.0) -> list[dict]:
+    def vote(self, pid: str, req: int | None = None, timeout: float = 0.0, below: int = 0,
+             open_tags: tuple[int, ...] = ()) -> list[dict]:
         """``req``: by default the next of a counter, as a daemon numbers its requests upwards."""
         if req is None:
             self._req += 1
             req = self._req
-        return self.send(pid, "vote", req=req, timeout=timeout)
+        return self.send(pid, "vote", req=req, timeout=timeout, below=below, open=list(open_tags))
 
-    def hb(self, pid: str, activity: str | None = None) -> list[dict]:
-        return self.send(pid, "heartbeat", activity=activity, epoch=self.core.epoch, revision=0, tx=0, rx=0)
+    def hb(self, pid: str, activity: str | None = None, calls: tuple[int, ...] = ()) -> list[dict]:
+        return self.send(pid, "heartbeat", activity=activity, epoch=self.core.epoch, revision=0, tx=0, rx=0,
+                         calls=list(calls))
 
     def tick(self, dt: float = 0.0, beat: tuple[str, ...] | None = None) -> None:
         """Advance time in small steps; peers in ``beat`` (default: all live) heartbeat."""
@@ -73,7 +76,7 @@ class Sim:
             live = list(self.core.peers) if beat is None else [p for p in beat if p in self.core.peers]
             for pid in live:
                 self.send(pid, "heartbeat", activity=self.core.peers[pid].activity,
-                          epoch=self.core.epoch, revision=0, tx=0, rx=0)
+                          epoch=self.core.epoch, revision=0, tx=0, rx=0, calls=list(self.core.peers[pid].calls))
             self._deliver(self.core.tick(self.now))
             if self.now >= end - 1e-9:
                 return
@@ -168,7 +171,7 @@ def test_graceful_leave_pushes_new_epoch_at_once():
     out = sim.send("b", "leave", reason="done")
     assert out[-1]["type"] == "removed"
     assert sim.core.epoch == epoch + 1 and sim.members("a") == ["a", "c"] == sim.members("c")
-    assert sim.send("b", "heartbeat", activity=None, epoch=0, revision=0, tx=0, rx=0)[0]["type"] == "removed"
+    assert sim.send("b", "heartbeat", activity=None, epoch=0, revision=0, tx=0, rx=0, calls=[])[0]["type"] == "removed"
     assert sim.hello("b")[0]["type"] == "removed"  # same peer_id stays gone
     assert sim.hello("b2", conn="conn-b")[0]["type"] == "welcome"  # new id, same connection: fine
 
@@ -225,7 +228,7 @@ def test_a_stall_does_not_count_toward_the_lockstep_grace():
     sim.vote("a", req=9)
     sim.tick(1.0)
     sim.now += 10.0
-    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0, tx=0, rx=0)
+    sim.send("b", "heartbeat", activity="all_reduce tag=3", epoch=sim.core.epoch, revision=0, tx=0, rx=0, calls=[])
     sim.tick(0.5)  # 1.5 s of the 2 s grace seen by a running coordinator
     assert "error" not in sim.types("a")
     sim.tick(0.6)
@@ -284,13 +287,13 @@ def test_a_repeated_vote_is_answered_again_not_counted_again():
     assert sim.vote("a", req=9) == first and not sim.core.votes  # the same error again
     # the same peer_id on another socket (a restarted daemon counts its requests from 1): a new vote
     sim.send("b", "hello", conn="conn-b2", **_hello_fields(sim, "b"))
-    sim.send("b", "vote", conn="conn-b2", req=8, timeout=0.0)
+    sim.send("b", "vote", conn="conn-b2", req=8, timeout=0.0, below=0, open=[])
     assert sim.core.votes["b"].req == 8
 
 
 def _hello_fields(sim: Sim, pid: str) -> dict:
     return dict(peer_id=pid, group=0, host="127.0.0.1", port=20099, claim="accepted",
-                epoch=sim.core.epoch, ring_pos=-1, revision=-1, instance=sim.core.instance, timeout=0.0)
+                epoch=sim.core.epoch, ring_pos=-1, world=0, revision=-1, instance=sim.core.instance, timeout=0.0)
 
 
 def test_failure_report_probe_removes_silent_peer_fast():
@@ -460,6 +463,63 @@ def test_lockstep_mismatch_errors_voters_and_aborts_the_other():
     assert not sim.core.votes
 
 
+def test_a_peer_in_a_call_no_voter_makes_is_failed_at_once_and_the_voters_wait_on():
+    """One peer completed call 3 that another failed (it got Diverged and votes); the first
+    went on to call 4, which the voter never makes: it is told at once, not after the
+    lockstep grace, and the round completes when it votes too."""
+    sim = Sim()
+    grow(sim, "a", "b", "c")
+    gen = sim.last_topo("a")["round"]
+    assert sim.last_topo("b")["round"] == gen  # one round id for every member
+    sim.hb("c", "all_reduce tag=4", calls=(auto_tag(gen, 4),))
+    sim.hb("b", "all_reduce tag=4", calls=(auto_tag(gen, 4),))
+    sim.vote("a", req=11, below=auto_tag(gen, 4))  # a made calls 1-3: 4 is not its
+    for pid in ("b", "c"):
+        [abort] = [m for m in sim.inbox[f"conn-{pid}"] if m["type"] == "abort"]
+        assert abort["error"] == "Diverged" and "a did not make" in abort["message"]
+        assert "update_topology" in abort["message"]
+    assert "error" not in sim.types("a") and "a" in sim.core.votes  # a waits on
+    sim.tick(0.5)  # heartbeats that still show the call: told once
+    assert [m["type"] for m in sim.inbox["conn-c"]].count("abort") == 1
+    sim.vote("b", req=12, below=auto_tag(gen, 5))
+    sim.vote("c", req=13, below=auto_tag(gen, 5))
+    answer = sim.last_topo("a")
+    assert answer["req"] == 11 and answer["round"] != gen  # a new round: the counts start again
+    assert sim.last_topo("c")["round"] == answer["round"]
+
+
+def test_a_peer_finishing_a_call_the_voter_completed_gets_the_grace():
+    sim = Sim()
+    grow(sim, "a", "b")
+    gen = sim.last_topo("a")["round"]
+    sim.hb("b", "all_reduce tag=3", calls=(auto_tag(gen, 3),))
+    sim.vote("a", req=11, below=auto_tag(gen, 4))  # a completed 3: b may still be finishing it
+    sim.tick(1.5)
+    assert "abort" not in sim.types("b") and "error" not in sim.types("a")
+    sim.tick(0.7)  # past the grace: the lockstep check of before
+    assert [m["error"] for m in sim.inbox["conn-b"] if m["type"] == "abort"] == ["InvalidUsage"]
+
+
+@pytest.mark.parametrize("case", ["other generation", "user tag", "other group", "nothing reported"])
+def test_no_early_abort_without_proof(case):
+    sim = Sim()
+    grow(sim, "a", "b")
+    gen = sim.last_topo("a")["round"]
+    call, below = auto_tag(gen, 9), auto_tag(gen, 4)
+    if case == "other generation":
+        call = auto_tag(gen + 1, 9)
+    elif case == "user tag":
+        call = 9
+    elif case == "other group":
+        sim.core.peers["b"].group = 1
+    elif case == "nothing reported":
+        below = 0
+    sim.hb("b", "all_reduce tag=9", calls=(call,))
+    sim.vote("a", req=11, below=below)
+    sim.tick(0.5)
+    assert "abort" not in sim.types("b")
+
+
 def test_idle_peer_is_no_mismatch_and_vote_deadline_resolves():
     sim = Sim()
     grow(sim, "a", "b")
@@ -490,7 +550,7 @@ def test_refusals():
     assert out[0]["type"] == "refused" and "full" in out[0]["reason"]
     assert list(sim.core.peers) == ["a"]
     # a stranger's non-hello is asked to introduce itself
-    out = sim.send("zz", "vote", req=1, timeout=0.0)
+    out = sim.send("zz", "vote", req=1, timeout=0.0, below=0, open=[])
     assert out[0]["type"] == "reset"
 
 
@@ -534,6 +594,27 @@ def test_coordinator_restart_rebuilds_from_claims():
     sim.vote("b")
     sim.vote("c")
     assert sim.members("late") == ["c", "a", "b", "n", "late"] and sim.core.epoch == 9
+
+
+def test_the_recovery_window_closes_once_every_member_of_the_last_epoch_claimed():
+    sim = Sim(MembershipConfig(recovery_grace=1.5))
+    sim.hello("a", claim="accepted", epoch=7, ring_pos=0, world=3)
+    sim.hello("b", claim="accepted", epoch=6, ring_pos=1, world=3)  # missed epoch 7's push
+    sim.hello("c", claim="accepted", epoch=7, ring_pos=2, world=3)
+    sim.tick(0.1)
+    assert sim.core.recovering  # 2 of epoch 7's 3 members: b's claim is of epoch 6
+    sim.hello("d", claim="accepted", epoch=7, ring_pos=1, world=3)
+    assert not sim.core.recovering and sorted(sim.core.accepted()) == ["a", "b", "c", "d"]
+    assert sim.core.epoch == 8 and "closed early" in sim.reasons[-1]
+
+
+def test_the_window_runs_to_its_end_when_a_member_never_claims():
+    sim = Sim(MembershipConfig(recovery_grace=1.5))
+    sim.hello("a", claim="accepted", epoch=7, ring_pos=0, world=2)  # its peer died with the coordinator
+    sim.tick(1.4)
+    assert sim.core.recovering
+    sim.tick(0.2)
+    assert not sim.core.recovering and sim.core.accepted() == ["a"]
 
 
 def test_restart_with_no_claims_accepts_first_peers_and_epoch_never_goes_back():

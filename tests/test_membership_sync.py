@@ -33,7 +33,7 @@ class Sim:
     def hello(self, pid: str, claim: str = "new", revision: int = -1, epoch: int = 0, ring_pos: int = -1) -> None:
         self.port += 1
         self.send(pid, "hello", peer_id=pid, group=0, host="127.0.0.1", port=self.port, claim=claim, epoch=epoch,
-                  ring_pos=ring_pos, revision=revision, instance="", timeout=0.0)
+                  ring_pos=ring_pos, world=0, revision=revision, instance="", timeout=0.0)
 
     def join(self, *pids: str) -> None:
         """Register pids and admit them (the accepted peers vote)."""
@@ -44,7 +44,7 @@ class Sim:
                 return
             for m in self.core.accepted():
                 self.req = getattr(self, "req", 1000) + 1
-                self.send(m, "vote", req=self.req, timeout=0.0)
+                self.send(m, "vote", req=self.req, timeout=0.0, below=0, open=[])
         assert set(pids) <= set(self.core.accepted())
 
     def offer(self, pid: str, revision: int, rows, strategy: str = "enforce_popular", timeout: float = 30.0):
@@ -68,7 +68,7 @@ class Sim:
         while self.now < end - 1e-9:
             self.now = min(end, self.now + 0.1)
             for pid in list(self.core.peers):
-                self.send(pid, "heartbeat", activity=None, epoch=self.core.epoch, revision=0, tx=0, rx=0)
+                self.send(pid, "heartbeat", activity=None, epoch=self.core.epoch, revision=0, tx=0, rx=0, calls=[])
             self.deliver(self.core.tick(self.now))
 
 
@@ -149,7 +149,7 @@ def test_member_dies_mid_round_round_resolves():
     while sim.now < end:
         sim.now += 0.1
         for p in "ab":
-            sim.send(p, "heartbeat", activity="sync_shared_state", epoch=sim.core.epoch, revision=0, tx=0, rx=0)
+            sim.send(p, "heartbeat", activity="sync_shared_state", epoch=sim.core.epoch, revision=0, tx=0, rx=0, calls=[])
         sim.deliver(sim.core.tick(sim.now))
     assert "c" not in sim.core.peers
     for p in "ab":
@@ -186,8 +186,8 @@ def test_pending_peer_is_refused_and_late_member_waits_for_next_round():
     assert err["status"] == "error" and err["error"] == "InvalidUsage" and "connect first" in err["message"]
     # a round is collecting when p is admitted: p's offer waits for the next round
     sim.offer("a", 0, rows(H1))
-    sim.send("a", "vote", req=2001, timeout=0.0)  # (after the votes of join(): a daemon counts up)
-    sim.send("b", "vote", req=2002, timeout=0.0)
+    sim.send("a", "vote", req=2001, timeout=0.0, below=0, open=[])  # (after the votes of join(): a daemon counts up)
+    sim.send("b", "vote", req=2002, timeout=0.0, below=0, open=[])
     assert "p" in sim.core.accepted()
     sim.offer("p", 0, rows(H2))
     assert sim.take("p", "sync_plan") == []
@@ -313,11 +313,11 @@ def test_a_lockstep_mismatch_ends_the_sync_that_waits_for_the_voter():
     sim.join("a", "b", "c")
     sim.offer("a", 0, rows(H1), timeout=60.0)
     sim.offer("b", 0, rows(H1), timeout=60.0)
-    sim.send("c", "vote", req=7, timeout=30.0)
+    sim.send("c", "vote", req=7, timeout=30.0, below=0, open=[])
     for _ in range(40):  # 4 s of heartbeats saying what each peer does
         sim.now += 0.1
         for pid, act in (("a", "sync_shared_state"), ("b", "sync_shared_state"), ("c", UPDATE_TOPOLOGY)):
-            sim.send(pid, "heartbeat", activity=act, epoch=sim.core.epoch, revision=0, tx=0, rx=0)
+            sim.send(pid, "heartbeat", activity=act, epoch=sim.core.epoch, revision=0, tx=0, rx=0, calls=[])
         sim.deliver(sim.core.tick(sim.now))
     for p in "ab":
         assert sim.take(p, "abort"), p

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def good_hello(**over):
     fields = dict(peer_id="a", group=0, host="127.0.0.1", port=5, claim="new",
-                  epoch=0, ring_pos=-1, revision=-1, instance="", timeout=0.0)
+                  epoch=0, ring_pos=-1, world=0, revision=-1, instance="", timeout=0.0)
     fields.update(over)
     return fields
 
@@ -27,9 +27,9 @@ def raw(mtype, v=protocol.VERSION, **fields):
 def test_roundtrip_every_type_from_schema():
     samples = {
         "hello": good_hello(),
-        "heartbeat": dict(activity=None, epoch=3, revision=-1, tx=5, rx=7),
-        "vote": dict(req=1, timeout=2),
-        "optimize": dict(req=2, timeout=0),
+        "heartbeat": dict(activity=None, epoch=3, revision=-1, tx=5, rx=7, calls=[1 << 62 | 3]),
+        "vote": dict(req=1, timeout=2, below=1 << 62 | 4, open=[1 << 62 | 2]),
+        "optimize": dict(req=2, timeout=0, below=0, open=[]),
         "bw_report": dict(round=1, epoch=3, rows=[["b", 1.5e8, 0.05]]),
         "bw_probe": dict(round=1, epoch=3, targets=["b"], bytes=8 << 20, timeout=5.0),
         "unvote": dict(req=1),
@@ -41,7 +41,7 @@ def test_roundtrip_every_type_from_schema():
         "welcome": dict(instance="i", peer_id="a", state="pending", heartbeat_interval=0.5,
                         heartbeat_deadline=3, reason="r"),
         "topology": dict(instance="i", epoch=2, group=0, peers=[["a", "h", 1], ["b", "h", 2]],
-                         world_size=2, num_groups=1, req=3, reason=""),
+                         world_size=2, num_groups=1, req=3, reason="", round=17),
         "hb": dict(instance="i", epoch=1),
         "ping": dict(nonce=1),
         "pending_a": dict(req=1, pending=False),
@@ -92,11 +92,11 @@ def test_roundtrip_every_type_from_schema():
         (raw("hello", **good_hello(ts=1.5, proof=b"x" * 32)), "unknown fields"),  # v3's proof is gone
         (raw("hello", **good_hello(extra=1)), "unknown fields"),
         (raw("heartbeat", activity=None, epoch=1), "missing field"),
-        (raw("heartbeat", activity=None, epoch=-1, revision=0, tx=0, rx=0), "below"),
+        (raw("heartbeat", activity=None, epoch=-1, revision=0, tx=0, rx=0, calls=[]), "below"),
         (raw("vote", req=2**64 - 1, timeout=1), "above"),
         (raw("vote", req=1, timeout=None), "missing a value"),
         (raw("topology", instance="i", epoch=1, group=0, peers=[["a", "h"]], world_size=1, num_groups=1,
-             req=3, reason=""), "must have 3 items"),
+             req=3, reason="", round=1), "must have 3 items"),
         (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": "x" * 5000}), "undecodable"),  # over MAX_STR
         (msgpack.packb({"type": "leave", "v": protocol.VERSION, "reason": ["x"] * 9000}), "undecodable"),  # over MAX_ARRAY
         (msgpack.packb({"type": "pong", "v": protocol.VERSION, "nonce": 1, **{f"k{i}": i for i in range(40)}}), "undecodable"),

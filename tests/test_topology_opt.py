@@ -50,7 +50,7 @@ def test_matchings_of_a_partial_set():
 
 
 def opt_vote(sim: Sim, pid: str, req: int, timeout: float = 0.0) -> list[dict]:
-    return sim.send(pid, "optimize", req=req, timeout=timeout)
+    return sim.send(pid, "optimize", req=req, timeout=timeout, below=0, open=[])
 
 
 def answer_probes(sim: Sim, rates=rate, skip: tuple[str, ...] = ()) -> int:

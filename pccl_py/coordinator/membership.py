@@ -32,6 +32,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pccl_py.calls import never_made, tag_count
 from pccl_py.coordinator.bandwidth import BandwidthMatrix
 from pccl_py.coordinator.decision import Decision
 from pccl_py.coordinator.state_sync import SyncHost, refusal
@@ -87,12 +88,16 @@ class Peer:
     last_seen: float
     join_deadline: float  # pending: when its connect() gives up (inf: never)
     claim_ring_pos: int = -1
+    claim_epoch: int = 0  # the epoch it claimed membership of (a restarted coordinator)
+    claim_world: int = 0  # that epoch's world size
     epoch: int = 0  # last epoch the peer reported
     revision: int = -1
     activity: str | None = None
     activity_since: float = 0.0
     tx: int = 0  # data-plane bytes the peer reported sent / received, as of its last heartbeat
     rx: int = 0
+    calls: tuple[int, ...] = ()  # the automatic tags of its calls in flight (last heartbeat)
+    stuck_told: frozenset[int] = frozenset()  # of those, the calls it was told no voter makes
 
 
 @dataclass
@@ -111,6 +116,8 @@ class Vote:
     deadline: float  # inf: no deadline
     since: float
     kind: str = "vote"  # the message: "vote" (update_topology) or "optimize" (optimize_topology)
+    below: int = 0  # what the voter made of its automatic tags (daemon/tags.py AutoTags.progress)
+    open: tuple[int, ...] = ()
 
 
 @dataclass
@@ -138,6 +145,9 @@ class Membership:
     ) -> None:
         self.cfg = config or MembershipConfig()
         self.instance = instance or secrets.token_hex(8)
+        # the id of the last completed vote round (in every topology: automatic tags count
+        # from it); a new instance starts at random, so its ids are not an old one's
+        self.round = (seed if seed is not None else secrets.randbits(30)) << 20
         self.started = now
         self.epoch = 0
         self._epoch_floor = 0  # highest epoch any peer ever reported to this instance
@@ -202,6 +212,7 @@ class Membership:
             "num_groups": self.num_groups,
             "req": req,
             "reason": reason[:1024],
+            "round": self.round,
         }
 
     def status(self, now: float, req: int = 0) -> Msg:
@@ -443,6 +454,8 @@ class Membership:
             last_seen=now,
             join_deadline=float("inf") if claimed else deadline,
             claim_ring_pos=msg["ring_pos"],
+            claim_epoch=msg["epoch"],
+            claim_world=msg.get("world", 0),
             epoch=msg["epoch"],
             revision=msg["revision"],
             activity_since=now,
@@ -462,6 +475,8 @@ class Membership:
     def _on_heartbeat(self, now: float, peer: Peer, msg: Msg) -> None:
         if msg["activity"] != peer.activity:
             peer.activity, peer.activity_since = msg["activity"], now
+        peer.calls = tuple(msg.get("calls", ()))
+        peer.stuck_told = peer.stuck_told & frozenset(peer.calls)
         peer.epoch, peer.revision = msg["epoch"], msg["revision"]
         peer.tx, peer.rx = msg["tx"], msg["rx"]
 
@@ -489,7 +504,8 @@ class Membership:
             self._mixed_votes(peer, msg)
             return
         deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
-        self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now, kind=msg["type"])
+        self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now, kind=msg["type"],
+                                        below=msg.get("below", 0), open=tuple(msg.get("open", ())))
         if self.vote_opened is None:
             self.vote_opened = now
         self._why(f"{peer.peer_id}: voted (waiting for {self._missing_voters()})")
@@ -661,6 +677,18 @@ class Membership:
         )
         self._why(f"{peer.peer_id}: {reason} (group {peer.group}, {state})")
 
+    def _claims_complete(self) -> bool:
+        """Every member of the newest epoch that claimants report has claimed its membership:
+        the recovery window need not run to its end (the others never come, or come late:
+        those were removed before the restart)."""
+        claims = [p for p in self.peers.values() if p.state is PeerState.CLAIMED]
+        if not claims:
+            return False
+        top = max(p.claim_epoch for p in claims)
+        at_top = [p for p in claims if p.claim_epoch == top]
+        world = at_top[0].claim_world
+        return world > 0 and all(p.claim_world == world for p in at_top) and len(at_top) >= world
+
     def _rebuild(self, now: float) -> None:
         """End of the recovery window: the claimants become the accepted set."""
         self.recovering = False
@@ -670,7 +698,9 @@ class Membership:
             self.rings.setdefault(peer.group, []).append(peer.peer_id)
         self.votes = {pid: v for pid, v in self.votes.items() if pid in self.accepted()}
         self._step.changed = self._step.changed or bool(claimed)
-        self._why(f"recovery window closed: rebuilt {len(claimed)} accepted peers from their claims")
+        early = now < self.recover_until
+        self._why(f"recovery window closed{' early (every member of the last epoch claimed)' if early else ''}: "
+                  f"rebuilt {len(claimed)} accepted peers from their claims")
         self._sync_out(self.sync.recovered(now))
 
     def _answer(self, peer: Peer, req: int, error: Msg) -> None:
@@ -704,6 +734,36 @@ class Membership:
             return "the recovery window to close"
         missing = sorted(set(self.accepted()) - set(self.votes))
         return ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") if missing else "nobody"
+
+    def _abort_stuck(self) -> None:
+        """A peer in a call that a voter of its group has not made, or failed and does not
+        retry (it votes instead), waits for ever: the voter will not join that call before
+        the vote completes, and the vote waits for that peer. It happens when one peer
+        completed a call that another failed (the other gets ``Diverged`` and votes while
+        the first goes on to its next call). The call is failed at once with ``Diverged``,
+        and the voters go on waiting: that peer votes next, instead of after the grace of
+        the lockstep check. Known from the tags the heartbeats and votes report (up to one
+        heartbeat late)."""
+        if not self.votes:
+            return
+        for pid in self.accepted():
+            peer = self.peers[pid]
+            if pid in self.votes or not peer.calls:
+                continue
+            for tag in peer.calls:
+                if tag in peer.stuck_told:
+                    continue
+                voter = next((vid for vid, v in self.votes.items() if self.peers[vid].group == peer.group
+                              and never_made(tag, v.below, list(v.open))), None)
+                if voter is None:
+                    continue
+                text = (f"peers diverged: this peer waits in a call (automatic tag {tag_count(tag)}) that peer "
+                        f"{voter} did not make: it completed fewer calls than this peer and now waits in "
+                        f"{_CALLS[self.votes[voter].kind]}; call it too (the call's result is not applied)")
+                self._send(peer.conn, {"type": "abort", "error": "Diverged", "message": text[:1024]})
+                peer.stuck_told = peer.stuck_told | {tag}
+                self._why(f"{pid}: {text}")
+                break
 
     def _check_mismatch(self, now: float) -> None:
         if not self.votes or self.vote_opened is None:
@@ -741,11 +801,14 @@ class Membership:
     def _finish(self, now: float) -> Decision:
         """Settle what the step implies (empty run, completed round), bump the epoch, push."""
         st = self._step
+        if self.recovering and self._claims_complete():
+            self._rebuild(now)
         if not self.recovering:
             pend = [p for p in self.peers.values() if p.state is PeerState.PENDING]
             if pend and not self.accepted():
                 self._admit(pend, "run was empty")
             elif self.votes and set(self.accepted()) <= set(self.votes):
+                self.round = (self.round + 1) % (1 << 62)  # every member is between calls here
                 if next(iter(self.votes.values())).kind == "optimize":
                     self._open_optimize(now)  # admits nobody: answered when the round ends
                 else:
@@ -757,6 +820,8 @@ class Membership:
                     self._admit(pend, "every accepted peer voted")
                 elif st.round_done:
                     self._why("vote round complete; nobody pending")
+            else:
+                self._abort_stuck()
         self._settle_optimize()
         if not self.votes:
             self.vote_opened = None

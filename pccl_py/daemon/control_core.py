@@ -130,7 +130,7 @@ def topology_from(msg: Msg, peer_id: str) -> Topology:
     if peer_id not in ids:
         raise ProtocolError(f"topology of epoch {msg['epoch']} does not include this peer {peer_id}")
     return Topology(epoch=msg["epoch"], group=msg["group"], rank=ids.index(peer_id), peers=peers,
-                    world_size=msg["world_size"], num_groups=msg["num_groups"])
+                    world_size=msg["world_size"], num_groups=msg["num_groups"], round=msg.get("round"))
 
 
 @dataclass
@@ -260,10 +260,12 @@ class ControlCore:
             self._why(f"connect() failed: {exc}")
         return self._step
 
-    def vote(self, now: float, timeout: float, *, kind: str = "vote") -> Actions:
+    def vote(self, now: float, timeout: float, *, kind: str = "vote",
+             progress: tuple[int, list[int]] = (0, [])) -> Actions:
         """update_topology() (``kind`` "vote": admit the pending peers) or optimize_topology()
         (``kind`` "optimize": measure the links and reorder the ring); ``wait`` says what to
-        await: the topology (for "optimize": the topology and the coordinator's reason)."""
+        await: the topology (for "optimize": the topology and the coordinator's reason).
+        ``progress``: what this peer made of its automatic tags (``AutoTags.progress``)."""
         self._begin()
         what = "optimize_topology" if kind == "optimize" else "update_topology"
         self.require_member(what)
@@ -275,7 +277,9 @@ class ControlCore:
             self._why("pending again after a coordinator restart: update_topology waits for admission")
             return self._step
         # accepted, or recovering (the new coordinator keeps votes made in its recovery window)
-        self._step.wait = self._request({"type": kind, "timeout": max(0.0, timeout)})
+        below, open_tags = progress
+        self._step.wait = self._request({"type": kind, "timeout": max(0.0, timeout), "below": below,
+                                         "open": list(open_tags)})
         if timeout > 0:
             self._until[self._step.wait] = now + timeout
         self._why(f"vote {self._step.wait} sent")
@@ -408,15 +412,17 @@ class ControlCore:
 
     # ------------------------------------------------------------------ timers
 
-    def tick(self, now: float, activity: str | None = None, *, traffic: tuple[int, int] = (0, 0)) -> Actions:
-        """Heartbeat period: a heartbeat (with ``activity`` and ``traffic``, the data-plane
-        bytes sent and received so far), and hellos while the coordinator is silent."""
+    def tick(self, now: float, activity: str | None = None, *, traffic: tuple[int, int] = (0, 0),
+             calls: list[int] | tuple[int, ...] = ()) -> Actions:
+        """Heartbeat period: a heartbeat (with ``activity``, ``traffic``, the data-plane
+        bytes sent and received so far, and ``calls``, the automatic tags in flight), and
+        hellos while the coordinator is silent."""
         self._begin()
         if not self.registered:
             return self._step
         epoch = self.topology.epoch if self.topology is not None else 0
         self._send({"type": "heartbeat", "activity": activity and activity[:256], "epoch": epoch,
-                    "revision": self.revision, "tx": traffic[0], "rx": traffic[1]})
+                    "revision": self.revision, "tx": traffic[0], "rx": traffic[1], "calls": list(calls)[:64]})
         silent_since = self.last_rx if self.last_rx is not None else self.last_hello
         if now - silent_since > self.coordinator_timeout:
             if self.reintro is None:
@@ -665,6 +671,7 @@ class ControlCore:
             "claim": "accepted" if member else "new",
             "epoch": topo.epoch if topo is not None else 0,
             "ring_pos": topo.rank if member else -1,
+            "world": topo.world_size if member else 0,
             "revision": self.revision,
             "instance": self.instance,
             "timeout": self._join_timeout if self.state is _S.PENDING else 0.0,  # a pending peer's patience

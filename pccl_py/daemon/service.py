@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 
 from pccl_py import calls, logs
+from pccl_py.calls import tag_count
 from pccl_py.daemon.control import ControlChannel
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.daemon.lease import Ended, Lease, Mode
@@ -182,6 +183,9 @@ class Daemon:
         )
         self.control.activity_source = self._describe_activity
         self.control.traffic_source = self._traffic
+        self.control.calls_source = self._auto_calls
+        self.control.on_newer_topology = self.data.supersede
+        self.control.progress_source = self._tags.progress
         self.control.on_probe = self.data.probe  # bw_probe of optimize_topology
         await self.control.start()
         return addr
@@ -308,7 +312,7 @@ class Daemon:
         # await, which waits for new links): a request that arrives while links come up must
         # take its tag from the new epoch's count, as the data plane runs it in that epoch.
         if old is None or not {p.peer_id for p in topo.peers} <= {p.peer_id for p in old.peers}:
-            self._tags.reset()  # the group gained a member: every member counts from zero
+            self._tags.reset(topo.round)  # the group gained a member: every member counts from zero
         self.topology = topo
         if self.metrics is not None:
             self.metrics.epoch.set(topo.epoch)
@@ -363,8 +367,13 @@ class Daemon:
 
     def _describe_activity(self) -> str | None:
         """What this peer is doing, for the coordinator's lockstep check (sent with heartbeats)."""
-        acts = sorted({f"{what} tag={k & ~AUTO_TAG}" if k >= 0 else what for k, what in self._in_flight.items()})
+        acts = sorted({what if k < 0 else f"{what} tag={tag_count(k)}" if k & AUTO_TAG else f"{what} tag={k}"
+                       for k, what in self._in_flight.items()})
         return ",".join(acts) if acts else None
+
+    def _auto_calls(self) -> list[int]:
+        """The automatic tags of the calls in flight (with heartbeats, for the lockstep check)."""
+        return sorted(k for k in self._in_flight if k >= 0 and k & AUTO_TAG)
 
     def next_tag(self, user_tag) -> tuple[int, int | None]:
         """The call's tag and, for an automatic one, the token for ``tag_done``."""
@@ -413,6 +422,7 @@ class Daemon:
             topo = await self.control.update_topology(timeout)
         finally:
             self._in_flight.pop(-1, None)
+        self._tags.new_round(topo.round)  # every member was between calls: all count from here
         await self._wait_topology(topo.epoch, timeout)
         return self.summary()
 
@@ -425,6 +435,7 @@ class Daemon:
             topo, reason = await self.control.optimize_topology(timeout)
         finally:
             self._in_flight.pop(-3, None)
+        self._tags.new_round(topo.round)
         await self._wait_topology(topo.epoch, timeout)
         summary = self.summary()
         order = [p.peer_id for p in before.peers]

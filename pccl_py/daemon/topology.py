@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class Topology:
     peers: tuple[PeerInfo, ...]
     world_size: int
     num_groups: int = 1
+    # the coordinator's id of the last completed vote round (automatic tags count from it);
+    # not part of the membership: a round that changes nothing leaves the topology equal
+    round: int | None = field(default=None, compare=False)
 
     @property
     def group_world_size(self) -> int:

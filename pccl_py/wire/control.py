@@ -29,7 +29,11 @@ from pccl_py.errors import ProtocolError
 # 2: report_failure carries the epoch of the broken link; 3: topology names the vote it answers;
 # 4: CURVE authenticates the connection, hello lost its timestamped proof (ts, proof)
 # 5: optimize_topology (optimize, bw_probe, bw_report); status_a carries the bandwidth matrix
-VERSION = 5
+# 6: automatic tags count from each vote round: topology carries the round's id, a vote what
+#    its peer made of the count (below, open), a heartbeat the automatic tags in flight;
+#    hello the world size of its epoch (a restarted coordinator stops collecting claims
+#    once every member of the newest epoch has made one)
+VERSION = 6
 MAX_MESSAGE = 1 << 20  # bytes in one control frame (also the ROUTER's MAXMSGSIZE)
 MAX_STR = 4096  # unpacker bound for any string; fields have tighter bounds below
 MAX_BIN = 256
@@ -78,6 +82,7 @@ INSTANCE = _s(64)
 TIMEOUT = _f(0.0, 1e7)  # seconds; 0 means "no deadline"
 ACTIVITY = _s(256, optional=True)
 PEER_ROW = F(list, max_len=3, items=(PEER_ID, _s(255), _i((0, 65535))))
+TAGS = F(list, max_len=64, items=_i(U63))  # automatic tags (pccl_py.daemon.tags)
 
 STATUS_MEMBER = F(
     dict,
@@ -108,14 +113,19 @@ SCHEMA: dict[str, dict[str, F]] = {
         "claim": _s(16, choices=("new", "accepted")),
         "epoch": EPOCH,  # last epoch seen (0: none)
         "ring_pos": _i((-1, MAX_PEERS)),  # -1: none
+        "world": _i((0, 1 << 20)),  # the world size at that epoch (0: none)
         "revision": _i(),  # shared-state revision, -1: none
         "instance": INSTANCE,  # last coordinator instance seen ("": none)
         "timeout": TIMEOUT,  # how long a pending peer waits to be accepted
     },
     # tx, rx: data-plane bytes this daemon sent and received so far (for throughput views)
-    "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i(), "tx": _i(U63), "rx": _i(U63)},
-    "vote": {"req": REQ, "timeout": TIMEOUT},  # update_topology
-    "optimize": {"req": REQ, "timeout": TIMEOUT},  # optimize_topology (a vote; unvote withdraws it)
+    # calls: the automatic tags of the calls in flight (the lockstep check reads them)
+    "heartbeat": {"activity": ACTIVITY, "epoch": EPOCH, "revision": _i(), "tx": _i(U63), "rx": _i(U63),
+                  "calls": TAGS},
+    # below, open: what the voter made of its automatic tags (AutoTags.progress; below 0: unknown)
+    "vote": {"req": REQ, "timeout": TIMEOUT, "below": _i(U63), "open": TAGS},  # update_topology
+    # optimize_topology (a vote; unvote withdraws it)
+    "optimize": {"req": REQ, "timeout": TIMEOUT, "below": _i(U63), "open": TAGS},
     # the rates measured for a bw_probe: [dst, bytes_per_s, seconds] per target it reached
     "bw_report": {"round": _i(U63), "epoch": EPOCH,
                   "rows": F(list, max_len=MAX_PEERS, items=F(list, max_len=3, items=(PEER_ID, _f(0.0, 1e15),
@@ -144,6 +154,7 @@ SCHEMA: dict[str, dict[str, F]] = {
         "num_groups": _i((0, 1 << 20)),
         "req": REQ,  # the vote (update_topology) of the receiver this push answers; 0: none
         "reason": REASON,
+        "round": _i(U63),  # the last vote round completed: automatic tags count from there
     },
     "hb": {"instance": INSTANCE, "epoch": EPOCH},
     "ping": {"nonce": _i(U63)},
