@@ -377,14 +377,18 @@ def test_a_call_the_voter_never_makes_fails_at_once_and_the_counts_realign(coord
             fa = ex.submit(a.update_topology)
             t0 = time.monotonic()
             with pytest.raises(Diverged, match="update_topology"):
-                b.all_reduce(np.ones(8, np.float32))
+                b.all_reduce(np.ones(1 << 16, np.float32), algorithm="ring")  # (its data waits at a)
             took = time.monotonic() - t0
             assert took < 1.9, f"told after {took:.2f} s"  # under the 2 s lockstep grace
             assert not fa.done()  # a waits for b's vote, it gets no error
             b.update_topology()
             fa.result(timeout=10)
-            outs = list(ex.map(lambda c: c.all_reduce(np.ones(8, np.float32))["epoch"], [a, b]))
+            t0 = time.monotonic()
+            outs = list(ex.map(lambda c: c.all_reduce(np.ones(1 << 16, np.float32), algorithm="ring")["epoch"], [a, b]))
             assert outs[0] == outs[1]
+            # b's data of the aborted call, stalled at a, is dropped at the round, not after
+            # the 10 s stall timeout with the new call's data queued behind it
+            assert time.monotonic() - t0 < 5.0
     finally:
         a.close()
         b.close()

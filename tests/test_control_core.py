@@ -397,7 +397,7 @@ def test_an_answer_completes_its_vote_and_older_ones_never_a_later_one():
     assert {key for key, _ in done.settle} == {JOIN, second.wait, third.wait} and core.requests == {}
 
 
-def test_expired_sync_offer_is_not_resent_and_a_plan_ends_the_offer():
+def test_expired_sync_offer_is_not_resent_and_sync_complete_ends_the_offer():
     core = joined()
     core.sync_send(NOW, offer(2.0))
     d = core.on_message(NOW + 3, welcome(state="recovering", instance="c2"))
@@ -407,8 +407,29 @@ def test_expired_sync_offer_is_not_resent_and_a_plan_ends_the_offer():
     plan = msg("sync_plan", round=4, status="in_sync", revision=0, sources=[], tensors=[], error="",
                message="")
     d = core.on_message(NOW + 4, plan)
-    assert d.sync == [plan] and core.sync_offer is None
+    assert d.sync == [plan] and core.sync_offer is not None  # in sync: it waits for sync_complete
+    done = msg("sync_complete", round=4, status="ok", revision=0, error="", message="")
+    assert core.on_message(NOW + 4, done).sync == [done] and core.sync_offer is None
     assert core.on_message(NOW + 5, welcome(state="recovering", instance="c3")).out == []
+
+
+def test_a_peer_in_sync_whose_sync_complete_was_lost_offers_again_after_a_re_welcome():
+    """The coordinator sent the plan (in sync) and sync_complete together and stopped; the
+    complete never arrived. Nothing else would ever be sent: the sync waited for its whole
+    deadline. The offer goes again, and the coordinator answers a repeat of a completed
+    round at once."""
+    core = joined()
+    core.sync_send(NOW, offer(20.0))
+    core.on_message(NOW + 1, msg("sync_plan", round=4, status="in_sync", revision=1, sources=[], tensors=[],
+                                 error="", message=""))
+    core.on_message(NOW + 6, msg("reset", instance="c1", reason="unknown connection"))
+    d = core.on_message(NOW + 6, welcome())
+    assert [m["type"] for m in wire(d)] == ["sync_offer"] and "resent the sync offer" in d.reason
+    for status in ("fetch", "error"):  # a fetcher's report takes its place; an error ends it
+        core.sync_send(NOW + 7, offer(20.0))
+        core.on_message(NOW + 7, msg("sync_plan", round=5, status=status, revision=1, sources=[], tensors=[],
+                                     error="", message=""))
+        assert core.sync_offer is None
 
 
 def test_member_welcomed_as_pending_after_the_window_is_aborted_and_its_votes_fail():

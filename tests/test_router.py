@@ -89,6 +89,26 @@ def test_a_peer_retrying_a_call_completed_here_is_told_once():
     assert r.route(hdr(tag=8), "c").action == STALL
 
 
+def test_frames_of_a_count_a_vote_round_ended_are_dropped_not_stalled_on():
+    """A call aborted before a vote round (its peers went to update_topology): its frames
+    would hold their stream for stall_timeout, behind every frame of the new count."""
+    from pccl_py.calls import auto_tag
+    from pccl_py.daemon.tags import AutoTags
+
+    tags = AutoTags()
+    tags.reset(7)
+    r = router()
+    r.stale = tags.stale
+    old = hdr(tag=auto_tag(7, 3))
+    assert r.route(old, "b").action == STALL  # the count it belongs to is the current one
+    tags.new_round(8)
+    v = r.route(old, "b")
+    assert v.action == DROP and "vote round" in v.note[1]
+    assert r.route(hdr(tag=auto_tag(9, 1)), "b").action == STALL  # a round not reached yet: wait
+    assert r.route(hdr(tag=auto_tag(8, 1)), "b").action == STALL
+    assert r.route(hdr(tag=3), "b").action == STALL  # a caller's tag
+
+
 def test_a_dropped_attempt_counts_as_made_so_the_next_post_pairs_with_the_retry():
     r = router()
     assert r.attempt_dropped(hdr(tag=4, attempt=0), "b")

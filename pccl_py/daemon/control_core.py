@@ -571,11 +571,16 @@ class ControlCore:
         self._why(msg["reason"], logging.WARNING)
 
     def _on_sync_plan(self, now: float, msg: Msg) -> None:
-        self.sync_offer = None
+        # a peer in sync waits for sync_complete with nothing else to send: its offer stays,
+        # to be sent again after a re-welcome (the coordinator answers a repeated offer of a
+        # completed round at once, and ignores one of a round that still runs); a fetcher's
+        # fetch report takes that place, and an error ends the sync
+        if msg["status"] != "in_sync":
+            self.sync_offer = None
         self._step.sync.append(msg)
 
     def _on_sync_complete(self, now: float, msg: Msg) -> None:
-        self.sync_report = None
+        self.sync_offer = self.sync_report = None
         self._step.sync.append(msg)
 
     def _on_refused(self, now: float, msg: Msg) -> None:

@@ -199,6 +199,12 @@ class DataPlane:
     def behind(self, fn: Callable[[int], bool] | None) -> None:
         self.router.behind = fn
 
+    def tags_restarted(self, stale: Callable[[int], bool]) -> None:
+        """The daemon's automatic tags count afresh (a vote round): frames of the old count
+        will never find their call. ``stale`` tells them; a stream stalled on one reads on."""
+        self.router.stale = stale
+        self._retry_stalled()
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()

@@ -74,6 +74,8 @@ class Router:
         self.held_count = 0
         # True for a tag this peer completed that a peer now runs again (pccl_py.daemon.tags)
         self.behind: Callable[[int], bool] | None = None
+        # True for an automatic tag of a count that ended at a vote round: never posted again
+        self.stale: Callable[[int], bool] | None = None
 
     # -- membership -------------------------------------------------------------------------
     def set_topology(self, epoch: int, group: int, rank: int, members: list[str]) -> list:
@@ -137,6 +139,11 @@ class Router:
         if self._finished.get(h.tag, -1) >= h.attempt:
             return self._drop(logging.DEBUG, ("late", pid, h.tag, h.attempt),
                               f"dropping late frames of finished tag {h.tag} from {pid}")
+        if h.kind == F.DATA and self.stale is not None and self.stale(h.tag):
+            # a call aborted before a vote round restarted the count (its sender went on to
+            # update_topology): waiting for its post would stall the stream for stall_timeout
+            return self._drop(logging.INFO, ("stale", pid, h.tag, h.attempt),
+                              f"dropping frames of tag {h.tag} from {pid}: its count ended at a vote round")
         if h.kind == F.DATA and self.behind is not None and self.behind(h.tag):
             note = self._once(("diverged", pid, h.epoch, h.tag, h.attempt), logging.WARNING,
                               f"peer {pid} retries tag {h.tag}, which this peer completed: the peers diverged")

@@ -153,6 +153,7 @@ class Daemon:
         self.topology: Topology | None = None
         self._tags = AutoTags()
         self.data.behind = self._tags.behind  # tells a peer retrying a call we completed
+        self.data.router.stale = self._tags.stale  # drops frames of a count a vote round ended
         self._in_flight: dict[int, str] = {}
         self._removed: str | None = None
         self._leaving = False  # the data plane closes and the leave goes out: no topology applies
@@ -313,6 +314,7 @@ class Daemon:
         # take its tag from the new epoch's count, as the data plane runs it in that epoch.
         if old is None or not {p.peer_id for p in topo.peers} <= {p.peer_id for p in old.peers}:
             self._tags.reset(topo.round)  # the group gained a member: every member counts from zero
+            log.debug("epoch %d gained a member: automatic tags count from round %s", topo.epoch, topo.round)
         self.topology = topo
         if self.metrics is not None:
             self.metrics.epoch.set(topo.epoch)
@@ -422,7 +424,9 @@ class Daemon:
             topo = await self.control.update_topology(timeout)
         finally:
             self._in_flight.pop(-1, None)
-        self._tags.new_round(topo.round)  # every member was between calls: all count from here
+        if self._tags.new_round(topo.round):  # every member was between calls: all count from here
+            log.debug("vote round %s: automatic tags count from it", topo.round)
+            self.data.tags_restarted(self._tags.stale)
         await self._wait_topology(topo.epoch, timeout)
         return self.summary()
 
@@ -435,7 +439,8 @@ class Daemon:
             topo, reason = await self.control.optimize_topology(timeout)
         finally:
             self._in_flight.pop(-3, None)
-        self._tags.new_round(topo.round)
+        if self._tags.new_round(topo.round):
+            self.data.tags_restarted(self._tags.stale)
         await self._wait_topology(topo.epoch, timeout)
         summary = self.summary()
         order = [p.peer_id for p in before.peers]

@@ -32,6 +32,7 @@ one still finishing a call the voters made: the first is aborted at once.
 
 from __future__ import annotations
 
+import collections
 import heapq
 
 from pccl_py.calls import AUTO_TAG, TAG_GEN_MASK, TAGS_REPORTED, auto_tag, tag_count, tag_gen
@@ -43,6 +44,7 @@ class AutoTags:
     def __init__(self) -> None:
         self._generation = 0  # counts resets: a token from before one is stale
         self.round: int | None = None  # the vote round the count started at (None: none yet)
+        self._past: collections.deque[int] = collections.deque(maxlen=16)  # generations left behind
         self.reset()
 
     @property
@@ -52,7 +54,9 @@ class AutoTags:
     def reset(self, round_id: int | None = None) -> None:
         """Start counting from 1 (a vote round completed, or the group gained a member);
         calls in flight are forgotten. ``round_id``: the coordinator's id of that round."""
-        if round_id is not None:
+        if round_id is not None and round_id != self.round:
+            if self.gen != round_id & TAG_GEN_MASK:
+                self._past.append(self.gen)
             self.round = round_id
         self._next = 1
         self._free: list[int] = []  # failed counts, taken again smallest first
@@ -94,6 +98,13 @@ class AutoTags:
             return False  # a caller's tag, or another count (a frame from before a round)
         n = tag_count(tag)
         return n < self._next and n not in self._in_flight and n not in self._free
+
+    def stale(self, tag: int) -> bool:
+        """An automatic tag of a count this peer left at a vote round: no call of it will be
+        posted here again (a frame of it is dropped, not held). A generation never seen
+        may be the next round's, which a peer can reach first: not stale."""
+        gen = tag_gen(tag)
+        return gen is not None and gen != self.gen and gen in self._past
 
     def progress(self) -> tuple[int, list[int]]:
         """What a vote reports: ``(below, open)``. Every automatic tag of this count below
