@@ -39,6 +39,7 @@ class Pair:
         self.cores = {pid: make(pid) for pid in pids}
         self.coord = self._coordinator("c1", grace)
         self.settled: dict[str, list] = {}  # the waits each daemon's topologies completed
+        self.sync_in: dict[str, list] = {}  # what reached each daemon's sync end
 
     def _coordinator(self, instance: str, grace: float) -> Membership:
         cfg = MembershipConfig(recovery_grace=grace, heartbeat_deadline=30.0)
@@ -57,6 +58,7 @@ class Pair:
                 continue
             m = protocol.decode(protocol.encode_msg(m))
             step = self.cores[pid].on_message(self.now, m)
+            self.sync_in.setdefault(pid, []).extend(step.sync)
             self.to_coord(pid, step)
             if step.topology is not None:  # what the shell's apply loop does
                 self.cores[pid].adopt(step.topology)
@@ -196,3 +198,56 @@ def test_what_comes_under_a_renamed_connection_is_asked_for_again():
     assert pair.coord.peers["a"].conn == "a"
     assert (lost.wait, pair.cores["a"].topology) in pair.settled["a"]
     assert (other.wait, pair.cores["b"].topology) in pair.settled["b"]
+
+
+def test_a_paused_coordinator_that_lost_a_sync_rounds_answers_to_one_peer_is_asked_again():
+    """The round completes and the coordinator stops after b got its plan (in sync) and
+    before its sync_complete (lost with the connection that closes meanwhile). b hears nothing, re-introduces itself, and
+    the welcome makes it offer again: the coordinator answers a repeat of a round b
+    completed at once, instead of b waiting out its sync deadline."""
+    pair = Pair("a", "b")
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0))
+    pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0))
+    pair.to_coord("a", pair.cores["a"].vote(pair.now, 5.0))
+    offer = {"type": "sync_offer", "round_hint": 0, "revision": 1, "strategy": "enforce_popular",
+             "tensors": [["w", 4, b"\x07" * 16]], "host": "127.0.0.1", "port": 1, "timeout": 20.0}
+    pair.to_coord("a", pair.cores["a"].sync_send(pair.now, dict(offer, port=1)))
+    lost = pair.coord.on_message(pair.now, "b", protocol.decode(protocol.encode_msg(
+        pair.cores["b"].sync_send(pair.now, dict(offer, port=2)).out[0])))
+    assert {m["type"] for pid, m in lost.out if pid == "b"} == {"sync_plan", "sync_complete"}
+    core_b = pair.cores["b"]
+    plan = next(m for pid, m in lost.out if pid == "b" and m["type"] == "sync_plan")
+    core_b.on_message(pair.now, protocol.decode(protocol.encode_msg(plan)))  # the plan came; the complete did not
+    assert core_b.sync_offer is not None
+    for _ in range(40):  # the coordinator is silent to b (stopped): b's clock runs on
+        pair.now += 0.125
+        pair.to_coord("b", core_b.tick(pair.now))  # it wakes for b's hellos: welcome, then the resend
+        if core_b.sync_offer is None:
+            break
+    # b's sync waits for the sync_complete of its plan's round and takes no other round's
+    completes = [m for m in pair.sync_in.get("b", []) if m["type"] == "sync_complete"]
+    assert [m["round"] for m in completes] == [plan["round"]], completes
+    assert core_b.sync_offer is None
+
+
+def test_offers_and_votes_that_get_no_answer_go_again_at_growing_gaps():
+    """An answer lost around a reconnection, with no re-introduction to make the daemon ask
+    again: what waits goes again after 2 s, then 4, 8, 8 ...; each resend is answered again
+    or ignored."""
+    pair = Pair("a", "b")
+    pair.to_coord("a", pair.cores["a"].connect(pair.now, 5.0))
+    pair.to_coord("b", pair.cores["b"].connect(pair.now, 5.0))
+    pair.to_coord("a", pair.cores["a"].vote(pair.now, 5.0))
+    a = pair.cores["a"]
+    vote = a.vote(pair.now, 60.0)  # waits for b, which computes
+    pair.to_coord("a", vote)
+    sent = []
+    for _ in range(int(16 / 0.125)):
+        pair.now += 0.125
+        step = a.tick(pair.now)
+        sent += [round(pair.now - NOW, 3) for m in wire(step) if m["type"] == "vote"]
+        pair.to_coord("a", step)
+    assert len(sent) == 3 and sent[1] - sent[0] == pytest.approx(4.0) and sent[2] - sent[1] == pytest.approx(8.0)
+    assert pair.coord.votes["a"].req == vote.wait  # the same vote, counted once
+    pair.to_coord("b", pair.cores["b"].vote(pair.now, 5.0))
+    assert (vote.wait, a.topology) in pair.settled["a"]

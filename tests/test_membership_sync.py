@@ -224,8 +224,10 @@ def test_offer_during_transfer_is_held_then_replayed():
 
 
 def test_an_offer_repeated_while_its_round_transfers_is_ignored_not_held():
-    """A daemon resends its offer after a re-introduction (the coordinator may have dropped
-    it); one the round already has must not be held for the next round as a new offer."""
+    """A daemon resends its offer after a re-introduction or when no answer came (the
+    coordinator may have dropped it, or its answer was lost); one the round already has
+    must not be held for the next round as a new offer: its plan goes again. Repeats after
+    the round ended are answered under that round's id."""
     sim = Sim()
     sim.join("a", "b")
     sync_all(sim, {"a": (0, rows(H1)), "b": (0, rows(H1))})
@@ -234,10 +236,20 @@ def test_an_offer_repeated_while_its_round_transfers_is_ignored_not_held():
     pa, pb = sim.take("a", "sync_plan")[0], sim.take("b", "sync_plan")[0]
     fetcher, plan = ("a", pa) if pa["status"] == "fetch" else ("b", pb)
     other = "b" if fetcher == "a" else "a"
+    first = (pb if other == "b" else pa)
     sim.offer(other, 1, rows(H1) if other == "b" else rows(H2))  # the same offer again
+    assert sim.take(other, "sync_plan") == [first]  # its plan again (it may have been what was lost)
     sim.done(fetcher, plan["round"])
     for p in "ab":
         assert sim.take(p, "sync_complete")[0]["status"] == "ok"
+    # a report repeated after the round ended (its sync_complete was lost): told again, same round
+    sim.done(fetcher, plan["round"])
+    (again,) = sim.take(fetcher, "sync_complete")
+    assert again["round"] == plan["round"] and again["status"] == "ok" and again["revision"] == 1
+    # an offer repeated after the round ended: in sync, under that round's id
+    sim.offer(other, 1, rows(H1) if other == "b" else rows(H2))
+    assert [m["round"] for m in sim.take(other, "sync_complete")] == [plan["round"]]
+    sim.take(other, "sync_plan")
     # nothing was held: the next offers open a fresh round that waits for both
     sim.offer("a", 2, rows(H1))
     assert sim.take("a", "sync_plan") == []

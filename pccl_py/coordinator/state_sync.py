@@ -59,6 +59,7 @@ class SyncHost:
         self.recovering: dict[str, tuple[int, Msg]] = {}  # peer -> (group, offer) until rebuild
         self.book: dict[str, int] = {}
         self.state_of: dict[str, tuple] = {}  # peer -> the elected (revision, rows) it last synced to
+        self.round_of: dict[str, int] = {}  # peer -> the round it last completed (answers repeat its id)
         self._next_round = 1
 
     # ------------------------------------------------------------------ inputs
@@ -76,6 +77,11 @@ class SyncHost:
     def done(self, now: float, group: int, peer_id: str, msg: Msg) -> Decision:
         """A ``sync_done`` (a fetcher's report)."""
         rnd = self.rounds.get(group)
+        last = self.round_of.get(peer_id)
+        if (rnd is None or rnd.round_id != msg["round"]) and last == msg["round"] and peer_id in self.book:
+            # the report of a round this peer completed: its sync_complete was lost; again
+            return Decision([(peer_id, _complete(last, self.book[peer_id]))],
+                            f"sync_done of {peer_id} repeats round {last}, which it completed: told again")
         if rnd is None:
             return Decision([], f"sync_done of round {msg['round']} from {peer_id} ignored (no open round)")
         d = rnd.transfer_done(now, peer_id, msg["ok"], msg["error"], msg["message"], round_id=msg["round"])
@@ -85,6 +91,7 @@ class SyncHost:
         """``peer_id`` is no longer a member (death, leave, removal)."""
         self.book.pop(peer_id, None)
         self.state_of.pop(peer_id, None)
+        self.round_of.pop(peer_id, None)
         self.recovering.pop(peer_id, None)
         held = self.held.get(group)
         if held is not None:
@@ -162,8 +169,12 @@ class SyncHost:
             return None
         if self.state_of[peer_id] != (last, rows):
             return None
-        rid = self._next_round
-        self._next_round += 1
+        # under the id of the round it completed: a peer that got that round's plan waits for
+        # its sync_complete, and takes no other round's
+        rid = self.round_of.get(peer_id)
+        if rid is None:
+            rid = self._next_round
+            self._next_round += 1
         return Decision([(peer_id, _plan(rid, "in_sync", last)), (peer_id, _complete(rid, last))],
                         f"sync offer of {peer_id} repeats revision {last}, which it completed: "
                         f"in sync (round {rid}, its answers were lost)")
@@ -172,8 +183,13 @@ class SyncHost:
         rnd = self.rounds.get(group)
         if rnd is not None and rnd.phase != "collecting" and peer_id in rnd.offers \
                 and rnd.offers[peer_id].revision == msg["revision"]:
-            # the same offer again (resent after a re-introduction): the round has it already
-            why.append(f"sync offer of {peer_id} repeats its offer to round {rnd.round_id}; ignored")
+            # the same offer again (resent after a re-introduction, or because no answer came):
+            # the round has it already; its plan goes again, in case that was what was lost
+            plan = rnd.plans.get(peer_id)
+            if plan is not None:
+                out.append((peer_id, plan))
+            why.append(f"sync offer of {peer_id} repeats its offer to round {rnd.round_id}"
+                       f"{': its plan sent again' if plan is not None else '; ignored'}")
             return
         if rnd is not None and (rnd.phase != "collecting" or peer_id not in rnd.members):
             self.held.setdefault(group, {})[peer_id] = msg
@@ -202,6 +218,7 @@ class SyncHost:
         self.book.update(rnd.synced)
         for peer_id in rnd.synced:
             self.state_of[peer_id] = rnd.winner
+            self.round_of[peer_id] = rnd.round_id
         del self.rounds[group]
         for peer_id, msg in self.held.pop(group, {}).items():
             if peer_id in self.members(group):

@@ -66,6 +66,13 @@ LEAVE = -1  # the wait for the coordinator's confirmation of a leave
 # pace of re-introductions while the coordinator is silent: until one answers
 REINTRODUCE_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
 HELLO_SPACING = 0.2  # a hello asked for by a message waits this long after the last one
+# What waits for an answer (votes, the sync offer, the fetch report) goes again after this
+# long without one, then at doubling gaps up to RESEND_MAX: an answer can be lost around a
+# reconnection (the coordinator's socket hands a peer over to its newest connection and
+# drops what was queued on the old one), and nothing else would ask for it again. Every
+# resend is answered again or ignored as a duplicate.
+RESEND_FIRST = 2.0
+RESEND_MAX = 8.0
 # pace of dialing again after a failed CURVE handshake (zmq gives up on some failures for good)
 REDIAL_BACKOFF = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.2, deadline=float("inf"))
 HANDSHAKE_FAILURES_TO_FAIL = 2  # failed handshakes in a row that end a registering connect()
@@ -178,6 +185,7 @@ class ControlCore:
         self.coord_hb = heartbeat_interval  # the coordinator's heartbeat period (from welcome)
         self.reintro: _Reintroduction | None = None  # set while the coordinator is silent
         self._reintroduced = False  # a hello went out: the next welcome resends the requests
+        self._retx: tuple[float, float] | None = None  # (next resend of what waits, its gap)
         self._join_timeout = 0.0
         self._next_req = 0
         self._adopting: Msg | None = None  # between adopt() and applied()
@@ -325,6 +333,7 @@ class ControlCore:
                 f"{msg['type']} of {size} bytes exceeds the control frame limit of {protocol.MAX_MESSAGE} "
                 "bytes: use fewer or shorter-named shared-state tensors"
             )
+        self._retx = None
         if msg["type"] == "sync_offer":
             timeout = msg["timeout"] if msg["timeout"] > 0 else SYNC_OFFER_LIFETIME
             self.sync_offer = (msg, now + timeout)
@@ -432,6 +441,7 @@ class ControlCore:
             if now >= self.reintro.due:
                 self._hello(now, force=True, why="the coordinator is silent")
                 self.reintro.due = now + next(self.reintro.delays, self.backoff.maximum)
+        self._resend_unanswered(now)
         return self._step
 
     # ------------------------------------------------------------------ coordinator messages
@@ -485,10 +495,7 @@ class ControlCore:
             # round's end: a coordinator that dropped one (it came on a connection it could not
             # place, or before a restart) would wait for it until the round's deadline; one it
             # had is answered again or ignored as a duplicate
-            for kept, what in ((self.sync_offer, "sync offer"), (self.sync_report, "fetch report")):
-                if kept is not None and now < kept[1]:
-                    self._send(kept[0])
-                    self._why(f"resent the {what}")
+            self._resend_sync(now)
 
     def _on_topology(self, now: float, msg: Msg) -> None:
         if msg["instance"] != self.instance:  # not (yet) welcomed by this instance
@@ -684,13 +691,41 @@ class ControlCore:
         self._why(f"{why}: hello as {'member' if member else 'new'}")
 
     def _request(self, msg: Msg) -> int:
+        self._retx = None  # something new waits: its resends start from the first gap
         self._next_req += 1
         msg["req"] = self._next_req
         self.requests[self._next_req] = msg
         self._send(msg)
         return self._next_req
 
-    def _resend(self, now: float, why: str) -> None:
+    def _resend_sync(self, now: float, level: int = logging.DEBUG) -> bool:
+        sent = False
+        for kept, what in ((self.sync_offer, "sync offer"), (self.sync_report, "fetch report")):
+            if kept is not None and now < kept[1]:
+                self._send(kept[0])
+                self._why(f"resent the {what}", level)
+                sent = True
+        return sent
+
+    def _resend_unanswered(self, now: float) -> None:
+        """Heartbeat period: what waits for an answer goes again at growing gaps (RESEND_FIRST)."""
+        waiting = bool(self.requests) or any(k is not None and now < k[1] for k in (self.sync_offer, self.sync_report))
+        if not waiting or self.state is not _S.ACCEPTED or self.reintro is not None:
+            self._retx = None if not waiting else self._retx
+            return
+        if self._retx is None:
+            self._retx = (now + RESEND_FIRST, RESEND_FIRST)
+            return
+        due, gap = self._retx
+        if now < due:
+            return
+        if self.requests:
+            self._resend(now, f"no answer for {gap:g} s", logging.DEBUG)
+        self._resend_sync(now)
+        gap = min(2 * gap, RESEND_MAX)
+        self._retx = (now + gap, gap)
+
+    def _resend(self, now: float, why: str, level: int = logging.INFO) -> None:
         """Send the requests in flight again; a vote with the time its caller has left."""
         sent = []
         for req, msg in self.requests.items():
@@ -702,7 +737,7 @@ class ControlCore:
             self._send(msg)
             sent.append(req)
         if sent:
-            self._why(f"{why}: resent requests {sent}", logging.INFO)
+            self._why(f"{why}: resent requests {sent}", level)
         else:
             self._why(f"{why}: no request to resend")
 
