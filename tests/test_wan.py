@@ -12,7 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "stress"))
 import wan  # noqa: E402
-from wan.measure import goodput, rtt  # noqa: E402
+from wan.measure import goodput, goodput_both_ways, rtt  # noqa: E402
 
 WHY = wan.available()
 needs_root = pytest.mark.skipif(WHY is not None, reason=f"emulated paths unavailable: {WHY}")
@@ -54,6 +54,9 @@ def test_rtt_and_rate_limit_between_two_namespaces():
         g = goodput(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
         assert g["sender"]["cc"] == CC
         assert 0.85 * 50e6 <= g["bits_per_s"] <= 1.05 * 50e6, g
+        ab, ba = goodput_both_ways(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
+        for bps in (ab, ba):  # each direction has its own 50 Mbit/s
+            assert 0.8 * 50e6 <= bps <= 1.05 * 50e6, (ab, ba)
     assert net.final_stats is not None and net.final_stats["paths"][0]["out_pkts"] > 0
     assert not any(os.path.exists(f"/run/netns/{n}") for n in names)  # torn down
     assert net.delayline is None  # ended and reaped

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # stress/: wan, hosts
 import hosts as H  # noqa: E402
 
-from wan.measure import goodput, parse_fraction  # noqa: E402
+from wan.measure import goodput, goodput_both_ways, parse_fraction  # noqa: E402
 from wan.paths import WanPaths  # noqa: E402
 
 COORD_PORT = H.COORD_PORT
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=0.0,
                     help="then time one call after this many seconds without traffic")
     ap.add_argument("--compare", choices=["gloo"], default=None, help="gloo through the same paths")
-    ap.add_argument("--raw", action="store_true", help="raw TCP goodput from peer 0 to 1 with 1 and 8 flows")
+    ap.add_argument("--raw", action="store_true", help="raw TCP goodput between peers 0 and 1 with 1 and 8 "
+                    "flows, one way and both ways at once (as a ring of two loads the path)")
     ap.add_argument("--slow-ring", type=float, default=None, metavar="MBIT",
                     help="the join-order ring's pairs (i, i+1) at this rate, the others at --rate-mbit; "
                          "time the first size, call optimize_topology() on every peer, time it again")
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant, warmup=a.warmup, idle=a.idle)
             gloo = H.run_gloo(peers, n, sizes, a.repeat, ifname="wan0") if a.compare else None
             raw = {k: goodput(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
+            both = {k: goodput_both_ways(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
             st = net.stats()
         finally:
             peers.close()
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             bps = r["bits_per_s"]
             print(f"raw TCP, {k} flow(s) peer 0 -> 1: {bps / 1e6:.1f} Mbit/s"
                   f"{f' ({bps / rate:.0%} of the rate)' if rate else ''}")
+        for k, (ab, ba) in both.items():
+            print(f"raw TCP both ways at once, {k} flow(s) each way: 0 -> 1 {ab / 1e6:.1f}, 1 -> 0 {ba / 1e6:.1f} "
+                  f"Mbit/s{f' ({ab / rate:.0%}, {ba / rate:.0%} of the rate)' if rate else ''}")
     head = f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}"
     head += f" {'idle s':>7} {'idle x':>6}" if a.idle else ""
     print(head + (f" {'gloo s':>8} {'gloo Mbit/s':>12} {'ratio':>6}" if gloo else ""))

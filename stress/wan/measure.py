@@ -98,6 +98,32 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     return res
 
 
+def goodput_both_ways(net: WanPaths, a: int, b: int, flows: int, seconds: float, warmup: float,
+                      cc: str | None = None) -> tuple[float, float]:
+    """``flows`` TCP flows a -> b and as many b -> a at the same time, as a ring all-reduce
+    of two peers loads the path; the goodput of each direction after ``warmup`` (bits/s)."""
+    rcv = []
+    ports = (next(_port), next(_port))
+    for dst, port in zip((b, a), ports, strict=True):
+        r = net.popen(dst, [sys.executable, FLOWS, "recv", "--port", str(port), "--flows", str(flows),
+                            "--seconds", str(seconds), "--warmup", str(warmup)], stdout=subprocess.PIPE)
+        _ready(r)
+        rcv.append(r)
+    snd = [net.popen(src, [sys.executable, FLOWS, "send", "--to", net.addr(dst), "--port", str(port),
+                           "--flows", str(flows), "--seconds", str(seconds), *(["--cc", cc] if cc else [])],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for (src, dst), port in zip(((a, b), (b, a)), ports, strict=True)]
+    outs = [r.communicate(timeout=seconds + 60)[0] for r in rcv]
+    for s_ in snd:
+        _, err = s_.communicate(timeout=60)
+        if s_.returncode != 0:
+            raise RuntimeError(f"traffic failed: sender {s_.returncode} {err.decode()[-2000:]}")
+    if any(r.returncode != 0 for r in rcv):
+        raise RuntimeError(f"traffic failed: receivers {[r.returncode for r in rcv]}")
+    ab, ba = (_json_tail(o)["bits_per_s"] for o in outs)
+    return ab, ba
+
+
 def parse_fraction(text: str | None) -> float | None:
     if text is None or text.lower() in ("", "none", "0"):
         return None
