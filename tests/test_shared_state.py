@@ -14,7 +14,7 @@ from pccl_py.coordinator.in_process import InProcessSyncHost
 from pccl_py.daemon.state_hash import hash_buffer
 from pccl_py.daemon.state_sync import daemon_sync
 from pccl_py.daemon.state_transfer import StateServer
-from pccl_py.errors import InvalidUsage, RevisionError
+from pccl_py.errors import DeadlineExceeded, InvalidUsage, RevisionError
 from pccl_py.wire.ipc import layout_views
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,3 +273,32 @@ async def test_an_idle_connection_flood_does_not_stop_a_real_sync(caplog):
             w.close()
         for p in (a, new):
             await p.close()
+
+
+async def test_a_peer_in_sync_takes_a_new_rounds_plan_at_its_revision_in_place_of_a_lost_complete():
+    """The coordinator restarted after this peer got round 4's plan and before its
+    sync_complete: the resent offer is elected again in round 1 of the new instance."""
+    from pccl_py.daemon.state_sync import _in_sync_complete
+
+    class Queue:
+        def __init__(self, msgs):
+            self.msgs = list(msgs)
+
+        async def recv(self):
+            if not self.msgs:
+                await asyncio.sleep(10)
+            return self.msgs.pop(0)
+
+    def plan(rnd, rev, status="in_sync"):
+        return {"type": "sync_plan", "round": rnd, "status": status, "revision": rev}
+
+    def complete(rnd):
+        return {"type": "sync_complete", "round": rnd, "status": "ok"}
+
+    loop = asyncio.get_running_loop()
+    got = await _in_sync_complete(Queue([complete(3), plan(1, 7), complete(1)]), 4, 7, loop.time() + 2)
+    assert got["round"] == 1
+    # a plan of another revision, or one that says fetch, does not stand in for it
+    with pytest.raises(DeadlineExceeded):
+        await _in_sync_complete(Queue([plan(1, 6), complete(1), plan(2, 7, "fetch"), complete(2)]), 4, 7,
+                                loop.time() + 0.3)

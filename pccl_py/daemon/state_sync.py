@@ -85,7 +85,7 @@ async def daemon_sync(
         if plan["status"] == "error":
             raise from_wire(plan)
         if plan["status"] == "in_sync":
-            done = await _recv(channel, "sync_complete", rid, deadline)
+            done = await _in_sync_complete(channel, rid, plan["revision"], deadline)
             tx = server.tx_bytes
             if done["status"] != "ok":
                 raise from_wire(done)
@@ -135,7 +135,21 @@ def _stats(status, revision, tx, rx, seconds, hash_seconds, st) -> dict[str, Any
     }
 
 
-async def _recv(channel: SyncChannel, mtype: str, round_id: int | None, deadline: float) -> dict:
+async def _in_sync_complete(channel: SyncChannel, rid: int, revision: int, deadline: float) -> dict:
+    """The ``sync_complete`` of round ``rid``, for a peer in sync at ``revision``. An in-sync
+    plan of another round at that revision takes its place: after a coordinator restart the
+    resent offer is elected again in a round of the new instance, which knows nothing of
+    ``rid`` (the old round's sync_complete was lost with the old coordinator)."""
+    while True:
+        msg = await _recv(channel, ("sync_complete", "sync_plan"), None, deadline)
+        if msg["type"] == "sync_complete" and msg["round"] == rid:
+            return msg
+        if (msg["type"] == "sync_plan" and msg["status"] == "in_sync" and msg["revision"] == revision
+                and msg["round"] != rid):
+            rid = msg["round"]
+
+
+async def _recv(channel: SyncChannel, mtype: str | tuple[str, ...], round_id: int | None, deadline: float) -> dict:
     loop = asyncio.get_running_loop()
     while True:
         left = deadline - loop.time()
@@ -145,6 +159,7 @@ async def _recv(channel: SyncChannel, mtype: str, round_id: int | None, deadline
             msg = await asyncio.wait_for(channel.recv(), left)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no {mtype} from the coordinator before the sync deadline") from None
-        if msg.get("type") == mtype and (round_id is None or msg.get("round") == round_id):
+        if msg.get("type") in ((mtype,) if isinstance(mtype, str) else mtype) \
+                and (round_id is None or msg.get("round") == round_id):
             return msg
         # anything else (a stale message of an earlier round) is dropped
