@@ -249,3 +249,35 @@ def test_an_allocated_array_removed_during_a_call_is_retried_through_its_twin(co
             infos = summed(a, b, xa, xb, step)
             assert not infos[0]["input_copied"]
         del xa, xb
+
+
+def test_a_failed_page_move_leaves_the_array_in_its_file_with_the_result(coordinator, made, monkeypatch):
+    """mremap(MREMAP_FIXED) unmaps its destination first; when the move then fails, the
+    array's range may be empty (here: zero pages standing in for the hole, so that a
+    copy into it does not crash the test). The array's file is mapped there again and
+    the result copied into it, so peers that map the file see what the array holds."""
+    import errno
+    import mmap
+
+    with joined_pair(coordinator) as (a, b):
+        xa, xb = a.alloc(N), b.alloc(N)
+        rec = a._allocs[0]
+
+        def failed_move(src, dst, size):
+            if dst == rec.base:
+                fd = os.open("/dev/zero", os.O_RDWR)
+                try:
+                    CS.map_at(dst, size, fd)  # the destination is gone
+                finally:
+                    os.close(fd)
+            raise OSError(errno.ENOMEM, "mremap: cannot allocate memory")
+
+        with monkeypatch.context() as m:
+            m.setattr(CS, "remap", failed_move)
+            summed(a, b, xa, xb, 0)
+        with open(f"/dev/shm/{rec.cur}", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m_:
+            in_file = np.frombuffer(m_, np.float32, N).copy()
+        assert np.array_equal(in_file, xa), "the array's range no longer maps its file"
+        for step in range(1, 3):  # and the calls after it work as before
+            summed(a, b, xa, xb, step)
+        del xa, xb

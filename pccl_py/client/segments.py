@@ -352,6 +352,14 @@ class Alloc:
         try:
             remap(self.spare_addr, self.base, self.span)
         except OSError:  # the result stays where it is: copy it, as without a twin
+            # mremap(MREMAP_FIXED) unmaps the destination before it moves the pages, and a
+            # move that then fails (ENOMEM: the process's map count) leaves the array's
+            # range empty: copying into it would crash. Map the array's file there again.
+            try:
+                self._map(self.cur, self.base)
+            except OSError:  # its name is gone too: zero pages keep the range, the array copies
+                self._hold(self.base)
+                self.lost = True
             copy_into(self.owners[0].buf[:self.nbytes], self.owners[1].buf[:self.nbytes])
             self.busy = False
             return
