@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 from pccl_py import kernels as K
 from pccl_py.errors import InvalidUsage
-from pccl_py.wire.control import STRATEGIES
+from pccl_py.wire.control import MAX_TAGS, STRATEGIES
 from pccl_py.wire.frames import MAX_TAG
 from pccl_py.wire.ipc import INLINE_BYTES
 
@@ -93,10 +94,10 @@ def tag_count(tag: int) -> int:
     return tag & TAG_COUNT_MASK
 
 
-TAGS_REPORTED = 64  # automatic tags a heartbeat or a vote reports at most
+TAGS_REPORTED = MAX_TAGS  # automatic tags a heartbeat or a vote reports at most
 
 
-def never_made(tag: int, below: int, open_tags: list[int]) -> bool | None:
+def never_made(tag: int, below: int, open_tags: Sequence[int]) -> bool | None:
     """Whether a voter that reported ``(below, open_tags)`` (``AutoTags.progress`` in
     pccl_py.daemon.tags) leaves call ``tag`` of another peer unmade: it has not made it, or
     it failed it and now votes instead of retrying. None when that cannot be told (a

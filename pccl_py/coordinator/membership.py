@@ -455,7 +455,7 @@ class Membership:
             join_deadline=float("inf") if claimed else deadline,
             claim_ring_pos=msg["ring_pos"],
             claim_epoch=msg["epoch"],
-            claim_world=msg.get("world", 0),
+            claim_world=msg["world"],
             epoch=msg["epoch"],
             revision=msg["revision"],
             activity_since=now,
@@ -475,7 +475,7 @@ class Membership:
     def _on_heartbeat(self, now: float, peer: Peer, msg: Msg) -> None:
         if msg["activity"] != peer.activity:
             peer.activity, peer.activity_since = msg["activity"], now
-        peer.calls = tuple(msg.get("calls", ()))
+        peer.calls = tuple(msg["calls"])
         peer.stuck_told = peer.stuck_told & frozenset(peer.calls)
         peer.epoch, peer.revision = msg["epoch"], msg["revision"]
         peer.tx, peer.rx = msg["tx"], msg["rx"]
@@ -505,7 +505,7 @@ class Membership:
             return
         deadline = now + msg["timeout"] if msg["timeout"] > 0 else float("inf")
         self.votes[peer.peer_id] = Vote(req=msg["req"], deadline=deadline, since=now, kind=msg["type"],
-                                        below=msg.get("below", 0), open=tuple(msg.get("open", ())))
+                                        below=msg["below"], open=tuple(msg["open"]))
         if self.vote_opened is None:
             self.vote_opened = now
         self._why(f"{peer.peer_id}: voted (waiting for {self._missing_voters()})")
@@ -754,7 +754,7 @@ class Membership:
                 if tag in peer.stuck_told:
                     continue
                 voter = next((vid for vid, v in self.votes.items() if self.peers[vid].group == peer.group
-                              and never_made(tag, v.below, list(v.open))), None)
+                              and never_made(tag, v.below, v.open)), None)
                 if voter is None:
                     continue
                 text = (f"peers diverged: this peer waits in a call (automatic tag {tag_count(tag)}) that peer "

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pccl_py.calls import TAGS_REPORTED
 from pccl_py.daemon.topology import PeerInfo, Topology
 from pccl_py.errors import (
     Aborted,
@@ -137,7 +138,7 @@ def topology_from(msg: Msg, peer_id: str) -> Topology:
     if peer_id not in ids:
         raise ProtocolError(f"topology of epoch {msg['epoch']} does not include this peer {peer_id}")
     return Topology(epoch=msg["epoch"], group=msg["group"], rank=ids.index(peer_id), peers=peers,
-                    world_size=msg["world_size"], num_groups=msg["num_groups"], round=msg.get("round"))
+                    world_size=msg["world_size"], num_groups=msg["num_groups"], round=msg["round"])
 
 
 @dataclass
@@ -431,7 +432,8 @@ class ControlCore:
             return self._step
         epoch = self.topology.epoch if self.topology is not None else 0
         self._send({"type": "heartbeat", "activity": activity and activity[:256], "epoch": epoch,
-                    "revision": self.revision, "tx": traffic[0], "rx": traffic[1], "calls": list(calls)[:64]})
+                    "revision": self.revision, "tx": traffic[0], "rx": traffic[1],
+                    "calls": list(calls)[:TAGS_REPORTED]})
         silent_since = self.last_rx if self.last_rx is not None else self.last_hello
         if now - silent_since > self.coordinator_timeout:
             if self.reintro is None:
@@ -698,21 +700,20 @@ class ControlCore:
         self._send(msg)
         return self._next_req
 
-    def _resend_sync(self, now: float, level: int = logging.DEBUG) -> bool:
-        sent = False
+    def _resend_sync(self, now: float) -> None:
         for kept, what in ((self.sync_offer, "sync offer"), (self.sync_report, "fetch report")):
             if kept is not None and now < kept[1]:
                 self._send(kept[0])
-                self._why(f"resent the {what}", level)
-                sent = True
-        return sent
+                self._why(f"resent the {what}")
 
     def _resend_unanswered(self, now: float) -> None:
         """Heartbeat period: what waits for an answer goes again at growing gaps (RESEND_FIRST)."""
         waiting = bool(self.requests) or any(k is not None and now < k[1] for k in (self.sync_offer, self.sync_report))
-        if not waiting or self.state is not _S.ACCEPTED or self.reintro is not None:
-            self._retx = None if not waiting else self._retx
+        if not waiting:
+            self._retx = None
             return
+        if self.state is not _S.ACCEPTED or self.reintro is not None:
+            return  # a re-introduction resends it all when it is welcomed
         if self._retx is None:
             self._retx = (now + RESEND_FIRST, RESEND_FIRST)
             return

@@ -199,10 +199,10 @@ class DataPlane:
     def behind(self, fn: Callable[[int], bool] | None) -> None:
         self.router.behind = fn
 
-    def tags_restarted(self, stale: Callable[[int], bool]) -> None:
+    def tags_restarted(self) -> None:
         """The daemon's automatic tags count afresh (a vote round): frames of the old count
-        will never find their call. ``stale`` tells them; a stream stalled on one reads on."""
-        self.router.stale = stale
+        will never find their call (``router.stale`` tells them); a stream stalled on one
+        reads on."""
         self._retry_stalled()
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -424,11 +424,16 @@ class Daemon:
             topo = await self.control.update_topology(timeout)
         finally:
             self._in_flight.pop(-1, None)
-        if self._tags.new_round(topo.round):  # every member was between calls: all count from here
-            log.debug("vote round %s: automatic tags count from it", topo.round)
-            self.data.tags_restarted(self._tags.stale)
+        self._count_from(topo)
         await self._wait_topology(topo.epoch, timeout)
         return self.summary()
+
+    def _count_from(self, topo: Topology) -> None:
+        """The topology answers this peer's vote: every member was between calls, and all
+        count their automatic tags from its round."""
+        if self._tags.new_round(topo.round):
+            log.debug("vote round %s: automatic tags count from it", topo.round)
+            self.data.tags_restarted()
 
     async def optimize_topology(self, timeout: float) -> dict:
         """Vote to measure the links and reorder the ring: this peer's view afterwards, with
@@ -439,8 +444,7 @@ class Daemon:
             topo, reason = await self.control.optimize_topology(timeout)
         finally:
             self._in_flight.pop(-3, None)
-        if self._tags.new_round(topo.round):
-            self.data.tags_restarted(self._tags.stale)
+        self._count_from(topo)
         await self._wait_topology(topo.epoch, timeout)
         summary = self.summary()
         order = [p.peer_id for p in before.peers]

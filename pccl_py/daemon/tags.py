@@ -26,8 +26,9 @@ remove peers or renew links keep the count, which is what keeps the two cases ab
 apart (a retry waits for such an epoch without voting).
 
 :meth:`AutoTags.progress` is what a vote tells the coordinator about this count, so that
-it can tell (``pccl_py.calls.never_made``) a peer that waits in a call no voter will make (it would wait for ever) from
-one still finishing a call the voters made: the first is aborted at once.
+it can tell (``pccl_py.calls.never_made``) a peer that waits in a call no voter will make
+(it would wait for ever) from one still finishing a call the voters made: the first is
+aborted at once.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ MAX_BIN = 256
 MAX_ARRAY = 8192
 MAX_MAP = 32
 MAX_PEERS = 4096  # peers in one topology or status message
+MAX_TAGS = 64  # automatic tags in one heartbeat or vote (pccl_py.calls.TAGS_REPORTED)
 
 I64 = (-(1 << 63), (1 << 63) - 1)
 U31 = (0, (1 << 31) - 1)
@@ -82,7 +83,7 @@ INSTANCE = _s(64)
 TIMEOUT = _f(0.0, 1e7)  # seconds; 0 means "no deadline"
 ACTIVITY = _s(256, optional=True)
 PEER_ROW = F(list, max_len=3, items=(PEER_ID, _s(255), _i((0, 65535))))
-TAGS = F(list, max_len=64, items=_i(U63))  # automatic tags (pccl_py.daemon.tags)
+TAGS = F(list, max_len=MAX_TAGS, items=_i(U63))  # automatic tags (pccl_py.daemon.tags)
 
 STATUS_MEMBER = F(
     dict,
