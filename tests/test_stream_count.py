@@ -143,3 +143,41 @@ def test_the_streams_setting():
     for bad in (0, 65, "x", "", True, 2.5j):
         with pytest.raises(ValueError, match="'auto' or a count"):
             streams_setting(bad)
+
+
+def test_a_long_path_starts_with_more_streams():
+    cfg = StreamCountConfig(initial=4, maximum=16)
+    assert [cfg.for_round_trip(r) for r in (None, 0.0001, 0.015, 0.049, 0.05, 0.2)] == [4, 4, 8, 8, 16, 16]
+    assert StreamCountConfig(initial=2, maximum=8).for_round_trip(0.1) == 8  # never past the bound
+    sc = StreamCount(cfg)
+    d = sc.start("b", 0.1)
+    assert (d.action, d.streams, d.reason) == (GROW, 16, "round trip 100.0 ms: starting at 16 streams")
+    assert sc.start("b", 0.1).action == HOLD  # only the first reading counts
+    lan = sc.start("lan", 0.0002)
+    assert (lan.action, lan.streams) == (HOLD, 4) and "0.2 ms" in lan.reason
+    assert sc.start("unix", None).streams == 4
+    # a link measured before (set up again in a new epoch) keeps what was decided
+    sc.sample("old", 0.0, CALL, 1.0, 4)
+    assert sc.start("old", 0.2).action == HOLD and sc.streams("old") == 4
+    with pytest.raises(ValueError):
+        StreamCountConfig(long_paths=((0.0, 8),))
+
+
+def test_calls_right_after_a_grow_are_left_out():
+    # new streams start in slow start: the first calls with them are slow and must not count
+    cfg = StreamCountConfig(initial=4, maximum=8, samples=2, warmup=2)
+    sc = StreamCount(cfg)
+    assert [sc.sample("b", t, CALL, 1.0, 4).action for t in range(2)] == [HOLD, GROW]
+    slow = [sc.sample("b", 2 + t, CALL, 3.0, 8) for t in range(2)]
+    assert [d.reason for d in slow] == ["ignored: 8 streams warming up (1/2)", "ignored: 8 streams warming up (2/2)"]
+    ds = [sc.sample("b", 4 + t, CALL, 0.5, 8) for t in range(2)]
+    assert ds[-1].action == HOLD and "settled at the bound of 8" in ds[-1].reason and sc.streams("b") == 8
+    # the same calls without the warm-up: the two slow ones decide, and the link goes back to 4
+    sc = StreamCount(StreamCountConfig(initial=4, maximum=8, samples=2, warmup=0))
+    for t in range(2):
+        sc.sample("b", t, CALL, 1.0, 4)
+    assert [sc.sample("b", 2 + t, CALL, 3.0, 8).action for t in range(2)] == [HOLD, SHRINK]
+    # a link that starts long gets the warm-up too
+    sc = StreamCount(cfg)
+    sc.start("w", 0.1)
+    assert "warming up" in sc.sample("w", 0.0, CALL, 9.0, 8).reason

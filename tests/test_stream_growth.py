@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import socket
 import time
 
 import numpy as np
@@ -114,6 +115,9 @@ class Scripted:
         self.k = streams
         return Decision(HOLD, streams, "scripted")
 
+    def start(self, link, rtt):
+        return Decision(HOLD, self.k, "scripted")
+
 
 def test_both_ends_follow_a_grow_and_a_shrink():
     config = DataPlaneConfig(io_threads=False, adapt_streams=True)
@@ -158,6 +162,52 @@ def test_adapting_link_grows_from_one_and_stays_bit_exact():
                 peer = d._peers[other.peer_id]
                 assert d.stream_count.best(other.peer_id) is not None
                 assert peer.nstreams == min(peer.attached, d.stream_count.streams(other.peer_id))
+    run(main())
+
+
+def test_a_link_of_a_long_path_starts_with_more_streams(monkeypatch):
+    """Both ends read the link's round trip when it comes up (TCP_INFO; faked here, loopback's
+    is microseconds): the dialler adds the streams the round trip calls for, the acceptor
+    stripes over them once they are up, and every stream carries ring data."""
+    import pccl_py.daemon.dataplane as D
+    seen = []
+
+    def long_path(sock):
+        seen.append(sock is not None and sock.family == socket.AF_INET)
+        return 0.1
+    monkeypatch.setattr(D, "round_trip", long_path)
+    config = DataPlaneConfig(io_threads=False, adapt_streams=True, max_streams=16)
+
+    async def main():
+        async with cluster(2, streams=4, config=config, tcp_only=(0, 1)) as dps:
+            await asyncio.gather(*dps[0]._growing)
+            (_, p, q), = links(dps)
+            assert p.nstreams == q.nstreams == p.attached == q.attached == 16
+            assert all(d.stream_count.streams(o.peer_id) == 16 for d, o in ((dps[0], dps[1]), (dps[1], dps[0])))
+            xs = inputs(2, 1 << 21, seed=3)
+            written = [[c._written for c in side.conns] for side in (p, q)]
+            outs = await ring_all(dps, xs, 1)
+            assert outs[0].tobytes() == outs[1].tobytes() == (xs[0] + xs[1]).tobytes()
+            for side, w in zip((p, q), written, strict=True):
+                assert all(c._written > w0 for c, w0 in zip(side.conns, w, strict=True))
+        assert seen.count(True) == 2  # one reading per end of the link, on a TCP socket
+    run(main())
+
+
+def test_streams_added_at_once_past_the_handshake_gate_all_come_up():
+    """An acceptor admits few unauthenticated connections per address at a time (here 1);
+    a link adding more streams at once is turned away for the rest, and dials them again."""
+    config = DataPlaneConfig(io_threads=False, max_pending_per_address=1)
+
+    async def main():
+        async with cluster(2, streams=1, config=config, tcp_only=(0, 1)) as dps:
+            (d, p, q), = links(dps)
+            assert await d.add_streams(p.peer_id, 12, 10.0) == 12
+            assert p.attached == 12 and q.attached == 12
+            assert dps[1].gate.total["too_many"] > 0  # the gate did turn some away
+            xs = inputs(2, 1 << 20, seed=4)
+            outs = await ring_all(dps, xs, 1)
+            assert outs[0].tobytes() == outs[1].tobytes() == (xs[0] + xs[1]).tobytes()
     run(main())
 
 

@@ -48,6 +48,7 @@ from pccl_py.errors import (
 )
 from pccl_py.retry import Backoff
 from pccl_py.transport import local
+from pccl_py.transport.host_settings import round_trip
 from pccl_py.transport.limits import Gate
 from pccl_py.wire import frames as F
 
@@ -398,31 +399,34 @@ class DataPlane:
 
     async def _dial_tcp(self, p, peer: PeerStreams, i: int) -> None:
         """Connect stream ``i`` to ``p`` over TCP and complete the handshake within
-        connect_timeout. A listener that closes before its challenge has turned us away
-        (too many strangers wait there from our address): dial again, backing off."""
-        deadline = self._loop.time() + self.config.connect_timeout
-        pauses = dataclasses.replace(TURNED_AWAY_BACKOFF, deadline=self.config.connect_timeout).delays()
+        connect_timeout; the link is lost if it cannot."""
+        why = await self._connect_tcp(p, peer, i, self._loop.time() + self.config.connect_timeout)
+        if why is not None and peer.lost is None:
+            self._peer_lost(peer, why)
+
+    async def _connect_tcp(self, p, peer: PeerStreams, i: int, deadline: float) -> str | None:
+        """Connect stream ``i`` to ``p`` over TCP and complete the handshake by ``deadline``:
+        None once it is up, else why not. A listener that closes before its challenge has
+        turned us away (too many connections from our address wait for their handshake
+        there, as when a link opens or adds many streams at once): dial again, backing off."""
+        pauses = dataclasses.replace(TURNED_AWAY_BACKOFF, deadline=max(deadline - self._loop.time(), 0.0)).delays()
         while True:
             left = deadline - self._loop.time()
             try:
                 _, stream = await asyncio.wait_for(self._loop.create_connection(
                     lambda: Stream(self, peer, i), p.host, p.port), max(left, 0.001))
             except asyncio.TimeoutError:  # a path that drops everything: no refusal ever comes
-                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: no answer within "
-                                      f"{self.config.connect_timeout:.0f} s")
-                return
+                return f"cannot connect to {p.host}:{p.port}: no answer within {self.config.connect_timeout:.0f} s"
             except OSError as e:
-                self._peer_lost(peer, f"cannot connect to {p.host}:{p.port}: {e}")
-                return
+                return f"cannot connect to {p.host}:{p.port}: {e}"
             if await stream.established(max(deadline - self._loop.time(), 0.001)):
-                return
+                return None
             if peer.lost is not None:
-                return
+                return peer.lost
             pause = next(pauses, None) if stream.refused else None
             if pause is None:
-                self._peer_lost(peer, stream.close_reason or f"no handshake with {p.host}:{p.port} within "
-                                                             f"{self.config.connect_timeout:.0f} s")
-                return
+                return stream.close_reason or (f"no handshake with {p.host}:{p.port} within "
+                                               f"{self.config.connect_timeout:.0f} s")
             await asyncio.sleep(pause)
 
     async def _dial_unix(self, p, peer, i: int) -> bool:
@@ -538,16 +542,29 @@ class DataPlane:
         sock = first.get_extra_info("socket") if first is not None else None
         if sock is not None and sock.family == socket.AF_UNIX:
             return await self._dial_unix(p, peer, i)
-        left = deadline - self._loop.time()
-        if peer.lost is not None or left <= 0:
+        if peer.lost is not None or deadline <= self._loop.time():
             return False
-        try:
-            _, stream = await asyncio.wait_for(self._loop.create_connection(
-                lambda: Stream(self, peer, i), p.host, p.port), max(left, 0.001))
-        except (OSError, asyncio.TimeoutError) as e:
-            log.info("link to %s: stream %d not added: %s", p.peer_id, i, e or "no answer in time")
-            return False
-        return await stream.established(max(deadline - self._loop.time(), 0.001))
+        why = await self._connect_tcp(p, peer, i, deadline)
+        if why is not None:
+            log.info("link to %s: stream %d not added: %s", p.peer_id, i, why)
+        return why is None
+
+    def _link_ready(self, peer: PeerStreams) -> None:
+        """A link came up: with streams chosen by measurement, a link new to the controller
+        starts at the count its round trip suggests (``StreamCountConfig.long_paths``); the
+        dialling side adds the streams, the accepting side stripes over them once they are up."""
+        if self.stream_count is None:
+            return
+        first = peer.conns[0] if peer.conns else None
+        sock = first.transport.get_extra_info("socket") if first is not None and first.transport else None
+        d = self.stream_count.start(peer.peer_id, round_trip(sock))
+        if d.action != GROW:
+            log.debug("streams to %s: %s", peer.peer_id, d.reason)
+            return
+        log.info("streams to %s: %s", peer.peer_id, d.reason)
+        peer.limit = d.streams
+        if peer.connector:
+            self._grow_later(peer.peer_id, d.streams)
 
     def _streams_added(self, peer: PeerStreams) -> None:
         """A stream joined a live link: striped over once no call runs (see _settle)."""
@@ -573,9 +590,12 @@ class DataPlane:
                                                               d.streams, d.reason)
             peer.limit = d.streams
             if d.action == GROW and peer.connector:
-                task = self._loop.create_task(self._grow(pid, d.streams))
-                self._growing.add(task)
-                task.add_done_callback(self._growing.discard)
+                self._grow_later(pid, d.streams)
+
+    def _grow_later(self, pid: str, n: int) -> None:
+        task = self._loop.create_task(self._grow(pid, n))
+        self._growing.add(task)
+        task.add_done_callback(self._growing.discard)
 
     async def _grow(self, pid: str, n: int) -> None:
         """The controller's grow: dial; where fewer streams came up, settle there."""

@@ -68,6 +68,7 @@ class PeerStreams:
                 self.conns[s % self.nstreams].write(h, p)
             if not self.ready.done():
                 self.ready.set_result(None)
+                self.dp._link_ready(self)
 
     def stream_eof(self) -> None:
         """One stream ended cleanly: lost once all have (their data read), or after a grace."""

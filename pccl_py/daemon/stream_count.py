@@ -8,6 +8,11 @@ streams in use -- and answers a :class:`Decision`: grow, hold or shrink, with a 
 
 The search, per link:
 
+* start from a count the link's round trip suggests (``long_paths``): one TCP flow's
+  window moves less the longer the path, and a DiLoCo trainer, which all-reduces once per
+  outer step, cannot spend a dozen steps finding the count;
+* leave out the first ``warmup`` calls after the streams grew (the new connections are
+  still in slow start and their receive windows small);
 * measure the current K over ``samples`` calls (their median rate: one slow call does
   not decide);
 * then try the next K (``K * factor``, at most ``maximum``) and measure it the same way;
@@ -55,13 +60,28 @@ class StreamCountConfig:
     gain: float = 0.10  # a grow is kept when the median rate rose by more than this
     samples: int = 3  # calls measured at each K before judging it
     min_bytes: int = 4 << 20  # calls moving fewer bytes over a link are ignored
+    warmup: int = 2  # calls left out after a grow took effect
+    # (round trip in seconds, K): a new link whose round trip is at least that starts at K
+    # (at most ``maximum``); the largest that applies wins
+    long_paths: tuple[tuple[float, int], ...] = ((0.015, 8), (0.050, 16))
     reprobe_after: float = 600.0  # seconds a settled link waits before trying one step up again
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial <= self.maximum:
             raise ValueError(f"initial streams {self.initial} must be between 1 and maximum {self.maximum}")
-        if self.factor < 2 or self.samples < 1 or self.gain < 0 or self.reprobe_after <= 0:
-            raise ValueError("factor >= 2, samples >= 1, gain >= 0 and reprobe_after > 0 are required")
+        if self.factor < 2 or self.samples < 1 or self.gain < 0 or self.reprobe_after <= 0 or self.warmup < 0:
+            raise ValueError("factor >= 2, samples >= 1, gain >= 0, warmup >= 0 and reprobe_after > 0 are required")
+        if any(rtt <= 0 or k < 1 for rtt, k in self.long_paths):
+            raise ValueError(f"long_paths needs (round trip > 0, streams >= 1) pairs, not {self.long_paths}")
+
+    def for_round_trip(self, rtt: float | None) -> int:
+        """The K a new link with this round trip starts at (``initial`` when unknown)."""
+        k = self.initial
+        if rtt is not None:
+            for at, n in self.long_paths:
+                if rtt >= at:
+                    k = max(k, n)
+        return min(k, self.maximum)
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,8 @@ class _Link:
     best: int | None = None
     settled_at: float | None = None  # None: exploring
     behind: int = 0  # samples in a row taken with fewer streams than decided
+    warm: int = 0  # samples still to leave out at the current K (its new streams warm up)
+    started: bool = False  # the link's round trip has been seen (start)
 
 
 class StreamCount:
@@ -104,6 +126,20 @@ class StreamCount:
     def forget(self, link: str) -> None:
         """The link is gone; a new one to the same peer starts over."""
         self._links.pop(link, None)
+
+    def start(self, link: str, rtt: float | None) -> Decision:
+        """The link is up and its round trip is ``rtt`` seconds (None: unknown): the K to
+        begin with. Only the first time a link is seen counts: a link measured before (set up
+        again in a new epoch) keeps what was decided."""
+        st = self._state(link)
+        if st.started or st.rates:
+            return Decision(HOLD, st.k, f"{st.k} streams, as decided before")
+        st.started = True
+        k = self.config.for_round_trip(rtt)
+        if k <= st.k:
+            return Decision(HOLD, st.k, f"round trip {_ms(rtt)}: starting at {st.k} streams")
+        st.k, st.warm = k, self.config.warmup
+        return Decision(GROW, k, f"round trip {_ms(rtt)}: starting at {k} streams")
 
     def reached(self, link: str, streams: int, now: float) -> Decision:
         """The I/O layer could only bring ``link`` to ``streams`` (a dial failed): settle
@@ -131,6 +167,9 @@ class StreamCount:
                                               f"decided: settled at {st.k}")
             return Decision(HOLD, st.k, f"ignored: measured with {streams} streams, {st.k} decided")
         st.behind = 0
+        if st.warm:
+            st.warm -= 1
+            return Decision(HOLD, st.k, f"ignored: {st.k} streams warming up ({cfg.warmup - st.warm}/{cfg.warmup})")
         window = st.rates.setdefault(st.k, [])
         window.append(nbytes / seconds)
         del window[:-cfg.samples]
@@ -165,7 +204,7 @@ class StreamCount:
             st.prev, st.settled_at = None, now
             return Decision(HOLD, st.k, f"{what}: settled at the bound of {cfg.maximum} streams")
         nxt = min(cfg.maximum, st.k * cfg.factor)
-        st.prev, st.k = st.k, nxt
+        st.prev, st.k, st.warm = st.k, nxt, cfg.warmup
         st.rates.pop(nxt, None)  # measured afresh (an old window may be from another path)
         return Decision(GROW, nxt, f"{what}: trying {nxt}")
 
@@ -178,6 +217,10 @@ class StreamCount:
         elapsed, st.settled_at = now - st.settled_at, None
         return self._try_up(st, now, f"re-probe after {elapsed:.0f} s settled: "
                                      f"{_rate(statistics.median(st.rates[st.k]))} with {st.k} streams")
+
+
+def _ms(rtt: float | None) -> str:
+    return "unknown" if rtt is None else f"{rtt * 1000:.1f} ms"
 
 
 def _rate(bps: float) -> str:

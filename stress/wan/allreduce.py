@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = {k: goodput(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
             both = {k: goodput_both_ways(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
             st = net.stats()
+            tcp = [net.tcp_counters(i) for i in range(n)]
         finally:
             peers.close()
     cc = a.cc or "kernel default"
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, (ab, ba) in both.items():
             print(f"raw TCP both ways at once, {k} flow(s) each way: 0 -> 1 {ab / 1e6:.1f}, 1 -> 0 {ba / 1e6:.1f} "
                   f"Mbit/s{f' ({ab / rate:.0%}, {ba / rate:.0%} of the rate)' if rate else ''}")
+    for i, c in enumerate(tcp):
+        print(f"peer {i} TCP: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     head = f"{'elements':>10} {'bytes':>10} {'algo':>5} {'median s':>9} {'busbw Mbit/s':>13} {'of rate':>8}"
     head += f" {'idle s':>7} {'idle x':>6}" if a.idle else ""
     print(head + (f" {'gloo s':>8} {'gloo Mbit/s':>12} {'ratio':>6}" if gloo else ""))
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             gbus = 2 * (n - 1) / n * 4 * row["size"] * 8 / gmed
             line += f" {gmed:>8.3f} {gbus / 1e6:>12.1f} {gmed / med:>5.2f}x"
         print(line, flush=True)
+    for row in rows:
+        print(f"{row['size']:>10} every call, s: " + " ".join(f"{t:.3f}" for t in row["times"]))
     return 0
 
 

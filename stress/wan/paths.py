@@ -66,6 +66,28 @@ class PathSpec:
         return f"{self.src}:{self.dst}:{self.delay_ns}:{self.rate}:{self.qlimit}:{self.flow_rate}:{self.flow_qlimit}"
 
 
+# what says how a run's TCP fared: segments resent, retransmission timeouts (each stalls a
+# flow for at least 200 ms), tail-loss probes, recoveries from SACK
+TCP_COUNTERS = ("OutSegs", "RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPSackRecovery", "TCPSpuriousRTOs")
+
+
+def parse_counters(text: str) -> dict[str, int]:
+    """``/proc/net/snmp`` or ``/proc/net/netstat`` text: pairs of lines ``Proto: names`` then
+    ``Proto: values``; every name with its value (TCP's and TcpExt's names do not collide)."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        n, v = names.split()[1:], values.split()[1:]
+        if names.split(":")[0] != values.split(":")[0] or len(n) != len(v):
+            continue
+        for k, x in zip(n, v):
+            try:
+                out[k] = int(x)
+            except ValueError:
+                pass
+    return out
+
+
 def plan_paths(n: int, rtt_ms: float, rate_mbit: float | None, flow_cap_fraction: float | None = None,
                per_pair: dict[tuple[int, int], tuple[float, float | None]] | None = None,
                queue_ms: float | None = None) -> list[PathSpec]:
@@ -323,6 +345,13 @@ class WanPaths:
         r = subprocess.run(["ip", "-n", self.names[i], "-s", "-j", "link", "show", IFNAME], capture_output=True,
                            text=True, timeout=10, check=True)
         return int(json.loads(r.stdout)[0]["stats64"]["tx"]["dropped"])
+
+    def tcp_counters(self, i: int, keys: tuple[str, ...] = TCP_COUNTERS) -> dict[str, int]:
+        """TCP counters of peer i's namespace since it was made (``/proc/net/snmp`` and
+        ``/proc/net/netstat``, e.g. ``RetransSegs``, ``TCPTimeouts``); only ``keys``."""
+        r = subprocess.run(["ip", "netns", "exec", self.names[i], "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                           capture_output=True, text=True, timeout=10, check=True)
+        return {k: v for k, v in parse_counters(r.stdout).items() if k in keys}
 
     def stats(self, timeout: float = 5.0) -> dict:
         """The delay line's counters: per directed path packets and bytes in, out and
