@@ -198,9 +198,10 @@ def join(client, n: int, timeout: float = 30.0) -> dict:
 
 
 def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int | None,
-             quant: str | None, warmup: int = 1, idle: float = 0.0) -> list[dict]:
+             quant: str | None, warmup: int = 1, idle: float = 0.0, alloc: bool = False) -> list[dict]:
     """Per size: ``warmup`` untimed calls, ``repeat`` timed ones (as rank 0 sees them); with
-    ``idle``, one more call after that many seconds without traffic (``idle_time``)."""
+    ``idle``, one more call after that many seconds without traffic (``idle_time``); with
+    ``alloc``, the tensors are ``Client.alloc`` arrays (no copy into or out of shared memory)."""
     import concurrent.futures as cf
 
     import numpy as np
@@ -215,7 +216,9 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
         with cf.ThreadPoolExecutor(n) as ex:
             list(ex.map(lambda c: join(c, n), clients))
             for count in sizes:
-                xs = [np.ones(count, np.float32) for _ in clients]
+                xs = [c.alloc(count) if alloc else np.empty(count, np.float32) for c in clients]
+                for x in xs:
+                    x[:] = 1.0
 
                 def one(i: int, xs=xs) -> tuple[float, dict]:
                     t0 = time.perf_counter()

@@ -57,6 +57,9 @@ def test_rtt_and_rate_limit_between_two_namespaces():
         ab, ba = goodput_both_ways(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
         for bps in (ab, ba):  # each direction has its own 50 Mbit/s
             assert 0.8 * 50e6 <= bps <= 1.05 * 50e6, (ab, ba)
+        sent = net.tcp_counters(0)
+        assert set(sent) == set(wan.paths.TCP_COUNTERS) and sent["OutSegs"] > 10_000, sent
+        assert sent["RetransSegs"] <= sent["OutSegs"]
     assert net.final_stats is not None and net.final_stats["paths"][0]["out_pkts"] > 0
     assert not any(os.path.exists(f"/run/netns/{n}") for n in names)  # torn down
     assert net.delayline is None  # ended and reaped
@@ -72,6 +75,34 @@ def test_the_per_flow_cap_holds_one_flow_to_its_share_and_eight_fill_the_link():
         eight = goodput(net, 0, 1, flows=8, seconds=3.0, warmup=1.0, cc=CC)
         assert 0.85 * link <= eight["bits_per_s"] <= 1.05 * link, eight
         assert min(eight["per_flow_bits_per_s"]) >= 0.6 * link / 8, eight  # every flow gets its share
+
+
+def test_tcp_counters_are_read_by_name():
+    text = ("Tcp: RtoAlgorithm OutSegs RetransSegs\nTcp: 1 900 12\n"
+            "TcpExt: TCPTimeouts TCPLossProbes\nTcpExt: 3 4\nIpExt: InOctets\nIpExt: 77\n")
+    assert wan.paths.parse_counters(text) == {"RtoAlgorithm": 1, "OutSegs": 900, "RetransSegs": 12,
+                                              "TCPTimeouts": 3, "TCPLossProbes": 4, "InOctets": 77}
+    assert wan.paths.parse_counters("Tcp: a b\nUdp: 1 2\n") == {}  # names and values of different lines
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_the_round_trip_a_data_plane_reads_is_the_paths():
+    """host_settings.round_trip (TCP_INFO) on a connection across a 30 ms path: what the
+    daemons use to start a long path's links with more streams."""
+    server = ("import socket, sys; s = socket.create_server(('0.0.0.0', 5411)); print('ready', flush=True); "
+              "c, _ = s.accept(); c.sendall(c.recv(1)); c.recv(1)")
+    with wan.WanPaths(2, rtt_ms=30) as net:
+        srv = net.popen(1, [sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout.readline().strip() == "ready"
+        client = (f"import socket; from pccl_py.transport.host_settings import round_trip; "
+                  f"c = socket.create_connection(('{net.addr(1)}', 5411), 5); c.sendall(b'x'); c.recv(1); "
+                  f"print(round_trip(c)); c.sendall(b'y')")
+        out = net.run(0, [sys.executable, "-c", client], capture_output=True, text=True, timeout=30,
+                      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+        assert out.returncode == 0, out.stderr
+        assert 0.029 <= float(out.stdout) <= 0.040, out.stdout
+        srv.wait(timeout=10)
 
 
 @needs_root

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", choices=["uint8", "uint4"], default=None)
     ap.add_argument("--sizes", default="1M,4M", help="float32 elements, comma separated (K/M suffixes)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--alloc", action="store_true", help="tensors from Client.alloc: no copy into or out of "
+                                                         "the daemon's shared memory (as a tuned trainer does)")
     ap.add_argument("--log", default=None, help="the coordinator's log")
     ap.add_argument("--warmup", type=int, default=10,
                     help="untimed calls per size first (links set up, stream counts settled; default 10)")
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         peers = Peers(net, a.log)
         try:
             peers.start_coordinator()
-            rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant, warmup=a.warmup, idle=a.idle)
+            rows = H.run_ours(peers, n, sizes, a.repeat, a.streams, a.quant, warmup=a.warmup, idle=a.idle,
+                             alloc=a.alloc)
             gloo = H.run_gloo(peers, n, sizes, a.repeat, ifname="wan0") if a.compare else None
             raw = {k: goodput(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
             both = {k: goodput_both_ways(net, 0, 1, k, 8.0, 2.0) for k in (1, 8)} if a.raw else None
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     cc = a.cc or "kernel default"
     print(f"{n} peers over emulated paths: rtt {a.rtt_ms:g} ms, "
           f"{f'{a.rate_mbit:g} Mbit/s' if rate else 'unlimited'} per direction, per-flow cap {a.flow_cap or 'none'}, "
-          f"windows {a.windows}, cc {cc}, slow start after idle {'off' if a.no_idle_restart else 'kernel default'}; streams {a.streams or 'default'}, quant {a.quant}; medians of {a.repeat}; "
+          f"windows {a.windows}, cc {cc}, slow start after idle {'off' if a.no_idle_restart else 'kernel default'}; streams {a.streams or 'default'}, quant {a.quant}{', Client.alloc tensors' if a.alloc else ''}; medians of {a.repeat}; "
           f"delay line drops {sum(p['drop_pkts'] for p in st['paths'])}, CPU {st['cpu_s']:.1f} s")
     if raw:
         for k, r in raw.items():
