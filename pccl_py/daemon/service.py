@@ -574,8 +574,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "coordinator)")
     p.add_argument("--ipc", default=None, metavar="PATH", help="Unix socket path its trainer (Client) connects to")
     p.add_argument("--streams", default=AUTO, metavar="auto|K", type=_streams_arg,
-                   help="TCP streams per neighbour link: auto (default) starts at 4 and adds streams while "
-                        "that raises a link's measured throughput, up to --max-streams; K fixes every link at K")
+                   help="TCP streams per neighbour link: auto (default) starts at 4 (8 on a link of 15 ms round "
+                        "trip or more, 16 from 50 ms) and adds streams while that raises a link's measured "
+                        "throughput, up to --max-streams; K fixes every link at K")
     p.add_argument("--max-streams", type=int, default=None, metavar="K",
                    help="with --streams auto, at most K streams per link (default 16)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
