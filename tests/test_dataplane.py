@@ -989,10 +989,13 @@ def test_failed_call_withdraws_its_queued_frames():
             fut = asyncio.ensure_future(dps[0].all_reduce(src, np.zeros_like(src), dtype="float32", op="sum",
                                                           algorithm="ring", tag=1, timeout=0.5))
             await asyncio.sleep(0.2)
-            streams = [c for c in dps[0]._peers["peer1"].conns]
-            assert sum(len(c._backlog) for c in streams) > 0, "expected frames waiting in the backlog"
+            link = dps[0]._peers["peer1"]
+            streams = list(link.conns)
+            # the ring's stripes wait in the link's queue for a stream that has sent its frames
+            assert len(link._spread) > 0, "expected frames waiting to be sent"
             with pytest.raises(DeadlineExceeded):
                 await fut
+            assert not link._spread
             assert sum(len(c._backlog) for c in streams) <= 1  # only the ERROR frame may wait
     run(body())
 

@@ -20,6 +20,11 @@ from pccl_py.errors import (
 )
 from pccl_py.wire import frames as F
 
+# A stream index meaning "whichever of the link's streams is free first": the link keeps
+# such frames and hands each to the next stream that has sent what it was given, so a
+# stream slowed by a loss or an unfair share carries less instead of holding up the call.
+SPREAD = -1
+
 
 def split(n: int, parts: int) -> list[int]:
     """Boundaries of ``parts`` near-equal pieces of ``n``: piece i is [b[i], b[i+1])."""
@@ -39,7 +44,9 @@ class Link(Protocol):
     group: int
     epoch: int
 
-    def send(self, rank: int, stream: int, header: bytes, payload) -> None: ...
+    def send(self, rank: int, stream: int, header: bytes, payload) -> None:
+        """A frame on stream ``stream`` (modulo the link's count) of the link to ``rank``, or on
+        whichever stream is free first (``SPREAD``)."""
 
     def nstreams(self, rank: int) -> int: ...
 

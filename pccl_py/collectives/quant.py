@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import Collective, Rx, expect, pieces, split
+from pccl_py.collectives.base import SPREAD, Collective, Rx, expect, pieces, split
 from pccl_py.errors import Aborted, InvalidUsage, PcclError
 from pccl_py.wire import frames as F
 
@@ -116,15 +116,14 @@ class QuantAllReduce(Collective):
         for c in range(lk.world):
             if c == lk.rank:
                 continue
-            k = lk.nstreams(c)
             for i, (a, b, off) in enumerate(self.blocks[c]):
                 cb = self.cview[off:off + code_bytes(b - a, self.q)]
 
                 def encode(a=a, b=b, cb=cb):
                     return _finite(self.quantize(self.src[a * 4:b * 4], cb), "input")
 
-                def send(params, c=c, s=i % k, a=a, b=b, cb=cb):
-                    self.send_data(c, s, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
+                def send(params, c=c, a=a, b=b, cb=cb):
+                    self.send_data(c, SPREAD, 0, a * 4, cb, (b - a) * 4, elems=b - a, quant=self.q,
                                    lo=params[0], scale=params[1])
 
                 self._do(encode, send, i)
@@ -184,7 +183,7 @@ class QuantAllReduce(Collective):
         def send(params):
             for r in range(lk.world):
                 if r != lk.rank:
-                    self.send_data(r, idx % lk.nstreams(r), 1, a * 4, cb, (b - a) * 4, elems=b - a,
+                    self.send_data(r, SPREAD, 1, a * 4, cb, (b - a) * 4, elems=b - a,
                                    quant=self.q, lo=params[0], scale=params[1])
             self._unit()
 

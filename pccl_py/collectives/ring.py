@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import Collective, Rx, pieces, split
+from pccl_py.collectives.base import SPREAD, Collective, Rx, pieces, split
 from pccl_py.errors import ProtocolError
 from pccl_py.wire import frames as F
 
@@ -92,7 +92,6 @@ class RingAllReduce(Collective):
         self.right = (link.rank + 1) % link.world
         # remaining bytes per (step, sub index) still to arrive
         self._remaining: dict[tuple[int, int], int] = {}
-        self._next_stream = 0  # stripes take the streams in turn, so every stream carries data
         self._units = 0
         for t in range(self.plan.steps):
             for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
@@ -113,12 +112,8 @@ class RingAllReduce(Collective):
     def _send_range(self, t: int, a: int, b: int, buf=None) -> None:
         it = self.item
         buf = self.dst if buf is None or self.inplace else buf
-        k = self.link.nstreams(self.right)
-        s = self._next_stream
-        for x, y in self.plan.stripes(a, b, k):
-            self.send_data(self.right, s % k, t, x * it, buf[x * it:y * it], (y - x) * it)
-            s += 1
-        self._next_stream = s % k
+        for x, y in self.plan.stripes(a, b, self.link.nstreams(self.right)):
+            self.send_data(self.right, SPREAD, t, x * it, buf[x * it:y * it], (y - x) * it)
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
         self.check_desc(src, h)

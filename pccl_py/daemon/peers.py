@@ -14,8 +14,10 @@ these classes call back into it.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import TYPE_CHECKING
 
+from pccl_py.collectives.base import SPREAD
 from pccl_py.daemon.streams import Stream
 from pccl_py.daemon.topology import Topology
 from pccl_py.errors import PeerLost
@@ -44,6 +46,10 @@ class PeerStreams:
         self.ready = dp._loop.create_future()
         self.lost: str | None = None
         self._queue: list[tuple[int, bytes, object]] = []
+        # SPREAD frames not handed to a stream yet: each goes to the next stream that has
+        # sent what it was given (feed), so the streams finish together however unequal
+        self._spread: collections.deque[tuple[bytes, object]] = collections.deque()
+        self._turn = 0  # the stream feed offers a frame first (the streams take turns)
         self._up = 0
         self._eofs = 0
         self._eof_timer: asyncio.TimerHandle | None = None
@@ -65,10 +71,14 @@ class PeerStreams:
         if self._up == self.nstreams:
             q, self._queue = self._queue, []
             for s, h, p in q:
-                self.conns[s % self.nstreams].write(h, p)
+                if s == SPREAD:
+                    self._spread.append((h, p))
+                else:
+                    self.conns[s % self.nstreams].write(h, p)
             if not self.ready.done():
                 self.ready.set_result(None)
                 self.dp._link_ready(self)
+            self.feed()
 
     def stream_eof(self) -> None:
         """One stream ended cleanly: lost once all have (their data read), or after a grace."""
@@ -101,6 +111,8 @@ class PeerStreams:
 
     def purge(self, key: bytes) -> None:
         self._queue = [x for x in self._queue if x[1][F.CALL_KEY_AT] != key]
+        if self._spread:
+            self._spread = collections.deque(x for x in self._spread if x[0][F.CALL_KEY_AT] != key)
         for c in self.conns:
             if c is not None:
                 c.purge(key)
@@ -109,10 +121,35 @@ class PeerStreams:
         if self.lost is not None:
             return
         self.traffic[0] += len(header) + len(payload)
-        if self.ready.done():
-            self.conns[stream % self.nstreams].write(header, payload)
-        else:
+        if not self.ready.done():
             self._queue.append((stream, header, payload))
+        elif stream == SPREAD:
+            self._spread.append((header, payload))
+            self.feed()
+        else:
+            self.conns[stream % self.nstreams].write(header, payload)
+
+    def feed(self) -> None:
+        """Hand queued SPREAD frames to the streams striped over that want one (each has
+        sent what it was given: see Stream.wants_frame), taking turns. Called when such a
+        frame is queued and whenever a stream has sent its frames."""
+        spread = self._spread
+        if not spread or self.lost is not None:
+            return
+        n = self.nstreams
+        gave = True
+        while spread and gave:
+            gave = False
+            for j in range(n):
+                i = (self._turn + j) % n
+                c = self.conns[i]
+                if c is not None and c.wants_frame():
+                    c.write(*spread.popleft())
+                    gave = True
+                    if not spread:
+                        self._turn = (i + 1) % n
+                        return
+            self._turn = (self._turn + 1) % n
 
     def send_all(self, frame: bytes) -> None:
         """A control frame on every stream up, those this side does not stripe over too:
@@ -135,6 +172,7 @@ class PeerStreams:
             self._eof_timer.cancel()
             self._eof_timer = None
         self._queue = []
+        self._spread.clear()
         if not self.ready.done():
             self.ready.set_exception(PeerLost(f"link to {self.peer_id}: {reason}"))
             self.ready.exception()

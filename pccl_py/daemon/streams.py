@@ -22,6 +22,7 @@ import collections
 import logging
 import os
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from pccl_py.collectives.base import Rx
@@ -41,7 +42,12 @@ log = logging.getLogger("pccl.dataplane")
 _SCRATCH = 1 << 16
 _DIRECT_MIN = 1 << 14  # a payload with this much left is read straight into its destination
 _STAGE = _DIRECT_MIN + F.HEADER_SIZE  # one staged recv: so at most this much of a payload is copied
-WRITE_HIGH = 2 << 20  # bytes a stream's transport may hold before frames wait in its backlog
+# bytes a stream's transport may hold before frames wait in its backlog; it asks for SPREAD
+# frames again (PeerStreams.feed) once it holds a quarter of that
+WRITE_HIGH = 512 << 10
+# unsent bytes a TCP stream's kernel buffer may hold (TCP_NOTSENT_LOWAT): beyond what is in
+# flight, a stream commits little data ahead, so a slow stream holds up little of a call
+NOTSENT_LOWAT = 256 << 10
 LINGER = 1.0  # seconds a graceful close waits for the peer's EOF
 
 # connection states
@@ -682,6 +688,18 @@ class Stream(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._blocked = False
         self._flush()
+        self._more()
+
+    def wants_frame(self) -> bool:
+        """Whether this stream has sent what it was given (into the kernel, or nearly: its
+        transport holds less than WRITE_HIGH) and may take a SPREAD frame."""
+        return not (self._blocked or self._backlog or self._tx_busy or self._state == _CLOSED
+                    or self.transport is None or self.transport.is_closing())
+
+    def _more(self) -> None:
+        """Sent what it had: the link may give it a SPREAD frame."""
+        if self.peer_streams is not None and not self._backlog:
+            self.peer_streams.feed()
 
     def _flush(self) -> None:
         backlog = self._backlog
@@ -710,6 +728,7 @@ class Stream(asyncio.BufferedProtocol):
             return
         if self._state != _CLOSED:
             self._flush()
+            self._more()
 
     def write(self, header: bytes, payload) -> None:
         if self.transport.is_closing():  # ending (clean-EOF grace): the link is about to be lost
@@ -805,12 +824,16 @@ _SEAL_WORDS = {F.SEAL_NONE: "sends frames without integrity tags", F.SEAL_TAG: "
                F.SEAL_ENCRYPT: "tags every frame and encrypts payloads"}
 
 
+_LINUX_NOTSENT_LOWAT = 25 if sys.platform.startswith("linux") else None  # (not in the socket module)
+
+
 def _tune(sock, user_timeout: float) -> None:
-    """TCP_NODELAY, and dead-link detection: a link whose sent data stays unacknowledged
+    """TCP_NODELAY, TCP_NOTSENT_LOWAT (see NOTSENT_LOWAT), and dead-link detection: a link whose sent data stays unacknowledged
     for ``user_timeout`` seconds (a path that silently drops everything) is closed by the
     kernel, and so is an idle one that stops answering keepalives, so it is reported and
     replaced instead of stalling every call until its deadline."""
-    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", _LINUX_NOTSENT_LOWAT), NOTSENT_LOWAT)]
     if user_timeout > 0:
         idle = max(1, int(user_timeout / 2))
         opts += [(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(user_timeout * 1000)),
