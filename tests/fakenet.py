@@ -1,7 +1,8 @@
 """Collectives wired together in memory: the ``Link`` of collectives/base.py without sockets.
 
 ``FakeNet(world)`` gives each rank a :class:`FakeLink`; every frame a collective sends is
-queued per (sender, receiver, stream), in order, as a TCP stream keeps it, and
+queued per (sender, receiver, stream), in order, as a TCP stream keeps it (a ``SPREAD``
+frame on a stream drawn at random), and
 :meth:`FakeNet.run` delivers them in a seeded random interleaving across streams, the way
 the data plane would: DATA into the ``Rx`` the collective names, filled in pieces of random
 size with ``progress`` after each, then ``finish``; FIN to ``on_fin``; ERROR to
@@ -17,6 +18,7 @@ import asyncio
 import collections
 import random
 
+from pccl_py.collectives.base import SPREAD
 from pccl_py.errors import PeerLost, error_code
 from pccl_py.wire import frames as F
 
@@ -36,6 +38,8 @@ class FakeLink:
     def send(self, rank: int, stream: int, header: bytes, payload) -> None:
         if self.rank in self.net.dead or rank in self.net.dead:
             return
+        if stream == SPREAD:  # whichever stream is free first: any of them
+            stream = self.net.rng.randrange(self.net.streams)
         assert rank != self.rank and 0 <= stream < self.net.streams
         self.net.queues[(self.rank, rank, stream)].append((bytes(header), bytes(payload)))
         self.net.sent += 1

@@ -6,11 +6,14 @@ PeerLost (never a wrong result, never a touched input)."""
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 from fakenet import FakeNet
 from test_dataplane import reference as dp_reference
 
+from pccl_py.collectives.base import SPREAD
 from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
@@ -129,25 +132,27 @@ def test_gather_schedule():
         assert f.result() == [bytes([r]) * (r * 10) for r in range(world)]
 
 
-def test_stripes_take_every_stream():
-    """The ring's stripes go round the streams: with 8 streams every stream carries data."""
+def test_ring_and_quantized_stripes_leave_the_stream_to_the_link():
+    """The ring's and the quantized call's data go on whichever stream of the link is free
+    first (SPREAD: the link decides, PeerStreams.feed); control frames name stream 0."""
     world, count = 2, 4000
-    srcs = inputs(world, count, 0)
-    dsts = [np.zeros(count, np.float32) for _ in range(world)]
-    net = FakeNet(world, streams=8, seed=0)
-    used = set()
-    send = net.links[0].send
+    for make, kw in ((ring, {"sub": 800, "stripe": 200}), (quant, {})):
+        srcs = inputs(world, count, 0)
+        dsts = [np.zeros(count, np.float32) for _ in range(world)]
+        net = FakeNet(world, streams=8, seed=0)
+        named = collections.Counter()
+        send = net.links[0].send
 
-    def spy(rank, stream, header, payload):
-        if F.decode_header(header).kind == F.DATA:
-            used.add(stream)
-        send(rank, stream, header, payload)
+        def spy(rank, stream, header, payload, send=send, named=named):
+            named[(F.decode_header(header).kind, stream)] += 1
+            send(rank, stream, header, payload)
 
-    net.links[0].send = spy
-    net.start(ring(srcs, dsts, sub=800, stripe=200))
-    futs = settle(net)
-    assert all(f.exception() is None for f in futs)
-    assert used == set(range(8))
+        net.links[0].send = spy
+        net.start(make(srcs, dsts, **kw))
+        futs = settle(net)
+        assert all(f.exception() is None for f in futs)
+        assert {stream for kind, stream in named if kind == F.DATA} == {SPREAD}, named
+        assert named[(F.DATA, SPREAD)] > 2 and named[(F.FIN, 0)] == 1
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -211,6 +211,41 @@ def test_streams_added_at_once_past_the_handshake_gate_all_come_up():
     run(main())
 
 
+@pytest.mark.parametrize("threads", [False, True])
+def test_a_stalled_stream_carries_little_and_the_others_carry_the_rest(threads):
+    """Stripes go to whichever stream has sent what it was given: while the receiver reads
+    nothing from one of four streams, that stream takes a few stripes (what its buffers
+    hold) and the other three carry the rest of the call, which completes once it reads
+    again, bit-exact."""
+    config = DataPlaneConfig(io_threads=threads)
+
+    async def main():
+        async with cluster(2, streams=4, config=config, tcp_only=(0, 1)) as dps:
+            (_, p, q), = links(dps)
+            stalled = q.conns[1]  # the acceptor's end of stream 1: it stops reading
+            stalled.transport.pause_reading()
+            carried = [0] * 4  # payload bytes the dialler gave each stream
+
+            def spy(i, write):
+                def counted(header, payload):
+                    carried[i] += len(payload)
+                    write(header, payload)
+                return counted
+            for i, c in enumerate(p.conns):
+                c.write = spy(i, c.write)
+            xs = inputs(2, 8 << 20, seed=8)  # 32 MiB: 16 MiB each way per phase
+            outs = [np.full_like(x, np.nan) for x in xs]
+            calls = [asyncio.ensure_future(e.all_reduce(x, o, dtype="float32", op="sum", algorithm="ring",
+                                                        tag=1, timeout=30)) for e, x, o in zip(dps, xs, outs)]
+            await asyncio.sleep(1.0)
+            assert not all(c.done() for c in calls)  # it waits for the stalled stream's stripes
+            stalled.transport.resume_reading()
+            await asyncio.gather(*calls)
+            assert outs[0].tobytes() == outs[1].tobytes() == (xs[0] + xs[1]).tobytes()
+            assert 0 < carried[1] and carried[1] * 4 < min(carried[i] for i in (0, 2, 3)), carried
+    run(main())
+
+
 def kill(dp) -> None:
     """``dp`` dies: nothing listens any more, every connection it had ends at once."""
     dp._server.close()
