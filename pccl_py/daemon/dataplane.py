@@ -78,7 +78,9 @@ class DataPlaneConfig:
     integrity: bool = True
     encrypt: bool = False
     handshake_timeout: float = 5.0
-    max_pending_per_address: int = 8  # accepted connections from one address not yet authenticated
+    # accepted connections from one address not yet authenticated: above the 16 streams a
+    # link of a long path opens at once (streams per link), or its own peer is turned away
+    max_pending_per_address: int = 32
     connect_timeout: float = 5.0  # set_topology waits at most this long for links
     stall_timeout: float = 10.0  # a frame for an op never posted is dropped after this
     user_timeout: float = 10.0  # a link whose data stays unacknowledged this long is closed (0: never)
