@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 
+import fakenet
 import numpy as np
 import pytest
 from fakenet import FakeNet
@@ -193,3 +194,24 @@ def test_a_peer_lost_at_every_step(world, make):
                 assert srcs[r].tobytes() == before[r].tobytes()
             net.close()
     assert "failed" in outcomes
+
+
+def test_a_stripe_that_completes_after_the_call_failed_is_not_forwarded():
+    """The call fails while a stripe is coming in (its bytes on an I/O thread); the stripe's
+    end must not forward anything: the data plane has withdrawn the call's queued frames
+    and reported the error, and a frame queued now would read the caller's memory later."""
+    world, count = 2, 3000
+    srcs = inputs(world, count, 2)
+    dsts = [np.zeros(count, np.float32) for _ in range(world)]
+    net = FakeNet(world, streams=2, seed=5)
+    colls = net.start(ring(srcs, dsts, sub=100, stripe=100))  # one stripe per sub-chunk
+    key = next(k for k, q in net.queues.items() if k[:2] == (1, 0) and q)
+    header, payload = net.queues[key].popleft()  # a reduce-scatter stripe from rank 1 to rank 0
+    rx = colls[0].on_data(1, F.decode_header(header), fakenet._Conn)
+    rx.view[:len(payload)] = payload
+    colls[0].fail(Aborted("failed here"))
+    sent = []
+    net.links[0].send = lambda rank, stream, h, p: sent.append(F.decode_header(h).kind)
+    rx.finish()
+    assert sent == []
+    net.close()

@@ -181,3 +181,41 @@ def test_calls_right_after_a_grow_are_left_out():
     sc = StreamCount(cfg)
     sc.start("w", 0.1)
     assert "warming up" in sc.sample("w", 0.0, CALL, 9.0, 8).reason
+
+
+def drive_from_round_trip(rate_of, config: StreamCountConfig, calls: int, rtt: float = 0.1):
+    """``drive`` for a link whose round trip was read first (StreamCount.start)."""
+    sc = StreamCount(config)
+    out = [sc.start("b", rtt)]
+    for i in range(calls):
+        k = sc.streams("b")
+        d = sc.sample("b", float(i), CALL, CALL / rate_of(k, i), k)
+        assert d.reason and d.streams == sc.streams("b")
+        out.append(d)
+    return sc, out
+
+
+def test_from_a_long_start_fewer_streams_are_kept_when_they_do_as_well():
+    cfg = StreamCountConfig(initial=4, maximum=16)
+    # a flat path (a LAN-like bottleneck far from any per-flow limit): down to the initial 4
+    sc, ds = drive_from_round_trip(lambda k, i: 1e9, cfg, 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4)] and sc.streams("b") == 4
+    assert "settled at 4" in ds[-1].reason and all(d.action == HOLD for d in ds[-10:])
+    # too many flows into one bottleneck lose packets to each other: 8 beat 16, 4 is window-bound
+    rates = {16: 0.72e9, 8: 0.85e9, 4: 0.70e9}
+    sc, ds = drive_from_round_trip(lambda k, i: rates[k], cfg, 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4), (GROW, 8)] and sc.streams("b") == 8
+    assert "at most -5% allowed): settled at 8" in [d for d in ds if d.action == GROW][-1].reason
+
+
+def test_from_a_long_start_a_policed_path_keeps_its_streams():
+    # each flow capped at 1/16 of the link: halving the streams halves the rate
+    link = 1.25e8
+    sc, ds = drive_from_round_trip(lambda k, i: min(link, k * link / 16), StreamCountConfig(), 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (GROW, 16)] and sc.streams("b") == 16
+    assert all(d.action == HOLD for d in ds[-10:])
+    # a drop within the 5 % allowed is noise: kept, and the search goes on down
+    sc, ds = drive_from_round_trip(lambda k, i: {16: 1.0e9, 8: 0.96e9, 4: 0.5e9}[k], StreamCountConfig(), 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4), (GROW, 8)]
+    with pytest.raises(ValueError):
+        StreamCountConfig(shed=1.0)

@@ -138,6 +138,8 @@ class RingAllReduce(Collective):
         return _ReduceRx(self, dst, self.src[h.offset:h.offset + h.length], key, h.length).rx_in_place()
 
     def _got(self, key: tuple[int, int], n: int) -> None:
+        if self.done:  # failed while this stripe came in: nothing more goes out
+            return
         left = self._remaining[key] - n
         self._remaining[key] = left
         if left:

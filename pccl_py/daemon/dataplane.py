@@ -119,6 +119,7 @@ def io_threads_on(setting: bool | None) -> bool:
 
 # A dial turned away before the challenge (too many strangers wait at that port from our
 # address) is tried again after these pauses, within connect_timeout.
+_HANDSHAKE_MIN = 1.0  # seconds a connected dial waits for its handshake, even past its deadline
 TURNED_AWAY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2)
 # A failed call is reported once the frames it had written have left (at most this long;
 # links still holding its frames then are closed): the caller may reuse that memory then,
@@ -413,6 +414,8 @@ class DataPlane:
         there, as when a link opens or adds many streams at once): dial again, backing off."""
         pauses = dataclasses.replace(TURNED_AWAY_BACKOFF, deadline=max(deadline - self._loop.time(), 0.0)).delays()
         while True:
+            if peer.lost is not None:
+                return peer.lost
             left = deadline - self._loop.time()
             try:
                 _, stream = await asyncio.wait_for(self._loop.create_connection(
@@ -421,7 +424,9 @@ class DataPlane:
                 return f"cannot connect to {p.host}:{p.port}: no answer within {self.config.connect_timeout:.0f} s"
             except OSError as e:
                 return f"cannot connect to {p.host}:{p.port}: {e}"
-            if await stream.established(max(deadline - self._loop.time(), 0.001)):
+            # once connected, the handshake gets at least _HANDSHAKE_MIN: a dial abandoned after
+            # its HELLO went out would reset a stream the acceptor may already have attached
+            if await stream.established(max(deadline - self._loop.time(), _HANDSHAKE_MIN)):
                 return None
             if peer.lost is not None:
                 return peer.lost

@@ -4,6 +4,7 @@ can say what to change (it changes nothing itself: these are the host's)."""
 from __future__ import annotations
 
 import socket
+import sys
 
 SLOW_START_AFTER_IDLE = "/proc/sys/net/ipv4/tcp_slow_start_after_idle"
 
@@ -47,5 +48,5 @@ def round_trip(sock) -> float | None:
         return None
     if len(raw) < _TCPI_RTT_AT + 4:
         return None
-    rtt = int.from_bytes(raw[_TCPI_RTT_AT:_TCPI_RTT_AT + 4], "little")
+    rtt = int.from_bytes(raw[_TCPI_RTT_AT:_TCPI_RTT_AT + 4], sys.byteorder)
     return rtt / 1e6 if rtt else None
