@@ -219,3 +219,16 @@ def test_from_a_long_start_a_policed_path_keeps_its_streams():
     assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4), (GROW, 8)]
     with pytest.raises(ValueError):
         StreamCountConfig(shed=1.0)
+
+
+def test_the_accepting_end_follows_the_dialler_s_start():
+    sc = StreamCount(StreamCountConfig(initial=4, maximum=16))
+    assert sc.start("b", 0.0149).action == HOLD  # read just under the 15 ms threshold
+    d = sc.follow("b", 16)  # the dialler read 15.1 ms... and 16 arrived
+    assert (d.action, d.streams) == (GROW, 16) and sc.streams("b") == 16
+    assert sc.follow("b", 16).action == HOLD
+    assert "warming up" in sc.sample("b", 0.0, CALL, 1.0, 16).reason  # and searches down from there
+    # once this end has measured the link, its own decisions stand
+    sc.sample("m", 0.0, CALL, 1.0, 4)
+    assert sc.follow("m", 16).action == HOLD and sc.streams("m") == 4
+    assert StreamCount(StreamCountConfig(maximum=8)).follow("x", 16).streams == 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import socket
 import time
 
@@ -14,11 +15,11 @@ import pytest
 from test_client import join_all
 
 from pccl_py import Client
-from pccl_py.daemon.dataplane import DataPlaneConfig
+from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig
 from pccl_py.daemon.service import Daemon
 from pccl_py.daemon.stream_count import GROW, HOLD, SHRINK, Decision, StreamCountConfig
 from pccl_py.errors import InvalidUsage, PcclError, PeerLost
-from tests.test_dataplane import cluster, families, run
+from tests.test_dataplane import SECRET, cluster, families, run, topo
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -118,6 +119,9 @@ class Scripted:
     def start(self, link, rtt):
         return Decision(HOLD, self.k, "scripted")
 
+    def follow(self, link, streams):
+        return Decision(HOLD, self.k, "scripted")
+
 
 def test_both_ends_follow_a_grow_and_a_shrink():
     config = DataPlaneConfig(io_threads=False, adapt_streams=True)
@@ -192,6 +196,34 @@ def test_a_link_of_a_long_path_starts_with_more_streams(monkeypatch):
                 assert all(c._written > w0 for c, w0 in zip(side.conns, w, strict=True))
         assert seen.count(True) == 2  # one reading per end of the link, on a TCP socket
     run(main())
+
+
+def test_an_acceptor_that_reads_a_shorter_round_trip_follows_the_dialler(monkeypatch):
+    """The two ends read their round trips apart; near a threshold they may disagree. The
+    dialler (peer0) reads 100 ms and opens 16 streams; the acceptor (peer1) reads 1 ms and
+    would stay at 4: it takes the dialler's count instead and stripes over all 16."""
+    import pccl_py.daemon.dataplane as D
+    ports = {}
+    monkeypatch.setattr(D, "round_trip", lambda sock: 0.001 if sock.getsockname()[1] == ports["acceptor"] else 0.1)
+    config = DataPlaneConfig(io_threads=False, adapt_streams=True, max_streams=16)
+
+    async def body():  # (cluster() would link the peers before the acceptor's port is known here)
+        dps = [DataPlane(f"peer{i}", secret=SECRET, streams=4,
+                         config=dataclasses.replace(config, same_host_links=False)) for i in range(2)]
+        try:
+            for d in dps:
+                await d.start()
+            ports["acceptor"] = dps[1].port
+            t = topo(dps, 1)
+            await asyncio.gather(*(dps[i].set_topology(t[i]) for i in range(2)))
+            await asyncio.gather(*dps[0]._growing)
+            (_, p, q), = links(dps)
+            assert dps[1].stream_count.streams(dps[0].peer_id) == 16
+            assert p.nstreams == q.nstreams == q.attached == 16
+        finally:
+            for d in dps:
+                await d.close()
+    run(body())
 
 
 def test_streams_added_at_once_past_the_handshake_gate_all_come_up():

@@ -475,6 +475,7 @@ class DataPlane:
             return None
         if not peer.ready.done() and peer.nstreams != hello.nstreams:
             return None  # (a live link may gain streams: add_streams)
+        peer.announced = max(peer.announced, hello.nstreams)
         log.debug("peer %s stream %d/%d up (its epoch %d)", hello.peer_id, hello.stream, hello.nstreams,
                   hello.epoch)
         return peer
@@ -574,7 +575,13 @@ class DataPlane:
             self._grow_later(peer.peer_id, d.streams)
 
     def _streams_added(self, peer: PeerStreams) -> None:
-        """A stream joined a live link: striped over once no call runs (see _settle)."""
+        """A stream joined a live link: striped over once no call runs (see _settle). The
+        accepting end of a link it has not measured yet takes the dialler's count as its start."""
+        if self.stream_count is not None and not peer.connector:
+            d = self.stream_count.follow(peer.peer_id, peer.announced)
+            if d.action == GROW:
+                log.info("streams to %s: %s", peer.peer_id, d.reason)
+                peer.limit = d.streams
         if not self._ops:
             peer.use_streams()
 

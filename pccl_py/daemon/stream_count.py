@@ -149,6 +149,18 @@ class StreamCount:
         st.k, st.warm, st.down = k, self.config.warmup, True
         return Decision(GROW, k, f"round trip {_ms(rtt)}: starting at {k} streams")
 
+    def follow(self, link: str, streams: int) -> Decision:
+        """(The accepting end of ``link``) the dialling end brought the link to ``streams``
+        streams. Before this end has measured the link, it takes that count as its own start
+        (the two ends read their round trips apart, and near a ``long_paths`` threshold they
+        may disagree; the dialler's count is the one the link has)."""
+        st = self._state(link)
+        n = min(streams, self.config.maximum)
+        if st.rates or n <= st.k:
+            return Decision(HOLD, st.k, f"{st.k} streams")
+        st.k, st.started, st.down, st.warm, st.prev = n, True, True, self.config.warmup, None
+        return Decision(GROW, n, f"the dialling end opened {n} streams: starting at {n}")
+
     def reached(self, link: str, streams: int, now: float) -> Decision:
         """The I/O layer could only bring ``link`` to ``streams`` (a dial failed): settle
         there, so the same grow is not tried again before ``reprobe_after``."""
