@@ -169,7 +169,8 @@ def test_calls_right_after_a_grow_are_left_out():
     sc = StreamCount(cfg)
     assert [sc.sample("b", t, CALL, 1.0, 4).action for t in range(2)] == [HOLD, GROW]
     slow = [sc.sample("b", 2 + t, CALL, 3.0, 8) for t in range(2)]
-    assert [d.reason for d in slow] == ["ignored: 8 streams warming up (1/2)", "ignored: 8 streams warming up (2/2)"]
+    assert [d.reason for d in slow] == ["ignored: 8 streams warming up (1 more to leave out)",
+                                        "ignored: 8 streams warming up (0 more to leave out)"]
     ds = [sc.sample("b", 4 + t, CALL, 0.5, 8) for t in range(2)]
     assert ds[-1].action == HOLD and "settled at the bound of 8" in ds[-1].reason and sc.streams("b") == 8
     # the same calls without the warm-up: the two slow ones decide, and the link goes back to 4

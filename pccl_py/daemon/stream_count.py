@@ -189,7 +189,7 @@ class StreamCount:
         st.behind = 0
         if st.warm:
             st.warm -= 1
-            return Decision(HOLD, st.k, f"ignored: {st.k} streams warming up ({cfg.warmup - st.warm}/{cfg.warmup})")
+            return Decision(HOLD, st.k, f"ignored: {st.k} streams warming up ({st.warm} more to leave out)")
         window = st.rates.setdefault(st.k, [])
         window.append(nbytes / seconds)
         del window[:-cfg.samples]
@@ -209,7 +209,7 @@ class StreamCount:
                 st.best = st.k
                 return self._try_down(st, now, f"{_rate(rate)} with {st.k} streams, {rate / before - 1:+.0%} "
                                                f"against {st.prev}")
-            best = st.prev
+            best = st.best = st.prev
             st.k, st.prev, st.settled_at, st.down = best, None, now, False
             return Decision(GROW, best, f"{_rate(rate)} with {streams} streams is {rate / before - 1:+.0%} against "
                                         f"{_rate(before)} with {best} (at most -{cfg.shed:.0%} allowed): "
