@@ -137,19 +137,16 @@ class PeerStreams:
         if not spread or self.lost is not None:
             return
         n = self.nstreams
-        gave = True
-        while spread and gave:
-            gave = False
-            for j in range(n):
-                i = (self._turn + j) % n
-                c = self.conns[i]
-                if c is not None and c.wants_frame():
-                    c.write(*spread.popleft())
-                    gave = True
-                    if not spread:
-                        self._turn = (i + 1) % n
-                        return
-            self._turn = (self._turn + 1) % n
+        i, refused = self._turn, 0  # refused: streams in a row that wanted nothing
+        while spread and refused < n:
+            c = self.conns[i % n]
+            if c is not None and c.wants_frame():
+                c.write(*spread.popleft())
+                refused = 0
+            else:
+                refused += 1
+            i += 1
+        self._turn = i % n
 
     def send_all(self, frame: bytes) -> None:
         """A control frame on every stream up, those this side does not stripe over too:

@@ -146,7 +146,7 @@ class StreamCount:
         k = self.config.for_round_trip(rtt)
         if k <= st.k:
             return Decision(HOLD, st.k, f"round trip {_ms(rtt)}: starting at {st.k} streams")
-        st.k, st.warm, st.down = k, self.config.warmup, True
+        self._start_high(st, k)
         return Decision(GROW, k, f"round trip {_ms(rtt)}: starting at {k} streams")
 
     def follow(self, link: str, streams: int) -> Decision:
@@ -158,7 +158,7 @@ class StreamCount:
         n = min(streams, self.config.maximum)
         if st.rates or n <= st.k:
             return Decision(HOLD, st.k, f"{st.k} streams")
-        st.k, st.started, st.down, st.warm, st.prev = n, True, True, self.config.warmup, None
+        self._start_high(st, n)
         return Decision(GROW, n, f"the dialling end opened {n} streams: starting at {n}")
 
     def reached(self, link: str, streams: int, now: float) -> Decision:
@@ -239,6 +239,11 @@ class StreamCount:
         st.prev, st.k, st.warm = st.k, nxt, cfg.warmup
         st.rates.pop(nxt, None)  # measured afresh (an old window may be from another path)
         return Decision(GROW, nxt, f"{what}: trying {nxt}")
+
+    def _start_high(self, st: _Link, k: int) -> None:
+        """An unmeasured link begins at ``k`` streams, more than ``initial``: the new streams
+        warm up, then the search goes down from there."""
+        st.k, st.started, st.down, st.warm, st.prev = k, True, True, self.config.warmup, None
 
     def _try_down(self, st: _Link, now: float, what: str) -> Decision:
         cfg = self.config

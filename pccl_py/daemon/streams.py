@@ -828,10 +828,11 @@ _LINUX_NOTSENT_LOWAT = 25 if sys.platform.startswith("linux") else None  # (not 
 
 
 def _tune(sock, user_timeout: float) -> None:
-    """TCP_NODELAY, TCP_NOTSENT_LOWAT (see NOTSENT_LOWAT), and dead-link detection: a link whose sent data stays unacknowledged
-    for ``user_timeout`` seconds (a path that silently drops everything) is closed by the
-    kernel, and so is an idle one that stops answering keepalives, so it is reported and
-    replaced instead of stalling every call until its deadline."""
+    """TCP_NODELAY, TCP_NOTSENT_LOWAT (see NOTSENT_LOWAT), and dead-link detection: a link
+    whose sent data stays unacknowledged for ``user_timeout`` seconds (a path that silently
+    drops everything) is closed by the kernel, and so is an idle one that stops answering
+    keepalives, so it is reported and replaced instead of stalling every call until its
+    deadline."""
     opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
             (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", _LINUX_NOTSENT_LOWAT), NOTSENT_LOWAT)]
     if user_timeout > 0:

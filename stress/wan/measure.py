@@ -58,6 +58,19 @@ def rtt(net: WanPaths, src: int, dst: int, count: int = 20) -> dict:
             "max_ms": max(rtts)}
 
 
+def _receiver(net: WanPaths, dst: int, port: int, flows: int, seconds: float, warmup: float):
+    """flows.py receiving ``flows`` flows on ``port`` in dst's namespace, ready."""
+    r = net.popen(dst, [sys.executable, FLOWS, "recv", "--port", str(port), "--flows", str(flows),
+                        "--seconds", str(seconds), "--warmup", str(warmup)], stdout=subprocess.PIPE)
+    _ready(r)
+    return r
+
+
+def _send_argv(net: WanPaths, dst: int, port: int, flows: int, seconds: float, cc: str | None) -> list[str]:
+    return [sys.executable, FLOWS, "send", "--to", net.addr(dst), "--port", str(port), "--flows", str(flows),
+            "--seconds", str(seconds), *(["--cc", cc] if cc else [])]
+
+
 def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmup: float,
             cc: str | None = None) -> dict:
     """``flows`` TCP flows from src to dst for ``seconds``; goodput after ``warmup`` (bits/s),
@@ -65,13 +78,9 @@ def goodput(net: WanPaths, src: int, dst: int, flows: int, seconds: float, warmu
     the senders' congestion control (per socket; None: the namespace's default)."""
     port = next(_port)
     before, dev_before = net.stats(), net.device_drops(src)
-    rcv = net.popen(dst, [sys.executable, FLOWS, "recv", "--port", str(port), "--flows", str(flows),
-                          "--seconds", str(seconds), "--warmup", str(warmup)], stdout=subprocess.PIPE)
-    _ready(rcv)
+    rcv = _receiver(net, dst, port, flows, seconds, warmup)
     t0 = time.monotonic()
-    out = net.run(src, [sys.executable, FLOWS, "send", "--to", net.addr(dst), "--port", str(port),
-                        "--flows", str(flows), "--seconds", str(seconds), *(["--cc", cc] if cc else [])],
-                  capture_output=True, timeout=seconds + 60)
+    out = net.run(src, _send_argv(net, dst, port, flows, seconds, cc), capture_output=True, timeout=seconds + 60)
     r_out, _ = rcv.communicate(timeout=30)
     wall = time.monotonic() - t0
     after = net.stats()
@@ -102,16 +111,10 @@ def goodput_both_ways(net: WanPaths, a: int, b: int, flows: int, seconds: float,
                       cc: str | None = None) -> tuple[float, float]:
     """``flows`` TCP flows a -> b and as many b -> a at the same time, as a ring all-reduce
     of two peers loads the path; the goodput of each direction after ``warmup`` (bits/s)."""
-    rcv = []
     ports = (next(_port), next(_port))
-    for dst, port in zip((b, a), ports, strict=True):
-        r = net.popen(dst, [sys.executable, FLOWS, "recv", "--port", str(port), "--flows", str(flows),
-                            "--seconds", str(seconds), "--warmup", str(warmup)], stdout=subprocess.PIPE)
-        _ready(r)
-        rcv.append(r)
-    snd = [net.popen(src, [sys.executable, FLOWS, "send", "--to", net.addr(dst), "--port", str(port),
-                           "--flows", str(flows), "--seconds", str(seconds), *(["--cc", cc] if cc else [])],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rcv = [_receiver(net, dst, port, flows, seconds, warmup) for dst, port in zip((b, a), ports, strict=True)]
+    snd = [net.popen(src, _send_argv(net, dst, port, flows, seconds, cc), stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
            for (src, dst), port in zip(((a, b), (b, a)), ports, strict=True)]
     outs = [r.communicate(timeout=seconds + 60)[0] for r in rcv]
     for s_ in snd:
