@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import time
+import types
 
 import numpy as np
 import pytest
 import uvloop
 
 from pccl_py import kernels as K
+from pccl_py.collectives.base import SPREAD
 from pccl_py.daemon import router as router_mod
 from pccl_py.daemon.dataplane import DataPlane, DataPlaneConfig, same_host_address
 from pccl_py.daemon.streams import Stream
@@ -565,20 +567,59 @@ def test_a_frame_dropped_after_the_stall_timeout_fails_its_call_and_the_retry_pa
     run(body())
 
 
-@pytest.mark.parametrize("nbytes,fin", [(4, False), (F.TINY_BYTES, False), (F.TINY_BYTES + 4, True), (0, True)])
-def test_a_tiny_direct_exchange_sends_one_frame_per_peer_and_no_fin(nbytes, fin):
-    """Up to TINY_BYTES a direct exchange is one DATA frame to each peer and nothing else;
-    above it (and for an empty call, whose only message is the FIN) the FIN round follows."""
+@pytest.mark.parametrize("world,nbytes,fin", [(2, 4, False), (2, F.TINY_BYTES, False), (2, F.TINY_BYTES + 4, False),
+                                              (2, 0, True), (3, F.TINY_BYTES + 4, True), (3, 0, True)])
+def test_a_tiny_direct_exchange_or_a_pair_sends_its_data_and_no_fin(world, nbytes, fin):
+    """Up to TINY_BYTES a direct exchange is one DATA frame to each peer and nothing else,
+    and so is any exchange between two peers; above it with three peers (and for an empty
+    call, whose only message is the FIN) the FIN round follows."""
     async def body():
-        async with cluster(2) as dps:
-            srcs = make_inputs(2, nbytes // 4, "float32", "sum", seed=9)
+        async with cluster(world) as dps:
+            srcs = make_inputs(world, nbytes // 4, "float32", "sum", seed=9)
             out, infos = await all_reduce_all(dps, srcs, dtype="float32", op="sum", algorithm="direct", tag=3)
-            assert out[0].tobytes() == out[1].tobytes() == reference(srcs, "float32", "sum").tobytes()
+            assert all(o.tobytes() == reference(srcs, "float32", "sum").tobytes() for o in out)
             data = F.HEADER_SIZE + nbytes if nbytes else 0
             for info in infos:
-                assert info["tx_bytes"] == data + (F.HEADER_SIZE if fin else 0), info
+                assert info["tx_bytes"] == (world - 1) * (data + (F.HEADER_SIZE if fin else 0)), info
                 assert info["rx_bytes"] == info["tx_bytes"], info
     run(body())
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_a_calls_frames_have_left_only_once_the_transports_wrote_them(threads):
+    """The two-peer end of a call (DataPlane._when_sent) waits while any of the call's
+    frames sits in the link's queue, a stream's backlog or a transport: 64 MiB of them
+    while the peer reads nothing. It fires once the peer reads again, and never for a
+    call that ended meanwhile."""
+    async def main():
+        async with cluster(2, config=DataPlaneConfig(io_threads=threads), tcp_only=(0, 1)) as dps:
+            a, b = dps
+            for c in b._peers[a.peer_id].conns:
+                c.transport.pause_reading()
+            link = a._peers[b.peer_id]
+            # epoch 0 is stale at the reader: it drops these frames unread, as it would a
+            # finished call's, and reads on
+            calls = [types.SimpleNamespace(link=types.SimpleNamespace(ids=a._view.ids, epoch=0), tag=tag,
+                                           attempt=0, done=False) for tag in (7, 8)]
+            payload = bytes(1 << 20)
+            for i in range(64):
+                for call in calls:
+                    link.send(SPREAD, F.pack_header(F.DATA, a._view.group, 0, call.tag, 0, 0, i << 20, 1 << 20,
+                                                    0, F.QUANT_NONE, 0.0, 0.0, 1), payload)
+            fired = []
+            for call in calls:
+                a._when_sent(call, lambda call=call: fired.append((call.tag, link.holds(F.call_key(0, call.tag, 0)))))
+            await asyncio.sleep(0.3)
+            assert fired == [] and link.holds(F.call_key(0, 7, 0))
+            calls[1].done = True  # ended (failed) meanwhile: no more waiting for its frames
+            for c in b._peers[a.peer_id].conns:
+                c.transport.resume_reading()
+            deadline = time.monotonic() + 20
+            while not fired and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert fired == [(7, False)]  # none of its frames was still waiting when it fired
+    run(main())
 
 
 @pytest.mark.parametrize("world", [3, 4])

@@ -31,13 +31,14 @@ class DirectAllReduce(Collective):
         self.slots = memoryview(bytearray(w * self.nbytes))
         me = link.rank
         self.slot(me)[:] = src
-        self.agree = not 0 < self.nbytes <= F.TINY_BYTES
+        if 0 < self.nbytes <= F.TINY_BYTES:
+            self.agree = False
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
 
     def needs(self, rank: int) -> bool:
-        if self.agree:
-            return super().needs(rank)
-        return rank in self._remaining  # no FIN round: once its frame is in, nothing more
+        if self.nbytes > F.TINY_BYTES or not self.nbytes:
+            return super().needs(rank)  # its FIN, or (two peers) until this call has ended
+        return rank in self._remaining  # a tiny call: once its frame is in, nothing more
 
     def slot(self, r: int):
         return self.slots[r * self.nbytes:(r + 1) * self.nbytes]
@@ -51,7 +52,7 @@ class DirectAllReduce(Collective):
             if r == lk.rank or not self.nbytes:
                 continue
             k = lk.nstreams(r)
-            parts = max(1, min(k, self.nbytes // self.min_stripe)) if self.agree else 1
+            parts = max(1, min(k, self.nbytes // self.min_stripe)) if self.nbytes > F.TINY_BYTES else 1
             bd = split(self.nbytes // it, parts)
             for s in range(parts):
                 a, b = bd[s] * it, bd[s + 1] * it

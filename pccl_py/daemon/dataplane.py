@@ -125,6 +125,7 @@ TURNED_AWAY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2)
 # links still holding its frames then are closed): the caller may reuse that memory then,
 # and a frame sent from changed memory would fail its integrity check at the peer.
 FLUSH_GRACE = 1.0
+SENT_POLL = 0.0005  # seconds between looks at whether a call's frames have left (_when_sent)
 _SAME_HOST_CONNECT = 1.0  # a same-host listener answers at once; beyond this, try TCP
 
 
@@ -895,6 +896,34 @@ class DataPlane:
 
         poll()
 
+    def _when_sent(self, coll: Collective, then: Callable[[], None]) -> None:
+        """``then()`` once every frame ``coll`` has sent has left this process: none waits in
+        a link's queue or a stream's backlog, and the transports have written what they
+        held then (Stream.flushed). Until then its frames may be read from the caller's
+        memory. A lost link fails the call (it ``needs`` the peer until it ends); a call
+        that ends meanwhile stops the wait. Usually true at once: the last frames out were
+        sent before the last ones in arrived."""
+        key = F.call_key(coll.link.epoch, coll.tag, coll.attempt)
+        peers = [p for pid in coll.link.ids if (p := self._peers.get(pid)) is not None]
+        marks: list | None = None
+
+        def poll() -> None:
+            nonlocal marks
+            if coll.done:
+                return
+            if marks is None:
+                if any(p.holds(key) for p in peers):
+                    self._loop.call_later(SENT_POLL, poll)
+                    return
+                marks = [(c, c.mark()) for p in peers for c in p.conns if c is not None]
+            marks = [(c, m) for c, m in marks if not c.flushed(m)]
+            if marks:
+                self._loop.call_later(SENT_POLL, poll)
+                return
+            then()
+
+        poll()
+
     def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
         """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""
         view = self._view
@@ -944,7 +973,8 @@ class DataPlane:
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)
                    if r != coll.link.rank and r not in coll._fins]
-        state = "waiting for FIN from " + ", ".join(missing) if coll.data_done else "data incomplete"
+        state = ("data incomplete" if not coll.data_done else "waiting for FIN from " + ", ".join(missing)
+                 if coll.agree else "its frames still unsent")
         self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), tell_peers=True)
 
     # -- control frames for ops not posted yet ------------------------------------------------

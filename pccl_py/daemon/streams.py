@@ -743,6 +743,10 @@ class Stream(asyncio.BufferedProtocol):
         if self._backlog:
             self._backlog = collections.deque(x for x in self._backlog if x[0][F.CALL_KEY_AT] != key)
 
+    def holds(self, key: bytes) -> bool:
+        """Whether a frame of the call ``key`` waits in the backlog."""
+        return any(x[0][F.CALL_KEY_AT] == key for x in self._backlog)
+
     def _begin_frame(self, seal, header: bytes) -> bytes:
         """Start the frame's seal; the header as it goes out. An encrypting seal takes the
         header now (the quantization fields zeroed as associated data, then encrypted as
