@@ -226,8 +226,9 @@ def test_two_peers_succeed_once_their_frames_have_left_and_never_before(make):
     """Between two peers there is no FIN round, and a peer succeeds only once none of its
     frames waits to be sent (they may read the caller's memory). Frame by frame in random
     interleavings: a peer that is done has nothing queued; some peer had all its data
-    before its own last frames had left, and waited for them."""
-    count, waited = 600, 0
+    before its own last frames had left, and waited for them. (Above TINY_BYTES: a tiny
+    call sends one frame, from a copy, at post time and succeeds once it holds the others'.)"""
+    count, waited = 2000, 0
     for seed in range(12):
         srcs = inputs(2, count, seed)
         dsts = [np.zeros(count, np.float32) for _ in range(2)]

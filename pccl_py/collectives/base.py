@@ -86,6 +86,10 @@ class Collective:
     name = "collective"
     agree = True  # the FIN round: succeed only once every peer confirmed it has all its data
     pair_agree = False  # keep the FIN round with two peers too (see the module's docstring)
+    # a tiny call: a peer's one frame, sent whole at post time from a copy, is all this call
+    # needs from it; frames held for it may be applied before it starts, and it succeeds
+    # as soon as it holds them (docs/dataplane.md, "Agreement and failures")
+    one_frame = False
 
     def __init__(self, link: Link, *, tag: int, attempt: int, desc: int, loop: asyncio.AbstractEventLoop):
         self.link = link
@@ -144,6 +148,9 @@ class Collective:
         if self.data_done or self.done:
             return
         self.data_done = True
+        if self.one_frame:
+            self._succeed()
+            return
         if not self.agree and (self.tx_bytes or self.rx_bytes):  # an empty call's FIN is its only message
             self.link.when_sent(self, self._succeed)
             return

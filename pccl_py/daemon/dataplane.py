@@ -899,10 +899,11 @@ class DataPlane:
     def _when_sent(self, coll: Collective, then: Callable[[], None]) -> None:
         """``then()`` once every frame ``coll`` has sent has left this process: none waits in
         a link's queue or a stream's backlog, and the transports have written what they
-        held then (Stream.flushed). Until then its frames may be read from the caller's
-        memory. A lost link fails the call (it ``needs`` the peer until it ends); a call
-        that ends meanwhile stops the wait. Usually true at once: the last frames out were
-        sent before the last ones in arrived."""
+        held then (Stream.sent). Until then its frames may be read from the caller's
+        memory. A stream closed meanwhile is not sent (it may have dropped them): its link
+        is being lost, which fails the call (it ``needs`` the peer until it ends); a call
+        that ends stops the wait. Usually true at once: the last frames out were sent
+        before the last ones in arrived."""
         key = F.call_key(coll.link.epoch, coll.tag, coll.attempt)
         peers = [p for pid in coll.link.ids if (p := self._peers.get(pid)) is not None]
         marks: list | None = None
@@ -916,7 +917,7 @@ class DataPlane:
                     self._loop.call_later(SENT_POLL, poll)
                     return
                 marks = [(c, c.mark()) for p in peers for c in p.conns if c is not None]
-            marks = [(c, m) for c, m in marks if not c.flushed(m)]
+            marks = [(c, m) for c, m in marks if not c.sent(m)]
             if marks:
                 self._loop.call_later(SENT_POLL, poll)
                 return
@@ -934,9 +935,9 @@ class DataPlane:
                                                     if (p := self._peers.get(pid)) is not None}) \
                 if len(self._ops) == 1 else None
         lost = [pid for pid in view.ids if pid in self._lost]
-        if not coll.agree:
-            # Without a FIN round, a lost peer's frame held here is all this call needs from
-            # it: the peers that had posted the call before it went completed with it.
+        if coll.one_frame:
+            # A tiny call: a lost peer's frame held here is all this call needs from it:
+            # the peers that had posted the call before it went completed with it.
             self._apply_held(coll)
             lost = [pid for pid in lost if coll.needs(view.ids.index(pid))]
         if lost:
@@ -973,8 +974,9 @@ class DataPlane:
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)
                    if r != coll.link.rank and r not in coll._fins]
+        fin = coll.agree or not (coll.tx_bytes or coll.rx_bytes)  # (an empty call keeps its FIN)
         state = ("data incomplete" if not coll.data_done else "waiting for FIN from " + ", ".join(missing)
-                 if coll.agree else "its frames still unsent")
+                 if fin else "its frames still unsent")
         self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), tell_peers=True)
 
     # -- control frames for ops not posted yet ------------------------------------------------

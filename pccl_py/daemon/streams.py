@@ -715,8 +715,18 @@ class Stream(asyncio.BufferedProtocol):
     def flushed(self, mark: tuple[int, int]) -> bool:
         """Every byte written up to ``mark`` is in the kernel (none will be read from the
         memory it came from any more), or the stream is closed (none will be sent)."""
-        if self._state == _CLOSED or self.transport is None or self.transport.is_closing():
-            return True
+        return self._ended() or self._out(mark)
+
+    def sent(self, mark: tuple[int, int]) -> bool:
+        """Every byte written up to ``mark`` is in the kernel and the stream is open: a
+        stream closed (or closing) may have dropped what it held, so the peer may lack it
+        (its link is about to be lost)."""
+        return not self._ended() and self._out(mark)
+
+    def _ended(self) -> bool:
+        return self._state == _CLOSED or self.transport is None or self.transport.is_closing()
+
+    def _out(self, mark: tuple[int, int]) -> bool:
         return self._written - self.transport.get_write_buffer_size() >= mark[0] and self._jobs[1] >= mark[1]
 
     def _pumped_out(self, err: BaseException | None) -> None:
