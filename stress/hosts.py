@@ -234,8 +234,14 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
                     res = list(ex.map(one, range(n)))
                     times.append(res[0][0])  # as rank 0 sees it, like gloo's rows
                     info = res[0][1]
-                    if not all(np.allclose(x, n, rtol=0.02) for x in xs):
+                    # a sample between calls, every element after the last: a full check
+                    # takes longer than a long path's retransmission timeout (0.2 s per 16M
+                    # on 2 cores), and a link idle that long restarts slow start, so the
+                    # calls would no longer be back to back
+                    if not all(np.allclose(x[::4099], n, rtol=0.02) for x in xs):
                         raise AssertionError(f"wrong all-reduce result at {count} elements")
+                if not all(np.allclose(x, n, rtol=0.02) for x in xs):
+                    raise AssertionError(f"wrong all-reduce result at {count} elements")
                 row = {"size": count, "times": times, "algorithm": info["algorithm"], "tx_bytes": info["tx_bytes"]}
                 if idle:
                     time.sleep(idle)
