@@ -125,7 +125,9 @@ TURNED_AWAY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2)
 # links still holding its frames then are closed): the caller may reuse that memory then,
 # and a frame sent from changed memory would fail its integrity check at the peer.
 FLUSH_GRACE = 1.0
-SENT_POLL = 0.0005  # seconds between looks at whether a call's frames have left (_when_sent)
+# _when_sent looks again at once (the next turn of the loop, after its I/O: on a fast link
+# the last bytes are written there), then after pauses doubling from 50 us up to this
+SENT_POLL = 0.0005
 _SAME_HOST_CONNECT = 1.0  # a same-host listener answers at once; beyond this, try TCP
 
 
@@ -907,6 +909,15 @@ class DataPlane:
         key = F.call_key(coll.link.epoch, coll.tag, coll.attempt)
         peers = [p for pid in coll.link.ids if (p := self._peers.get(pid)) is not None]
         marks: list | None = None
+        pause = 0.0
+
+        def again() -> None:
+            nonlocal pause
+            if pause:
+                self._loop.call_later(pause, poll)
+            else:
+                self._loop.call_soon(poll)
+            pause = min(SENT_POLL, max(5e-5, 2 * pause))
 
         def poll() -> None:
             nonlocal marks
@@ -914,12 +925,12 @@ class DataPlane:
                 return
             if marks is None:
                 if any(p.holds(key) for p in peers):
-                    self._loop.call_later(SENT_POLL, poll)
+                    again()
                     return
                 marks = [(c, c.mark()) for p in peers for c in p.conns if c is not None]
             marks = [(c, m) for c, m in marks if not c.sent(m)]
             if marks:
-                self._loop.call_later(SENT_POLL, poll)
+                again()
                 return
             then()
 
