@@ -656,12 +656,13 @@ class DataPlane:
         return v
 
     def _tell_diverged(self, h: F.Header, pid: str) -> None:
-        """``pid`` runs a call this peer completed: it failed that call (its last FIN was
-        lost) and retries it, while this peer went on. Pairing the retry with our next call
-        would mix two steps, so the retry fails there with ``Diverged``, and that peer's
-        next call takes the tag after it: it pairs with our next call, which keeps running."""
+        """``pid`` runs a call this peer completed: it failed that call (our last frame to
+        it, a FIN or between two peers the last data, was lost) and retries it, while this
+        peer went on. Pairing the retry with our next call would mix two steps, so the retry
+        fails there with ``Diverged``, and that peer's next call takes the tag after it: it
+        pairs with our next call, which keeps running."""
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
-                f"because one of them lost the other's confirmation; the caller's state lacks that call's "
+                f"because one of them lost the other's last frame; the caller's state lacks that call's "
                 f"result. Bring the peers in step again (sync_shared_state)")
         self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.attempt, F.ERR_DIVERGED, text, h.desc))
 
