@@ -59,7 +59,7 @@ class InvalidUsage(PcclError):
 
 class Diverged(InvalidUsage):
     """This peer retried a call that the other peers had completed without it (it lost
-    their last frame with a link: a FIN, or between two peers the last data). The call counts as done here too, so the next
+    their last confirmation with a link). The call counts as done here too, so the next
     call goes on with theirs, but this peer's state lacks its result: bring the peers in
     step (``sync_shared_state``)."""
 

@@ -261,28 +261,6 @@ class Drop(Once):
         return []
 
 
-class DropLast:
-    """Drop the last frame of call ``tag`` on ``stream`` in ``direction``: each of its frames
-    waits here until the next one comes; the one still waiting when a frame of another call
-    passes (or none follows) is never sent. Between two peers a call's last frame on a stream
-    is DATA; from three peers on it is the FIN."""
-
-    def __init__(self, direction: str = UP, stream: int = 0, tag: int = 1):
-        self.direction, self.stream, self.tag = direction, stream, tag
-        self.held: Frame | None = None
-        self.done = False
-
-    def __call__(self, f: Frame, relay: Relay):
-        if self.done or f.direction != self.direction or f.stream != self.stream:
-            return [f.wire]
-        if f.h.tag == self.tag and f.h.kind in (F.DATA, F.FIN):
-            held, self.held = self.held, f
-            return [held.wire] if held is not None else []
-        if self.held is not None:
-            self.done, self.held = True, None
-        return [f.wire]
-
-
 class Duplicate(Once):
     def act(self, f, relay):
         return [f.wire, f.wire]

@@ -9,8 +9,7 @@ size with ``progress`` after each, then ``finish``; FIN to ``on_fin``; ERROR to
 ``on_error``. ``kill(rank)`` (or ``run(kill=(rank, after))``: after that many deliveries)
 drops the rank's queued frames and tells every survivor's collective, as the data plane
 does when a link breaks: a collective that still ``needs`` the rank fails with PeerLost
-and sends ERROR to the others (who fail with Aborted). A frame has left its sender
-(``when_sent``) once it is delivered or dropped.
+and sends ERROR to the others (who fail with Aborted).
 """
 
 from __future__ import annotations
@@ -51,11 +50,6 @@ class FakeLink:
     def fail_here(self, op, exc) -> None:
         op.fail(exc)
 
-    def when_sent(self, op, then) -> None:
-        """``then()`` once none of ``op``'s frames is queued any more (delivered or dropped)."""
-        self.net.waiting.append((self.rank, op, then))
-        self.net.check_sent()
-
 
 class _Conn:
     """The stream argument of ``on_data``: staging of its own for each frame."""
@@ -76,7 +70,6 @@ class FakeNet:
         self.dead: set[int] = set()
         self.sent = 0
         self.delivered = 0
-        self.waiting: list = []  # (rank, collective, then) of when_sent
         self.loop = asyncio.new_event_loop()  # for the collectives' futures; never run
 
     def close(self) -> None:
@@ -89,17 +82,6 @@ class FakeNet:
             c.start()
         return self.colls
 
-    def check_sent(self) -> None:
-        """Run the ``when_sent`` callbacks whose collective has no frame queued any more."""
-        waiting, self.waiting = self.waiting, []
-        for rank, op, then in waiting:
-            key = F.call_key(1, op.tag, op.attempt)
-            if any(h[F.CALL_KEY_AT] == key for (src, _, _), q in self.queues.items() if src == rank
-                   for h, _ in q):
-                self.waiting.append((rank, op, then))
-            elif not op.done:
-                then()
-
     def kill(self, rank: int) -> None:
         self.dead.add(rank)
         for key in [k for k in self.queues if rank in k[:2]]:
@@ -107,7 +89,6 @@ class FakeNet:
         for r, c in enumerate(self.colls):
             if r not in self.dead and not c.done and c.peer_lost(rank):
                 self.fail(r, PeerLost(f"lost peer r{rank}"))
-        self.check_sent()
 
     def fail(self, rank: int, exc) -> None:
         """Rank ``rank``'s call fails here; like the data plane, it tells the others (ERROR)."""
@@ -133,7 +114,6 @@ class FakeNet:
             header, payload = self.queues[(src, dst, stream)].popleft()
             self.delivered += 1
             self._deliver(src, dst, header, payload)
-            self.check_sent()
 
     def _deliver(self, src: int, dst: int, header: bytes, payload: bytes) -> None:
         c = self.colls[dst]

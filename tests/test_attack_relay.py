@@ -31,7 +31,6 @@ from _mitm import (
     DOWN,
     UP,
     Drop,
-    DropLast,
     Duplicate,
     Flip,
     Frame,
@@ -324,17 +323,17 @@ def test_a_changed_call_tag_is_noticed_at_once_not_at_the_deadline():
 
 # ----------------------------------------------------------------------------- a dropped last frame
 
-@pytest.mark.xfail(strict=True, reason="a frame dropped at the end of a call (its last on a stream) is never "
-                   "detected on that connection: the call fails by deadline, the link stays up out of step, and "
-                   "the first call of the next epoch fails with PeerLost (its first frame fails the integrity check)")
+@pytest.mark.xfail(strict=True, reason="a frame dropped at the end of a call (its FIN) is never detected on that "
+                   "connection: the call fails by deadline, the link stays up out of step, and the first call "
+                   "of the next epoch fails with PeerLost (its first frame fails the integrity check)")
 @pytest.mark.parametrize("path", ["loop", "threads"])
-def test_after_a_dropped_last_frame_the_next_epoch_works(path):
+def test_after_a_dropped_fin_the_next_epoch_works(path):
     srcs = inputs(5)
     want = reference(srcs, "float32", "sum")
 
     async def body():
         async with Pair(path) as pair:
-            await pair.through(DropLast(direction=DOWN, tag=1))
+            await pair.through(Drop(direction=DOWN, n=0, kind=F.FIN))
             await pair.epoch_up()
             dsts, res = await pair.reduce(srcs, timeout=1.5)
             never_wrong(dsts, res, want)
@@ -345,17 +344,16 @@ def test_after_a_dropped_last_frame_the_next_epoch_works(path):
     run(body())
 
 
-def test_after_a_dropped_last_frame_the_link_is_replaced_one_epoch_later():
-    """What does hold after a call's last frame on a stream was dropped: nothing wrong,
-    every failure typed, and once the out-of-step link was found (and reported), the epoch
-    after works."""
+def test_after_a_dropped_fin_the_link_is_replaced_one_epoch_later():
+    """What does hold after a dropped FIN: nothing wrong, every failure typed, and once the
+    out-of-step link was found (and reported), the epoch after works."""
     srcs = inputs(5)
     want = reference(srcs, "float32", "sum")
 
     async def body():
         async with Pair("loop") as pair:
-            await pair.through(DropLast(direction=DOWN, tag=1))
-            for tag in (1, 2):  # the call short of a frame, then the first call of the next epoch
+            await pair.through(Drop(direction=DOWN, n=0, kind=F.FIN))
+            for tag in (1, 2):  # the FIN-less call, then the first call of the next epoch
                 await pair.epoch_up()
                 dsts, res = await pair.reduce(srcs, tag=tag, timeout=1.5)
                 never_wrong(dsts, res, want)

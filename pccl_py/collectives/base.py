@@ -5,12 +5,6 @@ sends, ``on_data(src, header, conn)`` says where an incoming payload goes (an ``
 and the collective calls ``data_complete()`` once its local result is final. It then
 sends FIN to every peer and succeeds only when every peer's FIN has arrived, so a call
 never succeeds on one peer while another is still missing data.
-
-Between two peers there is no FIN round: a call succeeds once its data is in and every
-frame it sent has left this process. Whatever is last in flight (our last data, or our
-FIN) leaves the same window in which a broken link fails the call on one peer only, so
-the FIN would only move that window, at the cost of one more one-way delay per call
-(docs/dataplane.md, "Agreement and failures").
 """
 
 from __future__ import annotations
@@ -59,10 +53,6 @@ class Link(Protocol):
     def fail_here(self, op: Collective, exc: PcclError) -> None:
         """Fail ``op`` because of something that happened on this peer, and tell the others."""
 
-    def when_sent(self, op: Collective, then) -> None:
-        """``then()`` once every frame ``op`` has sent so far has left this process (none is
-        read from its memory any more), or its link is gone; never if ``op`` ends first."""
-
 
 class Rx:
     """Where one incoming payload goes: fill ``view``; ``progress(got)`` after each read
@@ -85,11 +75,6 @@ class Collective:
 
     name = "collective"
     agree = True  # the FIN round: succeed only once every peer confirmed it has all its data
-    pair_agree = False  # keep the FIN round with two peers too (see the module's docstring)
-    # a tiny call: a peer's one frame, sent whole at post time from a copy, is all this call
-    # needs from it; frames held for it may be applied before it starts, and it succeeds
-    # as soon as it holds them (docs/dataplane.md, "Agreement and failures")
-    one_frame = False
 
     def __init__(self, link: Link, *, tag: int, attempt: int, desc: int, loop: asyncio.AbstractEventLoop):
         self.link = link
@@ -105,8 +90,6 @@ class Collective:
         self.rx_bytes = 0
         self.tx_logical = 0
         self.rx_logical = 0
-        if link.world == 2 and not self.pair_agree:
-            self.agree = False
 
     # -- to implement ---------------------------------------------------------------------
     def start(self) -> None:
@@ -148,11 +131,8 @@ class Collective:
         if self.data_done or self.done:
             return
         self.data_done = True
-        if self.one_frame:
-            self._succeed()
-            return
-        if not self.agree and (self.tx_bytes or self.rx_bytes):  # an empty call's FIN is its only message
-            self.link.when_sent(self, self._succeed)
+        if not self.agree:
+            self.future.set_result(self.result())
             return
         lk = self.link
         for r in range(lk.world):
@@ -199,11 +179,7 @@ class Collective:
             self._maybe_succeed()
 
     def _maybe_succeed(self) -> None:
-        if self.data_done and len(self._fins) == self.link.world - 1:
-            self._succeed()
-
-    def _succeed(self) -> None:
-        if not self.done:
+        if self.data_done and len(self._fins) == self.link.world - 1 and not self.done:
             self.future.set_result(self.result())
 
     def result(self):

@@ -4,11 +4,10 @@ Every peer sends its whole input to every other peer; each peer then reduces the
 contributions in rank order 0, 1, ..., N-1. All peers run the same sequence of
 elementwise operations on the same bytes, so all end with identical bits. Cost: each
 peer sends (N-1) x size, so ``algorithm="auto"`` uses it only below the measured
-crossover; latency is one hop plus (from three peers up) the FIN round, or one hop alone
-for a call of at most ``frames.TINY_BYTES``: its one frame per peer is the last thing
-each peer sends, so a FIN after it would not narrow the window in which a broken link
-leaves one peer done and another failed (the counted tags catch that case either way,
-see ``pccl_py/daemon/tags.py``).
+crossover; latency is one hop plus the FIN round, or one hop alone for a call of at most
+``frames.TINY_BYTES``: its one frame per peer is the last thing each peer sends, so a FIN
+after it would not narrow the window in which a broken link leaves one peer done and
+another failed (the counted tags catch that case either way, see ``pccl_py/daemon/tags.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +31,13 @@ class DirectAllReduce(Collective):
         self.slots = memoryview(bytearray(w * self.nbytes))
         me = link.rank
         self.slot(me)[:] = src
-        if 0 < self.nbytes <= F.TINY_BYTES:
-            self.agree = False
-            self.one_frame = True
+        self.agree = not 0 < self.nbytes <= F.TINY_BYTES
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
 
     def needs(self, rank: int) -> bool:
-        if self.one_frame:
-            return rank in self._remaining  # once its frame is in, nothing more
-        return super().needs(rank)  # its FIN, or (two peers) until this call has ended
+        if self.agree:
+            return super().needs(rank)
+        return rank in self._remaining  # no FIN round: once its frame is in, nothing more
 
     def slot(self, r: int):
         return self.slots[r * self.nbytes:(r + 1) * self.nbytes]
@@ -54,7 +51,7 @@ class DirectAllReduce(Collective):
             if r == lk.rank or not self.nbytes:
                 continue
             k = lk.nstreams(r)
-            parts = 1 if self.one_frame else max(1, min(k, self.nbytes // self.min_stripe))
+            parts = max(1, min(k, self.nbytes // self.min_stripe)) if self.agree else 1
             bd = split(self.nbytes // it, parts)
             for s in range(parts):
                 a, b = bd[s] * it, bd[s + 1] * it
@@ -105,7 +102,6 @@ class RootedAllReduce(Collective):
 
     name = "direct"
     agree = False
-    one_frame = True
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, **kw):
         super().__init__(link, **kw)

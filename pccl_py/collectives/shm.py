@@ -239,7 +239,6 @@ def _close_lease(seg: shared_memory.SharedMemory) -> None:
 
 class ShmAllReduce(Collective):
     name = "shm"
-    pair_agree = True  # its arrival mask and FIN_ALL agree, two peers or more
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, refs: tuple, ctx: ShmContext,
                  loop, **kw):

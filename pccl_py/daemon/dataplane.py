@@ -125,9 +125,6 @@ TURNED_AWAY_BACKOFF = Backoff(initial=0.05, maximum=0.5, factor=2.0, jitter=0.2)
 # links still holding its frames then are closed): the caller may reuse that memory then,
 # and a frame sent from changed memory would fail its integrity check at the peer.
 FLUSH_GRACE = 1.0
-# _when_sent looks again at once (the next turn of the loop, after its I/O: on a fast link
-# the last bytes are written there), then after pauses doubling from 50 us up to this
-SENT_POLL = 0.0005
 _SAME_HOST_CONNECT = 1.0  # a same-host listener answers at once; beyond this, try TCP
 
 
@@ -656,13 +653,12 @@ class DataPlane:
         return v
 
     def _tell_diverged(self, h: F.Header, pid: str) -> None:
-        """``pid`` runs a call this peer completed: it failed that call (our last frame to
-        it, a FIN or between two peers the last data, was lost) and retries it, while this
-        peer went on. Pairing the retry with our next call would mix two steps, so the retry
-        fails there with ``Diverged``, and that peer's next call takes the tag after it: it
-        pairs with our next call, which keeps running."""
+        """``pid`` runs a call this peer completed: it failed that call (its last FIN was
+        lost) and retries it, while this peer went on. Pairing the retry with our next call
+        would mix two steps, so the retry fails there with ``Diverged``, and that peer's
+        next call takes the tag after it: it pairs with our next call, which keeps running."""
         text = (f"peers diverged: peer {pid} retries a call (tag {h.tag}) that peer {self.peer_id} completed, "
-                f"because one of them lost the other's last frame; the caller's state lacks that call's "
+                f"because one of them lost the other's confirmation; the caller's state lacks that call's "
                 f"result. Bring the peers in step again (sync_shared_state)")
         self._tell(pid, F.encode_error(h.group, h.epoch, h.tag, h.attempt, F.ERR_DIVERGED, text, h.desc))
 
@@ -899,44 +895,6 @@ class DataPlane:
 
         poll()
 
-    def _when_sent(self, coll: Collective, then: Callable[[], None]) -> None:
-        """``then()`` once every frame ``coll`` has sent has left this process: none waits in
-        a link's queue or a stream's backlog, and the transports have written what they
-        held then (Stream.sent). Until then its frames may be read from the caller's
-        memory. A stream closed meanwhile is not sent (it may have dropped them): its link
-        is being lost, which fails the call (it ``needs`` the peer until it ends); a call
-        that ends stops the wait. Usually true at once: the last frames out were sent
-        before the last ones in arrived."""
-        key = F.call_key(coll.link.epoch, coll.tag, coll.attempt)
-        peers = [p for pid in coll.link.ids if (p := self._peers.get(pid)) is not None]
-        marks: list | None = None
-        pause = 0.0
-
-        def again() -> None:
-            nonlocal pause
-            if pause:
-                self._loop.call_later(pause, poll)
-            else:
-                self._loop.call_soon(poll)
-            pause = min(SENT_POLL, max(5e-5, 2 * pause))
-
-        def poll() -> None:
-            nonlocal marks
-            if coll.done:
-                return
-            if marks is None:
-                if any(p.holds(key) for p in peers):
-                    again()
-                    return
-                marks = [(c, c.mark()) for p in peers for c in p.conns if c is not None]
-            marks = [(c, m) for c, m in marks if not c.sent(m)]
-            if marks:
-                again()
-                return
-            then()
-
-        poll()
-
     def _launch(self, make, tag: int, timeout: float, what: str) -> Collective:
         """Post a collective: it starts (or fails) now; ``_settle`` it once its future is done."""
         view = self._view
@@ -947,9 +905,9 @@ class DataPlane:
                                                     if (p := self._peers.get(pid)) is not None}) \
                 if len(self._ops) == 1 else None
         lost = [pid for pid in view.ids if pid in self._lost]
-        if coll.one_frame:
-            # A tiny call: a lost peer's frame held here is all this call needs from it:
-            # the peers that had posted the call before it went completed with it.
+        if not coll.agree:
+            # Without a FIN round, a lost peer's frame held here is all this call needs from
+            # it: the peers that had posted the call before it went completed with it.
             self._apply_held(coll)
             lost = [pid for pid in lost if coll.needs(view.ids.index(pid))]
         if lost:
@@ -986,9 +944,7 @@ class DataPlane:
     def _deadline(self, coll: Collective, timeout: float, what: str) -> None:
         missing = [coll.link.ids[r] for r in range(coll.link.world)
                    if r != coll.link.rank and r not in coll._fins]
-        fin = coll.agree or not (coll.tx_bytes or coll.rx_bytes)  # (an empty call keeps its FIN)
-        state = ("data incomplete" if not coll.data_done else "waiting for FIN from " + ", ".join(missing)
-                 if fin else "its frames still unsent")
+        state = "waiting for FIN from " + ", ".join(missing) if coll.data_done else "data incomplete"
         self._fail_op(coll, DeadlineExceeded(f"{what} did not finish within {timeout}s ({state})"), tell_peers=True)
 
     # -- control frames for ops not posted yet ------------------------------------------------

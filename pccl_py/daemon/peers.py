@@ -117,13 +117,6 @@ class PeerStreams:
             if c is not None:
                 c.purge(key)
 
-    def holds(self, key: bytes) -> bool:
-        """Whether a frame of the call ``key`` (its header's epoch, tag and attempt bytes)
-        still waits here or in a stream's backlog, not yet written to any transport."""
-        return any(x[1][F.CALL_KEY_AT] == key for x in self._queue) or \
-            any(x[0][F.CALL_KEY_AT] == key for x in self._spread) or \
-            any(c.holds(key) for c in self.conns if c is not None)
-
     def send(self, stream: int, header: bytes, payload) -> None:
         if self.lost is not None:
             return
@@ -209,6 +202,3 @@ class GroupView:
 
     def fail_here(self, op, exc) -> None:
         self.dp._fail_op(op, exc, tell_peers=True)
-
-    def when_sent(self, op, then) -> None:
-        self.dp._when_sent(op, then)

@@ -715,18 +715,8 @@ class Stream(asyncio.BufferedProtocol):
     def flushed(self, mark: tuple[int, int]) -> bool:
         """Every byte written up to ``mark`` is in the kernel (none will be read from the
         memory it came from any more), or the stream is closed (none will be sent)."""
-        return self._ended() or self._out(mark)
-
-    def sent(self, mark: tuple[int, int]) -> bool:
-        """Every byte written up to ``mark`` is in the kernel and the stream is open: a
-        stream closed (or closing) may have dropped what it held, so the peer may lack it
-        (its link is about to be lost)."""
-        return not self._ended() and self._out(mark)
-
-    def _ended(self) -> bool:
-        return self._state == _CLOSED or self.transport is None or self.transport.is_closing()
-
-    def _out(self, mark: tuple[int, int]) -> bool:
+        if self._state == _CLOSED or self.transport is None or self.transport.is_closing():
+            return True
         return self._written - self.transport.get_write_buffer_size() >= mark[0] and self._jobs[1] >= mark[1]
 
     def _pumped_out(self, err: BaseException | None) -> None:
@@ -752,10 +742,6 @@ class Stream(asyncio.BufferedProtocol):
         """Withdraw queued frames whose (epoch, tag, attempt) header bytes equal ``key``."""
         if self._backlog:
             self._backlog = collections.deque(x for x in self._backlog if x[0][F.CALL_KEY_AT] != key)
-
-    def holds(self, key: bytes) -> bool:
-        """Whether a frame of the call ``key`` waits in the backlog."""
-        return any(x[0][F.CALL_KEY_AT] == key for x in self._backlog)
 
     def _begin_frame(self, seal, header: bytes) -> bytes:
         """Start the frame's seal; the header as it goes out. An encrypting seal takes the

@@ -61,8 +61,7 @@ MAGIC = b"PCDP"
 # of an older daemon would not match one of this version
 # 6: frames carry a 16-byte tag (transport/seal.py); HELLO's former padding byte says so
 # 7: PROBE / PROBE_ACK (bandwidth probes: filler bytes, and their receipt)
-# 8: a call between two peers has no FIN round (collectives/base.py)
-WIRE_VERSION = 8
+WIRE_VERSION = 7
 
 # frame kinds
 DATA = 1
