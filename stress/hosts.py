@@ -232,14 +232,14 @@ def run_ours(hosts: Hosts, n: int, sizes: list[int], repeat: int, streams: int |
                     for x in xs:
                         x[:] = 1.0
                     res = list(ex.map(one, range(n)))
-                    # the slowest peer's: the group's step (peers without a FIN round, two of
-                    # them, return when their own data is in, not together)
+                    # the slowest peer's: the group's step (peers return up to a one-way
+                    # delay apart, and a peer returning early does not make the step shorter)
                     times.append(max(t for t, _ in res))
                     info = res[0][1]
-                    # a sample between calls, every element after the last: a full check
-                    # takes longer than a long path's retransmission timeout (0.2 s per 16M
-                    # on 2 cores), and a link idle that long restarts slow start, so the
-                    # calls would no longer be back to back
+                    # a sample between calls, every element after the last: on 2 cores a
+                    # full check of 16M elements takes longer than a long path's
+                    # retransmission timeout, and a link idle that long restarts slow start,
+                    # so the calls would no longer be back to back
                     if not all(np.allclose(x[::4099], n, rtol=0.02) for x in xs):
                         raise AssertionError(f"wrong all-reduce result at {count} elements")
                 if not all(np.allclose(x, n, rtol=0.02) for x in xs):
