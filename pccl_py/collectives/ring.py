@@ -109,10 +109,11 @@ class RingAllReduce(Collective):
         if self._units == 0:
             self.data_complete()
 
-    def _send_range(self, t: int, a: int, b: int, buf=None) -> None:
+    def _send_range(self, t: int, a: int, b: int, buf=None, parts: int | None = None) -> None:
         it = self.item
         buf = self.dst if buf is None or self.inplace else buf
-        for x, y in self.plan.stripes(a, b, self.link.nstreams(self.right)):
+        k = self.link.nstreams(self.right) if parts is None else max(1, parts)
+        for x, y in self.plan.stripes(a, b, k):
             self.send_data(self.right, SPREAD, t, x * it, buf[x * it:y * it], (y - x) * it)
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
@@ -132,25 +133,29 @@ class RingAllReduce(Collective):
         self.count_rx(h, h.length)
         dst = self.dst[h.offset:h.offset + h.length]
         if h.step >= plan.world - 1:  # all-gather: straight into dst
-            return Rx(dst, None, lambda: self._got(key, h.length))
+            return Rx(dst, None, lambda: self._got(key, h.offset, h.length))
         if self.inplace:
-            return _ReduceRx(self, dst, conn.staging(h.length), key, h.length).rx()
-        return _ReduceRx(self, dst, self.src[h.offset:h.offset + h.length], key, h.length).rx_in_place()
+            return _ReduceRx(self, dst, conn.staging(h.length), key, h.offset, h.length).rx()
+        return _ReduceRx(self, dst, self.src[h.offset:h.offset + h.length], key, h.offset, h.length).rx_in_place()
 
-    def _got(self, key: tuple[int, int], n: int) -> None:
+    def _got(self, key: tuple[int, int], offset: int, n: int) -> None:
+        """Bytes [offset, offset + n) of step t's sub-chunk j are in (and reduced): forward
+        them at step t + 1 now, not once the whole sub-chunk is in, so that a stream held up
+        by loss recovery holds up only what it carries."""
         if self.done:  # failed while this stripe came in: nothing more goes out
             return
+        t = key[0]
+        plan, it = self.plan, self.item
+        if t == plan.world - 2 and self.op == "avg":
+            K.finish_avg(self.dst[offset:offset + n], plan.world, self.dtype)
+        if t + 1 < plan.steps:
+            a = offset // it
+            self._send_range(t + 1, a, a + n // it, parts=-(-self.link.nstreams(self.right) * n // it
+                                                            // plan.sub_elems))
         left = self._remaining[key] - n
         self._remaining[key] = left
         if left:
             return
-        t, j = key
-        plan = self.plan
-        a, b = plan.subs(plan.recv_chunk(t))[j]
-        if t == plan.world - 2 and self.op == "avg":
-            K.finish_avg(self.dst[a * self.item:b * self.item], plan.world, self.dtype)
-        if t + 1 < plan.steps:
-            self._send_range(t + 1, a, b)
         self._units -= 1
         if self._units == 0:
             self.data_complete()
@@ -161,10 +166,11 @@ class _ReduceRx:
     ``dst (op)= src`` (``other`` is the local input), or into staging, then
     ``dst (op)= staging`` (``other`` is the staging buffer; in-place calls)."""
 
-    __slots__ = ("ring", "dst", "stg", "key", "n", "done")
+    __slots__ = ("ring", "dst", "stg", "key", "offset", "n", "done")
 
-    def __init__(self, ring: RingAllReduce, dst, other, key, n: int):
-        self.ring, self.dst, self.stg, self.key, self.n, self.done = ring, dst, other, key, n, 0
+    def __init__(self, ring: RingAllReduce, dst, other, key, offset: int, n: int):
+        self.ring, self.dst, self.stg, self.key, self.offset, self.n = ring, dst, other, key, offset, n
+        self.done = 0
 
     def rx(self) -> Rx:
         return Rx(self.stg, self.progress, self.finish, self)
@@ -188,4 +194,4 @@ class _ReduceRx:
             r = self.ring
             K.reduce(self.dst[self.done:self.n], self.stg[self.done:self.n], r.kop, r.dtype)
             self.done = self.n
-        self.ring._got(self.key, self.n)
+        self.ring._got(self.key, self.offset, self.n)
