@@ -1,15 +1,19 @@
 """Ring all-reduce: reduce-scatter then all-gather, pipelined in sub-chunks, striped.
 
 The buffer is cut into N chunks; each chunk is cut into sub-chunks (about 1/``depth`` of
-a chunk, clamped to [``min_sub_bytes``, ``sub_bytes``]); a sub-chunk travels as up to K
-stripes of at least ``min_stripe`` bytes, which take the K streams in turn. At step t
+a chunk, clamped to [``min_sub_bytes``, ``sub_bytes``]); step 0 sends a sub-chunk as
+max(1, min(K, sub // ``min_stripe``)) stripes, each a frame that goes to whichever of the
+link's K streams has sent what it was given (``SPREAD``). At step t
 (0 <= t < 2(N-1)) rank r sends chunk (r - t) mod N to its right neighbour and receives
 chunk (r - t - 1) mod N from its left one. Steps t < N-1 reduce the received stripes into ``dst``
 (reduce-scatter); steps t >= N-1 write them straight into ``dst`` (all-gather).
 
-There is no barrier between steps: the moment sub-chunk j of step t is complete it is
-forwarded as sub-chunk j of step t+1 (the chunk received at step t is the one sent at
-step t+1). After the last reduce-scatter step rank r owns chunk (r + 1) mod N fully
+There is no barrier between steps: the moment a stripe of step t is in (and reduced) its
+bytes are forwarded at step t+1 (the chunk received at step t is the one sent at step
+t+1), as they came or split again where the sender striped more coarsely than this side
+would; a sub-chunk is complete (counted) once all its bytes are in. Forwarding stripe by
+stripe keeps one stream's loss recovery from holding up what the others brought. After
+the last reduce-scatter step rank r owns chunk (r + 1) mod N fully
 reduced; for ``avg`` it divides it there, once, before forwarding, so every peer ends
 with the owner's bytes (bit parity).
 
@@ -144,14 +148,13 @@ class RingAllReduce(Collective):
         by loss recovery holds up only what it carries."""
         if self.done:  # failed while this stripe came in: nothing more goes out
             return
-        t = key[0]
+        t, j = key
         plan, it = self.plan, self.item
         if t == plan.world - 2 and self.op == "avg":
             K.finish_avg(self.dst[offset:offset + n], plan.world, self.dtype)
-        if t + 1 < plan.steps:
-            a = offset // it
-            self._send_range(t + 1, a, a + n // it, parts=-(-self.link.nstreams(self.right) * n // it
-                                                            // plan.sub_elems))
+        if t + 1 < plan.steps:  # as many pieces as its share of the sub-chunk would be striped into
+            a, sa, sb = offset // it, *plan.subs(plan.recv_chunk(t))[j]
+            self._send_range(t + 1, a, a + n // it, parts=-(-self.link.nstreams(self.right) * (n // it) // (sb - sa)))
         left = self._remaining[key] - n
         self._remaining[key] = left
         if left:

@@ -66,8 +66,10 @@ class DataPlaneConfig:
     sub_bytes: int = 4 << 20
     min_sub_bytes: int = 256 << 10
     pipeline_depth: int = 8
-    # a sub-chunk is striped over at most sub/min_stripe streams. Small stripes spread the
-    # forwarded (all-gather) data thinly over many streams, each of which then runs dry
+    # a ring sub-chunk is striped over at most sub/min_stripe streams (a direct exchange over
+    # nbytes/min_stripe). Not in the call's descriptor, but every peer should use the same:
+    # a ring forwards stripes as the peer that started them cut them. Small stripes spread
+    # the forwarded (all-gather) data thinly over many streams, each of which then runs dry
     # between stripes: Linux marks such a flow application-limited and bbr, ignoring those
     # rounds, stays in startup and overfills the bottleneck (256 KiB: 19% of segments
     # resent on a 100 ms path with 16 streams; 2 MiB: 0.5%; dataplane.md)
