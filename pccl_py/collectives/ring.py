@@ -116,8 +116,7 @@ class RingAllReduce(Collective):
     def _send_range(self, t: int, a: int, b: int, buf=None, parts: int | None = None) -> None:
         it = self.item
         buf = self.dst if buf is None or self.inplace else buf
-        k = self.link.nstreams(self.right) if parts is None else max(1, parts)
-        for x, y in self.plan.stripes(a, b, k):
+        for x, y in self.plan.stripes(a, b, parts or self.link.nstreams(self.right)):
             self.send_data(self.right, SPREAD, t, x * it, buf[x * it:y * it], (y - x) * it)
 
     def on_data(self, src: int, h: F.Header, conn) -> Rx:
@@ -152,9 +151,12 @@ class RingAllReduce(Collective):
         plan, it = self.plan, self.item
         if t == plan.world - 2 and self.op == "avg":
             K.finish_avg(self.dst[offset:offset + n], plan.world, self.dtype)
-        if t + 1 < plan.steps:  # as many pieces as its share of the sub-chunk would be striped into
-            a, sa, sb = offset // it, *plan.subs(plan.recv_chunk(t))[j]
-            self._send_range(t + 1, a, a + n // it, parts=-(-self.link.nstreams(self.right) * (n // it) // (sb - sa)))
+        if t + 1 < plan.steps:
+            a, b = offset // it, (offset + n) // it
+            sa, sb = plan.subs(plan.recv_chunk(t))[j]
+            # in as many pieces as its share of the sub-chunk would be striped into (at least 1)
+            parts = -(-self.link.nstreams(self.right) * (b - a) // (sb - sa))
+            self._send_range(t + 1, a, b, parts=parts)
         left = self._remaining[key] - n
         self._remaining[key] = left
         if left:
