@@ -7,6 +7,7 @@ PeerLost (never a wrong result, never a touched input)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import fakenet
 import numpy as np
@@ -14,12 +15,12 @@ import pytest
 from fakenet import FakeNet
 from test_dataplane import reference as dp_reference
 
-from pccl_py.collectives.base import SPREAD
+from pccl_py.collectives.base import SPREAD, Claims
 from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
 from pccl_py.collectives.ring import RingAllReduce
-from pccl_py.errors import Aborted, PeerLost
+from pccl_py.errors import Aborted, PeerLost, ProtocolError
 from pccl_py.wire import frames as F
 
 DESC = 1234
@@ -215,3 +216,55 @@ def test_a_stripe_that_completes_after_the_call_failed_is_not_forwarded():
     rx.finish()
     assert sent == []
     net.close()
+
+
+def _first_frame(net, src, dst):
+    key = next(k for k, q in net.queues.items() if k[:2] == (src, dst) and q)
+    return net.queues[key][0]
+
+
+@pytest.mark.parametrize("make,part", [(ring, "same"), (ring, "tail"), (ring, "head"), (direct, "same"),
+                                       (direct, "tail"), (direct, "head"), (rooted, "same")])
+def test_a_frame_overlapping_one_still_arriving_is_refused(make, part):
+    """Bytes are claimed when a frame's header arrives, so a peer that sends a range again
+    (whole, or a part of it) while the first copy is still coming in on another stream is
+    refused at once: counting only finished bytes would let both through, and the call would
+    end with some bytes reduced twice and others never received."""
+    world, count = 2, 3000
+    srcs = inputs(world, count, 3)
+    dsts = [np.zeros(count, np.float32) for _ in range(world)]
+    net = FakeNet(world, streams=2, seed=1)
+    colls = net.start(make(srcs, dsts))
+    h = F.decode_header(_first_frame(net, 1, 0)[0])
+    assert h.length > 8
+    colls[0].on_data(1, h, fakenet._Conn)  # the first copy: accepted, and not yet finished
+    again = {"same": h, "tail": dataclasses.replace(h, offset=h.offset + 4, length=h.length - 4),
+             "head": dataclasses.replace(h, length=h.length - 4)}[part]
+    with pytest.raises(ProtocolError, match="repeats|unexpected"):
+        colls[0].on_data(1, again, fakenet._Conn)
+    net.close()
+
+
+def test_claims_refuse_every_overlap_and_merge_neighbours():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        c, taken = Claims(), np.zeros(64, bool)
+        for _ in range(40):
+            a = int(rng.integers(0, 63))
+            b = int(rng.integers(a + 1, 65))
+            ok = c.claim(a, b)
+            assert ok == (not taken[a:b].any()), (a, b)
+            if ok:
+                taken[a:b] = True
+        # what is claimed is exactly the union, held as maximal disjoint ranges
+        want, i = [], 0
+        while i < 64:
+            if taken[i]:
+                j = i
+                while j < 64 and taken[j]:
+                    j += 1
+                want.append((i, j))
+                i = j
+            else:
+                i += 1
+        assert list(zip(c._lo, c._hi)) == want

@@ -10,6 +10,7 @@ never succeeds on one peer while another is still missing data.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from typing import Protocol
 
 from pccl_py.errors import (
@@ -34,6 +35,36 @@ def split(n: int, parts: int) -> list[int]:
 def pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     """[start, stop) cut into consecutive pieces of at most ``size`` (size >= 1)."""
     return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
+class Claims:
+    """The byte ranges of one region that frames have claimed so far, merged and sorted. A
+    frame is checked when its header arrives, not when its payload is in, so two frames in
+    flight at once that overlap are caught too: a peer may split a region as it likes but
+    may not send a byte of it twice."""
+
+    __slots__ = ("_lo", "_hi")
+
+    def __init__(self):
+        self._lo: list[int] = []  # starts of the claimed ranges, ascending
+        self._hi: list[int] = []  # their ends
+
+    def claim(self, a: int, b: int) -> bool:
+        """Claim [a, b) (a < b): False, claiming nothing, if it overlaps a claimed range."""
+        i = bisect_right(self._lo, a)
+        if (i and self._hi[i - 1] > a) or (i < len(self._lo) and self._lo[i] < b):
+            return False
+        # merge with a neighbour that touches it, so a region claimed stripe by stripe stays short
+        if i and self._hi[i - 1] == a:
+            i -= 1
+            a = self._lo[i]
+            del self._lo[i], self._hi[i]
+        if i < len(self._lo) and self._lo[i] == b:
+            b = self._hi[i]
+            del self._lo[i], self._hi[i]
+        self._lo.insert(i, a)
+        self._hi.insert(i, b)
+        return True
 
 
 class Link(Protocol):

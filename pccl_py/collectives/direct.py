@@ -13,7 +13,7 @@ another failed (the counted tags catch that case either way, see ``pccl_py/daemo
 from __future__ import annotations
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import Collective, Rx, expect, split
+from pccl_py.collectives.base import Claims, Collective, Rx, expect, split
 from pccl_py.wire import frames as F
 
 
@@ -33,6 +33,7 @@ class DirectAllReduce(Collective):
         self.slot(me)[:] = src
         self.agree = not 0 < self.nbytes <= F.TINY_BYTES
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
+        self._claims = {r: Claims() for r in self._remaining}
 
     def needs(self, rank: int) -> bool:
         if self.agree:
@@ -63,8 +64,8 @@ class DirectAllReduce(Collective):
         self.check_desc(src, h)
         expect(h.step == 0 and h.quant == F.QUANT_NONE, "unexpected direct all-reduce frame")
         F.check_range(h, 0, self.nbytes, self.item)
-        left = self._remaining.get(src, 0)
-        expect(0 < h.length <= left, f"direct all-reduce: {h.length} more bytes from rank {src} than expected")
+        expect(h.length > 0 and src in self._claims and self._claims[src].claim(h.offset, h.offset + h.length),
+               f"direct all-reduce: frame [{h.offset}, +{h.length}) from rank {src} repeats bytes it already sent")
         self.count_rx(h, h.length)
         view = self.slot(src)[h.offset:h.offset + h.length]
 
@@ -110,6 +111,7 @@ class RootedAllReduce(Collective):
         self.nbytes = count * self.item
         self.dst = dst
         w = link.world
+        self._heard: set[int] = set()
         if link.rank == 0:
             self.slots = memoryview(bytearray(w * self.nbytes))
             self.slots[:self.nbytes] = src
@@ -133,8 +135,9 @@ class RootedAllReduce(Collective):
         self.check_desc(src, h)
         me = self.link.rank
         expect(h.quant == F.QUANT_NONE and h.offset == 0 and h.length == self.nbytes, "bad rooted all-reduce frame")
-        expect(src in self._remaining and h.step == (0 if me == 0 else 1) and (me == 0 or src == 0),
-               f"rooted all-reduce: unexpected frame (step {h.step}) from rank {src}")
+        expect(src in self._remaining and src not in self._heard and h.step == (0 if me == 0 else 1)
+               and (me == 0 or src == 0), f"rooted all-reduce: unexpected frame (step {h.step}) from rank {src}")
+        self._heard.add(src)  # at the header: a second frame while the first is still arriving is refused too
         self.count_rx(h, h.length)
         if me == 0:
             return Rx(self.slots[src * self.nbytes:(src + 1) * self.nbytes], None, lambda: self._got(src))

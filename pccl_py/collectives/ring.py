@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import SPREAD, Collective, Rx, pieces, split
+from pccl_py.collectives.base import SPREAD, Claims, Collective, Rx, pieces, split
 from pccl_py.errors import ProtocolError
 from pccl_py.wire import frames as F
 
@@ -96,10 +96,12 @@ class RingAllReduce(Collective):
         self.right = (link.rank + 1) % link.world
         # remaining bytes per (step, sub index) still to arrive
         self._remaining: dict[tuple[int, int], int] = {}
+        self._claims: dict[tuple[int, int], Claims] = {}
         self._units = 0
         for t in range(self.plan.steps):
             for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
                 self._remaining[(t, j)] = (b - a) * self.item
+                self._claims[(t, j)] = Claims()
                 self._units += 1
         if self.inplace:
             s8, d8 = np.frombuffer(src, np.uint8), np.frombuffer(dst, np.uint8)
@@ -129,10 +131,12 @@ class RingAllReduce(Collective):
         F.check_range(h, a * it, b * it, it)
         j = (h.offset // it - a) // plan.sub_elems
         key = (h.step, j)
-        left = self._remaining.get(key, 0)
         sa = a + j * plan.sub_elems
-        if left < h.length or h.offset + h.length > min(b, sa + plan.sub_elems) * it:
+        if h.offset + h.length > min(b, sa + plan.sub_elems) * it:
             raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) overruns sub-chunk {j} of step {h.step}")
+        if not self._claims[key].claim(h.offset, h.offset + h.length):
+            raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) of step {h.step} repeats bytes "
+                                f"rank {src} already sent")
         self.count_rx(h, h.length)
         dst = self.dst[h.offset:h.offset + h.length]
         if h.step >= plan.world - 1:  # all-gather: straight into dst
