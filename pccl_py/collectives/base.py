@@ -66,6 +66,11 @@ class Claims:
         self._hi.insert(i, b)
         return True
 
+    def covers(self, a: int, b: int) -> bool:
+        """Whether [a, b) lies inside what was claimed."""
+        i = bisect_right(self._lo, a) - 1
+        return i >= 0 and self._hi[i] >= b
+
 
 class Link(Protocol):
     """What a collective needs from the data plane (one group, one epoch)."""
@@ -106,6 +111,9 @@ class Collective:
 
     name = "collective"
     agree = True  # the FIN round: succeed only once every peer confirmed it has all its data
+    # whether one peer's FIN_ALL stands for every peer's FIN: only in a call whose peers send
+    # it (``complete_all``); in any other it counts as its sender's FIN alone
+    fin_all = False
 
     def __init__(self, link: Link, *, tag: int, attempt: int, desc: int, loop: asyncio.AbstractEventLoop):
         self.link = link
@@ -200,10 +208,10 @@ class Collective:
         self._maybe_succeed()
 
     def on_fin(self, src: int, step: int = 0) -> None:
-        """A FIN from ``src``; with step FIN_ALL, ``src`` knows every peer has all its data
-        (only collectives that send it, ``complete_all``, wait for one)."""
+        """A FIN from ``src``; with step FIN_ALL, in a call that sends them (``fin_all``),
+        ``src`` knows every peer has all its data."""
         self.rx_bytes += F.HEADER_SIZE
-        if step == F.FIN_ALL:
+        if step == F.FIN_ALL and self.fin_all:
             self.all_done()
         else:
             self._fins.add(src)

@@ -238,6 +238,7 @@ def _close_lease(seg: shared_memory.SharedMemory) -> None:
 
 
 class ShmAllReduce(Collective):
+    fin_all = True
     name = "shm"
 
     def __init__(self, link, *, src, dst, dtype: str, op: str, count: int, refs: tuple, ctx: ShmContext,
