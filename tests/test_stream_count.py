@@ -209,6 +209,19 @@ def test_from_a_long_start_fewer_streams_are_kept_when_they_do_as_well():
     assert "at most -5% allowed): settled at 8" in [d for d in ds if d.action == GROW][-1].reason
 
 
+def test_going_down_small_drops_do_not_add_up():
+    """Each halving is judged against the best rate of the way down, not the K just before:
+    16 -> 8 loses 4 % (noise, kept), 8 -> 4 another 4 %, 8 % below 16 in all: settle at 8."""
+    rates = {16: 1.0e9, 8: 0.96e9, 4: 0.92e9}
+    sc, ds = drive_from_round_trip(lambda k, i: rates[k], StreamCountConfig(), 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4), (GROW, 8)] and sc.streams("b") == 8
+    assert "-8% against the best so far, 8.00 Gbit/s" in [d for d in ds if d.action == GROW][-1].reason
+    # a K that does better than the one before raises the bar for the next
+    rates = {16: 0.72e9, 8: 0.85e9, 4: 0.82e9}
+    sc, ds = drive_from_round_trip(lambda k, i: rates[k], StreamCountConfig(), 40)
+    assert moves(ds) == [(GROW, 16), (SHRINK, 8), (SHRINK, 4)] and sc.streams("b") == 4
+
+
 def test_from_a_long_start_a_policed_path_keeps_its_streams():
     # each flow capped at 1/16 of the link: halving the streams halves the rate
     link = 1.25e8
