@@ -64,7 +64,8 @@ class DirectAllReduce(Collective):
         self.check_desc(src, h)
         expect(h.step == 0 and h.quant == F.QUANT_NONE, "unexpected direct all-reduce frame")
         F.check_range(h, 0, self.nbytes, self.item)
-        expect(h.length > 0 and src in self._claims and self._claims[src].claim(h.offset, h.offset + h.length),
+        expect(h.length > 0 and src in self._claims, f"direct all-reduce: unexpected frame from rank {src}")
+        expect(self._claims[src].claim(h.offset, h.offset + h.length),
                f"direct all-reduce: frame [{h.offset}, +{h.length}) from rank {src} repeats bytes it already sent")
         self.count_rx(h, h.length)
         view = self.slot(src)[h.offset:h.offset + h.length]

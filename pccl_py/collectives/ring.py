@@ -12,7 +12,10 @@ There is no barrier between steps: the moment a stripe of step t is in (and redu
 bytes are forwarded at step t+1 (the chunk received at step t is the one sent at step
 t+1), as they came or split again where the sender striped more coarsely than this side
 would; a sub-chunk is complete (counted) once all its bytes are in. Forwarding stripe by
-stripe keeps one stream's loss recovery from holding up what the others brought. After
+stripe keeps one stream's loss recovery from holding up what the others brought. A frame
+may not repeat a byte of its step that an earlier frame brought, and an all-gather frame is
+taken only for bytes this peer has already forwarded at the reduce-scatter step that
+received the same chunk (no honest neighbour has them sooner). After
 the last reduce-scatter step rank r owns chunk (r + 1) mod N fully
 reduced; for ``avg`` it divides it there, once, before forwarding, so every peer ends
 with the owner's bytes (bit parity).

@@ -12,11 +12,12 @@ The search, per link:
   window moves less the longer the path, and a DiLoCo trainer, which all-reduces once per
   outer step, cannot spend a dozen steps finding the count. From such a start the search
   goes down first: it halves K while the median rate stays within ``shed`` (5 %) of the
-  best K measured on the way down (not of the K just before: two drops of 4 % would
-  otherwise add up, and on a 100 ms path a noisy sample at 8 streams let 4 through at 61 %
-  of the link against 89 %) and settles at the last K that did (too many flows into one bottleneck lose
-  packets to each other: on a 100 ms path without a per-flow cap, 16 streams moved 71-73 %
-  of the link against 84-85 % with 8); a path whose flows are capped keeps them;
+  best rate measured on the way down, and settles at the last K that did. (Judged against
+  the K just before, two drops of 4 % added up: on a 100 ms path a noisy sample at 8
+  streams let 4 through, 61 % of the link against 89 %.) Too many flows into one
+  bottleneck lose packets to each other: on a 100 ms path without a per-flow cap, 16
+  streams moved 71-73 % of the link against 84-85 % with 8; a path whose flows are capped
+  keeps them;
 * leave out the first ``warmup`` calls after the streams grew (the new connections are
   still in slow start and their receive windows small);
 * measure the current K over ``samples`` calls (their median rate: one slow call does
@@ -64,7 +65,9 @@ class StreamCountConfig:
     maximum: int = 16  # never more streams than this per link
     factor: int = 2  # a grow multiplies K by this
     gain: float = 0.10  # a grow is kept when the median rate rose by more than this
-    shed: float = 0.05  # going down from a round-trip start, a halving is kept if the rate fell by at most this
+    # going down from a round-trip start, a halving is kept if its rate is at most this
+    # below the best measured on the way down
+    shed: float = 0.05
     samples: int = 3  # calls measured at each K before judging it
     min_bytes: int = 4 << 20  # calls moving fewer bytes over a link are ignored
     warmup: int = 2  # calls left out after a grow took effect
@@ -207,7 +210,6 @@ class StreamCount:
                 st.top = rate
                 return self._try_down(st, now, f"{_rate(rate)} with {st.k} streams")
             return self._try_up(st, now, f"{_rate(rate)} with {st.k} streams")
-        before = statistics.median(st.rates[st.prev])
         if st.down:
             top = st.top
             if rate >= top * (1 - cfg.shed):
@@ -219,6 +221,7 @@ class StreamCount:
             return Decision(GROW, best, f"{_rate(rate)} with {streams} streams is {rate / top - 1:+.0%} against "
                                         f"the best so far, {_rate(top)} (at most -{cfg.shed:.0%} allowed): "
                                         f"settled at {best}")
+        before = statistics.median(st.rates[st.prev])
         if rate > before * (1 + cfg.gain):
             st.best = st.k
             return self._try_up(st, now, f"{_rate(rate)} with {st.k} streams, {rate / before - 1:+.0%} "
