@@ -317,6 +317,13 @@ def honest_outcome(net: HostileNet, bufs: Buffers | None, want, honest) -> dict[
     return out
 
 
+def all_right(net: HostileNet, bufs: Buffers, want=None) -> bool:
+    """Every peer's call succeeded with ``want`` (default: the reference) bit for bit."""
+    world = len(net.colls)
+    want = bufs.reference() if want is None else want
+    return honest_outcome(net, bufs, want, range(world)) == {r: "ok" for r in range(world)}
+
+
 def start(algo: str, world: int, count: int, *, streams: int = 2, seed: int = 0, dtype: str = "float32",
           inplace: bool = False, op: str = "sum", tamper=None, **kw):
     """Every rank's call of ``algo``, started; ``tamper=(rank, fn)`` makes ``rank`` hostile
@@ -407,7 +414,7 @@ def test_ring_refuses_a_frame_outside_its_schedule(case):
         net.deliver(L, V, h, p)
     net.run_all()
     assert not net.refused
-    assert honest_outcome(net, bufs, bufs.reference(), range(4)) == {r: "ok" for r in range(4)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -461,7 +468,7 @@ def test_ring_accepts_any_split_of_a_sub_chunk():
     net, bufs = start("ring", 4, 500, tamper=(0, tamper))
     net.run_all()
     assert not net.refused
-    assert honest_outcome(net, bufs, bufs.reference(), range(4)) == {r: "ok" for r in range(4)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -471,7 +478,7 @@ def test_ring_reduce_scatter_steps_in_any_order():
     net, bufs = start("ring", 4, 700)
     net.held = [(0, 1, 0, F.encode_header(h), p) for h, p in queued(net, 0, 1)]
     net.run_all()
-    assert honest_outcome(net, bufs, bufs.reference(), range(4)) == {r: "ok" for r in range(4)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -549,7 +556,7 @@ def test_direct_refuses_a_frame_outside_the_buffer(count, dtype):
     refuses(victim, 0, forge(frames[0][0], offset=0, length=nbytes))
     net.run_all()
     assert not net.refused
-    assert honest_outcome(net, bufs, bufs.reference(), range(3)) == {r: "ok" for r in range(3)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -578,7 +585,7 @@ def test_direct_accepts_any_split_of_its_input(count):
     net, bufs = start("direct", 3, count, tamper=(0, tamper))
     net.run_all()
     assert not net.refused
-    assert honest_outcome(net, bufs, bufs.reference(), range(3)) == {r: "ok" for r in range(3)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -599,7 +606,7 @@ def test_rooted_refuses_what_the_root_does_not_expect():
     refuses(root, 1, h)  # a second contribution, after the first finished
     net.run_all()
     assert not net.refused
-    assert honest_outcome(net, bufs, bufs.reference(), range(3)) == {r: "ok" for r in range(3)}
+    assert all_right(net, bufs)
     net.close()
 
 
@@ -665,7 +672,7 @@ def test_quant_refuses_a_contribution_that_is_not_a_block_of_its_chunk(q):
     net.run_all()
     assert not net.refused
     want = quant_reference(3, 200, q, 0)
-    assert honest_outcome(net, bufs, want, range(3)) == {r: "ok" for r in range(3)}
+    assert all_right(net, bufs, want)
     net.close()
 
 
@@ -802,7 +809,7 @@ def test_fins_before_data_and_repeated_do_not_complete_a_call(algo):
         net.queues[(2, 1, stream)].append((header, payload))
     net.run_all()
     want = quant_reference(3, 3000, "uint8", 0) if algo == "quant" else bufs.reference()
-    assert honest_outcome(net, bufs, want, range(3)) == {r: "ok" for r in range(3)}
+    assert all_right(net, bufs, want)
     net.close()
 
 

@@ -15,7 +15,7 @@ import pytest
 from fakenet import FakeNet
 from test_dataplane import reference as dp_reference
 
-from pccl_py.collectives.base import SPREAD, Claims
+from pccl_py.collectives.base import SPREAD, Ranges
 from pccl_py.collectives.direct import DirectAllReduce, RootedAllReduce
 from pccl_py.collectives.gather import BlobAllGather
 from pccl_py.collectives.quant import QuantAllReduce
@@ -226,7 +226,7 @@ def _first_frame(net, src, dst):
 @pytest.mark.parametrize("make,part", [(ring, "same"), (ring, "tail"), (ring, "head"), (direct, "same"),
                                        (direct, "tail"), (direct, "head"), (rooted, "same")])
 def test_a_frame_overlapping_one_still_arriving_is_refused(make, part):
-    """Bytes are claimed when a frame's header arrives, so a peer that sends a range again
+    """A frame's bytes are taken when its header arrives, so a peer that sends a range again
     (whole, or a part of it) while the first copy is still coming in on another stream is
     refused at once: counting only finished bytes would let both through, and the call would
     end with some bytes reduced twice and others never received."""
@@ -245,18 +245,18 @@ def test_a_frame_overlapping_one_still_arriving_is_refused(make, part):
     net.close()
 
 
-def test_claims_refuse_every_overlap_and_merge_neighbours():
+def test_ranges_refuse_every_overlap_and_merge_neighbours():
     rng = np.random.default_rng(7)
     for _ in range(300):
-        c, taken = Claims(), np.zeros(64, bool)
+        c, taken = Ranges(), np.zeros(64, bool)
         for _ in range(40):
             a = int(rng.integers(0, 63))
             b = int(rng.integers(a + 1, 65))
-            ok = c.claim(a, b)
+            ok = c.add(a, b)
             assert ok == (not taken[a:b].any()), (a, b)
             if ok:
                 taken[a:b] = True
-        # what is claimed is exactly the union, held as maximal disjoint ranges
+        # what was added is exactly the union, held as maximal disjoint ranges
         want, i = [], 0
         while i < 64:
             if taken[i]:

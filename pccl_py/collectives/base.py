@@ -37,24 +37,23 @@ def pieces(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
-class Claims:
-    """The byte ranges of one region that frames have claimed so far, merged and sorted. A
-    frame is checked when its header arrives, not when its payload is in, so two frames in
-    flight at once that overlap are caught too: a peer may split a region as it likes but
-    may not send a byte of it twice."""
+class Ranges:
+    """Disjoint byte ranges, merged and sorted: the bytes of a region that frames have
+    brought (added when a header arrives, not when its payload is in, so two frames in
+    flight at once that overlap are caught too), or that were forwarded."""
 
     __slots__ = ("_lo", "_hi")
 
     def __init__(self):
-        self._lo: list[int] = []  # starts of the claimed ranges, ascending
+        self._lo: list[int] = []  # starts of the ranges, ascending
         self._hi: list[int] = []  # their ends
 
-    def claim(self, a: int, b: int) -> bool:
-        """Claim [a, b) (a < b): False, claiming nothing, if it overlaps a claimed range."""
+    def add(self, a: int, b: int) -> bool:
+        """Add [a, b) (a < b): False, adding nothing, if it overlaps a range already in."""
         i = bisect_right(self._lo, a)
         if (i and self._hi[i - 1] > a) or (i < len(self._lo) and self._lo[i] < b):
             return False
-        # merge with a neighbour that touches it, so a region claimed stripe by stripe stays short
+        # merge with a neighbour that touches it, so a region added stripe by stripe stays short
         if i and self._hi[i - 1] == a:
             i -= 1
             a = self._lo[i]
@@ -67,7 +66,7 @@ class Claims:
         return True
 
     def covers(self, a: int, b: int) -> bool:
-        """Whether [a, b) lies inside what was claimed."""
+        """Whether [a, b) lies inside one range."""
         i = bisect_right(self._lo, a) - 1
         return i >= 0 and self._hi[i] >= b
 

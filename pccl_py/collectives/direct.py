@@ -13,7 +13,7 @@ another failed (the counted tags catch that case either way, see ``pccl_py/daemo
 from __future__ import annotations
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import Claims, Collective, Rx, expect, split
+from pccl_py.collectives.base import Collective, Ranges, Rx, expect, split
 from pccl_py.wire import frames as F
 
 
@@ -33,7 +33,7 @@ class DirectAllReduce(Collective):
         self.slot(me)[:] = src
         self.agree = not 0 < self.nbytes <= F.TINY_BYTES
         self._remaining = {r: self.nbytes for r in range(w) if r != me and self.nbytes}
-        self._claims = {r: Claims() for r in self._remaining}
+        self._arrived = {r: Ranges() for r in self._remaining}
 
     def needs(self, rank: int) -> bool:
         if self.agree:
@@ -64,8 +64,8 @@ class DirectAllReduce(Collective):
         self.check_desc(src, h)
         expect(h.step == 0 and h.quant == F.QUANT_NONE, "unexpected direct all-reduce frame")
         F.check_range(h, 0, self.nbytes, self.item)
-        expect(h.length > 0 and src in self._claims, f"direct all-reduce: unexpected frame from rank {src}")
-        expect(self._claims[src].claim(h.offset, h.offset + h.length),
+        expect(h.length > 0 and src in self._arrived, f"direct all-reduce: unexpected frame from rank {src}")
+        expect(self._arrived[src].add(h.offset, h.offset + h.length),
                f"direct all-reduce: frame [{h.offset}, +{h.length}) from rank {src} repeats bytes it already sent")
         self.count_rx(h, h.length)
         view = self.slot(src)[h.offset:h.offset + h.length]

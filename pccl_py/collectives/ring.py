@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from pccl_py import kernels as K
-from pccl_py.collectives.base import SPREAD, Claims, Collective, Rx, pieces, split
+from pccl_py.collectives.base import SPREAD, Collective, Ranges, Rx, pieces, split
 from pccl_py.errors import ProtocolError
 from pccl_py.wire import frames as F
 
@@ -99,17 +99,17 @@ class RingAllReduce(Collective):
         self.right = (link.rank + 1) % link.world
         # remaining bytes per (step, sub index) still to arrive
         self._remaining: dict[tuple[int, int], int] = {}
-        self._claims: dict[tuple[int, int], Claims] = {}
+        self._arrived: dict[tuple[int, int], Ranges] = {}  # per (step, sub index): frames' ranges
         # bytes of a reduce-scatter step t received, reduced and forwarded, where step t + N
         # gathers the same chunk: no honest left neighbour sends them at t + N before that
-        self._reduced: dict[tuple[int, int], Claims] = {}
+        self._forwarded: dict[tuple[int, int], Ranges] = {}
         self._units = 0
         for t in range(self.plan.steps):
             for j, (a, b) in enumerate(self.plan.subs(self.plan.recv_chunk(t))):
                 self._remaining[(t, j)] = (b - a) * self.item
-                self._claims[(t, j)] = Claims()
+                self._arrived[(t, j)] = Ranges()
                 if t + self.plan.world < self.plan.steps:
-                    self._reduced[(t, j)] = Claims()
+                    self._forwarded[(t, j)] = Ranges()
                 self._units += 1
         if self.inplace:
             s8, d8 = np.frombuffer(src, np.uint8), np.frombuffer(dst, np.uint8)
@@ -142,10 +142,10 @@ class RingAllReduce(Collective):
         sa = a + j * plan.sub_elems
         if h.offset + h.length > min(b, sa + plan.sub_elems) * it:
             raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) overruns sub-chunk {j} of step {h.step}")
-        if h.step >= plan.world and not self._reduced[(h.step - plan.world, j)].covers(h.offset, h.offset + h.length):
+        if h.step >= plan.world and not self._forwarded[(h.step - plan.world, j)].covers(h.offset, h.offset + h.length):
             raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) of step {h.step} gathers bytes this peer "
                                 f"has not reduced yet (step {h.step - plan.world})")
-        if not self._claims[key].claim(h.offset, h.offset + h.length):
+        if not self._arrived[key].add(h.offset, h.offset + h.length):
             raise ProtocolError(f"ring frame [{h.offset}, +{h.length}) of step {h.step} repeats bytes "
                                 f"rank {src} already sent")
         self.count_rx(h, h.length)
@@ -164,9 +164,9 @@ class RingAllReduce(Collective):
             return
         t, j = key
         plan, it = self.plan, self.item
-        reduced = self._reduced.get(key)
-        if reduced is not None:
-            reduced.claim(offset, offset + n)
+        forwarded = self._forwarded.get(key)
+        if forwarded is not None:
+            forwarded.add(offset, offset + n)
         if t == plan.world - 2 and self.op == "avg":
             K.finish_avg(self.dst[offset:offset + n], plan.world, self.dtype)
         if t + 1 < plan.steps:
